@@ -1,0 +1,631 @@
+//! The command line: argument types and the glue from commands to the library.
+//!
+//! Machine output (reports, JSON) goes to stdout; progress, warnings and errors go to stderr.
+//! Exit codes: 0 all items final and none failed; 1 the run finished with failed items;
+//! 2 error; 75 try later (lock held, provider unavailable); 78 bad configuration.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+use crate::config::Pipeline;
+use crate::cost::PriceTable;
+use crate::provider::http::RetryPolicy;
+use crate::provider::openai::{DEFAULT_BASE_URL, OpenAiClient};
+use crate::report::{self, RunReport};
+use crate::sim::{Sim, SimSettings};
+use crate::store::{SqliteStore, Store, default_db_path};
+use crate::worker::{self, Event, Observer, RunContext, RunError};
+
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_FAILED_ITEMS: i32 = 1;
+pub const EXIT_ERROR: i32 = 2;
+pub const EXIT_TEMPFAIL: i32 = 75;
+pub const EXIT_CONFIG: i32 = 78;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "nightshift",
+    version,
+    about = "Runs LLM batch pipelines with an exact per-item ledger."
+)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, env = "NIGHTSHIFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a pipeline: ingest the source, send what is new, retry what failed, report.
+    Run(RunArgs),
+    /// Check a pipeline file and its environment; list every problem.
+    Validate {
+        /// The pipeline file.
+        file: PathBuf,
+    },
+    /// Show a run's figures (the latest run by default).
+    Report(ReportArgs),
+    /// Show batches still in flight.
+    Status(StatusArgs),
+    /// Serve the provider simulator (OpenAI Files + Batches wire format).
+    Simulate(SimulateArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The pipeline file.
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub db: DbArg,
+    /// Write the per-record results here instead of the pipeline's `output.path`.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// A pricing file (TOML, or LiteLLM's JSON) layered over the built-in prices.
+    #[arg(long)]
+    pub pricing: Option<PathBuf>,
+    /// No progress bars, even on a terminal.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DbArg {
+    /// The state store: a SQLite path or `sqlite://PATH`. Default: `.nightshift/state.db`
+    /// beside the pipeline file.
+    #[arg(long, env = "NIGHTSHIFT_DB")]
+    pub db: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// A pipeline file, to find its default store (and its runs).
+    pub file: Option<PathBuf>,
+    #[command(flatten)]
+    pub db: DbArg,
+    /// The run to report.
+    #[arg(long, conflicts_with = "last")]
+    pub run: Option<String>,
+    /// The latest run (the default).
+    #[arg(long)]
+    pub last: bool,
+    /// One JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// The per-item audit: every attempt, its batch, tokens, cost and verdict.
+    #[arg(long)]
+    pub items: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// A pipeline file, to find its default store.
+    pub file: Option<PathBuf>,
+    #[command(flatten)]
+    pub db: DbArg,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SimulateArgs {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// A pricing file for the bill (TOML or LiteLLM JSON) over the built-in prices.
+    #[arg(long)]
+    pub pricing: Option<PathBuf>,
+    #[command(flatten)]
+    pub settings: SimSettings,
+}
+
+/// An error with the exit code it maps to.
+#[derive(Debug)]
+pub struct Exit {
+    pub code: i32,
+    pub error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Exit {
+    fn from(e: E) -> Self {
+        Exit {
+            code: EXIT_ERROR,
+            error: e.into(),
+        }
+    }
+}
+
+fn exit(code: i32, error: impl Into<anyhow::Error>) -> Exit {
+    Exit {
+        code,
+        error: error.into(),
+    }
+}
+
+/// Runs a parsed command line; returns the process exit code.
+pub async fn main(cli: Cli) -> i32 {
+    let json_logs = cli.log_format == LogFormat::Json;
+    let result = match cli.command {
+        Command::Run(a) => cmd_run(a, json_logs).await,
+        Command::Validate { file } => cmd_validate(&file),
+        Command::Report(a) => cmd_report(a).await,
+        Command::Status(a) => cmd_status(a).await,
+        Command::Simulate(a) => cmd_simulate(a).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(Exit { code, error }) => {
+            eprintln!("error: {error}");
+            for cause in error.chain().skip(1) {
+                eprintln!("  Caused by: {cause}");
+            }
+            code
+        }
+    }
+}
+
+/// Resolves where the state store is.
+fn db_path(db: &DbArg, pipeline_file: Option<&Path>) -> Result<PathBuf, Exit> {
+    if let Some(url) = &db.db {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Err(exit(
+                EXIT_CONFIG,
+                anyhow::anyhow!("this build stores state in SQLite only; give a SQLite path"),
+            ));
+        }
+        let path = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+            .unwrap_or(url);
+        return Ok(PathBuf::from(path));
+    }
+    let dir = match pipeline_file {
+        Some(f) => f
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(".")),
+        None => PathBuf::from("."),
+    };
+    Ok(default_db_path(&dir))
+}
+
+fn load_pipeline(file: &Path) -> Result<Pipeline, Exit> {
+    Pipeline::load(file).map_err(|e| exit(EXIT_CONFIG, e))
+}
+
+fn cmd_validate(file: &Path) -> Result<i32, Exit> {
+    let p = load_pipeline(file)?;
+    let problems = p.check_environment(None);
+    if !problems.is_empty() {
+        return Err(exit(
+            EXIT_CONFIG,
+            crate::config::ConfigError {
+                file: file.to_path_buf(),
+                problems,
+            },
+        ));
+    }
+    println!(
+        "{}: ok (pipeline `{}`, {} `{}`{}, source {})",
+        file.display(),
+        p.name,
+        p.provider.kind.as_str(),
+        p.provider.model,
+        if p.provider.simulate {
+            ", simulated"
+        } else {
+            ""
+        },
+        p.source.path.display()
+    );
+    Ok(EXIT_OK)
+}
+
+async fn cmd_run(a: RunArgs, json_logs: bool) -> Result<i32, Exit> {
+    let p = load_pipeline(&a.file)?;
+    let pricing_file = a.pricing.clone().or(p.pricing_file.clone());
+    let prices =
+        PriceTable::builtin_with(pricing_file.as_deref()).map_err(|e| exit(EXIT_CONFIG, e))?;
+    let problems = p.check_environment(Some(&prices));
+    if !problems.is_empty() {
+        return Err(exit(
+            EXIT_CONFIG,
+            crate::config::ConfigError {
+                file: a.file.clone(),
+                problems,
+            },
+        ));
+    }
+    let price = prices
+        .lookup(p.provider.kind.as_str(), &p.provider.model)
+        .map_err(|e| exit(EXIT_CONFIG, e))?
+        .clone();
+    let db = db_path(&a.db, Some(&a.file))?;
+    let store = SqliteStore::open(&db)
+        .await
+        .with_context(|| format!("opening the state store {}", db.display()))?;
+
+    // `simulate = true`: the built-in simulator on loopback, real HTTP all the way.
+    let mut sim_handle = None;
+    let base_url = if p.provider.simulate {
+        let sim = Sim::new(p.provider.simulator.clone(), prices.clone())?;
+        let h = crate::sim::start(sim, "127.0.0.1:0".parse().expect("addr")).await?;
+        let url = h.base_url();
+        eprintln!("simulator listening on {url} (simulate = true: no API key, no charge)");
+        sim_handle = Some(h);
+        url
+    } else {
+        p.provider
+            .base_url
+            .clone()
+            .unwrap_or_else(|| DEFAULT_BASE_URL.to_string())
+    };
+    let key = crate::provider::resolve_key(&p.provider.key, p.provider.simulate)
+        .map_err(|e| exit(EXIT_CONFIG, anyhow::anyhow!(e)))?;
+    let client = OpenAiClient::new(
+        &base_url,
+        key,
+        p.provider.request_timeout,
+        RetryPolicy::default(),
+    )?;
+
+    let work_dir = db
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let output_path = a.out.clone().unwrap_or_else(|| p.output.path.clone());
+    let progress = !a.no_progress && !json_logs && std::io::stderr().is_terminal();
+    let observer: Box<dyn Observer> = if json_logs {
+        Box::new(worker::LogObserver)
+    } else if progress {
+        Box::new(BarObserver::new())
+    } else {
+        Box::new(LineObserver)
+    };
+    let ctx = RunContext {
+        store: &store,
+        provider: &client,
+        pipeline: &p,
+        price: &price,
+        observer: observer.as_ref(),
+        work_dir,
+        output_path,
+    };
+    let outcome = worker::run(&ctx).await;
+    drop(observer);
+    if let Some(h) = sim_handle {
+        h.stop().await;
+    }
+    let outcome = outcome.map_err(|e| {
+        let code = match &e {
+            RunError::Config(_) => EXIT_CONFIG,
+            RunError::Provider(crate::provider::ProviderError::Auth { .. }) => EXIT_CONFIG,
+            RunError::Unavailable(_) => EXIT_TEMPFAIL,
+            _ => EXIT_ERROR,
+        };
+        exit(code, e)
+    })?;
+    let run = store
+        .run(&outcome.run_id)
+        .await?
+        .context("the run row vanished")?;
+    let rep = RunReport::load(&store, run).await?;
+    print!("{}", rep.to_text());
+    if outcome.requests_sent == 0 {
+        println!("  sent       0 requests: nothing new to process, nothing charged by this run");
+    } else {
+        println!(
+            "  sent       {} request(s) to the provider",
+            report::n(outcome.requests_sent)
+        );
+    }
+    println!("  results    {}", outcome.output_path.display());
+    store.close().await;
+    Ok(outcome.exit_code)
+}
+
+async fn open_existing(db: &DbArg, file: Option<&Path>) -> Result<SqliteStore, Exit> {
+    let path = db_path(db, file)?;
+    if !path.exists() {
+        return Err(exit(
+            EXIT_CONFIG,
+            anyhow::anyhow!(
+                "no state store at {} (run a pipeline first, or pass --db / NIGHTSHIFT_DB)",
+                path.display()
+            ),
+        ));
+    }
+    Ok(SqliteStore::open(&path).await?)
+}
+
+async fn cmd_report(a: ReportArgs) -> Result<i32, Exit> {
+    let store = open_existing(&a.db, a.file.as_deref()).await?;
+    let pipeline_name = match &a.file {
+        Some(f) => Some(load_pipeline(f)?.name),
+        None => None,
+    };
+    let run = match &a.run {
+        Some(id) => store.run(id).await?,
+        None => store.last_run(pipeline_name.as_deref()).await?,
+    };
+    let Some(run) = run else {
+        return Err(exit(
+            EXIT_ERROR,
+            anyhow::anyhow!("no such run in this store"),
+        ));
+    };
+    if a.items {
+        let rows = store.audit(&run.id).await?;
+        if a.json {
+            let q = store.quarantine(&run.id).await?;
+            let quarantine: Vec<_> = q
+                .iter()
+                .map(|r| serde_json::json!({"source": r.source, "line": r.line, "field": r.field, "reason": r.reason}))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"run_id": run.id, "attempts": report::audit_json(&rows), "quarantined": quarantine})
+            );
+        } else {
+            print!("{}", report::audit_text(&rows));
+            for q in store.quarantine(&run.id).await? {
+                println!(
+                    "quarantined {}:{}{}: {}",
+                    q.source,
+                    q.line,
+                    q.field.map(|f| format!(" ({f})")).unwrap_or_default(),
+                    q.reason
+                );
+            }
+        }
+        return Ok(EXIT_OK);
+    }
+    let rep = RunReport::load(&store, run).await?;
+    if a.json {
+        println!("{}", rep.to_json());
+    } else {
+        print!("{}", rep.to_text());
+    }
+    Ok(EXIT_OK)
+}
+
+async fn cmd_status(a: StatusArgs) -> Result<i32, Exit> {
+    let store = open_existing(&a.db, a.file.as_deref()).await?;
+    let open = store.open_batches(None).await?;
+    let now = crate::store::now_ms();
+    if a.json {
+        let rows: Vec<_> = open
+            .iter()
+            .map(|b| {
+                serde_json::json!({
+                    "batch_id": b.id, "run_id": b.run_id, "pipeline": b.pipeline, "state": b.state,
+                    "provider": b.provider, "provider_batch_id": b.provider_batch_id,
+                    "provider_status": b.provider_status, "requests": b.request_count,
+                    "age_seconds": (now - b.created_at) / 1000,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::json!({"in_flight": rows}));
+        return Ok(EXIT_OK);
+    }
+    if open.is_empty() {
+        println!("no batch in flight");
+        return Ok(EXIT_OK);
+    }
+    println!(
+        "{:<36}  {:<20}  {:<10}  {:<24}  {:<12}  {:>8}  {:>8}",
+        "batch", "pipeline", "state", "provider batch", "provider", "requests", "age"
+    );
+    for b in open {
+        println!(
+            "{:<36}  {:<20}  {:<10}  {:<24}  {:<12}  {:>8}  {:>8}",
+            b.id,
+            crate::validate::preview(&b.pipeline, 20),
+            b.state,
+            b.provider_batch_id.as_deref().unwrap_or("-"),
+            b.provider_status.as_deref().unwrap_or("-"),
+            b.request_count,
+            age((now - b.created_at).max(0) / 1000)
+        );
+    }
+    Ok(EXIT_OK)
+}
+
+fn age(secs: i64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+async fn cmd_simulate(a: SimulateArgs) -> Result<i32, Exit> {
+    let problems = a.settings.problems();
+    if let Some((field, msg)) = problems.first() {
+        return Err(exit(
+            EXIT_CONFIG,
+            anyhow::anyhow!("--{}: {msg}", field.replace('_', "-")),
+        ));
+    }
+    let prices =
+        PriceTable::builtin_with(a.pricing.as_deref()).map_err(|e| exit(EXIT_CONFIG, e))?;
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", a.listen))?;
+    let addr = listener.local_addr()?;
+    println!("listening on http://{addr}");
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    let sim = Sim::new(a.settings, prices)?;
+    tokio::select! {
+        r = crate::sim::serve(sim, listener) => r?,
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    Ok(EXIT_OK)
+}
+
+/// Plain progress lines on stderr (not a terminal).
+struct LineObserver;
+
+impl Observer for LineObserver {
+    fn event(&self, e: &Event) {
+        match e {
+            Event::IngestDone {
+                records,
+                quarantined,
+                new_items,
+            } => eprintln!(
+                "read {} record(s), {} quarantined, {} new item(s)",
+                report::n(*records),
+                report::n(*quarantined),
+                report::n(*new_items)
+            ),
+            Event::Submitted {
+                batch_id,
+                provider_batch_id,
+                requests,
+            } => {
+                eprintln!("submitted batch {batch_id} as {provider_batch_id} ({requests} requests)")
+            }
+            Event::Adopted {
+                batch_id,
+                provider_batch_id,
+            } => eprintln!(
+                "adopted batch {batch_id}: the provider already had it as {provider_batch_id}"
+            ),
+            Event::Ingested { batch_id, stats } => eprintln!(
+                "ingested batch {batch_id}: {} succeeded, {} to retry, {} failed for good",
+                stats.succeeded, stats.failed, stats.exhausted
+            ),
+            Event::Note(n) => eprintln!("{n}"),
+            Event::Quarantined { .. } => eprintln!("{}", quarantine_line(e)),
+            _ => {}
+        }
+    }
+}
+
+fn quarantine_line(e: &Event) -> String {
+    match e {
+        Event::Quarantined {
+            source,
+            line,
+            field,
+            reason,
+        } => format!(
+            "quarantined {source}:{line}{}: {reason}",
+            field
+                .as_ref()
+                .map(|f| format!(" (field `{f}`)"))
+                .unwrap_or_default()
+        ),
+        _ => String::new(),
+    }
+}
+
+/// Progress bars on a terminal.
+struct BarObserver {
+    multi: MultiProgress,
+    ingest: ProgressBar,
+    batches: Mutex<std::collections::HashMap<String, ProgressBar>>,
+}
+
+impl BarObserver {
+    fn new() -> Self {
+        let multi = MultiProgress::new();
+        let ingest = multi.add(ProgressBar::new_spinner());
+        ingest.set_style(
+            ProgressStyle::with_template("{spinner} reading source: {msg}")
+                .expect("valid template"),
+        );
+        ingest.enable_steady_tick(Duration::from_millis(120));
+        BarObserver {
+            multi,
+            ingest,
+            batches: Mutex::new(Default::default()),
+        }
+    }
+}
+
+impl Observer for BarObserver {
+    fn event(&self, e: &Event) {
+        let mut bars = self.batches.lock().unwrap_or_else(|e| e.into_inner());
+        match e {
+            Event::IngestProgress {
+                records,
+                quarantined,
+            } => self.ingest.set_message(format!(
+                "{} records, {} quarantined",
+                report::n(*records),
+                report::n(*quarantined)
+            )),
+            Event::IngestDone {
+                records,
+                quarantined,
+                new_items,
+            } => self.ingest.finish_with_message(format!(
+                "{} records, {} quarantined, {} new items",
+                report::n(*records),
+                report::n(*quarantined),
+                report::n(*new_items)
+            )),
+            Event::Submitted {
+                batch_id,
+                provider_batch_id,
+                requests,
+            } => {
+                let bar = self.multi.add(ProgressBar::new(*requests));
+                bar.set_style(
+                    ProgressStyle::with_template("  {prefix} [{bar:30}] {pos}/{len} {msg}")
+                        .expect("valid template")
+                        .progress_chars("=> "),
+                );
+                bar.set_prefix(provider_batch_id.clone());
+                bar.set_message("submitted");
+                bars.insert(batch_id.clone(), bar);
+            }
+            Event::Polled {
+                batch_id,
+                status,
+                completed,
+                failed,
+                ..
+            } => {
+                if let Some(bar) = bars.get(batch_id) {
+                    bar.set_position(completed + failed);
+                    bar.set_message(status.clone());
+                }
+            }
+            Event::Ingested { batch_id, stats } => {
+                if let Some(bar) = bars.remove(batch_id) {
+                    bar.finish_with_message(format!(
+                        "{} ok, {} to retry, {} failed",
+                        stats.succeeded, stats.failed, stats.exhausted
+                    ));
+                }
+            }
+            Event::Note(n) => {
+                let _ = self.multi.println(n);
+            }
+            Event::Quarantined { .. } => {
+                let _ = self.multi.println(quarantine_line(e));
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! Items and their dedupe keys.
+//!
+//! An item is identified by sha256 over the canonical rendered request body (model, messages,
+//! params, schema; sorted keys, no insignificant whitespace). Every request of a pipeline has
+//! the same *shape* — everything but the user message is fixed — so the canonical body is
+//! `prefix + user_json + suffix`, where `user_json` is the JSON string literal of the rendered
+//! user message. The shape is serialised once; per record we render, escape and hash, with no
+//! JSON tree built. Two records with the same key are the same item: one request, one answer.
+
+use sha2::{Digest, Sha256};
+
+use crate::config::{RenderError, Template};
+
+/// The fixed parts of a request body around the user message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestShape {
+    pub prefix: String,
+    pub suffix: String,
+    /// sha256 of the shape itself (prefix, a separator, suffix), to store it once.
+    pub sha256: [u8; 32],
+}
+
+/// The placeholder a provider puts where the user message goes when it serialises a shape.
+pub const USER_SLOT: &str = "\u{1}nightshift-user-slot\u{1}";
+
+impl RequestShape {
+    /// Splits a canonical body serialised with [`USER_SLOT`] as the user message.
+    pub fn from_canonical_with_slot(body: &str) -> Result<Self, String> {
+        let slot = serde_json::to_string(USER_SLOT).expect("a string serialises");
+        let mut parts = body.split(&slot);
+        let (Some(prefix), Some(suffix), None) = (parts.next(), parts.next(), parts.next()) else {
+            return Err("the request body must contain the user message exactly once".into());
+        };
+        Ok(Self::new(prefix.to_string(), suffix.to_string()))
+    }
+
+    pub fn new(prefix: String, suffix: String) -> Self {
+        let mut h = Sha256::new();
+        h.update(prefix.as_bytes());
+        h.update([0u8]);
+        h.update(suffix.as_bytes());
+        RequestShape {
+            prefix,
+            suffix,
+            sha256: h.finalize().into(),
+        }
+    }
+
+    /// The dedupe key of the request whose user message is `user_json`.
+    pub fn key(&self, user_json: &str) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(self.prefix.as_bytes());
+        h.update(user_json.as_bytes());
+        h.update(self.suffix.as_bytes());
+        h.finalize().into()
+    }
+
+    pub fn body_len(&self, user_json: &str) -> usize {
+        self.prefix.len() + user_json.len() + self.suffix.len()
+    }
+
+    pub fn body(&self, user_json: &str) -> String {
+        let mut s = String::with_capacity(self.body_len(user_json));
+        s.push_str(&self.prefix);
+        s.push_str(user_json);
+        s.push_str(&self.suffix);
+        s
+    }
+}
+
+/// A record ready for the store: its item key and rendered user message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PreparedRecord {
+    pub line: u64,
+    pub record_id: String,
+    pub key: [u8; 32],
+    /// The user message as a JSON string literal (quoted and escaped).
+    pub user_json: String,
+    pub body_bytes: usize,
+}
+
+/// Renders a record's user message and computes its item key.
+pub fn prepare(
+    shape: &RequestShape,
+    template: &Template,
+    line: u64,
+    record_id: String,
+    record: &serde_json::Value,
+    scratch: &mut String,
+) -> Result<PreparedRecord, RenderError> {
+    scratch.clear();
+    template.render_into(record, scratch)?;
+    let user_json = serde_json::to_string(scratch.as_str()).expect("a string serialises");
+    Ok(PreparedRecord {
+        line,
+        record_id,
+        key: shape.key(&user_json),
+        body_bytes: shape.body_len(&user_json),
+        user_json,
+    })
+}
+
+/// Lower-case hex of a key.
+pub fn hex_key(key: &[u8]) -> String {
+    hex::encode(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn shape() -> RequestShape {
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": USER_SLOT}], "temperature": 0.0});
+        RequestShape::from_canonical_with_slot(&body.to_string()).unwrap()
+    }
+
+    #[test]
+    fn the_key_is_the_hash_of_the_canonical_body() {
+        let s = shape();
+        let t = Template::parse("Hello {{name}}").unwrap();
+        let mut scratch = String::new();
+        let r = prepare(
+            &s,
+            &t,
+            1,
+            "a".into(),
+            &json!({"name": "Ann \"A\""}),
+            &mut scratch,
+        )
+        .unwrap();
+        let full = json!({"model": "m", "messages": [{"role": "user", "content": "Hello Ann \"A\""}], "temperature": 0.0});
+        let canonical = full.to_string();
+        assert_eq!(s.body(&r.user_json), canonical);
+        let expect: [u8; 32] = Sha256::digest(canonical.as_bytes()).into();
+        assert_eq!(r.key, expect);
+        assert_eq!(r.body_bytes, canonical.len());
+    }
+
+    #[test]
+    fn same_rendering_same_key_whatever_the_other_fields() {
+        let s = shape();
+        let t = Template::parse("{{title}}").unwrap();
+        let mut sc = String::new();
+        let a = prepare(
+            &s,
+            &t,
+            1,
+            "sku-1".into(),
+            &json!({"sku": "1", "title": "Lamp"}),
+            &mut sc,
+        )
+        .unwrap();
+        let b = prepare(
+            &s,
+            &t,
+            2,
+            "sku-2".into(),
+            &json!({"sku": "2", "title": "Lamp"}),
+            &mut sc,
+        )
+        .unwrap();
+        let c = prepare(
+            &s,
+            &t,
+            3,
+            "sku-3".into(),
+            &json!({"sku": "3", "title": "Lamp!"}),
+            &mut sc,
+        )
+        .unwrap();
+        assert_eq!(a.key, b.key);
+        assert_ne!(a.key, c.key);
+    }
+
+    #[test]
+    fn a_shape_needs_exactly_one_slot() {
+        assert!(RequestShape::from_canonical_with_slot("{\"a\":1}").is_err());
+    }
+}

@@ -1,0 +1,39 @@
+//! The `nightshift` binary: parses arguments, sets up logging, runs the command.
+
+use clap::Parser;
+use nightshift::cli::{Cli, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_env("NIGHTSHIFT_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| {
+            EnvFilter::new(if cli.log_format == LogFormat::Json {
+                "nightshift=info"
+            } else {
+                "nightshift=warn"
+            })
+        });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.log_format == LogFormat::Json {
+        builder.json().init();
+    } else {
+        builder.with_target(false).init();
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(2);
+        }
+    };
+    let code = runtime.block_on(nightshift::cli::main(cli));
+    drop(runtime);
+    std::process::exit(code);
+}

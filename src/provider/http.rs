@@ -1,0 +1,264 @@
+//! HTTP plumbing shared by the provider clients: classification of failures into
+//! [`ProviderError`] variants, `retry-after` parsing, and the retry loop for GETs.
+//!
+//! Provider error bodies can quote prompts; only a bounded preview of them ever reaches an
+//! error message, and request headers (which carry the key) are never logged.
+
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use reqwest::header::HeaderMap;
+use reqwest::{RequestBuilder, Response, StatusCode};
+
+use super::ProviderError;
+use crate::validate::preview;
+
+/// How GETs are retried.
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    pub max_times: usize,
+    pub min_delay: Duration,
+    pub max_delay: Duration,
+    /// A `retry-after` longer than this is not waited out here: the error goes back to the
+    /// caller, whose own loop comes back later.
+    pub max_retry_after: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_times: 8,
+            min_delay: Duration::from_millis(250),
+            max_delay: Duration::from_secs(30),
+            max_retry_after: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Reads `retry-after-ms`, then `retry-after` (seconds or an HTTP date).
+pub fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
+    if let Some(ms) = headers
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v >= 0.0)
+    {
+        return Some(Duration::from_secs_f64(ms / 1000.0));
+    }
+    let v = headers.get("retry-after")?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<f64>()
+        && secs.is_finite()
+        && secs >= 0.0
+    {
+        return Some(Duration::from_secs_f64(secs));
+    }
+    let when =
+        time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc2822).ok()?;
+    let delta = when - time::OffsetDateTime::now_utc();
+    Some(Duration::from_secs_f64(delta.as_seconds_f64().max(0.0)))
+}
+
+/// The `message` of a provider error envelope, or a bounded preview of the body.
+pub fn error_message(body: &str) -> (Option<String>, String) {
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(body) {
+        let e = v.get("error").unwrap_or(&v);
+        let msg = e
+            .get("message")
+            .and_then(|m| m.as_str())
+            .map(|m| preview(m, 300));
+        let code = e
+            .get("code")
+            .and_then(|c| c.as_str())
+            .or_else(|| e.get("type").and_then(|t| t.as_str()))
+            .map(str::to_string);
+        if let Some(m) = msg {
+            return (code, m);
+        }
+    }
+    (None, preview(body.trim(), 160))
+}
+
+/// Turns an unsuccessful response into an error. `effectful` marks a request that changes
+/// state at the provider (a POST): a 5xx after sending it is ambiguous.
+pub fn classify_status(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &str,
+    effectful: bool,
+) -> ProviderError {
+    let (code, message) = error_message(body);
+    let should_retry = headers
+        .get("x-should-retry")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.eq_ignore_ascii_case("true"));
+    let s = status.as_u16();
+    match s {
+        401 | 403 => ProviderError::Auth { status: s, message },
+        429 if code.as_deref() == Some("insufficient_quota") => ProviderError::Permanent {
+            status: Some(s),
+            code,
+            message,
+        },
+        _ if should_retry == Some(false) => ProviderError::Permanent {
+            status: Some(s),
+            code,
+            message,
+        },
+        408 | 409 | 429 => ProviderError::Transient {
+            status: Some(s),
+            retry_after: parse_retry_after(headers),
+            message,
+        },
+        500..=599 if effectful => ProviderError::Ambiguous {
+            message: format!("HTTP {s}: {message}"),
+        },
+        500..=599 => ProviderError::Transient {
+            status: Some(s),
+            retry_after: parse_retry_after(headers),
+            message,
+        },
+        _ => ProviderError::Permanent {
+            status: Some(s),
+            code,
+            message,
+        },
+    }
+}
+
+/// Turns a transport failure into an error. A refused connection never reached the provider;
+/// anything later (timeout, reset) may have, if the request changes state.
+pub fn classify_transport(err: &reqwest::Error, effectful: bool) -> ProviderError {
+    // reqwest's Display can carry the URL; our URLs never carry credentials.
+    let message = err.to_string();
+    if err.is_connect() || !effectful {
+        ProviderError::Transient {
+            status: None,
+            retry_after: None,
+            message,
+        }
+    } else {
+        ProviderError::Ambiguous { message }
+    }
+}
+
+/// Sends a request once and classifies any failure; the body of an error is read (bounded).
+pub async fn send_once(req: RequestBuilder, effectful: bool) -> Result<Response, ProviderError> {
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| classify_transport(&e, effectful))?;
+    if resp.status().is_success() {
+        return Ok(resp);
+    }
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = read_capped_text(resp, 64 * 1024).await.unwrap_or_default();
+    Err(classify_status(status, &headers, &body, effectful))
+}
+
+async fn read_capped_text(mut resp: Response, cap: usize) -> Option<String> {
+    let mut buf = Vec::new();
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        let room = cap.saturating_sub(buf.len());
+        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if buf.len() >= cap {
+            break;
+        }
+    }
+    Some(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// Sends an idempotent request (a GET), retrying transient failures with exponential
+/// backoff and jitter, honouring `retry-after`.
+pub async fn send_idempotent(
+    policy: &RetryPolicy,
+    what: &str,
+    build: impl Fn() -> RequestBuilder,
+) -> Result<Response, ProviderError> {
+    let backoff = ExponentialBuilder::default()
+        .with_jitter()
+        .with_min_delay(policy.min_delay)
+        .with_max_delay(policy.max_delay)
+        .with_max_times(policy.max_times);
+    let max_ra = policy.max_retry_after;
+    (|| async { send_once(build(), false).await })
+        .retry(backoff)
+        .when(ProviderError::is_transient)
+        .adjust(move |e, dur| match (e.retry_after(), dur) {
+            (_, None) => None,
+            (Some(ra), Some(_)) if ra > max_ra => None,
+            (Some(ra), Some(_)) => Some(ra),
+            (None, d) => d,
+        })
+        .notify(|e, dur| {
+            tracing::info!(request = what, error = %e, retry_in_ms = dur.as_millis() as u64, "retrying");
+        })
+        .await
+}
+
+/// Reads a JSON response body (bounded).
+pub async fn json_body<T: serde::de::DeserializeOwned>(
+    resp: Response,
+    what: &str,
+) -> Result<T, ProviderError> {
+    let bytes = resp.bytes().await.map_err(|e| ProviderError::Transient {
+        status: None,
+        retry_after: None,
+        message: format!("reading {what}: {e}"),
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ProviderError::Protocol(format!(
+            "{what}: {e}; body starts {}",
+            preview(&String::from_utf8_lossy(&bytes), 120)
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    #[test]
+    fn retry_after_prefers_milliseconds() {
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", HeaderValue::from_static("2"));
+        assert_eq!(parse_retry_after(&h), Some(Duration::from_secs(2)));
+        h.insert("retry-after-ms", HeaderValue::from_static("150"));
+        assert_eq!(parse_retry_after(&h), Some(Duration::from_millis(150)));
+    }
+
+    #[test]
+    fn a_5xx_on_a_post_is_ambiguous_and_on_a_get_transient() {
+        let h = HeaderMap::new();
+        let body = r#"{"error":{"message":"boom","type":"server_error","param":null,"code":null}}"#;
+        assert!(matches!(
+            classify_status(StatusCode::INTERNAL_SERVER_ERROR, &h, body, true),
+            ProviderError::Ambiguous { .. }
+        ));
+        assert!(matches!(
+            classify_status(StatusCode::INTERNAL_SERVER_ERROR, &h, body, false),
+            ProviderError::Transient { .. }
+        ));
+    }
+
+    #[test]
+    fn quota_exhaustion_and_should_retry_false_are_final() {
+        let h = HeaderMap::new();
+        let quota = r#"{"error":{"message":"You exceeded your quota","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
+        assert!(matches!(
+            classify_status(StatusCode::TOO_MANY_REQUESTS, &h, quota, false),
+            ProviderError::Permanent { .. }
+        ));
+        let mut h = HeaderMap::new();
+        h.insert("x-should-retry", HeaderValue::from_static("false"));
+        assert!(matches!(
+            classify_status(StatusCode::SERVICE_UNAVAILABLE, &h, "{}", false),
+            ProviderError::Permanent { .. }
+        ));
+        assert!(matches!(
+            classify_status(StatusCode::UNAUTHORIZED, &HeaderMap::new(), "{}", false),
+            ProviderError::Auth { status: 401, .. }
+        ));
+    }
+}

@@ -1,0 +1,257 @@
+//! Provider batch APIs behind one trait.
+//!
+//! [`BatchProvider`] is the batch life cycle: render the request shape, write input lines,
+//! upload, create, get, list, cancel, download results and parse result lines. Each provider
+//! has its own folder (`mod.rs`, `types.rs` for the wire types, `client.rs`).
+//!
+//! Errors steer retries ([`ProviderError`]): `Transient` may be retried (429, 5xx on a GET, a
+//! connection refused before anything was sent); `Ambiguous` means a POST may have taken
+//! effect (timeout, reset, 5xx after sending) and triggers reconciliation, never a blind
+//! retry; `Permanent` is final. GETs are retried here with backoff and jitter, honouring
+//! `retry-after`; POSTs never are.
+
+pub mod http;
+pub mod openai;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::SecretString;
+
+use crate::cost::{PricingMode, Usage};
+use crate::dedupe::RequestShape;
+
+/// What a provider needs to render the fixed part of every request.
+#[derive(Clone, Debug)]
+pub struct RequestSpec<'a> {
+    pub model: &'a str,
+    pub system: Option<&'a str>,
+    pub max_output_tokens: u32,
+    pub temperature: Option<f64>,
+    pub schema: &'a serde_json::Value,
+    pub schema_name: &'a str,
+}
+
+/// Provider job states, normalised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RemoteStatus {
+    Validating,
+    InProgress,
+    Finalizing,
+    Completed,
+    Failed,
+    Expired,
+    Cancelling,
+    Cancelled,
+    /// A state this version does not know; treated as still running.
+    Unknown,
+}
+
+impl RemoteStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            RemoteStatus::Completed
+                | RemoteStatus::Failed
+                | RemoteStatus::Expired
+                | RemoteStatus::Cancelled
+        )
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestCounts {
+    pub total: u64,
+    pub completed: u64,
+    pub failed: u64,
+}
+
+/// A provider batch job as last seen.
+#[derive(Clone, Debug)]
+pub struct RemoteBatch {
+    pub id: String,
+    pub status: RemoteStatus,
+    /// The status text exactly as the provider sent it.
+    pub raw_status: String,
+    pub output_file_id: Option<String>,
+    pub error_file_id: Option<String>,
+    pub counts: Option<RequestCounts>,
+    /// Token totals the provider reports for the whole batch, when it does.
+    pub usage: Option<Usage>,
+    /// Batch-level errors (validation failures).
+    pub errors: Vec<String>,
+    /// Our local batch id, read back from the batch metadata.
+    pub local_id: Option<String>,
+    /// Unix seconds.
+    pub created_at: Option<i64>,
+}
+
+/// The outcome a result line reports for one request.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LineOutcome {
+    Answer {
+        content: Option<String>,
+        refusal: Option<String>,
+        finish_reason: Option<String>,
+        model: Option<String>,
+        usage: Usage,
+    },
+    Error {
+        status: Option<u16>,
+        code: Option<String>,
+        message: String,
+        usage: Usage,
+    },
+    Expired,
+    Cancelled,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResultLine {
+    pub custom_id: String,
+    pub outcome: LineOutcome,
+}
+
+/// Metadata sent with a batch so a restarted worker can find it again.
+#[derive(Clone, Debug)]
+pub struct BatchMeta<'a> {
+    pub local_id: &'a str,
+    pub run_id: &'a str,
+    pub pipeline: &'a str,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// Safe to retry later (nothing took effect).
+    #[error("temporary provider error{}: {message}", status.map(|s| format!(" (HTTP {s})")).unwrap_or_default())]
+    Transient {
+        status: Option<u16>,
+        retry_after: Option<Duration>,
+        message: String,
+    },
+    /// The request may have taken effect: reconcile before trying again.
+    #[error("the provider may or may not have acted on the request: {message}")]
+    Ambiguous { message: String },
+    /// Final: retrying the same request will not help.
+    #[error("provider refused the request{}: {message}", status.map(|s| format!(" (HTTP {s})")).unwrap_or_default())]
+    Permanent {
+        status: Option<u16>,
+        code: Option<String>,
+        message: String,
+    },
+    /// The API key was refused.
+    #[error("the provider refused the API key (HTTP {status}): {message}")]
+    Auth { status: u16, message: String },
+    #[error("download over the cap of {cap} bytes")]
+    TooLarge { cap: u64 },
+    #[error("local I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("unexpected response from the provider: {0}")]
+    Protocol(String),
+}
+
+impl ProviderError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ProviderError::Transient { .. })
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProviderError::Transient { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// The batch life cycle of one provider.
+pub trait BatchProvider: Send + Sync + 'static {
+    fn kind(&self) -> &'static str;
+    fn pricing_mode(&self) -> PricingMode {
+        PricingMode::Batch
+    }
+    /// The fixed part of every request of a pipeline (see `dedupe`).
+    fn request_shape(&self, spec: &RequestSpec<'_>) -> Result<RequestShape, String>;
+    /// An upper bound on the bytes a JSONL line adds around the request body.
+    fn line_overhead(&self) -> u64;
+    /// Appends one input line (with its newline) to `out`.
+    fn write_line(&self, custom_id: &str, shape: &RequestShape, user_json: &str, out: &mut Vec<u8>);
+    /// Uploads a batch input file under `filename`; returns the provider's file id.
+    fn upload(
+        &self,
+        filename: &str,
+        path: &Path,
+    ) -> impl Future<Output = Result<String, ProviderError>> + Send;
+    /// Finds an uploaded input file by name (after a crash between upload and commit).
+    fn find_file(
+        &self,
+        filename: &str,
+    ) -> impl Future<Output = Result<Option<String>, ProviderError>> + Send;
+    fn create(
+        &self,
+        input_file_id: &str,
+        meta: &BatchMeta<'_>,
+    ) -> impl Future<Output = Result<RemoteBatch, ProviderError>> + Send;
+    /// Finds a batch this tool created for `local_id`, created after `since` (unix s).
+    fn find_batch(
+        &self,
+        local_id: &str,
+        since: i64,
+    ) -> impl Future<Output = Result<Option<RemoteBatch>, ProviderError>> + Send;
+    fn get(&self, id: &str) -> impl Future<Output = Result<RemoteBatch, ProviderError>> + Send;
+    fn cancel(&self, id: &str) -> impl Future<Output = Result<RemoteBatch, ProviderError>> + Send;
+    /// Streams a result file to `dest` (private, atomic), refusing more than `cap` bytes.
+    fn download(
+        &self,
+        file_id: &str,
+        dest: &Path,
+        cap: u64,
+    ) -> impl Future<Output = Result<u64, ProviderError>> + Send;
+    fn parse_result_line(&self, line: &[u8]) -> Result<ResultLine, String>;
+}
+
+/// Reads an API key file: one line, and only the owner may read it.
+pub fn read_key_file(path: &Path) -> Result<SecretString, String> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read key file {}: {e}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "key file {} is readable by others (mode {mode:o}); run `chmod 600` on it",
+                path.display()
+            ));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = meta;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read key file {}: {e}", path.display()))?;
+    let key = text.trim();
+    if key.is_empty() {
+        return Err(format!("key file {} is empty", path.display()));
+    }
+    Ok(SecretString::from(key.to_string()))
+}
+
+/// The key a client uses: the configured one, or a placeholder for the simulator.
+pub fn resolve_key(key: &crate::config::KeySource, simulate: bool) -> Result<SecretString, String> {
+    use crate::config::KeySource;
+    if simulate {
+        return Ok(SecretString::from("nightshift-simulator".to_string()));
+    }
+    match key {
+        KeySource::Env(var) => match std::env::var(var) {
+            Ok(v) if !v.trim().is_empty() => Ok(SecretString::from(v.trim().to_string())),
+            _ => Err(format!("environment variable {var} is not set")),
+        },
+        KeySource::File(p) => read_key_file(p),
+    }
+}
+
+/// Where a provider keeps its downloads for a batch.
+pub fn download_path(dir: &Path, batch_id: &str, kind: &str) -> PathBuf {
+    dir.join(format!("{batch_id}.{kind}.jsonl"))
+}

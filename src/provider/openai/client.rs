@@ -1,0 +1,597 @@
+//! The OpenAI Batch API client.
+//!
+//! Uploads and creates are sent once: a timeout or reset after sending is `Ambiguous`, and
+//! the caller reconciles (`find_file` by our file name, `find_batch` by the
+//! `nightshift_batch_id` metadata) before it sends again. GETs are retried with backoff.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use reqwest::multipart;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+
+use super::types::{self, Batch, ChatCompletion, FileObject, ListPage, OutputLine};
+use super::{ENDPOINT, META_BATCH_ID};
+use crate::cost::Usage;
+use crate::dedupe::{RequestShape, USER_SLOT};
+use crate::provider::http::{self, RetryPolicy};
+use crate::provider::{
+    BatchMeta, BatchProvider, LineOutcome, ProviderError, RemoteBatch, RemoteStatus, RequestCounts,
+    RequestSpec, ResultLine,
+};
+
+/// How far back (seconds) the batch list is searched before a local batch's creation time,
+/// to allow for clock skew between us and the provider.
+const LIST_SKEW_SECONDS: i64 = 15 * 60;
+const MAX_LIST_PAGES: usize = 50;
+
+pub struct OpenAiClient {
+    base: String,
+    key: SecretString,
+    http: reqwest::Client,
+    policy: RetryPolicy,
+    completion_window: String,
+}
+
+impl std::fmt::Debug for OpenAiClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenAiClient")
+            .field("base", &self.base)
+            .field("key", &"**REDACTED**")
+            .finish()
+    }
+}
+
+impl OpenAiClient {
+    pub fn new(
+        base_url: &str,
+        key: SecretString,
+        request_timeout: Duration,
+        policy: RetryPolicy,
+    ) -> Result<Self, ProviderError> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("nightshift/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(request_timeout)
+            .build()
+            .map_err(|e| ProviderError::Protocol(format!("cannot build the HTTP client: {e}")))?;
+        Ok(OpenAiClient {
+            base: base_url.trim_end_matches('/').to_string(),
+            key,
+            http,
+            policy,
+            completion_window: "24h".into(),
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    fn get_req(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .get(self.url(path))
+            .bearer_auth(self.key.expose_secret())
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &str,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<T, ProviderError> {
+        let resp =
+            http::send_idempotent(&self.policy, what, || self.get_req(path).query(query)).await?;
+        http::json_body(resp, what).await
+    }
+
+    /// Lists one page of batches, newest first.
+    pub async fn list_batches(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<ListPage<Batch>, ProviderError> {
+        let mut q = vec![("limit", limit.to_string())];
+        if let Some(a) = after {
+            q.push(("after", a.to_string()));
+        }
+        self.get_json("list batches", "/batches", &q).await
+    }
+}
+
+fn status_of(s: &str) -> RemoteStatus {
+    match s.to_ascii_lowercase().as_str() {
+        "validating" => RemoteStatus::Validating,
+        "in_progress" | "inprogress" => RemoteStatus::InProgress,
+        "finalizing" => RemoteStatus::Finalizing,
+        "completed" => RemoteStatus::Completed,
+        "failed" => RemoteStatus::Failed,
+        "expired" => RemoteStatus::Expired,
+        "cancelling" => RemoteStatus::Cancelling,
+        "cancelled" | "canceled" => RemoteStatus::Cancelled,
+        _ => RemoteStatus::Unknown,
+    }
+}
+
+fn unix_seconds(v: &Value) -> Option<i64> {
+    match v {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => {
+            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                .ok()
+                .map(|t| t.unix_timestamp())
+        }
+        _ => None,
+    }
+}
+
+impl From<Batch> for RemoteBatch {
+    fn from(b: Batch) -> Self {
+        let usage = b.usage.map(|u| Usage {
+            input_tokens: u.input_tokens,
+            cached_input_tokens: u
+                .input_tokens_details
+                .and_then(|d| d.cached_tokens)
+                .unwrap_or(0),
+            cache_write_tokens: 0,
+            output_tokens: u.output_tokens,
+            reasoning_tokens: u
+                .output_tokens_details
+                .and_then(|d| d.reasoning_tokens)
+                .unwrap_or(0),
+        });
+        RemoteBatch {
+            status: status_of(&b.status),
+            raw_status: b.status,
+            output_file_id: b.output_file_id.filter(|s| !s.is_empty()),
+            error_file_id: b.error_file_id.filter(|s| !s.is_empty()),
+            counts: b.request_counts.map(|c| RequestCounts {
+                total: c.total,
+                completed: c.completed,
+                failed: c.failed,
+            }),
+            usage,
+            errors: b
+                .errors
+                .map(|e| {
+                    e.data
+                        .into_iter()
+                        .map(|d| {
+                            let mut s = d.code.unwrap_or_else(|| "error".into());
+                            if let Some(l) = d.line {
+                                s.push_str(&format!(" (line {l})"));
+                            }
+                            if let Some(m) = d.message {
+                                s.push_str(": ");
+                                s.push_str(&crate::validate::preview(&m, 200));
+                            }
+                            s
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            local_id: b.metadata.and_then(|m| m.get(META_BATCH_ID).cloned()),
+            created_at: b.created_at.as_ref().and_then(unix_seconds),
+            id: b.id,
+        }
+    }
+}
+
+impl BatchProvider for OpenAiClient {
+    fn kind(&self) -> &'static str {
+        "openai"
+    }
+
+    fn request_shape(&self, spec: &RequestSpec<'_>) -> Result<RequestShape, String> {
+        let mut messages = Vec::new();
+        if let Some(sys) = spec.system {
+            messages.push(json!({"role": "system", "content": sys}));
+        }
+        messages.push(json!({"role": "user", "content": USER_SLOT}));
+        let mut body = json!({
+            "model": spec.model,
+            "messages": messages,
+            "max_completion_tokens": spec.max_output_tokens,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": spec.schema_name, "schema": spec.schema, "strict": true}
+            }
+        });
+        if let Some(t) = spec.temperature {
+            body["temperature"] = json!(t);
+        }
+        // serde_json's map is ordered by key: this is the canonical form.
+        RequestShape::from_canonical_with_slot(&body.to_string())
+    }
+
+    fn line_overhead(&self) -> u64 {
+        // {"custom_id":"<≤64>","method":"POST","url":"/v1/chat/completions","body":}
+        64 + 80
+    }
+
+    fn write_line(
+        &self,
+        custom_id: &str,
+        shape: &RequestShape,
+        user_json: &str,
+        out: &mut Vec<u8>,
+    ) {
+        out.extend_from_slice(b"{\"custom_id\":\"");
+        // custom ids are ours, `[A-Za-z0-9_-]`, never needing escapes
+        out.extend_from_slice(custom_id.as_bytes());
+        out.extend_from_slice(b"\",\"method\":\"POST\",\"url\":\"");
+        out.extend_from_slice(ENDPOINT.as_bytes());
+        out.extend_from_slice(b"\",\"body\":");
+        out.extend_from_slice(shape.prefix.as_bytes());
+        out.extend_from_slice(user_json.as_bytes());
+        out.extend_from_slice(shape.suffix.as_bytes());
+        out.extend_from_slice(b"}\n");
+    }
+
+    async fn upload(&self, filename: &str, path: &Path) -> Result<String, ProviderError> {
+        let file = tokio::fs::File::open(path).await?;
+        let len = file.metadata().await?.len();
+        let stream = tokio_util::io::ReaderStream::new(file);
+        let part = multipart::Part::stream_with_length(reqwest::Body::wrap_stream(stream), len)
+            .file_name(filename.to_string())
+            .mime_str("application/jsonl")
+            .map_err(|e| ProviderError::Protocol(e.to_string()))?;
+        let form = multipart::Form::new()
+            .text("purpose", "batch")
+            .part("file", part);
+        let req = self
+            .http
+            .post(self.url("/files"))
+            .bearer_auth(self.key.expose_secret())
+            .multipart(form);
+        let resp = http::send_once(req, true).await?;
+        let f: FileObject = http::json_body(resp, "upload response").await?;
+        Ok(f.id)
+    }
+
+    async fn find_file(&self, filename: &str) -> Result<Option<String>, ProviderError> {
+        let mut after: Option<String> = None;
+        for _ in 0..MAX_LIST_PAGES {
+            let mut q = vec![
+                ("purpose", "batch".to_string()),
+                ("order", "desc".to_string()),
+                ("limit", "1000".to_string()),
+            ];
+            if let Some(a) = &after {
+                q.push(("after", a.clone()));
+            }
+            let page: ListPage<FileObject> = self.get_json("list files", "/files", &q).await?;
+            if let Some(f) = page
+                .data
+                .iter()
+                .find(|f| f.filename.as_deref() == Some(filename))
+            {
+                return Ok(Some(f.id.clone()));
+            }
+            if !page.has_more {
+                return Ok(None);
+            }
+            after = page
+                .last_id
+                .or_else(|| page.data.last().map(|f| f.id.clone()));
+            if after.is_none() {
+                return Ok(None);
+            }
+        }
+        Ok(None)
+    }
+
+    async fn create(
+        &self,
+        input_file_id: &str,
+        meta: &BatchMeta<'_>,
+    ) -> Result<RemoteBatch, ProviderError> {
+        let mut metadata = BTreeMap::new();
+        metadata.insert(META_BATCH_ID, meta.local_id.to_string());
+        metadata.insert("nightshift_run_id", meta.run_id.to_string());
+        metadata.insert(
+            "nightshift_pipeline",
+            crate::validate::preview(meta.pipeline, 400),
+        );
+        metadata.insert("nightshift_version", env!("CARGO_PKG_VERSION").to_string());
+        let body = types::CreateBatch {
+            input_file_id,
+            endpoint: ENDPOINT,
+            completion_window: &self.completion_window,
+            metadata,
+        };
+        let req = self
+            .http
+            .post(self.url("/batches"))
+            .bearer_auth(self.key.expose_secret())
+            .json(&body);
+        let resp = http::send_once(req, true).await?;
+        let b: Batch = http::json_body(resp, "create response")
+            .await
+            .map_err(|e| match e {
+                // The batch exists but we could not read its id: reconcile.
+                ProviderError::Transient { message, .. } | ProviderError::Protocol(message) => {
+                    ProviderError::Ambiguous { message }
+                }
+                other => other,
+            })?;
+        Ok(b.into())
+    }
+
+    async fn find_batch(
+        &self,
+        local_id: &str,
+        since: i64,
+    ) -> Result<Option<RemoteBatch>, ProviderError> {
+        let mut after: Option<String> = None;
+        for _ in 0..MAX_LIST_PAGES {
+            let page = self.list_batches(after.as_deref(), 100).await?;
+            let mut older = false;
+            for b in &page.data {
+                let meta_id = b.metadata.as_ref().and_then(|m| m.get(META_BATCH_ID));
+                if meta_id.map(String::as_str) == Some(local_id) {
+                    return Ok(Some(b.clone().into()));
+                }
+                if let Some(t) = b.created_at.as_ref().and_then(unix_seconds)
+                    && t < since - LIST_SKEW_SECONDS
+                {
+                    older = true;
+                }
+            }
+            if older || !page.has_more {
+                return Ok(None);
+            }
+            after = page
+                .last_id
+                .or_else(|| page.data.last().map(|b| b.id.clone()));
+            if after.is_none() {
+                return Ok(None);
+            }
+        }
+        Ok(None)
+    }
+
+    async fn get(&self, id: &str) -> Result<RemoteBatch, ProviderError> {
+        let b: Batch = self
+            .get_json("get batch", &format!("/batches/{id}"), &[])
+            .await?;
+        Ok(b.into())
+    }
+
+    async fn cancel(&self, id: &str) -> Result<RemoteBatch, ProviderError> {
+        // Cancelling twice is harmless, so this POST may be retried.
+        let url = self.url(&format!("/batches/{id}/cancel"));
+        let resp = http::send_idempotent(&self.policy, "cancel batch", || {
+            self.http.post(&url).bearer_auth(self.key.expose_secret())
+        })
+        .await?;
+        let b: Batch = http::json_body(resp, "cancel response").await?;
+        Ok(b.into())
+    }
+
+    async fn download(&self, file_id: &str, dest: &Path, cap: u64) -> Result<u64, ProviderError> {
+        let path = format!("/files/{file_id}/content");
+        let resp = http::send_idempotent(&self.policy, "download results", || {
+            self.get_req(&path).timeout(Duration::from_secs(3600))
+        })
+        .await?;
+        if let Some(len) = resp.content_length()
+            && len > cap
+        {
+            return Err(ProviderError::TooLarge { cap });
+        }
+        let dir = dest.parent().unwrap_or(Path::new("."));
+        crate::fsutil::create_private_dir_all(dir)?;
+        let tmp = dir.join(format!(
+            ".{}.part-{}",
+            dest.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default(),
+            std::process::id()
+        ));
+        let mut file = tokio::fs::File::from_std(crate::fsutil::create_private(&tmp)?);
+        let mut stream = resp.bytes_stream();
+        let mut total = 0u64;
+        let result: Result<(), ProviderError> = async {
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| ProviderError::Transient {
+                    status: None,
+                    retry_after: None,
+                    message: format!("download of {file_id} interrupted: {e}"),
+                })?;
+                total += chunk.len() as u64;
+                if total > cap {
+                    return Err(ProviderError::TooLarge { cap });
+                }
+                crate::failpoint!("download.mid");
+                file.write_all(&chunk).await?;
+            }
+            file.flush().await?;
+            file.sync_all().await?;
+            Ok(())
+        }
+        .await;
+        drop(file);
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        std::fs::rename(&tmp, dest)?;
+        crate::fsutil::sync_dir(dir)?;
+        Ok(total)
+    }
+
+    fn parse_result_line(&self, line: &[u8]) -> Result<ResultLine, String> {
+        let l: OutputLine = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+        let outcome = match (l.response, l.error) {
+            (Some(resp), _) if resp.status_code == 200 => {
+                let body = resp.body.unwrap_or(Value::Null);
+                let c: ChatCompletion = serde_json::from_value(body)
+                    .map_err(|e| format!("response body is not a chat completion: {e}"))?;
+                let usage = c.usage.map(|u| u.normalised()).unwrap_or_default();
+                let choice = c.choices.into_iter().next();
+                let (content, refusal, finish_reason) = match choice {
+                    Some(ch) => {
+                        let (content, refusal) = ch
+                            .message
+                            .map(|m| (m.content, m.refusal))
+                            .unwrap_or((None, None));
+                        (content, refusal, ch.finish_reason)
+                    }
+                    None => (None, None, None),
+                };
+                LineOutcome::Answer {
+                    content,
+                    refusal,
+                    finish_reason,
+                    model: c.model,
+                    usage,
+                }
+            }
+            (Some(resp), _) => {
+                let body = resp.body.unwrap_or(Value::Null);
+                let usage = body
+                    .get("usage")
+                    .and_then(|u| serde_json::from_value::<types::CompletionUsage>(u.clone()).ok())
+                    .map(|u| u.normalised())
+                    .unwrap_or_default();
+                let (code, message) = http::error_message(&body.to_string());
+                LineOutcome::Error {
+                    status: Some(resp.status_code),
+                    code,
+                    message,
+                    usage,
+                }
+            }
+            (None, Some(err)) => match err.code.as_deref() {
+                Some("batch_expired") => LineOutcome::Expired,
+                Some("batch_cancelled") | Some("batch_canceled") => LineOutcome::Cancelled,
+                _ => LineOutcome::Error {
+                    status: None,
+                    code: err.code,
+                    message: err.message.unwrap_or_default(),
+                    usage: Usage::default(),
+                },
+            },
+            (None, None) => return Err("line has neither `response` nor `error`".into()),
+        };
+        Ok(ResultLine {
+            custom_id: l.custom_id,
+            outcome,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client() -> OpenAiClient {
+        OpenAiClient::new(
+            "http://127.0.0.1:9",
+            SecretString::from("sk-test-SECRET".to_string()),
+            Duration::from_secs(1),
+            RetryPolicy::default(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_key() {
+        let text = format!("{:?}", client());
+        assert!(!text.contains("SECRET"), "{text}");
+    }
+
+    #[test]
+    fn parses_the_documented_line_kinds() {
+        let c = client();
+        let ok = br#"{"id":"batch_req_123","custom_id":"request-2","response":{"status_code":200,"request_id":"req_123","body":{"id":"chatcmpl-123","object":"chat.completion","created":1711652795,"model":"gpt-3.5-turbo-0125","choices":[{"index":0,"message":{"role":"assistant","content":"Hello."},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":22,"completion_tokens":2,"total_tokens":24,"prompt_tokens_details":{"cached_tokens":10},"completion_tokens_details":{"reasoning_tokens":1}},"system_fingerprint":"fp_123","brand_new_field":{"x":1}}},"error":null}"#;
+        let l = c.parse_result_line(ok).unwrap();
+        assert_eq!(l.custom_id, "request-2");
+        let LineOutcome::Answer {
+            content,
+            usage,
+            finish_reason,
+            model,
+            ..
+        } = l.outcome
+        else {
+            panic!()
+        };
+        assert_eq!(content.as_deref(), Some("Hello."));
+        assert_eq!(finish_reason.as_deref(), Some("stop"));
+        assert_eq!(model.as_deref(), Some("gpt-3.5-turbo-0125"));
+        assert_eq!(
+            usage,
+            Usage {
+                input_tokens: 22,
+                cached_input_tokens: 10,
+                cache_write_tokens: 0,
+                output_tokens: 2,
+                reasoning_tokens: 1
+            }
+        );
+        let err = br#"{"id":"batch_req_4","custom_id":"t10","response":{"status_code":400,"request_id":"req_5","body":{"error":{"message":"Invalid 'max_output_tokens': ...","type":"invalid_request_error","param":"max_output_tokens","code":"integer_below_min_value"}}},"error":null}"#;
+        let LineOutcome::Error { status, code, .. } = c.parse_result_line(err).unwrap().outcome
+        else {
+            panic!()
+        };
+        assert_eq!(status, Some(400));
+        assert_eq!(code.as_deref(), Some("integer_below_min_value"));
+        let exp = br#"{"id":"batch_req_123","custom_id":"request-3","response":null,"error":{"code":"batch_expired","message":"This request could not be executed before the completion window expired."}}"#;
+        assert_eq!(
+            c.parse_result_line(exp).unwrap().outcome,
+            LineOutcome::Expired
+        );
+        assert!(c.parse_result_line(b"{\"custom_id\":\"x\"}").is_err());
+        assert!(c.parse_result_line(b"not json").is_err());
+    }
+
+    #[test]
+    fn batch_objects_parse_with_unknown_states_and_fields() {
+        let b: Batch = serde_json::from_str(r#"{"id":"batch_abc123","object":"batch","endpoint":"/v1/chat/completions","errors":null,"input_file_id":"file-abc123","completion_window":"24h","status":"brand_new_state","output_file_id":null,"error_file_id":null,"created_at":1711471533,"request_counts":{"total":100,"completed":95,"failed":5},"metadata":{"nightshift_batch_id":"L1"},"usage":{"input_tokens":10,"input_tokens_details":{"cached_tokens":2},"output_tokens":5,"output_tokens_details":{"reasoning_tokens":1},"total_tokens":15},"surprise":[1,2]}"#).unwrap();
+        let r: RemoteBatch = b.into();
+        assert_eq!(r.status, RemoteStatus::Unknown);
+        assert!(!r.status.is_terminal());
+        assert_eq!(r.local_id.as_deref(), Some("L1"));
+        assert_eq!(r.usage.unwrap().cached_input_tokens, 2);
+        assert_eq!(r.created_at, Some(1711471533));
+        let failed: Batch = serde_json::from_str(r#"{"id":"b","status":"failed","errors":{"object":"list","data":[{"code":"invalid_json_line","message":"bad","param":null,"line":3}]}}"#).unwrap();
+        let r: RemoteBatch = failed.into();
+        assert_eq!(r.status, RemoteStatus::Failed);
+        assert_eq!(
+            r.errors,
+            vec!["invalid_json_line (line 3): bad".to_string()]
+        );
+    }
+
+    #[test]
+    fn request_lines_are_canonical_and_valid_json() {
+        let c = client();
+        let schema = json!({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"], "additionalProperties": false});
+        let shape = c
+            .request_shape(&RequestSpec {
+                model: "gpt-5.4-mini",
+                system: Some("sys"),
+                max_output_tokens: 100,
+                temperature: Some(0.2),
+                schema: &schema,
+                schema_name: "out",
+            })
+            .unwrap();
+        let mut out = Vec::new();
+        let user = serde_json::to_string("hi \"there\"").unwrap();
+        c.write_line("b1-1-1", &shape, &user, &mut out);
+        assert!(out.len() as u64 <= shape.body_len(&user) as u64 + c.line_overhead());
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["custom_id"], "b1-1-1");
+        assert_eq!(v["body"]["messages"][1]["content"], "hi \"there\"");
+        assert_eq!(v["body"]["response_format"]["json_schema"]["strict"], true);
+        // canonical: re-serialising the body gives the same bytes
+        assert_eq!(v["body"].to_string(), shape.body(&user));
+    }
+}

@@ -1,0 +1,98 @@
+//! The simulator's knobs, shared by `nightshift simulate` flags and a pipeline's
+//! `[provider.simulator]` table (one struct, so the two cannot drift apart).
+
+use serde::Deserialize;
+
+const DEFAULT_SEED: u64 = 42;
+const DEFAULT_BATCH_SECONDS: f64 = 2.0;
+const DEFAULT_RETRY_AFTER_MS: u64 = 200;
+
+/// Fault and timing settings of the provider simulator. Every rate is a probability in
+/// `[0, 1]`, drawn per attempt (per custom_id) or per HTTP call, deterministically from
+/// `seed`.
+#[derive(Clone, Debug, PartialEq, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimSettings {
+    /// Seed for every draw (faults, answers).
+    #[arg(long, default_value_t = DEFAULT_SEED)]
+    pub seed: u64,
+    /// Seconds from create to completion (validating → in_progress → finalizing → completed).
+    #[arg(long, default_value_t = DEFAULT_BATCH_SECONDS)]
+    pub batch_seconds: f64,
+    /// Share of requests answered with an error line (HTTP 500 inside the batch).
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_rate: f64,
+    /// Share of requests answered with output that is not valid JSON for the schema.
+    #[arg(long, default_value_t = 0.0)]
+    pub invalid_json_rate: f64,
+    /// Share of batches that expire with partial results.
+    #[arg(long, default_value_t = 0.0)]
+    pub expire_rate: f64,
+    /// The first N batches created expire with partial results (deterministic expiry).
+    #[arg(long, default_value_t = 0)]
+    pub expire_first: u32,
+    /// Share of API calls answered with HTTP 429 and a `retry-after`.
+    #[arg(long = "http-429-rate", default_value_t = 0.0)]
+    pub http_429_rate: f64,
+    /// Share of API calls answered with HTTP 500 (before any effect).
+    #[arg(long = "http-500-rate", default_value_t = 0.0)]
+    pub http_500_rate: f64,
+    /// Share of requests whose prompt is partly served from the provider's cache.
+    #[arg(long, default_value_t = 0.0)]
+    pub cache_rate: f64,
+    /// Milliseconds announced in `retry-after-ms` on a 429 (`retry-after` is rounded up).
+    #[arg(long, default_value_t = DEFAULT_RETRY_AFTER_MS)]
+    pub retry_after_ms: u64,
+}
+
+impl Default for SimSettings {
+    fn default() -> Self {
+        SimSettings {
+            seed: DEFAULT_SEED,
+            batch_seconds: DEFAULT_BATCH_SECONDS,
+            fail_rate: 0.0,
+            invalid_json_rate: 0.0,
+            expire_rate: 0.0,
+            expire_first: 0,
+            http_429_rate: 0.0,
+            http_500_rate: 0.0,
+            cache_rate: 0.0,
+            retry_after_ms: DEFAULT_RETRY_AFTER_MS,
+        }
+    }
+}
+
+impl SimSettings {
+    /// Every out-of-range setting, as `(field, message)`.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        for (name, v) in [
+            ("fail_rate", self.fail_rate),
+            ("invalid_json_rate", self.invalid_json_rate),
+            ("expire_rate", self.expire_rate),
+            ("http_429_rate", self.http_429_rate),
+            ("http_500_rate", self.http_500_rate),
+            ("cache_rate", self.cache_rate),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                out.push((name, format!("must be between 0 and 1, got {v}")));
+            }
+        }
+        if self.http_429_rate + self.http_500_rate > 0.95 {
+            out.push((
+                "http_429_rate",
+                "http_429_rate + http_500_rate above 0.95 would starve every client".into(),
+            ));
+        }
+        if !(self.batch_seconds.is_finite() && self.batch_seconds >= 0.0) {
+            out.push((
+                "batch_seconds",
+                format!(
+                    "must be a number of seconds ≥ 0, got {}",
+                    self.batch_seconds
+                ),
+            ));
+        }
+        out
+    }
+}

@@ -1,0 +1,456 @@
+//! The state store: runs, records, items, batches, attempts, ledger.
+//!
+//! One [`Store`] trait with coarse operations, each one transaction, so the pipeline logic
+//! never sees SQL and a second backend (PostgreSQL) implements the same contract. Every
+//! write that follows a provider side effect is guarded by the row's state (`WHERE state =
+//! 'in_flight'`), so replaying it after a crash changes nothing; ledger rows are unique per
+//! `custom_id` and written in the same transaction as the result they pay for.
+//!
+//! Item states: `pending → in_flight → succeeded | failed → in_flight … → exhausted`.
+//! Batch states: `planned → built → uploading → uploaded → creating → submitted → ended →
+//! ingested`.
+
+pub mod sqlite;
+
+use std::future::Future;
+use std::path::Path;
+
+use crate::cost::{PricingMode, Usage, Usd};
+use crate::dedupe::{PreparedRecord, RequestShape};
+use crate::source::Quarantined;
+
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunStatus {
+    Running,
+    Completed,
+    Failed,
+    Interrupted,
+    Detached,
+    Error,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Completed => "completed",
+            RunStatus::Failed => "failed",
+            RunStatus::Interrupted => "interrupted",
+            RunStatus::Detached => "detached",
+            RunStatus::Error => "error",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct NewRun {
+    pub id: String,
+    pub pipeline: String,
+    pub stage: String,
+    pub pipeline_file: String,
+    pub source_path: String,
+    pub output_path: String,
+    pub provider: String,
+    pub model: String,
+    pub pricing_mode: PricingMode,
+    pub max_attempts: u32,
+    pub host: String,
+    pub pid: u32,
+}
+
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct RunRow {
+    pub id: String,
+    pub pipeline: String,
+    pub stage: String,
+    pub status: String,
+    pub pipeline_file: String,
+    pub source_path: String,
+    pub output_path: String,
+    pub provider: String,
+    pub model: String,
+    pub pricing_mode: String,
+    pub max_attempts: i64,
+    pub records_read: i64,
+    pub records_quarantined: i64,
+    pub host: String,
+    pub pid: i64,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    pub exit_code: Option<i64>,
+    pub message: Option<String>,
+}
+
+/// Where ingested records go: the run, the pipeline stage, the request shape, the source.
+#[derive(Clone, Copy, Debug)]
+pub struct IngestTarget<'a> {
+    pub run_id: &'a str,
+    pub pipeline: &'a str,
+    pub stage: &'a str,
+    pub shape_id: i64,
+    pub source: &'a str,
+}
+
+/// What one ingest chunk did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IngestStats {
+    pub records: u64,
+    pub new_items: u64,
+    pub quarantined: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct PlanRequest<'a> {
+    pub run_id: &'a str,
+    pub pipeline: &'a str,
+    pub stage: &'a str,
+    pub provider: &'a str,
+    pub model: &'a str,
+    pub pricing_mode: PricingMode,
+    pub max_requests: usize,
+    pub max_bytes: u64,
+    /// Bytes a JSONL line adds around the body (envelope and custom_id), an upper bound.
+    pub line_overhead: u64,
+}
+
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct BatchRow {
+    pub id: String,
+    pub run_id: String,
+    pub pipeline: String,
+    pub stage: String,
+    pub provider: String,
+    pub model: String,
+    pub pricing_mode: String,
+    pub state: String,
+    pub request_count: i64,
+    pub file_path: Option<String>,
+    pub file_sha256: Option<String>,
+    pub file_bytes: Option<i64>,
+    pub input_file_id: Option<String>,
+    pub provider_batch_id: Option<String>,
+    pub provider_status: Option<String>,
+    pub output_file_id: Option<String>,
+    pub error_file_id: Option<String>,
+    pub provider_usage: Option<String>,
+    pub error: Option<String>,
+    pub created_at: i64,
+    pub submitted_at: Option<i64>,
+    pub ended_at: Option<i64>,
+    pub ingested_at: Option<i64>,
+}
+
+impl BatchRow {
+    pub fn pricing_mode(&self) -> PricingMode {
+        PricingMode::parse(&self.pricing_mode).unwrap_or(PricingMode::Batch)
+    }
+}
+
+/// A change to a batch row: the new state and whichever fields the step learned.
+#[derive(Clone, Debug, Default)]
+pub struct BatchUpdate {
+    pub state: Option<&'static str>,
+    pub file_path: Option<String>,
+    pub file_sha256: Option<String>,
+    pub file_bytes: Option<i64>,
+    pub input_file_id: Option<String>,
+    pub provider_batch_id: Option<String>,
+    pub provider_status: Option<String>,
+    pub output_file_id: Option<String>,
+    pub error_file_id: Option<String>,
+    pub provider_usage: Option<String>,
+    pub error: Option<String>,
+    pub submitted_at: Option<i64>,
+    pub ended_at: Option<i64>,
+    pub ingested_at: Option<i64>,
+}
+
+/// One line of a batch input file, as stored.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct BatchLine {
+    pub attempt_id: i64,
+    pub custom_id: String,
+    pub shape_id: i64,
+    pub user_json: String,
+}
+
+/// An attempt of a batch, as the result applier needs it.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct AttemptRef {
+    pub id: i64,
+    pub item_id: i64,
+    pub attempt_no: i64,
+    pub custom_id: String,
+    pub state: String,
+}
+
+/// The judged result of one attempt, ready to apply.
+#[derive(Clone, Debug)]
+pub struct AttemptOutcome {
+    pub attempt_id: i64,
+    pub item_id: i64,
+    pub attempt_no: i64,
+    pub custom_id: String,
+    pub succeeded: bool,
+    /// `ok`, `invalid_json`, `schema_invalid`, `truncated`, `provider_error`, `expired`, …
+    pub verdict: String,
+    pub error: Option<String>,
+    pub finish_reason: Option<String>,
+    pub model: Option<String>,
+    /// The validated answer (compact JSON) when `succeeded`.
+    pub result: Option<String>,
+    pub usage: Usage,
+    pub cost: Usd,
+    pub standard_cost: Usd,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub applied: u64,
+    pub already_applied: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub exhausted: u64,
+}
+
+impl std::ops::AddAssign for ApplyStats {
+    fn add_assign(&mut self, s: ApplyStats) {
+        self.applied += s.applied;
+        self.already_applied += s.already_applied;
+        self.succeeded += s.succeeded;
+        self.failed += s.failed;
+        self.exhausted += s.exhausted;
+    }
+}
+
+/// One source record of a run with its item's outcome, for the output file.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct RecordResult {
+    pub line: i64,
+    pub record_id: String,
+    pub item_id: i64,
+    pub state: String,
+    pub attempts: i64,
+    pub result: Option<String>,
+    pub last_error: Option<String>,
+}
+
+/// Totals of a set of ledger rows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LedgerTotals {
+    pub rows: u64,
+    pub usage: Usage,
+    pub cost: Usd,
+    pub standard_cost: Usd,
+}
+
+/// The figures of one run.
+#[derive(Clone, Debug, Default)]
+pub struct RunFigures {
+    pub records_valid: u64,
+    pub unique_items: u64,
+    /// Items of this run already succeeded before it (never sent again).
+    pub reused: u64,
+    pub succeeded: u64,
+    pub exhausted: u64,
+    /// Items neither succeeded nor exhausted (the run stopped early).
+    pub unfinished: u64,
+    /// Records whose item succeeded.
+    pub processed_records: u64,
+    /// Attempts submitted by this run.
+    pub attempts: u64,
+    /// Distinct items that this run submitted at least once.
+    pub items_attempted: u64,
+    pub batches: u64,
+    pub ledger: LedgerTotals,
+    pub models: Vec<String>,
+}
+
+/// One attempt in the per-item audit.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct AuditRow {
+    pub item_id: i64,
+    pub dedupe_key: Vec<u8>,
+    pub item_state: String,
+    pub record_ids: String,
+    pub attempt_no: i64,
+    pub custom_id: String,
+    pub batch_id: String,
+    pub provider_batch_id: Option<String>,
+    pub attempt_state: String,
+    pub verdict: Option<String>,
+    pub error: Option<String>,
+    pub model: Option<String>,
+    pub input_tokens: Option<i64>,
+    pub cached_input_tokens: Option<i64>,
+    pub cache_write_tokens: Option<i64>,
+    pub output_tokens: Option<i64>,
+    pub reasoning_tokens: Option<i64>,
+    pub cost_pico: Option<i64>,
+}
+
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct QuarantineRow {
+    pub source: String,
+    pub line: i64,
+    pub field: Option<String>,
+    pub reason: String,
+}
+
+/// The store contract. Each method is one transaction unless it says otherwise.
+pub trait Store: Send + Sync + 'static {
+    // --- runs -----------------------------------------------------------------------------
+    fn create_run(&self, run: &NewRun) -> impl Future<Output = Result<()>> + Send;
+    fn set_run_counts(
+        &self,
+        run_id: &str,
+        records_read: u64,
+        quarantined: u64,
+    ) -> impl Future<Output = Result<()>> + Send;
+    fn finish_run(
+        &self,
+        run_id: &str,
+        status: RunStatus,
+        exit_code: i32,
+        message: Option<&str>,
+    ) -> impl Future<Output = Result<()>> + Send;
+    fn run(&self, run_id: &str) -> impl Future<Output = Result<Option<RunRow>>> + Send;
+    /// The latest run, of one pipeline or of any.
+    fn last_run(
+        &self,
+        pipeline: Option<&str>,
+    ) -> impl Future<Output = Result<Option<RunRow>>> + Send;
+
+    // --- ingest ---------------------------------------------------------------------------
+    /// Stores a request shape once and returns its id.
+    fn ensure_shape(&self, shape: &RequestShape) -> impl Future<Output = Result<i64>> + Send;
+    fn shape(&self, id: i64) -> impl Future<Output = Result<RequestShape>> + Send;
+    /// Inserts one chunk of records (new items as `pending`) and quarantined lines.
+    fn ingest(
+        &self,
+        target: &IngestTarget<'_>,
+        records: &[PreparedRecord],
+        quarantined: &[Quarantined],
+    ) -> impl Future<Output = Result<IngestStats>> + Send;
+
+    // --- planning -------------------------------------------------------------------------
+    /// Items waiting for an attempt (`pending`, or `failed` under the cap).
+    fn plannable_count(
+        &self,
+        pipeline: &str,
+        stage: &str,
+    ) -> impl Future<Output = Result<u64>> + Send;
+    /// Gives items that failed for good under a lower attempt cap another chance when the
+    /// cap was raised (`exhausted` with `attempts < max_attempts` → `failed`).
+    fn revive_exhausted(
+        &self,
+        pipeline: &str,
+        stage: &str,
+        max_attempts: u32,
+    ) -> impl Future<Output = Result<u64>> + Send;
+    /// In one transaction: creates a `planned` batch with up to the limits' worth of
+    /// plannable items, an attempt per item, and moves those items to `in_flight`.
+    fn plan_batch(
+        &self,
+        req: &PlanRequest<'_>,
+    ) -> impl Future<Output = Result<Option<BatchRow>>> + Send;
+    /// Lines of a batch in attempt order, `limit` at a time after `after_attempt_id`.
+    fn batch_lines(
+        &self,
+        batch_id: &str,
+        after_attempt_id: i64,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<BatchLine>>> + Send;
+
+    // --- batches --------------------------------------------------------------------------
+    fn batch(&self, id: &str) -> impl Future<Output = Result<Option<BatchRow>>> + Send;
+    /// Batches not yet ingested, oldest first (all pipelines when `pipeline` is `None`).
+    fn open_batches(
+        &self,
+        pipeline: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<BatchRow>>> + Send;
+    fn run_batches(&self, run_id: &str) -> impl Future<Output = Result<Vec<BatchRow>>> + Send;
+    /// Applies `update` if the batch is still in state `from`; returns whether it was.
+    fn update_batch(
+        &self,
+        id: &str,
+        from: &str,
+        update: &BatchUpdate,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
+    // --- results --------------------------------------------------------------------------
+    fn batch_attempts(
+        &self,
+        batch_id: &str,
+    ) -> impl Future<Output = Result<Vec<AttemptRef>>> + Send;
+    /// Applies judged results: ledger rows (once per custom_id), attempt verdicts and item
+    /// states, in one transaction. Attempts no longer `in_flight` are left alone.
+    fn apply_results(
+        &self,
+        batch: &BatchRow,
+        outcomes: &[AttemptOutcome],
+        max_attempts: u32,
+    ) -> impl Future<Output = Result<ApplyStats>> + Send;
+    /// Fails every attempt of the batch still `in_flight` with `verdict` (no result line
+    /// came back for it) and marks the batch `ingested`, in one transaction.
+    fn finish_ingest(
+        &self,
+        batch_id: &str,
+        verdict: &str,
+        error: &str,
+        max_attempts: u32,
+    ) -> impl Future<Output = Result<ApplyStats>> + Send;
+    fn record_anomaly(
+        &self,
+        run_id: Option<&str>,
+        batch_id: Option<&str>,
+        kind: &str,
+        custom_id: Option<&str>,
+        detail: &str,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    // --- reports --------------------------------------------------------------------------
+    fn run_records(
+        &self,
+        run_id: &str,
+        after_line: i64,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<RecordResult>>> + Send;
+    fn run_figures(&self, run_id: &str) -> impl Future<Output = Result<RunFigures>> + Send;
+    fn ledger_totals_for_batch(
+        &self,
+        batch_id: &str,
+    ) -> impl Future<Output = Result<LedgerTotals>> + Send;
+    fn audit(&self, run_id: &str) -> impl Future<Output = Result<Vec<AuditRow>>> + Send;
+    fn quarantine(&self, run_id: &str) -> impl Future<Output = Result<Vec<QuarantineRow>>> + Send;
+    fn anomaly_count(&self, run_id: &str) -> impl Future<Output = Result<u64>> + Send;
+}
+
+/// Where a pipeline keeps its state by default: `.nightshift/state.db` beside the file.
+pub fn default_db_path(pipeline_dir: &Path) -> std::path::PathBuf {
+    pipeline_dir.join(".nightshift").join("state.db")
+}

@@ -1,0 +1,234 @@
+//! Apply: read a downloaded result file line by line (capped), judge each line — validate
+//! the answer, price its usage — and store the verdicts in chunks. Lines that cannot be
+//! matched to an attempt of this batch (unknown or repeated custom_ids, unparseable lines)
+//! are recorded as anomalies and never applied.
+
+use std::collections::{HashMap, HashSet};
+use std::io::BufReader;
+use std::path::Path;
+
+use super::{RunError, Runner};
+use crate::cost::{PricingMode, Rates, Usage};
+use crate::provider::{BatchProvider, LineOutcome, ResultLine};
+use crate::source::read_line_capped;
+use crate::store::{ApplyStats, AttemptOutcome, AttemptRef, BatchRow, Store};
+use crate::validate::{OutputValidator, Verdict, preview};
+
+/// Result lines per store transaction.
+const APPLY_CHUNK: usize = 1000;
+/// The longest result line read; longer ones are refused (RELIABILITY.md B7.5).
+pub const MAX_RESULT_LINE: usize = 16 << 20;
+
+/// Judges one result line for `attempt`: validates the answer and prices the usage.
+pub fn judge_line(
+    validator: &OutputValidator,
+    rates: &Rates,
+    standard: &Rates,
+    attempt: &AttemptRef,
+    outcome: LineOutcome,
+) -> AttemptOutcome {
+    let mut out = AttemptOutcome {
+        attempt_id: attempt.id,
+        item_id: attempt.item_id,
+        attempt_no: attempt.attempt_no,
+        custom_id: attempt.custom_id.clone(),
+        succeeded: false,
+        verdict: String::new(),
+        error: None,
+        finish_reason: None,
+        model: None,
+        result: None,
+        usage: Usage::default(),
+        cost: Default::default(),
+        standard_cost: Default::default(),
+    };
+    match outcome {
+        LineOutcome::Answer {
+            content,
+            refusal,
+            finish_reason,
+            model,
+            usage,
+        } => {
+            let verdict = validator.check(
+                content.as_deref(),
+                finish_reason.as_deref(),
+                refusal.as_deref(),
+            );
+            out.verdict = verdict.code().to_string();
+            out.error = verdict.detail();
+            if let Verdict::Valid(v) = verdict {
+                out.succeeded = true;
+                out.result = Some(v.to_string());
+            } else if out.error.is_none() {
+                out.error = Some(match verdict {
+                    Verdict::Truncated => "the answer was cut off at max_output_tokens".into(),
+                    _ => "the answer was empty".into(),
+                });
+            }
+            out.finish_reason = finish_reason;
+            out.model = model;
+            out.usage = usage;
+        }
+        LineOutcome::Error {
+            status,
+            code,
+            message,
+            usage,
+        } => {
+            out.verdict = "provider_error".into();
+            let mut e = String::new();
+            if let Some(s) = status {
+                e.push_str(&format!("HTTP {s} "));
+            }
+            if let Some(c) = code {
+                e.push_str(&c);
+                e.push_str(": ");
+            }
+            e.push_str(&preview(&message, 300));
+            out.error = Some(e);
+            out.usage = usage;
+        }
+        LineOutcome::Expired => {
+            out.verdict = "expired".into();
+            out.error = Some("the batch expired before this request ran".into());
+        }
+        LineOutcome::Cancelled => {
+            out.verdict = "cancelled".into();
+            out.error = Some("the batch was cancelled before this request ran".into());
+        }
+    }
+    out.cost = rates.cost(&out.usage);
+    out.standard_cost = standard.cost(&out.usage);
+    out
+}
+
+fn is_our_custom_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+pub(super) async fn apply_file<S: Store, P: BatchProvider>(
+    runner: &mut Runner<'_, S, P>,
+    b: &BatchRow,
+    path: &Path,
+    seen: &mut HashSet<String>,
+) -> Result<ApplyStats, RunError> {
+    let ctx = runner.ctx;
+    let store = ctx.store;
+    let attempts: HashMap<String, AttemptRef> = store
+        .batch_attempts(&b.id)
+        .await?
+        .into_iter()
+        .map(|a| (a.custom_id.clone(), a))
+        .collect();
+    let rates = *runner.rates(b.pricing_mode());
+    let standard = *runner.rates(PricingMode::Standard);
+    let file = std::fs::File::open(path).map_err(|source| RunError::Output {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut buf = Vec::new();
+    let mut outcomes = Vec::with_capacity(APPLY_CHUNK);
+    let mut stats = ApplyStats::default();
+    let mut line_no = 0u64;
+    loop {
+        let n = match read_line_capped(&mut reader, &mut buf, MAX_RESULT_LINE) {
+            Ok(Some(n)) => n,
+            Ok(None) => break,
+            Err(source) => {
+                return Err(RunError::Output {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        line_no += 1;
+        if buf.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let anomaly = |kind: &'static str, cid: Option<String>, detail: String| (kind, cid, detail);
+        let judged: Result<AttemptOutcome, (&str, Option<String>, String)> = if n > MAX_RESULT_LINE
+        {
+            Err(anomaly(
+                "oversized_line",
+                None,
+                format!("{}:{line_no}: line of {n} bytes refused", path.display()),
+            ))
+        } else {
+            match ctx.provider.parse_result_line(&buf) {
+                Err(e) => Err(anomaly(
+                    "malformed_line",
+                    None,
+                    format!("{}:{line_no}: {}", path.display(), preview(&e, 200)),
+                )),
+                Ok(ResultLine { custom_id, outcome }) => {
+                    if !is_our_custom_id(&custom_id) {
+                        Err(anomaly(
+                            "unknown_custom_id",
+                            None,
+                            format!("{}:{line_no}: custom_id is not one of ours", path.display()),
+                        ))
+                    } else if let Some(att) = attempts.get(&custom_id) {
+                        if seen.insert(custom_id.clone()) {
+                            Ok(judge_line(
+                                &runner.validator,
+                                &rates,
+                                &standard,
+                                att,
+                                outcome,
+                            ))
+                        } else {
+                            Err(anomaly(
+                                "duplicate_line",
+                                Some(custom_id),
+                                format!(
+                                    "{}:{line_no}: second result for this custom_id ignored",
+                                    path.display()
+                                ),
+                            ))
+                        }
+                    } else {
+                        Err(anomaly(
+                            "unknown_custom_id",
+                            Some(custom_id),
+                            format!("{}:{line_no}: not a request of this batch", path.display()),
+                        ))
+                    }
+                }
+            }
+        };
+        match judged {
+            Ok(o) => outcomes.push(o),
+            Err((kind, cid, detail)) => {
+                tracing::warn!(batch = %b.id, kind, %detail, "result line not applied");
+                store
+                    .record_anomaly(
+                        Some(&runner.run_id),
+                        Some(&b.id),
+                        kind,
+                        cid.as_deref(),
+                        &detail,
+                    )
+                    .await?;
+            }
+        }
+        if outcomes.len() >= APPLY_CHUNK {
+            stats += store
+                .apply_results(b, &outcomes, ctx.pipeline.max_attempts)
+                .await?;
+            outcomes.clear();
+            crate::failpoint!("apply.after_chunk");
+        }
+    }
+    if !outcomes.is_empty() {
+        stats += store
+            .apply_results(b, &outcomes, ctx.pipeline.max_attempts)
+            .await?;
+        crate::failpoint!("apply.after_chunk");
+    }
+    Ok(stats)
+}

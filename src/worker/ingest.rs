@@ -1,0 +1,119 @@
+//! Ingest: stream the source, render and hash each record on a blocking thread, and store
+//! the records in chunks (one transaction each) as the async side receives them.
+
+use tokio::sync::mpsc;
+
+use super::{Event, RunContext, RunError};
+use crate::config::RenderError;
+use crate::dedupe::{PreparedRecord, RequestShape, prepare};
+use crate::provider::BatchProvider;
+use crate::source::{Quarantined, SourceError, SourceEvent, SourceReader};
+use crate::store::{IngestTarget, Store};
+
+/// Records per store transaction.
+const CHUNK: usize = 2000;
+
+#[derive(Default)]
+struct Chunk {
+    records: Vec<PreparedRecord>,
+    quarantined: Vec<Quarantined>,
+}
+
+impl Chunk {
+    fn len(&self) -> usize {
+        self.records.len() + self.quarantined.len()
+    }
+}
+
+pub(super) async fn ingest<S: Store, P: BatchProvider>(
+    ctx: &RunContext<'_, S, P>,
+    run_id: &str,
+    shape: &RequestShape,
+    shape_id: i64,
+) -> Result<(), RunError> {
+    let p = ctx.pipeline;
+    let reader = SourceReader::open(p)?;
+    let (tx, mut rx) = mpsc::channel::<Result<Chunk, SourceError>>(4);
+    let template = p.prompt.user.clone();
+    let shape = shape.clone();
+    let producer = tokio::task::spawn_blocking(move || {
+        let mut chunk = Chunk::default();
+        let mut scratch = String::new();
+        for ev in reader {
+            match ev {
+                Ok(SourceEvent::Record(r)) => {
+                    match prepare(&shape, &template, r.line, r.id, &r.value, &mut scratch) {
+                        Ok(prepared) => chunk.records.push(prepared),
+                        Err(e) => {
+                            let field = match &e {
+                                RenderError::Missing(f) | RenderError::Null(f) => f.clone(),
+                            };
+                            chunk.quarantined.push(Quarantined {
+                                line: r.line,
+                                field: Some(field),
+                                reason: e.to_string(),
+                            });
+                        }
+                    }
+                }
+                Ok(SourceEvent::Quarantined(q)) => chunk.quarantined.push(q),
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            }
+            if chunk.len() >= CHUNK && tx.blocking_send(Ok(std::mem::take(&mut chunk))).is_err() {
+                return;
+            }
+        }
+        if chunk.len() > 0 {
+            let _ = tx.blocking_send(Ok(chunk));
+        }
+    });
+
+    let source = p.source.path.display().to_string();
+    let (mut records, mut quarantined, mut new_items) = (0u64, 0u64, 0u64);
+    while let Some(msg) = rx.recv().await {
+        let chunk = msg?;
+        for q in &chunk.quarantined {
+            ctx.observer.event(&Event::Quarantined {
+                source: source.clone(),
+                line: q.line,
+                field: q.field.clone(),
+                reason: q.reason.clone(),
+            });
+        }
+        let stats = ctx
+            .store
+            .ingest(
+                &IngestTarget {
+                    run_id,
+                    pipeline: &p.name,
+                    stage: p.stage(),
+                    shape_id,
+                    source: &source,
+                },
+                &chunk.records,
+                &chunk.quarantined,
+            )
+            .await?;
+        crate::failpoint!("ingest.after_chunk");
+        records += stats.records;
+        quarantined += stats.quarantined;
+        new_items += stats.new_items;
+        ctx.observer.event(&Event::IngestProgress {
+            records: records + quarantined,
+            quarantined,
+        });
+    }
+    let _ = producer.await;
+    ctx.store
+        .set_run_counts(run_id, records + quarantined, quarantined)
+        .await?;
+    ctx.observer.event(&Event::IngestDone {
+        records: records + quarantined,
+        quarantined,
+        new_items,
+    });
+    Ok(())
+}

@@ -1,0 +1,325 @@
+//! The binary as a user runs it: the example pipeline, reruns, reports, validation, exit
+//! codes, and secrets kept out of everything written.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use assert_cmd::cargo::CommandCargoExt;
+use serde_json::Value;
+
+fn bin() -> Command {
+    let mut c = Command::cargo_bin("nightshift").unwrap();
+    c.env_remove("NIGHTSHIFT_DB").env_remove("RUST_LOG");
+    c
+}
+
+/// Copies `config/examples` into a temporary folder (runs write beside the pipeline).
+fn examples() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples");
+    copy_dir(&src, &dir.path().join("examples"));
+    let p = dir.path().join("examples");
+    (dir, p)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name();
+        if name == "out" || name == ".nightshift" {
+            continue;
+        }
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(name));
+        } else {
+            std::fs::copy(e.path(), to.join(name)).unwrap();
+        }
+    }
+}
+
+fn faster(pipeline: &Path) {
+    let text = std::fs::read_to_string(pipeline).unwrap();
+    let text = text
+        .replace("batch_seconds = 2\n", "batch_seconds = 0.3\n")
+        .replace("batch_seconds = 1.5\n", "batch_seconds = 0.3\n");
+    std::fs::write(pipeline, text).unwrap();
+}
+
+#[test]
+fn the_example_runs_offline_and_a_rerun_sends_nothing() {
+    let (_tmp, ex) = examples();
+    let file = ex.join("catalog-enrichment.toml");
+    faster(&file);
+    let out = bin().arg("run").arg(&file).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        matches!(out.status.code(), Some(0) | Some(1)),
+        "{stdout}\n{stderr}"
+    );
+    for needle in [
+        "records",
+        "quarantined 2",
+        "duplicates reused",
+        "retry rate",
+        "cached input",
+        "reasoning",
+        "at standard prices",
+        "per processed item",
+    ] {
+        assert!(
+            stdout.contains(needle),
+            "summary lacks `{needle}`:\n{stdout}"
+        );
+    }
+    assert!(
+        stderr.contains("products.jsonl:58"),
+        "quarantine names file and line:\n{stderr}"
+    );
+    let results = std::fs::read_to_string(ex.join("out/products.enriched.jsonl")).unwrap();
+    assert_eq!(results.lines().count(), 306);
+
+    let again = bin().arg("run").arg(&file).output().unwrap();
+    let stdout2 = String::from_utf8_lossy(&again.stdout);
+    assert!(stdout2.contains("sent       0 requests"), "{stdout2}");
+    assert!(stdout2.contains("cost       $0.00"), "{stdout2}");
+
+    let rep = bin()
+        .args(["report", "--json"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(rep.status.code(), Some(0));
+    let v: Value = serde_json::from_slice(&rep.stdout).unwrap();
+    for key in [
+        "run_id",
+        "pipeline",
+        "status",
+        "attempts",
+        "retry_rate",
+        "cost_usd",
+        "standard_cost_usd",
+        "cost_per_processed_item_usd",
+    ] {
+        assert!(v.get(key).is_some(), "report lacks {key}: {v}");
+    }
+    for (obj, keys) in [
+        ("records", &["read", "quarantined"][..]),
+        (
+            "items",
+            &["unique", "duplicates", "reused", "succeeded", "failed"][..],
+        ),
+        (
+            "tokens",
+            &["input", "cached_input", "output", "reasoning"][..],
+        ),
+    ] {
+        for k in keys {
+            assert!(v[obj].get(k).is_some(), "report lacks {obj}.{k}: {v}");
+        }
+    }
+    assert_eq!(v["cost_usd"], "0", "the rerun costs nothing");
+    assert_eq!(
+        v["items"]["reused"].as_u64(),
+        v["items"]["succeeded"].as_u64()
+    );
+    assert!(v["cost_usd"].is_string());
+
+    let items = bin()
+        .args(["report", "--items", "--json"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&items.stdout).unwrap();
+    assert_eq!(v["quarantined"].as_array().unwrap().len(), 2);
+
+    let status = bin().arg("status").arg(&file).output().unwrap();
+    assert!(String::from_utf8_lossy(&status.stdout).contains("no batch in flight"));
+}
+
+#[test]
+fn the_ticket_example_runs_from_csv() {
+    let (_tmp, ex) = examples();
+    let file = ex.join("ticket-tagging.toml");
+    faster(&file);
+    let out = bin().arg("run").arg(&file).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(matches!(out.status.code(), Some(0) | Some(1)), "{stdout}");
+    assert!(stdout.contains("quarantined 1"), "{stdout}");
+    let results = std::fs::read_to_string(ex.join("out/tickets.labels.jsonl")).unwrap();
+    let first: Value = serde_json::from_str(results.lines().next().unwrap()).unwrap();
+    assert!(first["id"].as_str().unwrap().starts_with("T-"));
+}
+
+#[test]
+fn validate_lists_every_problem_and_exits_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("broken.toml");
+    std::fs::write(
+        &file,
+        r#"name = "broken pipeline!"
+[source]
+kind = "parquet"
+id_field = "id"
+[provider]
+model = "gpt-5.4-mini"
+simulate = true
+colour = "red"
+[provider.simulator]
+fail_rate = 2
+[prompt]
+user = "Summarise {{text"
+max_output_tokens = 0
+[output]
+schema = "nope.json"
+"#,
+    )
+    .unwrap();
+    let out = bin().arg("validate").arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for path in [
+        "name:",
+        "source.kind",
+        "source.path",
+        "provider.colour",
+        "provider.simulator.fail_rate",
+        "prompt.user",
+        "prompt.max_output_tokens",
+        "output.path",
+    ] {
+        assert!(err.contains(path), "missing {path} in:\n{err}");
+    }
+    assert!(err.contains("broken.toml"), "{err}");
+
+    // A well-formed file whose environment is wrong: schema unreadable, key missing, no price.
+    std::fs::write(dir.path().join("in.jsonl"), "{\"id\":1,\"text\":\"x\"}\n").unwrap();
+    std::fs::write(
+        &file,
+        r#"name = "env"
+[source]
+kind = "jsonl"
+path = "in.jsonl"
+id_field = "id"
+[provider]
+model = "gpt-unknown-9"
+api_key_env = "NIGHTSHIFT_TEST_SURELY_UNSET"
+[prompt]
+user = "{{text}}"
+max_output_tokens = 10
+[output]
+schema = "missing-schema.json"
+path = "out.jsonl"
+"#,
+    )
+    .unwrap();
+    let out = bin().arg("validate").arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "output.schema",
+        "provider.api_key_env",
+        "NIGHTSHIFT_TEST_SURELY_UNSET",
+        "provider.model",
+        "gpt-unknown-9",
+    ] {
+        assert!(err.contains(needle), "missing {needle} in:\n{err}");
+    }
+    // `run` refuses the same file before doing anything.
+    let out = bin().arg("run").arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        !dir.path().join(".nightshift").exists(),
+        "nothing was created"
+    );
+}
+
+#[test]
+fn the_api_key_never_reaches_output_logs_or_the_store() {
+    let (_tmp, ex) = examples();
+    let file = ex.join("ticket-tagging.toml");
+    // Point the pipeline at a separately started simulator with a real (fake) key.
+    let mut sim = bin()
+        .args([
+            "simulate",
+            "--listen",
+            "127.0.0.1:0",
+            "--batch-seconds",
+            "0.2",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    {
+        use std::io::BufRead;
+        let stdout = sim.stdout.as_mut().unwrap();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut first)
+            .unwrap();
+    }
+    let url = first
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+    let text = std::fs::read_to_string(&file).unwrap();
+    let text = text
+        .replace(
+            "simulate = true",
+            &format!("simulate = false\nbase_url = \"{url}/v1\""),
+        )
+        .replace(
+            "api_key_env = \"OPENAI_API_KEY\"",
+            "api_key_env = \"NS_TEST_KEY\"",
+        );
+    std::fs::write(&file, text).unwrap();
+    let secret = "sk-live-ZZTOPSECRET0123456789";
+    let out = bin()
+        .arg("--log-format")
+        .arg("json")
+        .arg("run")
+        .arg(&file)
+        .env("NS_TEST_KEY", secret)
+        .env("NIGHTSHIFT_LOG", "nightshift=debug")
+        .output()
+        .unwrap();
+    let _ = sim.kill();
+    let _ = sim.wait();
+    assert!(
+        matches!(out.status.code(), Some(0) | Some(1)),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let all = [out.stdout, out.stderr].concat();
+    assert!(!String::from_utf8_lossy(&all).contains("ZZTOPSECRET"));
+    for entry in walk(&ex) {
+        let bytes = std::fs::read(&entry).unwrap();
+        assert!(
+            !bytes.windows(11).any(|w| w == b"ZZTOPSECRET"),
+            "the key leaked into {}",
+            entry.display()
+        );
+    }
+    // And a missing key is refused before anything is sent.
+    let out = bin()
+        .arg("run")
+        .arg(&file)
+        .env_remove("NS_TEST_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}

@@ -1,0 +1,8 @@
+//! Integration tests: one binary, one temporary folder per test, everything against the
+//! built-in simulator over real HTTP.
+
+mod cli;
+mod common;
+mod pipeline;
+mod sim;
+mod store;

@@ -1,0 +1,193 @@
+//! The simulator on the wire: what an OpenAI client sees.
+
+use serde_json::{Value, json};
+
+use crate::common::*;
+
+async fn upload(base: &str, name: &str, body: String) -> Value {
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "batch")
+        .part(
+            "file",
+            reqwest::multipart::Part::text(body).file_name(name.to_string()),
+        );
+    reqwest::Client::new()
+        .post(format!("{base}/files"))
+        .bearer_auth("k")
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn create(base: &str, file_id: &str) -> Value {
+    reqwest::Client::new()
+        .post(format!("{base}/batches"))
+        .bearer_auth("k")
+        .json(&json!({"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn wait_terminal(base: &str, id: &str) -> Value {
+    for _ in 0..200 {
+        let b: Value = reqwest::Client::new()
+            .get(format!("{base}/batches/{id}"))
+            .bearer_auth("k")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if ["completed", "failed", "expired", "cancelled"].contains(&b["status"].as_str().unwrap())
+        {
+            return b;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("batch {id} never ended");
+}
+
+fn line(cid: &str, model: &str) -> String {
+    json!({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 50}})
+    .to_string()
+}
+
+#[tokio::test]
+async fn a_missing_key_gets_the_providers_401() {
+    let sim = start_sim(quiet_sim()).await;
+    let resp = reqwest::get(format!("{}/batches", sim.base_url()))
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+}
+
+#[tokio::test]
+async fn a_bad_input_file_fails_the_batch_with_errors_data() {
+    let sim = start_sim(quiet_sim()).await;
+    let base = sim.base_url();
+    let body = [
+        line("a", "gpt-5.4-mini"),
+        line("a", "gpt-5.4-mini"),
+        line("b", "gpt-5.4-nano"),
+        "{not json".into(),
+    ]
+    .join("\n");
+    let f = upload(&base, "x.jsonl", body).await;
+    let b = create(&base, f["id"].as_str().unwrap()).await;
+    assert_eq!(b["status"], "validating");
+    assert_eq!(b["request_counts"]["total"], 0);
+    let b = wait_terminal(&base, b["id"].as_str().unwrap()).await;
+    assert_eq!(b["status"], "failed");
+    let codes: Vec<&str> = b["errors"]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["code"].as_str().unwrap())
+        .collect();
+    assert!(codes.contains(&"duplicate_custom_id"), "{codes:?}");
+    assert!(codes.contains(&"model_mismatch"), "{codes:?}");
+    assert!(codes.contains(&"invalid_json_line"), "{codes:?}");
+    assert!(b["output_file_id"].is_null() && b["error_file_id"].is_null());
+}
+
+#[tokio::test]
+async fn completed_batches_return_shuffled_schema_valid_answers_with_usage() {
+    let sim = start_sim(quiet_sim()).await;
+    let base = sim.base_url();
+    let schema: Value = serde_json::from_str(SCHEMA).unwrap();
+    let lines: Vec<String> = (0..40)
+        .map(|i| {
+            json!({"custom_id": format!("c{i}"), "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": format!("ticket {i}")}],
+                    "max_completion_tokens": 300,
+                    "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": schema, "strict": true}}}})
+            .to_string()
+        })
+        .collect();
+    let f = upload(&base, "y.jsonl", lines.join("\n") + "\n").await;
+    let b = create(&base, f["id"].as_str().unwrap()).await;
+    let b = wait_terminal(&base, b["id"].as_str().unwrap()).await;
+    assert_eq!(b["status"], "completed");
+    assert_eq!(
+        b["request_counts"],
+        json!({"total": 40, "completed": 40, "failed": 0})
+    );
+    let out = reqwest::Client::new()
+        .get(format!(
+            "{base}/files/{}/content",
+            b["output_file_id"].as_str().unwrap()
+        ))
+        .bearer_auth("k")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let ids: Vec<String> = out
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            let content = v["response"]["body"]["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap();
+            assert!(
+                validator.is_valid(&serde_json::from_str(content).unwrap()),
+                "{content}"
+            );
+            assert!(
+                v["response"]["body"]["usage"]["prompt_tokens"]
+                    .as_u64()
+                    .unwrap()
+                    > 0
+            );
+            v["custom_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(ids.len(), 40);
+    let in_order: Vec<String> = (0..40).map(|i| format!("c{i}")).collect();
+    assert_ne!(ids, in_order, "lines come back in no particular order");
+    let usage = &b["usage"];
+    assert!(usage["input_tokens"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test]
+async fn expired_batches_keep_partial_results_and_bill_only_those() {
+    let sim = start_sim(nightshift::sim::SimSettings {
+        expire_first: 1,
+        ..quiet_sim()
+    })
+    .await;
+    let base = sim.base_url();
+    let lines: Vec<String> = (0..10)
+        .map(|i| line(&format!("e{i}"), "gpt-4o-mini"))
+        .collect();
+    let f = upload(&base, "z.jsonl", lines.join("\n")).await;
+    let b = create(&base, f["id"].as_str().unwrap()).await;
+    let b = wait_terminal(&base, b["id"].as_str().unwrap()).await;
+    assert_eq!(b["status"], "expired");
+    assert_eq!(b["request_counts"]["completed"], 5);
+    assert_eq!(b["request_counts"]["failed"], 5);
+    let rec = record(&sim).await;
+    assert_eq!(rec["bill"]["totals"]["requests"], 5);
+    let outcomes: Vec<&str> = rec["batches"][0]["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes.iter().filter(|o| **o == "expired").count(), 5);
+}
