@@ -64,6 +64,21 @@ pub enum Command {
     Status(StatusArgs),
     /// Serve the provider simulator (OpenAI Files + Batches wire format).
     Simulate(SimulateArgs),
+    /// Measure end-to-end throughput on synthetic records against the simulator.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Number of synthetic records.
+    #[arg(long, default_value_t = 100_000)]
+    pub items: u64,
+    /// Requests per batch.
+    #[arg(long, default_value_t = 50_000)]
+    pub batch_size: u64,
+    /// Work in this folder (kept) instead of a temporary one.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -165,6 +180,14 @@ pub async fn main(cli: Cli) -> i32 {
         Command::Report(a) => cmd_report(a).await,
         Command::Status(a) => cmd_status(a).await,
         Command::Simulate(a) => cmd_simulate(a).await,
+        Command::Bench(a) => crate::bench::run(crate::bench::BenchOptions {
+            items: a.items,
+            batch_size: a.batch_size,
+            dir: a.dir,
+        })
+        .await
+        .map(|()| EXIT_OK)
+        .map_err(Exit::from),
     };
     match result {
         Ok(code) => code,

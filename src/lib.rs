@@ -8,6 +8,7 @@
 //! answers, `cost` prices them exactly, `report` rolls everything up per processed item, and
 //! `sim` is the offline provider simulator every test runs against.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod cost;

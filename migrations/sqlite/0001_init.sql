@@ -124,10 +124,10 @@ CREATE TABLE attempts (
 CREATE INDEX attempts_by_batch ON attempts (batch_id);
 
 -- What each attempt cost, written in the same transaction as its result; one row per
--- custom_id, so applying a result file twice changes nothing.
+-- attempt (hence per custom_id), so applying a result file twice changes nothing.
 CREATE TABLE ledger (
-    custom_id            TEXT PRIMARY KEY REFERENCES attempts (custom_id),
-    attempt_id           INTEGER NOT NULL REFERENCES attempts (id),
+    attempt_id           INTEGER PRIMARY KEY REFERENCES attempts (id),
+    custom_id            TEXT NOT NULL,
     batch_id             TEXT NOT NULL REFERENCES batches (id),
     run_id               TEXT NOT NULL REFERENCES runs (id),
     pipeline             TEXT NOT NULL,
@@ -142,8 +142,7 @@ CREATE TABLE ledger (
     cost_pico            INTEGER NOT NULL,
     standard_cost_pico   INTEGER NOT NULL,
     created_at           INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE INDEX ledger_by_run ON ledger (run_id);
+);
 CREATE INDEX ledger_by_batch ON ledger (batch_id);
 
 -- Things that should not happen but did: duplicate result lines, unknown custom_ids, ...

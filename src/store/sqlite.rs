@@ -47,9 +47,9 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10))
-            .pragma("cache_size", "-65536")
+            .pragma("cache_size", "-16384")
             .pragma("temp_store", "memory");
-        let store = Self::connect(opts, 4).await?;
+        let store = Self::connect(opts, 2).await?;
         crate::fsutil::restrict_file(path);
         Ok(store)
     }
@@ -102,26 +102,28 @@ impl SqliteStore {
     }
 }
 
-/// `(p, p+1, …), (…)` for `rows` rows of `per_row` fresh parameters starting at `first`,
-/// with `fixed` written verbatim at the start of every row (shared parameters like `$1`).
-fn values_sql(rows: usize, per_row: usize, first: usize, fixed: &str) -> String {
-    let mut s = String::with_capacity(rows * (per_row * 6 + fixed.len() + 4));
-    let mut n = first;
+/// `(?,?,…),(…)` for `rows` rows of `per_row` anonymous parameters.
+///
+/// Bulk statements use anonymous `?` parameters only: sqlx looks every parameter's name up,
+/// and SQLite finds a named one (`$N`) by a linear scan, which makes a statement with
+/// thousands of named parameters quadratic. Values shared by all rows are bound once, in a
+/// one-row `c` table (or CTE) placed first in the text.
+fn values_sql(rows: usize, per_row: usize) -> String {
+    let mut row = String::with_capacity(per_row * 2 + 2);
+    row.push('(');
+    for c in 0..per_row {
+        if c > 0 {
+            row.push(',');
+        }
+        row.push('?');
+    }
+    row.push(')');
+    let mut s = String::with_capacity(rows * (row.len() + 1));
     for r in 0..rows {
         if r > 0 {
             s.push(',');
         }
-        s.push('(');
-        s.push_str(fixed);
-        for c in 0..per_row {
-            if c > 0 || !fixed.is_empty() {
-                s.push(',');
-            }
-            s.push('$');
-            s.push_str(&n.to_string());
-            n += 1;
-        }
-        s.push(')');
+        s.push_str(&row);
     }
     s
 }
@@ -139,54 +141,72 @@ fn cached_sql(
     }
 }
 
+/// Binds: pipeline, stage, shape_id, run_id, now; then per row key, user_json, body_bytes.
 fn insert_items_sql(rows: usize) -> String {
     format!(
-        "INSERT INTO items (pipeline, stage, shape_id, first_run_id, created_at, updated_at, state, attempts, dedupe_key, user_json, body_bytes) VALUES {} ON CONFLICT (pipeline, stage, dedupe_key) DO NOTHING",
-        values_sql(rows, 3, 6, "$1,$2,$3,$4,$5,$5,'pending',0")
+        "INSERT INTO items (pipeline, stage, shape_id, first_run_id, created_at, updated_at, state, attempts, \
+         dedupe_key, user_json, body_bytes) \
+         SELECT c.p, c.s, c.sh, c.r, c.t, c.t, 'pending', 0, v.column1, v.column2, v.column3 \
+         FROM (SELECT ? AS p, ? AS s, ? AS sh, ? AS r, ? AS t) AS c, (VALUES {}) AS v \
+         WHERE true ON CONFLICT (pipeline, stage, dedupe_key) DO NOTHING",
+        values_sql(rows, 3)
     )
 }
 
+/// Binds: run_id, pipeline, stage; then per row line, record_id, key.
+///
+/// The item is looked up per row by a scalar subquery: written as a join, SQLite's planner
+/// may scan every item of the pipeline for each statement.
 fn insert_records_sql(rows: usize) -> String {
     format!(
-        "INSERT INTO records (run_id, line, record_id, item_id) \
-         SELECT $1, v.column1, v.column2, i.id FROM (VALUES {}) AS v \
-         JOIN items i ON i.pipeline = $2 AND i.stage = $3 AND i.dedupe_key = v.column3 \
+        "WITH c(r, p, s) AS (SELECT ?, ?, ?) \
+         INSERT INTO records (run_id, line, record_id, item_id) \
+         SELECT (SELECT r FROM c), v.column1, v.column2, \
+           (SELECT i.id FROM items i, c WHERE i.pipeline = c.p AND i.stage = c.s AND i.dedupe_key = v.column3) \
+         FROM (VALUES {}) AS v \
          WHERE true ON CONFLICT (run_id, line) DO NOTHING",
-        values_sql(rows, 3, 4, "")
+        values_sql(rows, 3)
     )
 }
 
+/// Binds: batch_id, run_id, pipeline, stage, pricing_mode, now; then per row custom_id,
+/// attempt_id, model, input, cached input, cache write, output, reasoning, cost, standard cost.
 fn insert_ledger_sql(rows: usize) -> String {
     format!(
         "INSERT INTO ledger (batch_id, run_id, pipeline, stage, pricing_mode, created_at, \
          custom_id, attempt_id, model, input_tokens, cached_input_tokens, cache_write_tokens, \
-         output_tokens, reasoning_tokens, cost_pico, standard_cost_pico) VALUES {} \
-         ON CONFLICT (custom_id) DO NOTHING",
-        values_sql(rows, 10, 7, "$1,$2,$3,$4,$5,$6")
+         output_tokens, reasoning_tokens, cost_pico, standard_cost_pico) \
+         SELECT c.b, c.r, c.p, c.s, c.m, c.t, v.column1, v.column2, v.column3, v.column4, v.column5, \
+         v.column6, v.column7, v.column8, v.column9, v.column10 \
+         FROM (SELECT ? AS b, ? AS r, ? AS p, ? AS s, ? AS m, ? AS t) AS c, (VALUES {}) AS v \
+         WHERE true ON CONFLICT (attempt_id) DO NOTHING",
+        values_sql(rows, 10)
     )
 }
 
+/// Binds: now; then per row attempt id, state, verdict, error, finish_reason, model.
 fn update_attempts_sql(rows: usize) -> String {
     format!(
-        "WITH v(id, state, verdict, error, finish_reason, model) AS (VALUES {}) \
+        "WITH c(t) AS (SELECT ?), v(id, state, verdict, error, finish_reason, model) AS (VALUES {}) \
          UPDATE attempts SET state = v.state, verdict = v.verdict, error = v.error, \
-         finish_reason = v.finish_reason, model = v.model, completed_at = $1 \
+         finish_reason = v.finish_reason, model = v.model, completed_at = (SELECT t FROM c) \
          FROM v WHERE attempts.id = v.id AND attempts.state = 'in_flight'",
-        values_sql(rows, 6, 2, "")
+        values_sql(rows, 6)
     )
 }
 
+/// Binds: now, max_attempts; then per row item id, attempt_no, ok, result, error.
 fn update_items_sql(rows: usize) -> String {
     format!(
-        "WITH v(item_id, attempt_no, ok, result, error) AS (VALUES {}) \
+        "WITH c(t, m) AS (SELECT ?, ?), v(item_id, attempt_no, ok, result, error) AS (VALUES {}) \
          UPDATE items SET \
-           state = CASE WHEN v.ok THEN 'succeeded' WHEN v.attempt_no >= $2 THEN 'exhausted' ELSE 'failed' END, \
+           state = CASE WHEN v.ok THEN 'succeeded' WHEN v.attempt_no >= (SELECT m FROM c) THEN 'exhausted' ELSE 'failed' END, \
            result = CASE WHEN v.ok THEN v.result ELSE items.result END, \
            last_error = CASE WHEN v.ok THEN NULL ELSE v.error END, \
-           updated_at = $1 \
+           updated_at = (SELECT t FROM c) \
          FROM v WHERE items.id = v.item_id AND items.state = 'in_flight' AND items.attempts = v.attempt_no \
          RETURNING items.state",
-        values_sql(rows, 5, 3, "")
+        values_sql(rows, 5)
     )
 }
 
@@ -353,8 +373,10 @@ impl Store for SqliteStore {
         }
         for chunk in quarantined.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
-                "INSERT INTO quarantine (run_id, source, line, field, reason) VALUES {}",
-                values_sql(chunk.len(), 3, 3, "$1,$2")
+                "INSERT INTO quarantine (run_id, source, line, field, reason) \
+                 SELECT c.r, c.s, v.column1, v.column2, v.column3 \
+                 FROM (SELECT ? AS r, ? AS s) AS c, (VALUES {}) AS v",
+                values_sql(chunk.len(), 3)
             );
             let mut q = sqlx::query(&sql).bind(run_id).bind(source);
             for r in chunk {
@@ -684,11 +706,11 @@ impl Store for SqliteStore {
         let mut tx = self.write_tx().await?;
         let states: Vec<String> = sqlx::query_scalar(
             "UPDATE items SET \
-               state = CASE WHEN attempts >= $2 THEN 'exhausted' ELSE 'failed' END, \
+               state = CASE WHEN items.attempts >= $2 THEN 'exhausted' ELSE 'failed' END, \
                last_error = $3, updated_at = $4 \
-             WHERE state = 'in_flight' AND EXISTS (SELECT 1 FROM attempts a WHERE a.batch_id = $1 \
-               AND a.state = 'in_flight' AND a.item_id = items.id AND a.attempt_no = items.attempts) \
-             RETURNING state",
+             FROM (SELECT item_id, attempt_no FROM attempts WHERE batch_id = $1 AND state = 'in_flight') AS a \
+             WHERE items.id = a.item_id AND items.state = 'in_flight' AND items.attempts = a.attempt_no \
+             RETURNING items.state",
         )
         .bind(batch_id)
         .bind(max_attempts as i64)
@@ -822,7 +844,8 @@ impl Store for SqliteStore {
         );
         f.ledger = ledger_totals(&mut conn, "run_id", run_id).await?;
         f.models = sqlx::query_scalar(
-            "SELECT DISTINCT model FROM ledger WHERE run_id = $1 AND (output_tokens > 0 OR input_tokens > 0) ORDER BY model",
+            "SELECT DISTINCT model FROM ledger WHERE batch_id IN (SELECT id FROM batches WHERE run_id = $1) \
+             AND (output_tokens > 0 OR input_tokens > 0) ORDER BY model",
         )
         .bind(run_id)
         .fetch_all(&mut *conn)
@@ -844,7 +867,7 @@ impl Store for SqliteStore {
                l.input_tokens, l.cached_input_tokens, l.cache_write_tokens, l.output_tokens, \
                l.reasoning_tokens, l.cost_pico \
              FROM items i JOIN attempts a ON a.item_id = i.id JOIN batches b ON b.id = a.batch_id \
-             LEFT JOIN ledger l ON l.custom_id = a.custom_id \
+             LEFT JOIN ledger l ON l.attempt_id = a.id \
              WHERE i.id IN (SELECT item_id FROM records WHERE run_id = $1) \
              ORDER BY i.id, a.attempt_no",
         )
@@ -895,7 +918,8 @@ async fn ledger_totals(
             "SELECT COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(cached_input_tokens), 0), \
              COALESCE(SUM(cache_write_tokens), 0), COALESCE(SUM(output_tokens), 0), \
              COALESCE(SUM(reasoning_tokens), 0), COALESCE(SUM(cost_pico), 0), \
-             COALESCE(SUM(standard_cost_pico), 0) FROM ledger WHERE run_id = $1"
+             COALESCE(SUM(standard_cost_pico), 0) FROM ledger \
+             WHERE batch_id IN (SELECT id FROM batches WHERE run_id = $1)"
         }
         _ => {
             "SELECT COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(cached_input_tokens), 0), \
@@ -924,8 +948,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn values_clause_numbers_parameters() {
-        assert_eq!(values_sql(2, 2, 3, ""), "($3,$4),($5,$6)");
-        assert_eq!(values_sql(1, 2, 4, "$1,$2"), "($1,$2,$4,$5)");
+    fn values_clause_uses_anonymous_parameters() {
+        assert_eq!(values_sql(2, 2), "(?,?),(?,?)");
+        assert_eq!(values_sql(1, 3), "(?,?,?)");
     }
 }

@@ -110,14 +110,56 @@ fn is_our_custom_id(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// Finds the `custom_id` string in a result line without parsing the whole line.
+fn scan_custom_id(line: &[u8]) -> Option<&str> {
+    const KEY: &[u8] = b"\"custom_id\"";
+    let at = line.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let rest = &line[at..];
+    let colon = rest.iter().position(|&c| !c.is_ascii_whitespace())?;
+    if rest[colon] != b':' {
+        return None;
+    }
+    let rest = &rest[colon + 1..];
+    let q = rest.iter().position(|&c| !c.is_ascii_whitespace())?;
+    if rest[q] != b'"' {
+        return None;
+    }
+    let rest = &rest[q + 1..];
+    let end = rest.iter().position(|&c| c == b'"' || c == b'\\')?;
+    if rest[end] != b'"' {
+        return None;
+    }
+    std::str::from_utf8(&rest[..end]).ok()
+}
+
+/// Where a result line sits in the downloaded file.
+struct LineRef {
+    /// The attempt it answers, or `i64::MAX` when it cannot be matched cheaply.
+    attempt_id: i64,
+    line_no: u64,
+    offset: u64,
+    len: u64,
+}
+
+/// Applies one downloaded result file.
+///
+/// Lines come back in any order; applied in that order, every chunk would touch pages all over
+/// the batch's rows, and SQLite would write most of the batch's pages once per chunk. So a
+/// first pass notes each line's offset and attempt, and the second pass reads the lines back
+/// in attempt order: each chunk then writes a contiguous run of rows.
 pub(super) async fn apply_file<S: Store, P: BatchProvider>(
     runner: &mut Runner<'_, S, P>,
     b: &BatchRow,
     path: &Path,
     seen: &mut HashSet<String>,
 ) -> Result<ApplyStats, RunError> {
+    use std::io::{Read, Seek, SeekFrom};
     let ctx = runner.ctx;
     let store = ctx.store;
+    let io_err = |source| RunError::Output {
+        path: path.to_path_buf(),
+        source,
+    };
     let attempts: HashMap<String, AttemptRef> = store
         .batch_attempts(&b.id)
         .await?
@@ -126,48 +168,64 @@ pub(super) async fn apply_file<S: Store, P: BatchProvider>(
         .collect();
     let rates = *runner.rates(b.pricing_mode());
     let standard = *runner.rates(PricingMode::Standard);
-    let file = std::fs::File::open(path).map_err(|source| RunError::Output {
-        path: path.to_path_buf(),
-        source,
-    })?;
+
+    // Pass 1: where is each line, and which attempt does it answer?
+    let file = std::fs::File::open(path).map_err(io_err)?;
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let mut buf = Vec::new();
-    let mut outcomes = Vec::with_capacity(APPLY_CHUNK);
-    let mut stats = ApplyStats::default();
-    let mut line_no = 0u64;
-    loop {
-        let n = match read_line_capped(&mut reader, &mut buf, MAX_RESULT_LINE) {
-            Ok(Some(n)) => n,
-            Ok(None) => break,
-            Err(source) => {
-                return Err(RunError::Output {
-                    path: path.to_path_buf(),
-                    source,
-                });
-            }
-        };
+    let mut refs: Vec<LineRef> = Vec::new();
+    let (mut offset, mut line_no) = (0u64, 0u64);
+    while let Some(n) = read_line_capped(&mut reader, &mut buf, MAX_RESULT_LINE).map_err(io_err)? {
         line_no += 1;
+        let start = offset;
+        offset += n as u64 + 1;
         if buf.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let anomaly = |kind: &'static str, cid: Option<String>, detail: String| (kind, cid, detail);
-        let judged: Result<AttemptOutcome, (&str, Option<String>, String)> = if n > MAX_RESULT_LINE
+        let attempt_id = scan_custom_id(&buf)
+            .and_then(|c| attempts.get(c))
+            .map(|a| a.id)
+            .unwrap_or(i64::MAX);
+        refs.push(LineRef {
+            attempt_id,
+            line_no,
+            offset: start,
+            len: n as u64,
+        });
+    }
+    refs.sort_by_key(|r| (r.attempt_id, r.line_no));
+
+    // Pass 2: judge and apply in attempt order.
+    let mut file = reader.into_inner();
+    let mut outcomes = Vec::with_capacity(APPLY_CHUNK);
+    let mut stats = ApplyStats::default();
+    for r in &refs {
+        let line_no = r.line_no;
+        let judged: Result<AttemptOutcome, (&str, Option<String>, String)> = if r.len as usize
+            > MAX_RESULT_LINE
         {
-            Err(anomaly(
+            Err((
                 "oversized_line",
                 None,
-                format!("{}:{line_no}: line of {n} bytes refused", path.display()),
+                format!(
+                    "{}:{line_no}: line of {} bytes refused",
+                    path.display(),
+                    r.len
+                ),
             ))
         } else {
+            buf.resize(r.len as usize, 0);
+            file.seek(SeekFrom::Start(r.offset)).map_err(io_err)?;
+            file.read_exact(&mut buf).map_err(io_err)?;
             match ctx.provider.parse_result_line(&buf) {
-                Err(e) => Err(anomaly(
+                Err(e) => Err((
                     "malformed_line",
                     None,
                     format!("{}:{line_no}: {}", path.display(), preview(&e, 200)),
                 )),
                 Ok(ResultLine { custom_id, outcome }) => {
                     if !is_our_custom_id(&custom_id) {
-                        Err(anomaly(
+                        Err((
                             "unknown_custom_id",
                             None,
                             format!("{}:{line_no}: custom_id is not one of ours", path.display()),
@@ -182,7 +240,7 @@ pub(super) async fn apply_file<S: Store, P: BatchProvider>(
                                 outcome,
                             ))
                         } else {
-                            Err(anomaly(
+                            Err((
                                 "duplicate_line",
                                 Some(custom_id),
                                 format!(
@@ -192,7 +250,7 @@ pub(super) async fn apply_file<S: Store, P: BatchProvider>(
                             ))
                         }
                     } else {
-                        Err(anomaly(
+                        Err((
                             "unknown_custom_id",
                             Some(custom_id),
                             format!("{}:{line_no}: not a request of this batch", path.display()),
@@ -231,4 +289,20 @@ pub(super) async fn apply_file<S: Store, P: BatchProvider>(
         crate::failpoint!("apply.after_chunk");
     }
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn custom_ids_are_found_without_a_full_parse() {
+        assert_eq!(
+            scan_custom_id(br#"{"id":"x","custom_id":"b1-2-3","response":{}}"#),
+            Some("b1-2-3")
+        );
+        assert_eq!(scan_custom_id(br#"{"custom_id" : "abc" }"#), Some("abc"));
+        assert_eq!(scan_custom_id(br#"{"custom_id":"a\"b"}"#), None);
+        assert_eq!(scan_custom_id(br#"{"id":"x"}"#), None);
+    }
 }

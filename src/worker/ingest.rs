@@ -10,8 +10,9 @@ use crate::provider::BatchProvider;
 use crate::source::{Quarantined, SourceError, SourceEvent, SourceReader};
 use crate::store::{IngestTarget, Store};
 
-/// Records per store transaction.
-const CHUNK: usize = 2000;
+/// Records per store transaction: large, because every transaction rewrites the pages of the
+/// dedupe index it touched, and item keys are random.
+const CHUNK: usize = 20_000;
 
 #[derive(Default)]
 struct Chunk {
@@ -33,7 +34,7 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
 ) -> Result<(), RunError> {
     let p = ctx.pipeline;
     let reader = SourceReader::open(p)?;
-    let (tx, mut rx) = mpsc::channel::<Result<Chunk, SourceError>>(4);
+    let (tx, mut rx) = mpsc::channel::<Result<Chunk, SourceError>>(1);
     let template = p.prompt.user.clone();
     let shape = shape.clone();
     let producer = tokio::task::spawn_blocking(move || {

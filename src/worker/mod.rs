@@ -126,6 +126,17 @@ pub struct RunOutcome {
     pub requests_sent: u64,
     pub output_path: PathBuf,
     pub message: Option<String>,
+    /// Time spent in local work, for benchmarks.
+    pub times: PhaseTimes,
+}
+
+/// Wall time spent in this process's own work, apart from waiting on the provider.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PhaseTimes {
+    /// Read, render, hash, dedupe, plan and write batch files.
+    pub prepare: Duration,
+    /// Download, parse, validate, price and store results.
+    pub results: Duration,
 }
 
 /// Everything a run needs, built by the caller.
@@ -181,6 +192,7 @@ pub(crate) struct Runner<'a, S: Store, P: BatchProvider> {
     polls: HashMap<String, PollClock>,
     started: Instant,
     requests_sent: u64,
+    times: PhaseTimes,
     /// Consecutive transient failures talking to the provider, to give up eventually.
     transient_streak: u32,
     last_transient: Option<ProviderError>,
@@ -242,6 +254,7 @@ pub async fn run<S: Store, P: BatchProvider>(
         polls: HashMap::new(),
         started: Instant::now(),
         requests_sent: 0,
+        times: PhaseTimes::default(),
         transient_streak: 0,
         last_transient: None,
         waiting: false,
@@ -262,6 +275,7 @@ pub async fn run<S: Store, P: BatchProvider>(
         requests_sent: runner.requests_sent,
         output_path: ctx.output_path.clone(),
         message,
+        times: runner.times,
     })
 }
 
@@ -273,7 +287,9 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
         let ctx = self.ctx;
         let p = ctx.pipeline;
         let shape_id = ctx.store.ensure_shape(shape).await?;
+        let t = Instant::now();
         ingest::ingest(ctx, &self.run_id, shape, shape_id).await?;
+        self.times.prepare += t.elapsed();
         let revived = ctx
             .store
             .revive_exhausted(&p.name, p.stage(), p.max_attempts)
@@ -327,12 +343,14 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
                 max_bytes: p.batch.max_bytes,
                 line_overhead: ctx.provider.line_overhead(),
             };
+            let t = Instant::now();
             while let Some(b) = ctx.store.plan_batch(&req).await? {
                 ctx.observer.event(&Event::Planned {
                     batch_id: b.id.clone(),
                     requests: b.request_count as u64,
                 });
             }
+            self.times.prepare += t.elapsed();
 
             let open = ctx.store.open_batches(Some(&p.name)).await?;
             if open.is_empty() {
@@ -358,7 +376,11 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
                             self.poll(&b).await?;
                         }
                     }
-                    "ended" => self.ingest_batch(&b).await?,
+                    "ended" => {
+                        let t = Instant::now();
+                        self.ingest_batch(&b).await?;
+                        self.times.results += t.elapsed();
+                    }
                     _ => {}
                 }
             }
@@ -421,7 +443,9 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
         loop {
             match b.state.as_str() {
                 "planned" => {
+                    let t = Instant::now();
                     let (path, sha, bytes) = self.build_file(&b).await?;
+                    self.times.prepare += t.elapsed();
                     store
                         .update_batch(
                             &b.id,
@@ -791,11 +815,11 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
             let Some(file_id) = id else { continue };
             let dest = crate::provider::download_path(&downloads_dir(&ctx.work_dir), &b.id, kind);
             if !dest.exists() {
-                match ctx
+                let r = ctx
                     .provider
                     .download(file_id, &dest, ctx.pipeline.provider.max_download_bytes)
-                    .await
-                {
+                    .await;
+                match r {
                     Ok(_) => self.note_success(),
                     Err(ProviderError::TooLarge { cap }) => {
                         ctx.store

@@ -426,11 +426,11 @@ impl BatchProvider for OpenAiClient {
     }
 
     fn parse_result_line(&self, line: &[u8]) -> Result<ResultLine, String> {
-        let l: OutputLine = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+        let l: OutputLine<'_> = serde_json::from_slice(line).map_err(|e| e.to_string())?;
         let outcome = match (l.response, l.error) {
             (Some(resp), _) if resp.status_code == 200 => {
-                let body = resp.body.unwrap_or(Value::Null);
-                let c: ChatCompletion = serde_json::from_value(body)
+                let body = resp.body.map(|b| b.get()).unwrap_or("null");
+                let c: ChatCompletion = serde_json::from_str(body)
                     .map_err(|e| format!("response body is not a chat completion: {e}"))?;
                 let usage = c.usage.map(|u| u.normalised()).unwrap_or_default();
                 let choice = c.choices.into_iter().next();
@@ -453,7 +453,10 @@ impl BatchProvider for OpenAiClient {
                 }
             }
             (Some(resp), _) => {
-                let body = resp.body.unwrap_or(Value::Null);
+                let body: Value = resp
+                    .body
+                    .and_then(|b| serde_json::from_str(b.get()).ok())
+                    .unwrap_or(Value::Null);
                 let usage = body
                     .get("usage")
                     .and_then(|u| serde_json::from_value::<types::CompletionUsage>(u.clone()).ok())
@@ -480,7 +483,7 @@ impl BatchProvider for OpenAiClient {
             (None, None) => return Err("line has neither `response` nor `error`".into()),
         };
         Ok(ResultLine {
-            custom_id: l.custom_id,
+            custom_id: l.custom_id.into_owned(),
             outcome,
         })
     }

@@ -107,21 +107,23 @@ pub struct CreateBatch<'a> {
     pub metadata: std::collections::BTreeMap<&'static str, String>,
 }
 
-/// One line of an output or error file.
+/// One line of an output or error file. The response body is kept raw and parsed once, into
+/// the type its status calls for.
 #[derive(Clone, Debug, Deserialize)]
-pub struct OutputLine {
-    pub custom_id: String,
-    #[serde(default)]
-    pub response: Option<LineResponse>,
+pub struct OutputLine<'a> {
+    #[serde(borrow)]
+    pub custom_id: std::borrow::Cow<'a, str>,
+    #[serde(default, borrow)]
+    pub response: Option<LineResponse<'a>>,
     #[serde(default)]
     pub error: Option<LineError>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
-pub struct LineResponse {
+pub struct LineResponse<'a> {
     pub status_code: u16,
-    #[serde(default)]
-    pub body: Option<serde_json::Value>,
+    #[serde(default, borrow)]
+    pub body: Option<&'a serde_json::value::RawValue>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
