@@ -164,6 +164,9 @@ max_requests = {}
         observer: &Quiet,
         work_dir: dir.join(".nightshift"),
         output_path: p.output.path.clone(),
+        shutdown: Default::default(),
+        detach: false,
+        provider_forgets: false,
     };
     let t = Instant::now();
     let outcome = worker::run(&ctx).await;

@@ -1,8 +1,10 @@
 //! The command line: argument types and the glue from commands to the library.
 //!
 //! Machine output (reports, JSON) goes to stdout; progress, warnings and errors go to stderr.
-//! Exit codes: 0 all items final and none failed; 1 the run finished with failed items;
-//! 2 error; 75 try later (lock held, provider unavailable); 78 bad configuration.
+//! Exit codes: 0 all items final and none failed (or `--detach` sent what was ready);
+//! 1 the run finished with failed items; 2 error; 75 try later (store locked by another
+//! run, provider unavailable, stopped by a signal — everything done is kept); 78 bad
+//! configuration.
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -26,7 +28,7 @@ use crate::worker::{self, Event, Observer, RunContext, RunError};
 pub const EXIT_OK: i32 = 0;
 pub const EXIT_FAILED_ITEMS: i32 = 1;
 pub const EXIT_ERROR: i32 = 2;
-pub const EXIT_TEMPFAIL: i32 = 75;
+pub const EXIT_TEMPFAIL: i32 = worker::EXIT_RESUMABLE;
 pub const EXIT_CONFIG: i32 = 78;
 
 #[derive(Parser, Debug)]
@@ -62,6 +64,8 @@ pub enum Command {
     Report(ReportArgs),
     /// Show batches still in flight.
     Status(StatusArgs),
+    /// Cancel the batches in flight and record what they were billed.
+    Cancel(CancelArgs),
     /// Serve the provider simulator (OpenAI Files + Batches wire format).
     Simulate(SimulateArgs),
     /// Measure end-to-end throughput on synthetic records against the simulator.
@@ -96,6 +100,24 @@ pub struct RunArgs {
     /// No progress bars, even on a terminal.
     #[arg(long)]
     pub no_progress: bool,
+    /// Submit what is ready and exit (0, printing the run id) without waiting for results;
+    /// the next `run` of the pipeline collects them.
+    #[arg(long)]
+    pub detach: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CancelArgs {
+    /// The pipeline file (default: the one the run was started with).
+    pub file: Option<PathBuf>,
+    #[command(flatten)]
+    pub db: DbArg,
+    /// Cancel only the batches of this run.
+    #[arg(long)]
+    pub run: Option<String>,
+    /// Ask the provider to cancel and return, without waiting to collect what was billed.
+    #[arg(long)]
+    pub no_wait: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -179,6 +201,7 @@ pub async fn main(cli: Cli) -> i32 {
         Command::Validate { file } => cmd_validate(&file),
         Command::Report(a) => cmd_report(a).await,
         Command::Status(a) => cmd_status(a).await,
+        Command::Cancel(a) => cmd_cancel(a).await,
         Command::Simulate(a) => cmd_simulate(a).await,
         Command::Bench(a) => crate::bench::run(crate::bench::BenchOptions {
             items: a.items,
@@ -259,9 +282,27 @@ fn cmd_validate(file: &Path) -> Result<i32, Exit> {
     Ok(EXIT_OK)
 }
 
-async fn cmd_run(a: RunArgs, json_logs: bool) -> Result<i32, Exit> {
-    let p = load_pipeline(&a.file)?;
-    let pricing_file = a.pricing.clone().or(p.pricing_file.clone());
+/// A pipeline ready to run: its prices, its store (locked), its provider client.
+struct Prepared {
+    pipeline: Pipeline,
+    price: crate::cost::ModelPrice,
+    store: SqliteStore,
+    client: OpenAiClient,
+    sim: Option<crate::sim::SimHandle>,
+    work_dir: PathBuf,
+    _lock: crate::store::RunLock,
+}
+
+/// Loads and checks a pipeline, takes the store's run lock, opens the store and builds the
+/// provider client (starting the in-process simulator for `simulate = true`).
+async fn prepare(
+    file: &Path,
+    db: &DbArg,
+    pricing: Option<&Path>,
+    what: &str,
+) -> Result<Prepared, Exit> {
+    let p = load_pipeline(file)?;
+    let pricing_file = pricing.map(Path::to_path_buf).or(p.pricing_file.clone());
     let prices =
         PriceTable::builtin_with(pricing_file.as_deref()).map_err(|e| exit(EXIT_CONFIG, e))?;
     let problems = p.check_environment(Some(&prices));
@@ -269,7 +310,7 @@ async fn cmd_run(a: RunArgs, json_logs: bool) -> Result<i32, Exit> {
         return Err(exit(
             EXIT_CONFIG,
             crate::config::ConfigError {
-                file: a.file.clone(),
+                file: file.to_path_buf(),
                 problems,
             },
         ));
@@ -278,19 +319,25 @@ async fn cmd_run(a: RunArgs, json_logs: bool) -> Result<i32, Exit> {
         .lookup(p.provider.kind.as_str(), &p.provider.model)
         .map_err(|e| exit(EXIT_CONFIG, e))?
         .clone();
-    let db = db_path(&a.db, Some(&a.file))?;
+    let db = db_path(db, Some(file))?;
+    let lock = crate::store::RunLock::acquire(&db, what).map_err(|e| match e {
+        crate::store::LockError::Held { .. } => exit(EXIT_TEMPFAIL, e),
+        other => exit(EXIT_ERROR, other),
+    })?;
     let store = SqliteStore::open(&db)
         .await
         .with_context(|| format!("opening the state store {}", db.display()))?;
+    // We hold the lock: runs still marked running died with their process.
+    store.mark_stale_runs().await?;
 
     // `simulate = true`: the built-in simulator on loopback, real HTTP all the way.
-    let mut sim_handle = None;
+    let mut sim = None;
     let base_url = if p.provider.simulate {
-        let sim = Sim::new(p.provider.simulator.clone(), prices.clone())?;
-        let h = crate::sim::start(sim, "127.0.0.1:0".parse().expect("addr")).await?;
+        let s = Sim::new(p.provider.simulator.clone(), prices.clone())?;
+        let h = crate::sim::start(s, "127.0.0.1:0".parse().expect("addr")).await?;
         let url = h.base_url();
         eprintln!("simulator listening on {url} (simulate = true: no API key, no charge)");
-        sim_handle = Some(h);
+        sim = Some(h);
         url
     } else {
         p.provider
@@ -306,12 +353,73 @@ async fn cmd_run(a: RunArgs, json_logs: bool) -> Result<i32, Exit> {
         p.provider.request_timeout,
         RetryPolicy::default(),
     )?;
-
     let work_dir = db
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
+    Ok(Prepared {
+        pipeline: p,
+        price,
+        store,
+        client,
+        sim,
+        work_dir,
+        _lock: lock,
+    })
+}
+
+/// SIGINT / SIGTERM: the first asks the runner to stop after its current step; a second
+/// stops the process at once (every committed step is kept either way).
+fn watch_signals(shutdown: worker::Shutdown) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return,
+            };
+        loop {
+            #[cfg(unix)]
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            #[cfg(not(unix))]
+            let _ = tokio::signal::ctrl_c().await;
+            if shutdown.is_set() {
+                eprintln!("second signal: stopping now; run again to resume");
+                std::process::exit(worker::EXIT_RESUMABLE);
+            }
+            eprintln!("stopping after the current step (a second signal stops at once)");
+            shutdown.trigger();
+        }
+    });
+}
+
+fn run_error_exit(e: RunError) -> Exit {
+    let code = match &e {
+        RunError::Config(_) => EXIT_CONFIG,
+        RunError::Provider(crate::provider::ProviderError::Auth { .. }) => EXIT_CONFIG,
+        RunError::Unavailable(_) => EXIT_TEMPFAIL,
+        _ => EXIT_ERROR,
+    };
+    exit(code, e)
+}
+
+async fn cmd_run(a: RunArgs, json_logs: bool) -> Result<i32, Exit> {
+    let what = format!("nightshift run {}", a.file.display());
+    let pre = prepare(&a.file, &a.db, a.pricing.as_deref(), &what).await?;
+    let p = &pre.pipeline;
+    if a.detach && p.provider.simulate {
+        return Err(exit(
+            EXIT_CONFIG,
+            anyhow::anyhow!(
+                "--detach needs a provider that outlives this process; the built-in simulator (simulate = true) stops with it. \
+                 Start `nightshift simulate` and point provider.base_url at it to rehearse detach and collect"
+            ),
+        ));
+    }
     let output_path = a.out.clone().unwrap_or_else(|| p.output.path.clone());
     let progress = !a.no_progress && !json_logs && std::io::stderr().is_terminal();
     let observer: Box<dyn Observer> = if json_logs {
@@ -321,34 +429,32 @@ async fn cmd_run(a: RunArgs, json_logs: bool) -> Result<i32, Exit> {
     } else {
         Box::new(LineObserver)
     };
+    let shutdown = worker::Shutdown::default();
+    watch_signals(shutdown.clone());
     let ctx = RunContext {
-        store: &store,
-        provider: &client,
-        pipeline: &p,
-        price: &price,
+        store: &pre.store,
+        provider: &pre.client,
+        pipeline: p,
+        price: &pre.price,
         observer: observer.as_ref(),
-        work_dir,
+        work_dir: pre.work_dir.clone(),
         output_path,
+        shutdown,
+        detach: a.detach,
+        provider_forgets: p.provider.simulate,
     };
     let outcome = worker::run(&ctx).await;
     drop(observer);
-    if let Some(h) = sim_handle {
+    let store = &pre.store;
+    if let Some(h) = pre.sim {
         h.stop().await;
     }
-    let outcome = outcome.map_err(|e| {
-        let code = match &e {
-            RunError::Config(_) => EXIT_CONFIG,
-            RunError::Provider(crate::provider::ProviderError::Auth { .. }) => EXIT_CONFIG,
-            RunError::Unavailable(_) => EXIT_TEMPFAIL,
-            _ => EXIT_ERROR,
-        };
-        exit(code, e)
-    })?;
+    let outcome = outcome.map_err(run_error_exit)?;
     let run = store
         .run(&outcome.run_id)
         .await?
         .context("the run row vanished")?;
-    let rep = RunReport::load(&store, run).await?;
+    let rep = RunReport::load(store, run).await?;
     print!("{}", rep.to_text());
     if outcome.requests_sent == 0 {
         println!("  sent       0 requests: nothing new to process, nothing charged by this run");
@@ -359,8 +465,81 @@ async fn cmd_run(a: RunArgs, json_logs: bool) -> Result<i32, Exit> {
         );
     }
     println!("  results    {}", outcome.output_path.display());
+    if outcome.status == crate::store::RunStatus::Detached {
+        println!("detached {}", outcome.run_id);
+    }
     store.close().await;
     Ok(outcome.exit_code)
+}
+
+async fn cmd_cancel(a: CancelArgs) -> Result<i32, Exit> {
+    // The pipeline names the provider and its key: from the argument, or the run's record.
+    let file = match &a.file {
+        Some(f) => f.clone(),
+        None => {
+            let store = open_existing(&a.db, None).await?;
+            let run = match &a.run {
+                Some(id) => store.run(id).await?,
+                None => store.last_run(None).await?,
+            }
+            .ok_or_else(|| exit(EXIT_ERROR, anyhow::anyhow!("no such run in this store")))?;
+            store.close().await;
+            PathBuf::from(run.pipeline_file)
+        }
+    };
+    let what = format!("nightshift cancel {}", file.display());
+    let pre = prepare(&file, &a.db, None, &what).await?;
+    let p = &pre.pipeline;
+    if p.provider.simulate {
+        return Err(exit(
+            EXIT_CONFIG,
+            anyhow::anyhow!(
+                "this pipeline uses the built-in simulator (simulate = true), whose batches end with the run that started them: nothing to cancel"
+            ),
+        ));
+    }
+    let shutdown = worker::Shutdown::default();
+    watch_signals(shutdown.clone());
+    let ctx = RunContext {
+        store: &pre.store,
+        provider: &pre.client,
+        pipeline: p,
+        price: &pre.price,
+        observer: &LineObserver,
+        work_dir: pre.work_dir.clone(),
+        output_path: p.output.path.clone(),
+        shutdown,
+        detach: false,
+        provider_forgets: false,
+    };
+    let rep = worker::cancel(&ctx, a.run.as_deref(), !a.no_wait)
+        .await
+        .map_err(run_error_exit)?;
+    if rep.batches.is_empty() {
+        println!("no batch in flight for pipeline `{}`", p.name);
+        return Ok(EXIT_OK);
+    }
+    for (id, pid, what) in &rep.batches {
+        println!("{id}  {}  {what}", pid.as_deref().unwrap_or("-"));
+    }
+    println!(
+        "billed for requests that ran before the cancel: {} (input {} · cached {} · output {} tokens)",
+        rep.billed.display_rounded(6),
+        report::n(rep.usage.input_tokens),
+        report::n(rep.usage.cached_input_tokens),
+        report::n(rep.usage.output_tokens)
+    );
+    if rep.still_open > 0 {
+        println!(
+            "{} batch(es) still cancelling at the provider; `nightshift run` collects them later",
+            rep.still_open
+        );
+    }
+    println!(
+        "their unfinished items go back to the queue: the next `nightshift run` sends them again"
+    );
+    pre.store.close().await;
+    Ok(EXIT_OK)
 }
 
 async fn open_existing(db: &DbArg, file: Option<&Path>) -> Result<SqliteStore, Exit> {

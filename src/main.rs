@@ -6,6 +6,12 @@ use tracing_subscriber::EnvFilter;
 
 fn main() {
     limit_malloc_arenas();
+    // A file-size limit (or a full disk) must surface as a write error, not kill the process.
+    #[cfg(unix)]
+    // SAFETY: setting a signal disposition to SIG_IGN before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_env("NIGHTSHIFT_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())

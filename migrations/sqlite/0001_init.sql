@@ -90,6 +90,8 @@ CREATE TABLE batches (
     input_file_id      TEXT,
     provider_batch_id  TEXT UNIQUE,
     provider_status    TEXT,
+    -- how the provider job ended: completed | failed | expired | cancelled | lost
+    end_state          TEXT,
     output_file_id     TEXT,
     error_file_id      TEXT,
     provider_usage     TEXT,

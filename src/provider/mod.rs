@@ -119,6 +119,8 @@ pub struct BatchMeta<'a> {
     pub local_id: &'a str,
     pub run_id: &'a str,
     pub pipeline: &'a str,
+    /// Requests in the batch (providers without metadata adopt by prefix, count and time).
+    pub request_count: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -182,21 +184,28 @@ pub trait BatchProvider: Send + Sync + 'static {
         filename: &str,
         path: &Path,
     ) -> impl Future<Output = Result<String, ProviderError>> + Send;
-    /// Finds an uploaded input file by name (after a crash between upload and commit).
-    fn find_file(
+    /// Uploaded input files with this name, newest first (after a crash between upload and
+    /// commit, or an ambiguous upload: more than one may exist).
+    fn find_files(
         &self,
         filename: &str,
-    ) -> impl Future<Output = Result<Option<String>, ProviderError>> + Send;
+    ) -> impl Future<Output = Result<Vec<String>, ProviderError>> + Send;
+    /// Deletes an uploaded file (best effort by callers).
+    fn delete_file(&self, file_id: &str) -> impl Future<Output = Result<(), ProviderError>> + Send;
     fn create(
         &self,
         input_file_id: &str,
         meta: &BatchMeta<'_>,
     ) -> impl Future<Output = Result<RemoteBatch, ProviderError>> + Send;
-    /// Finds a batch this tool created for `local_id`, created after `since` (unix s).
+    /// Finds the batch this tool created for `local_id` (planned at `since`, unix seconds,
+    /// with `request_count` requests). Providers with batch metadata match our id there;
+    /// providers without it match the custom_id prefix (`b<local id>-`), the request count
+    /// and the creation time window.
     fn find_batch(
         &self,
         local_id: &str,
         since: i64,
+        request_count: u64,
     ) -> impl Future<Output = Result<Option<RemoteBatch>, ProviderError>> + Send;
     fn get(&self, id: &str) -> impl Future<Output = Result<RemoteBatch, ProviderError>> + Send;
     fn cancel(&self, id: &str) -> impl Future<Output = Result<RemoteBatch, ProviderError>> + Send;

@@ -86,6 +86,8 @@ pub enum Outcome {
     Expired,
     Cancelled,
     NotRun,
+    /// Ran, but its result line was left out of the files (a fault).
+    Missing,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -213,6 +215,8 @@ struct Inner {
     batch_index: HashMap<String, usize>,
     seq: u64,
     bill: Vec<BillEntry>,
+    /// Every upload ever accepted (deleted ones too).
+    uploads: Vec<Value>,
 }
 
 /// An error the simulator answers with: HTTP status, `type`, `code`, message.
@@ -295,9 +299,11 @@ impl Sim {
         purpose: String,
         path: PathBuf,
         bytes: u64,
+        sha256: String,
     ) -> Value {
         let mut inner = self.lock();
         let id = self.next_id(&mut inner, "file");
+        inner.uploads.push(json!({"id": id, "filename": filename, "purpose": purpose, "bytes": bytes, "sha256": sha256}));
         let f = SimFile {
             id: id.clone(),
             filename,
@@ -783,8 +789,14 @@ impl Sim {
                     outcomes.push(outcome);
                     continue;
                 }
+                if draw(self.settings.seed, "missing", &cid) < self.settings.missing_line_rate {
+                    outcomes.push(Outcome::Missing);
+                    continue;
+                }
                 let body = v.get("body").cloned().unwrap_or(Value::Null);
                 let (line_json, outcome, usage) = self.answer(&cid, &body);
+                let twice =
+                    draw(self.settings.seed, "duplicate", &cid) < self.settings.duplicate_line_rate;
                 if let Some(u) = usage {
                     let model = body
                         .get("model")
@@ -813,13 +825,21 @@ impl Sim {
                         cost,
                     });
                 }
-                if outcome == Outcome::Error {
-                    err_lines.push(line_json);
+                let lines = if outcome == Outcome::Error {
+                    &mut err_lines
                 } else {
-                    out_lines.push(line_json);
+                    &mut out_lines
+                };
+                if twice {
+                    lines.push(line_json.clone());
                 }
+                lines.push(line_json);
                 outcomes.push(outcome);
             }
+        }
+        for n in 0..self.settings.unknown_lines {
+            let cid = format!("unknown-{}-{n}", short(&batch_id));
+            err_lines.push(json!({"id": format!("batch_req_{}", short(&cid)), "custom_id": cid, "response": {"status_code": 500, "request_id": "req_x", "body": {"error": {"message": "stray line", "type": "server_error", "param": null, "code": null}}}, "error": null}).to_string());
         }
         // Lines come back in no particular order.
         let seed = self.settings.seed ^ 0x5eed;
@@ -1031,6 +1051,7 @@ impl Sim {
             .collect();
         json!({
             "batches": batches,
+            "uploads": inner.uploads,
             "bill": {
                 "per_custom_id": inner.bill,
                 "per_model": models,

@@ -181,7 +181,7 @@ async fn upload_file(
     mut mp: Multipart,
 ) -> Result<Json<Value>, SimError> {
     let mut purpose: Option<String> = None;
-    let mut stored: Option<(String, std::path::PathBuf, u64)> = None;
+    let mut stored: Option<(String, std::path::PathBuf, u64, String)> = None;
     while let Some(mut field) = mp
         .next_field()
         .await
@@ -203,12 +203,14 @@ async fn upload_file(
                     .await
                     .map_err(|e| SimError::bad_request(e.to_string()))?;
                 let mut n = 0u64;
+                let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
                 while let Some(chunk) = field
                     .chunk()
                     .await
                     .map_err(|e| SimError::bad_request(format!("upload interrupted: {e}")))?
                 {
                     n += chunk.len() as u64;
+                    sha2::Digest::update(&mut hasher, &chunk);
                     f.write_all(&chunk)
                         .await
                         .map_err(|e| SimError::bad_request(e.to_string()))?;
@@ -216,21 +218,21 @@ async fn upload_file(
                 f.flush()
                     .await
                     .map_err(|e| SimError::bad_request(e.to_string()))?;
-                stored = Some((name, path, n));
+                stored = Some((name, path, n, hex::encode(sha2::Digest::finalize(hasher))));
             }
             _ => {}
         }
     }
     let purpose =
         purpose.ok_or_else(|| SimError::bad_request("Missing required parameter: 'purpose'."))?;
-    let (name, path, n) =
+    let (name, path, n, sha) =
         stored.ok_or_else(|| SimError::bad_request("Missing required parameter: 'file'."))?;
     if purpose == "batch" && !name.ends_with(".jsonl") {
         return Err(SimError::bad_request(
             "Batch input files must have the .jsonl extension.",
         ));
     }
-    Ok(Json(st.sim.add_file(name, purpose, path, n)))
+    Ok(Json(st.sim.add_file(name, purpose, path, n, sha)))
 }
 
 #[derive(Deserialize)]

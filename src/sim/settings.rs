@@ -43,6 +43,22 @@ pub struct SimSettings {
     /// Milliseconds announced in `retry-after-ms` on a 429 (`retry-after` is rounded up).
     #[arg(long, default_value_t = DEFAULT_RETRY_AFTER_MS)]
     pub retry_after_ms: u64,
+    /// Share of batch creates that take effect and then lose their response (the
+    /// connection drops mid-body): the client cannot know whether the batch exists.
+    #[arg(long, default_value_t = 0.0)]
+    pub drop_create_rate: f64,
+    /// Share of file downloads cut off half-way by a connection reset.
+    #[arg(long, default_value_t = 0.0)]
+    pub reset_download_rate: f64,
+    /// Share of result lines written twice.
+    #[arg(long, default_value_t = 0.0)]
+    pub duplicate_line_rate: f64,
+    /// Share of requests that run but whose result line is missing from the files (not billed).
+    #[arg(long, default_value_t = 0.0)]
+    pub missing_line_rate: f64,
+    /// Extra result lines per batch with custom_ids that were never submitted.
+    #[arg(long, default_value_t = 0)]
+    pub unknown_lines: u32,
 }
 
 impl Default for SimSettings {
@@ -58,6 +74,11 @@ impl Default for SimSettings {
             http_500_rate: 0.0,
             cache_rate: 0.0,
             retry_after_ms: DEFAULT_RETRY_AFTER_MS,
+            drop_create_rate: 0.0,
+            reset_download_rate: 0.0,
+            duplicate_line_rate: 0.0,
+            missing_line_rate: 0.0,
+            unknown_lines: 0,
         }
     }
 }
@@ -73,6 +94,10 @@ impl SimSettings {
             ("http_429_rate", self.http_429_rate),
             ("http_500_rate", self.http_500_rate),
             ("cache_rate", self.cache_rate),
+            ("drop_create_rate", self.drop_create_rate),
+            ("reset_download_rate", self.reset_download_rate),
+            ("duplicate_line_rate", self.duplicate_line_rate),
+            ("missing_line_rate", self.missing_line_rate),
         ] {
             if !(0.0..=1.0).contains(&v) {
                 out.push((name, format!("must be between 0 and 1, got {v}")));

@@ -10,6 +10,7 @@
 //! Batch states: `planned → built → uploading → uploaded → creating → submitted → ended →
 //! ingested`.
 
+pub mod lock;
 pub mod sqlite;
 
 use std::future::Future;
@@ -19,6 +20,7 @@ use crate::cost::{PricingMode, Usage, Usd};
 use crate::dedupe::{PreparedRecord, RequestShape};
 use crate::source::Quarantined;
 
+pub use lock::{LockError, RunLock};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +156,7 @@ pub struct BatchRow {
     pub input_file_id: Option<String>,
     pub provider_batch_id: Option<String>,
     pub provider_status: Option<String>,
+    pub end_state: Option<String>,
     pub output_file_id: Option<String>,
     pub error_file_id: Option<String>,
     pub provider_usage: Option<String>,
@@ -180,6 +183,7 @@ pub struct BatchUpdate {
     pub input_file_id: Option<String>,
     pub provider_batch_id: Option<String>,
     pub provider_status: Option<String>,
+    pub end_state: Option<&'static str>,
     pub output_file_id: Option<String>,
     pub error_file_id: Option<String>,
     pub provider_usage: Option<String>,
@@ -339,6 +343,9 @@ pub trait Store: Send + Sync + 'static {
         message: Option<&str>,
     ) -> impl Future<Output = Result<()>> + Send;
     fn run(&self, run_id: &str) -> impl Future<Output = Result<Option<RunRow>>> + Send;
+    /// Marks runs still `running` as `interrupted` (their process died); called by a process
+    /// that holds the store's run lock, so none of them can be alive. Returns how many.
+    fn mark_stale_runs(&self) -> impl Future<Output = Result<u64>> + Send;
     /// The latest run, of one pipeline or of any.
     fn last_run(
         &self,

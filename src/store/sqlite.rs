@@ -216,7 +216,7 @@ fn i64_of(v: u64) -> i64 {
 
 const BATCH_COLUMNS: &str = "id, run_id, pipeline, stage, provider, model, pricing_mode, state, \
     request_count, file_path, file_sha256, file_bytes, input_file_id, provider_batch_id, \
-    provider_status, output_file_id, error_file_id, provider_usage, error, created_at, \
+    provider_status, end_state, output_file_id, error_file_id, provider_usage, error, created_at, \
     submitted_at, ended_at, ingested_at";
 
 impl Store for SqliteStore {
@@ -286,6 +286,18 @@ impl Store for SqliteStore {
                 .fetch_optional(&self.pool)
                 .await?,
         )
+    }
+
+    async fn mark_stale_runs(&self) -> Result<u64> {
+        Ok(sqlx::query(
+            "UPDATE runs SET status = 'interrupted', finished_at = COALESCE(finished_at, $1), \
+             message = COALESCE(message, 'the process ended without finishing the run') \
+             WHERE status = 'running'",
+        )
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
     }
 
     async fn last_run(&self, pipeline: Option<&str>) -> Result<Option<RunRow>> {
@@ -360,6 +372,7 @@ impl Store for SqliteStore {
                     .bind(r.body_bytes as i64);
             }
             stats.new_items += q.execute(&mut *tx).await?.rows_affected();
+            crate::failpoint!("ingest.mid_tx");
 
             let sql = cached_sql(&RECORDS, chunk.len(), insert_records_sql);
             let mut q = sqlx::query(&sql).bind(run_id).bind(pipeline).bind(stage);
@@ -423,8 +436,8 @@ impl Store for SqliteStore {
 
     async fn plan_batch(&self, req: &PlanRequest<'_>) -> Result<Option<BatchRow>> {
         let mut tx = self.write_tx().await?;
-        let candidates: Vec<(i64, i64)> = sqlx::query_as(
-            "SELECT id, body_bytes FROM items WHERE pipeline = $1 AND stage = $2 \
+        let candidates: Vec<(i64, i64, i64)> = sqlx::query_as(
+            "SELECT id, body_bytes, attempts FROM items WHERE pipeline = $1 AND stage = $2 \
              AND state IN ('pending', 'failed') ORDER BY id LIMIT $3",
         )
         .bind(req.pipeline)
@@ -436,7 +449,7 @@ impl Store for SqliteStore {
         let mut bytes = 0u64;
         let mut last_id = None;
         let mut count = 0i64;
-        for (id, body) in &candidates {
+        for (id, body, _) in &candidates {
             let line = *body as u64 + req.line_overhead + 1;
             if line > req.max_bytes {
                 // This request can never fit in a batch file: it is final, not retried.
@@ -500,6 +513,13 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await?
         .rows_affected();
+        crate::failpoint!("plan.mid_tx");
+        if candidates
+            .iter()
+            .any(|(id, _, tries)| *id <= last_id && *tries > 0)
+        {
+            crate::failpoint!("retry.mid_tx");
+        }
         let moved = sqlx::query(
             "UPDATE items SET state = 'in_flight', attempts = attempts + 1, updated_at = $1 \
              WHERE pipeline = $2 AND stage = $3 AND state IN ('pending', 'failed') AND id <= $4",
@@ -588,7 +608,8 @@ impl Store for SqliteStore {
                error = COALESCE($13, error), \
                submitted_at = COALESCE($14, submitted_at), \
                ended_at = COALESCE($15, ended_at), \
-               ingested_at = COALESCE($16, ingested_at) \
+               ingested_at = COALESCE($16, ingested_at), \
+               end_state = COALESCE($17, end_state) \
              WHERE id = $1 AND state = $2",
         )
         .bind(id)
@@ -607,6 +628,7 @@ impl Store for SqliteStore {
         .bind(u.submitted_at)
         .bind(u.ended_at)
         .bind(u.ingested_at)
+        .bind(u.end_state)
         .execute(&self.pool)
         .await?
         .rows_affected();

@@ -264,13 +264,7 @@ pub(super) async fn apply_file<S: Store, P: BatchProvider>(
             Err((kind, cid, detail)) => {
                 tracing::warn!(batch = %b.id, kind, %detail, "result line not applied");
                 store
-                    .record_anomaly(
-                        Some(&runner.run_id),
-                        Some(&b.id),
-                        kind,
-                        cid.as_deref(),
-                        &detail,
-                    )
+                    .record_anomaly(Some(&b.run_id), Some(&b.id), kind, cid.as_deref(), &detail)
                     .await?;
             }
         }

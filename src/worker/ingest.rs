@@ -31,7 +31,7 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
     run_id: &str,
     shape: &RequestShape,
     shape_id: i64,
-) -> Result<(), RunError> {
+) -> Result<bool, RunError> {
     let p = ctx.pipeline;
     let reader = SourceReader::open(p)?;
     let (tx, mut rx) = mpsc::channel::<Result<Chunk, SourceError>>(1);
@@ -74,7 +74,12 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
 
     let source = p.source.path.display().to_string();
     let (mut records, mut quarantined, mut new_items) = (0u64, 0u64, 0u64);
+    let mut complete = true;
     while let Some(msg) = rx.recv().await {
+        if ctx.shutdown.is_set() {
+            complete = false;
+            break;
+        }
         let chunk = msg?;
         for q in &chunk.quarantined {
             ctx.observer.event(&Event::Quarantined {
@@ -107,6 +112,7 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
             quarantined,
         });
     }
+    drop(rx);
     let _ = producer.await;
     ctx.store
         .set_run_counts(run_id, records + quarantined, quarantined)
@@ -116,5 +122,5 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
         quarantined,
         new_items,
     });
-    Ok(())
+    Ok(complete)
 }

@@ -4,30 +4,34 @@
 //! Write-ahead throughout: each batch's state is committed before the side effect that
 //! depends on it (`uploading` before the upload, `creating` before the create), and a batch
 //! found in one of those states is reconciled with the provider (file by name, batch by the
-//! local id in its metadata) before anything is sent again. An ambiguous create — the
-//! request may have taken effect — is never retried blindly. Results are applied in chunks
-//! whose writes are idempotent, so a crash anywhere can be resumed by running again.
+//! local id it carries) before anything is sent again. An ambiguous create — the request may
+//! have taken effect — is never retried blindly. Results are applied in chunks whose writes
+//! are idempotent, so a crash anywhere is resumed by running again: a new run first carries
+//! every open batch of its pipeline to the end, whichever run created it.
 
 mod apply;
+mod collect;
 mod ingest;
+mod submit;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::config::Pipeline;
 use crate::cost::{ModelPrice, PricingMode, Rates};
 use crate::dedupe::RequestShape;
 use crate::fsutil::{self, AtomicFile};
-use crate::provider::{
-    BatchMeta, BatchProvider, ProviderError, RemoteBatch, RemoteStatus, RequestSpec,
-};
+use crate::provider::{BatchProvider, ProviderError, RequestSpec};
 use crate::store::{
     ApplyStats, BatchRow, BatchUpdate, NewRun, PlanRequest, RunStatus, Store, StoreError, now_ms,
 };
 use crate::validate::OutputValidator;
 
 pub use apply::judge_line;
+pub use collect::{CancelReport, cancel};
 
 /// Progress the runner reports as it goes.
 #[derive(Clone, Debug)]
@@ -95,6 +99,37 @@ impl Observer for LogObserver {
     }
 }
 
+/// A request to stop (SIGINT, SIGTERM): the runner finishes the step it is in — its store
+/// transaction, its HTTP call — and returns with everything resumable.
+#[derive(Clone, Debug, Default)]
+pub struct Shutdown {
+    flag: Arc<AtomicBool>,
+    notify: Arc<tokio::sync::Notify>,
+}
+
+impl Shutdown {
+    pub fn trigger(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    /// Sleeps until `deadline` or until a stop is requested.
+    pub async fn sleep_until(&self, deadline: Instant) {
+        if self.is_set() {
+            return;
+        }
+        let notified = self.notify.notified();
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline.into()) => {}
+            _ = notified => {}
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
@@ -103,7 +138,7 @@ pub enum RunError {
     Source(#[from] crate::source::SourceError),
     #[error("{0}")]
     Config(String),
-    /// The provider refused our credentials or the request shape: fix and rerun.
+    /// The provider refused our credentials, or answered in a way retrying cannot fix.
     #[error("provider: {0}")]
     Provider(ProviderError),
     /// The provider could not be reached for long enough that this run gives up; rerun later.
@@ -139,6 +174,9 @@ pub struct PhaseTimes {
     pub results: Duration,
 }
 
+/// Exit code of a run stopped by a signal or left in flight on purpose: try again later.
+pub const EXIT_RESUMABLE: i32 = 75;
+
 /// Everything a run needs, built by the caller.
 pub struct RunContext<'a, S: Store, P: BatchProvider> {
     pub store: &'a S,
@@ -150,6 +188,12 @@ pub struct RunContext<'a, S: Store, P: BatchProvider> {
     pub work_dir: PathBuf,
     /// Where the per-record results go (the pipeline's `output.path` unless overridden).
     pub output_path: PathBuf,
+    pub shutdown: Shutdown,
+    /// Submit what is ready and return without waiting for the provider.
+    pub detach: bool,
+    /// The provider's state did not survive the last process (the in-process simulator):
+    /// batches already sent are lost and their items go back to the queue.
+    pub provider_forgets: bool,
 }
 
 /// Where batch input files live.
@@ -183,8 +227,20 @@ struct PollClock {
     interval: Duration,
 }
 
+/// How a pass over the open batches ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    /// Nothing of the pipeline is open any more.
+    Done,
+    /// A stop was requested.
+    Interrupted,
+    /// `--detach`: everything ready was sent.
+    Detached,
+}
+
 pub(crate) struct Runner<'a, S: Store, P: BatchProvider> {
     ctx: &'a RunContext<'a, S, P>,
+    /// The run this process records (empty for `cancel`).
     run_id: String,
     validator: OutputValidator,
     batch_rates: Rates,
@@ -193,6 +249,10 @@ pub(crate) struct Runner<'a, S: Store, P: BatchProvider> {
     started: Instant,
     requests_sent: u64,
     times: PhaseTimes,
+    /// Creates that failed ambiguously, and when: reconcile before creating again.
+    ambiguous_since: HashMap<String, Instant>,
+    /// Creates that failed before reaching the provider: safe to send again at once.
+    not_created: HashSet<String>,
     /// Consecutive transient failures talking to the provider, to give up eventually.
     transient_streak: u32,
     last_transient: Option<ProviderError>,
@@ -200,34 +260,62 @@ pub(crate) struct Runner<'a, S: Store, P: BatchProvider> {
     waiting: bool,
 }
 
-/// Runs a pipeline to completion (or until it cannot go on).
+impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
+    fn new(ctx: &'a RunContext<'a, S, P>) -> Result<Self, RunError> {
+        let p = ctx.pipeline;
+        let validator = OutputValidator::load(&p.output.schema).map_err(RunError::Config)?;
+        let mode = ctx.provider.pricing_mode();
+        let batch_rates = *ctx.price.rates(mode).ok_or_else(|| {
+            RunError::Config(format!("model `{}` has no {mode} price", p.provider.model))
+        })?;
+        for dir in [batches_dir(&ctx.work_dir), downloads_dir(&ctx.work_dir)] {
+            fsutil::create_private_dir_all(&dir).map_err(|source| RunError::Output {
+                path: dir.clone(),
+                source,
+            })?;
+            let _ = fsutil::sweep_temp_files(&dir);
+        }
+        Ok(Runner {
+            ctx,
+            run_id: String::new(),
+            validator,
+            batch_rates,
+            standard_rates: ctx.price.standard,
+            polls: HashMap::new(),
+            started: Instant::now(),
+            requests_sent: 0,
+            times: PhaseTimes::default(),
+            ambiguous_since: HashMap::new(),
+            not_created: HashSet::new(),
+            transient_streak: 0,
+            last_transient: None,
+            waiting: false,
+        })
+    }
+
+    fn shape(&self) -> Result<RequestShape, RunError> {
+        let p = self.ctx.pipeline;
+        self.ctx
+            .provider
+            .request_shape(&RequestSpec {
+                model: &p.provider.model,
+                system: p.prompt.system.as_deref(),
+                max_output_tokens: p.prompt.max_output_tokens,
+                temperature: p.prompt.temperature,
+                schema: self.validator.schema(),
+                schema_name: &schema_name(&p.name),
+            })
+            .map_err(RunError::Config)
+    }
+}
+
+/// Runs a pipeline to completion (or until it cannot go on, or is told to stop).
 pub async fn run<S: Store, P: BatchProvider>(
     ctx: &RunContext<'_, S, P>,
 ) -> Result<RunOutcome, RunError> {
     let p = ctx.pipeline;
-    let validator = OutputValidator::load(&p.output.schema).map_err(RunError::Config)?;
-    let mode = ctx.provider.pricing_mode();
-    let batch_rates = *ctx.price.rates(mode).ok_or_else(|| {
-        RunError::Config(format!("model `{}` has no {mode} price", p.provider.model))
-    })?;
-    let shape = ctx
-        .provider
-        .request_shape(&RequestSpec {
-            model: &p.provider.model,
-            system: p.prompt.system.as_deref(),
-            max_output_tokens: p.prompt.max_output_tokens,
-            temperature: p.prompt.temperature,
-            schema: validator.schema(),
-            schema_name: &schema_name(&p.name),
-        })
-        .map_err(RunError::Config)?;
-    for dir in [batches_dir(&ctx.work_dir), downloads_dir(&ctx.work_dir)] {
-        fsutil::create_private_dir_all(&dir).map_err(|source| RunError::Output {
-            path: dir.clone(),
-            source,
-        })?;
-        let _ = fsutil::sweep_temp_files(&dir);
-    }
+    let mut runner = Runner::new(ctx)?;
+    let shape = runner.shape()?;
     let run_id = uuid::Uuid::now_v7().hyphenated().to_string();
     ctx.store
         .create_run(&NewRun {
@@ -239,26 +327,13 @@ pub async fn run<S: Store, P: BatchProvider>(
             output_path: ctx.output_path.display().to_string(),
             provider: ctx.provider.kind().to_string(),
             model: p.provider.model.clone(),
-            pricing_mode: mode,
+            pricing_mode: ctx.provider.pricing_mode(),
             max_attempts: p.max_attempts,
             host: hostname(),
             pid: std::process::id(),
         })
         .await?;
-    let mut runner = Runner {
-        ctx,
-        run_id: run_id.clone(),
-        validator,
-        batch_rates,
-        standard_rates: ctx.price.standard,
-        polls: HashMap::new(),
-        started: Instant::now(),
-        requests_sent: 0,
-        times: PhaseTimes::default(),
-        transient_streak: 0,
-        last_transient: None,
-        waiting: false,
-    };
+    runner.run_id = run_id.clone();
     let result = runner.run_all(&shape).await;
     let (status, exit_code, message) = match &result {
         Ok((status, code, msg)) => (*status, *code, msg.clone()),
@@ -279,16 +354,19 @@ pub async fn run<S: Store, P: BatchProvider>(
     })
 }
 
-impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
+impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
     async fn run_all(
         &mut self,
         shape: &RequestShape,
     ) -> Result<(RunStatus, i32, Option<String>), RunError> {
         let ctx = self.ctx;
         let p = ctx.pipeline;
+        if ctx.provider_forgets {
+            self.forget_sent_batches().await?;
+        }
         let shape_id = ctx.store.ensure_shape(shape).await?;
         let t = Instant::now();
-        ingest::ingest(ctx, &self.run_id, shape, shape_id).await?;
+        let complete = ingest::ingest(ctx, &self.run_id, shape, shape_id).await?;
         self.times.prepare += t.elapsed();
         let revived = ctx
             .store
@@ -303,34 +381,64 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
 
         let pending = ctx.store.plannable_count(&p.name, p.stage()).await?;
         let open = ctx.store.open_batches(Some(&p.name)).await?;
-        if pending == 0 && open.is_empty() {
+        if !open.is_empty() {
+            ctx.observer.event(&Event::Note(format!(
+                "resuming {} batch(es) left open by earlier runs",
+                open.len()
+            )));
+        }
+        if pending == 0 && open.is_empty() && complete {
             ctx.observer.event(&Event::Note(
                 "nothing to send: every item of this source is already processed".into(),
             ));
         }
-        self.drive().await?;
+        let stop = if complete {
+            self.drive().await?
+        } else {
+            Stop::Interrupted
+        };
         self.write_output().await?;
 
-        let f = ctx.store.run_figures(&self.run_id).await?;
-        if f.exhausted > 0 {
-            Ok((
-                RunStatus::Failed,
-                1,
-                Some(format!(
-                    "{} item(s) failed for good (attempt cap {}); see `nightshift report --items`",
-                    f.exhausted, p.max_attempts
-                )),
-            ))
-        } else {
-            Ok((RunStatus::Completed, 0, None))
+        match stop {
+            Stop::Interrupted => Ok((
+                RunStatus::Interrupted,
+                EXIT_RESUMABLE,
+                Some(
+                    "stopped by a signal; everything done so far is kept: run again to resume"
+                        .into(),
+                ),
+            )),
+            Stop::Detached => Ok((
+                RunStatus::Detached,
+                0,
+                Some("batches are in flight; run the pipeline again to collect them".into()),
+            )),
+            Stop::Done => {
+                let f = ctx.store.run_figures(&self.run_id).await?;
+                if f.exhausted > 0 {
+                    Ok((
+                        RunStatus::Failed,
+                        1,
+                        Some(format!(
+                            "{} item(s) failed for good (attempt cap {}); see `nightshift report --items`",
+                            f.exhausted, p.max_attempts
+                        )),
+                    ))
+                } else {
+                    Ok((RunStatus::Completed, 0, None))
+                }
+            }
         }
     }
 
     /// Plans, submits, polls and ingests until nothing of this pipeline is open.
-    async fn drive(&mut self) -> Result<(), RunError> {
+    async fn drive(&mut self) -> Result<Stop, RunError> {
         let ctx = self.ctx;
         let p = ctx.pipeline;
         loop {
+            if ctx.shutdown.is_set() {
+                return Ok(Stop::Interrupted);
+            }
             // New batches (first attempts and retries) for whatever is plannable.
             let req = PlanRequest {
                 run_id: &self.run_id,
@@ -344,7 +452,11 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
                 line_overhead: ctx.provider.line_overhead(),
             };
             let t = Instant::now();
-            while let Some(b) = ctx.store.plan_batch(&req).await? {
+            while !ctx.shutdown.is_set() {
+                let Some(b) = ctx.store.plan_batch(&req).await? else {
+                    break;
+                };
+                crate::failpoint!("plan.after_commit");
                 ctx.observer.event(&Event::Planned {
                     batch_id: b.id.clone(),
                     requests: b.request_count as u64,
@@ -355,16 +467,21 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
             let open = ctx.store.open_batches(Some(&p.name)).await?;
             if open.is_empty() {
                 if ctx.store.plannable_count(&p.name, p.stage()).await? == 0 {
-                    return Ok(());
+                    return Ok(Stop::Done);
                 }
                 continue;
             }
             let mut in_flight = 0;
+            let mut unsent = 0;
             self.waiting = false;
             for b in open {
+                if ctx.shutdown.is_set() {
+                    return Ok(Stop::Interrupted);
+                }
                 match b.state.as_str() {
                     "planned" | "built" | "uploading" | "uploaded" | "creating" => {
                         self.submit(b).await?;
+                        unsent += 1;
                     }
                     "submitted" => {
                         in_flight += 1;
@@ -384,6 +501,12 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
                     _ => {}
                 }
             }
+            if ctx.detach && unsent == 0 && !self.waiting && self.transient_streak == 0 {
+                let left = ctx.store.open_batches(Some(&p.name)).await?;
+                if left.iter().all(|b| b.state == "submitted") {
+                    return Ok(Stop::Detached);
+                }
+            }
             if self.transient_streak > 0 {
                 self.backoff_pause().await;
             } else if in_flight > 0 {
@@ -394,11 +517,56 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
                     .map(|c| c.next)
                     .min()
                     .unwrap_or_else(|| Instant::now() + p.provider.poll_min);
-                tokio::time::sleep_until(next.into()).await;
+                ctx.shutdown.sleep_until(next).await;
             } else if self.waiting {
-                tokio::time::sleep(p.provider.poll_min.max(Duration::from_millis(50))).await;
+                ctx.shutdown
+                    .sleep_until(
+                        Instant::now() + p.provider.poll_min.max(Duration::from_millis(50)),
+                    )
+                    .await;
             }
         }
+    }
+
+    /// With the in-process simulator, batches sent by an earlier process died with it: their
+    /// attempts fail (and are retried under the cap), nothing of them was billed.
+    async fn forget_sent_batches(&mut self) -> Result<(), RunError> {
+        let ctx = self.ctx;
+        let mut n = 0;
+        for b in ctx.store.open_batches(Some(&ctx.pipeline.name)).await? {
+            if matches!(b.state.as_str(), "planned" | "built") {
+                continue;
+            }
+            ctx.store
+                .update_batch(
+                    &b.id,
+                    &b.state,
+                    &BatchUpdate {
+                        state: Some("ended"),
+                        error: Some(
+                            "lost: the built-in simulator of an earlier run is gone".into(),
+                        ),
+                        ended_at: Some(now_ms()),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            ctx.store
+                .finish_ingest(
+                    &b.id,
+                    "lost",
+                    "the built-in simulator of an earlier run is gone",
+                    ctx.pipeline.max_attempts,
+                )
+                .await?;
+            n += 1;
+        }
+        if n > 0 {
+            ctx.observer.event(&Event::Note(format!(
+                "{n} batch(es) sent to the built-in simulator of an earlier run are lost with it; their items go back to the queue"
+            )));
+        }
+        Ok(())
     }
 
     fn note_transient(&mut self, e: ProviderError) -> Result<(), RunError> {
@@ -419,8 +587,9 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
     /// Classifies a provider error: fatal ones end the run, others are retried later.
     fn provider_failure(&mut self, e: ProviderError) -> Result<(), RunError> {
         match e {
-            ProviderError::Auth { .. } => Err(RunError::Provider(e)),
-            ProviderError::Io(_) => Err(RunError::Provider(e)),
+            ProviderError::Auth { .. } | ProviderError::Io(_) | ProviderError::Permanent { .. } => {
+                Err(RunError::Provider(e))
+            }
             other => self.note_transient(other),
         }
     }
@@ -433,261 +602,10 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
             .poll_min
             .max(Duration::from_millis(50))
             * self.transient_streak.clamp(1, 20);
-        tokio::time::sleep(d.min(self.ctx.pipeline.provider.poll_max)).await;
-    }
-
-    /// Takes a batch from wherever it is up to `submitted`.
-    async fn submit(&mut self, mut b: BatchRow) -> Result<(), RunError> {
-        let ctx = self.ctx;
-        let store = ctx.store;
-        loop {
-            match b.state.as_str() {
-                "planned" => {
-                    let t = Instant::now();
-                    let (path, sha, bytes) = self.build_file(&b).await?;
-                    self.times.prepare += t.elapsed();
-                    store
-                        .update_batch(
-                            &b.id,
-                            "planned",
-                            &BatchUpdate {
-                                state: Some("built"),
-                                file_path: Some(path.display().to_string()),
-                                file_sha256: Some(sha),
-                                file_bytes: Some(bytes as i64),
-                                ..Default::default()
-                            },
-                        )
-                        .await?;
-                }
-                "built" => {
-                    store
-                        .update_batch(
-                            &b.id,
-                            "built",
-                            &BatchUpdate {
-                                state: Some("uploading"),
-                                ..Default::default()
-                            },
-                        )
-                        .await?;
-                    crate::failpoint!("upload.before_send");
-                    match self.upload(&b).await {
-                        Ok(file_id) => self.uploaded(&b, file_id).await?,
-                        Err(e) => return self.provider_failure(e),
-                    }
-                }
-                "uploading" => {
-                    // A previous upload may have landed: adopt it by name.
-                    let name = upload_name(&b.id);
-                    match ctx.provider.find_file(&name).await {
-                        Ok(Some(file_id)) => self.uploaded(&b, file_id).await?,
-                        Ok(None) => match self.upload(&b).await {
-                            Ok(file_id) => self.uploaded(&b, file_id).await?,
-                            Err(e) => return self.provider_failure(e),
-                        },
-                        Err(e) => return self.provider_failure(e),
-                    }
-                }
-                "uploaded" => {
-                    store
-                        .update_batch(
-                            &b.id,
-                            "uploaded",
-                            &BatchUpdate {
-                                state: Some("creating"),
-                                ..Default::default()
-                            },
-                        )
-                        .await?;
-                    crate::failpoint!("create.before_send");
-                    match self.create(&b).await {
-                        Ok(remote) => self.created(&b, remote, false).await?,
-                        Err(ProviderError::Permanent { message, code, .. }) => {
-                            return self.rejected(&b, code, message).await;
-                        }
-                        Err(e) => return self.provider_failure(e),
-                    }
-                }
-                "creating" => {
-                    // The create may have taken effect: look for it before sending again.
-                    let since = b.created_at / 1000;
-                    match ctx.provider.find_batch(&b.id, since).await {
-                        Ok(Some(remote)) => self.created(&b, remote, true).await?,
-                        Ok(None) => {
-                            let grace = ctx.pipeline.provider.reconcile_grace;
-                            if self.started.elapsed() < grace {
-                                self.waiting = true;
-                                return Ok(());
-                            }
-                            match self.create(&b).await {
-                                Ok(remote) => self.created(&b, remote, false).await?,
-                                Err(ProviderError::Permanent { message, code, .. }) => {
-                                    return self.rejected(&b, code, message).await;
-                                }
-                                Err(e) => return self.provider_failure(e),
-                            }
-                        }
-                        Err(e) => return self.provider_failure(e),
-                    }
-                }
-                _ => return Ok(()),
-            }
-            b = store
-                .batch(&b.id)
-                .await?
-                .ok_or_else(|| StoreError::Invalid(format!("batch {} vanished", b.id)))?;
-        }
-    }
-
-    async fn upload(&mut self, b: &BatchRow) -> Result<String, ProviderError> {
-        let path = match &b.file_path {
-            Some(p) if Path::new(p).exists() => PathBuf::from(p),
-            // The file was lost (crash, cleanup): rebuild it, byte for byte.
-            _ => {
-                let (path, sha, _) = self
-                    .build_file(b)
-                    .await
-                    .map_err(|e| ProviderError::Protocol(e.to_string()))?;
-                if b.file_sha256.as_deref().is_some_and(|s| s != sha) {
-                    return Err(ProviderError::Protocol(format!(
-                        "rebuilt input file of batch {} differs from the original",
-                        b.id
-                    )));
-                }
-                path
-            }
-        };
-        let r = self.ctx.provider.upload(&upload_name(&b.id), &path).await;
-        if r.is_ok() {
-            crate::failpoint!("upload.after_send");
-            self.note_success();
-        }
-        r
-    }
-
-    async fn uploaded(&mut self, b: &BatchRow, file_id: String) -> Result<(), RunError> {
         self.ctx
-            .store
-            .update_batch(
-                &b.id,
-                "uploading",
-                &BatchUpdate {
-                    state: Some("uploaded"),
-                    input_file_id: Some(file_id),
-                    ..Default::default()
-                },
-            )
-            .await?;
-        Ok(())
-    }
-
-    async fn create(&mut self, b: &BatchRow) -> Result<RemoteBatch, ProviderError> {
-        let file_id = b.input_file_id.clone().ok_or_else(|| {
-            ProviderError::Protocol(format!("batch {} has no uploaded file", b.id))
-        })?;
-        let r = self
-            .ctx
-            .provider
-            .create(
-                &file_id,
-                &BatchMeta {
-                    local_id: &b.id,
-                    run_id: &b.run_id,
-                    pipeline: &b.pipeline,
-                },
-            )
+            .shutdown
+            .sleep_until(Instant::now() + d.min(self.ctx.pipeline.provider.poll_max))
             .await;
-        crate::failpoint!("create.after_send");
-        if r.is_ok() {
-            self.note_success();
-        }
-        r
-    }
-
-    async fn created(
-        &mut self,
-        b: &BatchRow,
-        remote: RemoteBatch,
-        adopted: bool,
-    ) -> Result<(), RunError> {
-        let ctx = self.ctx;
-        let ok = ctx
-            .store
-            .update_batch(
-                &b.id,
-                "creating",
-                &BatchUpdate {
-                    state: Some("submitted"),
-                    provider_batch_id: Some(remote.id.clone()),
-                    provider_status: Some(remote.raw_status.clone()),
-                    submitted_at: Some(now_ms()),
-                    ..Default::default()
-                },
-            )
-            .await?;
-        crate::failpoint!("create.after_store");
-        if ok {
-            if adopted {
-                ctx.observer.event(&Event::Adopted {
-                    batch_id: b.id.clone(),
-                    provider_batch_id: remote.id.clone(),
-                });
-            } else {
-                self.requests_sent += b.request_count as u64;
-                ctx.observer.event(&Event::Submitted {
-                    batch_id: b.id.clone(),
-                    provider_batch_id: remote.id.clone(),
-                    requests: b.request_count as u64,
-                });
-            }
-            self.polls.insert(
-                b.id.clone(),
-                PollClock {
-                    next: Instant::now() + ctx.pipeline.provider.poll_min,
-                    interval: ctx.pipeline.provider.poll_min,
-                },
-            );
-        }
-        Ok(())
-    }
-
-    /// The provider refused to create the batch for good: its attempts fail (and are
-    /// retried under the cap), nothing was billed.
-    async fn rejected(
-        &mut self,
-        b: &BatchRow,
-        code: Option<String>,
-        message: String,
-    ) -> Result<(), RunError> {
-        let store = self.ctx.store;
-        let error = format!("{}: {message}", code.unwrap_or_else(|| "rejected".into()));
-        tracing::warn!(batch = %b.id, %error, "the provider refused to create the batch");
-        store
-            .update_batch(
-                &b.id,
-                "creating",
-                &BatchUpdate {
-                    state: Some("ended"),
-                    error: Some(error.clone()),
-                    ended_at: Some(now_ms()),
-                    ..Default::default()
-                },
-            )
-            .await?;
-        let stats = store
-            .finish_ingest(
-                &b.id,
-                "batch_rejected",
-                &error,
-                self.ctx.pipeline.max_attempts,
-            )
-            .await?;
-        self.ctx.observer.event(&Event::Ingested {
-            batch_id: b.id.clone(),
-            stats,
-        });
-        Ok(())
     }
 
     /// Writes the batch's JSONL file from the store, deterministically, atomically.
@@ -725,165 +643,13 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
                 path: path.clone(),
                 source,
             })?;
+            crate::failpoint!("build.mid_write");
         }
         file.commit().map_err(|source| RunError::Output {
             path: path.clone(),
             source,
         })?;
         Ok((path, hex::encode(hasher.finalize()), bytes))
-    }
-
-    async fn poll(&mut self, b: &BatchRow) -> Result<(), RunError> {
-        let ctx = self.ctx;
-        let Some(pid) = b.provider_batch_id.clone() else {
-            return Ok(());
-        };
-        let clock = self.polls.entry(b.id.clone()).or_insert(PollClock {
-            next: Instant::now(),
-            interval: ctx.pipeline.provider.poll_min,
-        });
-        // Exponential backoff with ±20 % jitter, up to poll_max.
-        let grown = clock
-            .interval
-            .mul_f64(1.5)
-            .min(ctx.pipeline.provider.poll_max);
-        clock.interval = grown;
-        clock.next = Instant::now() + grown.mul_f64(0.8 + 0.4 * jitter());
-        let remote = match ctx.provider.get(&pid).await {
-            Ok(r) => {
-                self.note_success();
-                r
-            }
-            Err(e) => return self.provider_failure(e),
-        };
-        let c = remote.counts.unwrap_or_default();
-        ctx.observer.event(&Event::Polled {
-            batch_id: b.id.clone(),
-            status: remote.raw_status.clone(),
-            completed: c.completed,
-            failed: c.failed,
-            total: c.total,
-        });
-        if !remote.status.is_terminal() {
-            if b.provider_status.as_deref() != Some(remote.raw_status.as_str()) {
-                ctx.store
-                    .update_batch(
-                        &b.id,
-                        "submitted",
-                        &BatchUpdate {
-                            provider_status: Some(remote.raw_status.clone()),
-                            ..Default::default()
-                        },
-                    )
-                    .await?;
-            }
-            return Ok(());
-        }
-        self.polls.remove(&b.id);
-        let usage = remote
-            .usage
-            .map(|u| serde_json::to_string(&u).unwrap_or_default());
-        let error = (!remote.errors.is_empty()).then(|| remote.errors.join("; "));
-        ctx.store
-            .update_batch(
-                &b.id,
-                "submitted",
-                &BatchUpdate {
-                    state: Some("ended"),
-                    provider_status: Some(remote.raw_status.clone()),
-                    output_file_id: remote.output_file_id.clone(),
-                    error_file_id: remote.error_file_id.clone(),
-                    provider_usage: usage,
-                    error,
-                    ended_at: Some(now_ms()),
-                    ..Default::default()
-                },
-            )
-            .await?;
-        if remote.status == RemoteStatus::Failed {
-            tracing::warn!(batch = %b.id, errors = ?remote.errors, "the provider failed the batch");
-        }
-        Ok(())
-    }
-
-    /// Downloads and applies an ended batch's results, then closes it.
-    async fn ingest_batch(&mut self, b: &BatchRow) -> Result<(), RunError> {
-        let ctx = self.ctx;
-        let mut stats = ApplyStats::default();
-        let mut files = Vec::new();
-        for (kind, id) in [("output", &b.output_file_id), ("error", &b.error_file_id)] {
-            let Some(file_id) = id else { continue };
-            let dest = crate::provider::download_path(&downloads_dir(&ctx.work_dir), &b.id, kind);
-            if !dest.exists() {
-                let r = ctx
-                    .provider
-                    .download(file_id, &dest, ctx.pipeline.provider.max_download_bytes)
-                    .await;
-                match r {
-                    Ok(_) => self.note_success(),
-                    Err(ProviderError::TooLarge { cap }) => {
-                        ctx.store
-                            .record_anomaly(
-                                Some(&self.run_id),
-                                Some(&b.id),
-                                "oversized_file",
-                                None,
-                                &format!("{kind} file {file_id} is over {cap} bytes"),
-                            )
-                            .await?;
-                        continue;
-                    }
-                    Err(e) => return self.provider_failure(e),
-                }
-            }
-            files.push(dest);
-        }
-        let mut seen = std::collections::HashSet::new();
-        for path in &files {
-            stats += apply::apply_file(self, b, path, &mut seen).await?;
-        }
-        let (verdict, error) = match b
-            .provider_status
-            .as_deref()
-            .map(str::to_ascii_lowercase)
-            .as_deref()
-        {
-            Some("failed") => (
-                "batch_failed",
-                b.error
-                    .clone()
-                    .unwrap_or_else(|| "the provider failed the batch".into()),
-            ),
-            Some("expired") => (
-                "expired",
-                "the batch expired before this request ran".into(),
-            ),
-            Some("cancelled") | Some("canceled") => (
-                "cancelled",
-                "the batch was cancelled before this request ran".into(),
-            ),
-            _ => (
-                "missing",
-                "the provider returned no result line for this request".into(),
-            ),
-        };
-        let rest = ctx
-            .store
-            .finish_ingest(&b.id, verdict, &error, ctx.pipeline.max_attempts)
-            .await?;
-        stats += ApplyStats { applied: 0, ..rest };
-        ctx.observer.event(&Event::Ingested {
-            batch_id: b.id.clone(),
-            stats,
-        });
-        // Results are in the store now; local copies of prompts and answers can go.
-        for path in files {
-            let _ = std::fs::remove_file(path);
-        }
-        if let Some(f) = &b.file_path {
-            let _ = std::fs::remove_file(f);
-        }
-        Ok(())
     }
 
     /// Writes one result line per source record of this run, in source order.
@@ -930,6 +696,7 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
                 serde_json::to_writer(&mut file, &line).map_err(|e| err(e.into()))?;
                 file.write_all(b"\n").map_err(err)?;
             }
+            crate::failpoint!("output.mid_write");
         }
         file.commit().map_err(err)
     }

@@ -183,6 +183,9 @@ pub async fn run_against(
         observer: &observer,
         work_dir: db.parent().unwrap().to_path_buf(),
         output_path: p.output.path.clone(),
+        shutdown: Default::default(),
+        detach: false,
+        provider_forgets: false,
     };
     let outcome = worker::run(&ctx).await.unwrap();
     (outcome, store)

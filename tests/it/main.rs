@@ -3,6 +3,8 @@
 
 mod cli;
 mod common;
+mod crash;
+mod faults;
 mod pipeline;
 mod sim;
 mod store;

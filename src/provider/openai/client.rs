@@ -253,7 +253,8 @@ impl BatchProvider for OpenAiClient {
         Ok(f.id)
     }
 
-    async fn find_file(&self, filename: &str) -> Result<Option<String>, ProviderError> {
+    async fn find_files(&self, filename: &str) -> Result<Vec<String>, ProviderError> {
+        let mut found = Vec::new();
         let mut after: Option<String> = None;
         for _ in 0..MAX_LIST_PAGES {
             let mut q = vec![
@@ -265,24 +266,39 @@ impl BatchProvider for OpenAiClient {
                 q.push(("after", a.clone()));
             }
             let page: ListPage<FileObject> = self.get_json("list files", "/files", &q).await?;
-            if let Some(f) = page
-                .data
-                .iter()
-                .find(|f| f.filename.as_deref() == Some(filename))
-            {
-                return Ok(Some(f.id.clone()));
-            }
+            found.extend(
+                page.data
+                    .iter()
+                    .filter(|f| f.filename.as_deref() == Some(filename))
+                    .map(|f| f.id.clone()),
+            );
             if !page.has_more {
-                return Ok(None);
+                break;
             }
             after = page
                 .last_id
                 .or_else(|| page.data.last().map(|f| f.id.clone()));
             if after.is_none() {
-                return Ok(None);
+                break;
             }
         }
-        Ok(None)
+        Ok(found)
+    }
+
+    async fn delete_file(&self, file_id: &str) -> Result<(), ProviderError> {
+        let url = self.url(&format!("/files/{file_id}"));
+        // Deleting twice is harmless (the second is a 404), so this may be retried.
+        match http::send_idempotent(&self.policy, "delete file", || {
+            self.http.delete(&url).bearer_auth(self.key.expose_secret())
+        })
+        .await
+        {
+            Ok(_)
+            | Err(ProviderError::Permanent {
+                status: Some(404), ..
+            }) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     async fn create(
@@ -326,6 +342,7 @@ impl BatchProvider for OpenAiClient {
         &self,
         local_id: &str,
         since: i64,
+        _request_count: u64,
     ) -> Result<Option<RemoteBatch>, ProviderError> {
         let mut after: Option<String> = None;
         for _ in 0..MAX_LIST_PAGES {

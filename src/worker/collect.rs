@@ -1,0 +1,349 @@
+//! Collection: poll submitted batches with backoff and jitter, download and apply the
+//! results of ended ones, and `cancel` what is in flight (recording what was billed).
+
+use std::time::Instant;
+
+use super::{
+    Event, PollClock, RunContext, RunError, Runner, apply, downloads_dir, jitter, upload_name,
+};
+use crate::cost::{Usage, Usd};
+use crate::provider::{BatchProvider, ProviderError, RemoteStatus};
+use crate::store::{ApplyStats, BatchRow, BatchUpdate, Store, now_ms};
+
+/// Why the still-open attempts of an ended batch failed, by how the batch ended.
+fn leftover_verdict(b: &BatchRow) -> (&'static str, String) {
+    match b.end_state.as_deref() {
+        Some("failed") => (
+            "batch_failed",
+            b.error
+                .clone()
+                .unwrap_or_else(|| "the provider failed the batch".into()),
+        ),
+        Some("expired") => (
+            "expired",
+            "the batch expired before this request ran".into(),
+        ),
+        Some("cancelled") => (
+            "cancelled",
+            "the batch was cancelled before this request ran".into(),
+        ),
+        Some("lost") => (
+            "lost",
+            b.error
+                .clone()
+                .unwrap_or_else(|| "the batch is lost".into()),
+        ),
+        _ => (
+            "missing",
+            "the provider returned no result line for this request".into(),
+        ),
+    }
+}
+
+fn end_state(s: RemoteStatus) -> &'static str {
+    match s {
+        RemoteStatus::Failed => "failed",
+        RemoteStatus::Expired => "expired",
+        RemoteStatus::Cancelled => "cancelled",
+        _ => "completed",
+    }
+}
+
+impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
+    pub(super) async fn poll(&mut self, b: &BatchRow) -> Result<(), RunError> {
+        let ctx = self.ctx;
+        let Some(pid) = b.provider_batch_id.clone() else {
+            return Ok(());
+        };
+        let clock = self.polls.entry(b.id.clone()).or_insert(PollClock {
+            next: Instant::now(),
+            interval: ctx.pipeline.provider.poll_min,
+        });
+        // Exponential backoff with ±20 % jitter, up to poll_max.
+        let grown = clock
+            .interval
+            .mul_f64(1.5)
+            .min(ctx.pipeline.provider.poll_max);
+        clock.interval = grown;
+        clock.next = Instant::now() + grown.mul_f64(0.8 + 0.4 * jitter());
+        let remote = match ctx.provider.get(&pid).await {
+            Ok(r) => {
+                self.note_success();
+                r
+            }
+            Err(e) => return self.provider_failure(e),
+        };
+        crate::failpoint!("poll.after_get");
+        let c = remote.counts.unwrap_or_default();
+        ctx.observer.event(&Event::Polled {
+            batch_id: b.id.clone(),
+            status: remote.raw_status.clone(),
+            completed: c.completed,
+            failed: c.failed,
+            total: c.total,
+        });
+        if !remote.status.is_terminal() {
+            if b.provider_status.as_deref() != Some(remote.raw_status.as_str()) {
+                ctx.store
+                    .update_batch(
+                        &b.id,
+                        "submitted",
+                        &BatchUpdate {
+                            provider_status: Some(remote.raw_status.clone()),
+                            ..Default::default()
+                        },
+                    )
+                    .await?;
+            }
+            return Ok(());
+        }
+        self.polls.remove(&b.id);
+        let usage = remote
+            .usage
+            .map(|u| serde_json::to_string(&u).unwrap_or_default());
+        let error = (!remote.errors.is_empty()).then(|| remote.errors.join("; "));
+        ctx.store
+            .update_batch(
+                &b.id,
+                "submitted",
+                &BatchUpdate {
+                    state: Some("ended"),
+                    end_state: Some(end_state(remote.status)),
+                    provider_status: Some(remote.raw_status.clone()),
+                    output_file_id: remote.output_file_id.clone(),
+                    error_file_id: remote.error_file_id.clone(),
+                    provider_usage: usage,
+                    error,
+                    ended_at: Some(now_ms()),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        if remote.status == RemoteStatus::Failed {
+            tracing::warn!(batch = %b.id, errors = ?remote.errors, "the provider failed the batch");
+        }
+        Ok(())
+    }
+
+    /// Downloads and applies an ended batch's results, then closes it. Downloads are never
+    /// trusted across a crash: each ingest fetches the files afresh.
+    pub(super) async fn ingest_batch(&mut self, b: &BatchRow) -> Result<(), RunError> {
+        let ctx = self.ctx;
+        let mut stats = ApplyStats::default();
+        let mut files = Vec::new();
+        for (kind, id) in [("output", &b.output_file_id), ("error", &b.error_file_id)] {
+            let Some(file_id) = id else { continue };
+            let dest = crate::provider::download_path(&downloads_dir(&ctx.work_dir), &b.id, kind);
+            let _ = std::fs::remove_file(&dest);
+            let r = ctx
+                .provider
+                .download(file_id, &dest, ctx.pipeline.provider.max_download_bytes)
+                .await;
+            match r {
+                Ok(_) => self.note_success(),
+                Err(ProviderError::TooLarge { cap }) => {
+                    ctx.store
+                        .record_anomaly(
+                            Some(&b.run_id),
+                            Some(&b.id),
+                            "oversized_file",
+                            None,
+                            &format!("{kind} file {file_id} is over {cap} bytes; its requests go back to the queue"),
+                        )
+                        .await?;
+                    continue;
+                }
+                Err(e) => return self.provider_failure(e),
+            }
+            files.push(dest);
+        }
+        let mut seen = std::collections::HashSet::new();
+        for path in &files {
+            stats += apply::apply_file(self, b, path, &mut seen).await?;
+        }
+        let (verdict, error) = leftover_verdict(b);
+        crate::failpoint!("finish.before_commit");
+        let rest = ctx
+            .store
+            .finish_ingest(&b.id, verdict, &error, ctx.pipeline.max_attempts)
+            .await?;
+        stats += ApplyStats { applied: 0, ..rest };
+        ctx.observer.event(&Event::Ingested {
+            batch_id: b.id.clone(),
+            stats,
+        });
+        // Results are in the store now; local copies of prompts and answers can go, and so
+        // can the input file at the provider.
+        for path in files {
+            let _ = std::fs::remove_file(path);
+        }
+        if let Some(f) = &b.file_path {
+            let _ = std::fs::remove_file(f);
+        }
+        if let Some(file_id) = &b.input_file_id
+            && let Err(e) = ctx.provider.delete_file(file_id).await
+        {
+            tracing::info!(file = %file_id, error = %e, "could not delete the uploaded input file");
+        }
+        Ok(())
+    }
+
+    /// Closes a batch that never reached the provider (or cannot be found there).
+    async fn close_unsent(&mut self, b: &BatchRow, why: &str) -> Result<(), RunError> {
+        let store = self.ctx.store;
+        store
+            .update_batch(
+                &b.id,
+                &b.state,
+                &BatchUpdate {
+                    state: Some("ended"),
+                    end_state: Some("cancelled"),
+                    error: Some(why.to_string()),
+                    ended_at: Some(now_ms()),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let stats = store
+            .finish_ingest(&b.id, "cancelled", why, self.ctx.pipeline.max_attempts)
+            .await?;
+        self.ctx.observer.event(&Event::Ingested {
+            batch_id: b.id.clone(),
+            stats,
+        });
+        Ok(())
+    }
+}
+
+/// What `cancel` did.
+#[derive(Clone, Debug, Default)]
+pub struct CancelReport {
+    /// (local batch id, provider batch id, what happened)
+    pub batches: Vec<(String, Option<String>, String)>,
+    /// Tokens and cost billed by the cancelled batches (requests that ran before the cancel).
+    pub usage: Usage,
+    pub billed: Usd,
+    /// Batches still cancelling when the command stopped waiting.
+    pub still_open: usize,
+}
+
+/// Cancels the open batches of the pipeline (of one run, with `run`), waits for them to end
+/// (unless `wait` is false) and ingests what ran, so what was billed is in the ledger.
+pub async fn cancel<S: Store, P: BatchProvider>(
+    ctx: &RunContext<'_, S, P>,
+    run: Option<&str>,
+    wait: bool,
+) -> Result<CancelReport, RunError> {
+    let mut runner = Runner::new(ctx)?;
+    let store = ctx.store;
+    let mut report = CancelReport::default();
+    let targets: Vec<BatchRow> = store
+        .open_batches(Some(&ctx.pipeline.name))
+        .await?
+        .into_iter()
+        .filter(|b| run.is_none_or(|r| b.run_id == r))
+        .collect();
+    let ids: Vec<String> = targets.iter().map(|b| b.id.clone()).collect();
+    for b in targets {
+        let what = match b.state.as_str() {
+            "planned" | "built" => {
+                runner
+                    .close_unsent(&b, "cancelled before it was sent")
+                    .await?;
+                "cancelled before it was sent".to_string()
+            }
+            "uploading" | "uploaded" => {
+                if let Ok(files) = ctx.provider.find_files(&upload_name(&b.id)).await {
+                    for f in files {
+                        let _ = ctx.provider.delete_file(&f).await;
+                    }
+                }
+                runner
+                    .close_unsent(&b, "cancelled before it was sent")
+                    .await?;
+                "cancelled before it was sent (uploaded file deleted)".to_string()
+            }
+            "creating" => {
+                let found = ctx
+                    .provider
+                    .find_batch(&b.id, b.created_at / 1000, b.request_count as u64)
+                    .await
+                    .map_err(RunError::Provider)?;
+                match found {
+                    Some(remote) => {
+                        let pid = remote.id.clone();
+                        runner.created(&b, remote, true).await?;
+                        match ctx.provider.cancel(&pid).await {
+                            Ok(r) => format!("cancel requested ({})", r.raw_status),
+                            Err(e) => format!("cancel refused: {e}"),
+                        }
+                    }
+                    None => {
+                        runner
+                            .close_unsent(&b, "cancelled; the provider shows no batch for it")
+                            .await?;
+                        "cancelled; the provider shows no batch for it".to_string()
+                    }
+                }
+            }
+            "submitted" => {
+                let pid = b.provider_batch_id.clone().unwrap_or_default();
+                match ctx.provider.cancel(&pid).await {
+                    Ok(r) => format!("cancel requested ({})", r.raw_status),
+                    // Already over: it will be collected as it ended.
+                    Err(ProviderError::Permanent { message, .. }) => {
+                        format!("not cancelled: {message}")
+                    }
+                    Err(e) => return Err(RunError::Provider(e)),
+                }
+            }
+            _ => "already ended; collected".to_string(),
+        };
+        report
+            .batches
+            .push((b.id.clone(), b.provider_batch_id.clone(), what));
+    }
+    // Collect: poll until they end, then ingest what ran.
+    loop {
+        let open: Vec<BatchRow> = store
+            .open_batches(Some(&ctx.pipeline.name))
+            .await?
+            .into_iter()
+            .filter(|b| ids.contains(&b.id))
+            .collect();
+        if open.is_empty() || ctx.shutdown.is_set() {
+            report.still_open = open.len();
+            break;
+        }
+        let mut waiting = 0;
+        for b in &open {
+            match b.state.as_str() {
+                "submitted" => {
+                    waiting += 1;
+                    runner.poll(b).await?;
+                }
+                "ended" => runner.ingest_batch(b).await?,
+                _ => {}
+            }
+        }
+        if waiting > 0 {
+            if !wait {
+                report.still_open = waiting;
+                break;
+            }
+            let next = runner
+                .polls
+                .values()
+                .map(|c| c.next)
+                .min()
+                .unwrap_or_else(|| Instant::now() + ctx.pipeline.provider.poll_min);
+            ctx.shutdown.sleep_until(next).await;
+        }
+    }
+    for id in &ids {
+        let t = store.ledger_totals_for_batch(id).await?;
+        report.usage.add(&t.usage);
+        report.billed += t.cost;
+    }
+    Ok(report)
+}

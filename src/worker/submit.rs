@@ -1,0 +1,315 @@
+//! Submission, write-ahead: `planned → built → uploading → uploaded → creating →
+//! submitted`. Each state is committed before the side effect it announces; a batch found
+//! in `uploading` or `creating` (a crash, an ambiguous failure) is first looked for at the
+//! provider — its file by name, the batch by our local id — and adopted if found. A create
+//! is sent again only when the provider has had the grace period to show it and does not.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::{Event, PollClock, RunError, Runner, upload_name};
+use crate::provider::{BatchMeta, BatchProvider, ProviderError, RemoteBatch};
+use crate::store::{BatchRow, BatchUpdate, Store, StoreError, now_ms};
+
+impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
+    /// Takes a batch from wherever it is up to `submitted`.
+    pub(super) async fn submit(&mut self, mut b: BatchRow) -> Result<(), RunError> {
+        let ctx = self.ctx;
+        let store = ctx.store;
+        loop {
+            if ctx.shutdown.is_set() {
+                return Ok(());
+            }
+            match b.state.as_str() {
+                "planned" => {
+                    let t = Instant::now();
+                    let (path, sha, bytes) = self.build_file(&b).await?;
+                    self.times.prepare += t.elapsed();
+                    store
+                        .update_batch(
+                            &b.id,
+                            "planned",
+                            &BatchUpdate {
+                                state: Some("built"),
+                                file_path: Some(path.display().to_string()),
+                                file_sha256: Some(sha),
+                                file_bytes: Some(bytes as i64),
+                                ..Default::default()
+                            },
+                        )
+                        .await?;
+                }
+                "built" => {
+                    store
+                        .update_batch(
+                            &b.id,
+                            "built",
+                            &BatchUpdate {
+                                state: Some("uploading"),
+                                ..Default::default()
+                            },
+                        )
+                        .await?;
+                    crate::failpoint!("upload.before_send");
+                    match self.upload(&b).await {
+                        Ok(file_id) => self.uploaded(&b, file_id).await?,
+                        Err(e) => return self.provider_failure(e),
+                    }
+                }
+                "uploading" => {
+                    // An earlier upload may have landed: adopt it by name, drop extra copies.
+                    match ctx.provider.find_files(&upload_name(&b.id)).await {
+                        Ok(files) if !files.is_empty() => {
+                            for extra in &files[1..] {
+                                if let Err(e) = ctx.provider.delete_file(extra).await {
+                                    tracing::info!(file = %extra, error = %e, "could not delete a duplicate upload");
+                                }
+                            }
+                            self.uploaded(&b, files[0].clone()).await?;
+                        }
+                        Ok(_) => match self.upload(&b).await {
+                            Ok(file_id) => self.uploaded(&b, file_id).await?,
+                            Err(e) => return self.provider_failure(e),
+                        },
+                        Err(e) => return self.provider_failure(e),
+                    }
+                }
+                "uploaded" => {
+                    store
+                        .update_batch(
+                            &b.id,
+                            "uploaded",
+                            &BatchUpdate {
+                                state: Some("creating"),
+                                ..Default::default()
+                            },
+                        )
+                        .await?;
+                    crate::failpoint!("create.before_send");
+                    if !self.try_create(&b).await? {
+                        return Ok(());
+                    }
+                }
+                "creating" => {
+                    // The create may have taken effect: look for it before sending again.
+                    let since = b.created_at / 1000;
+                    match ctx
+                        .provider
+                        .find_batch(&b.id, since, b.request_count as u64)
+                        .await
+                    {
+                        Ok(Some(remote)) => self.created(&b, remote, true).await?,
+                        Ok(None) => {
+                            if !self.not_created.contains(&b.id) {
+                                let since = self
+                                    .ambiguous_since
+                                    .get(&b.id)
+                                    .copied()
+                                    .unwrap_or(self.started);
+                                if since.elapsed() < ctx.pipeline.provider.reconcile_grace {
+                                    self.waiting = true;
+                                    return Ok(());
+                                }
+                            }
+                            if !self.try_create(&b).await? {
+                                return Ok(());
+                            }
+                        }
+                        Err(e) => return self.provider_failure(e),
+                    }
+                }
+                _ => return Ok(()),
+            }
+            b = store
+                .batch(&b.id)
+                .await?
+                .ok_or_else(|| StoreError::Invalid(format!("batch {} vanished", b.id)))?;
+        }
+    }
+
+    /// Sends the create; returns whether the batch moved on (submitted or rejected).
+    async fn try_create(&mut self, b: &BatchRow) -> Result<bool, RunError> {
+        match self.create(b).await {
+            Ok(remote) => {
+                self.created(b, remote, false).await?;
+                Ok(true)
+            }
+            Err(ProviderError::Permanent { message, code, .. }) => {
+                self.rejected(b, code, message).await?;
+                Ok(true)
+            }
+            Err(ProviderError::Ambiguous { message }) => {
+                tracing::info!(batch = %b.id, %message, "create may have taken effect; reconciling before any resend");
+                self.ambiguous_since.insert(b.id.clone(), Instant::now());
+                self.not_created.remove(&b.id);
+                self.note_transient(ProviderError::Ambiguous { message })?;
+                Ok(false)
+            }
+            Err(e @ ProviderError::Transient { .. }) => {
+                // Refused before it took effect (429, connection refused): safe to resend.
+                if !self.ambiguous_since.contains_key(&b.id) {
+                    self.not_created.insert(b.id.clone());
+                }
+                self.provider_failure(e)?;
+                Ok(false)
+            }
+            Err(e) => {
+                self.provider_failure(e)?;
+                Ok(false)
+            }
+        }
+    }
+
+    async fn upload(&mut self, b: &BatchRow) -> Result<String, ProviderError> {
+        let path = match &b.file_path {
+            Some(p) if Path::new(p).exists() => PathBuf::from(p),
+            // The file was lost (crash, cleanup): rebuild it, byte for byte.
+            _ => {
+                let (path, sha, _) = self
+                    .build_file(b)
+                    .await
+                    .map_err(|e| ProviderError::Protocol(e.to_string()))?;
+                if b.file_sha256.as_deref().is_some_and(|s| s != sha) {
+                    return Err(ProviderError::Protocol(format!(
+                        "rebuilt input file of batch {} differs from the original",
+                        b.id
+                    )));
+                }
+                path
+            }
+        };
+        let r = self.ctx.provider.upload(&upload_name(&b.id), &path).await;
+        if r.is_ok() {
+            crate::failpoint!("upload.after_send");
+            self.note_success();
+        }
+        r
+    }
+
+    async fn uploaded(&mut self, b: &BatchRow, file_id: String) -> Result<(), RunError> {
+        self.ctx
+            .store
+            .update_batch(
+                &b.id,
+                "uploading",
+                &BatchUpdate {
+                    state: Some("uploaded"),
+                    input_file_id: Some(file_id),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn create(&mut self, b: &BatchRow) -> Result<RemoteBatch, ProviderError> {
+        let file_id = b.input_file_id.clone().ok_or_else(|| {
+            ProviderError::Protocol(format!("batch {} has no uploaded file", b.id))
+        })?;
+        let r = self
+            .ctx
+            .provider
+            .create(
+                &file_id,
+                &BatchMeta {
+                    local_id: &b.id,
+                    run_id: &b.run_id,
+                    pipeline: &b.pipeline,
+                    request_count: b.request_count as u64,
+                },
+            )
+            .await;
+        crate::failpoint!("create.after_send");
+        if r.is_ok() {
+            self.note_success();
+        }
+        r
+    }
+
+    pub(super) async fn created(
+        &mut self,
+        b: &BatchRow,
+        remote: RemoteBatch,
+        adopted: bool,
+    ) -> Result<(), RunError> {
+        let ctx = self.ctx;
+        let ok = ctx
+            .store
+            .update_batch(
+                &b.id,
+                "creating",
+                &BatchUpdate {
+                    state: Some("submitted"),
+                    provider_batch_id: Some(remote.id.clone()),
+                    provider_status: Some(remote.raw_status.clone()),
+                    submitted_at: Some(now_ms()),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        crate::failpoint!("create.after_store");
+        self.ambiguous_since.remove(&b.id);
+        self.not_created.remove(&b.id);
+        if ok {
+            if adopted {
+                ctx.observer.event(&Event::Adopted {
+                    batch_id: b.id.clone(),
+                    provider_batch_id: remote.id.clone(),
+                });
+            } else {
+                self.requests_sent += b.request_count as u64;
+                ctx.observer.event(&Event::Submitted {
+                    batch_id: b.id.clone(),
+                    provider_batch_id: remote.id.clone(),
+                    requests: b.request_count as u64,
+                });
+            }
+            self.polls.insert(
+                b.id.clone(),
+                PollClock {
+                    next: Instant::now() + ctx.pipeline.provider.poll_min,
+                    interval: ctx.pipeline.provider.poll_min,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// The provider refused to create the batch for good: its attempts fail (and are
+    /// retried under the cap), nothing was billed.
+    async fn rejected(
+        &mut self,
+        b: &BatchRow,
+        code: Option<String>,
+        message: String,
+    ) -> Result<(), RunError> {
+        let store = self.ctx.store;
+        let error = format!("{}: {message}", code.unwrap_or_else(|| "rejected".into()));
+        tracing::warn!(batch = %b.id, %error, "the provider refused to create the batch");
+        store
+            .update_batch(
+                &b.id,
+                "creating",
+                &BatchUpdate {
+                    state: Some("ended"),
+                    error: Some(error.clone()),
+                    ended_at: Some(now_ms()),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let stats = store
+            .finish_ingest(
+                &b.id,
+                "batch_rejected",
+                &error,
+                self.ctx.pipeline.max_attempts,
+            )
+            .await?;
+        self.ctx.observer.event(&Event::Ingested {
+            batch_id: b.id.clone(),
+            stats,
+        });
+        Ok(())
+    }
+}
