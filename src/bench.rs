@@ -167,6 +167,7 @@ max_requests = {}
         shutdown: Default::default(),
         detach: false,
         provider_forgets: false,
+        budget: Default::default(),
     };
     let t = Instant::now();
     let outcome = worker::run(&ctx).await;

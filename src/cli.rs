@@ -70,6 +70,62 @@ pub enum Command {
     Simulate(SimulateArgs),
     /// Measure end-to-end throughput on synthetic records against the simulator.
     Bench(BenchArgs),
+    /// The cost worksheet of a pipeline, before anything is spent.
+    Plan(PlanArgs),
+    /// Plan vs actual for a run, and the ledger vs the provider's own figures.
+    Reconcile(ReconcileArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+    Csv,
+    Markdown,
+}
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    /// The pipeline file.
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub db: DbArg,
+    /// A pricing file layered over the built-in prices.
+    #[arg(long)]
+    pub pricing: Option<PathBuf>,
+    /// Items per month, for the monthly forecast.
+    #[arg(long)]
+    pub monthly_items: Option<u64>,
+    /// Items of a one-time backfill, forecast apart from the monthly figure.
+    #[arg(long)]
+    pub backfill_items: Option<u64>,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+    /// Shorthand for `--format json`.
+    #[arg(long)]
+    pub json: bool,
+    /// Shorthand for `--format csv`.
+    #[arg(long)]
+    pub csv: bool,
+    /// Shorthand for `--format markdown`.
+    #[arg(long)]
+    pub markdown: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ReconcileArgs {
+    /// A pipeline file, to find its default store.
+    pub file: Option<PathBuf>,
+    #[command(flatten)]
+    pub db: DbArg,
+    /// The run (default: the latest).
+    #[arg(long)]
+    pub run: Option<String>,
+    /// Also compare with a running simulator's bill (its base URL, e.g. http://127.0.0.1:8080).
+    #[arg(long)]
+    pub sim_url: Option<String>,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -104,6 +160,9 @@ pub struct RunArgs {
     /// the next `run` of the pipeline collects them.
     #[arg(long)]
     pub detach: bool,
+    /// Never spend more than this many dollars in this run (overrides `[budget] max_usd`).
+    #[arg(long, value_name = "USD")]
+    pub budget_usd: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -203,6 +262,8 @@ pub async fn main(cli: Cli) -> i32 {
         Command::Status(a) => cmd_status(a).await,
         Command::Cancel(a) => cmd_cancel(a).await,
         Command::Simulate(a) => cmd_simulate(a).await,
+        Command::Plan(a) => cmd_plan(a).await,
+        Command::Reconcile(a) => cmd_reconcile(a).await,
         Command::Bench(a) => crate::bench::run(crate::bench::BenchOptions {
             items: a.items,
             batch_size: a.batch_size,
@@ -420,6 +481,25 @@ async fn cmd_run(a: RunArgs, json_logs: bool) -> Result<i32, Exit> {
             ),
         ));
     }
+    let budget = crate::config::Budget {
+        max: match &a.budget_usd {
+            Some(text) => Some(
+                crate::cost::Usd::parse(text)
+                    .ok()
+                    .filter(|u| u.pico() > 0)
+                    .ok_or_else(|| {
+                        exit(
+                            EXIT_CONFIG,
+                            anyhow::anyhow!(
+                                "--budget-usd: `{text}` is not an amount of dollars above 0"
+                            ),
+                        )
+                    })?,
+            ),
+            None => p.budget.max,
+        },
+        max_item: p.budget.max_item,
+    };
     let output_path = a.out.clone().unwrap_or_else(|| p.output.path.clone());
     let progress = !a.no_progress && !json_logs && std::io::stderr().is_terminal();
     let observer: Box<dyn Observer> = if json_logs {
@@ -442,11 +522,24 @@ async fn cmd_run(a: RunArgs, json_logs: bool) -> Result<i32, Exit> {
         shutdown,
         detach: a.detach,
         provider_forgets: p.provider.simulate,
+        budget,
     };
     let outcome = worker::run(&ctx).await;
     drop(observer);
     let store = &pre.store;
     if let Some(h) = pre.sim {
+        // The in-process simulator's bill dies with it: keep it for `reconcile`.
+        for (batch, requests, usage, cost) in h.sim.batch_bills() {
+            store
+                .record_provider_bill(&crate::store::ProviderBill {
+                    provider_batch_id: batch,
+                    requests,
+                    usage,
+                    cost,
+                    source: "simulator".into(),
+                })
+                .await?;
+        }
         h.stop().await;
     }
     let outcome = outcome.map_err(run_error_exit)?;
@@ -511,6 +604,7 @@ async fn cmd_cancel(a: CancelArgs) -> Result<i32, Exit> {
         shutdown,
         detach: false,
         provider_forgets: false,
+        budget: p.budget,
     };
     let rep = worker::cancel(&ctx, a.run.as_deref(), !a.no_wait)
         .await
@@ -539,6 +633,125 @@ async fn cmd_cancel(a: CancelArgs) -> Result<i32, Exit> {
         "their unfinished items go back to the queue: the next `nightshift run` sends them again"
     );
     pre.store.close().await;
+    Ok(EXIT_OK)
+}
+
+async fn cmd_plan(a: PlanArgs) -> Result<i32, Exit> {
+    let p = load_pipeline(&a.file)?;
+    let pricing_file = a.pricing.clone().or(p.pricing_file.clone());
+    let prices =
+        PriceTable::builtin_with(pricing_file.as_deref()).map_err(|e| exit(EXIT_CONFIG, e))?;
+    let price = prices
+        .lookup(p.provider.kind.as_str(), &p.provider.model)
+        .map_err(|e| exit(EXIT_CONFIG, e))?
+        .clone();
+    let validator = crate::validate::OutputValidator::load(&p.output.schema)
+        .map_err(|e| exit(EXIT_CONFIG, anyhow::anyhow!(e)))?;
+    // Only the request shape and the token counter are needed: no key, no connection.
+    let client = OpenAiClient::new(
+        "http://127.0.0.1:9",
+        secrecy::SecretString::from("plan".to_string()),
+        Duration::from_secs(1),
+        RetryPolicy::default(),
+    )?;
+    use crate::provider::BatchProvider;
+    let name = worker::schema_name(&p.name);
+    let spec = worker::spec(&p, validator.schema(), &name);
+    let shape = client
+        .request_shape(&spec)
+        .map_err(|e| exit(EXIT_CONFIG, anyhow::anyhow!(e)))?;
+    let counter = client.prompt_counter(&spec);
+    let scan = crate::plan::scan_source(&p, &shape, &counter)?;
+    // The store, when there is one, knows what is done and what earlier runs measured.
+    let db = db_path(&a.db, Some(&a.file))?;
+    let (done, history) = if db.exists() {
+        let store = SqliteStore::open(&db).await?;
+        let keys: Vec<[u8; 32]> = scan.items.keys().copied().collect();
+        let done: std::collections::HashSet<[u8; 32]> = store
+            .succeeded_among(&p.name, p.stage(), &keys)
+            .await?
+            .into_iter()
+            .collect();
+        let history = store.history(&p.name, p.stage()).await?;
+        store.close().await;
+        (done, history)
+    } else {
+        (Default::default(), Default::default())
+    };
+    let mut todo_tokens = Vec::new();
+    let mut todo_records = 0;
+    for (key, (tokens, records)) in &scan.items {
+        if !done.contains(key) {
+            todo_tokens.push(*tokens);
+            todo_records += records;
+        }
+    }
+    let ws = crate::plan::Worksheet::compute(crate::plan::PlanInputs {
+        pipeline: &p,
+        price: &price,
+        mode: crate::cost::PricingMode::Batch,
+        exact_tokens: counter.is_exact(),
+        records_read: scan.records_read,
+        quarantined: scan.quarantined,
+        unique_items: scan.items.len() as u64,
+        already_done: done.len() as u64,
+        todo_tokens,
+        todo_records,
+        history,
+        monthly_items: a.monthly_items,
+        backfill_items: a.backfill_items,
+    });
+    let format = if a.json {
+        Format::Json
+    } else if a.csv {
+        Format::Csv
+    } else if a.markdown {
+        Format::Markdown
+    } else {
+        a.format
+    };
+    match format {
+        Format::Table => print!("{}", ws.to_table()),
+        Format::Json => println!("{}", ws.to_json()),
+        Format::Csv => print!("{}", ws.to_csv()),
+        Format::Markdown => print!("{}", ws.to_markdown()),
+    }
+    Ok(EXIT_OK)
+}
+
+async fn cmd_reconcile(a: ReconcileArgs) -> Result<i32, Exit> {
+    let store = open_existing(&a.db, a.file.as_deref()).await?;
+    let pipeline_name = match &a.file {
+        Some(f) => Some(load_pipeline(f)?.name),
+        None => None,
+    };
+    let run = match &a.run {
+        Some(id) => store.run(id).await?,
+        None => store.last_run(pipeline_name.as_deref()).await?,
+    }
+    .ok_or_else(|| exit(EXIT_ERROR, anyhow::anyhow!("no such run in this store")))?;
+    let live = match &a.sim_url {
+        Some(url) => {
+            let url = format!(
+                "{}/_sim/record",
+                url.trim_end_matches('/').trim_end_matches("/v1")
+            );
+            let v: serde_json::Value = reqwest::get(&url)
+                .await
+                .with_context(|| format!("reading the simulator's record at {url}"))?
+                .json()
+                .await
+                .context("the simulator's record is not JSON")?;
+            Some(v)
+        }
+        None => None,
+    };
+    let r = crate::reconcile::reconcile(&store, &run, live.as_ref()).await?;
+    if a.json {
+        println!("{}", r.to_json());
+    } else {
+        print!("{}", r.to_text());
+    }
     Ok(EXIT_OK)
 }
 

@@ -10,6 +10,7 @@
 use sha2::{Digest, Sha256};
 
 use crate::config::{RenderError, Template};
+use crate::cost::tokens::PromptCounter;
 
 /// The fixed parts of a request body around the user message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,6 +75,8 @@ pub struct PreparedRecord {
     pub line: u64,
     pub record_id: String,
     pub key: [u8; 32],
+    /// Prompt tokens of the request (exact for OpenAI models).
+    pub input_tokens: u64,
     /// The user message as a JSON string literal (quoted and escaped).
     pub user_json: String,
     pub body_bytes: usize,
@@ -83,6 +86,7 @@ pub struct PreparedRecord {
 pub fn prepare(
     shape: &RequestShape,
     template: &Template,
+    counter: Option<&PromptCounter>,
     line: u64,
     record_id: String,
     record: &serde_json::Value,
@@ -94,6 +98,7 @@ pub fn prepare(
     Ok(PreparedRecord {
         line,
         record_id,
+        input_tokens: counter.map(|c| c.count(scratch)).unwrap_or(0),
         key: shape.key(&user_json),
         body_bytes: shape.body_len(&user_json),
         user_json,
@@ -123,6 +128,7 @@ mod tests {
         let r = prepare(
             &s,
             &t,
+            None,
             1,
             "a".into(),
             &json!({"name": "Ann \"A\""}),
@@ -145,6 +151,7 @@ mod tests {
         let a = prepare(
             &s,
             &t,
+            None,
             1,
             "sku-1".into(),
             &json!({"sku": "1", "title": "Lamp"}),
@@ -154,6 +161,7 @@ mod tests {
         let b = prepare(
             &s,
             &t,
+            None,
             2,
             "sku-2".into(),
             &json!({"sku": "2", "title": "Lamp"}),
@@ -163,6 +171,7 @@ mod tests {
         let c = prepare(
             &s,
             &t,
+            None,
             3,
             "sku-3".into(),
             &json!({"sku": "3", "title": "Lamp!"}),

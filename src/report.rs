@@ -105,6 +105,8 @@ impl RunReport {
             "standard_cost_per_processed_item_usd": per(self.standard_cost()),
             "saving_per_processed_item_usd": per(self.standard_cost() - self.cost()),
             "anomalies": self.anomalies,
+            "budget_usd": self.run.budget_pico.map(|p| Usd::from_pico(p as i128).to_decimal_string()),
+            "max_item_usd": self.run.max_item_pico.map(|p| Usd::from_pico(p as i128).to_decimal_string()),
         })
     }
 
@@ -201,6 +203,16 @@ impl RunReport {
             None => {
                 let _ = writeln!(s, "  per item   no item processed");
             }
+        }
+        if let Some(cap) = self.run.budget_pico {
+            let cap = Usd::from_pico(cap as i128);
+            let _ = writeln!(
+                s,
+                "  budget     {} cap  ·  {} spent  ·  {} left",
+                cap.display_rounded(6),
+                self.cost().display_rounded(6),
+                (cap - self.cost()).display_rounded(6)
+            );
         }
         if self.anomalies > 0 {
             let _ = writeln!(

@@ -21,7 +21,12 @@ CREATE TABLE runs (
     started_at          INTEGER NOT NULL,
     finished_at         INTEGER,
     exit_code           INTEGER,
-    message             TEXT
+    message             TEXT,
+    -- the spending cap of the run and the per-item cap, in pico-dollars (NULL: none)
+    budget_pico         INTEGER,
+    max_item_pico       INTEGER,
+    -- the plan the run started from (JSON), for `reconcile`
+    plan_json           TEXT
 );
 CREATE INDEX runs_by_pipeline ON runs (pipeline, started_at);
 CREATE INDEX runs_by_start ON runs (started_at);
@@ -52,6 +57,7 @@ CREATE TABLE items (
     shape_id      INTEGER NOT NULL REFERENCES shapes (id),
     user_json     TEXT NOT NULL,
     body_bytes    INTEGER NOT NULL,
+    input_tokens  INTEGER NOT NULL DEFAULT 0,
     state         TEXT NOT NULL CHECK (state IN ('pending', 'in_flight', 'succeeded', 'failed', 'exhausted')),
     attempts      INTEGER NOT NULL DEFAULT 0,
     result        TEXT,
@@ -84,6 +90,8 @@ CREATE TABLE batches (
     pricing_mode       TEXT NOT NULL,
     state              TEXT NOT NULL CHECK (state IN ('planned', 'built', 'uploading', 'uploaded', 'creating', 'submitted', 'ended', 'ingested')),
     request_count      INTEGER NOT NULL,
+    -- worst-case cost reserved against the run's budget when planned
+    reserved_pico      INTEGER NOT NULL DEFAULT 0,
     file_path          TEXT,
     file_sha256        TEXT,
     file_bytes         INTEGER,
@@ -146,6 +154,20 @@ CREATE TABLE ledger (
     created_at           INTEGER NOT NULL
 );
 CREATE INDEX ledger_by_batch ON ledger (batch_id);
+
+-- What the provider says it billed per batch, when it says so (the simulator's bill).
+CREATE TABLE provider_bills (
+    provider_batch_id    TEXT PRIMARY KEY,
+    requests             INTEGER NOT NULL,
+    input_tokens         INTEGER NOT NULL,
+    cached_input_tokens  INTEGER NOT NULL,
+    cache_write_tokens   INTEGER NOT NULL,
+    output_tokens        INTEGER NOT NULL,
+    reasoning_tokens     INTEGER NOT NULL,
+    cost_pico            INTEGER NOT NULL,
+    source               TEXT NOT NULL,
+    recorded_at          INTEGER NOT NULL
+);
 
 -- Things that should not happen but did: duplicate result lines, unknown custom_ids, ...
 CREATE TABLE anomalies (

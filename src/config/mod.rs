@@ -21,8 +21,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use crate::cost::{PriceTable, PricingMode};
+use crate::cost::money::DecimalText;
+use crate::cost::{PriceTable, PricingMode, Usd};
 use crate::sim::SimSettings;
+use rust_decimal::Decimal;
 pub use template::{RenderError, Template};
 
 /// OpenAI's limits for one batch input file.
@@ -150,6 +152,23 @@ struct RawPricing {
     file: Option<String>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBudget {
+    max_usd: Option<DecimalText>,
+    max_item_usd: Option<DecimalText>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlan {
+    timing: Option<String>,
+    unit: Option<String>,
+    expected_output_tokens: Option<u32>,
+    retry_rate: Option<DecimalText>,
+    safety_margin: Option<DecimalText>,
+}
+
 #[derive(Debug, Default)]
 struct RawPipeline {
     name: Option<String>,
@@ -161,6 +180,8 @@ struct RawPipeline {
     retry: Option<RawRetry>,
     batch: Option<RawBatch>,
     pricing: Option<RawPricing>,
+    budget: Option<RawBudget>,
+    plan: Option<RawPlan>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -246,6 +267,46 @@ pub struct BatchLimits {
     pub max_bytes: u64,
 }
 
+/// Spending limits of a run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Budget {
+    /// The run never spends more than this.
+    pub max: Option<Usd>,
+    /// Items whose worst case alone is above this are not sent.
+    pub max_item: Option<Usd>,
+}
+
+/// How the job runs, for the planning worksheet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Timing {
+    Realtime,
+    Queued,
+    Scheduled,
+    Backfill,
+}
+
+impl Timing {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Timing::Realtime => "realtime",
+            Timing::Queued => "queued",
+            Timing::Scheduled => "scheduled",
+            Timing::Backfill => "backfill",
+        }
+    }
+}
+
+/// The assumptions `nightshift plan` uses where the store has no history yet.
+#[derive(Clone, Debug)]
+pub struct PlanSettings {
+    pub timing: Timing,
+    /// What one processed item is called (`product`, `ticket`).
+    pub unit: String,
+    pub expected_output_tokens: Option<u32>,
+    pub retry_rate: Decimal,
+    pub safety_margin: Decimal,
+}
+
 /// A validated pipeline.
 #[derive(Clone, Debug)]
 pub struct Pipeline {
@@ -262,6 +323,8 @@ pub struct Pipeline {
     pub max_attempts: u32,
     pub batch: BatchLimits,
     pub pricing_file: Option<PathBuf>,
+    pub budget: Budget,
+    pub plan: PlanSettings,
 }
 
 /// The one stage every pipeline has today; the store keys items by stage already.
@@ -405,6 +468,8 @@ const TOP_LEVEL: &[&str] = &[
     "retry",
     "batch",
     "pricing",
+    "budget",
+    "plan",
 ];
 
 fn parse(text: &str) -> (Option<RawPipeline>, Vec<Problem>) {
@@ -438,6 +503,8 @@ fn parse(text: &str) -> (Option<RawPipeline>, Vec<Problem>) {
             "retry" => raw.retry = section(&key, value, &mut problems),
             "batch" => raw.batch = section(&key, value, &mut problems),
             "pricing" => raw.pricing = section(&key, value, &mut problems),
+            "budget" => raw.budget = section(&key, value, &mut problems),
+            "plan" => raw.plan = section(&key, value, &mut problems),
             other => problems.push(Problem::new(
                 other,
                 format!("unknown key (expected one of: {})", TOP_LEVEL.join(", ")),
@@ -858,6 +925,78 @@ fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> Result<Pipeline, Vec<P
 
     let pricing_file = raw.pricing.and_then(|x| x.file).map(|f| resolve(dir, &f));
 
+    // [budget]
+    let b = raw.budget.unwrap_or_default();
+    let mut money = |field: &str, v: Option<DecimalText>| -> Option<Usd> {
+        let v = v?;
+        match Usd::parse(&v.0) {
+            Ok(u) if u.pico() > 0 => Some(u),
+            Ok(_) => {
+                p.push(Problem::new(format!("budget.{field}"), "must be above 0"));
+                None
+            }
+            Err(e) => {
+                p.push(Problem::new(format!("budget.{field}"), e.to_string()));
+                None
+            }
+        }
+    };
+    let budget = Budget {
+        max: money("max_usd", b.max_usd),
+        max_item: money("max_item_usd", b.max_item_usd),
+    };
+
+    // [plan]
+    let pl = raw.plan.unwrap_or_default();
+    let timing = match pl.timing.as_deref() {
+        None | Some("scheduled") => Timing::Scheduled,
+        Some("realtime") => Timing::Realtime,
+        Some("queued") => Timing::Queued,
+        Some("backfill") => Timing::Backfill,
+        Some(other) => {
+            p.push(Problem::new(
+                "plan.timing",
+                format!("unknown timing `{other}` (realtime, queued, scheduled or backfill)"),
+            ));
+            Timing::Scheduled
+        }
+    };
+    let mut ratio = |field: &str, v: Option<DecimalText>, default: Decimal| -> Decimal {
+        let Some(v) = v else { return default };
+        match v.decimal() {
+            Ok(d) if d >= Decimal::ZERO && d <= Decimal::from(10) => d,
+            Ok(d) => {
+                p.push(Problem::new(
+                    format!("plan.{field}"),
+                    format!("must be between 0 and 10 (a ratio: 0.05 = 5 %), got {d}"),
+                ));
+                default
+            }
+            Err(e) => {
+                p.push(Problem::new(format!("plan.{field}"), e.to_string()));
+                default
+            }
+        }
+    };
+    let retry_rate = ratio("retry_rate", pl.retry_rate, Decimal::new(5, 2));
+    let safety_margin = ratio("safety_margin", pl.safety_margin, Decimal::new(10, 2));
+    if let Some(t) = pl.expected_output_tokens
+        && t > max_output_tokens
+        && max_output_tokens > 0
+    {
+        p.push(Problem::new(
+            "plan.expected_output_tokens",
+            "cannot exceed prompt.max_output_tokens",
+        ));
+    }
+    let plan = PlanSettings {
+        timing,
+        unit: pl.unit.unwrap_or_else(|| "record".into()),
+        expected_output_tokens: pl.expected_output_tokens,
+        retry_rate,
+        safety_margin,
+    };
+
     if !p.is_empty() {
         return Err(p);
     }
@@ -904,6 +1043,8 @@ fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> Result<Pipeline, Vec<P
             max_bytes,
         },
         pricing_file,
+        budget,
+        plan,
     })
 }
 

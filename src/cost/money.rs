@@ -239,6 +239,42 @@ pub fn f64_price_text(v: f64) -> String {
     }
 }
 
+/// A decimal number as written in a config file: decimal text (`"12.50"`), or a number read
+/// back as its shortest text, so `0.1` means exactly one tenth, never its binary neighbour.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DecimalText(pub String);
+
+impl DecimalText {
+    pub fn decimal(&self) -> Result<Decimal, MoneyError> {
+        parse_decimal(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DecimalText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = DecimalText;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a decimal number, e.g. \"0.075\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<DecimalText, E> {
+                Ok(DecimalText(v.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<DecimalText, E> {
+                Ok(DecimalText(v.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<DecimalText, E> {
+                Ok(DecimalText(v.to_string()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<DecimalText, E> {
+                Ok(DecimalText(f64_price_text(v)))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,7 +15,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::money::{MoneyError, TokenPrice, f64_price_text};
+use super::money::{DecimalText, MoneyError, TokenPrice, f64_price_text};
 
 /// The default table, compiled in so a fresh install prices the common models.
 pub const BUILTIN_PRICING_TOML: &str = include_str!("../../config/pricing.toml");
@@ -154,10 +154,10 @@ impl PriceTable {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct RawRates {
-            input: PriceText,
-            cached_input: Option<PriceText>,
-            cache_write: Option<PriceText>,
-            output: PriceText,
+            input: DecimalText,
+            cached_input: Option<DecimalText>,
+            cache_write: Option<DecimalText>,
+            output: DecimalText,
         }
         let file: File = toml::from_str(text).map_err(|e| PricingError::Parse {
             path: origin.to_string(),
@@ -169,7 +169,7 @@ impl PriceTable {
         };
         for (model, entry) in file.models {
             let conv = |mode: &str, r: &RawRates| -> Result<Rates, PricingError> {
-                let p = |field: &str, v: &PriceText| {
+                let p = |field: &str, v: &DecimalText| {
                     TokenPrice::per_million(&v.0).map_err(|source| PricingError::Price {
                         path: origin.to_string(),
                         model: model.clone(),
@@ -375,34 +375,6 @@ fn strip_date_suffix(model: &str) -> &str {
         }
     }
     model
-}
-
-/// A price as written in TOML: decimal text, or a TOML number read back as its shortest text.
-struct PriceText(String);
-
-impl<'de> Deserialize<'de> for PriceText {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = PriceText;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a price in USD per million tokens, e.g. \"0.075\"")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PriceText, E> {
-                Ok(PriceText(v.to_string()))
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<PriceText, E> {
-                Ok(PriceText(v.to_string()))
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<PriceText, E> {
-                Ok(PriceText(v.to_string()))
-            }
-            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<PriceText, E> {
-                Ok(PriceText(f64_price_text(v)))
-            }
-        }
-        d.deserialize_any(V)
-    }
 }
 
 #[cfg(test)]

@@ -105,6 +105,25 @@ impl Tokenizer {
     }
 }
 
+/// Counts the prompt tokens of every request of one shape: a fixed part (system message,
+/// framing, schema) counted once, plus the user message.
+#[derive(Clone, Copy, Debug)]
+pub struct PromptCounter {
+    pub tokenizer: Tokenizer,
+    pub fixed: u64,
+}
+
+impl PromptCounter {
+    pub fn count(&self, user_message: &str) -> u64 {
+        self.fixed + self.tokenizer.count(user_message)
+    }
+
+    /// Whether counts are exact (the model's tokenizer) or an estimate.
+    pub fn is_exact(&self) -> bool {
+        self.tokenizer.is_exact()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -174,6 +174,9 @@ pub trait BatchProvider: Send + Sync + 'static {
     }
     /// The fixed part of every request of a pipeline (see `dedupe`).
     fn request_shape(&self, spec: &RequestSpec<'_>) -> Result<RequestShape, String>;
+    /// Counts the prompt tokens of requests of this shape as the provider bills them (exact
+    /// for models with a known tokenizer, a conservative estimate otherwise).
+    fn prompt_counter(&self, spec: &RequestSpec<'_>) -> crate::cost::tokens::PromptCounter;
     /// An upper bound on the bytes a JSONL line adds around the request body.
     fn line_overhead(&self) -> u64;
     /// Appends one input line (with its newline) to `out`.

@@ -952,12 +952,14 @@ impl Sim {
                 json!({"unexpected": "shape"}).to_string()
             };
         }
-        let reasoning = if is_reasoning_model(model) {
+        let mut visible = tok.count(&content);
+        let reasoning = if s.answer_at_max_tokens {
+            max_tokens.saturating_sub(visible)
+        } else if is_reasoning_model(model) {
             16 + (u64::from(body_hash[9]) % 48)
         } else {
             0
         };
-        let mut visible = tok.count(&content);
         let mut finish = "stop";
         if reasoning + visible > max_tokens {
             let room = max_tokens.saturating_sub(reasoning);
@@ -997,6 +999,25 @@ impl Sim {
             Outcome::Ok
         };
         (line.to_string(), outcome, Some(usage))
+    }
+
+    /// The bill per provider batch: (batch id, billed requests, tokens, cost).
+    pub fn batch_bills(&self) -> Vec<(String, u64, Usage, Usd)> {
+        let inner = self.lock();
+        let mut by: BTreeMap<String, (u64, Usage, Usd)> = BTreeMap::new();
+        for e in &inner.bill {
+            let slot = by.entry(e.batch_id.clone()).or_default();
+            slot.0 += 1;
+            slot.1.add(&Usage {
+                input_tokens: e.input_tokens,
+                cached_input_tokens: e.cached_input_tokens,
+                cache_write_tokens: e.cache_write_tokens,
+                output_tokens: e.output_tokens,
+                reasoning_tokens: e.reasoning_tokens,
+            });
+            slot.2 += e.cost;
+        }
+        by.into_iter().map(|(k, (n, u, c))| (k, n, u, c)).collect()
     }
 
     /// The record of everything accepted and billed.

@@ -59,6 +59,10 @@ pub struct SimSettings {
     /// Extra result lines per batch with custom_ids that were never submitted.
     #[arg(long, default_value_t = 0)]
     pub unknown_lines: u32,
+    /// Every answer uses its whole output budget (`max_completion_tokens`), the rest as
+    /// reasoning: the worst case a budget cap must hold against.
+    #[arg(long, default_value_t = false)]
+    pub answer_at_max_tokens: bool,
 }
 
 impl Default for SimSettings {
@@ -79,6 +83,7 @@ impl Default for SimSettings {
             duplicate_line_rate: 0.0,
             missing_line_rate: 0.0,
             unknown_lines: 0,
+            answer_at_max_tokens: false,
         }
     }
 }

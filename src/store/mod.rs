@@ -82,6 +82,8 @@ pub struct NewRun {
     pub max_attempts: u32,
     pub host: String,
     pub pid: u32,
+    pub budget: Option<Usd>,
+    pub max_item: Option<Usd>,
 }
 
 #[derive(Clone, Debug, sqlx::FromRow)]
@@ -105,6 +107,9 @@ pub struct RunRow {
     pub finished_at: Option<i64>,
     pub exit_code: Option<i64>,
     pub message: Option<String>,
+    pub budget_pico: Option<i64>,
+    pub max_item_pico: Option<i64>,
+    pub plan_json: Option<String>,
 }
 
 /// Where ingested records go: the run, the pipeline stage, the request shape, the source.
@@ -137,6 +142,39 @@ pub struct PlanRequest<'a> {
     pub max_bytes: u64,
     /// Bytes a JSONL line adds around the body (envelope and custom_id), an upper bound.
     pub line_overhead: u64,
+    /// The spending limits this batch must fit in, if any.
+    pub budget: Option<BudgetCheck>,
+}
+
+/// What a planned batch may cost at worst: every request at its counted input tokens plus
+/// `max_output_tokens`, at the prices that apply.
+#[derive(Clone, Copy, Debug)]
+pub struct BudgetCheck {
+    /// Pico-dollars still free under the cap (cap − spent − reserved).
+    pub available: Usd,
+    pub input_price: crate::cost::TokenPrice,
+    pub output_price: crate::cost::TokenPrice,
+    pub max_output_tokens: u64,
+    /// Items whose own worst case is above this many input tokens are left pending.
+    pub max_item_input_tokens: Option<u64>,
+}
+
+impl BudgetCheck {
+    pub fn worst_case(&self, input_tokens: u64) -> Usd {
+        self.input_price.cost(input_tokens) + self.output_price.cost(self.max_output_tokens)
+    }
+}
+
+/// What planning found.
+#[derive(Clone, Debug)]
+pub enum PlanOutcome {
+    Planned(Box<BatchRow>),
+    /// Nothing plannable (within the per-item cap).
+    Nothing,
+    /// Plannable items exist, but not even one fits in what is left of the budget.
+    OverBudget {
+        next_worst_case: Usd,
+    },
 }
 
 #[derive(Clone, Debug, sqlx::FromRow)]
@@ -150,6 +188,7 @@ pub struct BatchRow {
     pub pricing_mode: String,
     pub state: String,
     pub request_count: i64,
+    pub reserved_pico: i64,
     pub file_path: Option<String>,
     pub file_sha256: Option<String>,
     pub file_bytes: Option<i64>,
@@ -289,6 +328,8 @@ pub struct RunFigures {
     pub attempts: u64,
     /// Distinct items that this run submitted at least once.
     pub items_attempted: u64,
+    /// Attempts of this run that came back with an answer (output tokens billed).
+    pub answered: u64,
     pub batches: u64,
     pub ledger: LedgerTotals,
     pub models: Vec<String>,
@@ -315,6 +356,17 @@ pub struct AuditRow {
     pub output_tokens: Option<i64>,
     pub reasoning_tokens: Option<i64>,
     pub cost_pico: Option<i64>,
+}
+
+/// The provider's own bill for one batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProviderBill {
+    pub provider_batch_id: String,
+    pub requests: u64,
+    pub usage: Usage,
+    pub cost: Usd,
+    /// Where the figures came from (`simulator`).
+    pub source: String,
 }
 
 #[derive(Clone, Debug, sqlx::FromRow)]
@@ -381,10 +433,50 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<u64>> + Send;
     /// In one transaction: creates a `planned` batch with up to the limits' worth of
     /// plannable items, an attempt per item, and moves those items to `in_flight`.
-    fn plan_batch(
+    fn plan_batch(&self, req: &PlanRequest<'_>)
+    -> impl Future<Output = Result<PlanOutcome>> + Send;
+    /// What a run has committed to spend: the actual cost of its ingested batches plus the
+    /// reservations of its open ones.
+    fn run_commitment(&self, run_id: &str) -> impl Future<Output = Result<Usd>> + Send;
+    /// Plannable items whose input tokens exceed `max_input_tokens` (refused by the per-item
+    /// cap), and the plannable items in all.
+    fn plannable_over(
         &self,
-        req: &PlanRequest<'_>,
-    ) -> impl Future<Output = Result<Option<BatchRow>>> + Send;
+        pipeline: &str,
+        stage: &str,
+        max_input_tokens: u64,
+    ) -> impl Future<Output = Result<u64>> + Send;
+    /// What earlier attempts of a pipeline stage measured (output tokens, retries).
+    fn history(
+        &self,
+        pipeline: &str,
+        stage: &str,
+    ) -> impl Future<Output = Result<crate::plan::History>> + Send;
+    /// Which of `keys` are items of the stage that already succeeded.
+    fn succeeded_among(
+        &self,
+        pipeline: &str,
+        stage: &str,
+        keys: &[[u8; 32]],
+    ) -> impl Future<Output = Result<Vec<[u8; 32]>>> + Send;
+    /// Prompt tokens of every item waiting to be sent.
+    fn plannable_tokens(
+        &self,
+        pipeline: &str,
+        stage: &str,
+    ) -> impl Future<Output = Result<Vec<u64>>> + Send;
+    /// Records what the provider says it billed for one of its batches.
+    fn record_provider_bill(&self, bill: &ProviderBill) -> impl Future<Output = Result<()>> + Send;
+    fn provider_bill(
+        &self,
+        provider_batch_id: &str,
+    ) -> impl Future<Output = Result<Option<ProviderBill>>> + Send;
+    /// Stores the plan a run starts from.
+    fn set_run_plan(
+        &self,
+        run_id: &str,
+        plan_json: &str,
+    ) -> impl Future<Output = Result<()>> + Send;
     /// Lines of a batch in attempt order, `limit` at a time after `after_attempt_id`.
     fn batch_lines(
         &self,

@@ -141,15 +141,16 @@ fn cached_sql(
     }
 }
 
-/// Binds: pipeline, stage, shape_id, run_id, now; then per row key, user_json, body_bytes.
+/// Binds: pipeline, stage, shape_id, run_id, now; then per row key, user_json, body_bytes,
+/// input_tokens.
 fn insert_items_sql(rows: usize) -> String {
     format!(
         "INSERT INTO items (pipeline, stage, shape_id, first_run_id, created_at, updated_at, state, attempts, \
-         dedupe_key, user_json, body_bytes) \
-         SELECT c.p, c.s, c.sh, c.r, c.t, c.t, 'pending', 0, v.column1, v.column2, v.column3 \
+         dedupe_key, user_json, body_bytes, input_tokens) \
+         SELECT c.p, c.s, c.sh, c.r, c.t, c.t, 'pending', 0, v.column1, v.column2, v.column3, v.column4 \
          FROM (SELECT ? AS p, ? AS s, ? AS sh, ? AS r, ? AS t) AS c, (VALUES {}) AS v \
          WHERE true ON CONFLICT (pipeline, stage, dedupe_key) DO NOTHING",
-        values_sql(rows, 3)
+        values_sql(rows, 4)
     )
 }
 
@@ -215,7 +216,7 @@ fn i64_of(v: u64) -> i64 {
 }
 
 const BATCH_COLUMNS: &str = "id, run_id, pipeline, stage, provider, model, pricing_mode, state, \
-    request_count, file_path, file_sha256, file_bytes, input_file_id, provider_batch_id, \
+    request_count, reserved_pico, file_path, file_sha256, file_bytes, input_file_id, provider_batch_id, \
     provider_status, end_state, output_file_id, error_file_id, provider_usage, error, created_at, \
     submitted_at, ended_at, ingested_at";
 
@@ -223,8 +224,8 @@ impl Store for SqliteStore {
     async fn create_run(&self, run: &NewRun) -> Result<()> {
         sqlx::query(
             "INSERT INTO runs (id, pipeline, stage, status, pipeline_file, source_path, output_path, \
-             provider, model, pricing_mode, max_attempts, host, pid, started_at) \
-             VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+             provider, model, pricing_mode, max_attempts, host, pid, started_at, budget_pico, max_item_pico) \
+             VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
         )
         .bind(&run.id)
         .bind(&run.pipeline)
@@ -239,6 +240,8 @@ impl Store for SqliteStore {
         .bind(&run.host)
         .bind(run.pid as i64)
         .bind(now_ms())
+        .bind(run.budget.map(money_i64).transpose()?)
+        .bind(run.max_item.map(money_i64).transpose()?)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -369,7 +372,8 @@ impl Store for SqliteStore {
                 q = q
                     .bind(&r.key[..])
                     .bind(r.user_json.as_str())
-                    .bind(r.body_bytes as i64);
+                    .bind(r.body_bytes as i64)
+                    .bind(i64_of(r.input_tokens));
             }
             stats.new_items += q.execute(&mut *tx).await?.rows_affected();
             crate::failpoint!("ingest.mid_tx");
@@ -434,22 +438,30 @@ impl Store for SqliteStore {
         .rows_affected())
     }
 
-    async fn plan_batch(&self, req: &PlanRequest<'_>) -> Result<Option<BatchRow>> {
+    async fn plan_batch(&self, req: &PlanRequest<'_>) -> Result<PlanOutcome> {
         let mut tx = self.write_tx().await?;
-        let candidates: Vec<(i64, i64, i64)> = sqlx::query_as(
-            "SELECT id, body_bytes, attempts FROM items WHERE pipeline = $1 AND stage = $2 \
-             AND state IN ('pending', 'failed') ORDER BY id LIMIT $3",
+        let max_item = req
+            .budget
+            .and_then(|b| b.max_item_input_tokens)
+            .map(|t| t.min(i64::MAX as u64) as i64)
+            .unwrap_or(i64::MAX);
+        let candidates: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT id, body_bytes, attempts, input_tokens FROM items WHERE pipeline = $1 AND stage = $2 \
+             AND state IN ('pending', 'failed') AND input_tokens <= $4 ORDER BY id LIMIT $3",
         )
         .bind(req.pipeline)
         .bind(req.stage)
         .bind(req.max_requests as i64)
+        .bind(max_item)
         .fetch_all(&mut *tx)
         .await?;
         let now = now_ms();
         let mut bytes = 0u64;
+        let mut reserved = Usd::ZERO;
         let mut last_id = None;
         let mut count = 0i64;
-        for (id, body, _) in &candidates {
+        let mut over_budget = None;
+        for (id, body, _, tokens) in &candidates {
             let line = *body as u64 + req.line_overhead + 1;
             if line > req.max_bytes {
                 // This request can never fit in a batch file: it is final, not retried.
@@ -472,20 +484,34 @@ impl Store for SqliteStore {
             if bytes + line > req.max_bytes {
                 break;
             }
+            if let Some(b) = &req.budget {
+                let worst = b.worst_case(*tokens as u64);
+                if reserved + worst > b.available {
+                    if last_id.is_none() {
+                        over_budget = Some(worst);
+                    }
+                    break;
+                }
+                reserved += worst;
+            }
             bytes += line;
             last_id = Some(*id);
             count += 1;
         }
         let Some(last_id) = last_id else {
             tx.commit().await?;
-            return Ok(None);
+            return Ok(match over_budget {
+                Some(next_worst_case) => PlanOutcome::OverBudget { next_worst_case },
+                None => PlanOutcome::Nothing,
+            });
         };
         let id = uuid::Uuid::now_v7();
         let batch_id = id.hyphenated().to_string();
         let prefix = format!("b{}-", id.simple());
         sqlx::query(
-            "INSERT INTO batches (id, run_id, pipeline, stage, provider, model, pricing_mode, state, request_count, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'planned', $8, $9)",
+            "INSERT INTO batches (id, run_id, pipeline, stage, provider, model, pricing_mode, state, \
+             request_count, reserved_pico, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'planned', $8, $9, $10)",
         )
         .bind(&batch_id)
         .bind(req.run_id)
@@ -495,14 +521,15 @@ impl Store for SqliteStore {
         .bind(req.model)
         .bind(req.pricing_mode.as_str())
         .bind(count)
+        .bind(money_i64(reserved)?)
         .bind(now)
         .execute(&mut *tx)
         .await?;
         let inserted = sqlx::query(
             "INSERT INTO attempts (item_id, batch_id, attempt_no, custom_id, state, created_at) \
              SELECT id, $1, attempts + 1, $2 || id || '-' || (attempts + 1), 'in_flight', $3 \
-             FROM items WHERE pipeline = $4 AND stage = $5 AND state IN ('pending', 'failed') AND id <= $6 \
-             ORDER BY id",
+             FROM items WHERE pipeline = $4 AND stage = $5 AND state IN ('pending', 'failed') \
+             AND input_tokens <= $7 AND id <= $6 ORDER BY id",
         )
         .bind(&batch_id)
         .bind(&prefix)
@@ -510,24 +537,27 @@ impl Store for SqliteStore {
         .bind(req.pipeline)
         .bind(req.stage)
         .bind(last_id)
+        .bind(max_item)
         .execute(&mut *tx)
         .await?
         .rows_affected();
         crate::failpoint!("plan.mid_tx");
         if candidates
             .iter()
-            .any(|(id, _, tries)| *id <= last_id && *tries > 0)
+            .any(|(id, _, tries, _)| *id <= last_id && *tries > 0)
         {
             crate::failpoint!("retry.mid_tx");
         }
         let moved = sqlx::query(
             "UPDATE items SET state = 'in_flight', attempts = attempts + 1, updated_at = $1 \
-             WHERE pipeline = $2 AND stage = $3 AND state IN ('pending', 'failed') AND id <= $4",
+             WHERE pipeline = $2 AND stage = $3 AND state IN ('pending', 'failed') \
+             AND input_tokens <= $5 AND id <= $4",
         )
         .bind(now)
         .bind(req.pipeline)
         .bind(req.stage)
         .bind(last_id)
+        .bind(max_item)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -543,7 +573,163 @@ impl Store for SqliteStore {
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(Some(row))
+        Ok(PlanOutcome::Planned(Box::new(row)))
+    }
+
+    async fn run_commitment(&self, run_id: &str) -> Result<Usd> {
+        let pico: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(CASE WHEN b.state = 'ingested' \
+                 THEN (SELECT COALESCE(SUM(l.cost_pico), 0) FROM ledger l WHERE l.batch_id = b.id) \
+                 ELSE b.reserved_pico END), 0) \
+             FROM batches b WHERE b.run_id = $1",
+        )
+        .bind(run_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Usd::from_pico(pico as i128))
+    }
+
+    async fn plannable_over(
+        &self,
+        pipeline: &str,
+        stage: &str,
+        max_input_tokens: u64,
+    ) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM items WHERE pipeline = $1 AND stage = $2 \
+             AND state IN ('pending', 'failed') AND input_tokens > $3",
+        )
+        .bind(pipeline)
+        .bind(stage)
+        .bind(max_input_tokens.min(i64::MAX as u64) as i64)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(count(n))
+    }
+
+    async fn history(&self, pipeline: &str, stage: &str) -> Result<crate::plan::History> {
+        let (answered, output): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), COALESCE(SUM(l.output_tokens), 0) FROM ledger l \
+             WHERE l.pipeline = $1 AND l.stage = $2 AND l.output_tokens > 0",
+        )
+        .bind(pipeline)
+        .bind(stage)
+        .fetch_one(&self.pool)
+        .await?;
+        let (attempts, items): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(a.id), COUNT(DISTINCT a.item_id) FROM attempts a \
+             JOIN items i ON i.id = a.item_id WHERE i.pipeline = $1 AND i.stage = $2 \
+             AND a.state <> 'in_flight'",
+        )
+        .bind(pipeline)
+        .bind(stage)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(crate::plan::History {
+            answered: count(answered),
+            output_tokens: count(output),
+            attempts: count(attempts),
+            items_attempted: count(items),
+        })
+    }
+
+    async fn succeeded_among(
+        &self,
+        pipeline: &str,
+        stage: &str,
+        keys: &[[u8; 32]],
+    ) -> Result<Vec<[u8; 32]>> {
+        let mut out = Vec::new();
+        for chunk in keys.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "WITH c(p, s) AS (SELECT ?, ?), v(k) AS (VALUES {}) \
+                 SELECT v.k FROM v WHERE EXISTS (SELECT 1 FROM items i, c WHERE i.pipeline = c.p \
+                 AND i.stage = c.s AND i.dedupe_key = v.k AND i.state = 'succeeded')",
+                values_sql(chunk.len(), 1)
+            );
+            let mut q = sqlx::query_scalar::<_, Vec<u8>>(&sql)
+                .bind(pipeline)
+                .bind(stage);
+            for k in chunk {
+                q = q.bind(&k[..]);
+            }
+            for k in q.fetch_all(&self.pool).await? {
+                if let Ok(a) = <[u8; 32]>::try_from(k.as_slice()) {
+                    out.push(a);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn plannable_tokens(&self, pipeline: &str, stage: &str) -> Result<Vec<u64>> {
+        let v: Vec<i64> = sqlx::query_scalar(
+            "SELECT input_tokens FROM items WHERE pipeline = $1 AND stage = $2 \
+             AND state IN ('pending', 'failed')",
+        )
+        .bind(pipeline)
+        .bind(stage)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(v.into_iter().map(count).collect())
+    }
+
+    async fn record_provider_bill(&self, b: &ProviderBill) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO provider_bills (provider_batch_id, requests, input_tokens, cached_input_tokens, \
+             cache_write_tokens, output_tokens, reasoning_tokens, cost_pico, source, recorded_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+             ON CONFLICT (provider_batch_id) DO UPDATE SET requests = excluded.requests, \
+             input_tokens = excluded.input_tokens, cached_input_tokens = excluded.cached_input_tokens, \
+             cache_write_tokens = excluded.cache_write_tokens, output_tokens = excluded.output_tokens, \
+             reasoning_tokens = excluded.reasoning_tokens, cost_pico = excluded.cost_pico, \
+             source = excluded.source, recorded_at = excluded.recorded_at",
+        )
+        .bind(&b.provider_batch_id)
+        .bind(i64_of(b.requests))
+        .bind(i64_of(b.usage.input_tokens))
+        .bind(i64_of(b.usage.cached_input_tokens))
+        .bind(i64_of(b.usage.cache_write_tokens))
+        .bind(i64_of(b.usage.output_tokens))
+        .bind(i64_of(b.usage.reasoning_tokens))
+        .bind(money_i64(b.cost)?)
+        .bind(&b.source)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn provider_bill(&self, provider_batch_id: &str) -> Result<Option<ProviderBill>> {
+        let row = sqlx::query(
+            "SELECT provider_batch_id, requests, input_tokens, cached_input_tokens, cache_write_tokens, \
+             output_tokens, reasoning_tokens, cost_pico, source FROM provider_bills WHERE provider_batch_id = $1",
+        )
+        .bind(provider_batch_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| ProviderBill {
+            provider_batch_id: r.get(0),
+            requests: count(r.get(1)),
+            usage: Usage {
+                input_tokens: count(r.get(2)),
+                cached_input_tokens: count(r.get(3)),
+                cache_write_tokens: count(r.get(4)),
+                output_tokens: count(r.get(5)),
+                reasoning_tokens: count(r.get(6)),
+            },
+            cost: Usd::from_pico(r.get::<i64, _>(7) as i128),
+            source: r.get(8),
+        }))
+    }
+
+    async fn set_run_plan(&self, run_id: &str, plan_json: &str) -> Result<()> {
+        sqlx::query("UPDATE runs SET plan_json = $2 WHERE id = $1")
+            .bind(run_id)
+            .bind(plan_json)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn batch_lines(
@@ -865,6 +1051,15 @@ impl Store for SqliteStore {
             .await?,
         );
         f.ledger = ledger_totals(&mut conn, "run_id", run_id).await?;
+        f.answered = count(
+            sqlx::query_scalar(
+                "SELECT COUNT(*) FROM ledger WHERE output_tokens > 0 \
+                 AND batch_id IN (SELECT id FROM batches WHERE run_id = $1)",
+            )
+            .bind(run_id)
+            .fetch_one(&mut *conn)
+            .await?,
+        );
         f.models = sqlx::query_scalar(
             "SELECT DISTINCT model FROM ledger WHERE batch_id IN (SELECT id FROM batches WHERE run_id = $1) \
              AND (output_tokens > 0 OR input_tokens > 0) ORDER BY model",

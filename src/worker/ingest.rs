@@ -5,6 +5,7 @@ use tokio::sync::mpsc;
 
 use super::{Event, RunContext, RunError};
 use crate::config::RenderError;
+use crate::cost::tokens::PromptCounter;
 use crate::dedupe::{PreparedRecord, RequestShape, prepare};
 use crate::provider::BatchProvider;
 use crate::source::{Quarantined, SourceError, SourceEvent, SourceReader};
@@ -31,6 +32,7 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
     run_id: &str,
     shape: &RequestShape,
     shape_id: i64,
+    counter: PromptCounter,
 ) -> Result<bool, RunError> {
     let p = ctx.pipeline;
     let reader = SourceReader::open(p)?;
@@ -43,7 +45,15 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
         for ev in reader {
             match ev {
                 Ok(SourceEvent::Record(r)) => {
-                    match prepare(&shape, &template, r.line, r.id, &r.value, &mut scratch) {
+                    match prepare(
+                        &shape,
+                        &template,
+                        Some(&counter),
+                        r.line,
+                        r.id,
+                        &r.value,
+                        &mut scratch,
+                    ) {
                         Ok(prepared) => chunk.records.push(prepared),
                         Err(e) => {
                             let field = match &e {

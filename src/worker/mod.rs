@@ -26,7 +26,8 @@ use crate::dedupe::RequestShape;
 use crate::fsutil::{self, AtomicFile};
 use crate::provider::{BatchProvider, ProviderError, RequestSpec};
 use crate::store::{
-    ApplyStats, BatchRow, BatchUpdate, NewRun, PlanRequest, RunStatus, Store, StoreError, now_ms,
+    ApplyStats, BatchRow, BatchUpdate, NewRun, PlanOutcome, PlanRequest, RunStatus, Store,
+    StoreError, now_ms,
 };
 use crate::validate::OutputValidator;
 
@@ -194,6 +195,8 @@ pub struct RunContext<'a, S: Store, P: BatchProvider> {
     /// The provider's state did not survive the last process (the in-process simulator):
     /// batches already sent are lost and their items go back to the queue.
     pub provider_forgets: bool,
+    /// The run's spending limits (the pipeline's `[budget]`, or `--budget-usd`).
+    pub budget: crate::config::Budget,
 }
 
 /// Where batch input files live.
@@ -232,6 +235,8 @@ struct PollClock {
 enum Stop {
     /// Nothing of the pipeline is open any more.
     Done,
+    /// Items are left that the budget does not allow sending.
+    Budget,
     /// A stop was requested.
     Interrupted,
     /// `--detach`: everything ready was sent.
@@ -258,6 +263,8 @@ pub(crate) struct Runner<'a, S: Store, P: BatchProvider> {
     last_transient: Option<ProviderError>,
     /// Set when a batch is deliberately left for later (reconcile grace period).
     waiting: bool,
+    /// The worst case of the next item when the budget stopped planning.
+    budget_blocked: Option<crate::cost::Usd>,
 }
 
 impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
@@ -290,22 +297,72 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
             transient_streak: 0,
             last_transient: None,
             waiting: false,
+            budget_blocked: None,
         })
     }
 
     fn shape(&self) -> Result<RequestShape, RunError> {
         let p = self.ctx.pipeline;
+        let name = schema_name(&p.name);
         self.ctx
             .provider
-            .request_shape(&RequestSpec {
-                model: &p.provider.model,
-                system: p.prompt.system.as_deref(),
-                max_output_tokens: p.prompt.max_output_tokens,
-                temperature: p.prompt.temperature,
-                schema: self.validator.schema(),
-                schema_name: &schema_name(&p.name),
-            })
+            .request_shape(&spec(p, self.validator.schema(), &name))
             .map_err(RunError::Config)
+    }
+
+    fn counter(&self) -> crate::cost::tokens::PromptCounter {
+        let p = self.ctx.pipeline;
+        let name = schema_name(&p.name);
+        self.ctx
+            .provider
+            .prompt_counter(&spec(p, self.validator.schema(), &name))
+    }
+
+    /// The budget this planning round must fit in (`None`: no limits).
+    async fn budget_check(&self) -> Result<Option<crate::store::BudgetCheck>, RunError> {
+        let b = self.ctx.budget;
+        if b.max.is_none() && b.max_item.is_none() {
+            return Ok(None);
+        }
+        let available = match b.max {
+            Some(cap) => cap - self.ctx.store.run_commitment(&self.run_id).await?,
+            None => crate::cost::Usd::from_pico(i64::MAX as i128),
+        };
+        let max_out = self.ctx.pipeline.prompt.max_output_tokens as u64;
+        let rates = self.batch_rates;
+        Ok(Some(crate::store::BudgetCheck {
+            available,
+            input_price: rates.input,
+            output_price: rates.output,
+            max_output_tokens: max_out,
+            max_item_input_tokens: b
+                .max_item
+                .map(|m| max_item_input_tokens(m, &rates, max_out)),
+        }))
+    }
+}
+
+/// What the provider is asked for, from the pipeline.
+pub fn spec<'a>(p: &'a Pipeline, schema: &'a serde_json::Value, name: &'a str) -> RequestSpec<'a> {
+    RequestSpec {
+        model: &p.provider.model,
+        system: p.prompt.system.as_deref(),
+        max_output_tokens: p.prompt.max_output_tokens,
+        temperature: p.prompt.temperature,
+        schema,
+        schema_name: name,
+    }
+}
+
+/// The most input tokens an item may have for its worst case to stay within `max_item`.
+fn max_item_input_tokens(max_item: crate::cost::Usd, rates: &Rates, max_out: u64) -> u64 {
+    let room = max_item.pico() - rates.output.cost(max_out).pico();
+    if room < 0 {
+        return 0;
+    }
+    match rates.input.pico_per_token() {
+        0 => u64::MAX,
+        p => (room / p as i128).min(u64::MAX as i128) as u64,
     }
 }
 
@@ -331,6 +388,8 @@ pub async fn run<S: Store, P: BatchProvider>(
             max_attempts: p.max_attempts,
             host: hostname(),
             pid: std::process::id(),
+            budget: ctx.budget.max,
+            max_item: ctx.budget.max_item,
         })
         .await?;
     runner.run_id = run_id.clone();
@@ -366,7 +425,8 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         }
         let shape_id = ctx.store.ensure_shape(shape).await?;
         let t = Instant::now();
-        let complete = ingest::ingest(ctx, &self.run_id, shape, shape_id).await?;
+        let counter = self.counter();
+        let complete = ingest::ingest(ctx, &self.run_id, shape, shape_id, counter).await?;
         self.times.prepare += t.elapsed();
         let revived = ctx
             .store
@@ -379,6 +439,9 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             )));
         }
 
+        if complete {
+            self.record_plan(counter.is_exact()).await?;
+        }
         let pending = ctx.store.plannable_count(&p.name, p.stage()).await?;
         let open = ctx.store.open_batches(Some(&p.name)).await?;
         if !open.is_empty() {
@@ -408,6 +471,41 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                         .into(),
                 ),
             )),
+            Stop::Budget => {
+                let spent = ctx.store.run_commitment(&self.run_id).await?;
+                let left = ctx.store.plannable_count(&p.name, p.stage()).await?;
+                let mut why = Vec::new();
+                if let (Some(cap), Some(next)) = (ctx.budget.max, self.budget_blocked) {
+                    why.push(format!(
+                        "budget: spent {} of {}; the next item's worst case {} does not fit",
+                        spent.display_rounded(6),
+                        cap.display_rounded(6),
+                        next.display_rounded(6)
+                    ));
+                }
+                if let Some(max_item) = ctx.budget.max_item {
+                    let limit = max_item_input_tokens(
+                        max_item,
+                        &self.batch_rates,
+                        p.prompt.max_output_tokens as u64,
+                    );
+                    let refused = ctx.store.plannable_over(&p.name, p.stage(), limit).await?;
+                    if refused > 0 {
+                        why.push(format!(
+                            "{refused} item(s) refused: their worst case alone is above max_item_usd {}",
+                            max_item.display_rounded(6)
+                        ));
+                    }
+                }
+                Ok((
+                    RunStatus::Failed,
+                    1,
+                    Some(format!(
+                        "{left} item(s) left pending ({}); raise the limit and run again to send them",
+                        why.join("; ")
+                    )),
+                ))
+            }
             Stop::Detached => Ok((
                 RunStatus::Detached,
                 0,
@@ -450,17 +548,33 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 max_requests: p.batch.max_requests,
                 max_bytes: p.batch.max_bytes,
                 line_overhead: ctx.provider.line_overhead(),
+                budget: None,
             };
             let t = Instant::now();
+            self.budget_blocked = None;
+            let mut nothing_fits = false;
             while !ctx.shutdown.is_set() {
-                let Some(b) = ctx.store.plan_batch(&req).await? else {
-                    break;
+                let req = PlanRequest {
+                    budget: self.budget_check().await?,
+                    ..req.clone()
                 };
-                crate::failpoint!("plan.after_commit");
-                ctx.observer.event(&Event::Planned {
-                    batch_id: b.id.clone(),
-                    requests: b.request_count as u64,
-                });
+                match ctx.store.plan_batch(&req).await? {
+                    PlanOutcome::Planned(b) => {
+                        crate::failpoint!("plan.after_commit");
+                        ctx.observer.event(&Event::Planned {
+                            batch_id: b.id.clone(),
+                            requests: b.request_count as u64,
+                        });
+                    }
+                    PlanOutcome::Nothing => {
+                        nothing_fits = true;
+                        break;
+                    }
+                    PlanOutcome::OverBudget { next_worst_case } => {
+                        self.budget_blocked = Some(next_worst_case);
+                        break;
+                    }
+                }
             }
             self.times.prepare += t.elapsed();
 
@@ -468,6 +582,10 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             if open.is_empty() {
                 if ctx.store.plannable_count(&p.name, p.stage()).await? == 0 {
                     return Ok(Stop::Done);
+                }
+                if self.budget_blocked.is_some() || nothing_fits {
+                    // What is left does not fit the budget (or the per-item cap).
+                    return Ok(Stop::Budget);
                 }
                 continue;
             }
@@ -526,6 +644,37 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                     .await;
             }
         }
+    }
+
+    /// Stores the worksheet this run starts from, for `reconcile` to hold it against.
+    async fn record_plan(&self, exact_tokens: bool) -> Result<(), RunError> {
+        let ctx = self.ctx;
+        let p = ctx.pipeline;
+        let store = ctx.store;
+        let run = store
+            .run(&self.run_id)
+            .await?
+            .ok_or_else(|| StoreError::Invalid("the run row vanished".into()))?;
+        let f = store.run_figures(&self.run_id).await?;
+        let ws = crate::plan::Worksheet::compute(crate::plan::PlanInputs {
+            pipeline: p,
+            price: ctx.price,
+            mode: ctx.provider.pricing_mode(),
+            exact_tokens,
+            records_read: run.records_read as u64,
+            quarantined: run.records_quarantined as u64,
+            unique_items: f.unique_items,
+            already_done: f.succeeded,
+            todo_tokens: store.plannable_tokens(&p.name, p.stage()).await?,
+            todo_records: f.records_valid.saturating_sub(f.processed_records),
+            history: store.history(&p.name, p.stage()).await?,
+            monthly_items: None,
+            backfill_items: None,
+        });
+        store
+            .set_run_plan(&self.run_id, &ws.to_json().to_string())
+            .await?;
+        Ok(())
     }
 
     /// With the in-process simulator, batches sent by an earlier process died with it: their

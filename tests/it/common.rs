@@ -186,6 +186,7 @@ pub async fn run_against(
         shutdown: Default::default(),
         detach: false,
         provider_forgets: false,
+        budget: p.budget,
     };
     let outcome = worker::run(&ctx).await.unwrap();
     (outcome, store)

@@ -3,6 +3,7 @@
 
 mod cli;
 mod common;
+mod cost;
 mod crash;
 mod faults;
 mod pipeline;

@@ -3,7 +3,16 @@
 
 use nightshift::cost::{PricingMode, Usage, Usd};
 use nightshift::dedupe::{PreparedRecord, RequestShape};
-use nightshift::store::{AttemptOutcome, IngestTarget, NewRun, PlanRequest, SqliteStore, Store};
+use nightshift::store::{
+    AttemptOutcome, IngestTarget, NewRun, PlanOutcome, PlanRequest, SqliteStore, Store,
+};
+
+fn planned(o: PlanOutcome) -> Option<nightshift::store::BatchRow> {
+    match o {
+        PlanOutcome::Planned(b) => Some(*b),
+        _ => None,
+    }
+}
 
 async fn seeded(n: usize) -> (SqliteStore, String) {
     let s = SqliteStore::open_in_memory().await.unwrap();
@@ -20,6 +29,8 @@ async fn seeded(n: usize) -> (SqliteStore, String) {
         max_attempts: 2,
         host: "h".into(),
         pid: 1,
+        budget: None,
+        max_item: None,
     })
     .await
     .unwrap();
@@ -29,6 +40,7 @@ async fn seeded(n: usize) -> (SqliteStore, String) {
         .map(|i| {
             let user = format!("\"u{}\"", i % (n - 1).max(1));
             PreparedRecord {
+                input_tokens: 10,
                 line: i as u64 + 1,
                 record_id: format!("r{i}"),
                 key: shape.key(&user),
@@ -70,16 +82,17 @@ fn plan(run: &str) -> PlanRequest<'_> {
         max_requests: 1000,
         max_bytes: 1 << 20,
         line_overhead: 144,
+        budget: None,
     }
 }
 
 #[tokio::test]
 async fn applying_the_same_results_twice_changes_nothing() {
     let (s, run) = seeded(11).await;
-    let b = s.plan_batch(&plan(&run)).await.unwrap().unwrap();
+    let b = planned(s.plan_batch(&plan(&run)).await.unwrap()).unwrap();
     assert_eq!(b.request_count, 10);
     assert!(
-        s.plan_batch(&plan(&run)).await.unwrap().is_none(),
+        planned(s.plan_batch(&plan(&run)).await.unwrap()).is_none(),
         "nothing left to plan"
     );
     let attempts = s.batch_attempts(&b.id).await.unwrap();
@@ -126,7 +139,7 @@ async fn applying_the_same_results_twice_changes_nothing() {
     let s_ = s.clone();
     let rest = s_.finish_ingest(&b.id, "missing", "x", 2).await.unwrap();
     assert_eq!(rest.applied, 0, "every attempt had a result");
-    let b2 = s.plan_batch(&plan(&run)).await.unwrap().unwrap();
+    let b2 = planned(s.plan_batch(&plan(&run)).await.unwrap()).unwrap();
     assert_eq!(b2.request_count, 5);
     let a2 = s.batch_attempts(&b2.id).await.unwrap();
     assert!(
@@ -139,7 +152,7 @@ async fn applying_the_same_results_twice_changes_nothing() {
         .await
         .unwrap();
     assert_eq!((rest.applied, rest.exhausted), (5, 5));
-    assert!(s.plan_batch(&plan(&run)).await.unwrap().is_none());
+    assert!(planned(s.plan_batch(&plan(&run)).await.unwrap()).is_none());
     let f = s.run_figures(&run).await.unwrap();
     assert_eq!(
         (f.succeeded, f.exhausted, f.records_valid, f.unique_items),
@@ -153,7 +166,7 @@ async fn an_oversized_request_is_exhausted_not_sent() {
     let (s, run) = seeded(3).await;
     let mut req = plan(&run);
     req.max_bytes = 100; // smaller than any line
-    assert!(s.plan_batch(&req).await.unwrap().is_none());
+    assert!(planned(s.plan_batch(&req).await.unwrap()).is_none());
     let f = s.run_figures(&run).await.unwrap();
     assert_eq!(f.exhausted, f.unique_items);
 }

@@ -17,6 +17,7 @@ use tokio::io::AsyncWriteExt;
 use super::types::{self, Batch, ChatCompletion, FileObject, ListPage, OutputLine};
 use super::{ENDPOINT, META_BATCH_ID};
 use crate::cost::Usage;
+use crate::cost::tokens::{PromptCounter, Tokenizer};
 use crate::dedupe::{RequestShape, USER_SLOT};
 use crate::provider::http::{self, RetryPolicy};
 use crate::provider::{
@@ -181,6 +182,14 @@ impl From<Batch> for RemoteBatch {
     }
 }
 
+/// The structured-output request: the pipeline's schema, strict.
+fn response_format(spec: &RequestSpec<'_>) -> Value {
+    json!({
+        "type": "json_schema",
+        "json_schema": {"name": spec.schema_name, "schema": spec.schema, "strict": true}
+    })
+}
+
 impl BatchProvider for OpenAiClient {
     fn kind(&self) -> &'static str {
         "openai"
@@ -196,16 +205,28 @@ impl BatchProvider for OpenAiClient {
             "model": spec.model,
             "messages": messages,
             "max_completion_tokens": spec.max_output_tokens,
-            "response_format": {
-                "type": "json_schema",
-                "json_schema": {"name": spec.schema_name, "schema": spec.schema, "strict": true}
-            }
+            "response_format": response_format(spec),
         });
         if let Some(t) = spec.temperature {
             body["temperature"] = json!(t);
         }
         // serde_json's map is ordered by key: this is the canonical form.
         RequestShape::from_canonical_with_slot(&body.to_string())
+    }
+
+    fn prompt_counter(&self, spec: &RequestSpec<'_>) -> PromptCounter {
+        let tokenizer = Tokenizer::for_model(spec.model);
+        // Exactly what the request carries: the same response_format JSON the shape holds.
+        let rf = response_format(spec).to_string();
+        let mut messages = Vec::new();
+        if let Some(sys) = spec.system {
+            messages.push(("system", sys));
+        }
+        messages.push(("user", ""));
+        PromptCounter {
+            tokenizer,
+            fixed: tokenizer.chat_prompt_tokens(messages, Some(&rf)),
+        }
     }
 
     fn line_overhead(&self) -> u64 {

@@ -1,0 +1,450 @@
+//! Reconciliation: did the run do what the plan said, and does the ledger match the
+//! provider's own numbers?
+//!
+//! Plan vs actual compares the worksheet stored when the run started with what the store
+//! shows now. Ledger vs provider compares, batch by batch, the sum of our ledger rows with
+//! the provider's batch usage (OpenAI reports it) and with its bill when we have one (the
+//! simulator's, recorded at the end of a simulated run or read live from a simulator).
+//! Differences are shown, never hidden.
+
+use std::collections::HashMap;
+
+use rust_decimal::{Decimal, RoundingStrategy};
+use serde_json::{Value, json};
+
+use crate::cost::{Usage, Usd};
+use crate::store::{LedgerTotals, ProviderBill, RunRow, Store, StoreError};
+
+/// One line of plan vs actual.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Line {
+    pub figure: &'static str,
+    pub plan: String,
+    pub actual: String,
+    pub difference: String,
+}
+
+/// One batch: our ledger against the provider's figures.
+#[derive(Clone, Debug)]
+pub struct BatchCheck {
+    pub batch_id: String,
+    pub provider_batch_id: Option<String>,
+    pub ledger: LedgerTotals,
+    pub provider_usage: Option<Usage>,
+    pub bill: Option<ProviderBill>,
+}
+
+impl BatchCheck {
+    /// Whether our ledger equals the provider's batch usage (`None`: no usage reported).
+    pub fn usage_matches(&self) -> Option<bool> {
+        self.provider_usage.map(|u| {
+            u.input_tokens == self.ledger.usage.input_tokens
+                && u.output_tokens == self.ledger.usage.output_tokens
+                && u.cached_input_tokens == self.ledger.usage.cached_input_tokens
+        })
+    }
+
+    /// Whether our ledger equals the provider's bill, tokens and cost.
+    pub fn bill_matches(&self) -> Option<bool> {
+        self.bill
+            .as_ref()
+            .map(|b| b.usage == self.ledger.usage && b.cost == self.ledger.cost)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Reconciliation {
+    pub run_id: String,
+    pub pipeline: String,
+    pub lines: Vec<Line>,
+    pub batches: Vec<BatchCheck>,
+}
+
+fn dec(v: &Value) -> Option<Decimal> {
+    v.as_str().and_then(|s| s.parse().ok())
+}
+
+fn fmt(d: Decimal, places: u32) -> String {
+    d.round_dp_with_strategy(places, RoundingStrategy::MidpointAwayFromZero)
+        .normalize()
+        .to_string()
+}
+
+fn diff(plan: Option<Decimal>, actual: Decimal, places: u32) -> String {
+    match plan {
+        None => "-".into(),
+        Some(p) => {
+            let d = actual - p;
+            let pct = if p.is_zero() {
+                String::new()
+            } else {
+                format!(" ({}%)", fmt(d / p * Decimal::from(100), 1))
+            };
+            format!(
+                "{}{}{pct}",
+                if d >= Decimal::ZERO { "+" } else { "" },
+                fmt(d, places)
+            )
+        }
+    }
+}
+
+/// The bill per provider batch from a live simulator record (`GET /_sim/record`).
+pub fn bills_from_record(record: &Value) -> HashMap<String, ProviderBill> {
+    let mut out: HashMap<String, ProviderBill> = HashMap::new();
+    for e in record["bill"]["per_custom_id"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let id = e["batch_id"].as_str().unwrap_or_default().to_string();
+        let b = out.entry(id.clone()).or_insert_with(|| ProviderBill {
+            provider_batch_id: id,
+            requests: 0,
+            usage: Usage::default(),
+            cost: Usd::ZERO,
+            source: "simulator (live)".into(),
+        });
+        b.requests += 1;
+        b.usage.add(&Usage {
+            input_tokens: e["input_tokens"].as_u64().unwrap_or(0),
+            cached_input_tokens: e["cached_input_tokens"].as_u64().unwrap_or(0),
+            cache_write_tokens: e["cache_write_tokens"].as_u64().unwrap_or(0),
+            output_tokens: e["output_tokens"].as_u64().unwrap_or(0),
+            reasoning_tokens: e["reasoning_tokens"].as_u64().unwrap_or(0),
+        });
+        b.cost += e["cost_usd"]
+            .as_str()
+            .and_then(|s| Usd::parse(s).ok())
+            .unwrap_or(Usd::ZERO);
+    }
+    out
+}
+
+/// Custom ids a live simulator saw in more than one created batch.
+pub fn duplicates_in_record(record: &Value) -> u64 {
+    let mut seen: HashMap<&str, u64> = HashMap::new();
+    for b in record["batches"].as_array().into_iter().flatten() {
+        for r in b["requests"].as_array().into_iter().flatten() {
+            *seen
+                .entry(r["custom_id"].as_str().unwrap_or_default())
+                .or_default() += 1;
+        }
+    }
+    seen.values().map(|n| n - 1).sum()
+}
+
+pub async fn reconcile<S: Store>(
+    store: &S,
+    run: &RunRow,
+    live: Option<&Value>,
+) -> Result<Reconciliation, StoreError> {
+    let f = store.run_figures(&run.id).await?;
+    let plan: Value = run
+        .plan_json
+        .as_deref()
+        .and_then(|t| serde_json::from_str(t).ok())
+        .unwrap_or(Value::Null);
+    let u = &f.ledger.usage;
+    let per = |total: u64, n: u64| {
+        if n == 0 {
+            Decimal::ZERO
+        } else {
+            Decimal::from(total) / Decimal::from(n)
+        }
+    };
+    let items_to_send = plan["items"]["to_send"].as_u64().map(Decimal::from);
+    let retry_plan = dec(&plan["retry_rate"]["value"]);
+    let retries = f.attempts.saturating_sub(f.items_attempted);
+    let duplicate_submissions = live.map(duplicates_in_record).unwrap_or(0);
+    let mut lines = vec![
+        Line {
+            figure: "items sent",
+            plan: items_to_send.map(|d| d.to_string()).unwrap_or("-".into()),
+            actual: f.items_attempted.to_string(),
+            difference: diff(items_to_send, Decimal::from(f.items_attempted), 0),
+        },
+        Line {
+            figure: "processed records",
+            plan: plan["records"]["to_process"]
+                .as_u64()
+                .map(|v| v.to_string())
+                .unwrap_or("-".into()),
+            actual: f.processed_records.to_string(),
+            difference: diff(
+                plan["records"]["to_process"].as_u64().map(Decimal::from),
+                Decimal::from(f.processed_records),
+                0,
+            ),
+        },
+        Line {
+            figure: "input tokens per call (mean)",
+            plan: dec(&plan["input_tokens_per_call"]["mean"])
+                .map(|d| fmt(d, 1))
+                .unwrap_or("-".into()),
+            actual: fmt(per(u.input_tokens, f.answered), 1),
+            difference: diff(
+                dec(&plan["input_tokens_per_call"]["mean"]),
+                per(u.input_tokens, f.answered),
+                1,
+            ),
+        },
+        Line {
+            figure: "output tokens per call (mean)",
+            plan: dec(&plan["output_tokens_per_call"]["value"])
+                .map(|d| fmt(d, 1))
+                .unwrap_or("-".into()),
+            actual: fmt(per(u.output_tokens, f.answered), 1),
+            difference: diff(
+                dec(&plan["output_tokens_per_call"]["value"]),
+                per(u.output_tokens, f.answered),
+                1,
+            ),
+        },
+        Line {
+            figure: "validation calls (answers checked)",
+            plan: match (items_to_send, retry_plan) {
+                (Some(n), Some(r)) => fmt(n * (Decimal::ONE + r), 1),
+                _ => "-".into(),
+            },
+            actual: f.answered.to_string(),
+            difference: diff(
+                items_to_send
+                    .zip(retry_plan)
+                    .map(|(n, r)| n * (Decimal::ONE + r)),
+                Decimal::from(f.answered),
+                1,
+            ),
+        },
+        Line {
+            figure: "failed items",
+            plan: "0".into(),
+            actual: f.exhausted.to_string(),
+            difference: diff(Some(Decimal::ZERO), Decimal::from(f.exhausted), 0),
+        },
+        Line {
+            figure: "retry attempts",
+            plan: items_to_send
+                .zip(retry_plan)
+                .map(|(n, r)| fmt(n * r, 1))
+                .unwrap_or("-".into()),
+            actual: retries.to_string(),
+            difference: diff(
+                items_to_send.zip(retry_plan).map(|(n, r)| n * r),
+                Decimal::from(retries),
+                1,
+            ),
+        },
+        Line {
+            figure: "duplicate submissions",
+            plan: "0".into(),
+            actual: if live.is_some() {
+                duplicate_submissions.to_string()
+            } else {
+                "0 (no provider record to check)".into()
+            },
+            difference: diff(Some(Decimal::ZERO), Decimal::from(duplicate_submissions), 0),
+        },
+        Line {
+            figure: "model",
+            plan: plan["model"].as_str().unwrap_or(&run.model).to_string(),
+            actual: if f.models.is_empty() {
+                "-".into()
+            } else {
+                f.models.join(", ")
+            },
+            difference: String::new(),
+        },
+        Line {
+            figure: "pricing mode",
+            plan: plan["pricing_mode"].as_str().unwrap_or("-").to_string(),
+            actual: run.pricing_mode.clone(),
+            difference: String::new(),
+        },
+        Line {
+            figure: "cost (USD)",
+            plan: dec(&plan["expected_cost_usd"])
+                .map(|d| fmt(d, 6))
+                .unwrap_or("-".into()),
+            actual: fmt(f.ledger.cost.to_decimal(), 6),
+            difference: diff(
+                dec(&plan["expected_cost_usd"]),
+                f.ledger.cost.to_decimal(),
+                6,
+            ),
+        },
+        Line {
+            figure: "worst case (USD)",
+            plan: dec(&plan["worst_case_cost_usd"])
+                .map(|d| fmt(d, 6))
+                .unwrap_or("-".into()),
+            actual: fmt(f.ledger.cost.to_decimal(), 6),
+            difference: diff(
+                dec(&plan["worst_case_cost_usd"]),
+                f.ledger.cost.to_decimal(),
+                6,
+            ),
+        },
+    ];
+    if let Some(cap) = run.budget_pico {
+        let cap = Usd::from_pico(cap as i128).to_decimal();
+        lines.push(Line {
+            figure: "budget cap (USD)",
+            plan: fmt(cap, 6),
+            actual: fmt(f.ledger.cost.to_decimal(), 6),
+            difference: diff(Some(cap), f.ledger.cost.to_decimal(), 6),
+        });
+    }
+    let live_bills = live.map(bills_from_record).unwrap_or_default();
+    let mut batches = Vec::new();
+    for b in store.run_batches(&run.id).await? {
+        let ledger = store.ledger_totals_for_batch(&b.id).await?;
+        let provider_usage = b
+            .provider_usage
+            .as_deref()
+            .and_then(|t| serde_json::from_str::<Usage>(t).ok());
+        let bill = match &b.provider_batch_id {
+            Some(pid) => match live_bills.get(pid) {
+                Some(bill) => Some(bill.clone()),
+                None if live.is_some() => Some(ProviderBill {
+                    provider_batch_id: pid.clone(),
+                    requests: 0,
+                    usage: Usage::default(),
+                    cost: Usd::ZERO,
+                    source: "simulator (live)".into(),
+                }),
+                None => store.provider_bill(pid).await?,
+            },
+            None => None,
+        };
+        batches.push(BatchCheck {
+            batch_id: b.id,
+            provider_batch_id: b.provider_batch_id,
+            ledger,
+            provider_usage,
+            bill,
+        });
+    }
+    Ok(Reconciliation {
+        run_id: run.id.clone(),
+        pipeline: run.pipeline.clone(),
+        lines,
+        batches,
+    })
+}
+
+impl Reconciliation {
+    /// Batches whose ledger differs from a provider figure.
+    pub fn mismatches(&self) -> usize {
+        self.batches
+            .iter()
+            .filter(|b| b.usage_matches() == Some(false) || b.bill_matches() == Some(false))
+            .count()
+    }
+
+    pub fn to_text(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let _ = writeln!(s, "run {}  pipeline {}", self.run_id, self.pipeline);
+        let _ = writeln!(s, "\nplan vs actual");
+        let _ = writeln!(
+            s,
+            "  {:<36} {:>16} {:>16}  difference",
+            "figure", "plan", "actual"
+        );
+        for l in &self.lines {
+            let _ = writeln!(
+                s,
+                "  {:<36} {:>16} {:>16}  {}",
+                l.figure, l.plan, l.actual, l.difference
+            );
+        }
+        let _ = writeln!(s, "\nledger vs provider, per batch");
+        let _ = writeln!(
+            s,
+            "  {:<30} {:>10} {:>10} {:>14}  provider usage       provider bill",
+            "provider batch", "in", "out", "cost_usd"
+        );
+        let mut totals = (LedgerTotals::default(), Usd::ZERO, true);
+        for b in &self.batches {
+            let usage = match (b.provider_usage, b.usage_matches()) {
+                (Some(_), Some(true)) => "= ledger".to_string(),
+                (Some(u), _) => format!("in {} out {} ≠", u.input_tokens, u.output_tokens),
+                (None, _) => "not reported".to_string(),
+            };
+            let bill = match (&b.bill, b.bill_matches()) {
+                (Some(_), Some(true)) => "= ledger".to_string(),
+                (Some(x), _) => format!("{} ({} req) ≠", x.cost.to_decimal_string(), x.requests),
+                (None, _) => "-".to_string(),
+            };
+            let _ = writeln!(
+                s,
+                "  {:<30} {:>10} {:>10} {:>14}  {:<20} {}",
+                b.provider_batch_id.as_deref().unwrap_or("(not sent)"),
+                b.ledger.usage.input_tokens,
+                b.ledger.usage.output_tokens,
+                b.ledger.cost.to_decimal_string(),
+                usage,
+                bill
+            );
+            totals.0.usage.add(&b.ledger.usage);
+            totals.0.cost += b.ledger.cost;
+            if let Some(x) = &b.bill {
+                totals.1 += x.cost;
+            } else {
+                totals.2 = false;
+            }
+        }
+        let _ = writeln!(
+            s,
+            "  {:<30} {:>10} {:>10} {:>14}  {}",
+            "total",
+            totals.0.usage.input_tokens,
+            totals.0.usage.output_tokens,
+            totals.0.cost.to_decimal_string(),
+            if totals.2 {
+                format!(
+                    "bill {} (difference {})",
+                    totals.1.to_decimal_string(),
+                    (totals.0.cost - totals.1).to_decimal_string()
+                )
+            } else {
+                String::new()
+            }
+        );
+        let m = self.mismatches();
+        let _ = writeln!(
+            s,
+            "\n{}",
+            if m == 0 {
+                "every batch: ledger = provider figures".to_string()
+            } else {
+                format!("{m} batch(es) where the ledger differs from the provider's figures")
+            }
+        );
+        s
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "run_id": self.run_id,
+            "pipeline": self.pipeline,
+            "plan_vs_actual": self.lines.iter().map(|l| json!({
+                "figure": l.figure, "plan": l.plan, "actual": l.actual, "difference": l.difference,
+            })).collect::<Vec<_>>(),
+            "batches": self.batches.iter().map(|b| json!({
+                "batch_id": b.batch_id,
+                "provider_batch_id": b.provider_batch_id,
+                "ledger": {"input_tokens": b.ledger.usage.input_tokens, "cached_input_tokens": b.ledger.usage.cached_input_tokens,
+                    "output_tokens": b.ledger.usage.output_tokens, "reasoning_tokens": b.ledger.usage.reasoning_tokens,
+                    "cost_usd": b.ledger.cost.to_decimal_string()},
+                "provider_usage": b.provider_usage,
+                "usage_matches": b.usage_matches(),
+                "bill": b.bill.as_ref().map(|x| json!({"requests": x.requests, "usage": x.usage,
+                    "cost_usd": x.cost.to_decimal_string(), "source": x.source})),
+                "bill_matches": b.bill_matches(),
+            })).collect::<Vec<_>>(),
+            "mismatches": self.mismatches(),
+        })
+    }
+}
