@@ -18,8 +18,6 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::config::Pipeline;
 use crate::cost::PriceTable;
-use crate::provider::http::RetryPolicy;
-use crate::provider::openai::{DEFAULT_BASE_URL, OpenAiClient};
 use crate::report::{self, RunReport};
 use crate::sim::{Sim, SimSettings};
 use crate::store::{SqliteStore, Store, default_db_path};
@@ -348,7 +346,7 @@ struct Prepared {
     pipeline: Pipeline,
     price: crate::cost::ModelPrice,
     store: SqliteStore,
-    client: OpenAiClient,
+    client: crate::provider::AnyProvider,
     sim: Option<crate::sim::SimHandle>,
     work_dir: PathBuf,
     _lock: crate::store::RunLock,
@@ -393,27 +391,19 @@ async fn prepare(
 
     // `simulate = true`: the built-in simulator on loopback, real HTTP all the way.
     let mut sim = None;
-    let base_url = if p.provider.simulate {
+    if p.provider.simulate {
         let s = Sim::new(p.provider.simulator.clone(), prices.clone())?;
         let h = crate::sim::start(s, "127.0.0.1:0".parse().expect("addr")).await?;
-        let url = h.base_url();
-        eprintln!("simulator listening on {url} (simulate = true: no API key, no charge)");
+        eprintln!(
+            "simulator listening on {} (simulate = true: no API key, no charge)",
+            h.root_url()
+        );
         sim = Some(h);
-        url
-    } else {
-        p.provider
-            .base_url
-            .clone()
-            .unwrap_or_else(|| DEFAULT_BASE_URL.to_string())
-    };
+    }
     let key = crate::provider::resolve_key(&p.provider.key, p.provider.simulate)
         .map_err(|e| exit(EXIT_CONFIG, anyhow::anyhow!(e)))?;
-    let client = OpenAiClient::new(
-        &base_url,
-        key,
-        p.provider.request_timeout,
-        RetryPolicy::default(),
-    )?;
+    let root = sim.as_ref().map(|h| h.root_url());
+    let client = crate::provider::AnyProvider::build(&p.provider, key, root.as_deref())?;
     let work_dir = db
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -648,11 +638,10 @@ async fn cmd_plan(a: PlanArgs) -> Result<i32, Exit> {
     let validator = crate::validate::OutputValidator::load(&p.output.schema)
         .map_err(|e| exit(EXIT_CONFIG, anyhow::anyhow!(e)))?;
     // Only the request shape and the token counter are needed: no key, no connection.
-    let client = OpenAiClient::new(
-        "http://127.0.0.1:9",
+    let client = crate::provider::AnyProvider::build(
+        &p.provider,
         secrecy::SecretString::from("plan".to_string()),
-        Duration::from_secs(1),
-        RetryPolicy::default(),
+        Some("http://127.0.0.1:9"),
     )?;
     use crate::provider::BatchProvider;
     let name = worker::schema_name(&p.name);
@@ -689,7 +678,7 @@ async fn cmd_plan(a: PlanArgs) -> Result<i32, Exit> {
     let ws = crate::plan::Worksheet::compute(crate::plan::PlanInputs {
         pipeline: &p,
         price: &price,
-        mode: crate::cost::PricingMode::Batch,
+        mode: p.provider.pricing_mode(),
         exact_tokens: counter.is_exact(),
         records_read: scan.records_read,
         quarantined: scan.quarantined,

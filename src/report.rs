@@ -161,9 +161,14 @@ impl RunReport {
         );
         let _ = writeln!(
             s,
-            "  tokens     input {}  ·  cached input {}  ·  output {}  ·  reasoning {}",
+            "  tokens     input {}  ·  cached input {}{}  ·  output {}  ·  reasoning {}",
             n(u.input_tokens),
             n(u.cached_input_tokens),
+            if u.cache_write_tokens > 0 {
+                format!("  ·  cache writes {}", n(u.cache_write_tokens))
+            } else {
+                String::new()
+            },
             n(u.output_tokens),
             n(u.reasoning_tokens)
         );

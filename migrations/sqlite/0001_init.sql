@@ -88,6 +88,8 @@ CREATE TABLE batches (
     provider           TEXT NOT NULL,
     model              TEXT NOT NULL,
     pricing_mode       TEXT NOT NULL,
+    -- batch: a provider batch job; online: real-time calls made by the runner itself
+    mode               TEXT NOT NULL DEFAULT 'batch' CHECK (mode IN ('batch', 'online')),
     state              TEXT NOT NULL CHECK (state IN ('planned', 'built', 'uploading', 'uploaded', 'creating', 'submitted', 'ended', 'ingested')),
     request_count      INTEGER NOT NULL,
     -- worst-case cost reserved against the run's budget when planned
@@ -128,6 +130,8 @@ CREATE TABLE attempts (
     finish_reason  TEXT,
     model          TEXT,
     created_at     INTEGER NOT NULL,
+    -- online mode: set (committed) before the request is sent
+    dispatched_at  INTEGER,
     completed_at   INTEGER,
     UNIQUE (item_id, attempt_no)
 );

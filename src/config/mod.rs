@@ -110,6 +110,13 @@ struct RawProvider {
     simulate: Option<bool>,
     simulator: Option<SimSettings>,
     completion_window: Option<String>,
+    mode: Option<String>,
+    deployment: Option<String>,
+    api_version: Option<String>,
+    concurrency: Option<u32>,
+    requests_per_minute: Option<u32>,
+    tokens_per_minute: Option<u64>,
+    retry_online_below: Option<u64>,
     poll_min_seconds: Option<f64>,
     poll_max_seconds: Option<f64>,
     request_timeout_seconds: Option<f64>,
@@ -206,14 +213,57 @@ pub struct SourceConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProviderKind {
     OpenAi,
+    Azure,
+    Anthropic,
+    Gemini,
 }
 
 impl ProviderKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ProviderKind::OpenAi => "openai",
+            ProviderKind::Azure => "azure",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Gemini => "gemini",
         }
     }
+
+    pub fn default_key_env(self) -> &'static str {
+        match self {
+            ProviderKind::OpenAi => "OPENAI_API_KEY",
+            ProviderKind::Azure => "AZURE_OPENAI_API_KEY",
+            ProviderKind::Anthropic => "ANTHROPIC_API_KEY",
+            ProviderKind::Gemini => "GEMINI_API_KEY",
+        }
+    }
+
+    /// The provider's own limits for one batch: (requests, bytes).
+    pub fn batch_limits(self) -> (usize, u64) {
+        match self {
+            ProviderKind::OpenAi => (OPENAI_MAX_REQUESTS, OPENAI_MAX_BYTES),
+            ProviderKind::Azure => (100_000, 200 * 1000 * 1000),
+            ProviderKind::Anthropic => (100_000, 256 * 1000 * 1000),
+            // No documented request cap; files up to 2 GB.
+            ProviderKind::Gemini => (100_000, 2 * 1000 * 1000 * 1000),
+        }
+    }
+}
+
+/// How requests are sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Provider batch jobs, at batch prices.
+    Batch,
+    /// Real-time calls under concurrency and rate limits, at standard prices.
+    Online,
+}
+
+/// The online-mode limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OnlineLimits {
+    pub concurrency: usize,
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u64>,
 }
 
 /// Where the API key comes from. The key itself is read only when a client is built.
@@ -226,7 +276,15 @@ pub enum KeySource {
 #[derive(Clone, Debug)]
 pub struct ProviderConfig {
     pub kind: ProviderKind,
+    pub mode: Mode,
     pub model: String,
+    /// Azure: the deployment the requests name (defaults to `model`).
+    pub deployment: Option<String>,
+    /// Azure: the `api-version` query parameter.
+    pub api_version: String,
+    pub online: OnlineLimits,
+    /// A retry round with fewer items than this goes online instead of into a new batch.
+    pub retry_online_below: Option<u64>,
     pub base_url: Option<String>,
     pub key: KeySource,
     pub simulate: bool,
@@ -242,7 +300,10 @@ pub struct ProviderConfig {
 
 impl ProviderConfig {
     pub fn pricing_mode(&self) -> PricingMode {
-        PricingMode::Batch
+        match self.mode {
+            Mode::Batch => PricingMode::Batch,
+            Mode::Online => PricingMode::Standard,
+        }
     }
 }
 
@@ -735,14 +796,71 @@ fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> Result<Pipeline, Vec<P
     let prov = raw.provider.unwrap_or_default();
     let pkind = match prov.kind.as_deref() {
         Some("openai") | None => ProviderKind::OpenAi,
+        Some("azure") => ProviderKind::Azure,
+        Some("anthropic") => ProviderKind::Anthropic,
+        Some("gemini") => ProviderKind::Gemini,
         Some(other) => {
             p.push(Problem::new(
                 "provider.kind",
-                format!("unknown provider `{other}` (supported: `openai`)"),
+                format!("unknown provider `{other}` (supported: openai, azure, anthropic, gemini)"),
             ));
             ProviderKind::OpenAi
         }
     };
+    let mode = match prov.mode.as_deref() {
+        None | Some("batch") => Mode::Batch,
+        Some("online") => Mode::Online,
+        Some(other) => {
+            p.push(Problem::new(
+                "provider.mode",
+                format!("unknown mode `{other}` (batch or online)"),
+            ));
+            Mode::Batch
+        }
+    };
+    if mode == Mode::Online && matches!(pkind, ProviderKind::Gemini) {
+        p.push(Problem::new(
+            "provider.mode",
+            "online mode speaks OpenAI-compatible chat completions (openai, azure) and Anthropic messages",
+        ));
+    }
+    if prov.deployment.is_some() && pkind != ProviderKind::Azure {
+        p.push(Problem::new(
+            "provider.deployment",
+            "applies only to `kind = \"azure\"`",
+        ));
+    }
+    if pkind == ProviderKind::Azure && prov.base_url.is_none() && !prov.simulate.unwrap_or(false) {
+        p.push(Problem::new(
+            "provider.base_url",
+            "is required for Azure: your resource endpoint, e.g. \"https://my-resource.openai.azure.com\"",
+        ));
+    }
+    let concurrency = prov.concurrency.unwrap_or(8);
+    if !(1..=512).contains(&concurrency) {
+        p.push(Problem::new(
+            "provider.concurrency",
+            "must be between 1 and 512",
+        ));
+    }
+    if prov.requests_per_minute == Some(0) {
+        p.push(Problem::new(
+            "provider.requests_per_minute",
+            "must be above 0",
+        ));
+    }
+    if prov.tokens_per_minute == Some(0) {
+        p.push(Problem::new(
+            "provider.tokens_per_minute",
+            "must be above 0",
+        ));
+    }
+    if prov.retry_online_below.is_some() && mode == Mode::Online {
+        p.push(Problem::new(
+            "provider.retry_online_below",
+            "applies to batch mode (online mode sends everything online already)",
+        ));
+    }
     match prov.model.as_deref() {
         None => p.push(Problem::new(
             "provider.model",
@@ -785,7 +903,7 @@ fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> Result<Pipeline, Vec<P
             }
             KeySource::Env(v.clone())
         }
-        (None, None) => KeySource::Env("OPENAI_API_KEY".into()),
+        (None, None) => KeySource::Env(pkind.default_key_env().into()),
     };
     let simulator = prov.simulator.unwrap_or_default();
     for (field, msg) in simulator.problems() {
@@ -795,7 +913,7 @@ fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> Result<Pipeline, Vec<P
     if completion_window != "24h" {
         p.push(Problem::new(
             "provider.completion_window",
-            "OpenAI accepts only \"24h\"",
+            "batch APIs accept only \"24h\"",
         ));
     }
     let mut dur = |field: &str, v: Option<f64>, default: f64| -> Duration {
@@ -908,18 +1026,25 @@ fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> Result<Pipeline, Vec<P
 
     // [batch]
     let b = raw.batch.unwrap_or_default();
-    let max_requests = b.max_requests.unwrap_or(OPENAI_MAX_REQUESTS as u64);
-    if max_requests == 0 || max_requests > OPENAI_MAX_REQUESTS as u64 {
+    let (limit_requests, limit_bytes) = pkind.batch_limits();
+    let max_requests = b.max_requests.unwrap_or(limit_requests as u64);
+    if max_requests == 0 || max_requests > limit_requests as u64 {
         p.push(Problem::new(
             "batch.max_requests",
-            format!("must be between 1 and {OPENAI_MAX_REQUESTS} (the provider's limit)"),
+            format!(
+                "must be between 1 and {limit_requests} ({}'s limit)",
+                pkind.as_str()
+            ),
         ));
     }
-    let max_bytes = b.max_bytes.unwrap_or(OPENAI_MAX_BYTES);
-    if !(1024..=OPENAI_MAX_BYTES).contains(&max_bytes) {
+    let max_bytes = b.max_bytes.unwrap_or(limit_bytes);
+    if !(1024..=limit_bytes).contains(&max_bytes) {
         p.push(Problem::new(
             "batch.max_bytes",
-            format!("must be between 1024 and {OPENAI_MAX_BYTES} (the provider's limit)"),
+            format!(
+                "must be between 1024 and {limit_bytes} ({}'s limit)",
+                pkind.as_str()
+            ),
         ));
     }
 
@@ -1014,7 +1139,16 @@ fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> Result<Pipeline, Vec<P
         },
         provider: ProviderConfig {
             kind: pkind,
+            mode,
             model: prov.model.unwrap_or_default(),
+            deployment: prov.deployment,
+            api_version: prov.api_version.unwrap_or_else(|| "2024-10-21".into()),
+            online: OnlineLimits {
+                concurrency: concurrency as usize,
+                requests_per_minute: prov.requests_per_minute,
+                tokens_per_minute: prov.tokens_per_minute,
+            },
+            retry_online_below: prov.retry_online_below,
             base_url: prov.base_url.map(|u| u.trim_end_matches('/').to_string()),
             key,
             simulate,

@@ -78,6 +78,18 @@ pub fn error_message(body: &str) -> (Option<String>, String) {
     (None, preview(body.trim(), 160))
 }
 
+/// Google's `RetryInfo.retryDelay` (`"58s"`) in an error body's details.
+fn retry_delay(body: &str) -> Option<Duration> {
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    v.pointer("/error/details")?
+        .as_array()?
+        .iter()
+        .find_map(|d| d.get("retryDelay")?.as_str())
+        .and_then(|s| s.strip_suffix('s')?.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+}
+
 /// Turns an unsuccessful response into an error. `effectful` marks a request that changes
 /// state at the provider (a POST): a 5xx after sending it is ambiguous.
 pub fn classify_status(
@@ -106,7 +118,7 @@ pub fn classify_status(
         },
         408 | 409 | 429 => ProviderError::Transient {
             status: Some(s),
-            retry_after: parse_retry_after(headers),
+            retry_after: parse_retry_after(headers).or_else(|| retry_delay(body)),
             message,
         },
         500..=599 if effectful => ProviderError::Ambiguous {
@@ -212,6 +224,61 @@ pub async fn json_body<T: serde::de::DeserializeOwned>(
             preview(&String::from_utf8_lossy(&bytes), 120)
         ))
     })
+}
+
+/// Streams a response body to `dest` (private; via a temporary file renamed when
+/// complete), refusing more than `cap` bytes (announced or counted). A download that breaks
+/// off leaves nothing behind. Downloads are never reused across a crash, so no fsync.
+pub async fn stream_to_file(
+    resp: Response,
+    dest: &std::path::Path,
+    cap: u64,
+    what: &str,
+) -> Result<u64, ProviderError> {
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    if let Some(len) = resp.content_length()
+        && len > cap
+    {
+        return Err(ProviderError::TooLarge { cap });
+    }
+    let dir = dest.parent().unwrap_or(std::path::Path::new("."));
+    crate::fsutil::create_private_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.part-{}",
+        dest.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let mut file = tokio::fs::File::from_std(crate::fsutil::create_private(&tmp)?);
+    let mut stream = resp.bytes_stream();
+    let mut total = 0u64;
+    let result: Result<(), ProviderError> = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| ProviderError::Transient {
+                status: None,
+                retry_after: None,
+                message: format!("download of {what} interrupted: {e}"),
+            })?;
+            total += chunk.len() as u64;
+            if total > cap {
+                return Err(ProviderError::TooLarge { cap });
+            }
+            crate::failpoint!("download.mid");
+            file.write_all(&chunk).await?;
+        }
+        file.flush().await?;
+        Ok(())
+    }
+    .await;
+    drop(file);
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, dest)?;
+    Ok(total)
 }
 
 #[cfg(test)]

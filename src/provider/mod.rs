@@ -10,6 +10,8 @@
 //! retry; `Permanent` is final. GETs are retried here with backoff and jitter, honouring
 //! `retry-after`; POSTs never are.
 
+pub mod anthropic;
+pub mod gemini;
 pub mod http;
 pub mod openai;
 
@@ -113,6 +115,14 @@ pub struct ResultLine {
     pub outcome: LineOutcome,
 }
 
+/// The input of a create call: the uploaded file, and the local file it was made from (for
+/// providers that take the requests inline).
+#[derive(Clone, Copy, Debug)]
+pub struct CreateInput<'a> {
+    pub file_id: Option<&'a str>,
+    pub path: &'a Path,
+}
+
 /// Metadata sent with a batch so a restarted worker can find it again.
 #[derive(Clone, Debug)]
 pub struct BatchMeta<'a> {
@@ -181,6 +191,11 @@ pub trait BatchProvider: Send + Sync + 'static {
     fn line_overhead(&self) -> u64;
     /// Appends one input line (with its newline) to `out`.
     fn write_line(&self, custom_id: &str, shape: &RequestShape, user_json: &str, out: &mut Vec<u8>);
+    /// Whether a batch file of `bytes` is uploaded first; if not, its lines go inline in the
+    /// create call.
+    fn uploads(&self, _bytes: u64) -> bool {
+        true
+    }
     /// Uploads a batch input file under `filename`; returns the provider's file id.
     fn upload(
         &self,
@@ -197,18 +212,20 @@ pub trait BatchProvider: Send + Sync + 'static {
     fn delete_file(&self, file_id: &str) -> impl Future<Output = Result<(), ProviderError>> + Send;
     fn create(
         &self,
-        input_file_id: &str,
+        input: &CreateInput<'_>,
         meta: &BatchMeta<'_>,
     ) -> impl Future<Output = Result<RemoteBatch, ProviderError>> + Send;
     /// Finds the batch this tool created for `local_id` (planned at `since`, unix seconds,
     /// with `request_count` requests). Providers with batch metadata match our id there;
     /// providers without it match the custom_id prefix (`b<local id>-`), the request count
     /// and the creation time window.
+    /// `known` holds the provider ids already tracked, which are never candidates.
     fn find_batch(
         &self,
         local_id: &str,
         since: i64,
         request_count: u64,
+        known: &std::collections::HashSet<String>,
     ) -> impl Future<Output = Result<Option<RemoteBatch>, ProviderError>> + Send;
     fn get(&self, id: &str) -> impl Future<Output = Result<RemoteBatch, ProviderError>> + Send;
     fn cancel(&self, id: &str) -> impl Future<Output = Result<RemoteBatch, ProviderError>> + Send;
@@ -220,6 +237,23 @@ pub trait BatchProvider: Send + Sync + 'static {
         cap: u64,
     ) -> impl Future<Output = Result<u64, ProviderError>> + Send;
     fn parse_result_line(&self, line: &[u8]) -> Result<ResultLine, String>;
+    /// Sends one request in real time (online mode) and returns what a result line would
+    /// have said. Providers without an online endpoint refuse.
+    fn send_online(
+        &self,
+        custom_id: &str,
+        shape: &RequestShape,
+        user_json: &str,
+    ) -> impl Future<Output = Result<LineOutcome, ProviderError>> + Send {
+        let _ = (custom_id, shape, user_json);
+        async {
+            Err(ProviderError::Permanent {
+                status: None,
+                code: None,
+                message: "this provider has no online mode".into(),
+            })
+        }
+    }
 }
 
 /// Reads an API key file: one line, and only the owner may read it.
@@ -266,4 +300,148 @@ pub fn resolve_key(key: &crate::config::KeySource, simulate: bool) -> Result<Sec
 /// Where a provider keeps its downloads for a batch.
 pub fn download_path(dir: &Path, batch_id: &str, kind: &str) -> PathBuf {
     dir.join(format!("{batch_id}.{kind}.jsonl"))
+}
+
+/// One of the provider clients, chosen by the pipeline's `[provider] kind`.
+#[derive(Debug)]
+pub enum AnyProvider {
+    OpenAi(openai::OpenAiClient),
+    Anthropic(anthropic::AnthropicClient),
+    Gemini(gemini::GeminiClient),
+}
+
+macro_rules! each {
+    ($self:ident, $c:ident => $e:expr) => {
+        match $self {
+            AnyProvider::OpenAi($c) => $e,
+            AnyProvider::Anthropic($c) => $e,
+            AnyProvider::Gemini($c) => $e,
+        }
+    };
+}
+
+impl AnyProvider {
+    /// Builds the client for `cfg`. `simulator` is the root URL of a simulator to talk to
+    /// instead of the provider (`simulate = true`).
+    pub fn build(
+        cfg: &crate::config::ProviderConfig,
+        key: SecretString,
+        simulator: Option<&str>,
+    ) -> Result<AnyProvider, ProviderError> {
+        use crate::config::ProviderKind;
+        let policy = http::RetryPolicy::default();
+        let t = cfg.request_timeout;
+        let root = |default: &str| -> String {
+            match (simulator, &cfg.base_url) {
+                (Some(sim), _) => sim.to_string(),
+                (None, Some(b)) => b.clone(),
+                (None, None) => default.to_string(),
+            }
+        };
+        Ok(match cfg.kind {
+            ProviderKind::OpenAi => {
+                let base = match simulator {
+                    Some(sim) => format!("{sim}/v1"),
+                    None => cfg
+                        .base_url
+                        .clone()
+                        .unwrap_or_else(|| openai::DEFAULT_BASE_URL.to_string()),
+                };
+                AnyProvider::OpenAi(openai::OpenAiClient::new(&base, key, t, policy)?)
+            }
+            ProviderKind::Azure => AnyProvider::OpenAi(openai::OpenAiClient::azure(
+                &root(""),
+                key,
+                t,
+                policy,
+                &cfg.api_version,
+                cfg.deployment.as_deref().unwrap_or(&cfg.model),
+            )?),
+            ProviderKind::Anthropic => AnyProvider::Anthropic(anthropic::AnthropicClient::new(
+                &root(anthropic::DEFAULT_BASE_URL),
+                key,
+                t,
+                policy,
+            )?),
+            ProviderKind::Gemini => AnyProvider::Gemini(gemini::GeminiClient::new(
+                &root(gemini::DEFAULT_BASE_URL),
+                key,
+                t,
+                policy,
+                &cfg.model,
+            )?),
+        })
+    }
+}
+
+impl BatchProvider for AnyProvider {
+    fn kind(&self) -> &'static str {
+        each!(self, c => c.kind())
+    }
+    fn request_shape(&self, spec: &RequestSpec<'_>) -> Result<RequestShape, String> {
+        each!(self, c => c.request_shape(spec))
+    }
+    fn prompt_counter(&self, spec: &RequestSpec<'_>) -> crate::cost::tokens::PromptCounter {
+        each!(self, c => c.prompt_counter(spec))
+    }
+    fn line_overhead(&self) -> u64 {
+        each!(self, c => c.line_overhead())
+    }
+    fn write_line(
+        &self,
+        custom_id: &str,
+        shape: &RequestShape,
+        user_json: &str,
+        out: &mut Vec<u8>,
+    ) {
+        each!(self, c => c.write_line(custom_id, shape, user_json, out))
+    }
+    fn uploads(&self, bytes: u64) -> bool {
+        each!(self, c => c.uploads(bytes))
+    }
+    async fn upload(&self, filename: &str, path: &Path) -> Result<String, ProviderError> {
+        each!(self, c => c.upload(filename, path).await)
+    }
+    async fn find_files(&self, filename: &str) -> Result<Vec<String>, ProviderError> {
+        each!(self, c => c.find_files(filename).await)
+    }
+    async fn delete_file(&self, file_id: &str) -> Result<(), ProviderError> {
+        each!(self, c => c.delete_file(file_id).await)
+    }
+    async fn create(
+        &self,
+        input: &CreateInput<'_>,
+        meta: &BatchMeta<'_>,
+    ) -> Result<RemoteBatch, ProviderError> {
+        each!(self, c => c.create(input, meta).await)
+    }
+    async fn find_batch(
+        &self,
+        local_id: &str,
+        since: i64,
+        request_count: u64,
+        known: &std::collections::HashSet<String>,
+    ) -> Result<Option<RemoteBatch>, ProviderError> {
+        each!(self, c => c.find_batch(local_id, since, request_count, known).await)
+    }
+    async fn get(&self, id: &str) -> Result<RemoteBatch, ProviderError> {
+        each!(self, c => c.get(id).await)
+    }
+    async fn cancel(&self, id: &str) -> Result<RemoteBatch, ProviderError> {
+        each!(self, c => c.cancel(id).await)
+    }
+    async fn download(&self, file_id: &str, dest: &Path, cap: u64) -> Result<u64, ProviderError> {
+        each!(self, c => c.download(file_id, dest, cap).await)
+    }
+    fn parse_result_line(&self, line: &[u8]) -> Result<ResultLine, String> {
+        each!(self, c => c.parse_result_line(line))
+    }
+    async fn send_online(
+        &self,
+        custom_id: &str,
+        shape: &RequestShape,
+        user_json: &str,
+    ) -> Result<LineOutcome, ProviderError> {
+        each!(self, c => c.send_online(custom_id, shape, user_json).await)
+    }
 }

@@ -1,15 +1,19 @@
 //! The provider simulator.
 //!
-//! A local server that speaks the OpenAI Files + Batches wire format on loopback, so the real
-//! client code talks real HTTP without an API key. It is deterministic given its seed: answers
-//! are generated from the request's JSON schema and the request body, token counts come from
-//! the same counter the planner uses, and faults are drawn per attempt from the seed and the
-//! custom_id (a resubmitted request has a new custom_id, so it draws afresh).
+//! A local server that speaks the batch APIs of OpenAI, Azure OpenAI, Anthropic and Gemini,
+//! and the real-time chat-completions and messages endpoints, on loopback, so the real client
+//! code talks real HTTP without an API key. One provider-neutral core (batch timeline, answers,
+//! faults, bill, record) sits behind a wire adapter per provider (`wire`, `server`).
 //!
-//! It keeps the record of what it accepted and billed (`GET /_sim/record`): every batch, each
-//! request's custom_id, body hash and outcome, and the bill (tokens and exact cost per
-//! custom_id, per model and pricing mode, and totals). Tests judge "never sent twice" and
-//! "ledger = bill" from that record.
+//! It is deterministic given its seed: answers are generated from the request's JSON schema
+//! and the request body, prompt tokens are counted with the same function the planner uses,
+//! and faults are drawn per attempt from the seed and the custom_id (a resubmitted request
+//! has a new custom_id, so it draws afresh).
+//!
+//! It keeps the record of what it accepted and billed (`GET /_sim/record`): every batch (and
+//! every online request), each request's custom_id, body hash and outcome, and the bill
+//! (tokens and exact cost per custom_id, per model and pricing mode, and totals). Tests judge
+//! "never sent twice" and "ledger = bill" from that record.
 //!
 //! Files live in a private temporary folder, not in memory, so rehearsing a large backfill
 //! does not need the memory to hold it.
@@ -17,25 +21,24 @@
 pub mod answer;
 mod server;
 pub mod settings;
+pub mod wire;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use serde::Serialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::cost::tokens::Tokenizer;
 use crate::cost::{PriceTable, PricingMode, Usage, Usd};
 
 pub use server::{SimHandle, serve, start};
 pub use settings::SimSettings;
-
-/// OpenAI's request limit per batch file, enforced at validation.
-const MAX_REQUESTS: usize = 50_000;
+pub use wire::Flavor;
+use wire::{Neutral, Reply};
 
 /// A uniform draw in [0, 1) from the seed, a salt and a key.
 pub fn draw(seed: u64, salt: &str, key: &str) -> f64 {
@@ -49,10 +52,17 @@ pub fn draw(seed: u64, salt: &str, key: &str) -> f64 {
     (n >> 11) as f64 / (1u64 << 53) as f64
 }
 
-fn unix_now() -> i64 {
+pub(crate) fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
 
@@ -67,12 +77,19 @@ struct SimFile {
 }
 
 impl SimFile {
-    fn json(&self) -> Value {
-        json!({
-            "id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
-            "filename": self.filename, "purpose": self.purpose, "status": "processed",
-            "expires_at": null, "status_details": null
-        })
+    fn json(&self, flavor: Flavor) -> Value {
+        match flavor {
+            Flavor::Gemini => json!({
+                "name": self.id, "displayName": self.filename, "mimeType": "application/jsonl",
+                "sizeBytes": self.bytes.to_string(), "createTime": wire::rfc3339(self.created_at),
+                "state": "ACTIVE", "source": if self.purpose == "batch" { "UPLOADED" } else { "GENERATED" },
+            }),
+            _ => json!({
+                "id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
+                "filename": self.filename, "purpose": self.purpose, "status": "processed",
+                "expires_at": null, "status_details": null
+            }),
+        }
     }
 }
 
@@ -127,7 +144,7 @@ enum Status {
 }
 
 impl Status {
-    fn as_str(self) -> &'static str {
+    fn openai(self) -> &'static str {
         match self {
             Status::Validating => "validating",
             Status::InProgress => "in_progress",
@@ -137,6 +154,35 @@ impl Status {
             Status::Expired => "expired",
             Status::Cancelling => "cancelling",
             Status::Cancelled => "cancelled",
+        }
+    }
+    fn azure(self) -> &'static str {
+        match self {
+            Status::Validating => "Validating",
+            Status::InProgress => "InProgress",
+            Status::Finalizing => "Finalizing",
+            Status::Completed => "Completed",
+            Status::Failed => "Failed",
+            Status::Expired => "Expired",
+            Status::Cancelling => "Cancelling",
+            Status::Cancelled => "Cancelled",
+        }
+    }
+    fn anthropic(self) -> &'static str {
+        match self {
+            Status::Cancelling => "canceling",
+            s if s.terminal() => "ended",
+            _ => "in_progress",
+        }
+    }
+    fn gemini(self) -> &'static str {
+        match self {
+            Status::Validating => "BATCH_STATE_PENDING",
+            Status::InProgress | Status::Finalizing => "BATCH_STATE_RUNNING",
+            Status::Completed => "BATCH_STATE_SUCCEEDED",
+            Status::Failed => "BATCH_STATE_FAILED",
+            Status::Expired => "BATCH_STATE_EXPIRED",
+            Status::Cancelling | Status::Cancelled => "BATCH_STATE_CANCELLED",
         }
     }
     fn terminal(self) -> bool {
@@ -150,10 +196,16 @@ impl Status {
 #[derive(Debug)]
 struct SimBatch {
     id: String,
-    input_file_id: String,
+    flavor: Flavor,
+    /// The requests, one native line each (the uploaded file, or the inline requests).
+    input_path: PathBuf,
+    input_file_id: Option<String>,
     endpoint: String,
-    completion_window: String,
     metadata: Option<Value>,
+    display_name: Option<String>,
+    /// Gemini: the model named in the create URL.
+    url_model: Option<String>,
+    inline: bool,
     created_at: i64,
     started: Instant,
     status: Status,
@@ -167,44 +219,160 @@ struct SimBatch {
     counts: (u64, u64, u64),
     output_file_id: Option<String>,
     error_file_id: Option<String>,
+    /// Gemini inline results, in input order.
+    inline_output: Option<Vec<Value>>,
+    /// Gemini: polls for which SUCCEEDED shows no output yet (the lagging-file quirk).
+    output_lag: u8,
     errors: Vec<Value>,
     usage: Usage,
 }
 
 impl SimBatch {
-    fn json(&self) -> Value {
+    fn local_id(&self) -> Option<String> {
+        self.metadata
+            .as_ref()
+            .and_then(|m| m.get(crate::provider::openai::META_BATCH_ID))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .or_else(|| self.display_name.clone())
+    }
+
+    fn json(&mut self, base: &str) -> Value {
         let stamp = |k: &str| self.stamps.get(k).copied();
-        let usage_visible = self.status.terminal() && self.status != Status::Failed;
-        json!({
-            "id": self.id,
-            "object": "batch",
-            "endpoint": self.endpoint,
-            "model": self.model,
-            "errors": if self.errors.is_empty() { Value::Null } else { json!({"object": "list", "data": self.errors}) },
-            "input_file_id": self.input_file_id,
-            "completion_window": self.completion_window,
-            "status": self.status.as_str(),
-            "output_file_id": self.output_file_id,
-            "error_file_id": self.error_file_id,
-            "created_at": self.created_at,
-            "in_progress_at": stamp("in_progress_at"),
-            "expires_at": self.created_at + 86_400,
-            "finalizing_at": stamp("finalizing_at"),
-            "completed_at": stamp("completed_at"),
-            "failed_at": stamp("failed_at"),
-            "expired_at": stamp("expired_at"),
-            "cancelling_at": stamp("cancelling_at"),
-            "cancelled_at": stamp("cancelled_at"),
-            "request_counts": {"total": self.counts.0, "completed": self.counts.1, "failed": self.counts.2},
-            "metadata": self.metadata,
-            "usage": if usage_visible { json!({
-                "input_tokens": self.usage.input_tokens,
-                "input_tokens_details": {"cached_tokens": self.usage.cached_input_tokens},
-                "output_tokens": self.usage.output_tokens,
-                "output_tokens_details": {"reasoning_tokens": self.usage.reasoning_tokens},
-                "total_tokens": self.usage.input_tokens + self.usage.output_tokens,
-            }) } else { Value::Null },
-        })
+        match self.flavor {
+            Flavor::OpenAi | Flavor::Azure => {
+                let azure = self.flavor == Flavor::Azure;
+                let usage_visible = self.status.terminal() && self.status != Status::Failed;
+                let time = |t: Option<i64>| -> Value {
+                    match t {
+                        None => Value::Null,
+                        Some(t) if azure => Value::String(wire::rfc3339(t)),
+                        Some(t) => json!(t),
+                    }
+                };
+                let counts = if azure && self.status == Status::Validating {
+                    json!({"total": null, "completed": null, "failed": null})
+                } else {
+                    json!({"total": self.counts.0, "completed": self.counts.1, "failed": self.counts.2})
+                };
+                json!({
+                    "id": self.id,
+                    "object": "batch",
+                    "endpoint": self.endpoint,
+                    "model": self.model,
+                    "errors": if self.errors.is_empty() { Value::Null } else { json!({"object": "list", "data": self.errors}) },
+                    "input_file_id": self.input_file_id,
+                    "completion_window": "24h",
+                    "status": if azure { self.status.azure() } else { self.status.openai() },
+                    "output_file_id": self.output_file_id,
+                    "error_file_id": self.error_file_id,
+                    "created_at": time(Some(self.created_at)),
+                    "in_progress_at": time(stamp("in_progress_at")),
+                    "expires_at": time(Some(self.created_at + 86_400)),
+                    "finalizing_at": time(stamp("finalizing_at")),
+                    "completed_at": time(stamp("completed_at")),
+                    "failed_at": time(stamp("failed_at")),
+                    "expired_at": time(stamp("expired_at")),
+                    "cancelling_at": time(stamp("cancelling_at")),
+                    "cancelled_at": time(stamp("cancelled_at")),
+                    "request_counts": counts,
+                    "metadata": self.metadata,
+                    "usage": if usage_visible && !azure { json!({
+                        "input_tokens": self.usage.input_tokens,
+                        "input_tokens_details": {"cached_tokens": self.usage.cached_input_tokens},
+                        "output_tokens": self.usage.output_tokens,
+                        "output_tokens_details": {"reasoning_tokens": self.usage.reasoning_tokens},
+                        "total_tokens": self.usage.input_tokens + self.usage.output_tokens,
+                    }) } else { Value::Null },
+                })
+            }
+            Flavor::Anthropic => {
+                let ended = self.status.terminal();
+                // Counts move all at once, when the batch ends.
+                let mut c = json!({"processing": self.requests.len(), "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0});
+                if ended {
+                    let n = |o: &[Outcome]| {
+                        self.requests
+                            .iter()
+                            .filter(|r| o.contains(&r.outcome))
+                            .count()
+                    };
+                    c = json!({
+                        "processing": 0,
+                        "succeeded": n(&[Outcome::Ok, Outcome::InvalidJson, Outcome::Missing]),
+                        "errored": n(&[Outcome::Error]),
+                        "canceled": n(&[Outcome::Cancelled]),
+                        "expired": n(&[Outcome::Expired]),
+                    });
+                }
+                let end = stamp("completed_at")
+                    .or(stamp("expired_at"))
+                    .or(stamp("cancelled_at"));
+                json!({
+                    "id": self.id,
+                    "type": "message_batch",
+                    "processing_status": self.status.anthropic(),
+                    "request_counts": c,
+                    "created_at": wire::rfc3339(self.created_at),
+                    "expires_at": wire::rfc3339(self.created_at + 86_400),
+                    "ended_at": end.map(wire::rfc3339),
+                    "cancel_initiated_at": stamp("cancelling_at").map(wire::rfc3339),
+                    "archived_at": null,
+                    "results_url": ended.then(|| format!("{base}/v1/messages/batches/{}/results", self.id)),
+                })
+            }
+            Flavor::Gemini => {
+                let done = self.status.terminal();
+                let mut output = Value::Null;
+                if self.status == Status::Completed && self.output_lag > 0 {
+                    // SUCCEEDED, but the output reference is not there yet.
+                    self.output_lag -= 1;
+                } else if matches!(self.status, Status::Completed | Status::Cancelled) {
+                    output = match (&self.inline_output, &self.output_file_id) {
+                        (Some(lines), _) => {
+                            json!({"inlinedResponses": {"inlinedResponses": lines}})
+                        }
+                        (None, Some(f)) => json!({"responsesFile": f}),
+                        _ => Value::Null,
+                    };
+                }
+                let total = self.requests.len() as u64;
+                let stats = json!({
+                    "requestCount": total.to_string(),
+                    "successfulRequestCount": self.counts.1.to_string(),
+                    "failedRequestCount": self.counts.2.to_string(),
+                    "pendingRequestCount": if done { "0".to_string() } else { (total - self.counts.1 - self.counts.2).to_string() },
+                });
+                let mut metadata = json!({
+                    "@type": "type.googleapis.com/google.ai.generativelanguage.v1beta.GenerateContentBatch",
+                    "model": format!("models/{}", self.url_model.clone().unwrap_or_default()),
+                    "name": self.id,
+                    "displayName": self.display_name,
+                    "createTime": wire::rfc3339(self.created_at),
+                    "updateTime": wire::rfc3339(unix_now()),
+                    "batchStats": stats,
+                    "state": self.status.gemini(),
+                    "priority": "0",
+                });
+                let mut op = json!({"name": self.id, "metadata": metadata.clone(), "done": done});
+                if !output.is_null() {
+                    metadata["output"] = output.clone();
+                    op["metadata"] = metadata;
+                    let mut response = output;
+                    response["@type"] = json!(
+                        "type.googleapis.com/google.ai.generativelanguage.v1beta.GenerateContentBatchOutput"
+                    );
+                    op["response"] = response;
+                }
+                if self.status == Status::Failed {
+                    op["error"] = json!({"code": 3, "message": self.errors.first().and_then(|e| e["message"].as_str()).unwrap_or("the batch failed")});
+                }
+                if done {
+                    op["metadata"]["endTime"] = json!(wire::rfc3339(unix_now()));
+                }
+                op
+            }
+        }
     }
 }
 
@@ -217,6 +385,12 @@ struct Inner {
     bill: Vec<BillEntry>,
     /// Every upload ever accepted (deleted ones too).
     uploads: Vec<Value>,
+    /// Every online request answered.
+    online: Vec<Value>,
+    /// Every call refused with a fault before it ran: (client request id, time, status).
+    refused: Vec<Value>,
+    /// Gemini resumable uploads started: token → display name.
+    sessions: HashMap<String, String>,
 }
 
 /// An error the simulator answers with: HTTP status, `type`, `code`, message.
@@ -240,11 +414,17 @@ impl SimError {
     fn not_found(what: &str, id: &str) -> Self {
         SimError {
             status: 404,
-            kind: "invalid_request_error",
+            kind: "not_found_error",
             code: None,
             message: format!("No {what} found with id '{id}'."),
         }
     }
+}
+
+/// What an online request got: HTTP status, body, and whether the answer was valid.
+pub struct OnlineReply {
+    pub status: u16,
+    pub body: Value,
 }
 
 /// The simulator's state.
@@ -253,6 +433,7 @@ pub struct Sim {
     prices: PriceTable,
     dir: tempfile::TempDir,
     inner: Mutex<Inner>,
+    base: OnceLock<String>,
 }
 
 impl Sim {
@@ -265,11 +446,21 @@ impl Sim {
             prices,
             dir,
             inner: Mutex::new(Inner::default()),
+            base: OnceLock::new(),
         }))
     }
 
     pub fn settings(&self) -> &SimSettings {
         &self.settings
+    }
+
+    /// The root URL the simulator is reachable at (set once it listens).
+    pub(crate) fn set_base(&self, base: String) {
+        let _ = self.base.set(base);
+    }
+
+    fn base(&self) -> &str {
+        self.base.get().map(String::as_str).unwrap_or("")
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -281,7 +472,15 @@ impl Sim {
         let h = Sha256::digest(format!("{}:{}:{prefix}", self.settings.seed, inner.seq));
         match prefix {
             "file" => format!("file-{}", &hex::encode(&h[..11])),
+            "azure-file" => format!("file-{}", &hex::encode(&h[..16])),
+            "gemini-file" => format!("files/{}", &hex::encode(&h[..8])),
             "batch" => format!("batch_{}", &hex::encode(&h[..12])),
+            "azure-batch" => {
+                let u = uuid::Uuid::from_slice(&h[..16]).unwrap_or_default();
+                format!("batch_{u}")
+            }
+            "msgbatch" => format!("msgbatch_01{}", &hex::encode(&h[..12])),
+            "gemini-batch" => format!("batches/{}", &hex::encode(&h[..8])),
             _ => format!("{prefix}_{}", &hex::encode(&h[..12])),
         }
     }
@@ -295,6 +494,7 @@ impl Sim {
 
     pub(crate) fn add_file(
         &self,
+        flavor: Flavor,
         filename: String,
         purpose: String,
         path: PathBuf,
@@ -302,7 +502,11 @@ impl Sim {
         sha256: String,
     ) -> Value {
         let mut inner = self.lock();
-        let id = self.next_id(&mut inner, "file");
+        let id = match flavor {
+            Flavor::Azure => self.next_id(&mut inner, "azure-file"),
+            Flavor::Gemini => self.next_id(&mut inner, "gemini-file"),
+            _ => self.next_id(&mut inner, "file"),
+        };
         inner.uploads.push(json!({"id": id, "filename": filename, "purpose": purpose, "bytes": bytes, "sha256": sha256}));
         let f = SimFile {
             id: id.clone(),
@@ -312,16 +516,30 @@ impl Sim {
             created_at: unix_now(),
             path,
         };
-        let v = f.json();
+        let v = f.json(flavor);
         inner.files.insert(id, f);
         v
     }
 
-    pub(crate) fn file(&self, id: &str) -> Result<Value, SimError> {
+    pub(crate) fn start_session(&self, display_name: String) -> String {
+        let mut inner = self.lock();
+        inner.seq += 1;
+        let token = hex::encode(
+            &Sha256::digest(format!("{}:{}:upload", self.settings.seed, inner.seq))[..12],
+        );
+        inner.sessions.insert(token.clone(), display_name);
+        token
+    }
+
+    pub(crate) fn take_session(&self, token: &str) -> Option<String> {
+        self.lock().sessions.remove(token)
+    }
+
+    pub(crate) fn file(&self, flavor: Flavor, id: &str) -> Result<Value, SimError> {
         self.lock()
             .files
             .get(id)
-            .map(SimFile::json)
+            .map(|f| f.json(flavor))
             .ok_or_else(|| SimError::not_found("file", id))
     }
 
@@ -345,6 +563,7 @@ impl Sim {
 
     pub(crate) fn list_files(
         &self,
+        flavor: Flavor,
         purpose: Option<&str>,
         desc: bool,
         limit: usize,
@@ -355,6 +574,7 @@ impl Sim {
             .files
             .values()
             .filter(|f| purpose.is_none_or(|p| f.purpose == p))
+            .filter(|f| (flavor == Flavor::Gemini) == f.id.starts_with("files/"))
             .collect();
         files.sort_by_key(|f| (f.created_at, f.id.clone()));
         if desc {
@@ -367,9 +587,16 @@ impl Sim {
             .iter()
             .skip(start)
             .take(limit)
-            .map(|f| f.json())
+            .map(|f| f.json(flavor))
             .collect();
         let has_more = start + page.len() < files.len();
+        if flavor == Flavor::Gemini {
+            let mut v = json!({"files": page});
+            if has_more {
+                v["nextPageToken"] = json!(files[start + limit - 1].id);
+            }
+            return v;
+        }
         json!({
             "object": "list",
             "data": page,
@@ -379,7 +606,63 @@ impl Sim {
         })
     }
 
-    pub(crate) fn create_batch(&self, body: &Value) -> Result<Value, SimError> {
+    fn push_batch(&self, inner: &mut Inner, mut b: SimBatch) -> Value {
+        let v = b.json(self.base());
+        let idx = inner.batches.len();
+        inner.batch_index.insert(b.id.clone(), idx);
+        inner.batches.push(b);
+        v
+    }
+
+    fn will_expire(&self, inner: &Inner, id: &str, flavor: Flavor) -> bool {
+        // Azure batches are not expired (current docs): they run until cancelled.
+        flavor != Flavor::Azure
+            && ((inner.batches.len() as u32) < self.settings.expire_first
+                || draw(self.settings.seed, "expire", id) < self.settings.expire_rate)
+    }
+
+    fn new_batch(
+        &self,
+        id: String,
+        flavor: Flavor,
+        input_path: PathBuf,
+        expires: bool,
+    ) -> SimBatch {
+        SimBatch {
+            id,
+            flavor,
+            input_path,
+            input_file_id: None,
+            endpoint: String::new(),
+            metadata: None,
+            display_name: None,
+            url_model: None,
+            inline: false,
+            created_at: unix_now(),
+            started: Instant::now(),
+            status: Status::Validating,
+            stamps: BTreeMap::new(),
+            expires,
+            cancel_at: None,
+            done_fraction: 1.0,
+            requests: Vec::new(),
+            model: None,
+            counts: (0, 0, 0),
+            output_file_id: None,
+            error_file_id: None,
+            inline_output: None,
+            output_lag: 0,
+            errors: Vec::new(),
+            usage: Usage::default(),
+        }
+    }
+
+    /// OpenAI / Azure `POST /batches`.
+    pub(crate) fn create_openai_batch(
+        &self,
+        flavor: Flavor,
+        body: &Value,
+    ) -> Result<Value, SimError> {
         let input_file_id = body
             .get("input_file_id")
             .and_then(Value::as_str)
@@ -388,7 +671,7 @@ impl Sim {
             .get("endpoint")
             .and_then(Value::as_str)
             .ok_or_else(|| SimError::bad_request("Missing required parameter: 'endpoint'."))?;
-        if endpoint != crate::provider::openai::ENDPOINT {
+        if endpoint.trim_start_matches("/v1") != "/chat/completions" {
             return Err(SimError::bad_request(format!(
                 "Invalid value: '{endpoint}'. The simulator supports '/v1/chat/completions'."
             )));
@@ -418,7 +701,7 @@ impl Sim {
             }
         }
         let mut inner = self.lock();
-        match inner.files.get(input_file_id) {
+        let path = match inner.files.get(input_file_id) {
             None => return Err(SimError::not_found("file", input_file_id)),
             Some(f) if f.purpose != "batch" => {
                 return Err(SimError::bad_request(format!(
@@ -426,56 +709,154 @@ impl Sim {
                     f.purpose
                 )));
             }
-            _ => {}
-        }
-        let id = self.next_id(&mut inner, "batch");
-        let ordinal = inner.batches.len() as u32 + 1;
-        let expires = ordinal <= self.settings.expire_first
-            || draw(self.settings.seed, "expire", &id) < self.settings.expire_rate;
-        let b = SimBatch {
-            id: id.clone(),
-            input_file_id: input_file_id.to_string(),
-            endpoint: endpoint.to_string(),
-            completion_window: window.to_string(),
-            metadata,
-            created_at: unix_now(),
-            started: Instant::now(),
-            status: Status::Validating,
-            stamps: BTreeMap::new(),
-            expires,
-            cancel_at: None,
-            done_fraction: 1.0,
-            requests: Vec::new(),
-            model: None,
-            counts: (0, 0, 0),
-            output_file_id: None,
-            error_file_id: None,
-            errors: Vec::new(),
-            usage: Usage::default(),
+            Some(f) => f.path.clone(),
         };
-        let v = b.json();
-        let idx = inner.batches.len();
-        inner.batches.push(b);
-        inner.batch_index.insert(id, idx);
-        Ok(v)
+        let id = self.next_id(
+            &mut inner,
+            if flavor == Flavor::Azure {
+                "azure-batch"
+            } else {
+                "batch"
+            },
+        );
+        let expires = self.will_expire(&inner, &id, flavor);
+        let mut b = self.new_batch(id, flavor, path, expires);
+        b.input_file_id = Some(input_file_id.to_string());
+        b.endpoint = endpoint.to_string();
+        b.metadata = metadata;
+        Ok(self.push_batch(&mut inner, b))
+    }
+
+    /// Anthropic `POST /v1/messages/batches`: requests inline, checked at once.
+    pub(crate) fn create_anthropic_batch(&self, body: &Value) -> Result<Value, SimError> {
+        let requests = body
+            .get("requests")
+            .and_then(Value::as_array)
+            .ok_or_else(|| SimError::bad_request("requests: Field required"))?;
+        if requests.is_empty() || requests.len() > 100_000 {
+            return Err(SimError::bad_request(format!(
+                "requests: must hold between 1 and 100000 items, got {}",
+                requests.len()
+            )));
+        }
+        let mut seen = HashSet::new();
+        let path = self.new_file_path();
+        let mut w = std::io::BufWriter::new(
+            std::fs::File::create(&path).map_err(|e| SimError::bad_request(e.to_string()))?,
+        );
+        let mut recorded = Vec::with_capacity(requests.len());
+        for (i, r) in requests.iter().enumerate() {
+            let cid = r.get("custom_id").and_then(Value::as_str).unwrap_or("");
+            let valid = !cid.is_empty()
+                && cid.len() <= 64
+                && cid
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !valid {
+                return Err(SimError::bad_request(format!(
+                    "requests.{i}.custom_id: String should match pattern '^[a-zA-Z0-9_-]{{1,64}}$'"
+                )));
+            }
+            if !seen.insert(cid) {
+                return Err(SimError::bad_request(format!(
+                    "requests.{i}.custom_id: duplicate custom_id '{cid}'"
+                )));
+            }
+            let params = r.get("params").cloned().unwrap_or(Value::Null);
+            recorded.push(RecordedRequest {
+                custom_id: cid.to_string(),
+                body_sha256: hex::encode(Sha256::digest(params.to_string().as_bytes())),
+                outcome: Outcome::Pending,
+            });
+            let _ = writeln!(w, "{}", json!({"custom_id": cid, "params": params}));
+        }
+        let _ = w.flush();
+        drop(w);
+        let mut inner = self.lock();
+        let id = self.next_id(&mut inner, "msgbatch");
+        let expires = self.will_expire(&inner, &id, Flavor::Anthropic);
+        let mut b = self.new_batch(id, Flavor::Anthropic, path, expires);
+        b.counts = (recorded.len() as u64, 0, 0);
+        b.requests = recorded;
+        b.status = Status::InProgress;
+        Ok(self.push_batch(&mut inner, b))
+    }
+
+    /// Gemini `POST /v1beta/models/{model}:batchGenerateContent`.
+    pub(crate) fn create_gemini_batch(&self, model: &str, body: &Value) -> Result<Value, SimError> {
+        let batch = body.get("batch").unwrap_or(body);
+        let config = batch
+            .get("inputConfig")
+            .or_else(|| batch.get("input_config"))
+            .ok_or_else(|| SimError::bad_request("batch.input_config is required"))?;
+        let display = batch
+            .get("displayName")
+            .or_else(|| batch.get("display_name"))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let file = config
+            .get("fileName")
+            .or_else(|| config.get("file_name"))
+            .and_then(Value::as_str);
+        let inline = config
+            .pointer("/requests/requests")
+            .and_then(Value::as_array);
+        let (path, input_file_id, is_inline) = match (file, inline) {
+            (Some(_), Some(_)) | (None, None) => {
+                return Err(SimError::bad_request(
+                    "exactly one of input_config.file_name and input_config.requests is required",
+                ));
+            }
+            (Some(f), None) => {
+                let path = self.file_path(f)?;
+                (path, Some(f.to_string()), false)
+            }
+            (None, Some(reqs)) => {
+                let path = self.new_file_path();
+                let mut w = std::io::BufWriter::new(
+                    std::fs::File::create(&path)
+                        .map_err(|e| SimError::bad_request(e.to_string()))?,
+                );
+                for r in reqs {
+                    let key = r
+                        .pointer("/metadata/key")
+                        .and_then(Value::as_str)
+                        .unwrap_or("");
+                    let _ = writeln!(w, "{}", json!({"key": key, "request": r.get("request")}));
+                }
+                let _ = w.flush();
+                (path, None, true)
+            }
+        };
+        let mut inner = self.lock();
+        let id = self.next_id(&mut inner, "gemini-batch");
+        let expires = self.will_expire(&inner, &id, Flavor::Gemini);
+        let mut b = self.new_batch(id, Flavor::Gemini, path, expires);
+        b.input_file_id = input_file_id;
+        b.display_name = display;
+        b.url_model = Some(model.trim_start_matches("models/").to_string());
+        b.inline = is_inline;
+        Ok(self.push_batch(&mut inner, b))
+    }
+
+    fn index(&self, inner: &Inner, id: &str) -> Result<usize, SimError> {
+        inner
+            .batch_index
+            .get(id)
+            .copied()
+            .ok_or_else(|| SimError::not_found("batch", id))
     }
 
     pub(crate) fn get_batch(&self, id: &str) -> Result<Value, SimError> {
         let mut inner = self.lock();
-        let idx = *inner
-            .batch_index
-            .get(id)
-            .ok_or_else(|| SimError::not_found("batch", id))?;
+        let idx = self.index(&inner, id)?;
         self.advance(&mut inner, idx);
-        Ok(inner.batches[idx].json())
+        Ok(inner.batches[idx].json(self.base()))
     }
 
     pub(crate) fn cancel_batch(&self, id: &str) -> Result<Value, SimError> {
         let mut inner = self.lock();
-        let idx = *inner
-            .batch_index
-            .get(id)
-            .ok_or_else(|| SimError::not_found("batch", id))?;
+        let idx = self.index(&inner, id)?;
         self.advance(&mut inner, idx);
         let b = &mut inner.batches[idx];
         match b.status {
@@ -485,7 +866,7 @@ impl Sim {
                     status: 409,
                     kind: "invalid_request_error",
                     code: None,
-                    message: format!("Cannot cancel a batch with status '{}'.", s.as_str()),
+                    message: format!("Cannot cancel a batch with status '{}'.", s.openai()),
                 });
             }
             _ => {
@@ -497,15 +878,19 @@ impl Sim {
             }
         }
         self.advance(&mut inner, idx);
-        Ok(inner.batches[idx].json())
+        Ok(inner.batches[idx].json(self.base()))
     }
 
-    pub(crate) fn list_batches(&self, limit: usize, after: Option<&str>) -> Value {
+    /// The batches of one wire flavor, newest first, one page after `after`.
+    pub(crate) fn list_batches(&self, flavor: Flavor, limit: usize, after: Option<&str>) -> Value {
         let mut inner = self.lock();
         for i in 0..inner.batches.len() {
             self.advance(&mut inner, i);
         }
-        let order: Vec<usize> = (0..inner.batches.len()).rev().collect();
+        let order: Vec<usize> = (0..inner.batches.len())
+            .rev()
+            .filter(|&i| inner.batches[i].flavor == flavor)
+            .collect();
         let start = after
             .and_then(|a| {
                 order
@@ -514,20 +899,52 @@ impl Sim {
                     .map(|p| p + 1)
             })
             .unwrap_or(0);
-        let page: Vec<Value> = order
+        let base = self.base().to_string();
+        let page_idx: Vec<usize> = order.iter().skip(start).take(limit).copied().collect();
+        let page: Vec<Value> = page_idx
             .iter()
-            .skip(start)
-            .take(limit)
-            .map(|&i| inner.batches[i].json())
+            .map(|&i| inner.batches[i].json(&base))
             .collect();
         let has_more = start + page.len() < order.len();
-        json!({
-            "object": "list",
-            "data": page,
-            "first_id": page.first().map(|b| b["id"].clone()),
-            "last_id": page.last().map(|b| b["id"].clone()),
-            "has_more": has_more,
-        })
+        let first = page_idx.first().map(|&i| inner.batches[i].id.clone());
+        let last = page_idx.last().map(|&i| inner.batches[i].id.clone());
+        match flavor {
+            Flavor::Gemini => {
+                let mut v = json!({"operations": page});
+                if has_more {
+                    v["nextPageToken"] = json!(last);
+                }
+                v
+            }
+            Flavor::Anthropic => {
+                json!({"data": page, "has_more": has_more, "first_id": first, "last_id": last})
+            }
+            _ => {
+                json!({"object": "list", "data": page, "first_id": first, "last_id": last, "has_more": has_more})
+            }
+        }
+    }
+
+    /// Anthropic results: the results file of an ended batch.
+    pub(crate) fn results_path(&self, id: &str) -> Result<PathBuf, SimError> {
+        let mut inner = self.lock();
+        let idx = self.index(&inner, id)?;
+        self.advance(&mut inner, idx);
+        let b = &inner.batches[idx];
+        if !b.status.terminal() {
+            return Err(SimError::bad_request(format!(
+                "Batch {id} is still processing; results are available once it has ended."
+            )));
+        }
+        let fid = b
+            .output_file_id
+            .clone()
+            .ok_or_else(|| SimError::not_found("results", id))?;
+        inner
+            .files
+            .get(&fid)
+            .map(|f| f.path.clone())
+            .ok_or_else(|| SimError::not_found("results", id))
     }
 
     /// Share of the in-progress phase done after `elapsed` seconds.
@@ -555,12 +972,14 @@ impl Sim {
                         .cancel_at
                         .map(|c| c.elapsed().as_secs_f64())
                         .unwrap_or(0.0);
-                    (since >= 0.05 * t).then_some(Status::Cancelled)
+                    (since >= 0.05 * t || b.flavor == Flavor::Gemini).then_some(Status::Cancelled)
                 }
                 _ => None,
             };
             let Some(next) = next else {
-                if inner.batches[idx].status == Status::InProgress {
+                if inner.batches[idx].status == Status::InProgress
+                    && inner.batches[idx].flavor != Flavor::Anthropic
+                {
                     let total = inner.batches[idx].counts.0;
                     let done = (total as f64 * self.progress(elapsed)) as u64;
                     inner.batches[idx].counts.1 = done.min(total);
@@ -592,24 +1011,31 @@ impl Sim {
 
     /// Checks the input file; the batch goes `in_progress` or `failed`.
     fn validate(&self, inner: &mut Inner, idx: usize) {
-        let file = inner.files.get(&inner.batches[idx].input_file_id).cloned();
+        let flavor = inner.batches[idx].flavor;
+        let path = inner.batches[idx].input_path.clone();
+        let endpoint = inner.batches[idx].endpoint.clone();
+        let url_model = inner.batches[idx].url_model.clone();
         let mut errors: Vec<Value> = Vec::new();
         let mut requests = Vec::new();
         let mut model: Option<String> = None;
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         let push = |errors: &mut Vec<Value>, code: &str, msg: String, line: Option<usize>| {
             if errors.len() < 20 {
                 errors.push(json!({"code": code, "message": msg, "param": null, "line": line}));
             }
         };
-        match file.and_then(|f| std::fs::File::open(&f.path).ok()) {
-            None => push(
+        let limit = match flavor {
+            Flavor::OpenAi => 50_000,
+            _ => 100_000,
+        };
+        match std::fs::File::open(&path) {
+            Err(_) => push(
                 &mut errors,
                 "invalid_request",
                 "input file unavailable".into(),
                 None,
             ),
-            Some(f) => {
+            Ok(f) => {
                 for (i, line) in BufReader::new(f).split(b'\n').enumerate() {
                     let n = i + 1;
                     let Ok(line) = line else {
@@ -624,6 +1050,10 @@ impl Sim {
                     if line.iter().all(u8::is_ascii_whitespace) {
                         continue;
                     }
+                    if n == 1 && line.starts_with(&[0xEF, 0xBB, 0xBF]) && flavor == Flavor::Azure {
+                        push(&mut errors, "invalid_request", "Could not extract a valid deployment name from the input file (UTF-8 with BOM).".into(), Some(n));
+                        continue;
+                    }
                     let Ok(v) = serde_json::from_slice::<Value>(&line) else {
                         push(
                             &mut errors,
@@ -633,7 +1063,22 @@ impl Sim {
                         );
                         continue;
                     };
-                    let cid = v.get("custom_id").and_then(Value::as_str).unwrap_or("");
+                    let (cid, body) = match flavor {
+                        Flavor::Gemini => (
+                            v.get("key")
+                                .and_then(Value::as_str)
+                                .unwrap_or("")
+                                .to_string(),
+                            v.get("request").cloned().unwrap_or(Value::Null),
+                        ),
+                        _ => (
+                            v.get("custom_id")
+                                .and_then(Value::as_str)
+                                .unwrap_or("")
+                                .to_string(),
+                            v.get("body").cloned().unwrap_or(Value::Null),
+                        ),
+                    };
                     if cid.is_empty() {
                         push(
                             &mut errors,
@@ -643,7 +1088,7 @@ impl Sim {
                         );
                         continue;
                     }
-                    if !seen.insert(cid.to_string()) {
+                    if !seen.insert(cid.clone()) {
                         push(
                             &mut errors,
                             "duplicate_custom_id",
@@ -651,29 +1096,36 @@ impl Sim {
                             Some(n),
                         );
                     }
-                    if v.get("method").and_then(Value::as_str) != Some("POST") {
-                        push(
-                            &mut errors,
-                            "invalid_request",
-                            format!("Line {n}: method must be POST."),
-                            Some(n),
-                        );
+                    if matches!(flavor, Flavor::OpenAi | Flavor::Azure) {
+                        if v.get("method").and_then(Value::as_str) != Some("POST") {
+                            push(
+                                &mut errors,
+                                "invalid_request",
+                                format!("Line {n}: method must be POST."),
+                                Some(n),
+                            );
+                        }
+                        let url = v.get("url").and_then(Value::as_str).unwrap_or("");
+                        if url.trim_start_matches("/v1") != endpoint.trim_start_matches("/v1") {
+                            push(
+                                &mut errors,
+                                "url_mismatch",
+                                format!("Line {n}: url does not match the batch endpoint."),
+                                Some(n),
+                            );
+                        }
                     }
-                    if v.get("url").and_then(Value::as_str)
-                        != Some(inner.batches[idx].endpoint.as_str())
-                    {
-                        push(
-                            &mut errors,
-                            "url_mismatch",
-                            format!("Line {n}: url does not match the batch endpoint."),
-                            Some(n),
-                        );
-                    }
-                    let body = v.get("body").cloned().unwrap_or(Value::Null);
-                    let m = body.get("model").and_then(Value::as_str).unwrap_or("");
+                    let m = match flavor {
+                        Flavor::Gemini => url_model.clone().unwrap_or_default(),
+                        _ => body
+                            .get("model")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string(),
+                    };
                     match &model {
                         None => {
-                            if self.prices.lookup("openai", m).is_err() {
+                            if self.prices.lookup(flavor.price_namespace(), &m).is_err() {
                                 push(
                                     &mut errors,
                                     "model_not_found",
@@ -681,9 +1133,9 @@ impl Sim {
                                     Some(n),
                                 );
                             }
-                            model = Some(m.to_string());
+                            model = Some(m);
                         }
-                        Some(first) if first != m => push(
+                        Some(first) if *first != m => push(
                             &mut errors,
                             "model_mismatch",
                             format!("Line {n} uses model '{m}', the batch uses '{first}'."),
@@ -692,7 +1144,7 @@ impl Sim {
                         _ => {}
                     }
                     requests.push(RecordedRequest {
-                        custom_id: cid.to_string(),
+                        custom_id: cid,
                         body_sha256: hex::encode(Sha256::digest(body.to_string().as_bytes())),
                         outcome: Outcome::Pending,
                     });
@@ -707,12 +1159,12 @@ impl Sim {
                 None,
             );
         }
-        if requests.len() > MAX_REQUESTS {
+        if requests.len() > limit {
             push(
                 &mut errors,
                 "too_many_tasks",
                 format!(
-                    "The batch has {} requests; the limit is {MAX_REQUESTS}.",
+                    "The batch has {} requests; the limit is {limit}.",
                     requests.len()
                 ),
                 None,
@@ -736,13 +1188,50 @@ impl Sim {
         }
     }
 
-    /// Runs the requests (those that got to run) and writes the output and error files.
+    /// Prices one answer and adds it to the bill.
+    fn bill(
+        &self,
+        flavor: Flavor,
+        mode: PricingMode,
+        custom_id: &str,
+        batch_id: &str,
+        model: &str,
+        u: &Usage,
+    ) -> BillEntry {
+        let cost = self
+            .prices
+            .lookup(flavor.price_namespace(), model)
+            .ok()
+            .and_then(|p| p.rates(mode).copied())
+            .map(|r| r.cost(u))
+            .unwrap_or(Usd::ZERO);
+        BillEntry {
+            custom_id: custom_id.to_string(),
+            batch_id: batch_id.to_string(),
+            model: model.to_string(),
+            pricing_mode: mode.as_str(),
+            input_tokens: u.input_tokens,
+            cached_input_tokens: u.cached_input_tokens,
+            cache_write_tokens: u.cache_write_tokens,
+            output_tokens: u.output_tokens,
+            reasoning_tokens: u.reasoning_tokens,
+            cost_usd: cost.to_decimal_string(),
+            cost,
+        }
+    }
+
+    /// Runs the requests (those that got to run) and writes the result files.
     fn materialize(&self, inner: &mut Inner, idx: usize, status: Status, stamp: &'static str) {
-        let input = inner
-            .files
-            .get(&inner.batches[idx].input_file_id)
-            .map(|f| f.path.clone());
-        let batch_id = inner.batches[idx].id.clone();
+        let (flavor, input, batch_id, url_model, inline) = {
+            let b = &inner.batches[idx];
+            (
+                b.flavor,
+                b.input_path.clone(),
+                b.id.clone(),
+                b.url_model.clone(),
+                b.inline,
+            )
+        };
         let total = inner.batches[idx].requests.len();
         let done_fraction = if status == Status::Completed {
             1.0
@@ -755,7 +1244,9 @@ impl Sim {
         let mut usage_total = Usage::default();
         let mut bill = Vec::new();
         let mut outcomes = Vec::with_capacity(total);
-        if let Some(f) = input.and_then(|p| std::fs::File::open(p).ok()) {
+        // Gemini expiry has no results at all.
+        let gemini_expired = flavor == Flavor::Gemini && status == Status::Expired;
+        if let Ok(f) = std::fs::File::open(&input) {
             let mut i = 0usize;
             for line in BufReader::new(f).split(b'\n').map_while(Result::ok) {
                 if line.iter().all(u8::is_ascii_whitespace) {
@@ -764,28 +1255,38 @@ impl Sim {
                 let Ok(v) = serde_json::from_slice::<Value>(&line) else {
                     continue;
                 };
-                let cid = v
-                    .get("custom_id")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_string();
+                let (cid, body) = match flavor {
+                    Flavor::Gemini => (
+                        str_of(&v, "key"),
+                        v.get("request").cloned().unwrap_or(Value::Null),
+                    ),
+                    Flavor::Anthropic => (
+                        str_of(&v, "custom_id"),
+                        v.get("params").cloned().unwrap_or(Value::Null),
+                    ),
+                    _ => (
+                        str_of(&v, "custom_id"),
+                        v.get("body").cloned().unwrap_or(Value::Null),
+                    ),
+                };
                 let ran = i < done_n;
                 i += 1;
+                if gemini_expired {
+                    outcomes.push(Outcome::Expired);
+                    continue;
+                }
+                let id = short(&cid);
+                let n = wire::neutral(flavor, &body, url_model.as_deref());
+                let tool = wire::anthropic_tool(&body);
                 if !ran {
-                    let (code, msg, outcome) = if status == Status::Cancelled {
-                        (
-                            "batch_cancelled",
-                            "This request was cancelled before it ran.",
-                            Outcome::Cancelled,
-                        )
+                    let (reply, outcome) = if status == Status::Cancelled {
+                        (Reply::Cancelled, Outcome::Cancelled)
                     } else {
-                        (
-                            "batch_expired",
-                            "This request could not be executed before the completion window expired.",
-                            Outcome::Expired,
-                        )
+                        (Reply::Expired, Outcome::Expired)
                     };
-                    err_lines.push(json!({"id": format!("batch_req_{}", short(&cid)), "custom_id": cid, "response": null, "error": {"code": code, "message": msg}}).to_string());
+                    err_lines.push(
+                        wire::result_line(flavor, &cid, &id, &n.model, &tool, &reply).to_string(),
+                    );
                     outcomes.push(outcome);
                     continue;
                 }
@@ -793,64 +1294,97 @@ impl Sim {
                     outcomes.push(Outcome::Missing);
                     continue;
                 }
-                let body = v.get("body").cloned().unwrap_or(Value::Null);
-                let (line_json, outcome, usage) = self.answer(&cid, &body);
+                let (reply, outcome) = self.answer(flavor, &cid, &body, &n);
+                if let Reply::Answer { usage, .. } = &reply {
+                    usage_total.add(usage);
+                    bill.push(self.bill(
+                        flavor,
+                        PricingMode::Batch,
+                        &cid,
+                        &batch_id,
+                        &n.model,
+                        usage,
+                    ));
+                }
+                let line =
+                    wire::result_line(flavor, &cid, &id, &n.model, &tool, &reply).to_string();
                 let twice =
                     draw(self.settings.seed, "duplicate", &cid) < self.settings.duplicate_line_rate;
-                if let Some(u) = usage {
-                    let model = body
-                        .get("model")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string();
-                    let cost = self
-                        .prices
-                        .lookup("openai", &model)
-                        .ok()
-                        .and_then(|p| p.rates(PricingMode::Batch).copied())
-                        .map(|r| r.cost(&u))
-                        .unwrap_or(Usd::ZERO);
-                    usage_total.add(&u);
-                    bill.push(BillEntry {
-                        custom_id: cid.clone(),
-                        batch_id: batch_id.clone(),
-                        model,
-                        pricing_mode: "batch",
-                        input_tokens: u.input_tokens,
-                        cached_input_tokens: u.cached_input_tokens,
-                        cache_write_tokens: u.cache_write_tokens,
-                        output_tokens: u.output_tokens,
-                        reasoning_tokens: u.reasoning_tokens,
-                        cost_usd: cost.to_decimal_string(),
-                        cost,
-                    });
-                }
-                let lines = if outcome == Outcome::Error {
+                let lines = if outcome == Outcome::Error
+                    && matches!(flavor, Flavor::OpenAi | Flavor::Azure)
+                {
                     &mut err_lines
                 } else {
                     &mut out_lines
                 };
                 if twice {
-                    lines.push(line_json.clone());
+                    lines.push(line.clone());
                 }
-                lines.push(line_json);
+                lines.push(line);
                 outcomes.push(outcome);
             }
         }
         for n in 0..self.settings.unknown_lines {
             let cid = format!("unknown-{}-{n}", short(&batch_id));
-            err_lines.push(json!({"id": format!("batch_req_{}", short(&cid)), "custom_id": cid, "response": {"status_code": 500, "request_id": "req_x", "body": {"error": {"message": "stray line", "type": "server_error", "param": null, "code": null}}}, "error": null}).to_string());
+            let line =
+                wire::result_line(flavor, &cid, &short(&cid), "", "", &Reply::Error).to_string();
+            err_lines.push(line);
         }
-        // Lines come back in no particular order.
+        let completed = outcomes
+            .iter()
+            .filter(|o| matches!(o, Outcome::Ok | Outcome::InvalidJson))
+            .count() as u64;
+        let failed = outcomes.len() as u64 - completed;
         let seed = self.settings.seed ^ 0x5eed;
-        shuffle(&mut out_lines, seed);
-        shuffle(&mut err_lines, seed.rotate_left(7));
-        let completed = out_lines.len() as u64;
-        let failed = err_lines.len() as u64;
-        let out_id = (!out_lines.is_empty())
-            .then(|| self.write_output(inner, &batch_id, "output", &out_lines));
-        let err_id = (!err_lines.is_empty())
-            .then(|| self.write_output(inner, &batch_id, "error", &err_lines));
+        let (out_id, err_id, inline_output) = match flavor {
+            Flavor::OpenAi | Flavor::Azure => {
+                // Lines come back in no particular order.
+                shuffle(&mut out_lines, seed);
+                shuffle(&mut err_lines, seed.rotate_left(7));
+                let out = (!out_lines.is_empty())
+                    .then(|| self.write_output(inner, flavor, &batch_id, "output", &out_lines));
+                // Azure gives even a clean batch an (empty) error file.
+                let err = (!err_lines.is_empty() || flavor == Flavor::Azure)
+                    .then(|| self.write_output(inner, flavor, &batch_id, "error", &err_lines));
+                (out, err, None)
+            }
+            Flavor::Anthropic => {
+                let mut all = out_lines;
+                all.append(&mut err_lines);
+                shuffle(&mut all, seed);
+                (
+                    Some(self.write_output(inner, flavor, &batch_id, "results", &all)),
+                    None,
+                    None,
+                )
+            }
+            Flavor::Gemini if gemini_expired => (None, None, None),
+            Flavor::Gemini => {
+                // Input order (expired or cancelled lines, then stray ones, at the end).
+                let mut all = out_lines;
+                all.append(&mut err_lines);
+                if inline {
+                    let items: Vec<Value> = all
+                        .iter()
+                        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                        .map(|mut v| {
+                            let key = v["key"].take();
+                            let mut item = v;
+                            item.as_object_mut().map(|o| o.remove("key"));
+                            item["metadata"] = json!({"key": key});
+                            item
+                        })
+                        .collect();
+                    (None, None, Some(items))
+                } else {
+                    (
+                        Some(self.write_output(inner, flavor, &batch_id, "responses", &all)),
+                        None,
+                        None,
+                    )
+                }
+            }
+        };
         let b = &mut inner.batches[idx];
         for (r, o) in b.requests.iter_mut().zip(outcomes) {
             r.outcome = o;
@@ -859,6 +1393,10 @@ impl Sim {
         b.stamps.insert(stamp, unix_now());
         b.output_file_id = out_id;
         b.error_file_id = err_id;
+        b.inline_output = inline_output;
+        if flavor == Flavor::Gemini && status == Status::Completed {
+            b.output_lag = 1;
+        }
         b.counts = (b.counts.0, completed, failed);
         b.usage = usage_total;
         inner.bill.extend(bill);
@@ -867,6 +1405,7 @@ impl Sim {
     fn write_output(
         &self,
         inner: &mut Inner,
+        flavor: Flavor,
         batch_id: &str,
         kind: &str,
         lines: &[String],
@@ -883,7 +1422,14 @@ impl Sim {
             }
             let _ = w.flush();
         }
-        let id = self.next_id(inner, "file");
+        let id = match flavor {
+            Flavor::Gemini => format!(
+                "files/batch-{}-{kind}",
+                batch_id.trim_start_matches("batches/")
+            ),
+            Flavor::Azure => self.next_id(inner, "azure-file"),
+            _ => self.next_id(inner, "file"),
+        };
         inner.files.insert(
             id.clone(),
             SimFile {
@@ -898,49 +1444,15 @@ impl Sim {
         id
     }
 
-    /// Answers one request: the output line, its outcome and the billed usage.
-    fn answer(&self, cid: &str, body: &Value) -> (String, Outcome, Option<Usage>) {
+    /// Answers one request: the reply and its outcome.
+    fn answer(&self, flavor: Flavor, cid: &str, body: &Value, n: &Neutral) -> (Reply, Outcome) {
         let s = &self.settings;
-        let req_id = short(cid);
         if draw(s.seed, "fail", cid) < s.fail_rate {
-            let line = json!({
-                "id": format!("batch_req_{req_id}"), "custom_id": cid,
-                "response": {"status_code": 500, "request_id": format!("req_{req_id}"),
-                    "body": {"error": {"message": "The server had an error while processing your request.", "type": "server_error", "param": null, "code": null}}},
-                "error": null
-            });
-            return (line.to_string(), Outcome::Error, None);
+            return (Reply::Error, Outcome::Error);
         }
-        let model = body.get("model").and_then(Value::as_str).unwrap_or("");
-        let tok = Tokenizer::for_model(model);
-        let messages: Vec<(&str, &str)> = body
-            .get("messages")
-            .and_then(Value::as_array)
-            .map(|ms| {
-                ms.iter()
-                    .map(|m| {
-                        (
-                            m.get("role").and_then(Value::as_str).unwrap_or(""),
-                            m.get("content").and_then(Value::as_str).unwrap_or(""),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let rf = body.get("response_format").map(|v| v.to_string());
-        let prompt_tokens = tok.chat_prompt_tokens(messages.iter().copied(), rf.as_deref());
-        let max_tokens = body
-            .get("max_completion_tokens")
-            .or_else(|| body.get("max_tokens"))
-            .and_then(Value::as_u64)
-            .unwrap_or(4096);
-        let schema = body
-            .pointer("/response_format/json_schema/schema")
-            .cloned()
-            .unwrap_or(json!({"type": "object", "properties": {"answer": {"type": "string"}}}));
         let body_hash = Sha256::digest(body.to_string().as_bytes());
         let mut rng = answer::Rng::new(u64::from_le_bytes(body_hash[..8].try_into().expect("8")));
-        let value = answer::generate(&schema, &schema, &mut rng);
+        let value = answer::generate(&n.schema, &n.schema, &mut rng);
         let mut content = value.to_string();
         let invalid = draw(s.seed, "invalid", cid) < s.invalid_json_rate;
         if invalid {
@@ -952,53 +1464,109 @@ impl Sim {
                 json!({"unexpected": "shape"}).to_string()
             };
         }
+        let tok = n.tokenizer;
+        let max_tokens = n.max_tokens;
         let mut visible = tok.count(&content);
         let reasoning = if s.answer_at_max_tokens {
             max_tokens.saturating_sub(visible)
-        } else if is_reasoning_model(model) {
+        } else if is_reasoning_model(&n.model) {
             16 + (u64::from(body_hash[9]) % 48)
         } else {
             0
         };
-        let mut finish = "stop";
+        let mut truncated = false;
         if reasoning + visible > max_tokens {
             let room = max_tokens.saturating_sub(reasoning);
             content = tok.truncate(&content, room);
             visible = tok.count(&content);
-            finish = "length";
+            truncated = true;
         }
         let reasoning = reasoning.min(max_tokens);
-        let cached = if draw(s.seed, "cache", cid) < s.cache_rate {
-            prompt_tokens / 2
+        let prompt = n.prompt_tokens;
+        let (cached, written) = if draw(s.seed, "cache", cid) < s.cache_rate {
+            (prompt / 2, 0)
+        } else if flavor == Flavor::Anthropic && draw(s.seed, "cache-write", cid) < s.cache_rate {
+            (0, prompt / 2)
         } else {
-            0
+            (0, 0)
         };
         let usage = Usage {
-            input_tokens: prompt_tokens,
+            input_tokens: prompt,
             cached_input_tokens: cached,
-            cache_write_tokens: 0,
+            cache_write_tokens: written,
             output_tokens: visible + reasoning,
             reasoning_tokens: reasoning,
         };
-        let line = json!({
-            "id": format!("batch_req_{req_id}"), "custom_id": cid,
-            "response": {"status_code": 200, "request_id": format!("req_{req_id}"), "body": {
-                "id": format!("chatcmpl-{req_id}"), "object": "chat.completion", "created": unix_now(),
-                "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": null, "annotations": []}, "logprobs": null, "finish_reason": finish}],
-                "usage": {"prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
-                    "total_tokens": usage.input_tokens + usage.output_tokens,
-                    "prompt_tokens_details": {"cached_tokens": usage.cached_input_tokens, "audio_tokens": 0},
-                    "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens, "audio_tokens": 0, "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}},
-                "service_tier": "default", "system_fingerprint": "fp_sim"}},
-            "error": null
-        });
         let outcome = if invalid {
             Outcome::InvalidJson
         } else {
             Outcome::Ok
         };
-        (line.to_string(), outcome, Some(usage))
+        (
+            Reply::Answer {
+                content,
+                truncated,
+                usage,
+            },
+            outcome,
+        )
+    }
+
+    /// Answers a real-time request (`/v1/chat/completions`, `/v1/messages`), billed at
+    /// standard prices and kept in the record under the client's request id.
+    pub(crate) fn online(&self, flavor: Flavor, custom_id: &str, body: &Value) -> OnlineReply {
+        let n = wire::neutral(flavor, body, None);
+        let key = if custom_id.is_empty() {
+            hex::encode(Sha256::digest(body.to_string().as_bytes()))
+        } else {
+            custom_id.to_string()
+        };
+        let (reply, outcome) = self.answer(flavor, &key, body, &n);
+        let id = short(&key);
+        let mut inner = self.lock();
+        let entry = json!({"custom_id": custom_id, "flavor": flavor, "at_ms": now_ms(),
+            "prompt_tokens": n.prompt_tokens, "outcome": outcome,
+            "body_sha256": hex::encode(Sha256::digest(body.to_string().as_bytes()))});
+        inner.online.push(entry);
+        match &reply {
+            Reply::Answer { usage, .. } => {
+                let b = self.bill(
+                    flavor,
+                    PricingMode::Standard,
+                    &key,
+                    "online",
+                    &n.model,
+                    usage,
+                );
+                inner.bill.push(b);
+                let tool = wire::anthropic_tool(body);
+                OnlineReply {
+                    status: 200,
+                    body: wire::answer_body(flavor, &id, &n.model, &tool, &reply),
+                }
+            }
+            _ => OnlineReply {
+                status: 500,
+                body: match flavor {
+                    Flavor::Anthropic => {
+                        json!({"type": "error", "error": {"type": "api_error", "message": "Internal server error"}})
+                    }
+                    _ => {
+                        json!({"error": {"message": "The server had an error while processing your request.", "type": "server_error", "param": null, "code": null}})
+                    }
+                },
+            },
+        }
+    }
+
+    /// Notes a call refused by an HTTP fault (the client's request id, if it sent one).
+    pub(crate) fn note_refused(&self, request_id: &str, status: u16) {
+        if request_id.is_empty() {
+            return;
+        }
+        self.lock()
+            .refused
+            .push(json!({"custom_id": request_id, "at_ms": now_ms(), "status": status}));
     }
 
     /// The bill per provider batch: (batch id, billed requests, tokens, cost).
@@ -1032,8 +1600,9 @@ impl Sim {
             .map(|b| {
                 json!({
                     "id": b.id,
-                    "status": b.status.as_str(),
-                    "local_id": b.metadata.as_ref().and_then(|m| m.get(crate::provider::openai::META_BATCH_ID)).cloned(),
+                    "flavor": b.flavor,
+                    "status": b.status.openai(),
+                    "local_id": b.local_id(),
                     "requests": b.requests,
                 })
             })
@@ -1072,6 +1641,8 @@ impl Sim {
             .collect();
         json!({
             "batches": batches,
+            "online": inner.online,
+            "refused": inner.refused,
             "uploads": inner.uploads,
             "bill": {
                 "per_custom_id": inner.bill,
@@ -1080,6 +1651,10 @@ impl Sim {
             }
         })
     }
+}
+
+fn str_of(v: &Value, key: &str) -> String {
+    v.get(key).and_then(Value::as_str).unwrap_or("").to_string()
 }
 
 fn is_reasoning_model(model: &str) -> bool {

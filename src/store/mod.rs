@@ -138,6 +138,8 @@ pub struct PlanRequest<'a> {
     pub provider: &'a str,
     pub model: &'a str,
     pub pricing_mode: PricingMode,
+    /// `batch` or `online`.
+    pub mode: &'a str,
     pub max_requests: usize,
     pub max_bytes: u64,
     /// Bytes a JSONL line adds around the body (envelope and custom_id), an upper bound.
@@ -186,6 +188,7 @@ pub struct BatchRow {
     pub provider: String,
     pub model: String,
     pub pricing_mode: String,
+    pub mode: String,
     pub state: String,
     pub request_count: i64,
     pub reserved_pico: i64,
@@ -239,6 +242,19 @@ pub struct BatchLine {
     pub custom_id: String,
     pub shape_id: i64,
     pub user_json: String,
+}
+
+/// An attempt to send online, with what the request is made of.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct OnlineLine {
+    pub attempt_id: i64,
+    pub item_id: i64,
+    pub attempt_no: i64,
+    pub custom_id: String,
+    pub state: String,
+    pub shape_id: i64,
+    pub user_json: String,
+    pub input_tokens: i64,
 }
 
 /// An attempt of a batch, as the result applier needs it.
@@ -493,6 +509,31 @@ pub trait Store: Send + Sync + 'static {
         pipeline: Option<&str>,
     ) -> impl Future<Output = Result<Vec<BatchRow>>> + Send;
     fn run_batches(&self, run_id: &str) -> impl Future<Output = Result<Vec<BatchRow>>> + Send;
+    /// Items waiting for a retry (`failed` under the cap).
+    fn plannable_retries(
+        &self,
+        pipeline: &str,
+        stage: &str,
+    ) -> impl Future<Output = Result<u64>> + Send;
+    /// Online mode: up to `limit` attempts of the batch not yet dispatched, in order.
+    fn online_page(
+        &self,
+        batch_id: &str,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<OnlineLine>>> + Send;
+    /// Online mode: records (and commits) that these attempts are about to be sent.
+    fn mark_dispatched(&self, attempt_ids: &[i64]) -> impl Future<Output = Result<()>> + Send;
+    /// Online mode: attempts dispatched by a process that died before recording their
+    /// answers fail as `lost` (they may have been billed); never sent again as such.
+    fn lose_dispatched(
+        &self,
+        batch_id: &str,
+        max_attempts: u32,
+    ) -> impl Future<Output = Result<ApplyStats>> + Send;
+    /// Provider batch ids this store already tracks (never adopted for another batch).
+    fn known_provider_ids(
+        &self,
+    ) -> impl Future<Output = Result<std::collections::HashSet<String>>> + Send;
     /// Applies `update` if the batch is still in state `from`; returns whether it was.
     fn update_batch(
         &self,

@@ -215,7 +215,7 @@ fn i64_of(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-const BATCH_COLUMNS: &str = "id, run_id, pipeline, stage, provider, model, pricing_mode, state, \
+const BATCH_COLUMNS: &str = "id, run_id, pipeline, stage, provider, model, pricing_mode, mode, state, \
     request_count, reserved_pico, file_path, file_sha256, file_bytes, input_file_id, provider_batch_id, \
     provider_status, end_state, output_file_id, error_file_id, provider_usage, error, created_at, \
     submitted_at, ended_at, ingested_at";
@@ -510,8 +510,8 @@ impl Store for SqliteStore {
         let prefix = format!("b{}-", id.simple());
         sqlx::query(
             "INSERT INTO batches (id, run_id, pipeline, stage, provider, model, pricing_mode, state, \
-             request_count, reserved_pico, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'planned', $8, $9, $10)",
+             request_count, reserved_pico, created_at, mode) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'planned', $8, $9, $10, $11)",
         )
         .bind(&batch_id)
         .bind(req.run_id)
@@ -523,6 +523,7 @@ impl Store for SqliteStore {
         .bind(count)
         .bind(money_i64(reserved)?)
         .bind(now)
+        .bind(req.mode)
         .execute(&mut *tx)
         .await?;
         let inserted = sqlx::query(
@@ -776,6 +777,98 @@ impl Store for SqliteStore {
         .bind(run_id)
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    async fn plannable_retries(&self, pipeline: &str, stage: &str) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM items WHERE pipeline = $1 AND stage = $2 AND state = 'failed'",
+        )
+        .bind(pipeline)
+        .bind(stage)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(count(n))
+    }
+
+    async fn online_page(&self, batch_id: &str, limit: u32) -> Result<Vec<OnlineLine>> {
+        Ok(sqlx::query_as::<_, OnlineLine>(
+            "SELECT a.id AS attempt_id, a.item_id, a.attempt_no, a.custom_id, a.state, i.shape_id, \
+             i.user_json, i.input_tokens FROM attempts a JOIN items i ON i.id = a.item_id \
+             WHERE a.batch_id = $1 AND a.state = 'in_flight' AND a.dispatched_at IS NULL \
+             ORDER BY a.id LIMIT $2",
+        )
+        .bind(batch_id)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn mark_dispatched(&self, attempt_ids: &[i64]) -> Result<()> {
+        let now = now_ms();
+        let mut tx = self.write_tx().await?;
+        for chunk in attempt_ids.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "WITH c(t) AS (SELECT ?), v(id) AS (VALUES {}) \
+                 UPDATE attempts SET dispatched_at = (SELECT t FROM c) FROM v \
+                 WHERE attempts.id = v.id AND attempts.state = 'in_flight'",
+                values_sql(chunk.len(), 1)
+            );
+            let mut q = sqlx::query(&sql).bind(now);
+            for id in chunk {
+                q = q.bind(id);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn lose_dispatched(&self, batch_id: &str, max_attempts: u32) -> Result<ApplyStats> {
+        let now = now_ms();
+        let error = "lost: sent online by a process that ended before recording the answer (it may have been billed)";
+        let mut tx = self.write_tx().await?;
+        let states: Vec<String> = sqlx::query_scalar(
+            "UPDATE items SET \
+               state = CASE WHEN items.attempts >= $2 THEN 'exhausted' ELSE 'failed' END, \
+               last_error = $3, updated_at = $4 \
+             FROM (SELECT item_id, attempt_no FROM attempts WHERE batch_id = $1 AND state = 'in_flight' \
+                   AND dispatched_at IS NOT NULL) AS a \
+             WHERE items.id = a.item_id AND items.state = 'in_flight' AND items.attempts = a.attempt_no \
+             RETURNING items.state",
+        )
+        .bind(batch_id)
+        .bind(max_attempts as i64)
+        .bind(error)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let n = sqlx::query(
+            "UPDATE attempts SET state = 'failed', verdict = 'lost', error = $2, completed_at = $3 \
+             WHERE batch_id = $1 AND state = 'in_flight' AND dispatched_at IS NOT NULL",
+        )
+        .bind(batch_id)
+        .bind(error)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        let exhausted = states.iter().filter(|s| *s == "exhausted").count() as u64;
+        Ok(ApplyStats {
+            applied: n,
+            failed: states.len() as u64 - exhausted,
+            exhausted,
+            ..Default::default()
+        })
+    }
+
+    async fn known_provider_ids(&self) -> Result<std::collections::HashSet<String>> {
+        let v: Vec<String> = sqlx::query_scalar(
+            "SELECT provider_batch_id FROM batches WHERE provider_batch_id IS NOT NULL",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(v.into_iter().collect())
     }
 
     async fn update_batch(&self, id: &str, from: &str, u: &BatchUpdate) -> Result<bool> {

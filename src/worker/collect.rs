@@ -246,6 +246,19 @@ pub async fn cancel<S: Store, P: BatchProvider>(
     let ids: Vec<String> = targets.iter().map(|b| b.id.clone()).collect();
     for b in targets {
         let what = match b.state.as_str() {
+            _ if b.mode == "online" => {
+                // Online requests are ours to stop: what was answered is already recorded.
+                let lost = store
+                    .lose_dispatched(&b.id, ctx.pipeline.max_attempts)
+                    .await?;
+                runner
+                    .close_unsent(&b, "cancelled before it was sent")
+                    .await?;
+                format!(
+                    "online batch stopped ({} request(s) left unanswered)",
+                    lost.applied
+                )
+            }
             "planned" | "built" => {
                 runner
                     .close_unsent(&b, "cancelled before it was sent")
@@ -264,9 +277,10 @@ pub async fn cancel<S: Store, P: BatchProvider>(
                 "cancelled before it was sent (uploaded file deleted)".to_string()
             }
             "creating" => {
+                let known = store.known_provider_ids().await?;
                 let found = ctx
                     .provider
-                    .find_batch(&b.id, b.created_at / 1000, b.request_count as u64)
+                    .find_batch(&b.id, b.created_at / 1000, b.request_count as u64, &known)
                     .await
                     .map_err(RunError::Provider)?;
                 match found {

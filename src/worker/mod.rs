@@ -12,6 +12,7 @@
 mod apply;
 mod collect;
 mod ingest;
+mod online;
 mod submit;
 
 use std::collections::{HashMap, HashSet};
@@ -271,10 +272,18 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
     fn new(ctx: &'a RunContext<'a, S, P>) -> Result<Self, RunError> {
         let p = ctx.pipeline;
         let validator = OutputValidator::load(&p.output.schema).map_err(RunError::Config)?;
-        let mode = ctx.provider.pricing_mode();
-        let batch_rates = *ctx.price.rates(mode).ok_or_else(|| {
-            RunError::Config(format!("model `{}` has no {mode} price", p.provider.model))
-        })?;
+        let mode = p.provider.pricing_mode();
+        let batch_rates = match (mode, ctx.price.batch) {
+            (_, Some(b)) => b,
+            // Online only: batch prices are never needed.
+            (PricingMode::Standard, None) => ctx.price.standard,
+            (PricingMode::Batch, None) => {
+                return Err(RunError::Config(format!(
+                    "model `{}` has no batch price",
+                    p.provider.model
+                )));
+            }
+        };
         for dir in [batches_dir(&ctx.work_dir), downloads_dir(&ctx.work_dir)] {
             fsutil::create_private_dir_all(&dir).map_err(|source| RunError::Output {
                 path: dir.clone(),
@@ -319,7 +328,10 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
     }
 
     /// The budget this planning round must fit in (`None`: no limits).
-    async fn budget_check(&self) -> Result<Option<crate::store::BudgetCheck>, RunError> {
+    async fn budget_check(
+        &self,
+        mode: PricingMode,
+    ) -> Result<Option<crate::store::BudgetCheck>, RunError> {
         let b = self.ctx.budget;
         if b.max.is_none() && b.max_item.is_none() {
             return Ok(None);
@@ -329,7 +341,7 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
             None => crate::cost::Usd::from_pico(i64::MAX as i128),
         };
         let max_out = self.ctx.pipeline.prompt.max_output_tokens as u64;
-        let rates = self.batch_rates;
+        let rates = *self.rates(mode);
         Ok(Some(crate::store::BudgetCheck {
             available,
             input_price: rates.input,
@@ -384,7 +396,7 @@ pub async fn run<S: Store, P: BatchProvider>(
             output_path: ctx.output_path.display().to_string(),
             provider: ctx.provider.kind().to_string(),
             model: p.provider.model.clone(),
-            pricing_mode: ctx.provider.pricing_mode(),
+            pricing_mode: ctx.pipeline.provider.pricing_mode(),
             max_attempts: p.max_attempts,
             host: hostname(),
             pid: std::process::id(),
@@ -538,24 +550,31 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 return Ok(Stop::Interrupted);
             }
             // New batches (first attempts and retries) for whatever is plannable.
+            let mode = self.plan_mode().await?;
+            let pricing_mode = if mode == "online" {
+                PricingMode::Standard
+            } else {
+                PricingMode::Batch
+            };
             let req = PlanRequest {
                 run_id: &self.run_id,
                 pipeline: &p.name,
                 stage: p.stage(),
                 provider: ctx.provider.kind(),
                 model: &p.provider.model,
-                pricing_mode: ctx.provider.pricing_mode(),
+                pricing_mode,
                 max_requests: p.batch.max_requests,
                 max_bytes: p.batch.max_bytes,
                 line_overhead: ctx.provider.line_overhead(),
                 budget: None,
+                mode,
             };
             let t = Instant::now();
             self.budget_blocked = None;
             let mut nothing_fits = false;
             while !ctx.shutdown.is_set() {
                 let req = PlanRequest {
-                    budget: self.budget_check().await?,
+                    budget: self.budget_check(pricing_mode).await?,
                     ..req.clone()
                 };
                 match ctx.store.plan_batch(&req).await? {
@@ -597,6 +616,12 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                     return Ok(Stop::Interrupted);
                 }
                 match b.state.as_str() {
+                    "planned" if b.mode == "online" => self.start_online(&b).await?,
+                    "submitted" if b.mode == "online" => {
+                        let t = Instant::now();
+                        self.run_online(&b).await?;
+                        self.times.results += t.elapsed();
+                    }
                     "planned" | "built" | "uploading" | "uploaded" | "creating" => {
                         self.submit(b).await?;
                         unsent += 1;
@@ -659,7 +684,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         let ws = crate::plan::Worksheet::compute(crate::plan::PlanInputs {
             pipeline: p,
             price: ctx.price,
-            mode: ctx.provider.pricing_mode(),
+            mode: ctx.pipeline.provider.pricing_mode(),
             exact_tokens,
             records_read: run.records_read as u64,
             quarantined: run.records_quarantined as u64,
@@ -675,6 +700,24 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             .set_run_plan(&self.run_id, &ws.to_json().to_string())
             .await?;
         Ok(())
+    }
+
+    /// How the next batch is sent: `online` for an online pipeline, or for a retry round
+    /// smaller than `retry_online_below`; `batch` otherwise.
+    async fn plan_mode(&self) -> Result<&'static str, RunError> {
+        let p = self.ctx.pipeline;
+        if p.provider.mode == crate::config::Mode::Online {
+            return Ok("online");
+        }
+        if let Some(below) = p.provider.retry_online_below {
+            let store = self.ctx.store;
+            let pending = store.plannable_count(&p.name, p.stage()).await?;
+            let retries = store.plannable_retries(&p.name, p.stage()).await?;
+            if pending > 0 && pending == retries && pending < below {
+                return Ok("online");
+            }
+        }
+        Ok("batch")
     }
 
     /// With the in-process simulator, batches sent by an earlier process died with it: their

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::{Event, PollClock, RunError, Runner, upload_name};
-use crate::provider::{BatchMeta, BatchProvider, ProviderError, RemoteBatch};
+use crate::provider::{BatchMeta, BatchProvider, CreateInput, ProviderError, RemoteBatch};
 use crate::store::{BatchRow, BatchUpdate, Store, StoreError, now_ms};
 
 impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
@@ -34,6 +34,19 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                                 file_path: Some(path.display().to_string()),
                                 file_sha256: Some(sha),
                                 file_bytes: Some(bytes as i64),
+                                ..Default::default()
+                            },
+                        )
+                        .await?;
+                }
+                "built" if !ctx.provider.uploads(b.file_bytes.unwrap_or(0) as u64) => {
+                    // The requests go inline in the create call: nothing to upload.
+                    store
+                        .update_batch(
+                            &b.id,
+                            "built",
+                            &BatchUpdate {
+                                state: Some("uploaded"),
                                 ..Default::default()
                             },
                         )
@@ -93,9 +106,10 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 "creating" => {
                     // The create may have taken effect: look for it before sending again.
                     let since = b.created_at / 1000;
+                    let known = store.known_provider_ids().await?;
                     match ctx
                         .provider
-                        .find_batch(&b.id, since, b.request_count as u64)
+                        .find_batch(&b.id, since, b.request_count as u64, &known)
                         .await
                     {
                         Ok(Some(remote)) => self.created(&b, remote, true).await?,
@@ -160,8 +174,9 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         }
     }
 
-    async fn upload(&mut self, b: &BatchRow) -> Result<String, ProviderError> {
-        let path = match &b.file_path {
+    /// The batch's input file, rebuilt byte for byte if it was lost.
+    async fn local_file(&self, b: &BatchRow) -> Result<PathBuf, ProviderError> {
+        Ok(match &b.file_path {
             Some(p) if Path::new(p).exists() => PathBuf::from(p),
             // The file was lost (crash, cleanup): rebuild it, byte for byte.
             _ => {
@@ -177,7 +192,11 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 }
                 path
             }
-        };
+        })
+    }
+
+    async fn upload(&mut self, b: &BatchRow) -> Result<String, ProviderError> {
+        let path = self.local_file(b).await?;
         let r = self.ctx.provider.upload(&upload_name(&b.id), &path).await;
         if r.is_ok() {
             crate::failpoint!("upload.after_send");
@@ -203,14 +222,15 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
     }
 
     async fn create(&mut self, b: &BatchRow) -> Result<RemoteBatch, ProviderError> {
-        let file_id = b.input_file_id.clone().ok_or_else(|| {
-            ProviderError::Protocol(format!("batch {} has no uploaded file", b.id))
-        })?;
+        let path = self.local_file(b).await?;
         let r = self
             .ctx
             .provider
             .create(
-                &file_id,
+                &CreateInput {
+                    file_id: b.input_file_id.as_deref(),
+                    path: &path,
+                },
                 &BatchMeta {
                     local_id: &b.id,
                     run_id: &b.run_id,

@@ -68,17 +68,67 @@ pub fn stormy() -> SimSettings {
 }
 
 pub async fn scenario(records: usize, per_batch: u32, settings: SimSettings) -> Scenario {
+    scenario_for(Provider::OpenAi, records, per_batch, settings).await
+}
+
+/// The provider a scenario's pipeline talks to (all served by the test's simulator).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Provider {
+    OpenAi,
+    Azure,
+    Anthropic,
+    Gemini,
+    /// OpenAI chat completions, online mode.
+    Online,
+    /// Anthropic messages, online mode.
+    AnthropicOnline,
+}
+
+impl Provider {
+    fn lines(self, sim: &SimHandle) -> String {
+        let (kind, model, base, extra) = match self {
+            Provider::OpenAi => ("openai", "gpt-5.4-mini", sim.base_url(), ""),
+            Provider::Azure => (
+                "azure",
+                "gpt-4.1-mini",
+                sim.root_url(),
+                "deployment = \"gpt-4.1-mini\"\n",
+            ),
+            Provider::Anthropic => ("anthropic", "claude-haiku-4-5", sim.root_url(), ""),
+            Provider::Gemini => ("gemini", "gemini-2.5-flash", sim.root_url(), ""),
+            Provider::Online => (
+                "openai",
+                "gpt-5.4-nano",
+                sim.base_url(),
+                "mode = \"online\"\nconcurrency = 4\n",
+            ),
+            Provider::AnthropicOnline => (
+                "anthropic",
+                "claude-haiku-4-5",
+                sim.root_url(),
+                "mode = \"online\"\nconcurrency = 4\n",
+            ),
+        };
+        format!(
+            "kind = \"{kind}\"\nmodel = \"{model}\"\n{extra}simulate = false\nbase_url = \"{base}\"\napi_key_env = \"NS_CRASH_KEY\"\nreconcile_grace_seconds = 0\n"
+        )
+    }
+}
+
+pub async fn scenario_for(
+    provider: Provider,
+    records: usize,
+    per_batch: u32,
+    settings: SimSettings,
+) -> Scenario {
     let dir = tempfile::tempdir().unwrap();
     let src = write_source(dir.path(), records, 5, 2);
     let sim = start_sim(settings).await;
     let pipeline = write_pipeline(dir.path(), MAX_ATTEMPTS, per_batch, "");
     // Point the pipeline at the test's simulator, as at a real provider.
     let text = std::fs::read_to_string(&pipeline).unwrap().replace(
-        "simulate = true",
-        &format!(
-            "simulate = false\nbase_url = \"{}\"\napi_key_env = \"NS_CRASH_KEY\"\nreconcile_grace_seconds = 0",
-            sim.base_url()
-        ),
+        "kind = \"openai\"\nmodel = \"gpt-5.4-mini\"\nsimulate = true\n",
+        &provider.lines(&sim),
     );
     std::fs::write(&pipeline, text).unwrap();
     let db = dir.path().join(".nightshift/state.db");
@@ -152,9 +202,16 @@ pub async fn judge(sc: &Scenario) -> Verdict {
     let pool = store.pool();
     assert_eq!(store.integrity_check().await.unwrap(), "ok");
 
-    // 1. custom_ids in more than one created batch.
+    // 1. custom_ids in more than one created batch (or answered online more than once).
     let by_cid = requests_by_custom_id(&rec);
-    let duplicate_submissions: u64 = by_cid.values().map(|v| v.len() as u64 - 1).sum();
+    let mut duplicate_submissions: u64 = by_cid.values().map(|v| v.len() as u64 - 1).sum();
+    let mut online_seen = HashSet::new();
+    for o in rec["online"].as_array().unwrap() {
+        let cid = o["custom_id"].as_str().unwrap();
+        if !online_seen.insert(cid.to_string()) || by_cid.contains_key(cid) {
+            duplicate_submissions += 1;
+        }
+    }
 
     // 2. items not final, and valid records without a result in the last run.
     let lost: i64 = sqlx::query_scalar(

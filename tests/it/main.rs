@@ -7,5 +7,6 @@ mod cost;
 mod crash;
 mod faults;
 mod pipeline;
+mod providers;
 mod sim;
 mod store;

@@ -83,6 +83,7 @@ fn plan(run: &str) -> PlanRequest<'_> {
         max_bytes: 1 << 20,
         line_overhead: 144,
         budget: None,
+        mode: "batch",
     }
 }
 

@@ -8,17 +8,16 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use reqwest::multipart;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
-use tokio::io::AsyncWriteExt;
 
 use super::types::{self, Batch, ChatCompletion, FileObject, ListPage, OutputLine};
 use super::{ENDPOINT, META_BATCH_ID};
 use crate::cost::Usage;
 use crate::cost::tokens::{PromptCounter, Tokenizer};
 use crate::dedupe::{RequestShape, USER_SLOT};
+use crate::provider::CreateInput;
 use crate::provider::http::{self, RetryPolicy};
 use crate::provider::{
     BatchMeta, BatchProvider, LineOutcome, ProviderError, RemoteBatch, RemoteStatus, RequestCounts,
@@ -30,12 +29,25 @@ use crate::provider::{
 const LIST_SKEW_SECONDS: i64 = 15 * 60;
 const MAX_LIST_PAGES: usize = 50;
 
+/// OpenAI itself, or Azure OpenAI with its differences (providers.md §2): the resource
+/// endpoint with an `/openai` prefix and an `api-version` on every call, the `api-key`
+/// header, and the deployment name as the model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    OpenAi,
+    Azure {
+        api_version: String,
+        deployment: String,
+    },
+}
+
 pub struct OpenAiClient {
     base: String,
     key: SecretString,
     http: reqwest::Client,
     policy: RetryPolicy,
     completion_window: String,
+    flavor: Flavor,
 }
 
 impl std::fmt::Debug for OpenAiClient {
@@ -66,17 +78,46 @@ impl OpenAiClient {
             http,
             policy,
             completion_window: "24h".into(),
+            flavor: Flavor::OpenAi,
         })
+    }
+
+    /// An Azure OpenAI client: `base_url` is the resource endpoint
+    /// (`https://NAME.openai.azure.com`).
+    pub fn azure(
+        base_url: &str,
+        key: SecretString,
+        request_timeout: Duration,
+        policy: RetryPolicy,
+        api_version: &str,
+        deployment: &str,
+    ) -> Result<Self, ProviderError> {
+        let mut c = Self::new(base_url, key, request_timeout, policy)?;
+        c.base = format!("{}/openai", c.base);
+        c.flavor = Flavor::Azure {
+            api_version: api_version.to_string(),
+            deployment: deployment.to_string(),
+        };
+        Ok(c)
     }
 
     fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
 
+    /// A request with the flavor's credentials and `api-version`.
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let rb = self.http.request(method, self.url(path));
+        match &self.flavor {
+            Flavor::OpenAi => rb.bearer_auth(self.key.expose_secret()),
+            Flavor::Azure { api_version, .. } => rb
+                .header("api-key", self.key.expose_secret())
+                .query(&[("api-version", api_version.as_str())]),
+        }
+    }
+
     fn get_req(&self, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .get(self.url(path))
-            .bearer_auth(self.key.expose_secret())
+        self.req(reqwest::Method::GET, path)
     }
 
     async fn get_json<T: serde::de::DeserializeOwned>(
@@ -151,9 +192,9 @@ impl From<Batch> for RemoteBatch {
             output_file_id: b.output_file_id.filter(|s| !s.is_empty()),
             error_file_id: b.error_file_id.filter(|s| !s.is_empty()),
             counts: b.request_counts.map(|c| RequestCounts {
-                total: c.total,
-                completed: c.completed,
-                failed: c.failed,
+                total: c.total.unwrap_or(0),
+                completed: c.completed.unwrap_or(0),
+                failed: c.failed.unwrap_or(0),
             }),
             usage,
             errors: b
@@ -182,6 +223,28 @@ impl From<Batch> for RemoteBatch {
     }
 }
 
+/// What a chat completion says, as a result-line outcome.
+fn chat_outcome(c: ChatCompletion) -> LineOutcome {
+    let usage = c.usage.map(|u| u.normalised()).unwrap_or_default();
+    let (content, refusal, finish_reason) = match c.choices.into_iter().next() {
+        Some(ch) => {
+            let (content, refusal) = ch
+                .message
+                .map(|m| (m.content, m.refusal))
+                .unwrap_or((None, None));
+            (content, refusal, ch.finish_reason)
+        }
+        None => (None, None, None),
+    };
+    LineOutcome::Answer {
+        content,
+        refusal,
+        finish_reason,
+        model: c.model,
+        usage,
+    }
+}
+
 /// The structured-output request: the pipeline's schema, strict.
 fn response_format(spec: &RequestSpec<'_>) -> Value {
     json!({
@@ -192,7 +255,10 @@ fn response_format(spec: &RequestSpec<'_>) -> Value {
 
 impl BatchProvider for OpenAiClient {
     fn kind(&self) -> &'static str {
-        "openai"
+        match self.flavor {
+            Flavor::OpenAi => "openai",
+            Flavor::Azure { .. } => "azure",
+        }
     }
 
     fn request_shape(&self, spec: &RequestSpec<'_>) -> Result<RequestShape, String> {
@@ -201,8 +267,12 @@ impl BatchProvider for OpenAiClient {
             messages.push(json!({"role": "system", "content": sys}));
         }
         messages.push(json!({"role": "user", "content": USER_SLOT}));
+        let model = match &self.flavor {
+            Flavor::OpenAi => spec.model,
+            Flavor::Azure { deployment, .. } => deployment.as_str(),
+        };
         let mut body = json!({
-            "model": spec.model,
+            "model": model,
             "messages": messages,
             "max_completion_tokens": spec.max_output_tokens,
             "response_format": response_format(spec),
@@ -264,13 +334,27 @@ impl BatchProvider for OpenAiClient {
         let form = multipart::Form::new()
             .text("purpose", "batch")
             .part("file", part);
-        let req = self
-            .http
-            .post(self.url("/files"))
-            .bearer_auth(self.key.expose_secret())
-            .multipart(form);
+        let req = self.req(reqwest::Method::POST, "/files").multipart(form);
         let resp = http::send_once(req, true).await?;
         let f: FileObject = http::json_body(resp, "upload response").await?;
+        if matches!(self.flavor, Flavor::Azure { .. }) {
+            // Azure wants a file processed before a batch names it.
+            let path = format!("/files/{}", f.id);
+            for _ in 0..60 {
+                let now: FileObject = self.get_json("get file", &path, &[]).await?;
+                match now.status.as_deref() {
+                    Some("processed") | None => break,
+                    Some("error") => {
+                        return Err(ProviderError::Permanent {
+                            status: None,
+                            code: Some("file_error".into()),
+                            message: format!("Azure could not process the uploaded file {}", f.id),
+                        });
+                    }
+                    _ => tokio::time::sleep(Duration::from_secs(1)).await,
+                }
+            }
+        }
         Ok(f.id)
     }
 
@@ -307,10 +391,10 @@ impl BatchProvider for OpenAiClient {
     }
 
     async fn delete_file(&self, file_id: &str) -> Result<(), ProviderError> {
-        let url = self.url(&format!("/files/{file_id}"));
+        let path = format!("/files/{file_id}");
         // Deleting twice is harmless (the second is a 404), so this may be retried.
         match http::send_idempotent(&self.policy, "delete file", || {
-            self.http.delete(&url).bearer_auth(self.key.expose_secret())
+            self.req(reqwest::Method::DELETE, &path)
         })
         .await
         {
@@ -324,9 +408,12 @@ impl BatchProvider for OpenAiClient {
 
     async fn create(
         &self,
-        input_file_id: &str,
+        input: &CreateInput<'_>,
         meta: &BatchMeta<'_>,
     ) -> Result<RemoteBatch, ProviderError> {
+        let input_file_id = input.file_id.ok_or_else(|| {
+            ProviderError::Protocol("an OpenAI batch needs an uploaded input file".into())
+        })?;
         let mut metadata = BTreeMap::new();
         metadata.insert(META_BATCH_ID, meta.local_id.to_string());
         metadata.insert("nightshift_run_id", meta.run_id.to_string());
@@ -341,11 +428,7 @@ impl BatchProvider for OpenAiClient {
             completion_window: &self.completion_window,
             metadata,
         };
-        let req = self
-            .http
-            .post(self.url("/batches"))
-            .bearer_auth(self.key.expose_secret())
-            .json(&body);
+        let req = self.req(reqwest::Method::POST, "/batches").json(&body);
         let resp = http::send_once(req, true).await?;
         let b: Batch = http::json_body(resp, "create response")
             .await
@@ -364,6 +447,7 @@ impl BatchProvider for OpenAiClient {
         local_id: &str,
         since: i64,
         _request_count: u64,
+        _known: &std::collections::HashSet<String>,
     ) -> Result<Option<RemoteBatch>, ProviderError> {
         let mut after: Option<String> = None;
         for _ in 0..MAX_LIST_PAGES {
@@ -402,9 +486,9 @@ impl BatchProvider for OpenAiClient {
 
     async fn cancel(&self, id: &str) -> Result<RemoteBatch, ProviderError> {
         // Cancelling twice is harmless, so this POST may be retried.
-        let url = self.url(&format!("/batches/{id}/cancel"));
+        let path = format!("/batches/{id}/cancel");
         let resp = http::send_idempotent(&self.policy, "cancel batch", || {
-            self.http.post(&url).bearer_auth(self.key.expose_secret())
+            self.req(reqwest::Method::POST, &path)
         })
         .await?;
         let b: Batch = http::json_body(resp, "cancel response").await?;
@@ -417,50 +501,34 @@ impl BatchProvider for OpenAiClient {
             self.get_req(&path).timeout(Duration::from_secs(3600))
         })
         .await?;
-        if let Some(len) = resp.content_length()
-            && len > cap
-        {
-            return Err(ProviderError::TooLarge { cap });
-        }
-        let dir = dest.parent().unwrap_or(Path::new("."));
-        crate::fsutil::create_private_dir_all(dir)?;
-        let tmp = dir.join(format!(
-            ".{}.part-{}",
-            dest.file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default(),
-            std::process::id()
-        ));
-        let mut file = tokio::fs::File::from_std(crate::fsutil::create_private(&tmp)?);
-        let mut stream = resp.bytes_stream();
-        let mut total = 0u64;
-        let result: Result<(), ProviderError> = async {
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(|e| ProviderError::Transient {
-                    status: None,
-                    retry_after: None,
-                    message: format!("download of {file_id} interrupted: {e}"),
-                })?;
-                total += chunk.len() as u64;
-                if total > cap {
-                    return Err(ProviderError::TooLarge { cap });
-                }
-                crate::failpoint!("download.mid");
-                file.write_all(&chunk).await?;
+        http::stream_to_file(resp, dest, cap, file_id).await
+    }
+
+    async fn send_online(
+        &self,
+        custom_id: &str,
+        shape: &RequestShape,
+        user_json: &str,
+    ) -> Result<LineOutcome, ProviderError> {
+        let path = match &self.flavor {
+            Flavor::OpenAi => "/chat/completions".to_string(),
+            Flavor::Azure { deployment, .. } => {
+                format!("/deployments/{deployment}/chat/completions")
             }
-            file.flush().await?;
-            file.sync_all().await?;
-            Ok(())
-        }
-        .await;
-        drop(file);
-        if let Err(e) = result {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        std::fs::rename(&tmp, dest)?;
-        crate::fsutil::sync_dir(dir)?;
-        Ok(total)
+        };
+        let req = self
+            .req(reqwest::Method::POST, &path)
+            .header("content-type", "application/json")
+            .header("x-client-request-id", custom_id)
+            .body(shape.body(user_json));
+        let resp = http::send_once(req, true).await?;
+        let bytes = resp.bytes().await.map_err(|e| ProviderError::Ambiguous {
+            message: format!("reading the answer: {e}"),
+        })?;
+        let c: ChatCompletion = serde_json::from_slice(&bytes).map_err(|e| {
+            ProviderError::Protocol(format!("the answer is not a chat completion: {e}"))
+        })?;
+        Ok(chat_outcome(c))
     }
 
     fn parse_result_line(&self, line: &[u8]) -> Result<ResultLine, String> {
@@ -470,25 +538,7 @@ impl BatchProvider for OpenAiClient {
                 let body = resp.body.map(|b| b.get()).unwrap_or("null");
                 let c: ChatCompletion = serde_json::from_str(body)
                     .map_err(|e| format!("response body is not a chat completion: {e}"))?;
-                let usage = c.usage.map(|u| u.normalised()).unwrap_or_default();
-                let choice = c.choices.into_iter().next();
-                let (content, refusal, finish_reason) = match choice {
-                    Some(ch) => {
-                        let (content, refusal) = ch
-                            .message
-                            .map(|m| (m.content, m.refusal))
-                            .unwrap_or((None, None));
-                        (content, refusal, ch.finish_reason)
-                    }
-                    None => (None, None, None),
-                };
-                LineOutcome::Answer {
-                    content,
-                    refusal,
-                    finish_reason,
-                    model: c.model,
-                    usage,
-                }
+                chat_outcome(c)
             }
             (Some(resp), _) => {
                 let body: Value = resp
@@ -608,6 +658,59 @@ mod tests {
             r.errors,
             vec!["invalid_json_line (line 3): bad".to_string()]
         );
+    }
+
+    #[test]
+    fn azure_batches_parse_with_capitalised_states_iso_times_and_null_counts() {
+        let b: Batch = serde_json::from_str(r#"{"id":"batch_5b3ed5b4-1c4a-44a2-9d0c-6a1f2c2d2f2e","object":"batch","endpoint":"/chat/completions","errors":null,"input_file_id":"file-0123456789abcdef0123456789abcdef","completion_window":"24h","status":"Validating","output_file_id":null,"error_file_id":"","created_at":"2024-07-19T17:13:57.2491382+00:00","expires_at":"2024-07-20T17:13:57.2491382+00:00","request_counts":{"total":null,"completed":null,"failed":null},"metadata":null}"#).unwrap();
+        let r: RemoteBatch = b.into();
+        assert_eq!(r.status, RemoteStatus::Validating);
+        assert_eq!(r.created_at, Some(1721409237));
+        assert_eq!(r.counts.unwrap().total, 0);
+        assert!(r.error_file_id.is_none(), "an empty file id is no file");
+        for (raw, want) in [
+            ("InProgress", RemoteStatus::InProgress),
+            ("Completed", RemoteStatus::Completed),
+            ("Cancelling", RemoteStatus::Cancelling),
+            ("Expired", RemoteStatus::Expired),
+        ] {
+            assert_eq!(status_of(raw), want, "{raw}");
+        }
+    }
+
+    #[test]
+    fn azure_requests_name_the_deployment_and_carry_the_api_version() {
+        let c = OpenAiClient::azure(
+            "https://res.openai.azure.com",
+            SecretString::from("k".to_string()),
+            Duration::from_secs(1),
+            RetryPolicy::default(),
+            "2024-10-21",
+            "my-batch-deployment",
+        )
+        .unwrap();
+        let schema = json!({"type": "object"});
+        let shape = c
+            .request_shape(&RequestSpec {
+                model: "gpt-4.1-mini",
+                system: None,
+                max_output_tokens: 10,
+                temperature: None,
+                schema: &schema,
+                schema_name: "out",
+            })
+            .unwrap();
+        assert!(
+            shape.prefix.contains("\"model\":\"my-batch-deployment\"")
+                || shape.suffix.contains("\"model\":\"my-batch-deployment\"")
+        );
+        let req = c.get_req("/batches").build().unwrap();
+        assert_eq!(
+            req.url().as_str(),
+            "https://res.openai.azure.com/openai/batches?api-version=2024-10-21"
+        );
+        assert!(req.headers().contains_key("api-key"));
+        assert!(!req.headers().contains_key("authorization"));
     }
 
     #[test]

@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 pub struct FileObject {
     pub id: String,
     #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default)]
     pub filename: Option<String>,
     #[serde(default)]
     pub purpose: Option<String>,
@@ -26,14 +28,15 @@ pub struct ListPage<T> {
     pub last_id: Option<String>,
 }
 
+/// Counts; Azure sends nulls while validating.
 #[derive(Clone, Debug, Deserialize)]
 pub struct RequestCounts {
     #[serde(default)]
-    pub total: u64,
+    pub total: Option<u64>,
     #[serde(default)]
-    pub completed: u64,
+    pub completed: Option<u64>,
     #[serde(default)]
-    pub failed: u64,
+    pub failed: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

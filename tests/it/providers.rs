@@ -1,0 +1,343 @@
+//! Every provider end to end against the simulator with faults on: every item final, the
+//! ledger equal to the simulator's bill to the last pico-dollar (cache tokens included),
+//! attempts under the cap; Anthropic's crash recovery without batch metadata; online mode's
+//! rate limits, measured by the simulator's own clock.
+
+use std::collections::HashMap;
+
+use nightshift::sim::SimSettings;
+use nightshift::store::SqliteStore;
+use serde_json::Value;
+
+use crate::common::*;
+use crate::crash::*;
+
+fn faults() -> SimSettings {
+    SimSettings {
+        batch_seconds: 0.2,
+        fail_rate: 0.03,
+        invalid_json_rate: 0.02,
+        expire_first: 1,
+        http_429_rate: 0.03,
+        cache_rate: 0.2,
+        drop_create_rate: 0.05,
+        reset_download_rate: 0.05,
+        retry_after_ms: 20,
+        ..Default::default()
+    }
+}
+
+async fn end_to_end(provider: Provider, expect_mode: &str) -> Scenario {
+    let sc = scenario_for(provider, 600, 150, faults()).await;
+    sc.run_until_done().await;
+    assert_eq!(judge(&sc).await, Verdict::default(), "{provider:?}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nightshift"))
+        .args(["report", "--json"])
+        .arg(&sc.pipeline)
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["pricing_mode"], expect_mode, "{provider:?}");
+    let store = SqliteStore::open(&sc.db).await.unwrap();
+    let unfinished: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM items WHERE state NOT IN ('succeeded', 'exhausted')",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(unfinished, 0);
+    store.close().await;
+    sc
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_batches_end_exactly_billed_with_cache_tokens() {
+    let sc = end_to_end(Provider::Anthropic, "batch").await;
+    let store = SqliteStore::open(&sc.db).await.unwrap();
+    let (read, write): (i64, i64) =
+        sqlx::query_as("SELECT SUM(cached_input_tokens), SUM(cache_write_tokens) FROM ledger")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert!(read > 0 && write > 0, "cache reads {read}, writes {write}");
+    store.close().await;
+    let rec = record(&sc.sim).await;
+    assert!(
+        rec["batches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["flavor"] == "anthropic")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_batches_end_exactly_billed() {
+    let sc = end_to_end(Provider::Azure, "batch").await;
+    let rec = record(&sc.sim).await;
+    let batches = rec["batches"].as_array().unwrap();
+    assert!(batches.iter().all(|b| b["flavor"] == "azure"));
+    // Azure does not expire batches.
+    assert!(batches.iter().all(|b| b["status"] != "expired"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemini_batches_end_exactly_billed_even_when_one_expires_without_results() {
+    let sc = end_to_end(Provider::Gemini, "batch").await;
+    let rec = record(&sc.sim).await;
+    let batches = rec["batches"].as_array().unwrap();
+    let expired: Vec<&Value> = batches
+        .iter()
+        .filter(|b| b["status"] == "expired")
+        .collect();
+    assert_eq!(expired.len(), 1);
+    // An expired Gemini batch returns nothing: its requests were all sent again.
+    let lost: Vec<&str> = expired[0]["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["custom_id"].as_str().unwrap())
+        .collect();
+    let retried = batches
+        .iter()
+        .flat_map(|b| b["requests"].as_array().unwrap())
+        .filter(|r| r["custom_id"].as_str().unwrap().ends_with("-2"))
+        .count();
+    assert!(retried >= lost.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_chat_completions_end_exactly_billed_at_standard_prices() {
+    let sc = end_to_end(Provider::Online, "standard").await;
+    let rec = record(&sc.sim).await;
+    assert!(
+        rec["batches"].as_array().unwrap().is_empty(),
+        "online mode makes no batch"
+    );
+    assert!(
+        rec["bill"]["per_model"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["pricing_mode"] == "standard")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_anthropic_messages_end_exactly_billed() {
+    end_to_end(Provider::AnthropicOnline, "standard").await;
+}
+
+/// Anthropic batches carry no metadata: a batch created just before a crash is found by its
+/// request count, creation time and custom_id prefix, and adopted — never created twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_recovers_from_crashes_without_batch_metadata() {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("anthropic random kills: seed {seed}");
+    let sc = scenario_for(Provider::Anthropic, 1000, 200, faults()).await;
+    random_kills(&sc, 10, seed, 2500).await;
+    sc.run_until_done().await;
+    assert_eq!(judge(&sc).await, Verdict::default(), "seed {seed}");
+    if cfg!(feature = "failpoints") {
+        for hit in 1..=3 {
+            let sc = scenario_for(Provider::Anthropic, 1000, 200, faults()).await;
+            let out = sc
+                .child(Some(&format!("create.after_send={hit}")))
+                .output()
+                .await
+                .unwrap();
+            assert!(out.status.code().is_none(), "the crash point fired");
+            sc.run_until_done().await;
+            let v = judge(&sc).await;
+            assert_eq!(v, Verdict::default(), "create.after_send={hit}");
+            let store = SqliteStore::open(&sc.db).await.unwrap();
+            let adopted: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM batches WHERE provider_batch_id IS NOT NULL",
+            )
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+            let rec = record(&sc.sim).await;
+            assert_eq!(rec["batches"].as_array().unwrap().len() as i64, adopted);
+            store.close().await;
+        }
+    }
+}
+
+fn pipeline_with(sc: &Scenario, extra: &str) {
+    let text = std::fs::read_to_string(&sc.pipeline).unwrap();
+    let text = text.replace(
+        "mode = \"online\"\n",
+        &format!("mode = \"online\"\n{extra}"),
+    );
+    std::fs::write(&sc.pipeline, text).unwrap();
+}
+
+/// The online limiter holds requests per minute: the simulator's own timestamps show no
+/// one-second window with more than the rate allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_mode_holds_requests_per_minute() {
+    let sc = scenario_for(Provider::Online, 40, 100, SimSettings::default()).await;
+    pipeline_with(&sc, "requests_per_minute = 600\n");
+    let out = sc.child(None).output().await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rec = record(&sc.sim).await;
+    let mut at: Vec<i64> = rec["online"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["at_ms"].as_i64().unwrap())
+        .collect();
+    at.sort_unstable();
+    assert!(at.len() >= 30);
+    for (i, t) in at.iter().enumerate() {
+        let in_window = at[i..].iter().take_while(|u| **u < t + 1000).count();
+        assert!(
+            in_window <= 11,
+            "{in_window} requests within one second at {t} (limit 10/s)"
+        );
+    }
+    // And it did not crawl either: about 100 ms apart.
+    let span = at.last().unwrap() - at.first().unwrap();
+    assert!(
+        span >= (at.len() as i64 - 1) * 90,
+        "{span} ms for {} requests",
+        at.len()
+    );
+}
+
+/// Tokens per minute: every request counts its prompt plus its whole output budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_mode_holds_tokens_per_minute() {
+    let sc = scenario_for(Provider::Online, 12, 100, SimSettings::default()).await;
+    // max_output_tokens = 400 in the fixture: ~600 tokens a request, 36,000 tpm ≈ 1 a second.
+    pipeline_with(&sc, "tokens_per_minute = 36000\n");
+    let out = sc.child(None).output().await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rec = record(&sc.sim).await;
+    let mut calls: Vec<(i64, u64)> = rec["online"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o["at_ms"].as_i64().unwrap(),
+                o["prompt_tokens"].as_u64().unwrap() + 400,
+            )
+        })
+        .collect();
+    calls.sort_unstable();
+    for (i, (t, _)) in calls.iter().enumerate() {
+        let tokens: u64 = calls[i..]
+            .iter()
+            .take_while(|(u, _)| *u < t + 10_000)
+            .map(|(_, n)| n)
+            .sum();
+        // 10 s at 36,000/min = 6,000 tokens, plus the request that opens the window.
+        assert!(tokens <= 6_000 + 700, "{tokens} tokens in 10 s from {t}");
+    }
+}
+
+/// 429s are waited out, as long as `retry-after` says, and the same attempt is sent again
+/// (it never took effect).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_mode_honours_retry_after() {
+    let sc = scenario_for(
+        Provider::Online,
+        60,
+        100,
+        SimSettings {
+            http_429_rate: 0.3,
+            retry_after_ms: 150,
+            ..Default::default()
+        },
+    )
+    .await;
+    let out = sc.child(None).output().await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rec = record(&sc.sim).await;
+    let mut refused: HashMap<String, Vec<i64>> = HashMap::new();
+    for r in rec["refused"].as_array().unwrap() {
+        refused
+            .entry(r["custom_id"].as_str().unwrap().to_string())
+            .or_default()
+            .push(r["at_ms"].as_i64().unwrap());
+    }
+    assert!(!refused.is_empty(), "the simulator refused some calls");
+    let mut checked = 0;
+    for o in rec["online"].as_array().unwrap() {
+        let cid = o["custom_id"].as_str().unwrap();
+        if let Some(times) = refused.get(cid) {
+            let last = times.iter().max().unwrap();
+            let at = o["at_ms"].as_i64().unwrap();
+            assert!(
+                at - last >= 140,
+                "{cid}: sent again {} ms after a 429 asking for 150",
+                at - last
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 0);
+    assert_eq!(judge(&sc).await, Verdict::default());
+}
+
+/// The tail switch: a retry round smaller than `retry_online_below` goes online.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_retry_rounds_go_online() {
+    let sc = scenario_for(
+        Provider::OpenAi,
+        300,
+        100,
+        SimSettings {
+            batch_seconds: 0.2,
+            fail_rate: 0.05,
+            ..Default::default()
+        },
+    )
+    .await;
+    let text = std::fs::read_to_string(&sc.pipeline).unwrap().replace(
+        "reconcile_grace_seconds = 0\n",
+        "reconcile_grace_seconds = 0\nretry_online_below = 100\n",
+    );
+    std::fs::write(&sc.pipeline, text).unwrap();
+    sc.run_until_done().await;
+    assert_eq!(judge(&sc).await, Verdict::default());
+    let rec = record(&sc.sim).await;
+    let online = rec["online"].as_array().unwrap();
+    assert!(!online.is_empty(), "the retries went online");
+    assert!(
+        online
+            .iter()
+            .all(|o| !o["custom_id"].as_str().unwrap().ends_with("-1")),
+        "only retries go online"
+    );
+    let modes: Vec<&str> = rec["bill"]["per_model"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["pricing_mode"].as_str().unwrap())
+        .collect();
+    assert!(
+        modes.contains(&"batch") && modes.contains(&"standard"),
+        "{modes:?}"
+    );
+}
