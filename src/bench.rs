@@ -5,6 +5,11 @@
 //! items/s for preparation (read, render, hash, dedupe, plan, write batch files) and for
 //! results (download, parse, validate, price, store), plus this process's peak RSS. Figures
 //! only: nothing here asserts a time.
+//!
+//! With `--workers 1,2,4` and a PostgreSQL `--db`, it measures scale-out instead: for each
+//! count, a fresh schema, `nightshift run --ingest-only`, then that many `nightshift worker`
+//! processes until every item is final; it prints items/s and the CPU each process used
+//! (this machine may have fewer cores than workers: judge the scaling per core).
 
 use std::io::{BufRead, BufWriter, Write};
 use std::path::Path;
@@ -18,7 +23,7 @@ use crate::config::Pipeline;
 use crate::cost::PriceTable;
 use crate::provider::http::RetryPolicy;
 use crate::provider::openai::OpenAiClient;
-use crate::store::SqliteStore;
+use crate::store::SqlStore;
 use crate::worker::{self, Event, Observer, RunContext};
 
 const SCHEMA: &str = r#"{"type":"object","properties":{"label":{"enum":["billing","bug","shipping","other"]},"summary":{"type":"string","maxLength":80}},"required":["label","summary"],"additionalProperties":false}"#;
@@ -43,6 +48,10 @@ pub struct BenchOptions {
     pub items: u64,
     pub batch_size: u64,
     pub dir: Option<std::path::PathBuf>,
+    /// Worker counts to measure (needs `db`); empty: the single-process benchmark.
+    pub workers: Vec<usize>,
+    /// A PostgreSQL URL for the worker benchmark.
+    pub db: Option<String>,
 }
 
 /// Peak resident set size of this process, in bytes (Linux; 0 elsewhere).
@@ -72,26 +81,8 @@ fn write_records(path: &Path, n: u64) -> Result<()> {
     Ok(())
 }
 
-pub async fn run(opts: BenchOptions) -> Result<()> {
-    let tmp;
-    let dir = match &opts.dir {
-        Some(d) => {
-            std::fs::create_dir_all(d)?;
-            d.clone()
-        }
-        None => {
-            tmp = tempfile::tempdir()?;
-            tmp.path().to_path_buf()
-        }
-    };
-    eprintln!(
-        "writing {} synthetic records to {}",
-        opts.items,
-        dir.display()
-    );
-    write_records(&dir.join("records.jsonl"), opts.items)?;
-    std::fs::write(dir.join("schema.json"), SCHEMA)?;
-
+/// Starts `nightshift simulate` with zero processing delay; returns it and its URL.
+fn start_simulator() -> Result<(ChildGuard, String)> {
     let exe = std::env::current_exe()?;
     let mut sim = ChildGuard(
         Command::new(exe)
@@ -115,8 +106,15 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
         .strip_prefix("listening on ")
         .context("the simulator did not say where it listens")?
         .to_string();
+    Ok((sim, url))
+}
 
-    let pipeline_text = format!(
+/// The benchmark pipeline: synthetic tickets to the simulator at `url`.
+fn pipeline_text(url: &str, batch_size: u64, key_env: Option<&str>) -> String {
+    let key = key_env
+        .map(|k| format!("api_key_env = \"{k}\"\n"))
+        .unwrap_or_default();
+    format!(
         r#"name = "bench"
 [source]
 kind = "jsonl"
@@ -126,9 +124,10 @@ id_field = "id"
 kind = "openai"
 model = "gpt-4o-mini"
 base_url = "{url}/v1"
-poll_min_seconds = 0.05
+{key}poll_min_seconds = 0.05
 poll_max_seconds = 0.5
 reconcile_grace_seconds = 0
+request_timeout_seconds = 60
 [prompt]
 system = "Label the support ticket."
 user = "Channel: {{{{channel}}}}\nSubject: {{{{subject}}}}\n{{{{body}}}}"
@@ -139,17 +138,161 @@ path = "out/results.jsonl"
 [retry]
 max_attempts = 2
 [batch]
-max_requests = {}
-"#,
-        opts.batch_size
+max_requests = {batch_size}
+"#
+    )
+}
+
+/// CPU seconds (user + system) a process has used so far, from `/proc` (Linux).
+fn proc_cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line (11 and 12 after the name).
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+/// Stops a child with SIGTERM and reaps it; returns (CPU seconds, peak RSS in MB, exit code).
+fn stop_and_measure(child: std::process::Child) -> (f64, f64, Option<i32>) {
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: signalling and reaping a child this process spawned and has not waited for.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+        let mut status = 0;
+        let mut ru: libc::rusage = std::mem::zeroed();
+        if libc::wait4(pid, &mut status, 0, &mut ru) != pid {
+            return (0.0, 0.0, None);
+        }
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+        (
+            secs(ru.ru_utime) + secs(ru.ru_stime),
+            ru.ru_maxrss as f64 / 1024.0,
+            code,
+        )
+    }
+}
+
+async fn run_workers(opts: &BenchOptions, dir: &Path, sim: ChildGuard, url: &str) -> Result<()> {
+    use crate::store::Store;
+    let db = opts
+        .db
+        .as_deref()
+        .filter(|u| crate::store::postgres::is_postgres_url(u))
+        .context("--workers measures workers sharing a PostgreSQL store: pass --db postgres://… (or NIGHTSHIFT_DB)")?;
+    const KEY: &str = "NIGHTSHIFT_BENCH_KEY";
+    let file = dir.join("bench.toml");
+    std::fs::write(&file, pipeline_text(url, opts.batch_size, Some(KEY)))?;
+    let p = Pipeline::load(&file).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let exe = std::env::current_exe()?;
+    let sim_pid = sim.0.id();
+    println!("items={} batch_size={}", opts.items, opts.batch_size);
+    for &n in &opts.workers {
+        let schema = format!(
+            "bench_w{n}_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let store = SqlStore::open_postgres_in(db, Some(&schema)).await?;
+        let child_url = crate::store::postgres::with_search_path(db, &schema);
+        let cmd = |args: &[&str]| {
+            let mut c = Command::new(&exe);
+            c.args(args)
+                .arg(&file)
+                .env(KEY, "sk-bench")
+                .env("NIGHTSHIFT_DB", &child_url)
+                .env("NIGHTSHIFT_LEASE_SECONDS", "120")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            c
+        };
+        let t = Instant::now();
+        let status = cmd(&["run", "--ingest-only", "--no-progress"]).status()?;
+        anyhow::ensure!(status.success(), "ingest failed: {status}");
+        let ingest = t.elapsed().as_secs_f64();
+        let sim_cpu_before = proc_cpu_seconds(sim_pid);
+        let t = Instant::now();
+        let mut children = Vec::new();
+        for _ in 0..n {
+            children.push(cmd(&["worker"]).spawn()?);
+        }
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if store.plannable_count(&p.name, p.stage()).await? == 0
+                && store.open_batches(Some(&p.name)).await?.is_empty()
+            {
+                break;
+            }
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(3600),
+                "the workers did not finish within an hour"
+            );
+        }
+        let wall = t.elapsed().as_secs_f64();
+        let sim_cpu = proc_cpu_seconds(sim_pid) - sim_cpu_before;
+        let measured: Vec<(f64, f64, Option<i32>)> = tokio::task::spawn_blocking(move || {
+            children.into_iter().map(stop_and_measure).collect()
+        })
+        .await?;
+        let cpu: Vec<String> = measured.iter().map(|m| format!("{:.2}", m.0)).collect();
+        let rss: Vec<String> = measured.iter().map(|m| format!("{:.0}", m.1)).collect();
+        let total: f64 = measured.iter().map(|m| m.0).sum();
+        let done = store
+            .run_figures(&store.last_run(Some(&p.name)).await?.context("no run")?.id)
+            .await?;
+        println!(
+            "workers={n} wall_seconds={wall:.2} items_per_s={:.0} worker_cpu_seconds=[{}] worker_cpu_total={total:.2} \
+             items_per_worker_cpu_s={:.0} worker_peak_rss_mb=[{}] simulator_cpu_seconds={sim_cpu:.2} ingest_seconds={ingest:.2} succeeded={}",
+            opts.items as f64 / wall.max(1e-9),
+            cpu.join(","),
+            opts.items as f64 / total.max(1e-9),
+            rss.join(","),
+            done.succeeded
+        );
+        store.close().await;
+        crate::store::postgres::drop_schema(db, &schema).await?;
+    }
+    Ok(())
+}
+
+pub async fn run(opts: BenchOptions) -> Result<()> {
+    let tmp;
+    let dir = match &opts.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => {
+            tmp = tempfile::tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    eprintln!(
+        "writing {} synthetic records to {}",
+        opts.items,
+        dir.display()
     );
+    write_records(&dir.join("records.jsonl"), opts.items)?;
+    std::fs::write(dir.join("schema.json"), SCHEMA)?;
+
+    let (sim, url) = start_simulator()?;
+    if !opts.workers.is_empty() {
+        return run_workers(&opts, &dir, sim, &url).await;
+    }
+    let pipeline_text = pipeline_text(&url, opts.batch_size, None);
     let file = dir.join("bench.toml");
     std::fs::write(&file, pipeline_text)?;
+    let _ = &sim;
     let p = Pipeline::load(&file).map_err(|e| anyhow::anyhow!("{e}"))?;
     let prices = PriceTable::builtin();
     let price = prices.lookup("openai", &p.provider.model)?.clone();
     let db = dir.join(".nightshift/state.db");
-    let store = SqliteStore::open(&db).await?;
+    let store = SqlStore::open_sqlite(&db).await?;
     let client = OpenAiClient::new(
         &format!("{url}/v1"),
         SecretString::from("bench".to_string()),
@@ -166,8 +309,11 @@ max_requests = {}
         output_path: p.output.path.clone(),
         shutdown: Default::default(),
         detach: false,
+        ingest_only: false,
         provider_forgets: false,
         budget: Default::default(),
+        worker_id: "bench".into(),
+        lease: Duration::from_secs(300),
     };
     let t = Instant::now();
     let outcome = worker::run(&ctx).await;

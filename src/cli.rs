@@ -20,7 +20,7 @@ use crate::config::Pipeline;
 use crate::cost::PriceTable;
 use crate::report::{self, RunReport};
 use crate::sim::{Sim, SimSettings};
-use crate::store::{SqliteStore, Store, default_db_path};
+use crate::store::{SqlStore, Store, WorkerInfo, default_db_path};
 use crate::worker::{self, Event, Observer, RunContext, RunError};
 
 pub const EXIT_OK: i32 = 0;
@@ -72,6 +72,60 @@ pub enum Command {
     Plan(PlanArgs),
     /// Plan vs actual for a run, and the ledger vs the provider's own figures.
     Reconcile(ReconcileArgs),
+    /// Work on pipelines alongside other workers sharing a PostgreSQL store, until stopped.
+    Worker(WorkerArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    /// The pipeline files to work on.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    #[command(flatten)]
+    pub db: DbArg,
+    /// A pricing file layered over the built-in prices.
+    #[arg(long)]
+    pub pricing: Option<PathBuf>,
+    #[command(flatten)]
+    pub lease: LeaseArg,
+}
+
+#[derive(Args, Debug, Clone, Copy)]
+pub struct LeaseArg {
+    /// How long a batch stays with a worker that stopped sending heartbeats before another
+    /// worker adopts it. Keep it well above provider.request_timeout_seconds.
+    #[arg(
+        long,
+        env = "NIGHTSHIFT_LEASE_SECONDS",
+        default_value_t = 300.0,
+        value_name = "SECONDS"
+    )]
+    pub lease_seconds: f64,
+}
+
+impl LeaseArg {
+    fn duration(&self) -> Result<Duration, Exit> {
+        if !(self.lease_seconds.is_finite() && self.lease_seconds >= 1.0) {
+            return Err(exit(
+                EXIT_CONFIG,
+                anyhow::anyhow!(
+                    "--lease-seconds must be at least 1, got {}",
+                    self.lease_seconds
+                ),
+            ));
+        }
+        Ok(Duration::from_secs_f64(self.lease_seconds))
+    }
+}
+
+impl Command {
+    /// Commands that only read the store and print.
+    pub fn is_report(&self) -> bool {
+        matches!(
+            self,
+            Command::Report(_) | Command::Status(_) | Command::Plan(_) | Command::Reconcile(_)
+        )
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -137,6 +191,12 @@ pub struct BenchArgs {
     /// Work in this folder (kept) instead of a temporary one.
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Measure these numbers of `nightshift worker` processes on a PostgreSQL store
+    /// (`--db`), e.g. `1,2,4`.
+    #[arg(long, value_delimiter = ',')]
+    pub workers: Vec<usize>,
+    #[command(flatten)]
+    pub db: DbArg,
 }
 
 #[derive(Args, Debug)]
@@ -156,11 +216,18 @@ pub struct RunArgs {
     pub no_progress: bool,
     /// Submit what is ready and exit (0, printing the run id) without waiting for results;
     /// the next `run` of the pipeline collects them.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "ingest_only")]
     pub detach: bool,
+    /// Read the source into the store and exit (0, printing the run id): workers sharing a
+    /// PostgreSQL store (`nightshift worker`) send it. Run again without it to wait for the
+    /// results and write the output.
+    #[arg(long)]
+    pub ingest_only: bool,
     /// Never spend more than this many dollars in this run (overrides `[budget] max_usd`).
     #[arg(long, value_name = "USD")]
     pub budget_usd: Option<String>,
+    #[command(flatten)]
+    pub lease: LeaseArg,
 }
 
 #[derive(Args, Debug)]
@@ -175,11 +242,14 @@ pub struct CancelArgs {
     /// Ask the provider to cancel and return, without waiting to collect what was billed.
     #[arg(long)]
     pub no_wait: bool,
+    #[command(flatten)]
+    pub lease: LeaseArg,
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct DbArg {
-    /// The state store: a SQLite path or `sqlite://PATH`. Default: `.nightshift/state.db`
+    /// The state store: a SQLite path (or `sqlite://PATH`), or a PostgreSQL URL
+    /// (`postgres://user@host/db`) shared by several workers. Default: `.nightshift/state.db`
     /// beside the pipeline file.
     #[arg(long, env = "NIGHTSHIFT_DB")]
     pub db: Option<String>,
@@ -262,10 +332,13 @@ pub async fn main(cli: Cli) -> i32 {
         Command::Simulate(a) => cmd_simulate(a).await,
         Command::Plan(a) => cmd_plan(a).await,
         Command::Reconcile(a) => cmd_reconcile(a).await,
+        Command::Worker(a) => cmd_worker(a, json_logs).await,
         Command::Bench(a) => crate::bench::run(crate::bench::BenchOptions {
             items: a.items,
             batch_size: a.batch_size,
             dir: a.dir,
+            workers: a.workers,
+            db: a.db.db,
         })
         .await
         .map(|()| EXIT_OK)
@@ -283,30 +356,147 @@ pub async fn main(cli: Cli) -> i32 {
     }
 }
 
+/// Where the state store is.
+#[derive(Clone, Debug)]
+enum StoreLoc {
+    Sqlite(PathBuf),
+    /// The URL as given (it may hold a password: print [`SqlStore::location`] instead).
+    Postgres(String),
+}
+
 /// Resolves where the state store is.
-fn db_path(db: &DbArg, pipeline_file: Option<&Path>) -> Result<PathBuf, Exit> {
+fn store_loc(db: &DbArg, pipeline_file: Option<&Path>) -> StoreLoc {
     if let Some(url) = &db.db {
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            return Err(exit(
-                EXIT_CONFIG,
-                anyhow::anyhow!("this build stores state in SQLite only; give a SQLite path"),
-            ));
+        if crate::store::postgres::is_postgres_url(url) {
+            return StoreLoc::Postgres(url.clone());
         }
         let path = url
             .strip_prefix("sqlite://")
             .or_else(|| url.strip_prefix("sqlite:"))
             .unwrap_or(url);
-        return Ok(PathBuf::from(path));
+        return StoreLoc::Sqlite(PathBuf::from(path));
     }
-    let dir = match pipeline_file {
-        Some(f) => f
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from(".")),
-        None => PathBuf::from("."),
-    };
-    Ok(default_db_path(&dir))
+    StoreLoc::Sqlite(default_db_path(&pipeline_dir(pipeline_file)))
+}
+
+/// The folder of a pipeline file (the current one without it).
+fn pipeline_dir(pipeline_file: Option<&Path>) -> PathBuf {
+    pipeline_file
+        .and_then(Path::parent)
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// An open store, with the SQLite run lock when this command needed it.
+struct OpenStore {
+    store: SqlStore,
+    /// Folder for batch files and downloads: beside the SQLite file, or `.nightshift/`
+    /// beside the pipeline file (each machine keeps its own with PostgreSQL).
+    work_dir: PathBuf,
+    _lock: Option<crate::store::RunLock>,
+}
+
+/// Opens the store. With `lock_for`, SQLite's run lock is taken first (one process per
+/// SQLite store); PostgreSQL needs none: workers share it through leases.
+async fn open_store(
+    loc: &StoreLoc,
+    pipeline_file: Option<&Path>,
+    lock_for: Option<&str>,
+) -> Result<OpenStore, Exit> {
+    match loc {
+        StoreLoc::Sqlite(db) => {
+            let lock = match lock_for {
+                Some(what) => Some(crate::store::RunLock::acquire(db, what).map_err(
+                    |e| match e {
+                        crate::store::LockError::Held { .. } => exit(EXIT_TEMPFAIL, e),
+                        other => exit(EXIT_ERROR, other),
+                    },
+                )?),
+                None => None,
+            };
+            let store = SqlStore::open_sqlite(db)
+                .await
+                .with_context(|| format!("opening the state store {}", db.display()))?;
+            let work_dir = db
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."));
+            Ok(OpenStore {
+                store,
+                work_dir,
+                _lock: lock,
+            })
+        }
+        StoreLoc::Postgres(url) => {
+            let shown = crate::store::postgres::redact_url(url);
+            let store = SqlStore::open_postgres(url).await.map_err(|e| {
+                // Unreachable is "try later"; anything else (auth, migration) is an error.
+                let code = match &e {
+                    crate::store::StoreError::Db(
+                        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut,
+                    ) => EXIT_TEMPFAIL,
+                    _ => EXIT_ERROR,
+                };
+                exit(
+                    code,
+                    anyhow::Error::new(e).context(format!("opening the state store {shown}")),
+                )
+            })?;
+            Ok(OpenStore {
+                store,
+                work_dir: pipeline_dir(pipeline_file).join(".nightshift"),
+                _lock: None,
+            })
+        }
+    }
+}
+
+/// This process as a member of the store: a `workers` row kept alive by a heartbeat that
+/// also renews the leases it holds.
+struct Membership {
+    info: WorkerInfo,
+    lease: Duration,
+    beat: tokio::task::JoinHandle<()>,
+}
+
+impl Membership {
+    async fn join(
+        store: &SqlStore,
+        role: &'static str,
+        pipelines: String,
+        lease: Duration,
+    ) -> Result<Self, Exit> {
+        let info = WorkerInfo {
+            id: uuid::Uuid::now_v7().hyphenated().to_string(),
+            host: worker::hostname(),
+            pid: std::process::id(),
+            role,
+            pipelines,
+        };
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        store.heartbeat(&info, lease_ms).await?;
+        let (s, i) = (store.clone(), info.clone());
+        let beat = tokio::spawn(async move {
+            let every = (lease / 4).max(Duration::from_millis(250));
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = s.heartbeat(&i, lease_ms).await {
+                    tracing::warn!(error = %e, "heartbeat failed; leases run out unless the next one succeeds");
+                }
+            }
+        });
+        Ok(Membership { info, lease, beat })
+    }
+
+    /// Stops the heartbeat and hands the leases back, so other workers need not wait.
+    async fn leave(self, store: &SqlStore) {
+        self.beat.abort();
+        if let Err(e) = store.release_leases(&self.info.id, true).await {
+            tracing::warn!(error = %e, "could not release leases; they run out on their own");
+        }
+    }
 }
 
 fn load_pipeline(file: &Path) -> Result<Pipeline, Exit> {
@@ -341,25 +531,52 @@ fn cmd_validate(file: &Path) -> Result<i32, Exit> {
     Ok(EXIT_OK)
 }
 
-/// A pipeline ready to run: its prices, its store (locked), its provider client.
+/// A pipeline ready to run: its prices, its store (locked on SQLite), its provider client.
 struct Prepared {
     pipeline: Pipeline,
     price: crate::cost::ModelPrice,
-    store: SqliteStore,
+    store: SqlStore,
     client: crate::provider::AnyProvider,
     sim: Option<crate::sim::SimHandle>,
     work_dir: PathBuf,
-    _lock: crate::store::RunLock,
+    _lock: Option<crate::store::RunLock>,
 }
 
-/// Loads and checks a pipeline, takes the store's run lock, opens the store and builds the
+/// Loads and checks a pipeline, opens the store (taking SQLite's run lock) and builds the
 /// provider client (starting the in-process simulator for `simulate = true`).
 async fn prepare(
     file: &Path,
     db: &DbArg,
     pricing: Option<&Path>,
     what: &str,
+    lease: Duration,
 ) -> Result<Prepared, Exit> {
+    let loc = store_loc(db, Some(file));
+    let (p, price, prices) = load_checked(file, pricing)?;
+    let opened = open_store(&loc, Some(file), Some(what)).await?;
+    let store = opened.store;
+    // SQLite: we hold the lock, so runs still marked running died with their process.
+    // PostgreSQL: runs whose process stopped its heartbeat for three leases.
+    let stale_before =
+        crate::store::now_ms() - 3 * i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 4);
+    store.mark_stale_runs(stale_before).await?;
+    let (client, sim) = provider_client(&p, &prices).await?;
+    Ok(Prepared {
+        pipeline: p,
+        price,
+        store,
+        client,
+        sim,
+        work_dir: opened.work_dir,
+        _lock: opened._lock,
+    })
+}
+
+/// A pipeline file, loaded and checked against its environment and prices.
+fn load_checked(
+    file: &Path,
+    pricing: Option<&Path>,
+) -> Result<(Pipeline, crate::cost::ModelPrice, PriceTable), Exit> {
     let p = load_pipeline(file)?;
     let pricing_file = pricing.map(Path::to_path_buf).or(p.pricing_file.clone());
     let prices =
@@ -378,18 +595,15 @@ async fn prepare(
         .lookup(p.provider.kind.as_str(), &p.provider.model)
         .map_err(|e| exit(EXIT_CONFIG, e))?
         .clone();
-    let db = db_path(db, Some(file))?;
-    let lock = crate::store::RunLock::acquire(&db, what).map_err(|e| match e {
-        crate::store::LockError::Held { .. } => exit(EXIT_TEMPFAIL, e),
-        other => exit(EXIT_ERROR, other),
-    })?;
-    let store = SqliteStore::open(&db)
-        .await
-        .with_context(|| format!("opening the state store {}", db.display()))?;
-    // We hold the lock: runs still marked running died with their process.
-    store.mark_stale_runs().await?;
+    Ok((p, price, prices))
+}
 
-    // `simulate = true`: the built-in simulator on loopback, real HTTP all the way.
+/// The pipeline's provider client; `simulate = true` starts the built-in simulator on
+/// loopback (real HTTP all the way).
+async fn provider_client(
+    p: &Pipeline,
+    prices: &PriceTable,
+) -> Result<(crate::provider::AnyProvider, Option<crate::sim::SimHandle>), Exit> {
     let mut sim = None;
     if p.provider.simulate {
         let s = Sim::new(p.provider.simulator.clone(), prices.clone())?;
@@ -404,36 +618,34 @@ async fn prepare(
         .map_err(|e| exit(EXIT_CONFIG, anyhow::anyhow!(e)))?;
     let root = sim.as_ref().map(|h| h.root_url());
     let client = crate::provider::AnyProvider::build(&p.provider, key, root.as_deref())?;
-    let work_dir = db
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    Ok(Prepared {
-        pipeline: p,
-        price,
-        store,
-        client,
-        sim,
-        work_dir,
-        _lock: lock,
-    })
+    Ok((client, sim))
 }
 
 /// SIGINT / SIGTERM: the first asks the runner to stop after its current step; a second
-/// stops the process at once (every committed step is kept either way).
+/// stops the process at once (every committed step is kept either way). The handlers are
+/// installed before this returns, so a signal arriving at any later moment is caught.
 fn watch_signals(shutdown: worker::Shutdown) {
+    #[cfg(unix)]
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM");
+            return;
+        }
+    };
+    #[cfg(unix)]
+    let mut int = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGINT");
+            return;
+        }
+    };
     tokio::spawn(async move {
-        #[cfg(unix)]
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(_) => return,
-            };
         loop {
             #[cfg(unix)]
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
+                _ = int.recv() => {}
                 _ = term.recv() => {}
             }
             #[cfg(not(unix))]
@@ -460,7 +672,8 @@ fn run_error_exit(e: RunError) -> Exit {
 
 async fn cmd_run(a: RunArgs, json_logs: bool) -> Result<i32, Exit> {
     let what = format!("nightshift run {}", a.file.display());
-    let pre = prepare(&a.file, &a.db, a.pricing.as_deref(), &what).await?;
+    let lease = a.lease.duration()?;
+    let pre = prepare(&a.file, &a.db, a.pricing.as_deref(), &what, lease).await?;
     let p = &pre.pipeline;
     if a.detach && p.provider.simulate {
         return Err(exit(
@@ -501,6 +714,7 @@ async fn cmd_run(a: RunArgs, json_logs: bool) -> Result<i32, Exit> {
     };
     let shutdown = worker::Shutdown::default();
     watch_signals(shutdown.clone());
+    let member = Membership::join(&pre.store, "run", p.name.clone(), lease).await?;
     let ctx = RunContext {
         store: &pre.store,
         provider: &pre.client,
@@ -511,12 +725,17 @@ async fn cmd_run(a: RunArgs, json_logs: bool) -> Result<i32, Exit> {
         output_path,
         shutdown,
         detach: a.detach,
+        ingest_only: a.ingest_only,
         provider_forgets: p.provider.simulate,
         budget,
+        worker_id: member.info.id.clone(),
+        lease: member.lease,
     };
     let outcome = worker::run(&ctx).await;
     drop(observer);
     let store = &pre.store;
+    // Whatever is still open (detached, interrupted) goes to whoever works on it next.
+    member.leave(store).await;
     if let Some(h) = pre.sim {
         // The in-process simulator's bill dies with it: keep it for `reconcile`.
         for (batch, requests, usage, cost) in h.sim.batch_bills() {
@@ -571,7 +790,8 @@ async fn cmd_cancel(a: CancelArgs) -> Result<i32, Exit> {
         }
     };
     let what = format!("nightshift cancel {}", file.display());
-    let pre = prepare(&file, &a.db, None, &what).await?;
+    let lease = a.lease.duration()?;
+    let pre = prepare(&file, &a.db, None, &what, lease).await?;
     let p = &pre.pipeline;
     if p.provider.simulate {
         return Err(exit(
@@ -583,6 +803,7 @@ async fn cmd_cancel(a: CancelArgs) -> Result<i32, Exit> {
     }
     let shutdown = worker::Shutdown::default();
     watch_signals(shutdown.clone());
+    let member = Membership::join(&pre.store, "cancel", p.name.clone(), lease).await?;
     let ctx = RunContext {
         store: &pre.store,
         provider: &pre.client,
@@ -593,12 +814,15 @@ async fn cmd_cancel(a: CancelArgs) -> Result<i32, Exit> {
         output_path: p.output.path.clone(),
         shutdown,
         detach: false,
+        ingest_only: false,
         provider_forgets: false,
         budget: p.budget,
+        worker_id: member.info.id.clone(),
+        lease: member.lease,
     };
-    let rep = worker::cancel(&ctx, a.run.as_deref(), !a.no_wait)
-        .await
-        .map_err(run_error_exit)?;
+    let rep = worker::cancel(&ctx, a.run.as_deref(), !a.no_wait).await;
+    member.leave(&pre.store).await;
+    let rep = rep.map_err(run_error_exit)?;
     if rep.batches.is_empty() {
         println!("no batch in flight for pipeline `{}`", p.name);
         return Ok(EXIT_OK);
@@ -652,9 +876,13 @@ async fn cmd_plan(a: PlanArgs) -> Result<i32, Exit> {
     let counter = client.prompt_counter(&spec);
     let scan = crate::plan::scan_source(&p, &shape, &counter)?;
     // The store, when there is one, knows what is done and what earlier runs measured.
-    let db = db_path(&a.db, Some(&a.file))?;
-    let (done, history) = if db.exists() {
-        let store = SqliteStore::open(&db).await?;
+    let loc = store_loc(&a.db, Some(&a.file));
+    let exists = match &loc {
+        StoreLoc::Sqlite(path) => path.exists(),
+        StoreLoc::Postgres(_) => true,
+    };
+    let (done, history) = if exists {
+        let store = open_store(&loc, Some(&a.file), None).await?.store;
         let keys: Vec<[u8; 32]> = scan.items.keys().copied().collect();
         let done: std::collections::HashSet<[u8; 32]> = store
             .succeeded_among(&p.name, p.stage(), &keys)
@@ -744,9 +972,12 @@ async fn cmd_reconcile(a: ReconcileArgs) -> Result<i32, Exit> {
     Ok(EXIT_OK)
 }
 
-async fn open_existing(db: &DbArg, file: Option<&Path>) -> Result<SqliteStore, Exit> {
-    let path = db_path(db, file)?;
-    if !path.exists() {
+/// Opens a store that must already exist (reports, status).
+async fn open_existing(db: &DbArg, file: Option<&Path>) -> Result<SqlStore, Exit> {
+    let loc = store_loc(db, file);
+    if let StoreLoc::Sqlite(path) = &loc
+        && !path.exists()
+    {
         return Err(exit(
             EXIT_CONFIG,
             anyhow::anyhow!(
@@ -755,7 +986,7 @@ async fn open_existing(db: &DbArg, file: Option<&Path>) -> Result<SqliteStore, E
             ),
         ));
     }
-    Ok(SqliteStore::open(&path).await?)
+    Ok(open_store(&loc, file, None).await?.store)
 }
 
 async fn cmd_report(a: ReportArgs) -> Result<i32, Exit> {
@@ -809,10 +1040,130 @@ async fn cmd_report(a: ReportArgs) -> Result<i32, Exit> {
     Ok(EXIT_OK)
 }
 
+async fn cmd_worker(a: WorkerArgs, json_logs: bool) -> Result<i32, Exit> {
+    let loc = store_loc(&a.db, None);
+    if !matches!(loc, StoreLoc::Postgres(_)) {
+        return Err(exit(
+            EXIT_CONFIG,
+            anyhow::anyhow!(
+                "`nightshift worker` shares a PostgreSQL store with other workers: pass --db postgres://… \
+                 (or set NIGHTSHIFT_DB); with a SQLite store, use `nightshift run`"
+            ),
+        ));
+    }
+    // Signals first: a worker told to stop while it starts stops cleanly too.
+    let shutdown = worker::Shutdown::default();
+    watch_signals(shutdown.clone());
+    let lease = a.lease.duration()?;
+    let mut loaded = Vec::new();
+    for file in &a.files {
+        let (p, price, prices) = load_checked(file, a.pricing.as_deref())?;
+        if p.provider.simulate {
+            return Err(exit(
+                EXIT_CONFIG,
+                anyhow::anyhow!(
+                    "{}: the built-in simulator (simulate = true) lives inside one process, so workers \
+                     cannot share it; start `nightshift simulate` and point provider.base_url at it",
+                    file.display()
+                ),
+            ));
+        }
+        if loaded
+            .iter()
+            .any(|(_, q, _, _): &(_, Pipeline, _, _)| q.name == p.name)
+        {
+            return Err(exit(
+                EXIT_CONFIG,
+                anyhow::anyhow!("pipeline `{}` is named twice", p.name),
+            ));
+        }
+        if lease <= p.provider.request_timeout {
+            eprintln!(
+                "warning: {}: the lease ({}s) should be well above provider.request_timeout_seconds ({}s), \
+                 or a slow create may outlive it",
+                file.display(),
+                lease.as_secs_f64(),
+                p.provider.request_timeout.as_secs_f64()
+            );
+        }
+        loaded.push((file.clone(), p, price, prices));
+    }
+    let store = open_store(&loc, None, None).await?.store;
+    let stale_before =
+        crate::store::now_ms() - 3 * i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 4);
+    store.mark_stale_runs(stale_before).await?;
+    let mut clients = Vec::new();
+    for (_, p, _, prices) in &loaded {
+        clients.push(provider_client(p, prices).await?.0);
+    }
+    let names: Vec<&str> = loaded.iter().map(|(_, p, _, _)| p.name.as_str()).collect();
+    let member = Membership::join(&store, "worker", names.join(","), lease).await?;
+    eprintln!(
+        "worker {} ({}, pid {}) on {}: serving {}; lease {}s",
+        member.info.id,
+        member.info.host,
+        member.info.pid,
+        store.location(),
+        names.join(", "),
+        lease.as_secs_f64()
+    );
+    let observer: Box<dyn Observer> = if json_logs {
+        Box::new(worker::LogObserver)
+    } else {
+        Box::new(LineObserver)
+    };
+    let ctxs: Vec<RunContext<'_, SqlStore, crate::provider::AnyProvider>> = loaded
+        .iter()
+        .zip(&clients)
+        .map(|((file, p, price, _), client)| RunContext {
+            store: &store,
+            provider: client,
+            pipeline: p,
+            price,
+            observer: observer.as_ref(),
+            work_dir: pipeline_dir(Some(file)).join(".nightshift"),
+            output_path: p.output.path.clone(),
+            shutdown: shutdown.clone(),
+            detach: false,
+            ingest_only: false,
+            provider_forgets: false,
+            budget: p.budget,
+            worker_id: member.info.id.clone(),
+            lease,
+        })
+        .collect();
+    // One pipeline failing for good stops the worker (its supervisor restarts it); the
+    // others finish the step they are in first.
+    let results = futures_util::future::join_all(ctxs.iter().map(|ctx| async {
+        let r = worker::serve(ctx).await;
+        if r.is_err() {
+            ctx.shutdown.trigger();
+        }
+        r
+    }))
+    .await;
+    member.leave(&store).await;
+    store.close().await;
+    for r in results {
+        r.map_err(run_error_exit)?;
+    }
+    eprintln!("worker stopped; its leases are released");
+    Ok(EXIT_OK)
+}
+
 async fn cmd_status(a: StatusArgs) -> Result<i32, Exit> {
     let store = open_existing(&a.db, a.file.as_deref()).await?;
     let open = store.open_batches(None).await?;
     let now = crate::store::now_ms();
+    // Workers seen in the last day, or still named on an open batch.
+    let workers = store.workers(now - 86_400_000).await?;
+    let holder = |b: &crate::store::BatchRow| -> String {
+        match (&b.lease_owner, b.lease_expires_at) {
+            (Some(w), Some(t)) if t >= now => short_id(w),
+            (Some(w), _) => format!("{} (lease ran out)", short_id(w)),
+            _ => "-".into(),
+        }
+    };
     if a.json {
         let rows: Vec<_> = open
             .iter()
@@ -822,33 +1173,79 @@ async fn cmd_status(a: StatusArgs) -> Result<i32, Exit> {
                     "provider": b.provider, "provider_batch_id": b.provider_batch_id,
                     "provider_status": b.provider_status, "requests": b.request_count,
                     "age_seconds": (now - b.created_at) / 1000,
+                    "lease_owner": b.lease_owner, "lease_expires_at": b.lease_expires_at,
                 })
             })
             .collect();
-        println!("{}", serde_json::json!({"in_flight": rows}));
+        let ws: Vec<_> = workers
+            .iter()
+            .map(|w| {
+                serde_json::json!({
+                    "worker_id": w.id, "host": w.host, "pid": w.pid, "role": w.role,
+                    "pipelines": w.pipelines, "started_at": w.started_at,
+                    "heartbeat_age_seconds": (now - w.heartbeat_at) / 1000,
+                    "stopped": w.stopped_at.is_some(), "batches_held": w.held,
+                    "batches": open.iter().filter(|b| b.lease_owner.as_deref() == Some(w.id.as_str())).map(|b| b.id.clone()).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"store": store.location(), "in_flight": rows, "workers": ws})
+        );
         return Ok(EXIT_OK);
+    }
+    if !workers.is_empty() {
+        println!(
+            "{:<13}  {:<20}  {:>7}  {:<7}  {:<22}  {:>10}  {:>6}  state",
+            "worker", "host", "pid", "role", "pipelines", "heartbeat", "holds"
+        );
+        for w in &workers {
+            let state = match w.stopped_at {
+                Some(_) => "stopped",
+                None if now - w.heartbeat_at > 60_000 => "silent",
+                None => "alive",
+            };
+            println!(
+                "{:<13}  {:<20}  {:>7}  {:<7}  {:<22}  {:>10}  {:>6}  {state}",
+                short_id(&w.id),
+                crate::validate::preview(&w.host, 20),
+                w.pid,
+                w.role,
+                crate::validate::preview(&w.pipelines, 22),
+                format!("{} ago", age((now - w.heartbeat_at).max(0) / 1000)),
+                w.held,
+            );
+        }
+        println!();
     }
     if open.is_empty() {
         println!("no batch in flight");
         return Ok(EXIT_OK);
     }
     println!(
-        "{:<36}  {:<20}  {:<10}  {:<24}  {:<12}  {:>8}  {:>8}",
+        "{:<36}  {:<20}  {:<10}  {:<24}  {:<12}  {:>8}  {:>8}  held by",
         "batch", "pipeline", "state", "provider batch", "provider", "requests", "age"
     );
-    for b in open {
+    for b in &open {
         println!(
-            "{:<36}  {:<20}  {:<10}  {:<24}  {:<12}  {:>8}  {:>8}",
+            "{:<36}  {:<20}  {:<10}  {:<24}  {:<12}  {:>8}  {:>8}  {}",
             b.id,
             crate::validate::preview(&b.pipeline, 20),
             b.state,
             b.provider_batch_id.as_deref().unwrap_or("-"),
             b.provider_status.as_deref().unwrap_or("-"),
             b.request_count,
-            age((now - b.created_at).max(0) / 1000)
+            age((now - b.created_at).max(0) / 1000),
+            holder(b)
         );
     }
     Ok(EXIT_OK)
+}
+
+/// The first 13 characters of a v7 uuid (its time part): enough to tell workers apart.
+fn short_id(id: &str) -> String {
+    id.chars().take(13).collect()
 }
 
 fn age(secs: i64) -> String {

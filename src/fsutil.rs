@@ -121,7 +121,8 @@ impl Drop for AtomicFile {
     }
 }
 
-/// Removes leftover temporary files (`.NAME.tmp-PID`) in `dir`, from a process that died.
+/// Removes leftover temporary files (`.NAME.tmp-PID`) in `dir` whose process is gone.
+/// Several workers may share the folder: a live process's file is left alone.
 pub fn sweep_temp_files(dir: &Path) -> io::Result<usize> {
     let mut n = 0;
     let Ok(entries) = fs::read_dir(dir) else {
@@ -130,16 +131,60 @@ pub fn sweep_temp_files(dir: &Path) -> io::Result<usize> {
     for e in entries.flatten() {
         let name = e.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with('.') && name.contains(".tmp-") && fs::remove_file(e.path()).is_ok() {
+        let Some(pid) = name
+            .strip_prefix('.')
+            .and_then(|rest| rest.rsplit_once(".tmp-"))
+            .map(|(_, pid)| pid)
+        else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok_and(process_alive) {
+            continue;
+        }
+        if fs::remove_file(e.path()).is_ok() {
             n += 1;
         }
     }
     Ok(n)
 }
 
+/// Whether a process with this id exists on this machine.
+fn process_alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            return false;
+        };
+        // SAFETY: signal 0 checks for existence and permission; nothing is delivered.
+        let rc = unsafe { libc::kill(pid, 0) };
+        rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_dead_processes_temp_files_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = dir
+            .path()
+            .join(format!(".a.jsonl.tmp-{}", std::process::id()));
+        // Pid numbers stop well below this on Linux (pid_max ≤ 4,194,304).
+        let dead = dir.path().join(".b.jsonl.tmp-2000000000");
+        let kept = dir.path().join("c.jsonl");
+        for p in [&ours, &dead, &kept] {
+            fs::write(p, b"x").unwrap();
+        }
+        assert_eq!(sweep_temp_files(dir.path()).unwrap(), 1);
+        assert!(ours.exists() && kept.exists() && !dead.exists());
+    }
 
     #[test]
     fn atomic_file_appears_only_on_commit() {

@@ -13,6 +13,16 @@ fn main() {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
     let cli = Cli::parse();
+    // Read-only commands print reports that are often piped into `head`: a closed pipe
+    // ends them quietly, as it ends any Unix filter. (Network writes never raise SIGPIPE:
+    // they are sent with MSG_NOSIGNAL.)
+    #[cfg(unix)]
+    if cli.command.is_report() {
+        // SAFETY: restoring the default disposition before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let filter = EnvFilter::try_from_env("NIGHTSHIFT_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| {

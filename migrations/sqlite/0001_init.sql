@@ -26,7 +26,9 @@ CREATE TABLE runs (
     budget_pico         INTEGER,
     max_item_pico       INTEGER,
     -- the plan the run started from (JSON), for `reconcile`
-    plan_json           TEXT
+    plan_json           TEXT,
+    -- the process running it (a row of `workers`)
+    worker_id           TEXT
 );
 CREATE INDEX runs_by_pipeline ON runs (pipeline, started_at);
 CREATE INDEX runs_by_start ON runs (started_at);
@@ -110,6 +112,7 @@ CREATE TABLE batches (
     submitted_at       INTEGER,
     ended_at           INTEGER,
     ingested_at        INTEGER,
+    -- the worker holding the batch; every write names the token it claimed it under
     lease_owner        TEXT,
     lease_token        INTEGER NOT NULL DEFAULT 0,
     lease_expires_at   INTEGER
@@ -184,3 +187,17 @@ CREATE TABLE anomalies (
     created_at  INTEGER NOT NULL
 );
 CREATE INDEX anomalies_by_batch ON anomalies (batch_id);
+
+-- Processes working on the store (`run`, `worker`), kept alive by their heartbeat.
+CREATE TABLE workers (
+    id            TEXT PRIMARY KEY,
+    host          TEXT NOT NULL,
+    pid           INTEGER NOT NULL,
+    role          TEXT NOT NULL CHECK (role IN ('run', 'worker', 'cancel')),
+    pipelines     TEXT NOT NULL,
+    started_at    INTEGER NOT NULL,
+    heartbeat_at  INTEGER NOT NULL,
+    stopped_at    INTEGER
+);
+CREATE INDEX workers_by_heartbeat ON workers (heartbeat_at);
+CREATE INDEX batches_by_lease ON batches (lease_owner) WHERE state <> 'ingested';

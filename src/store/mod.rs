@@ -10,7 +10,10 @@
 //! Batch states: `planned → built → uploading → uploaded → creating → submitted → ended →
 //! ingested`.
 
+pub mod db;
 pub mod lock;
+pub mod postgres;
+pub mod sql;
 pub mod sqlite;
 
 use std::future::Future;
@@ -20,8 +23,9 @@ use crate::cost::{PricingMode, Usage, Usd};
 use crate::dedupe::{PreparedRecord, RequestShape};
 use crate::source::Quarantined;
 
+pub use db::Engine;
 pub use lock::{LockError, RunLock};
-pub use sqlite::SqliteStore;
+pub use sql::SqlStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -33,6 +37,9 @@ pub enum StoreError {
     Invalid(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// Another worker took the batch over (this one's lease ran out): nothing was written.
+    #[error("the lease on batch {batch_id} was taken over by another worker")]
+    LeaseLost { batch_id: String },
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -84,6 +91,8 @@ pub struct NewRun {
     pub pid: u32,
     pub budget: Option<Usd>,
     pub max_item: Option<Usd>,
+    /// The process (worker row) that runs it, whose heartbeat says it is alive.
+    pub worker_id: Option<String>,
 }
 
 #[derive(Clone, Debug, sqlx::FromRow)]
@@ -110,6 +119,7 @@ pub struct RunRow {
     pub budget_pico: Option<i64>,
     pub max_item_pico: Option<i64>,
     pub plan_json: Option<String>,
+    pub worker_id: Option<String>,
 }
 
 /// Where ingested records go: the run, the pipeline stage, the request shape, the source.
@@ -146,6 +156,9 @@ pub struct PlanRequest<'a> {
     pub line_overhead: u64,
     /// The spending limits this batch must fit in, if any.
     pub budget: Option<BudgetCheck>,
+    /// The worker that plans the batch holds its lease for `lease_ms` from now.
+    pub owner: &'a str,
+    pub lease_ms: i64,
 }
 
 /// What a planned batch may cost at worst: every request at its counted input tokens plus
@@ -207,6 +220,11 @@ pub struct BatchRow {
     pub submitted_at: Option<i64>,
     pub ended_at: Option<i64>,
     pub ingested_at: Option<i64>,
+    /// The worker holding the batch, and the fencing token of its lease: every write to the
+    /// batch names the token it was claimed under and is refused once another claim moved it.
+    pub lease_owner: Option<String>,
+    pub lease_token: i64,
+    pub lease_expires_at: Option<i64>,
 }
 
 impl BatchRow {
@@ -385,6 +403,46 @@ pub struct ProviderBill {
     pub source: String,
 }
 
+/// What a worker asks for when it claims batches.
+#[derive(Clone, Copy, Debug)]
+pub struct Claim<'a> {
+    /// Only this pipeline's batches (all when `None`).
+    pub pipeline: Option<&'a str>,
+    /// Only this batch (all when `None`).
+    pub batch_id: Option<&'a str>,
+    pub owner: &'a str,
+    pub lease_ms: i64,
+    /// Take batches even from live holders (`cancel`): their writes are fenced out.
+    pub force: bool,
+}
+
+/// A process working on the store (`run` or `worker`), as its heartbeat records it.
+#[derive(Clone, Debug)]
+pub struct WorkerInfo {
+    pub id: String,
+    pub host: String,
+    pub pid: u32,
+    /// `run` or `worker`.
+    pub role: &'static str,
+    /// The pipelines it works on, comma-separated.
+    pub pipelines: String,
+}
+
+/// A worker as `status` shows it.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct WorkerRow {
+    pub id: String,
+    pub host: String,
+    pub pid: i64,
+    pub role: String,
+    pub pipelines: String,
+    pub started_at: i64,
+    pub heartbeat_at: i64,
+    pub stopped_at: Option<i64>,
+    /// Open batches it holds under a lease that has not run out.
+    pub held: i64,
+}
+
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct QuarantineRow {
     pub source: String,
@@ -411,9 +469,10 @@ pub trait Store: Send + Sync + 'static {
         message: Option<&str>,
     ) -> impl Future<Output = Result<()>> + Send;
     fn run(&self, run_id: &str) -> impl Future<Output = Result<Option<RunRow>>> + Send;
-    /// Marks runs still `running` as `interrupted` (their process died); called by a process
-    /// that holds the store's run lock, so none of them can be alive. Returns how many.
-    fn mark_stale_runs(&self) -> impl Future<Output = Result<u64>> + Send;
+    /// Marks runs still `running` whose process died as `interrupted`; returns how many. On
+    /// SQLite the caller holds the run lock, so no other run can be alive; on PostgreSQL the
+    /// runs whose process stopped, or sent its last heartbeat before `stale_before` (ms).
+    fn mark_stale_runs(&self, stale_before: i64) -> impl Future<Output = Result<u64>> + Send;
     /// The latest run, of one pipeline or of any.
     fn last_run(
         &self,
@@ -509,6 +568,31 @@ pub trait Store: Send + Sync + 'static {
         pipeline: Option<&str>,
     ) -> impl Future<Output = Result<Vec<BatchRow>>> + Send;
     fn run_batches(&self, run_id: &str) -> impl Future<Output = Result<Vec<BatchRow>>> + Send;
+
+    // --- workers and leases ---------------------------------------------------------------
+    /// Takes the leases of open batches: those the owner holds (renewed), and those free or
+    /// whose lease ran out (a new token each). SQLite, under the run lock, hands out every
+    /// open batch. Returns what the owner now holds, oldest first.
+    fn claim_batches(
+        &self,
+        claim: &Claim<'_>,
+    ) -> impl Future<Output = Result<Vec<BatchRow>>> + Send;
+    /// Records that the worker is alive and extends every lease it holds; returns how many.
+    fn heartbeat(
+        &self,
+        worker: &WorkerInfo,
+        lease_ms: i64,
+    ) -> impl Future<Output = Result<u64>> + Send;
+    /// Gives up the worker's leases (a clean stop), so others need not wait for them to
+    /// run out; `stopped` also marks the worker stopped.
+    fn release_leases(
+        &self,
+        worker_id: &str,
+        stopped: bool,
+    ) -> impl Future<Output = Result<u64>> + Send;
+    /// Workers running (not stopped) with a heartbeat since `seen_since` (ms), and any
+    /// still named on an open batch.
+    fn workers(&self, seen_since: i64) -> impl Future<Output = Result<Vec<WorkerRow>>> + Send;
     /// Items waiting for a retry (`failed` under the cap).
     fn plannable_retries(
         &self,
@@ -522,22 +606,27 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> impl Future<Output = Result<Vec<OnlineLine>>> + Send;
     /// Online mode: records (and commits) that these attempts are about to be sent.
-    fn mark_dispatched(&self, attempt_ids: &[i64]) -> impl Future<Output = Result<()>> + Send;
+    fn mark_dispatched(
+        &self,
+        batch: &BatchRow,
+        attempt_ids: &[i64],
+    ) -> impl Future<Output = Result<()>> + Send;
     /// Online mode: attempts dispatched by a process that died before recording their
     /// answers fail as `lost` (they may have been billed); never sent again as such.
     fn lose_dispatched(
         &self,
-        batch_id: &str,
+        batch: &BatchRow,
         max_attempts: u32,
     ) -> impl Future<Output = Result<ApplyStats>> + Send;
     /// Provider batch ids this store already tracks (never adopted for another batch).
     fn known_provider_ids(
         &self,
     ) -> impl Future<Output = Result<std::collections::HashSet<String>>> + Send;
-    /// Applies `update` if the batch is still in state `from`; returns whether it was.
+    /// Applies `update` if the batch is still in state `from`; returns whether it was. Fenced
+    /// by the batch's lease token: [`StoreError::LeaseLost`] if another claim moved it.
     fn update_batch(
         &self,
-        id: &str,
+        batch: &BatchRow,
         from: &str,
         update: &BatchUpdate,
     ) -> impl Future<Output = Result<bool>> + Send;
@@ -559,7 +648,7 @@ pub trait Store: Send + Sync + 'static {
     /// came back for it) and marks the batch `ingested`, in one transaction.
     fn finish_ingest(
         &self,
-        batch_id: &str,
+        batch: &BatchRow,
         verdict: &str,
         error: &str,
         max_attempts: u32,
@@ -572,6 +661,8 @@ pub trait Store: Send + Sync + 'static {
         custom_id: Option<&str>,
         detail: &str,
     ) -> impl Future<Output = Result<()>> + Send;
+    /// Anomalies of one kind, in the whole store.
+    fn anomalies_of_kind(&self, kind: &str) -> impl Future<Output = Result<u64>> + Send;
 
     // --- reports --------------------------------------------------------------------------
     fn run_records(

@@ -86,7 +86,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             if b.provider_status.as_deref() != Some(remote.raw_status.as_str()) {
                 ctx.store
                     .update_batch(
-                        &b.id,
+                        b,
                         "submitted",
                         &BatchUpdate {
                             provider_status: Some(remote.raw_status.clone()),
@@ -104,7 +104,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         let error = (!remote.errors.is_empty()).then(|| remote.errors.join("; "));
         ctx.store
             .update_batch(
-                &b.id,
+                b,
                 "submitted",
                 &BatchUpdate {
                     state: Some("ended"),
@@ -165,7 +165,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         crate::failpoint!("finish.before_commit");
         let rest = ctx
             .store
-            .finish_ingest(&b.id, verdict, &error, ctx.pipeline.max_attempts)
+            .finish_ingest(b, verdict, &error, ctx.pipeline.max_attempts)
             .await?;
         stats += ApplyStats { applied: 0, ..rest };
         ctx.observer.event(&Event::Ingested {
@@ -193,7 +193,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         let store = self.ctx.store;
         store
             .update_batch(
-                &b.id,
+                b,
                 &b.state,
                 &BatchUpdate {
                     state: Some("ended"),
@@ -205,7 +205,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             )
             .await?;
         let stats = store
-            .finish_ingest(&b.id, "cancelled", why, self.ctx.pipeline.max_attempts)
+            .finish_ingest(b, "cancelled", why, self.ctx.pipeline.max_attempts)
             .await?;
         self.ctx.observer.event(&Event::Ingested {
             batch_id: b.id.clone(),
@@ -237,20 +237,26 @@ pub async fn cancel<S: Store, P: BatchProvider>(
     let mut runner = Runner::new(ctx)?;
     let store = ctx.store;
     let mut report = CancelReport::default();
-    let targets: Vec<BatchRow> = store
-        .open_batches(Some(&ctx.pipeline.name))
-        .await?
-        .into_iter()
-        .filter(|b| run.is_none_or(|r| b.run_id == r))
-        .collect();
+    // Cancelling overrides whoever holds a batch: each target is claimed by force, which
+    // fences out a worker still working on it.
+    let mut targets: Vec<BatchRow> = Vec::new();
+    for b in store.open_batches(Some(&ctx.pipeline.name)).await? {
+        if run.is_some_and(|r| b.run_id != r) {
+            continue;
+        }
+        let claim = crate::store::Claim {
+            batch_id: Some(&b.id),
+            force: true,
+            ..runner.claim()
+        };
+        targets.extend(store.claim_batches(&claim).await?);
+    }
     let ids: Vec<String> = targets.iter().map(|b| b.id.clone()).collect();
     for b in targets {
         let what = match b.state.as_str() {
             _ if b.mode == "online" => {
                 // Online requests are ours to stop: what was answered is already recorded.
-                let lost = store
-                    .lose_dispatched(&b.id, ctx.pipeline.max_attempts)
-                    .await?;
+                let lost = store.lose_dispatched(&b, ctx.pipeline.max_attempts).await?;
                 runner
                     .close_unsent(&b, "cancelled before it was sent")
                     .await?;

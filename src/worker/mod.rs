@@ -27,7 +27,7 @@ use crate::dedupe::RequestShape;
 use crate::fsutil::{self, AtomicFile};
 use crate::provider::{BatchProvider, ProviderError, RequestSpec};
 use crate::store::{
-    ApplyStats, BatchRow, BatchUpdate, NewRun, PlanOutcome, PlanRequest, RunStatus, Store,
+    ApplyStats, BatchRow, BatchUpdate, Claim, NewRun, PlanOutcome, PlanRequest, RunStatus, Store,
     StoreError, now_ms,
 };
 use crate::validate::OutputValidator;
@@ -193,11 +193,17 @@ pub struct RunContext<'a, S: Store, P: BatchProvider> {
     pub shutdown: Shutdown,
     /// Submit what is ready and return without waiting for the provider.
     pub detach: bool,
+    /// Read the source into the store and return: workers send it.
+    pub ingest_only: bool,
     /// The provider's state did not survive the last process (the in-process simulator):
     /// batches already sent are lost and their items go back to the queue.
     pub provider_forgets: bool,
     /// The run's spending limits (the pipeline's `[budget]`, or `--budget-usd`).
     pub budget: crate::config::Budget,
+    /// This process's worker id, which its leases name, and how long a lease lasts without
+    /// a heartbeat. Another worker adopts a batch whose lease ran out.
+    pub worker_id: String,
+    pub lease: Duration,
 }
 
 /// Where batch input files live.
@@ -229,6 +235,17 @@ pub fn schema_name(pipeline: &str) -> String {
 struct PollClock {
     next: Instant,
     interval: Duration,
+}
+
+/// How a planning round ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Planning {
+    /// At least one batch planned.
+    Planned,
+    /// Nothing planned (nothing plannable, or another worker had it locked).
+    Nothing,
+    /// Plannable items exist, but the budget or the per-item cap refuses them.
+    Blocked,
 }
 
 /// How a pass over the open batches ended.
@@ -266,6 +283,8 @@ pub(crate) struct Runner<'a, S: Store, P: BatchProvider> {
     waiting: bool,
     /// The worst case of the next item when the budget stopped planning.
     budget_blocked: Option<crate::cost::Usd>,
+    /// The limits planning honours: the run's own, or (a worker) those of the run it serves.
+    budget: crate::config::Budget,
 }
 
 impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
@@ -307,7 +326,34 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
             last_transient: None,
             waiting: false,
             budget_blocked: None,
+            budget: ctx.budget,
         })
+    }
+
+    fn lease_ms(&self) -> i64 {
+        i64::try_from(self.ctx.lease.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// The claim this process makes on its pipeline's open batches.
+    fn claim(&self) -> Claim<'_> {
+        Claim {
+            pipeline: Some(&self.ctx.pipeline.name),
+            batch_id: None,
+            owner: &self.ctx.worker_id,
+            lease_ms: self.lease_ms(),
+            force: false,
+        }
+    }
+
+    /// The batch as stored now, if this process still holds it under the same lease.
+    pub(super) async fn reload(&self, b: &BatchRow) -> Result<Option<BatchRow>, RunError> {
+        let now = self
+            .ctx
+            .store
+            .batch(&b.id)
+            .await?
+            .ok_or_else(|| StoreError::Invalid(format!("batch {} vanished", b.id)))?;
+        Ok((now.lease_token == b.lease_token).then_some(now))
     }
 
     fn shape(&self) -> Result<RequestShape, RunError> {
@@ -332,7 +378,7 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
         &self,
         mode: PricingMode,
     ) -> Result<Option<crate::store::BudgetCheck>, RunError> {
-        let b = self.ctx.budget;
+        let b = self.budget;
         if b.max.is_none() && b.max_item.is_none() {
             return Ok(None);
         }
@@ -402,6 +448,7 @@ pub async fn run<S: Store, P: BatchProvider>(
             pid: std::process::id(),
             budget: ctx.budget.max,
             max_item: ctx.budget.max_item,
+            worker_id: Some(ctx.worker_id.clone()),
         })
         .await?;
     runner.run_id = run_id.clone();
@@ -423,6 +470,16 @@ pub async fn run<S: Store, P: BatchProvider>(
         message,
         times: runner.times,
     })
+}
+
+/// Works on a pipeline as one of several workers sharing the store, until told to stop:
+/// adopts batches whose lease ran out, plans what the latest run of the pipeline left
+/// pending (under that run's limits), submits, polls and ingests. Never reads the source
+/// nor writes the output: that is the run's part.
+pub async fn serve<S: Store, P: BatchProvider>(ctx: &RunContext<'_, S, P>) -> Result<(), RunError> {
+    let mut runner = Runner::new(ctx)?;
+    runner.drive(true).await?;
+    Ok(())
 }
 
 impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
@@ -467,8 +524,13 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 "nothing to send: every item of this source is already processed".into(),
             ));
         }
-        let stop = if complete {
-            self.drive().await?
+        let stop = if complete && ctx.ingest_only {
+            ctx.observer.event(&Event::Note(format!(
+                "{pending} item(s) waiting: `nightshift worker` sends them; run again without --ingest-only to wait for the results"
+            )));
+            Stop::Detached
+        } else if complete {
+            self.drive(false).await?
         } else {
             Stop::Interrupted
         };
@@ -521,7 +583,12 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             Stop::Detached => Ok((
                 RunStatus::Detached,
                 0,
-                Some("batches are in flight; run the pipeline again to collect them".into()),
+                Some(if ctx.ingest_only {
+                    "ingested only: workers send the items; run the pipeline again to collect them"
+                        .into()
+                } else {
+                    "batches are in flight; run the pipeline again to collect them".into()
+                }),
             )),
             Stop::Done => {
                 let f = ctx.store.run_figures(&self.run_id).await?;
@@ -541,70 +608,49 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         }
     }
 
-    /// Plans, submits, polls and ingests until nothing of this pipeline is open.
-    async fn drive(&mut self) -> Result<Stop, RunError> {
+    /// Plans, submits, polls and ingests until nothing of this pipeline is open (or, when
+    /// `serve`, until told to stop: an idle worker waits for new work).
+    async fn drive(&mut self, serve: bool) -> Result<Stop, RunError> {
         let ctx = self.ctx;
         let p = ctx.pipeline;
+        let idle = p
+            .provider
+            .poll_min
+            .clamp(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             if ctx.shutdown.is_set() {
                 return Ok(Stop::Interrupted);
             }
-            // New batches (first attempts and retries) for whatever is plannable.
-            let mode = self.plan_mode().await?;
-            let pricing_mode = if mode == "online" {
-                PricingMode::Standard
-            } else {
-                PricingMode::Batch
-            };
-            let req = PlanRequest {
-                run_id: &self.run_id,
-                pipeline: &p.name,
-                stage: p.stage(),
-                provider: ctx.provider.kind(),
-                model: &p.provider.model,
-                pricing_mode,
-                max_requests: p.batch.max_requests,
-                max_bytes: p.batch.max_bytes,
-                line_overhead: ctx.provider.line_overhead(),
-                budget: None,
-                mode,
-            };
-            let t = Instant::now();
-            self.budget_blocked = None;
-            let mut nothing_fits = false;
-            while !ctx.shutdown.is_set() {
-                let req = PlanRequest {
-                    budget: self.budget_check(pricing_mode).await?,
-                    ..req.clone()
-                };
-                match ctx.store.plan_batch(&req).await? {
-                    PlanOutcome::Planned(b) => {
-                        crate::failpoint!("plan.after_commit");
-                        ctx.observer.event(&Event::Planned {
-                            batch_id: b.id.clone(),
-                            requests: b.request_count as u64,
-                        });
-                    }
-                    PlanOutcome::Nothing => {
-                        nothing_fits = true;
-                        break;
-                    }
-                    PlanOutcome::OverBudget { next_worst_case } => {
-                        self.budget_blocked = Some(next_worst_case);
-                        break;
-                    }
-                }
+            if serve && !self.follow_latest_run().await? {
+                ctx.shutdown.sleep_until(Instant::now() + idle).await;
+                continue;
             }
-            self.times.prepare += t.elapsed();
+            // New batches (first attempts and retries) for whatever is plannable.
+            let planning = self.plan_round().await?;
 
-            let open = ctx.store.open_batches(Some(&p.name)).await?;
+            let open = ctx.store.claim_batches(&self.claim()).await?;
+            self.polls.retain(|id, _| open.iter().any(|b| &b.id == id));
             if open.is_empty() {
-                if ctx.store.plannable_count(&p.name, p.stage()).await? == 0 {
-                    return Ok(Stop::Done);
-                }
-                if self.budget_blocked.is_some() || nothing_fits {
+                let held_elsewhere = !ctx.store.open_batches(Some(&p.name)).await?.is_empty();
+                let plannable = ctx.store.plannable_count(&p.name, p.stage()).await?;
+                let stop = if held_elsewhere {
+                    // Other workers hold what is open: wait for them, or for their leases
+                    // to run out.
+                    None
+                } else if plannable == 0 {
+                    Some(Stop::Done)
+                } else if planning == Planning::Blocked {
                     // What is left does not fit the budget (or the per-item cap).
-                    return Ok(Stop::Budget);
+                    Some(Stop::Budget)
+                } else {
+                    // Another worker was planning those items at the same moment.
+                    None
+                };
+                match stop {
+                    Some(_) if serve => ctx.shutdown.sleep_until(Instant::now() + idle).await,
+                    Some(stop) => return Ok(stop),
+                    None if planning == Planning::Planned => {}
+                    None => ctx.shutdown.sleep_until(Instant::now() + idle).await,
                 }
                 continue;
             }
@@ -615,38 +661,24 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 if ctx.shutdown.is_set() {
                     return Ok(Stop::Interrupted);
                 }
-                match b.state.as_str() {
-                    "planned" if b.mode == "online" => self.start_online(&b).await?,
-                    "submitted" if b.mode == "online" => {
-                        let t = Instant::now();
-                        self.run_online(&b).await?;
-                        self.times.results += t.elapsed();
+                let id = b.id.clone();
+                match self.step(b, &mut in_flight, &mut unsent).await {
+                    Err(RunError::Store(StoreError::LeaseLost { .. })) => {
+                        // Another worker took it over (this one was too slow to renew):
+                        // nothing was written; it is theirs now.
+                        tracing::warn!(batch = %id, "lease lost; leaving the batch to its new holder");
+                        self.polls.remove(&id);
                     }
-                    "planned" | "built" | "uploading" | "uploaded" | "creating" => {
-                        self.submit(b).await?;
-                        unsent += 1;
-                    }
-                    "submitted" => {
-                        in_flight += 1;
-                        let due = self
-                            .polls
-                            .get(&b.id)
-                            .is_none_or(|c| c.next <= Instant::now());
-                        if due {
-                            self.poll(&b).await?;
-                        }
-                    }
-                    "ended" => {
-                        let t = Instant::now();
-                        self.ingest_batch(&b).await?;
-                        self.times.results += t.elapsed();
-                    }
-                    _ => {}
+                    r => r?,
                 }
             }
             if ctx.detach && unsent == 0 && !self.waiting && self.transient_streak == 0 {
                 let left = ctx.store.open_batches(Some(&p.name)).await?;
-                if left.iter().all(|b| b.state == "submitted") {
+                if left
+                    .iter()
+                    .filter(|b| b.lease_owner.as_deref() == Some(ctx.worker_id.as_str()))
+                    .all(|b| b.state == "submitted")
+                {
                     return Ok(Stop::Detached);
                 }
             }
@@ -660,6 +692,12 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                     .map(|c| c.next)
                     .min()
                     .unwrap_or_else(|| Instant::now() + p.provider.poll_min);
+                let next = if serve {
+                    // A worker also looks for new work while it waits.
+                    next.min(Instant::now() + idle)
+                } else {
+                    next
+                };
                 ctx.shutdown.sleep_until(next).await;
             } else if self.waiting {
                 ctx.shutdown
@@ -669,6 +707,148 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                     .await;
             }
         }
+    }
+
+    /// Plans batches until nothing more fits; says how planning ended.
+    async fn plan_round(&mut self) -> Result<Planning, RunError> {
+        let ctx = self.ctx;
+        let p = ctx.pipeline;
+        let mode = self.plan_mode().await?;
+        let pricing_mode = if mode == "online" {
+            PricingMode::Standard
+        } else {
+            PricingMode::Batch
+        };
+        let lease_ms = self.lease_ms();
+        let t = Instant::now();
+        self.budget_blocked = None;
+        let mut outcome = Planning::Nothing;
+        while !ctx.shutdown.is_set() {
+            let budget = self.budget_check(pricing_mode).await?;
+            let req = PlanRequest {
+                run_id: &self.run_id,
+                pipeline: &p.name,
+                stage: p.stage(),
+                provider: ctx.provider.kind(),
+                model: &p.provider.model,
+                pricing_mode,
+                max_requests: p.batch.max_requests,
+                max_bytes: p.batch.max_bytes,
+                line_overhead: ctx.provider.line_overhead(),
+                budget,
+                mode,
+                owner: &ctx.worker_id,
+                lease_ms,
+            };
+            match ctx.store.plan_batch(&req).await? {
+                PlanOutcome::Planned(b) => {
+                    crate::failpoint!("plan.after_commit");
+                    outcome = Planning::Planned;
+                    ctx.observer.event(&Event::Planned {
+                        batch_id: b.id.clone(),
+                        requests: b.request_count as u64,
+                    });
+                }
+                PlanOutcome::Nothing => {
+                    // Nothing plannable within the per-item cap — or nothing this worker
+                    // could lock: another one is planning the same items.
+                    if outcome == Planning::Nothing && self.refused_by_item_cap(budget).await? {
+                        outcome = Planning::Blocked;
+                    }
+                    break;
+                }
+                PlanOutcome::OverBudget { next_worst_case } => {
+                    self.budget_blocked = Some(next_worst_case);
+                    if outcome == Planning::Nothing {
+                        outcome = Planning::Blocked;
+                    }
+                    break;
+                }
+            }
+        }
+        self.times.prepare += t.elapsed();
+        Ok(outcome)
+    }
+
+    /// Whether every plannable item is over the per-item cap.
+    async fn refused_by_item_cap(
+        &self,
+        budget: Option<crate::store::BudgetCheck>,
+    ) -> Result<bool, RunError> {
+        let Some(limit) = budget.and_then(|b| b.max_item_input_tokens) else {
+            return Ok(false);
+        };
+        let p = self.ctx.pipeline;
+        let store = self.ctx.store;
+        let over = store.plannable_over(&p.name, p.stage(), limit).await?;
+        Ok(over > 0 && over == store.plannable_count(&p.name, p.stage()).await?)
+    }
+
+    /// A worker serves the latest run of its pipeline: new batches are charged to it and
+    /// planned under its limits. Returns false when the pipeline has no run yet.
+    async fn follow_latest_run(&mut self) -> Result<bool, RunError> {
+        let p = self.ctx.pipeline;
+        let Some(run) = self.ctx.store.last_run(Some(&p.name)).await? else {
+            return Ok(false);
+        };
+        if run.id != self.run_id {
+            tracing::info!(run = %run.id, pipeline = %p.name, "serving run");
+        }
+        self.run_id = run.id;
+        self.budget = crate::config::Budget {
+            max: run
+                .budget_pico
+                .map(|v| crate::cost::Usd::from_pico(v as i128)),
+            max_item: run
+                .max_item_pico
+                .map(|v| crate::cost::Usd::from_pico(v as i128)),
+        };
+        Ok(true)
+    }
+
+    /// Moves one held batch one step along.
+    async fn step(
+        &mut self,
+        b: BatchRow,
+        in_flight: &mut usize,
+        unsent: &mut usize,
+    ) -> Result<(), RunError> {
+        match b.state.as_str() {
+            "planned" if b.mode == "online" => self.start_online(&b).await?,
+            "submitted" if b.mode == "online" => {
+                let t = Instant::now();
+                self.run_online(&b).await?;
+                self.times.results += t.elapsed();
+            }
+            "planned" | "built" | "uploading" | "uploaded" | "creating" => {
+                if b.state == "creating" && !self.not_created.contains(&b.id) {
+                    // Found in `creating` (a crash, or a worker that died): the grace period
+                    // before any resend counts from now.
+                    self.ambiguous_since
+                        .entry(b.id.clone())
+                        .or_insert_with(Instant::now);
+                }
+                self.submit(b).await?;
+                *unsent += 1;
+            }
+            "submitted" => {
+                *in_flight += 1;
+                let due = self
+                    .polls
+                    .get(&b.id)
+                    .is_none_or(|c| c.next <= Instant::now());
+                if due {
+                    self.poll(&b).await?;
+                }
+            }
+            "ended" => {
+                let t = Instant::now();
+                self.ingest_batch(&b).await?;
+                self.times.results += t.elapsed();
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     /// Stores the worksheet this run starts from, for `reconcile` to hold it against.
@@ -725,13 +905,13 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
     async fn forget_sent_batches(&mut self) -> Result<(), RunError> {
         let ctx = self.ctx;
         let mut n = 0;
-        for b in ctx.store.open_batches(Some(&ctx.pipeline.name)).await? {
+        for b in ctx.store.claim_batches(&self.claim()).await? {
             if matches!(b.state.as_str(), "planned" | "built") {
                 continue;
             }
             ctx.store
                 .update_batch(
-                    &b.id,
+                    &b,
                     &b.state,
                     &BatchUpdate {
                         state: Some("ended"),
@@ -745,7 +925,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 .await?;
             ctx.store
                 .finish_ingest(
-                    &b.id,
+                    &b,
                     "lost",
                     "the built-in simulator of an earlier run is gone",
                     ctx.pipeline.max_attempts,

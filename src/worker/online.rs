@@ -10,7 +10,10 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// Tokio's clock, so the limiter follows a paused clock in tests.
+use tokio::time::Instant;
 
 use futures_util::StreamExt;
 
@@ -60,7 +63,7 @@ impl Limiter {
             }
             at
         };
-        tokio::time::sleep_until(at.into()).await;
+        tokio::time::sleep_until(at).await;
     }
 }
 
@@ -70,7 +73,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         self.ctx
             .store
             .update_batch(
-                &b.id,
+                b,
                 "planned",
                 &BatchUpdate {
                     state: Some("submitted"),
@@ -93,7 +96,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         let ctx = self.ctx;
         let p = ctx.pipeline;
         let store = ctx.store;
-        let mut stats = store.lose_dispatched(&b.id, p.max_attempts).await?;
+        let mut stats = store.lose_dispatched(b, p.max_attempts).await?;
         let limiter = Limiter::new(
             p.provider.online.requests_per_minute,
             p.provider.online.tokens_per_minute,
@@ -116,7 +119,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 }
             }
             let ids: Vec<i64> = page.iter().map(|l| l.attempt_id).collect();
-            store.mark_dispatched(&ids).await?;
+            store.mark_dispatched(b, &ids).await?;
             self.requests_sent += ids.len() as u64;
             crate::failpoint!("online.after_dispatch");
             let provider = ctx.provider;
@@ -191,13 +194,13 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             crate::failpoint!("online.after_apply");
         }
         let rest = store
-            .finish_ingest(&b.id, "missing", "not answered online", p.max_attempts)
+            .finish_ingest(b, "missing", "not answered online", p.max_attempts)
             .await?;
         stats += ApplyStats { applied: 0, ..rest };
         // `finish_ingest` closes batches that ended; an online batch ends here.
         store
             .update_batch(
-                &b.id,
+                b,
                 "submitted",
                 &BatchUpdate {
                     state: Some("ingested"),

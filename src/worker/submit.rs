@@ -27,7 +27,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                     self.times.prepare += t.elapsed();
                     store
                         .update_batch(
-                            &b.id,
+                            &b,
                             "planned",
                             &BatchUpdate {
                                 state: Some("built"),
@@ -43,7 +43,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                     // The requests go inline in the create call: nothing to upload.
                     store
                         .update_batch(
-                            &b.id,
+                            &b,
                             "built",
                             &BatchUpdate {
                                 state: Some("uploaded"),
@@ -55,7 +55,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 "built" => {
                     store
                         .update_batch(
-                            &b.id,
+                            &b,
                             "built",
                             &BatchUpdate {
                                 state: Some("uploading"),
@@ -90,7 +90,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 "uploaded" => {
                     store
                         .update_batch(
-                            &b.id,
+                            &b,
                             "uploaded",
                             &BatchUpdate {
                                 state: Some("creating"),
@@ -134,10 +134,10 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 }
                 _ => return Ok(()),
             }
-            b = store
-                .batch(&b.id)
-                .await?
-                .ok_or_else(|| StoreError::Invalid(format!("batch {} vanished", b.id)))?;
+            b = match self.reload(&b).await? {
+                Some(now) => now,
+                None => return Err(StoreError::LeaseLost { batch_id: b.id }.into()),
+            };
         }
     }
 
@@ -209,7 +209,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         self.ctx
             .store
             .update_batch(
-                &b.id,
+                b,
                 "uploading",
                 &BatchUpdate {
                     state: Some("uploaded"),
@@ -253,10 +253,10 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         adopted: bool,
     ) -> Result<(), RunError> {
         let ctx = self.ctx;
-        let ok = ctx
+        let stored = ctx
             .store
             .update_batch(
-                &b.id,
+                b,
                 "creating",
                 &BatchUpdate {
                     state: Some("submitted"),
@@ -266,7 +266,17 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                     ..Default::default()
                 },
             )
-            .await?;
+            .await;
+        let ok = match stored {
+            Ok(ok) => ok,
+            Err(StoreError::LeaseLost { batch_id }) => {
+                if !adopted {
+                    self.created_after_lease_lost(b, &remote).await?;
+                }
+                return Err(StoreError::LeaseLost { batch_id }.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
         crate::failpoint!("create.after_store");
         self.ambiguous_since.remove(&b.id);
         self.not_created.remove(&b.id);
@@ -295,6 +305,51 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         Ok(())
     }
 
+    /// This worker created a provider batch after another took the local batch over (its
+    /// lease ran out while the create was in flight: a pause, a partition). If the new holder
+    /// adopted this very provider batch, all is well; otherwise it is a second submission of
+    /// the same requests: cancel it at once and record it, so it is counted and explained.
+    async fn created_after_lease_lost(
+        &mut self,
+        b: &BatchRow,
+        remote: &RemoteBatch,
+    ) -> Result<(), RunError> {
+        let ctx = self.ctx;
+        let now = ctx.store.batch(&b.id).await?;
+        let holder_has = now
+            .as_ref()
+            .and_then(|r| r.provider_batch_id.as_deref())
+            .map(|id| id == remote.id);
+        if holder_has == Some(true) {
+            return Ok(());
+        }
+        if holder_has.is_none() && now.as_ref().is_some_and(|r| r.state == "creating") {
+            // The new holder has not created anything yet: it will find this provider batch
+            // by our local id and adopt it, exactly as after a crash.
+            tracing::warn!(batch = %b.id, provider_batch = %remote.id, "lease lost after create; the new holder will adopt it");
+            return Ok(());
+        }
+        let cancelled = match ctx.provider.cancel(&remote.id).await {
+            Ok(r) => format!("cancel requested ({})", r.raw_status),
+            Err(e) => format!("cancel failed: {e}"),
+        };
+        tracing::error!(batch = %b.id, provider_batch = %remote.id, %cancelled, "duplicate submission after a lost lease");
+        ctx.store
+            .record_anomaly(
+                Some(&b.run_id),
+                Some(&b.id),
+                "duplicate_submission",
+                None,
+                &format!(
+                    "provider batch {} was created by a worker whose lease had run out; the batch is held as {}; {cancelled}",
+                    remote.id,
+                    now.and_then(|r| r.provider_batch_id).unwrap_or_else(|| "-".into())
+                ),
+            )
+            .await?;
+        Ok(())
+    }
+
     /// The provider refused to create the batch for good: its attempts fail (and are
     /// retried under the cap), nothing was billed.
     async fn rejected(
@@ -308,7 +363,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         tracing::warn!(batch = %b.id, %error, "the provider refused to create the batch");
         store
             .update_batch(
-                &b.id,
+                b,
                 "creating",
                 &BatchUpdate {
                     state: Some("ended"),
@@ -319,12 +374,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             )
             .await?;
         let stats = store
-            .finish_ingest(
-                &b.id,
-                "batch_rejected",
-                &error,
-                self.ctx.pipeline.max_attempts,
-            )
+            .finish_ingest(b, "batch_rejected", &error, self.ctx.pipeline.max_attempts)
             .await?;
         self.ctx.observer.event(&Event::Ingested {
             batch_id: b.id.clone(),

@@ -9,7 +9,7 @@ use nightshift::cost::PriceTable;
 use nightshift::provider::http::RetryPolicy;
 use nightshift::provider::openai::OpenAiClient;
 use nightshift::sim::{Sim, SimHandle, SimSettings};
-use nightshift::store::SqliteStore;
+use nightshift::store::SqlStore;
 use nightshift::worker::{self, Event, Observer, RunContext, RunOutcome};
 use secrecy::SecretString;
 use serde_json::{Value, json};
@@ -168,9 +168,9 @@ pub async fn run_against(
     sim: &SimHandle,
     pipeline_file: &Path,
     db: &Path,
-) -> (RunOutcome, SqliteStore) {
+) -> (RunOutcome, SqlStore) {
     let p = Pipeline::load(pipeline_file).unwrap();
-    let store = SqliteStore::open(db).await.unwrap();
+    let store = SqlStore::open_sqlite(db).await.unwrap();
     let prices = PriceTable::builtin();
     let price = prices.lookup("openai", &p.provider.model).unwrap().clone();
     let c = client(sim);
@@ -185,8 +185,11 @@ pub async fn run_against(
         output_path: p.output.path.clone(),
         shutdown: Default::default(),
         detach: false,
+        ingest_only: false,
         provider_forgets: false,
         budget: p.budget,
+        worker_id: "test".into(),
+        lease: Duration::from_secs(60),
     };
     let outcome = worker::run(&ctx).await.unwrap();
     (outcome, store)
@@ -207,4 +210,112 @@ pub fn requests_by_custom_id(rec: &Value) -> HashMap<String, Vec<(String, String
         }
     }
     m
+}
+
+/// The PostgreSQL server the PostgreSQL tests use (`NIGHTSHIFT_TEST_PG_URL`). Those tests
+/// are compiled in only when it is set (see build.rs), and then fail if it is unreachable.
+pub fn pg_url() -> String {
+    std::env::var("NIGHTSHIFT_TEST_PG_URL")
+        .expect("NIGHTSHIFT_TEST_PG_URL must name the PostgreSQL server for this test")
+}
+
+/// A schema of its own for one test, so tests run side by side on one database.
+pub fn pg_schema(test: &str) -> String {
+    let tag: String = test
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect();
+    format!(
+        "t_{tag}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    )
+}
+
+/// A store for one test: a SQLite file in a temporary folder, or a PostgreSQL schema.
+pub struct TestDb {
+    pub store: SqlStore,
+    pub url: String,
+    schema: Option<String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDb {
+    pub async fn sqlite() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        TestDb {
+            store: SqlStore::open_sqlite(&path).await.unwrap(),
+            url: path.display().to_string(),
+            schema: None,
+            _dir: Some(dir),
+        }
+    }
+
+    pub async fn postgres(test: &str) -> Self {
+        let url = pg_url();
+        let schema = pg_schema(test);
+        let store = SqlStore::open_postgres_in(&url, Some(&schema))
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "PostgreSQL at {} for {test}: {e}",
+                    nightshift::store::postgres::redact_url(&url)
+                )
+            });
+        TestDb {
+            store,
+            url: nightshift::store::postgres::with_search_path(&url, &schema),
+            schema: Some(schema),
+            _dir: None,
+        }
+    }
+
+    /// Drops the test's schema (PostgreSQL).
+    pub async fn finish(self) {
+        self.store.close().await;
+        if let Some(schema) = self.schema {
+            nightshift::store::postgres::drop_schema(&pg_url(), &schema)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// A row type both engines decode.
+pub trait AnyRow:
+    for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>
+    + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>
+    + Send
+    + Unpin
+{
+}
+impl<T> AnyRow for T where
+    T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>
+        + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>
+        + Send
+        + Unpin
+{
+}
+
+/// Every row of a read-only query, on whichever engine the store runs (oracle checks).
+pub async fn all<T: AnyRow>(store: &SqlStore, sql: &str) -> Vec<T> {
+    match (store.sqlite_pool(), store.pg_pool()) {
+        (Some(p), _) => sqlx::query_as(sql).fetch_all(p).await.unwrap(),
+        (_, Some(p)) => sqlx::query_as(sql).fetch_all(p).await.unwrap(),
+        _ => unreachable!("a store is on one engine or the other"),
+    }
+}
+
+/// The one row of a read-only query.
+pub async fn one<T: AnyRow>(store: &SqlStore, sql: &str) -> T {
+    let mut rows = all::<T>(store, sql).await;
+    assert_eq!(rows.len(), 1, "{sql}");
+    rows.pop().unwrap()
 }

@@ -67,7 +67,9 @@ async fn a_budget_cap_holds_against_answers_at_max_tokens() {
     let cap = Usd::parse(cap).unwrap();
     assert!(billed <= cap, "billed {billed} over the cap {cap}");
     assert!(billed.pico() > 0);
-    let store = nightshift::store::SqliteStore::open(&sc.db).await.unwrap();
+    let store = nightshift::store::SqlStore::open_sqlite(&sc.db)
+        .await
+        .unwrap();
     let run = store.last_run(None).await.unwrap().unwrap();
     let f = store.run_figures(&run.id).await.unwrap();
     assert_eq!(f.ledger.cost, billed, "ledger = bill");

@@ -12,9 +12,8 @@ use std::time::{Duration, Instant};
 
 use nightshift::cost::Usd;
 use nightshift::sim::{SimHandle, SimSettings};
-use nightshift::store::SqliteStore;
+use nightshift::store::SqlStore;
 use serde_json::Value;
-use sqlx::Row;
 use tokio::process::Command;
 
 use crate::common::*;
@@ -197,9 +196,15 @@ pub struct Verdict {
 }
 
 pub async fn judge(sc: &Scenario) -> Verdict {
+    let store = SqlStore::open_sqlite(&sc.db).await.unwrap();
+    let v = judge_store(sc, &store).await;
+    store.close().await;
+    v
+}
+
+/// The oracle against a store of either engine.
+pub async fn judge_store(sc: &Scenario, store: &SqlStore) -> Verdict {
     let rec = record(&sc.sim).await;
-    let store = SqliteStore::open(&sc.db).await.unwrap();
-    let pool = store.pool();
     assert_eq!(store.integrity_check().await.unwrap(), "ok");
 
     // 1. custom_ids in more than one created batch (or answered online more than once).
@@ -214,22 +219,22 @@ pub async fn judge(sc: &Scenario) -> Verdict {
     }
 
     // 2. items not final, and valid records without a result in the last run.
-    let lost: i64 = sqlx::query_scalar(
+    let (lost,): (i64,) = one(
+        store,
         "SELECT COUNT(*) FROM items WHERE state NOT IN ('succeeded', 'exhausted')",
     )
-    .fetch_one(pool)
-    .await
-    .unwrap();
-    let last: String =
-        sqlx::query_scalar("SELECT id FROM runs ORDER BY started_at DESC, rowid DESC LIMIT 1")
-            .fetch_one(pool)
-            .await
-            .unwrap();
-    let recorded: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM records WHERE run_id = $1")
-        .bind(&last)
-        .fetch_one(pool)
-        .await
-        .unwrap();
+    .await;
+    let (last,): (String,) = one(
+        store,
+        "SELECT id FROM runs ORDER BY started_at DESC, id DESC LIMIT 1",
+    )
+    .await;
+    // A run id is a UUID we generated: safe to inline.
+    let (recorded,): (i64,) = one(
+        store,
+        &format!("SELECT COUNT(*) FROM records WHERE run_id = '{last}'"),
+    )
+    .await;
     let missing_records = sc.valid_records.load(Ordering::SeqCst) as i64 - recorded;
     let out = std::fs::read_to_string(sc.dir.path().join("out/results.jsonl")).unwrap();
     let pending_lines = out
@@ -238,15 +243,14 @@ pub async fn judge(sc: &Scenario) -> Verdict {
         .count();
 
     // 3. ledger vs bill, per custom_id, in tokens and pico-dollars.
-    let rows = sqlx::query(
+    let rows: Vec<(String, i64, i64, i64, i64, i64)> = all(
+        store,
         "SELECT custom_id, input_tokens, cached_input_tokens, output_tokens, reasoning_tokens, cost_pico FROM ledger",
     )
-    .fetch_all(pool)
-    .await
-    .unwrap();
+    .await;
     let mut ours: HashMap<String, [i64; 5]> = HashMap::new();
-    for r in &rows {
-        let prev = ours.insert(r.get(0), [r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)]);
+    for r in rows {
+        let prev = ours.insert(r.0, [r.1, r.2, r.3, r.4, r.5]);
         assert!(prev.is_none(), "two ledger rows for one custom_id");
     }
     let mut delta_tokens = 0u64;
@@ -276,13 +280,13 @@ pub async fn judge(sc: &Scenario) -> Verdict {
     }
 
     // 4. every batch the simulator created is one of ours, under the id we stored.
-    let ours_batches: HashSet<String> = sqlx::query_scalar(
+    let ours_batches: HashSet<String> = all::<(String,)>(
+        store,
         "SELECT provider_batch_id FROM batches WHERE provider_batch_id IS NOT NULL",
     )
-    .fetch_all(pool)
     .await
-    .unwrap()
     .into_iter()
+    .map(|(id,)| id)
     .collect();
     let orphan_batches = rec["batches"]
         .as_array()
@@ -292,19 +296,20 @@ pub async fn judge(sc: &Scenario) -> Verdict {
         .count() as u64;
 
     // 5. the attempt cap held, and uploaded files are the bytes we planned.
-    let max_attempt: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(attempt_no), 0) FROM attempts")
-        .fetch_one(pool)
-        .await
-        .unwrap();
+    let (max_attempt,): (i64,) = one(
+        store,
+        "SELECT CAST(COALESCE(MAX(attempt_no), 0) AS BIGINT) FROM attempts",
+    )
+    .await;
     assert!(
         max_attempt <= MAX_ATTEMPTS as i64,
         "attempt {max_attempt} over the cap"
     );
-    let files: Vec<(String, Option<String>)> =
-        sqlx::query_as("SELECT id, file_sha256 FROM batches WHERE input_file_id IS NOT NULL")
-            .fetch_all(pool)
-            .await
-            .unwrap();
+    let files: Vec<(String, Option<String>)> = all(
+        store,
+        "SELECT id, file_sha256 FROM batches WHERE input_file_id IS NOT NULL",
+    )
+    .await;
     for (id, sha) in files {
         let name = format!("{id}.jsonl");
         let uploads: Vec<&Value> = rec["uploads"]
@@ -322,7 +327,6 @@ pub async fn judge(sc: &Scenario) -> Verdict {
             );
         }
     }
-    store.close().await;
     Verdict {
         duplicate_submissions,
         lost: lost as u64 + missing_records.max(0) as u64 + pending_lines as u64,

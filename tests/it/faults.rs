@@ -87,7 +87,9 @@ async fn sigterm_stops_cleanly_and_a_rerun_completes() {
         sent.elapsed()
     );
     assert_eq!(status.code(), Some(75));
-    let store = nightshift::store::SqliteStore::open(&sc.db).await.unwrap();
+    let store = nightshift::store::SqlStore::open_sqlite(&sc.db)
+        .await
+        .unwrap();
     let run = store.last_run(None).await.unwrap().unwrap();
     assert_eq!(run.status, "interrupted");
     store.close().await;
@@ -178,7 +180,9 @@ async fn detach_then_run_collects_and_status_shows_what_is_in_flight() {
     sc.run_until_done().await;
     assert_eq!(judge(&sc).await, Verdict::default());
     // The detached run carries the cost of what it sent.
-    let store = nightshift::store::SqliteStore::open(&sc.db).await.unwrap();
+    let store = nightshift::store::SqlStore::open_sqlite(&sc.db)
+        .await
+        .unwrap();
     let f = store.run_figures(&run_id).await.unwrap();
     assert!(
         f.attempts >= f.unique_items && f.ledger.cost.pico() > 0,
@@ -233,7 +237,9 @@ async fn cancel_stops_in_flight_batches_and_records_what_was_billed() {
         "some requests ran before the cancel"
     );
     // What was billed is in the ledger already.
-    let store = nightshift::store::SqliteStore::open(&sc.db).await.unwrap();
+    let store = nightshift::store::SqlStore::open_sqlite(&sc.db)
+        .await
+        .unwrap();
     assert!(store.open_batches(None).await.unwrap().is_empty());
     store.close().await;
     sc.run_until_done().await;
@@ -257,10 +263,12 @@ async fn odd_result_files_are_anomalies_not_charges() {
     .await;
     sc.run_until_done().await;
     assert_eq!(judge(&sc).await, Verdict::default());
-    let store = nightshift::store::SqliteStore::open(&sc.db).await.unwrap();
+    let store = nightshift::store::SqlStore::open_sqlite(&sc.db)
+        .await
+        .unwrap();
     let kinds: Vec<(String, i64)> =
         sqlx::query_as("SELECT kind, COUNT(*) FROM anomalies GROUP BY kind ORDER BY kind")
-            .fetch_all(store.pool())
+            .fetch_all(store.sqlite_pool().unwrap())
             .await
             .unwrap();
     let get = |k: &str| kinds.iter().find(|(n, _)| n == k).map(|x| x.1).unwrap_or(0);
@@ -268,7 +276,7 @@ async fn odd_result_files_are_anomalies_not_charges() {
     assert!(get("unknown_custom_id") >= 2, "{kinds:?}");
     let missing: i64 =
         sqlx::query_scalar("SELECT COUNT(*) FROM attempts WHERE verdict = 'missing'")
-            .fetch_one(store.pool())
+            .fetch_one(store.sqlite_pool().unwrap())
             .await
             .unwrap();
     assert!(missing > 0, "missing lines became failed attempts");
@@ -291,9 +299,11 @@ async fn lost_create_responses_are_adopted_not_resent() {
     sc.run_until_done().await;
     assert_eq!(judge(&sc).await, Verdict::default());
     let rec = record(&sc.sim).await;
-    let store = nightshift::store::SqliteStore::open(&sc.db).await.unwrap();
+    let store = nightshift::store::SqlStore::open_sqlite(&sc.db)
+        .await
+        .unwrap();
     let ours: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM batches")
-        .fetch_one(store.pool())
+        .fetch_one(store.sqlite_pool().unwrap())
         .await
         .unwrap();
     assert_eq!(rec["batches"].as_array().unwrap().len() as i64, ours);

@@ -10,3 +10,4 @@ mod pipeline;
 mod providers;
 mod sim;
 mod store;
+mod workers;

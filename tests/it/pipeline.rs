@@ -118,7 +118,7 @@ async fn two_thousand_records_with_faults_end_exactly_billed() {
 
     // 5. Ledger = bill, per custom_id and in total, tokens and cost.
     let ledger = sqlx::query("SELECT custom_id, input_tokens, cached_input_tokens, output_tokens, reasoning_tokens, cost_pico FROM ledger")
-        .fetch_all(store.pool())
+        .fetch_all(store.sqlite_pool().unwrap())
         .await
         .unwrap();
     let mut ours: HashMap<String, (i64, i64, i64, i64, i64)> = HashMap::new();

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use nightshift::sim::SimSettings;
-use nightshift::store::SqliteStore;
+use nightshift::store::SqlStore;
 use serde_json::Value;
 
 use crate::common::*;
@@ -38,11 +38,11 @@ async fn end_to_end(provider: Provider, expect_mode: &str) -> Scenario {
         .unwrap();
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["pricing_mode"], expect_mode, "{provider:?}");
-    let store = SqliteStore::open(&sc.db).await.unwrap();
+    let store = SqlStore::open_sqlite(&sc.db).await.unwrap();
     let unfinished: i64 = sqlx::query_scalar(
         "SELECT COUNT(*) FROM items WHERE state NOT IN ('succeeded', 'exhausted')",
     )
-    .fetch_one(store.pool())
+    .fetch_one(store.sqlite_pool().unwrap())
     .await
     .unwrap();
     assert_eq!(unfinished, 0);
@@ -53,10 +53,10 @@ async fn end_to_end(provider: Provider, expect_mode: &str) -> Scenario {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anthropic_batches_end_exactly_billed_with_cache_tokens() {
     let sc = end_to_end(Provider::Anthropic, "batch").await;
-    let store = SqliteStore::open(&sc.db).await.unwrap();
+    let store = SqlStore::open_sqlite(&sc.db).await.unwrap();
     let (read, write): (i64, i64) =
         sqlx::query_as("SELECT SUM(cached_input_tokens), SUM(cache_write_tokens) FROM ledger")
-            .fetch_one(store.pool())
+            .fetch_one(store.sqlite_pool().unwrap())
             .await
             .unwrap();
     assert!(read > 0 && write > 0, "cache reads {read}, writes {write}");
@@ -153,11 +153,11 @@ async fn anthropic_recovers_from_crashes_without_batch_metadata() {
             sc.run_until_done().await;
             let v = judge(&sc).await;
             assert_eq!(v, Verdict::default(), "create.after_send={hit}");
-            let store = SqliteStore::open(&sc.db).await.unwrap();
+            let store = SqlStore::open_sqlite(&sc.db).await.unwrap();
             let adopted: i64 = sqlx::query_scalar(
                 "SELECT COUNT(*) FROM batches WHERE provider_batch_id IS NOT NULL",
             )
-            .fetch_one(store.pool())
+            .fetch_one(store.sqlite_pool().unwrap())
             .await
             .unwrap();
             let rec = record(&sc.sim).await;

@@ -1,23 +1,73 @@
-//! Store contract tests on SQLite: applying results is idempotent, item states move only
-//! from `in_flight`, and planning takes what is plannable exactly once.
+//! The store contract, on SQLite and on PostgreSQL: every test below runs once per engine
+//! (`store::sqlite::…`, `store::postgres::…`). Applying results is idempotent, item states
+//! move only from `in_flight`, planning takes each plannable item exactly once (also when
+//! planners race), leases fence out a worker that lost its batch, money sums exactly.
 
-use nightshift::cost::{PricingMode, Usage, Usd};
+use std::collections::HashSet;
+
+use nightshift::cost::{PricingMode, TokenPrice, Usage, Usd};
 use nightshift::dedupe::{PreparedRecord, RequestShape};
 use nightshift::store::{
-    AttemptOutcome, IngestTarget, NewRun, PlanOutcome, PlanRequest, SqliteStore, Store,
+    AttemptOutcome, BatchRow, BatchUpdate, BudgetCheck, Claim, Engine, IngestTarget, NewRun,
+    PlanOutcome, PlanRequest, ProviderBill, RunStatus, SqlStore, Store, StoreError, WorkerInfo,
+    now_ms,
 };
 
-fn planned(o: PlanOutcome) -> Option<nightshift::store::BatchRow> {
+use crate::common::TestDb;
+
+/// Declares each contract test twice: on a SQLite file, and in a PostgreSQL schema of its
+/// own (ignored, with the reason, when `NIGHTSHIFT_TEST_PG_URL` is not set).
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let db = crate::common::TestDb::sqlite().await;
+                    super::$name(&db).await;
+                    db.finish().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[cfg_attr(
+                    not(pg_tests),
+                    ignore = "NIGHTSHIFT_TEST_PG_URL is not set: PostgreSQL tests skipped (CI sets it)"
+                )]
+                async fn $name() {
+                    let db = crate::common::TestDb::postgres(stringify!($name)).await;
+                    super::$name(&db).await;
+                    db.finish().await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    applying_the_same_results_twice_changes_nothing,
+    an_oversized_request_is_exhausted_not_sent,
+    ingest_dedupes_within_and_across_runs,
+    racing_planners_take_every_item_exactly_once,
+    a_budget_reserves_worst_cases_and_refuses_what_does_not_fit,
+    a_lost_lease_fences_every_write,
+    leases_run_out_and_are_released,
+    reports_sum_money_exactly,
+    stale_runs_are_marked_interrupted,
+);
+
+fn planned(o: PlanOutcome) -> Option<BatchRow> {
     match o {
         PlanOutcome::Planned(b) => Some(*b),
         _ => None,
     }
 }
 
-async fn seeded(n: usize) -> (SqliteStore, String) {
-    let s = SqliteStore::open_in_memory().await.unwrap();
-    s.create_run(&NewRun {
-        id: "run1".into(),
+fn new_run(id: &str) -> NewRun {
+    NewRun {
+        id: id.into(),
         pipeline: "p".into(),
         stage: "main".into(),
         pipeline_file: "p.toml".into(),
@@ -31,16 +81,16 @@ async fn seeded(n: usize) -> (SqliteStore, String) {
         pid: 1,
         budget: None,
         max_item: None,
-    })
-    .await
-    .unwrap();
-    let shape = RequestShape::new("{\"m\":".into(), "}".into());
-    let shape_id = s.ensure_shape(&shape).await.unwrap();
-    let recs: Vec<PreparedRecord> = (0..n)
+        worker_id: Some("w-run".into()),
+    }
+}
+
+fn records(shape: &RequestShape, n: usize, distinct: usize, tokens: u64) -> Vec<PreparedRecord> {
+    (0..n)
         .map(|i| {
-            let user = format!("\"u{}\"", i % (n - 1).max(1));
+            let user = format!("\"u{}\"", i % distinct);
             PreparedRecord {
-                input_tokens: 10,
+                input_tokens: tokens,
                 line: i as u64 + 1,
                 record_id: format!("r{i}"),
                 key: shape.key(&user),
@@ -48,30 +98,38 @@ async fn seeded(n: usize) -> (SqliteStore, String) {
                 user_json: user,
             }
         })
-        .collect();
-    let st = s
-        .ingest(
-            &IngestTarget {
-                run_id: "run1",
-                pipeline: "p",
-                stage: "main",
-                shape_id,
-                source: "in.jsonl",
-            },
-            &recs,
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        st.new_items as usize,
-        (n - 1).max(1),
-        "one duplicate shares an item"
-    );
-    (s, "run1".into())
+        .collect()
 }
 
-fn plan(run: &str) -> PlanRequest<'_> {
+async fn ingest(s: &SqlStore, run: &str, recs: &[PreparedRecord]) -> u64 {
+    let shape = RequestShape::new("{\"m\":".into(), "}".into());
+    let shape_id = s.ensure_shape(&shape).await.unwrap();
+    s.ingest(
+        &IngestTarget {
+            run_id: run,
+            pipeline: "p",
+            stage: "main",
+            shape_id,
+            source: "in.jsonl",
+        },
+        recs,
+        &[],
+    )
+    .await
+    .unwrap()
+    .new_items
+}
+
+/// A store with run `run1` and `n` records over `n - 1` distinct requests.
+async fn seeded(s: &SqlStore, n: usize) -> String {
+    s.create_run(&new_run("run1")).await.unwrap();
+    let shape = RequestShape::new("{\"m\":".into(), "}".into());
+    let new = ingest(s, "run1", &records(&shape, n, (n - 1).max(1), 10)).await;
+    assert_eq!(new as usize, (n - 1).max(1), "one duplicate shares an item");
+    "run1".into()
+}
+
+fn plan<'a>(run: &'a str, owner: &'a str) -> PlanRequest<'a> {
     PlanRequest {
         run_id: run,
         pipeline: "p",
@@ -84,20 +142,16 @@ fn plan(run: &str) -> PlanRequest<'_> {
         line_overhead: 144,
         budget: None,
         mode: "batch",
+        owner,
+        lease_ms: 60_000,
     }
 }
 
-#[tokio::test]
-async fn applying_the_same_results_twice_changes_nothing() {
-    let (s, run) = seeded(11).await;
-    let b = planned(s.plan_batch(&plan(&run)).await.unwrap()).unwrap();
-    assert_eq!(b.request_count, 10);
-    assert!(
-        planned(s.plan_batch(&plan(&run)).await.unwrap()).is_none(),
-        "nothing left to plan"
-    );
-    let attempts = s.batch_attempts(&b.id).await.unwrap();
-    let outcomes: Vec<AttemptOutcome> = attempts
+fn outcomes_for(
+    attempts: &[nightshift::store::AttemptRef],
+    ok: impl Fn(usize) -> bool,
+) -> Vec<AttemptOutcome> {
+    attempts
         .iter()
         .enumerate()
         .map(|(i, a)| AttemptOutcome {
@@ -105,8 +159,8 @@ async fn applying_the_same_results_twice_changes_nothing() {
             item_id: a.item_id,
             attempt_no: a.attempt_no,
             custom_id: a.custom_id.clone(),
-            succeeded: i % 2 == 0,
-            verdict: if i % 2 == 0 {
+            succeeded: ok(i),
+            verdict: if ok(i) {
                 "ok".into()
             } else {
                 "invalid_json".into()
@@ -114,7 +168,7 @@ async fn applying_the_same_results_twice_changes_nothing() {
             error: None,
             finish_reason: Some("stop".into()),
             model: Some("m".into()),
-            result: (i % 2 == 0).then(|| "{}".to_string()),
+            result: ok(i).then(|| "{}".to_string()),
             usage: Usage {
                 input_tokens: 10,
                 output_tokens: 5,
@@ -123,7 +177,20 @@ async fn applying_the_same_results_twice_changes_nothing() {
             cost: Usd::from_pico(1_000 + i as i128),
             standard_cost: Usd::from_pico(2_000),
         })
-        .collect();
+        .collect()
+}
+
+async fn applying_the_same_results_twice_changes_nothing(db: &TestDb) {
+    let s = &db.store;
+    let run = seeded(s, 11).await;
+    let b = planned(s.plan_batch(&plan(&run, "w1")).await.unwrap()).unwrap();
+    assert_eq!(b.request_count, 10);
+    assert!(
+        planned(s.plan_batch(&plan(&run, "w1")).await.unwrap()).is_none(),
+        "nothing left to plan"
+    );
+    let attempts = s.batch_attempts(&b.id).await.unwrap();
+    let outcomes = outcomes_for(&attempts, |i| i % 2 == 0);
     let first = s.apply_results(&b, &outcomes, 2).await.unwrap();
     assert_eq!((first.applied, first.succeeded, first.failed), (10, 5, 5));
     let second = s.apply_results(&b, &outcomes, 2).await.unwrap();
@@ -137,10 +204,15 @@ async fn applying_the_same_results_twice_changes_nothing() {
     assert_eq!(t.cost.pico(), (0..10).map(|i| 1_000 + i).sum::<i128>());
 
     // The failed half is planned again, as attempt 2, in a batch of its own.
-    let s_ = s.clone();
-    let rest = s_.finish_ingest(&b.id, "missing", "x", 2).await.unwrap();
+    let ended = BatchUpdate {
+        state: Some("ended"),
+        ..Default::default()
+    };
+    assert!(s.update_batch(&b, "planned", &ended).await.unwrap());
+    let rest = s.finish_ingest(&b, "missing", "x", 2).await.unwrap();
     assert_eq!(rest.applied, 0, "every attempt had a result");
-    let b2 = planned(s.plan_batch(&plan(&run)).await.unwrap()).unwrap();
+    assert_eq!(s.batch(&b.id).await.unwrap().unwrap().state, "ingested");
+    let b2 = planned(s.plan_batch(&plan(&run, "w1")).await.unwrap()).unwrap();
     assert_eq!(b2.request_count, 5);
     let a2 = s.batch_attempts(&b2.id).await.unwrap();
     assert!(
@@ -148,26 +220,347 @@ async fn applying_the_same_results_twice_changes_nothing() {
             .all(|a| a.attempt_no == 2 && a.custom_id.ends_with("-2"))
     );
     // Nothing came back for them: they fail, and at the cap they are exhausted.
-    let rest = s
-        .finish_ingest(&b2.id, "missing", "no line", 2)
-        .await
-        .unwrap();
+    let rest = s.finish_ingest(&b2, "missing", "no line", 2).await.unwrap();
     assert_eq!((rest.applied, rest.exhausted), (5, 5));
-    assert!(planned(s.plan_batch(&plan(&run)).await.unwrap()).is_none());
+    assert!(planned(s.plan_batch(&plan(&run, "w1")).await.unwrap()).is_none());
     let f = s.run_figures(&run).await.unwrap();
     assert_eq!(
         (f.succeeded, f.exhausted, f.records_valid, f.unique_items),
         (5, 5, 11, 10)
     );
     assert_eq!(f.attempts, 15);
+    // Raising the cap gives the exhausted items another chance.
+    assert_eq!(s.revive_exhausted("p", "main", 3).await.unwrap(), 5);
+    assert_eq!(s.plannable_retries("p", "main").await.unwrap(), 5);
 }
 
-#[tokio::test]
-async fn an_oversized_request_is_exhausted_not_sent() {
-    let (s, run) = seeded(3).await;
-    let mut req = plan(&run);
+async fn an_oversized_request_is_exhausted_not_sent(db: &TestDb) {
+    let s = &db.store;
+    let run = seeded(s, 3).await;
+    let mut req = plan(&run, "w1");
     req.max_bytes = 100; // smaller than any line
     assert!(planned(s.plan_batch(&req).await.unwrap()).is_none());
     let f = s.run_figures(&run).await.unwrap();
     assert_eq!(f.exhausted, f.unique_items);
+}
+
+async fn ingest_dedupes_within_and_across_runs(db: &TestDb) {
+    let s = &db.store;
+    s.create_run(&new_run("a")).await.unwrap();
+    s.create_run(&new_run("b")).await.unwrap();
+    let shape = RequestShape::new("{\"m\":".into(), "}".into());
+    // 1,000 records over 700 distinct requests: several statements per chunk.
+    let recs = records(&shape, 1000, 700, 7);
+    assert_eq!(ingest(s, "a", &recs).await, 700);
+    // The same records in a later run add records, not items.
+    assert_eq!(ingest(s, "b", &recs).await, 0);
+    let fa = s.run_figures("a").await.unwrap();
+    let fb = s.run_figures("b").await.unwrap();
+    assert_eq!((fa.records_valid, fa.unique_items), (1000, 700));
+    assert_eq!((fb.records_valid, fb.unique_items), (1000, 700));
+    assert_eq!(s.plannable_count("p", "main").await.unwrap(), 700);
+    let tokens = s.plannable_tokens("p", "main").await.unwrap();
+    assert_eq!(tokens.len(), 700);
+    assert!(tokens.iter().all(|&t| t == 7));
+    let keys: Vec<[u8; 32]> = recs[..3].iter().map(|r| r.key).collect();
+    assert!(
+        s.succeeded_among("p", "main", &keys)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let page = s.run_records("b", 0, 10).await.unwrap();
+    assert_eq!(page.len(), 10);
+    assert_eq!(page[0].record_id, "r0");
+    assert!(page.iter().all(|r| r.state == "pending"));
+}
+
+async fn racing_planners_take_every_item_exactly_once(db: &TestDb) {
+    let s = &db.store;
+    s.create_run(&new_run("run1")).await.unwrap();
+    let shape = RequestShape::new("{\"m\":".into(), "}".into());
+    ingest(s, "run1", &records(&shape, 2000, 2000, 3)).await;
+    // Four planners at once, 50 requests per batch.
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let owner = format!("w{w}");
+            let mut mine = Vec::new();
+            let mut idle = 0;
+            while idle < 3 {
+                let mut req = plan("run1", &owner);
+                req.max_requests = 50;
+                match planned(s.plan_batch(&req).await.unwrap()) {
+                    Some(b) => {
+                        idle = 0;
+                        assert_eq!(b.lease_owner.as_deref(), Some(owner.as_str()));
+                        mine.push(b.id);
+                    }
+                    None => {
+                        idle += 1;
+                        tokio::task::yield_now().await;
+                    }
+                }
+            }
+            mine
+        }));
+    }
+    let mut items = HashSet::new();
+    let mut attempts = 0;
+    for t in tasks {
+        for b in t.await.unwrap() {
+            for a in s.batch_attempts(&b).await.unwrap() {
+                attempts += 1;
+                assert!(items.insert(a.item_id), "item {} planned twice", a.item_id);
+                assert_eq!(a.attempt_no, 1);
+            }
+        }
+    }
+    assert_eq!((items.len(), attempts), (2000, 2000));
+    assert_eq!(s.plannable_count("p", "main").await.unwrap(), 0);
+}
+
+async fn a_budget_reserves_worst_cases_and_refuses_what_does_not_fit(db: &TestDb) {
+    let s = &db.store;
+    let run = seeded(s, 11).await; // 10 items of 10 input tokens
+    // $1 per token in, $1 per token out, 5 output tokens at most: 15 dollars per item.
+    let budget = |available: Usd| BudgetCheck {
+        available,
+        input_price: TokenPrice::per_token("1").unwrap(),
+        output_price: TokenPrice::per_token("1").unwrap(),
+        max_output_tokens: 5,
+        max_item_input_tokens: None,
+    };
+    let dollars = |d: i128| Usd::from_pico(d * 1_000_000_000_000);
+    let mut req = plan(&run, "w1");
+    req.budget = Some(budget(dollars(50)));
+    let b = planned(s.plan_batch(&req).await.unwrap()).unwrap();
+    assert_eq!(b.request_count, 3, "three worst cases fit in $50");
+    assert_eq!(b.reserved_pico as i128, dollars(45).pico());
+    assert_eq!(s.run_commitment(&run).await.unwrap(), dollars(45));
+    req.budget = Some(budget(dollars(50) - s.run_commitment(&run).await.unwrap()));
+    match s.plan_batch(&req).await.unwrap() {
+        PlanOutcome::OverBudget { next_worst_case } => assert_eq!(next_worst_case, dollars(15)),
+        other => panic!("expected over budget, got {other:?}"),
+    }
+    // A per-item cap below every item's size refuses them all.
+    req.budget = Some(BudgetCheck {
+        max_item_input_tokens: Some(9),
+        ..budget(dollars(1_000))
+    });
+    assert!(matches!(
+        s.plan_batch(&req).await.unwrap(),
+        PlanOutcome::Nothing
+    ));
+    assert_eq!(s.plannable_over("p", "main", 9).await.unwrap(), 7);
+}
+
+async fn a_lost_lease_fences_every_write(db: &TestDb) {
+    let s = &db.store;
+    let run = seeded(s, 5).await;
+    let b = planned(s.plan_batch(&plan(&run, "w1")).await.unwrap()).unwrap();
+    assert_eq!((b.lease_owner.as_deref(), b.lease_token), (Some("w1"), 1));
+    // w1 renews its own claim without a new token.
+    let mine = s.claim_batches(&claim("w1", false, 60_000)).await.unwrap();
+    assert_eq!(mine.len(), 1);
+    assert_eq!(mine[0].lease_token, 1);
+    // w2 asks while w1's lease runs: PostgreSQL says no; SQLite (one process per store,
+    // under its run lock) hands it over. Forcing (`cancel`) takes it on both.
+    let w2 = s.claim_batches(&claim("w2", false, 60_000)).await.unwrap();
+    match s.engine() {
+        Engine::Postgres => assert!(w2.is_empty(), "a live lease is honoured"),
+        Engine::Sqlite => assert_eq!(w2.len(), 1),
+    }
+    let taken = s.claim_batches(&claim("w3", true, 60_000)).await.unwrap();
+    assert_eq!(taken.len(), 1);
+    assert!(taken[0].lease_token > 1);
+    assert_eq!(taken[0].lease_owner.as_deref(), Some("w3"));
+
+    // Every write w1 still tries is refused, and changes nothing.
+    let built = BatchUpdate {
+        state: Some("built"),
+        ..Default::default()
+    };
+    assert!(matches!(
+        s.update_batch(&b, "planned", &built).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    let attempts = s.batch_attempts(&b.id).await.unwrap();
+    let outcomes = outcomes_for(&attempts, |_| true);
+    assert!(matches!(
+        s.apply_results(&b, &outcomes, 2).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    assert!(matches!(
+        s.finish_ingest(&b, "missing", "x", 2).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    assert!(matches!(
+        s.mark_dispatched(&b, &[attempts[0].id]).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    assert_eq!(s.ledger_totals_for_batch(&b.id).await.unwrap().rows, 0);
+    assert_eq!(s.batch(&b.id).await.unwrap().unwrap().state, "planned");
+    // The holder's writes go through; a state that moved on is a plain `false`.
+    let holder = &taken[0];
+    assert!(s.update_batch(holder, "planned", &built).await.unwrap());
+    assert!(!s.update_batch(holder, "planned", &built).await.unwrap());
+    let applied = s.apply_results(holder, &outcomes, 2).await.unwrap();
+    assert_eq!(applied.succeeded, 4);
+}
+
+fn claim(owner: &str, force: bool, lease_ms: i64) -> Claim<'_> {
+    Claim {
+        pipeline: Some("p"),
+        batch_id: None,
+        owner,
+        lease_ms,
+        force,
+    }
+}
+
+async fn leases_run_out_and_are_released(db: &TestDb) {
+    let s = &db.store;
+    let run = seeded(s, 5).await;
+    let w1 = WorkerInfo {
+        id: "w1".into(),
+        host: "host-a".into(),
+        pid: 11,
+        role: "worker",
+        pipelines: "p".into(),
+    };
+    s.heartbeat(&w1, 60_000).await.unwrap();
+    let mut req = plan(&run, "w1");
+    req.lease_ms = 1; // runs out at once
+    let b = planned(s.plan_batch(&req).await.unwrap()).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    // A heartbeat renews it again.
+    assert_eq!(s.heartbeat(&w1, 60_000).await.unwrap(), 1);
+    let ws = s.workers(0).await.unwrap();
+    assert_eq!(ws.len(), 1);
+    assert_eq!(
+        (ws[0].host.as_str(), ws[0].pid, ws[0].held),
+        ("host-a", 11, 1)
+    );
+    // w1 dies: its heartbeat stops and its lease runs out; w2 adopts the batch.
+    s.claim_batches(&claim("w1", false, 1)).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let adopted = s.claim_batches(&claim("w2", false, 60_000)).await.unwrap();
+    assert_eq!(adopted.len(), 1);
+    assert_eq!(adopted[0].id, b.id);
+    assert_eq!(adopted[0].lease_token, b.lease_token + 1);
+    // A clean stop hands leases back at once.
+    assert_eq!(s.release_leases("w2", true).await.unwrap(), 1);
+    let free = s.claim_batches(&claim("w3", false, 60_000)).await.unwrap();
+    assert_eq!(free.len(), 1);
+    assert_eq!(free[0].lease_owner.as_deref(), Some("w3"));
+}
+
+async fn reports_sum_money_exactly(db: &TestDb) {
+    let s = &db.store;
+    let run = seeded(s, 11).await;
+    let b = planned(s.plan_batch(&plan(&run, "w1")).await.unwrap()).unwrap();
+    let attempts = s.batch_attempts(&b.id).await.unwrap();
+    let mut outcomes = outcomes_for(&attempts, |_| true);
+    // Amounts near the top of the ledger's range still add up exactly.
+    for (i, o) in outcomes.iter_mut().enumerate() {
+        o.cost = Usd::from_pico(123_456_789_012_345 + i as i128);
+        o.usage.cached_input_tokens = 3;
+        o.usage.reasoning_tokens = 2;
+    }
+    s.apply_results(&b, &outcomes, 2).await.unwrap();
+    let f = s.run_figures(&run).await.unwrap();
+    assert_eq!(f.ledger.rows, 10);
+    assert_eq!(
+        f.ledger.cost.pico(),
+        (0..10).map(|i| 123_456_789_012_345 + i).sum::<i128>()
+    );
+    assert_eq!(f.ledger.standard_cost.pico(), 20_000);
+    assert_eq!(
+        (
+            f.ledger.usage.cached_input_tokens,
+            f.ledger.usage.reasoning_tokens
+        ),
+        (30, 20)
+    );
+    assert_eq!((f.answered, f.succeeded, f.processed_records), (10, 10, 11));
+    assert_eq!(f.models, vec!["m".to_string()]);
+    let h = s.history("p", "main").await.unwrap();
+    assert_eq!((h.answered, h.output_tokens, h.attempts), (10, 50, 10));
+    let audit = s.audit(&run).await.unwrap();
+    assert_eq!(audit.len(), 10);
+    assert!(
+        audit.iter().any(|r| r.record_ids.contains(',')),
+        "the shared item lists both records"
+    );
+    // The provider's own bill, recorded twice, is kept once (the latest).
+    let mut bill = ProviderBill {
+        provider_batch_id: "batch_x".into(),
+        requests: 10,
+        usage: f.ledger.usage,
+        cost: f.ledger.cost,
+        source: "simulator".into(),
+    };
+    s.record_provider_bill(&bill).await.unwrap();
+    bill.requests = 11;
+    s.record_provider_bill(&bill).await.unwrap();
+    assert_eq!(s.provider_bill("batch_x").await.unwrap(), Some(bill));
+    s.record_anomaly(
+        Some(&run),
+        Some(&b.id),
+        "duplicate_line",
+        Some("c1"),
+        "twice",
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.anomaly_count(&run).await.unwrap(), 1);
+    assert_eq!(s.anomalies_of_kind("duplicate_line").await.unwrap(), 1);
+    let keys: Vec<[u8; 32]> = {
+        let shape = RequestShape::new("{\"m\":".into(), "}".into());
+        records(&shape, 2, 2, 10).iter().map(|r| r.key).collect()
+    };
+    assert_eq!(
+        s.succeeded_among("p", "main", &keys).await.unwrap().len(),
+        2
+    );
+}
+
+async fn stale_runs_are_marked_interrupted(db: &TestDb) {
+    let s = &db.store;
+    let live = WorkerInfo {
+        id: "w-live".into(),
+        host: "h".into(),
+        pid: 2,
+        role: "run",
+        pipelines: "p".into(),
+    };
+    s.heartbeat(&live, 60_000).await.unwrap();
+    // Run ids sort in creation order, as real (UUIDv7) ones do.
+    let mut a = new_run("run-a-dead");
+    a.worker_id = Some("w-gone".into());
+    s.create_run(&a).await.unwrap();
+    let mut b = new_run("run-b-alive");
+    b.worker_id = Some("w-live".into());
+    s.create_run(&b).await.unwrap();
+    let marked = s.mark_stale_runs(now_ms() - 60_000).await.unwrap();
+    let status = |id: &'static str| async move { s.run(id).await.unwrap().unwrap().status };
+    match s.engine() {
+        // Under the run lock nothing else can be running.
+        Engine::Sqlite => assert_eq!(marked, 2),
+        // Only the run whose process has no heartbeat.
+        Engine::Postgres => {
+            assert_eq!(marked, 1);
+            assert_eq!(status("run-b-alive").await, "running");
+        }
+    }
+    assert_eq!(status("run-a-dead").await, "interrupted");
+    s.finish_run("run-b-alive", RunStatus::Completed, 0, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.last_run(Some("p")).await.unwrap().unwrap().id,
+        "run-b-alive"
+    );
 }

@@ -1,0 +1,192 @@
+//! Several workers on one PostgreSQL store, judged from outside: four `nightshift worker`
+//! processes and the `nightshift run` that loads the source share the work against a
+//! simulator with every kind of fault, while one worker after another is killed with
+//! SIGKILL and restarted. Afterwards the simulator's record and the store must agree: no
+//! custom_id in two created batches, every item final, ledger = bill, no orphan batch.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use nightshift::store::Store;
+use tokio::process::{Child, Command};
+
+use crate::common::*;
+use crate::crash::{Provider, Scenario, Verdict, judge_store, scenario_for, stormy};
+
+const WORKERS: usize = 4;
+/// Short leases so a killed worker's batches are adopted within seconds.
+const LEASE_SECONDS: &str = "3";
+
+/// A scenario whose pipeline answers quickly enough for a 3-second lease.
+async fn shared_scenario(records: usize, per_batch: u32) -> Scenario {
+    let sc = scenario_for(Provider::OpenAi, records, per_batch, stormy()).await;
+    let text = std::fs::read_to_string(&sc.pipeline).unwrap().replace(
+        "reconcile_grace_seconds = 0\n",
+        "reconcile_grace_seconds = 0\nrequest_timeout_seconds = 1\n",
+    );
+    std::fs::write(&sc.pipeline, text).unwrap();
+    sc
+}
+
+fn command(sc: &Scenario, url: &str, log: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_nightshift"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(sc.dir.path().join(log))
+        .unwrap();
+    c.env("NS_CRASH_KEY", "sk-crash-test")
+        .env("NIGHTSHIFT_DB", url)
+        .env("NIGHTSHIFT_LEASE_SECONDS", LEASE_SECONDS)
+        .env("NIGHTSHIFT_LOG", "nightshift=warn")
+        .env_remove("RUST_LOG")
+        .env_remove("NIGHTSHIFT_FAILPOINTS")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true);
+    c
+}
+
+fn worker(sc: &Scenario, url: &str, i: usize) -> Child {
+    command(sc, url, &format!("worker-{i}.log"))
+        .arg("worker")
+        .arg(&sc.pipeline)
+        .spawn()
+        .unwrap()
+}
+
+fn runner(sc: &Scenario, url: &str) -> Child {
+    command(sc, url, "run.log")
+        .arg("run")
+        .arg(&sc.pipeline)
+        .arg("--no-progress")
+        .spawn()
+        .unwrap()
+}
+
+fn logs(sc: &Scenario) -> String {
+    let mut out = String::new();
+    for name in [
+        "run.log",
+        "worker-0.log",
+        "worker-1.log",
+        "worker-2.log",
+        "worker-3.log",
+    ] {
+        let text = std::fs::read_to_string(sc.dir.path().join(name)).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(15).collect();
+        out.push_str(&format!("--- {name}\n"));
+        for l in tail.into_iter().rev() {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn sigterm(c: &Child) {
+    if let Some(pid) = c.id() {
+        // SAFETY: sending a signal to a child we spawned and still own.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGTERM);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "NIGHTSHIFT_TEST_PG_URL is not set: PostgreSQL tests skipped (CI sets it)"
+)]
+async fn four_workers_killed_one_by_one_never_double_submit_or_lose_anything() {
+    let db = TestDb::postgres("four_workers").await;
+    // ~5,000 distinct items (5 % duplicates and 2 % malformed lines on top).
+    let sc = shared_scenario(5_400, 100).await;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("workers: seed {seed}");
+    let mut rng = seed | 1;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+
+    let mut workers: Vec<Child> = (0..WORKERS).map(|i| worker(&sc, &db.url, i)).collect();
+    let mut run = runner(&sc, &db.url);
+    let mut kills = 0u32;
+    let started = std::time::Instant::now();
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "the pipeline did not finish in 10 minutes\n{}",
+            logs(&sc)
+        );
+        let pause = Duration::from_millis(1_000 + next() % 2_000);
+        tokio::select! {
+            status = run.wait() => {
+                match status.unwrap().code() {
+                    Some(0) | Some(1) => break,
+                    // Provider unavailable for too long: run again, as cron would.
+                    Some(75) => run = runner(&sc, &db.url),
+                    other => panic!("the run ended with {other:?}\n{}", logs(&sc)),
+                }
+            }
+            _ = tokio::time::sleep(pause) => {
+                let i = (next() % WORKERS as u64) as usize;
+                workers[i].start_kill().unwrap();
+                let _ = workers[i].wait().await;
+                kills += 1;
+                workers[i] = worker(&sc, &db.url, i);
+            }
+        }
+    }
+    // A clean stop: every worker finishes its step, hands its leases back, exits 0. (A
+    // moment first, so a worker restarted just now is up.)
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for w in &workers {
+        sigterm(w);
+    }
+    for w in &mut workers {
+        let status = tokio::time::timeout(Duration::from_secs(60), w.wait())
+            .await
+            .expect("a worker did not stop within 60 s of SIGTERM")
+            .unwrap();
+        assert_eq!(status.code(), Some(0), "{}", logs(&sc));
+    }
+
+    let v = judge_store(&sc, &db.store).await;
+    let anomalies = db
+        .store
+        .anomalies_of_kind("duplicate_submission")
+        .await
+        .unwrap();
+    println!(
+        "workers={WORKERS} kills={kills} duplicate_submissions={} lost={} ledger_delta_usd={}",
+        v.duplicate_submissions,
+        v.lost,
+        v.ledger_delta_usd.to_decimal_string()
+    );
+    assert_eq!(
+        v,
+        Verdict::default(),
+        "duplicate_submissions, lost, ledger deltas and orphans must all be zero\n{}",
+        logs(&sc)
+    );
+    assert_eq!(anomalies, 0, "no duplicate submission was even attempted");
+    assert!(
+        kills >= 3,
+        "only {kills} kills: the test did not exercise adoption"
+    );
+    // Nothing is left held: the stopped workers released their leases.
+    let held: Vec<(i64,)> = all(
+        &db.store,
+        "SELECT COUNT(*) FROM batches WHERE state <> 'ingested'",
+    )
+    .await;
+    assert_eq!(held[0].0, 0);
+    db.finish().await;
+}
