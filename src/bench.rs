@@ -8,8 +8,9 @@
 //!
 //! With `--workers 1,2,4` and a PostgreSQL `--db`, it measures scale-out instead: for each
 //! count, a fresh schema, `nightshift run --ingest-only`, then that many `nightshift worker`
-//! processes until every item is final; it prints items/s and the CPU each process used
-//! (this machine may have fewer cores than workers: judge the scaling per core).
+//! processes until every item is final; it prints items/s, the CPU each worker used, the
+//! simulator's, and the whole machine's (the database's share is the rest). The machine may
+//! have fewer cores than workers: judge the scaling per core.
 
 use std::io::{BufRead, BufWriter, Write};
 use std::path::Path;
@@ -158,6 +159,26 @@ fn proc_cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / hz
 }
 
+/// CPU seconds the whole machine has spent busy (all cores: user, nice, system, irq,
+/// softirq, steal), from `/proc/stat` (Linux).
+fn machine_busy_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return 0.0;
+    };
+    let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0.0;
+    };
+    let f: Vec<f64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy: f64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum();
+    // SAFETY: sysconf has no preconditions.
+    busy / unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
+}
+
 /// Stops a child with SIGTERM and reaps it; returns (CPU seconds, peak RSS in MB, exit code).
 fn stop_and_measure(child: std::process::Child) -> (f64, f64, Option<i32>) {
     let pid = child.id() as libc::pid_t;
@@ -216,6 +237,7 @@ async fn run_workers(opts: &BenchOptions, dir: &Path, sim: ChildGuard, url: &str
         anyhow::ensure!(status.success(), "ingest failed: {status}");
         let ingest = t.elapsed().as_secs_f64();
         let sim_cpu_before = proc_cpu_seconds(sim_pid);
+        let machine_before = machine_busy_seconds();
         let t = Instant::now();
         let mut children = Vec::new();
         for _ in 0..n {
@@ -235,6 +257,7 @@ async fn run_workers(opts: &BenchOptions, dir: &Path, sim: ChildGuard, url: &str
         }
         let wall = t.elapsed().as_secs_f64();
         let sim_cpu = proc_cpu_seconds(sim_pid) - sim_cpu_before;
+        let machine = machine_busy_seconds() - machine_before;
         let measured: Vec<(f64, f64, Option<i32>)> = tokio::task::spawn_blocking(move || {
             children.into_iter().map(stop_and_measure).collect()
         })
@@ -247,7 +270,8 @@ async fn run_workers(opts: &BenchOptions, dir: &Path, sim: ChildGuard, url: &str
             .await?;
         println!(
             "workers={n} wall_seconds={wall:.2} items_per_s={:.0} worker_cpu_seconds=[{}] worker_cpu_total={total:.2} \
-             items_per_worker_cpu_s={:.0} worker_peak_rss_mb=[{}] simulator_cpu_seconds={sim_cpu:.2} ingest_seconds={ingest:.2} succeeded={}",
+             items_per_worker_cpu_s={:.0} worker_peak_rss_mb=[{}] simulator_cpu_seconds={sim_cpu:.2} \
+             machine_busy_cpu_seconds={machine:.2} ingest_seconds={ingest:.2} succeeded={}",
             opts.items as f64 / wall.max(1e-9),
             cpu.join(","),
             opts.items as f64 / total.max(1e-9),

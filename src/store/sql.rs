@@ -808,36 +808,51 @@ impl Store for SqlStore {
 
     async fn claim_batches(&self, claim: &Claim<'_>) -> Result<Vec<BatchRow>> {
         let now = now_ms();
-        // SQLite: one process per store (the run lock), so every open batch is ours to take.
-        // PostgreSQL: ours, unowned, or held under a lease that ran out (or all, by force).
-        let free = match (self.engine(), claim.force) {
-            (Engine::Sqlite, _) | (Engine::Postgres, true) => "$5 = $5",
+        let expires = now.saturating_add(claim.lease_ms);
+        // Batches to take (or to renew: ours, past half their lease). SQLite: one process
+        // per store (the run lock), so every open batch is ours to take. PostgreSQL: free,
+        // or held under a lease that ran out (or any, by force).
+        let take = match (self.engine(), claim.force) {
+            (Engine::Sqlite, _) | (Engine::Postgres, true) => {
+                "(lease_owner IS NULL OR lease_owner <> $3 OR lease_expires_at IS NULL OR lease_expires_at < $6)"
+            }
             (Engine::Postgres, false) => {
-                "(lease_owner = $3 OR lease_owner IS NULL OR lease_expires_at IS NULL OR lease_expires_at < $5)"
+                "(lease_owner IS NULL OR lease_expires_at IS NULL OR lease_expires_at < $5 \
+                  OR (lease_owner = $3 AND lease_expires_at < $6))"
             }
         };
-        let mut rows: Vec<BatchRow> = self
-            .db
-            .all(
+        let renew_before = now.saturating_add(claim.lease_ms / 2);
+        self.db
+            .execute(
                 q(format!(
                     "UPDATE batches SET \
                        lease_token = CASE WHEN lease_owner = $3 THEN lease_token ELSE lease_token + 1 END, \
                        lease_owner = $3, lease_expires_at = $4 \
                      WHERE id IN (SELECT id FROM batches WHERE state <> 'ingested' \
-                       AND ($1 IS NULL OR pipeline = $1) AND ($2 IS NULL OR id = $2) AND {free} \
-                       ORDER BY created_at, id{}) \
-                     RETURNING {BATCH_COLUMNS}",
+                       AND ($1 IS NULL OR pipeline = $1) AND ($2 IS NULL OR id = $2) AND {take} \
+                       ORDER BY created_at, id{})",
                     self.skip_locked()
                 ))
                 .bind(claim.pipeline)
                 .bind(claim.batch_id)
                 .bind(claim.owner)
-                .bind(now.saturating_add(claim.lease_ms))
-                .bind(now),
+                .bind(expires)
+                .bind(now)
+                .bind(renew_before),
             )
             .await?;
-        rows.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-        Ok(rows)
+        // Everything the owner now holds (a read: holding costs no write per pass).
+        self.db
+            .all(
+                q(format!(
+                    "SELECT {BATCH_COLUMNS} FROM batches WHERE state <> 'ingested' AND lease_owner = $3 \
+                     AND ($1 IS NULL OR pipeline = $1) AND ($2 IS NULL OR id = $2) ORDER BY created_at, id"
+                ))
+                .bind(claim.pipeline)
+                .bind(claim.batch_id)
+                .bind(claim.owner),
+            )
+            .await
     }
 
     async fn heartbeat(&self, worker: &WorkerInfo, lease_ms: i64) -> Result<u64> {

@@ -443,8 +443,9 @@ async fn leases_run_out_and_are_released(db: &TestDb) {
         (ws[0].host.as_str(), ws[0].pid, ws[0].held),
         ("host-a", 11, 1)
     );
-    // w1 dies: its heartbeat stops and its lease runs out; w2 adopts the batch.
-    s.claim_batches(&claim("w1", false, 1)).await.unwrap();
+    // w1's last heartbeat gives its lease a millisecond; then it dies and the lease runs
+    // out; w2 adopts the batch.
+    assert_eq!(s.heartbeat(&w1, 1).await.unwrap(), 1);
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     let adopted = s.claim_batches(&claim("w2", false, 60_000)).await.unwrap();
     assert_eq!(adopted.len(), 1);

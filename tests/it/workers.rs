@@ -7,6 +7,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
+use nightshift::sim::SimSettings;
 use nightshift::store::Store;
 use tokio::process::{Child, Command};
 
@@ -18,8 +19,8 @@ const WORKERS: usize = 4;
 const LEASE_SECONDS: &str = "3";
 
 /// A scenario whose pipeline answers quickly enough for a 3-second lease.
-async fn shared_scenario(records: usize, per_batch: u32) -> Scenario {
-    let sc = scenario_for(Provider::OpenAi, records, per_batch, stormy()).await;
+async fn shared_scenario(records: usize, per_batch: u32, weather: SimSettings) -> Scenario {
+    let sc = scenario_for(Provider::OpenAi, records, per_batch, weather).await;
     let text = std::fs::read_to_string(&sc.pipeline).unwrap().replace(
         "reconcile_grace_seconds = 0\n",
         "reconcile_grace_seconds = 0\nrequest_timeout_seconds = 1\n",
@@ -84,12 +85,29 @@ fn logs(sc: &Scenario) -> String {
     out
 }
 
-fn sigterm(c: &Child) {
+fn signal(c: &Child, sig: libc::c_int) {
     if let Some(pid) = c.id() {
         // SAFETY: sending a signal to a child we spawned and still own.
         unsafe {
-            libc::kill(pid as libc::pid_t, libc::SIGTERM);
+            libc::kill(pid as libc::pid_t, sig);
         }
+    }
+}
+
+fn sigterm(c: &Child) {
+    signal(c, libc::SIGTERM);
+}
+
+/// Waits (up to a minute) until a query's one count is zero.
+async fn until_zero(db: &TestDb, sql: &str) {
+    let t = std::time::Instant::now();
+    loop {
+        let (n,): (i64,) = one(&db.store, sql).await;
+        if n == 0 {
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "still {n}: {sql}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -101,7 +119,13 @@ fn sigterm(c: &Child) {
 async fn four_workers_killed_one_by_one_never_double_submit_or_lose_anything() {
     let db = TestDb::postgres("four_workers").await;
     // ~5,000 distinct items (5 % duplicates and 2 % malformed lines on top).
-    let sc = shared_scenario(5_400, 100).await;
+    // Batches that take a second at the provider: long enough for kills to land while
+    // workers hold work in every state.
+    let weather = SimSettings {
+        batch_seconds: 1.0,
+        ..stormy()
+    };
+    let sc = shared_scenario(5_400, 100, weather).await;
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -188,5 +212,155 @@ async fn four_workers_killed_one_by_one_never_double_submit_or_lose_anything() {
     )
     .await;
     assert_eq!(held[0].0, 0);
+    db.finish().await;
+}
+
+/// Whether a process is stopped (state `T` in /proc).
+fn stopped(c: &Child) -> bool {
+    let Some(pid) = c.id() else { return false };
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.starts_with('T')))
+        .unwrap_or(false)
+}
+
+/// A worker frozen past its lease (a long pause, a partition) between sending a create and
+/// recording it: another worker adopts the batch — finding the provider batch by its local
+/// id, not creating a second — and when the first wakes up its write is refused, it leaves
+/// the batch alone, and nothing is sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "NIGHTSHIFT_TEST_PG_URL is not set: PostgreSQL tests skipped (CI sets it)"
+)]
+async fn a_worker_paused_past_its_lease_is_fenced_out() {
+    if !cfg!(feature = "failpoints") {
+        eprintln!("skipped: build with `--features failpoints` to freeze a worker mid-create");
+        return;
+    }
+    let db = TestDb::postgres("paused_worker").await;
+    let weather = SimSettings {
+        batch_seconds: 0.5,
+        ..Default::default()
+    };
+    let sc = shared_scenario(600, 100, weather).await;
+    let mut first = command(&sc, &db.url, "worker-0.log")
+        .env("NIGHTSHIFT_FAILPOINTS", "create.after_send=1:stop")
+        .arg("worker")
+        .arg(&sc.pipeline)
+        .spawn()
+        .unwrap();
+    let out = command(&sc, &db.url, "run.log")
+        .arg("run")
+        .arg(&sc.pipeline)
+        .arg("--ingest-only")
+        .status()
+        .await
+        .unwrap();
+    assert_eq!(out.code(), Some(0), "{}", logs(&sc));
+    // The first worker freezes right after its first create reached the provider.
+    let t = std::time::Instant::now();
+    while !stopped(&first) {
+        assert!(t.elapsed() < Duration::from_secs(60), "{}", logs(&sc));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Its lease runs out; a second worker adopts every batch (new lease tokens).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut second = worker(&sc, &db.url, 1);
+    until_zero(
+        &db,
+        "SELECT COUNT(*) FROM batches WHERE state <> 'ingested' AND lease_token = 1",
+    )
+    .await;
+    until_zero(&db, "SELECT COUNT(*) FROM batches WHERE state IN ('planned', 'built', 'uploading', 'uploaded', 'creating')").await;
+    signal(&first, libc::SIGCONT);
+    let mut run = runner(&sc, &db.url);
+    let status = tokio::time::timeout(Duration::from_secs(120), run.wait())
+        .await
+        .expect("the run did not finish")
+        .unwrap();
+    assert!(matches!(status.code(), Some(0) | Some(1)), "{}", logs(&sc));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for w in [&first, &second] {
+        sigterm(w);
+    }
+    for w in [&mut first, &mut second] {
+        let status = tokio::time::timeout(Duration::from_secs(60), w.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status.code(), Some(0), "{}", logs(&sc));
+    }
+    let v = judge_store(&sc, &db.store).await;
+    assert_eq!(v, Verdict::default(), "{}", logs(&sc));
+    assert_eq!(
+        db.store
+            .anomalies_of_kind("duplicate_submission")
+            .await
+            .unwrap(),
+        0
+    );
+    // The second adopted the frozen create; the first, woken, was refused and let go.
+    let adopted = std::fs::read_to_string(sc.dir.path().join("worker-1.log")).unwrap();
+    assert!(adopted.contains("adopted batch"), "{}", logs(&sc));
+    let woke = std::fs::read_to_string(sc.dir.path().join("worker-0.log")).unwrap();
+    assert!(woke.contains("lease lost"), "{}", logs(&sc));
+    db.finish().await;
+}
+
+/// `run` against PostgreSQL behaves as on SQLite: it completes, a second run sends nothing,
+/// and `report` and `status` read the shared store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "NIGHTSHIFT_TEST_PG_URL is not set: PostgreSQL tests skipped (CI sets it)"
+)]
+async fn run_against_postgres_works_as_on_sqlite() {
+    let db = TestDb::postgres("run_on_pg").await;
+    let sc = shared_scenario(800, 200, stormy()).await;
+    let first = command(&sc, &db.url, "run.log")
+        .arg("run")
+        .arg(&sc.pipeline)
+        .arg("--no-progress")
+        .stdout(Stdio::piped())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        matches!(first.status.code(), Some(0) | Some(1)),
+        "{}",
+        logs(&sc)
+    );
+    assert_eq!(judge_store(&sc, &db.store).await, Verdict::default());
+    let again = command(&sc, &db.url, "run.log")
+        .arg("run")
+        .arg(&sc.pipeline)
+        .arg("--no-progress")
+        .stdout(Stdio::piped())
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&again.stdout);
+    assert!(text.contains("sent       0 requests"), "{text}");
+    let report = command(&sc, &db.url, "report.log")
+        .args(["report", "--json"])
+        .stdout(Stdio::piped())
+        .output()
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
+    assert_eq!(v["attempts"], 0, "{v}");
+    let status = command(&sc, &db.url, "status.log")
+        .args(["status", "--json"])
+        .stdout(Stdio::piped())
+        .output()
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(v["in_flight"].as_array().unwrap().len(), 0, "{v}");
+    assert!(
+        v["store"].as_str().unwrap().starts_with("postgres://"),
+        "{v}"
+    );
     db.finish().await;
 }
