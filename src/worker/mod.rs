@@ -650,6 +650,8 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                     Some(_) if serve => ctx.shutdown.sleep_until(Instant::now() + idle).await,
                     Some(stop) => return Ok(stop),
                     None if planning == Planning::Planned => {}
+                    // `--detach`: nothing of ours is left to send; other workers carry the rest.
+                    None if ctx.detach && held_elsewhere => return Ok(Stop::Detached),
                     None => ctx.shutdown.sleep_until(Instant::now() + idle).await,
                 }
                 continue;

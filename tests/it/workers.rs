@@ -364,3 +364,66 @@ async fn run_against_postgres_works_as_on_sqlite() {
     );
     db.finish().await;
 }
+
+/// `run --detach` against a shared store leaves batches another worker holds to that worker
+/// and exits at once instead of waiting for the provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "NIGHTSHIFT_TEST_PG_URL is not set: PostgreSQL tests skipped (CI sets it)"
+)]
+async fn detach_leaves_batches_held_by_a_worker_to_it() {
+    let db = TestDb::postgres("detach_shared").await;
+    let weather = SimSettings {
+        batch_seconds: 30.0,
+        ..Default::default()
+    };
+    let sc = shared_scenario(300, 100, weather).await;
+    let mut w = worker(&sc, &db.url, 0);
+    let out = command(&sc, &db.url, "run.log")
+        .arg("run")
+        .arg(&sc.pipeline)
+        .arg("--ingest-only")
+        .status()
+        .await
+        .unwrap();
+    assert_eq!(out.code(), Some(0), "{}", logs(&sc));
+    // The worker plans and sends everything; the provider keeps it for 30 s.
+    until_zero(&db, "SELECT COUNT(*) FROM items WHERE state = 'pending'").await;
+    until_zero(
+        &db,
+        "SELECT COUNT(*) FROM batches WHERE state <> 'submitted'",
+    )
+    .await;
+    let t = std::time::Instant::now();
+    let out = command(&sc, &db.url, "run.log")
+        .arg("run")
+        .arg(&sc.pipeline)
+        .args(["--detach", "--no-progress"])
+        .stdout(Stdio::piped())
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}\n{}", logs(&sc));
+    assert!(text.contains("detached "), "{text}");
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "detach waited for batches another worker holds"
+    );
+    // Still the worker's, still in flight.
+    let (held, all): (i64, i64) = one(
+        &db.store,
+        "SELECT COUNT(*) FILTER (WHERE lease_owner IS NOT NULL), COUNT(*) FROM batches \
+         WHERE state = 'submitted'",
+    )
+    .await;
+    assert!(all > 0 && held == all, "{held} of {all} held");
+    sigterm(&w);
+    let status = tokio::time::timeout(Duration::from_secs(60), w.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{}", logs(&sc));
+    db.finish().await;
+}
