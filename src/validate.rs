@@ -191,6 +191,15 @@ mod tests {
     }
 
     #[test]
+    fn deeply_nested_answers_are_invalid_json_not_a_crash() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let Verdict::InvalidJson(e) = v().check(Some(&deep), Some("stop"), None) else {
+            panic!("a 100,000-deep answer was accepted")
+        };
+        assert!(e.contains("recursion limit"), "{e}");
+    }
+
+    #[test]
     fn a_broken_schema_is_refused_when_loaded() {
         assert!(OutputValidator::new(json!({"type": "no-such-type"})).is_err());
         assert!(OutputValidator::new(json!([1])).is_err());

@@ -290,6 +290,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_oversized_result_line_is_measured_without_being_held() {
+        // A 20 MB line then a normal one: the reader keeps at most the cap plus one byte,
+        // reports the true length (so the line is refused as oversized) and goes on.
+        let cap = 1 << 20;
+        let mut file = vec![b'x'; 20 << 20];
+        file.extend_from_slice(b"\n{\"custom_id\":\"b1-2-1\"}\n");
+        let mut reader = std::io::BufReader::with_capacity(64 << 10, &file[..]);
+        let mut buf = Vec::new();
+        assert_eq!(
+            read_line_capped(&mut reader, &mut buf, cap).unwrap(),
+            Some(20 << 20)
+        );
+        assert!(buf.len() <= cap + 1, "{} bytes held", buf.len());
+        read_line_capped(&mut reader, &mut buf, cap).unwrap();
+        assert_eq!(scan_custom_id(&buf), Some("b1-2-1"));
+        assert_eq!(read_line_capped(&mut reader, &mut buf, cap).unwrap(), None);
+    }
+
+    #[test]
     fn custom_ids_are_found_without_a_full_parse() {
         assert_eq!(
             scan_custom_id(br#"{"id":"x","custom_id":"b1-2-3","response":{}}"#),

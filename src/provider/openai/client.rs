@@ -598,6 +598,33 @@ mod tests {
     }
 
     #[test]
+    fn deeply_nested_result_lines_are_skipped_or_refused_never_a_crash() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        // In a field nobody reads: skipped without recursion; the answer itself still counts.
+        let line = format!(
+            r#"{{"custom_id":"b1-1-1","response":{{"status_code":200,"body":{{"extra":{deep},"choices":[{{"message":{{"content":"{{}}"}},"finish_reason":"stop"}}]}}}},"error":null}}"#
+        );
+        let l = client().parse_result_line(line.as_bytes()).unwrap();
+        let LineOutcome::Answer { content, .. } = l.outcome else {
+            panic!()
+        };
+        assert_eq!(content.as_deref(), Some("{}"));
+        // An error body too deep to parse whole: dropped; the line still counts as the
+        // provider's error for this request (retried under the cap).
+        let line = format!(
+            r#"{{"custom_id":"b1-1-1","response":{{"status_code":500,"body":{{"error":{deep}}}}},"error":null}}"#
+        );
+        let l = client().parse_result_line(line.as_bytes()).unwrap();
+        assert!(matches!(
+            l.outcome,
+            LineOutcome::Error {
+                status: Some(500),
+                ..
+            }
+        ));
+    }
+
+    #[test]
     fn parses_the_documented_line_kinds() {
         let c = client();
         let ok = br#"{"id":"batch_req_123","custom_id":"request-2","response":{"status_code":200,"request_id":"req_123","body":{"id":"chatcmpl-123","object":"chat.completion","created":1711652795,"model":"gpt-3.5-turbo-0125","choices":[{"index":0,"message":{"role":"assistant","content":"Hello."},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":22,"completion_tokens":2,"total_tokens":24,"prompt_tokens_details":{"cached_tokens":10},"completion_tokens_details":{"reasoning_tokens":1}},"system_fingerprint":"fp_123","brand_new_field":{"x":1}}},"error":null}"#;
