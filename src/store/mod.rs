@@ -644,6 +644,17 @@ pub trait Store: Send + Sync + 'static {
         outcomes: &[AttemptOutcome],
         max_attempts: u32,
     ) -> impl Future<Output = Result<ApplyStats>> + Send;
+    /// Ends a batch that never reached the provider (cancelled before its create was sent)
+    /// as `cancelled` with `why`, and takes back its attempts not sent (for online batches,
+    /// those never dispatched): their rows go and their items return to how planning found
+    /// them, so an attempt never made does not count against `max_attempts`. One
+    /// transaction; [`Store::finish_ingest`] then closes the batch. Returns how many items
+    /// went back.
+    fn return_unsent(
+        &self,
+        batch: &BatchRow,
+        why: &str,
+    ) -> impl Future<Output = Result<u64>> + Send;
     /// Fails every attempt of the batch still `in_flight` with `verdict` (no result line
     /// came back for it) and marks the batch `ingested`, in one transaction.
     fn finish_ingest(

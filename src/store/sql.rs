@@ -1158,6 +1158,50 @@ impl Store for SqlStore {
         Ok(stats)
     }
 
+    async fn return_unsent(&self, batch: &BatchRow, why: &str) -> Result<u64> {
+        const UNSENT: &str = "SELECT item_id, attempt_no FROM attempts \
+             WHERE batch_id = $1 AND state = 'in_flight' AND dispatched_at IS NULL";
+        let now = now_ms();
+        let mut tx = self.db.begin().await?;
+        self.fence(&mut tx, &batch.id, batch.lease_token).await?;
+        // SET reads the row as it was: an item on its first attempt was pending, any other
+        // was failed (its earlier error stays).
+        let n = tx
+            .execute(
+                q(format!(
+                    "UPDATE items SET attempts = items.attempts - 1, \
+                       state = CASE WHEN items.attempts > 1 THEN 'failed' ELSE 'pending' END, \
+                       updated_at = $2 \
+                     FROM ({UNSENT}) AS a \
+                     WHERE items.id = a.item_id AND items.state = 'in_flight' \
+                       AND items.attempts = a.attempt_no"
+                ))
+                .bind(&batch.id)
+                .bind(now),
+            )
+            .await?;
+        tx.execute(
+            q(
+                "DELETE FROM attempts WHERE batch_id = $1 AND state = 'in_flight' \
+               AND dispatched_at IS NULL",
+            )
+            .bind(&batch.id),
+        )
+        .await?;
+        tx.execute(
+            q(
+                "UPDATE batches SET state = 'ended', end_state = 'cancelled', error = $2, \
+                 ended_at = $3 WHERE id = $1 AND state NOT IN ('ended', 'ingested')",
+            )
+            .bind(&batch.id)
+            .bind(why)
+            .bind(now),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
     async fn finish_ingest(
         &self,
         batch: &BatchRow,

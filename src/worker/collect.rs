@@ -188,22 +188,33 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         Ok(())
     }
 
-    /// Closes a batch that never reached the provider (or cannot be found there).
-    async fn close_unsent(&mut self, b: &BatchRow, why: &str) -> Result<(), RunError> {
+    /// Closes a batch that never reached the provider (or cannot be found there). When it
+    /// surely never did (`never_sent`), its attempts are taken back rather than failed, so a
+    /// cancelled-before-sending batch costs its items none of their `max_attempts`.
+    async fn close_unsent(
+        &mut self,
+        b: &BatchRow,
+        why: &str,
+        never_sent: bool,
+    ) -> Result<(), RunError> {
         let store = self.ctx.store;
-        store
-            .update_batch(
-                b,
-                &b.state,
-                &BatchUpdate {
-                    state: Some("ended"),
-                    end_state: Some("cancelled"),
-                    error: Some(why.to_string()),
-                    ended_at: Some(now_ms()),
-                    ..Default::default()
-                },
-            )
-            .await?;
+        if never_sent {
+            store.return_unsent(b, why).await?;
+        } else {
+            store
+                .update_batch(
+                    b,
+                    &b.state,
+                    &BatchUpdate {
+                        state: Some("ended"),
+                        end_state: Some("cancelled"),
+                        error: Some(why.to_string()),
+                        ended_at: Some(now_ms()),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+        }
         let stats = store
             .finish_ingest(b, "cancelled", why, self.ctx.pipeline.max_attempts)
             .await?;
@@ -258,7 +269,7 @@ pub async fn cancel<S: Store, P: BatchProvider>(
                 // Online requests are ours to stop: what was answered is already recorded.
                 let lost = store.lose_dispatched(&b, ctx.pipeline.max_attempts).await?;
                 runner
-                    .close_unsent(&b, "cancelled before it was sent")
+                    .close_unsent(&b, "cancelled before it was sent", true)
                     .await?;
                 format!(
                     "online batch stopped ({} request(s) left unanswered)",
@@ -267,7 +278,7 @@ pub async fn cancel<S: Store, P: BatchProvider>(
             }
             "planned" | "built" => {
                 runner
-                    .close_unsent(&b, "cancelled before it was sent")
+                    .close_unsent(&b, "cancelled before it was sent", true)
                     .await?;
                 "cancelled before it was sent".to_string()
             }
@@ -278,7 +289,7 @@ pub async fn cancel<S: Store, P: BatchProvider>(
                     }
                 }
                 runner
-                    .close_unsent(&b, "cancelled before it was sent")
+                    .close_unsent(&b, "cancelled before it was sent", true)
                     .await?;
                 "cancelled before it was sent (uploaded file deleted)".to_string()
             }
@@ -300,7 +311,11 @@ pub async fn cancel<S: Store, P: BatchProvider>(
                     }
                     None => {
                         runner
-                            .close_unsent(&b, "cancelled; the provider shows no batch for it")
+                            .close_unsent(
+                                &b,
+                                "cancelled; the provider shows no batch for it",
+                                false,
+                            )
                             .await?;
                         "cancelled; the provider shows no batch for it".to_string()
                     }

@@ -246,6 +246,52 @@ async fn cancel_stops_in_flight_batches_and_records_what_was_billed() {
     assert_eq!(judge(&sc).await, Verdict::default());
 }
 
+/// `cancel` of a batch that never reached the provider takes its attempts back: the items
+/// keep every one of their `max_attempts`, and the next run sends them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_what_was_never_sent_costs_no_attempt() {
+    if !cfg!(feature = "failpoints") {
+        eprintln!("skipped: build with `--features failpoints` to stop a run after planning");
+        return;
+    }
+    let sc = scenario(400, 100, slow(0.2)).await;
+    // The run dies right after committing its first batch plan: nothing was sent.
+    let out = sc
+        .child(Some("plan.after_commit=1"))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), None, "the failpoint did not fire");
+    let out = bin()
+        .arg("cancel")
+        .arg(&sc.pipeline)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("cancelled before it was sent"), "{stdout}");
+    let store = nightshift::store::SqlStore::open_sqlite(&sc.db)
+        .await
+        .unwrap();
+    let (attempts,): (i64,) = one(&store, "SELECT COUNT(*) FROM attempts").await;
+    let (tried,): (i64,) = one(
+        &store,
+        "SELECT COUNT(*) FROM items WHERE attempts > 0 OR state <> 'pending'",
+    )
+    .await;
+    assert_eq!((attempts, tried), (0, 0));
+    store.close().await;
+    assert!(
+        record(&sc.sim).await["batches"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    sc.run_until_done().await;
+    assert_eq!(judge(&sc).await, Verdict::default());
+}
+
 /// B6 #11 and #12: duplicate result lines count once, missing lines are retried, lines for
 /// custom_ids we never sent are recorded as anomalies and never applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

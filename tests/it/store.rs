@@ -49,6 +49,7 @@ macro_rules! conformance {
 conformance!(
     applying_the_same_results_twice_changes_nothing,
     an_oversized_request_is_exhausted_not_sent,
+    attempts_never_sent_are_taken_back,
     ingest_dedupes_within_and_across_runs,
     racing_planners_take_every_item_exactly_once,
     a_budget_reserves_worst_cases_and_refuses_what_does_not_fit,
@@ -242,6 +243,75 @@ async fn an_oversized_request_is_exhausted_not_sent(db: &TestDb) {
     assert!(planned(s.plan_batch(&req).await.unwrap()).is_none());
     let f = s.run_figures(&run).await.unwrap();
     assert_eq!(f.exhausted, f.unique_items);
+}
+
+async fn attempts_never_sent_are_taken_back(db: &TestDb) {
+    let s = &db.store;
+    let run = seeded(s, 11).await;
+    // Attempt 1: half succeed, half fail.
+    let b = planned(s.plan_batch(&plan(&run, "w1")).await.unwrap()).unwrap();
+    let attempts = s.batch_attempts(&b.id).await.unwrap();
+    s.apply_results(&b, &outcomes_for(&attempts, |i| i % 2 == 0), 2)
+        .await
+        .unwrap();
+    let ended = BatchUpdate {
+        state: Some("ended"),
+        ..Default::default()
+    };
+    assert!(s.update_batch(&b, "planned", &ended).await.unwrap());
+    s.finish_ingest(&b, "missing", "x", 2).await.unwrap();
+    // Attempt 2 is planned for the failed half, then cancelled before it is sent.
+    let b2 = planned(s.plan_batch(&plan(&run, "w1")).await.unwrap()).unwrap();
+    assert_eq!(b2.request_count, 5);
+    assert_eq!(s.return_unsent(&b2, "cancelled").await.unwrap(), 5);
+    let ended = s.batch(&b2.id).await.unwrap().unwrap();
+    assert_eq!(
+        (ended.state.as_str(), ended.end_state.as_deref()),
+        ("ended", Some("cancelled"))
+    );
+    assert!(s.batch_attempts(&b2.id).await.unwrap().is_empty());
+    assert_eq!(s.plannable_retries("p", "main").await.unwrap(), 5);
+    // With max_attempts 2 they are not exhausted: attempt 2 is theirs to make.
+    let rest = s
+        .finish_ingest(&b2, "cancelled", "before it was sent", 2)
+        .await
+        .unwrap();
+    assert_eq!((rest.applied, rest.exhausted), (0, 0));
+    let b3 = planned(s.plan_batch(&plan(&run, "w1")).await.unwrap()).unwrap();
+    let a3 = s.batch_attempts(&b3.id).await.unwrap();
+    assert_eq!(a3.len(), 5);
+    assert!(a3.iter().all(|a| a.attempt_no == 2), "{a3:?}");
+    // First attempts go back to pending.
+    let fresh = seeded_more(s, &run).await;
+    let b4 = planned(s.plan_batch(&plan(&run, "w1")).await.unwrap()).unwrap();
+    assert_eq!(b4.request_count as u64, fresh);
+    assert_eq!(s.return_unsent(&b4, "cancelled").await.unwrap(), fresh);
+    assert_eq!(s.plannable_count("p", "main").await.unwrap(), fresh);
+    assert_eq!(s.plannable_retries("p", "main").await.unwrap(), 0);
+    let f = s.run_figures(&run).await.unwrap();
+    assert_eq!(
+        f.attempts, 15,
+        "10 first attempts + 5 second; none for what was not sent"
+    );
+}
+
+/// Ingests 4 more distinct records into `run`; returns how many new items that made.
+async fn seeded_more(s: &SqlStore, run: &str) -> u64 {
+    let shape = RequestShape::new("{\"m\":".into(), "}".into());
+    let recs: Vec<PreparedRecord> = (0..4)
+        .map(|i| {
+            let user = format!("\"more{i}\"");
+            PreparedRecord {
+                input_tokens: 10,
+                line: 100 + i,
+                record_id: format!("m{i}"),
+                key: shape.key(&user),
+                body_bytes: shape.body_len(&user),
+                user_json: user,
+            }
+        })
+        .collect();
+    ingest(s, run, &recs).await
 }
 
 async fn ingest_dedupes_within_and_across_runs(db: &TestDb) {
