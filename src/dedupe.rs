@@ -60,6 +60,18 @@ impl RequestShape {
         self.prefix.len() + user_json.len() + self.suffix.len()
     }
 
+    /// Appends one JSONL line to `out`: the provider's envelope `head` (its opening up to the
+    /// body's key, with the custom id in it), the request body, `}` and a newline.
+    pub fn write_line(&self, head: &[&[u8]], user_json: &str, out: &mut Vec<u8>) {
+        for part in head {
+            out.extend_from_slice(part);
+        }
+        out.extend_from_slice(self.prefix.as_bytes());
+        out.extend_from_slice(user_json.as_bytes());
+        out.extend_from_slice(self.suffix.as_bytes());
+        out.extend_from_slice(b"}\n");
+    }
+
     pub fn body(&self, user_json: &str) -> String {
         let mut s = String::with_capacity(self.body_len(user_json));
         s.push_str(&self.prefix);

@@ -114,6 +114,20 @@ pub struct PromptCounter {
 }
 
 impl PromptCounter {
+    /// The counter for chat requests to `model`: the system message (if any), an empty user
+    /// message's framing and `extra` (the schema or tool definition as sent) counted once.
+    pub fn for_chat(model: &str, system: Option<&str>, extra: &str) -> Self {
+        let tokenizer = Tokenizer::for_model(model);
+        let messages = system
+            .map(|s| ("system", s))
+            .into_iter()
+            .chain([("user", "")]);
+        PromptCounter {
+            tokenizer,
+            fixed: tokenizer.chat_prompt_tokens(messages, Some(extra)),
+        }
+    }
+
     pub fn count(&self, user_message: &str) -> u64 {
         self.fixed + self.tokenizer.count(user_message)
     }

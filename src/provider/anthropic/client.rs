@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use super::API_VERSION;
 use super::types::{ListPage, MessageBatch, ResultLine as WireLine};
 use crate::cost::Usage;
-use crate::cost::tokens::{PromptCounter, Tokenizer};
+use crate::cost::tokens::PromptCounter;
 use crate::dedupe::{RequestShape, USER_SLOT};
 use crate::provider::http::{self, RetryPolicy};
 use crate::provider::{
@@ -257,17 +257,7 @@ impl BatchProvider for AnthropicClient {
 
     fn prompt_counter(&self, spec: &RequestSpec<'_>) -> PromptCounter {
         // No public tokenizer for Claude: the conservative estimate, over the same text.
-        let tokenizer = Tokenizer::for_model(spec.model);
-        let t = tools(spec).to_string();
-        let mut messages = Vec::new();
-        if let Some(sys) = spec.system {
-            messages.push(("system", sys));
-        }
-        messages.push(("user", ""));
-        PromptCounter {
-            tokenizer,
-            fixed: tokenizer.chat_prompt_tokens(messages, Some(&t)),
-        }
+        PromptCounter::for_chat(spec.model, spec.system, &tools(spec).to_string())
     }
 
     fn line_overhead(&self) -> u64 {
@@ -282,13 +272,12 @@ impl BatchProvider for AnthropicClient {
         user_json: &str,
         out: &mut Vec<u8>,
     ) {
-        out.extend_from_slice(b"{\"custom_id\":\"");
-        out.extend_from_slice(custom_id.as_bytes());
-        out.extend_from_slice(b"\",\"params\":");
-        out.extend_from_slice(shape.prefix.as_bytes());
-        out.extend_from_slice(user_json.as_bytes());
-        out.extend_from_slice(shape.suffix.as_bytes());
-        out.extend_from_slice(b"}\n");
+        let head: [&[u8]; 3] = [
+            b"{\"custom_id\":\"",
+            custom_id.as_bytes(),
+            b"\",\"params\":",
+        ];
+        shape.write_line(&head, user_json, out);
     }
 
     fn uploads(&self, _bytes: u64) -> bool {

@@ -17,7 +17,7 @@ use super::types::{
     FileEnvelope, FileList, GenerateContentResponse, Operation, OperationList, ResponseLine,
 };
 use crate::cost::Usage;
-use crate::cost::tokens::{PromptCounter, Tokenizer};
+use crate::cost::tokens::PromptCounter;
 use crate::dedupe::{RequestShape, USER_SLOT};
 use crate::provider::http::{self, RetryPolicy};
 use crate::provider::{
@@ -233,17 +233,7 @@ impl BatchProvider for GeminiClient {
 
     fn prompt_counter(&self, spec: &RequestSpec<'_>) -> PromptCounter {
         // No local Gemini tokenizer: the conservative estimate, over the same text.
-        let tokenizer = Tokenizer::for_model(spec.model);
-        let schema = spec.schema.to_string();
-        let mut messages = Vec::new();
-        if let Some(sys) = spec.system {
-            messages.push(("system", sys));
-        }
-        messages.push(("user", ""));
-        PromptCounter {
-            tokenizer,
-            fixed: tokenizer.chat_prompt_tokens(messages, Some(&schema)),
-        }
+        PromptCounter::for_chat(spec.model, spec.system, &spec.schema.to_string())
     }
 
     fn line_overhead(&self) -> u64 {
@@ -258,13 +248,8 @@ impl BatchProvider for GeminiClient {
         user_json: &str,
         out: &mut Vec<u8>,
     ) {
-        out.extend_from_slice(b"{\"key\":\"");
-        out.extend_from_slice(custom_id.as_bytes());
-        out.extend_from_slice(b"\",\"request\":");
-        out.extend_from_slice(shape.prefix.as_bytes());
-        out.extend_from_slice(user_json.as_bytes());
-        out.extend_from_slice(shape.suffix.as_bytes());
-        out.extend_from_slice(b"}\n");
+        let head: [&[u8]; 3] = [b"{\"key\":\"", custom_id.as_bytes(), b"\",\"request\":"];
+        shape.write_line(&head, user_json, out);
     }
 
     fn uploads(&self, bytes: u64) -> bool {

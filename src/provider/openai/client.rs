@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use super::types::{self, Batch, ChatCompletion, FileObject, ListPage, OutputLine};
 use super::{ENDPOINT, META_BATCH_ID};
 use crate::cost::Usage;
-use crate::cost::tokens::{PromptCounter, Tokenizer};
+use crate::cost::tokens::PromptCounter;
 use crate::dedupe::{RequestShape, USER_SLOT};
 use crate::provider::CreateInput;
 use crate::provider::http::{self, RetryPolicy};
@@ -285,18 +285,9 @@ impl BatchProvider for OpenAiClient {
     }
 
     fn prompt_counter(&self, spec: &RequestSpec<'_>) -> PromptCounter {
-        let tokenizer = Tokenizer::for_model(spec.model);
         // Exactly what the request carries: the same response_format JSON the shape holds.
         let rf = response_format(spec).to_string();
-        let mut messages = Vec::new();
-        if let Some(sys) = spec.system {
-            messages.push(("system", sys));
-        }
-        messages.push(("user", ""));
-        PromptCounter {
-            tokenizer,
-            fixed: tokenizer.chat_prompt_tokens(messages, Some(&rf)),
-        }
+        PromptCounter::for_chat(spec.model, spec.system, &rf)
     }
 
     fn line_overhead(&self) -> u64 {
@@ -311,16 +302,15 @@ impl BatchProvider for OpenAiClient {
         user_json: &str,
         out: &mut Vec<u8>,
     ) {
-        out.extend_from_slice(b"{\"custom_id\":\"");
         // custom ids are ours, `[A-Za-z0-9_-]`, never needing escapes
-        out.extend_from_slice(custom_id.as_bytes());
-        out.extend_from_slice(b"\",\"method\":\"POST\",\"url\":\"");
-        out.extend_from_slice(ENDPOINT.as_bytes());
-        out.extend_from_slice(b"\",\"body\":");
-        out.extend_from_slice(shape.prefix.as_bytes());
-        out.extend_from_slice(user_json.as_bytes());
-        out.extend_from_slice(shape.suffix.as_bytes());
-        out.extend_from_slice(b"}\n");
+        let head: [&[u8]; 5] = [
+            b"{\"custom_id\":\"",
+            custom_id.as_bytes(),
+            b"\",\"method\":\"POST\",\"url\":\"",
+            ENDPOINT.as_bytes(),
+            b"\",\"body\":",
+        ];
+        shape.write_line(&head, user_json, out);
     }
 
     async fn upload(&self, filename: &str, path: &Path) -> Result<String, ProviderError> {
