@@ -42,6 +42,19 @@ pub fn create_private(path: &Path) -> io::Result<File> {
     o.open(path)
 }
 
+/// Creates a new, empty private file; an existing one is left as it is.
+pub fn create_private_new(path: &Path) -> io::Result<()> {
+    let mut o = OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    o.mode(0o600);
+    match o.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// fsyncs a folder so a rename inside it is durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     #[cfg(unix)]
@@ -88,13 +101,21 @@ impl AtomicFile {
     }
 
     /// Flushes, fsyncs, renames into place and fsyncs the folder.
+    /// On failure (a full disk, say) the temporary file is removed: nothing is left behind.
     pub fn commit(mut self) -> io::Result<()> {
-        let mut w = self.writer.take().expect("committed once");
-        w.flush()?;
-        let file = w.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&self.tmp, &self.dest)?;
+        let w = self.writer.take().expect("committed once");
+        let written = (|| {
+            let mut w = w;
+            w.flush()?;
+            let file = w.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()?;
+            drop(file);
+            fs::rename(&self.tmp, &self.dest)
+        })();
+        if let Err(e) = written {
+            let _ = fs::remove_file(&self.tmp);
+            return Err(e);
+        }
         if let Some(dir) = self.dest.parent()
             && !dir.as_os_str().is_empty()
         {

@@ -104,6 +104,20 @@ impl fmt::Display for Usd {
     }
 }
 
+/// Exact decimal text (`"0.0375"`), never a float.
+impl serde::Serialize for Usd {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_decimal_string())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Usd {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Usd::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 impl Add for Usd {
     type Output = Usd;
     fn add(self, rhs: Usd) -> Usd {

@@ -1,4 +1,5 @@
-//! One runner per store: an exclusive advisory lock (`flock`) on `<store>.lock`.
+//! One runner per store: an exclusive advisory lock (`flock`) on `<store>.lock`, beside
+//! the store's real path (symlinks resolved, so two names for one file share one lock).
 //!
 //! The kernel releases the lock when its holder exits however it exits, so a lock left by a
 //! killed process is simply free: the next run takes it over without any staleness rules.
@@ -38,7 +39,7 @@ impl RunLock {
         if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
             crate::fsutil::create_private_dir_all(dir).map_err(io)?;
         }
-        let path = PathBuf::from(format!("{}.lock", db.display()));
+        let path = PathBuf::from(format!("{}.lock", real_path(db).display()));
         let mut opts = std::fs::OpenOptions::new();
         opts.read(true).write(true).create(true).truncate(false);
         #[cfg(unix)]
@@ -87,6 +88,28 @@ impl RunLock {
     }
 }
 
+/// The path a store really lives at: symlinks (of the file or its folders) resolved, so
+/// `b/state.db → a/state.db` locks `a/state.db.lock`. A store not created yet resolves
+/// through its folder.
+pub fn real_path(db: &Path) -> PathBuf {
+    if let Ok(p) = std::fs::canonicalize(db) {
+        return p;
+    }
+    match (db.parent(), db.file_name()) {
+        (Some(dir), Some(name)) => {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            std::fs::canonicalize(dir)
+                .map(|d| d.join(name))
+                .unwrap_or_else(|_| db.to_path_buf())
+        }
+        _ => db.to_path_buf(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,5 +128,25 @@ mod tests {
         assert!(msg.contains("nightshift run a.toml"), "{msg}");
         drop(first);
         RunLock::acquire(&db, "nightshift run b.toml").unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_symlinked_store_path_takes_the_same_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        std::fs::write(a.join("state.db"), b"").unwrap();
+        std::os::unix::fs::symlink(a.join("state.db"), b.join("state.db")).unwrap();
+        let _held = RunLock::acquire(&a.join("state.db"), "nightshift run a.toml").unwrap();
+        let err = RunLock::acquire(&b.join("state.db"), "nightshift run b.toml").unwrap_err();
+        assert!(matches!(err, LockError::Held { .. }), "{err}");
+        // A symlinked folder too.
+        let c = dir.path().join("c");
+        std::os::unix::fs::symlink(&a, &c).unwrap();
+        let err = RunLock::acquire(&c.join("state.db"), "nightshift run c.toml").unwrap_err();
+        assert!(matches!(err, LockError::Held { .. }), "{err}");
     }
 }

@@ -56,7 +56,10 @@ pub fn now_ms() -> i64 {
 pub enum RunStatus {
     Running,
     Completed,
+    /// Over, with items that failed for good.
     Failed,
+    /// Stopped by its spending cap with items left to send.
+    Budget,
     Interrupted,
     Detached,
     Error,
@@ -68,6 +71,7 @@ impl RunStatus {
             RunStatus::Running => "running",
             RunStatus::Completed => "completed",
             RunStatus::Failed => "failed",
+            RunStatus::Budget => "budget",
             RunStatus::Interrupted => "interrupted",
             RunStatus::Detached => "detached",
             RunStatus::Error => "error",
@@ -120,6 +124,10 @@ pub struct RunRow {
     pub max_item_pico: Option<i64>,
     pub plan_json: Option<String>,
     pub worker_id: Option<String>,
+    /// Valid records the run read (`None` until its ingest finished).
+    pub records_valid: Option<i64>,
+    /// The run's figures once nothing of it is open any more ([`RunFigures::to_json`]).
+    pub figures_json: Option<String>,
 }
 
 /// Where ingested records go: the run, the pipeline stage, the request shape, the source.
@@ -156,6 +164,9 @@ pub struct PlanRequest<'a> {
     pub line_overhead: u64,
     /// The spending limits this batch must fit in, if any.
     pub budget: Option<BudgetCheck>,
+    /// Only items that failed an earlier attempt (`failed`), no first attempts: a run whose
+    /// cap has refused an item finishes what it sent and starts nothing new.
+    pub only_retries: bool,
     /// The worker that plans the batch holds its lease for `lease_ms` from now.
     pub owner: &'a str,
     pub lease_ms: i64,
@@ -183,13 +194,15 @@ impl BudgetCheck {
 /// What planning found.
 #[derive(Clone, Debug)]
 pub enum PlanOutcome {
-    Planned(Box<BatchRow>),
+    Planned {
+        batch: Box<BatchRow>,
+        /// The budget stopped the batch short: the next plannable item did not fit.
+        cut_by_budget: bool,
+    },
     /// Nothing plannable (within the per-item cap).
     Nothing,
     /// Plannable items exist, but not even one fits in what is left of the budget.
-    OverBudget {
-        next_worst_case: Usd,
-    },
+    OverBudget { next_worst_case: Usd },
 }
 
 #[derive(Clone, Debug, sqlx::FromRow)]
@@ -225,6 +238,11 @@ pub struct BatchRow {
     pub lease_owner: Option<String>,
     pub lease_token: i64,
     pub lease_expires_at: Option<i64>,
+    /// When the batch entered `creating`: the reconcile grace counts from here, whichever
+    /// process finds it there later.
+    pub creating_at: Option<i64>,
+    /// The run whose process ingested the batch (`None`: not yet, or a worker did).
+    pub ingested_by_run: Option<String>,
 }
 
 impl BatchRow {
@@ -251,6 +269,7 @@ pub struct BatchUpdate {
     pub submitted_at: Option<i64>,
     pub ended_at: Option<i64>,
     pub ingested_at: Option<i64>,
+    pub creating_at: Option<i64>,
 }
 
 /// One line of a batch input file, as stored.
@@ -337,7 +356,7 @@ pub struct RecordResult {
 }
 
 /// Totals of a set of ledger rows.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LedgerTotals {
     pub rows: u64,
     pub usage: Usage,
@@ -345,33 +364,67 @@ pub struct LedgerTotals {
     pub standard_cost: Usd,
 }
 
-/// The figures of one run.
-#[derive(Clone, Debug, Default)]
+/// The figures of one run. A batch's cost belongs to the run that planned it (whichever
+/// process later sends or collects it), so the runs' costs add up to the ledger and no
+/// attempt counts in two runs.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct RunFigures {
     pub records_valid: u64,
     pub unique_items: u64,
-    /// Items of this run already succeeded before it (never sent again).
+    /// Items of this run that had succeeded before it started (never sent again).
     pub reused: u64,
     pub succeeded: u64,
     pub exhausted: u64,
     /// Items neither succeeded nor exhausted (the run stopped early).
     pub unfinished: u64,
-    /// Records whose item succeeded.
+    /// Records of this run whose item succeeded in one of this run's batches.
     pub processed_records: u64,
-    /// Attempts submitted by this run.
+    /// Records of this run whose item has succeeded, in this run or before.
+    pub records_done: u64,
+    /// Attempts in this run's batches.
     pub attempts: u64,
-    /// Distinct items that this run submitted at least once.
+    /// Distinct items that this run's batches carried.
     pub items_attempted: u64,
     /// Attempts of this run that came back with an answer (output tokens billed).
     pub answered: u64,
     pub batches: u64,
+    /// Requests of this run's batches that reached the provider (created or adopted there,
+    /// or dispatched online).
+    pub requests_sent: u64,
     pub ledger: LedgerTotals,
     pub models: Vec<String>,
+    /// Batches of earlier runs that this run's process collected (their cost stays theirs).
+    pub collected: Collected,
+}
+
+/// What a run collected for earlier runs: their batches it ingested.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Collected {
+    pub batches: u64,
+    /// Attempts of those batches (result lines applied or failed as missing).
+    pub results: u64,
+    pub cost: Usd,
+    /// The runs they belong to.
+    pub runs: Vec<String>,
+}
+
+impl RunFigures {
+    /// The frozen form stored on the run row once nothing of the run is open any more.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn from_json(text: &str) -> Option<Self> {
+        serde_json::from_str(text).ok()
+    }
 }
 
 /// One attempt in the per-item audit.
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct AuditRow {
+    pub run_id: String,
     pub item_id: i64,
     pub dedupe_key: Vec<u8>,
     pub item_state: String,
@@ -455,6 +508,7 @@ pub struct QuarantineRow {
 pub trait Store: Send + Sync + 'static {
     // --- runs -----------------------------------------------------------------------------
     fn create_run(&self, run: &NewRun) -> impl Future<Output = Result<()>> + Send;
+    /// Records what the run's ingest read: lines, quarantined lines, valid records.
     fn set_run_counts(
         &self,
         run_id: &str,
@@ -478,6 +532,29 @@ pub trait Store: Send + Sync + 'static {
         &self,
         pipeline: Option<&str>,
     ) -> impl Future<Output = Result<Option<RunRow>>> + Send;
+    /// The runs whose id starts with `prefix` (at most `limit`), newest first.
+    fn runs_with_prefix(
+        &self,
+        prefix: &str,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<RunRow>>> + Send;
+    /// The latest `limit` runs, of one pipeline or of any, newest first.
+    fn recent_runs(
+        &self,
+        pipeline: Option<&str>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<RunRow>>> + Send;
+    /// Stores a run's final figures ([`RunFigures::to_json`]).
+    fn freeze_figures(
+        &self,
+        run_id: &str,
+        figures_json: &str,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Deletes the record rows of the pipeline's runs older than its newest `keep` runs
+    /// whose figures are frozen (their reports read the frozen figures); returns how many.
+    fn prune_records(&self, pipeline: &str, keep: u32) -> impl Future<Output = Result<u64>> + Send;
+    /// Batches of the run not yet ingested.
+    fn open_batch_count(&self, run_id: &str) -> impl Future<Output = Result<u64>> + Send;
 
     // --- ingest ---------------------------------------------------------------------------
     /// Stores a request shape once and returns its id.
@@ -534,6 +611,14 @@ pub trait Store: Send + Sync + 'static {
         stage: &str,
         keys: &[[u8; 32]],
     ) -> impl Future<Output = Result<Vec<[u8; 32]>>> + Send;
+    /// Items waiting to be sent and the sum of their prompt tokens.
+    fn plannable_totals(
+        &self,
+        pipeline: &str,
+        stage: &str,
+    ) -> impl Future<Output = Result<(u64, u64)>> + Send;
+    /// Prompt tokens of every distinct item of the run's records, done or not (the job).
+    fn run_item_tokens(&self, run_id: &str) -> impl Future<Output = Result<Vec<u64>>> + Send;
     /// Prompt tokens of every item waiting to be sent.
     fn plannable_tokens(
         &self,
@@ -618,9 +703,10 @@ pub trait Store: Send + Sync + 'static {
         batch: &BatchRow,
         max_attempts: u32,
     ) -> impl Future<Output = Result<ApplyStats>> + Send;
-    /// Provider batch ids this store already tracks (never adopted for another batch).
+    /// Batch ids of `provider` this store already tracks (never adopted for another batch).
     fn known_provider_ids(
         &self,
+        provider: &str,
     ) -> impl Future<Output = Result<std::collections::HashSet<String>>> + Send;
     /// Applies `update` if the batch is still in state `from`; returns whether it was. Fenced
     /// by the batch's lease token: [`StoreError::LeaseLost`] if another claim moved it.
@@ -656,13 +742,15 @@ pub trait Store: Send + Sync + 'static {
         why: &str,
     ) -> impl Future<Output = Result<u64>> + Send;
     /// Fails every attempt of the batch still `in_flight` with `verdict` (no result line
-    /// came back for it) and marks the batch `ingested`, in one transaction.
+    /// came back for it) and marks the batch `ingested` (by `collector`, the run whose
+    /// process ingested it, if any), in one transaction.
     fn finish_ingest(
         &self,
         batch: &BatchRow,
         verdict: &str,
         error: &str,
         max_attempts: u32,
+        collector: Option<&str>,
     ) -> impl Future<Output = Result<ApplyStats>> + Send;
     fn record_anomaly(
         &self,
@@ -689,6 +777,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<LedgerTotals>> + Send;
     fn audit(&self, run_id: &str) -> impl Future<Output = Result<Vec<AuditRow>>> + Send;
     fn quarantine(&self, run_id: &str) -> impl Future<Output = Result<Vec<QuarantineRow>>> + Send;
+    /// The most common reasons the run quarantined lines: (field, a reason, how many).
+    fn quarantine_summary(
+        &self,
+        run_id: &str,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<(Option<String>, String, u64)>>> + Send;
     fn anomaly_count(&self, run_id: &str) -> impl Future<Output = Result<u64>> + Send;
 }
 

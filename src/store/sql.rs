@@ -201,11 +201,13 @@ fn i64_of(v: u64) -> i64 {
 const BATCH_COLUMNS: &str = "id, run_id, pipeline, stage, provider, model, pricing_mode, mode, state, \
     request_count, reserved_pico, file_path, file_sha256, file_bytes, input_file_id, provider_batch_id, \
     provider_status, end_state, output_file_id, error_file_id, provider_usage, error, created_at, \
-    submitted_at, ended_at, ingested_at, lease_owner, lease_token, lease_expires_at";
+    submitted_at, ended_at, ingested_at, lease_owner, lease_token, lease_expires_at, creating_at, \
+    ingested_by_run";
 
 const RUN_COLUMNS: &str = "id, pipeline, stage, status, pipeline_file, source_path, output_path, \
     provider, model, pricing_mode, max_attempts, records_read, records_quarantined, host, pid, \
-    started_at, finished_at, exit_code, message, budget_pico, max_item_pico, plan_json, worker_id";
+    started_at, finished_at, exit_code, message, budget_pico, max_item_pico, plan_json, worker_id, \
+    records_valid, figures_json";
 
 /// Items a failed attempt leaves behind: `exhausted` at the cap, `failed` (retried) below.
 fn states_to_stats(applied: u64, states: &[(String,)]) -> ApplyStats {
@@ -255,10 +257,11 @@ impl Store for SqlStore {
     ) -> Result<()> {
         self.db
             .execute(
-                q("UPDATE runs SET records_read = $2, records_quarantined = $3 WHERE id = $1")
+                q("UPDATE runs SET records_read = $2, records_quarantined = $3, records_valid = $4 WHERE id = $1")
                     .bind(run_id)
                     .bind(i64_of(records_read))
-                    .bind(i64_of(quarantined)),
+                    .bind(i64_of(quarantined))
+                    .bind(i64_of(records_read.saturating_sub(quarantined))),
             )
             .await?;
         Ok(())
@@ -333,6 +336,80 @@ impl Store for SqlStore {
                 .bind(pipeline),
             )
             .await
+    }
+
+    async fn runs_with_prefix(&self, prefix: &str, limit: u32) -> Result<Vec<RunRow>> {
+        // A prefix match without LIKE, so `_` and `%` in what the user typed match themselves.
+        self.db
+            .all(
+                q(format!(
+                    "SELECT {RUN_COLUMNS} FROM runs WHERE substr(id, 1, $1) = $2 \
+                     ORDER BY started_at DESC, id DESC LIMIT $3"
+                ))
+                .bind(prefix.chars().count() as i64)
+                .bind(prefix)
+                .bind(limit as i64),
+            )
+            .await
+    }
+
+    async fn recent_runs(&self, pipeline: Option<&str>, limit: u32) -> Result<Vec<RunRow>> {
+        self.db
+            .all(
+                q(format!(
+                    "SELECT {RUN_COLUMNS} FROM runs WHERE ($1 IS NULL OR pipeline = $1) \
+                     ORDER BY started_at DESC, id DESC LIMIT $2"
+                ))
+                .bind(pipeline)
+                .bind(limit as i64),
+            )
+            .await
+    }
+
+    async fn freeze_figures(&self, run_id: &str, figures_json: &str) -> Result<()> {
+        self.db
+            .execute(
+                q("UPDATE runs SET figures_json = $2 WHERE id = $1")
+                    .bind(run_id)
+                    .bind(figures_json),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn prune_records(&self, pipeline: &str, keep: u32) -> Result<u64> {
+        // The pipeline's runs past its newest `keep`, whose figures are frozen.
+        let old: Vec<(String,)> = self
+            .db
+            .all(
+                q(
+                    "SELECT id FROM runs WHERE pipeline = $1 AND figures_json IS NOT NULL \
+                   AND id NOT IN (SELECT id FROM runs WHERE pipeline = $1 \
+                                  ORDER BY started_at DESC, id DESC LIMIT $2)",
+                )
+                .bind(pipeline)
+                .bind(keep as i64),
+            )
+            .await?;
+        let mut n = 0;
+        for (id,) in old {
+            n += self
+                .db
+                .execute(q("DELETE FROM records WHERE run_id = $1").bind(&id))
+                .await?;
+        }
+        Ok(n)
+    }
+
+    async fn open_batch_count(&self, run_id: &str) -> Result<u64> {
+        Ok(count(
+            self.db
+                .scalar(
+                    q("SELECT COUNT(*) FROM batches WHERE run_id = $1 AND state <> 'ingested'")
+                        .bind(run_id),
+                )
+                .await?,
+        ))
     }
 
     async fn ensure_shape(&self, shape: &RequestShape) -> Result<i64> {
@@ -470,7 +547,8 @@ impl Store for SqlStore {
             .all(
                 q(format!(
                     "SELECT id, body_bytes, attempts, input_tokens FROM items WHERE pipeline = $1 AND stage = $2 \
-                     AND state IN ('pending', 'failed') AND input_tokens <= $4 ORDER BY id LIMIT $3{}",
+                     AND state IN {} AND input_tokens <= $4 ORDER BY id LIMIT $3{}",
+                    plannable_states(req),
                     self.skip_locked()
                 ))
                 .bind(req.pipeline)
@@ -484,6 +562,7 @@ impl Store for SqlStore {
         let mut reserved = Usd::ZERO;
         let mut chosen: Vec<i64> = Vec::new();
         let mut over_budget = None;
+        let mut budget_cut = false;
         for (id, body, _, tokens) in &candidates {
             let line = *body as u64 + req.line_overhead + 1;
             if line > req.max_bytes {
@@ -511,6 +590,8 @@ impl Store for SqlStore {
                 if reserved + worst > b.available {
                     if chosen.is_empty() {
                         over_budget = Some(worst);
+                    } else {
+                        budget_cut = true;
                     }
                     break;
                 }
@@ -526,6 +607,7 @@ impl Store for SqlStore {
                 None => PlanOutcome::Nothing,
             });
         };
+        let cut_by_budget = over_budget.is_some() || budget_cut;
         let count = chosen.len() as i64;
         let id = uuid::Uuid::now_v7();
         let batch_id = id.hyphenated().to_string();
@@ -555,7 +637,7 @@ impl Store for SqlStore {
                     "INSERT INTO attempts (item_id, batch_id, attempt_no, custom_id, state, created_at) \
                      SELECT id, $1, attempts + 1, $2 || id || '-' || (attempts + 1), 'in_flight', $3 \
                      FROM items WHERE {} ORDER BY id",
-                    plan_filter_sql(self.engine(), 4)
+                    plan_filter_sql(self.engine(), 4, req)
                 ))
                 .bind(&batch_id)
                 .bind(&prefix)
@@ -577,7 +659,7 @@ impl Store for SqlStore {
             .execute(plan_filter(
                 q(format!(
                     "UPDATE items SET state = 'in_flight', attempts = attempts + 1, updated_at = $1 WHERE {}",
-                    plan_filter_sql(self.engine(), 2)
+                    plan_filter_sql(self.engine(), 2, req)
                 ))
                 .bind(now),
                 req,
@@ -595,7 +677,10 @@ impl Store for SqlStore {
             .one(q(format!("SELECT {BATCH_COLUMNS} FROM batches WHERE id = $1")).bind(&batch_id))
             .await?;
         tx.commit().await?;
-        Ok(PlanOutcome::Planned(Box::new(row)))
+        Ok(PlanOutcome::Planned {
+            batch: Box::new(row),
+            cut_by_budget,
+        })
     }
 
     async fn run_commitment(&self, run_id: &str) -> Result<Usd> {
@@ -689,6 +774,32 @@ impl Store for SqlStore {
             }
         }
         Ok(out)
+    }
+
+    async fn plannable_totals(&self, pipeline: &str, stage: &str) -> Result<(u64, u64)> {
+        let (n, tokens): (i64, i64) = self
+            .db
+            .one(
+                q(
+                    "SELECT COUNT(*), CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT) FROM items \
+                   WHERE pipeline = $1 AND stage = $2 AND state IN ('pending', 'failed')",
+                )
+                .bind(pipeline)
+                .bind(stage),
+            )
+            .await?;
+        Ok((count(n), count(tokens)))
+    }
+
+    async fn run_item_tokens(&self, run_id: &str) -> Result<Vec<u64>> {
+        let v: Vec<(i64,)> = self
+            .db
+            .all(
+                q("SELECT input_tokens FROM items WHERE id IN (SELECT item_id FROM records WHERE run_id = $1)")
+                    .bind(run_id),
+            )
+            .await?;
+        Ok(v.into_iter().map(|(n,)| count(n)).collect())
     }
 
     async fn plannable_tokens(&self, pipeline: &str, stage: &str) -> Result<Vec<u64>> {
@@ -1012,12 +1123,13 @@ impl Store for SqlStore {
         Ok(states_to_stats(n, &states))
     }
 
-    async fn known_provider_ids(&self) -> Result<HashSet<String>> {
+    async fn known_provider_ids(&self, provider: &str) -> Result<HashSet<String>> {
         let v: Vec<(String,)> = self
             .db
-            .all(q(
-                "SELECT provider_batch_id FROM batches WHERE provider_batch_id IS NOT NULL",
-            ))
+            .all(
+                q("SELECT provider_batch_id FROM batches WHERE provider = $1 AND provider_batch_id IS NOT NULL")
+                    .bind(provider),
+            )
             .await?;
         Ok(v.into_iter().map(|(s,)| s).collect())
     }
@@ -1041,7 +1153,8 @@ impl Store for SqlStore {
                      submitted_at = COALESCE($14, submitted_at), \
                      ended_at = COALESCE($15, ended_at), \
                      ingested_at = COALESCE($16, ingested_at), \
-                     end_state = COALESCE($17, end_state) \
+                     end_state = COALESCE($17, end_state), \
+                     creating_at = COALESCE($19, creating_at) \
                    WHERE id = $1 AND state = $2 AND lease_token = $18")
                 .bind(&b.id)
                 .bind(from)
@@ -1060,7 +1173,8 @@ impl Store for SqlStore {
                 .bind(u.ended_at)
                 .bind(u.ingested_at)
                 .bind(u.end_state)
-                .bind(b.lease_token),
+                .bind(b.lease_token)
+                .bind(u.creating_at),
             )
             .await?;
         if n == 1 {
@@ -1208,6 +1322,7 @@ impl Store for SqlStore {
         verdict: &str,
         error: &str,
         max_attempts: u32,
+        collector: Option<&str>,
     ) -> Result<ApplyStats> {
         let now = now_ms();
         let mut tx = self.db.begin().await?;
@@ -1239,10 +1354,11 @@ impl Store for SqlStore {
         tx.execute(
             q(
                 "UPDATE batches SET state = 'ingested', ingested_at = $2, lease_owner = NULL, \
-               lease_expires_at = NULL WHERE id = $1 AND state = 'ended'",
+               lease_expires_at = NULL, ingested_by_run = $3 WHERE id = $1 AND state = 'ended'",
             )
             .bind(&batch.id)
-            .bind(now),
+            .bind(now)
+            .bind(collector),
         )
         .await?;
         tx.commit().await?;
@@ -1302,6 +1418,9 @@ impl Store for SqlStore {
 
     async fn run_figures(&self, run_id: &str) -> Result<RunFigures> {
         let db = &self.db;
+        let started: i64 = db
+            .scalar(q("SELECT started_at FROM runs WHERE id = $1").bind(run_id))
+            .await?;
         let mut f = RunFigures {
             records_valid: count(
                 db.scalar(q("SELECT COUNT(*) FROM records WHERE run_id = $1").bind(run_id))
@@ -1325,7 +1444,20 @@ impl Store for SqlStore {
                 _ => f.unfinished += n,
             }
         }
+        // Processed by this run: the item's successful attempt is in one of its batches.
         f.processed_records = count(
+            db.scalar(
+                q(
+                    "SELECT COUNT(*) FROM records r JOIN items i ON i.id = r.item_id \
+                   WHERE r.run_id = $1 AND i.state = 'succeeded' AND EXISTS \
+                     (SELECT 1 FROM attempts a JOIN batches b ON b.id = a.batch_id \
+                      WHERE a.item_id = i.id AND a.state = 'succeeded' AND b.run_id = $1)",
+                )
+                .bind(run_id),
+            )
+            .await?,
+        );
+        f.records_done = count(
             db.scalar(
                 q(
                     "SELECT COUNT(*) FROM records r JOIN items i ON i.id = r.item_id \
@@ -1335,24 +1467,31 @@ impl Store for SqlStore {
             )
             .await?,
         );
-        let (attempts, attempted, batches): (i64, i64, i64) = db
+        let (attempts, attempted, sent): (i64, i64, i64) = db
             .one(
                 q("SELECT COUNT(a.id), COUNT(DISTINCT a.item_id), \
-                   (SELECT COUNT(*) FROM batches WHERE run_id = $1) \
+                   COALESCE(SUM(CASE WHEN b.provider_batch_id IS NOT NULL OR a.dispatched_at IS NOT NULL \
+                                THEN 1 ELSE 0 END), 0) \
                    FROM attempts a JOIN batches b ON b.id = a.batch_id WHERE b.run_id = $1")
                 .bind(run_id),
             )
             .await?;
         f.attempts = count(attempts);
         f.items_attempted = count(attempted);
-        f.batches = count(batches);
+        f.requests_sent = count(sent);
+        f.batches = count(
+            db.scalar(q("SELECT COUNT(*) FROM batches WHERE run_id = $1").bind(run_id))
+                .await?,
+        );
+        // Already done before this run started: succeeded in an attempt completed earlier.
         f.reused = count(
             db.scalar(
                 q("SELECT COUNT(*) FROM items i WHERE i.state = 'succeeded' \
                    AND i.id IN (SELECT item_id FROM records WHERE run_id = $1) \
-                   AND NOT EXISTS (SELECT 1 FROM attempts a JOIN batches b ON b.id = a.batch_id \
-                                   WHERE a.item_id = i.id AND b.run_id = $1)")
-                .bind(run_id),
+                   AND EXISTS (SELECT 1 FROM attempts a WHERE a.item_id = i.id \
+                               AND a.state = 'succeeded' AND a.completed_at < $2)")
+                .bind(run_id)
+                .bind(started),
             )
             .await?,
         );
@@ -1375,6 +1514,29 @@ impl Store for SqlStore {
             .into_iter()
             .map(|(m,)| m)
             .collect();
+        // Batches of other runs this run's process ingested.
+        let (batches, results, cost): (i64, i64, i64) = db
+            .one(
+                q("SELECT COUNT(*), \
+                   CAST(COALESCE(SUM((SELECT COUNT(*) FROM attempts a WHERE a.batch_id = b.id)), 0) AS BIGINT), \
+                   CAST(COALESCE(SUM((SELECT COALESCE(SUM(l.cost_pico), 0) FROM ledger l WHERE l.batch_id = b.id)), 0) AS BIGINT) \
+                   FROM batches b WHERE b.ingested_by_run = $1 AND b.run_id <> $1")
+                .bind(run_id),
+            )
+            .await?;
+        f.collected.batches = count(batches);
+        f.collected.results = count(results);
+        f.collected.cost = Usd::from_pico(cost as i128);
+        f.collected.runs = db
+            .all::<(String,)>(
+                q("SELECT DISTINCT run_id FROM batches WHERE ingested_by_run = $1 AND run_id <> $1 \
+                   ORDER BY run_id")
+                .bind(run_id),
+            )
+            .await?
+            .into_iter()
+            .map(|(r,)| r)
+            .collect();
         Ok(f)
     }
 
@@ -1383,17 +1545,19 @@ impl Store for SqlStore {
     }
 
     async fn audit(&self, run_id: &str) -> Result<Vec<AuditRow>> {
+        // The attempts of this run's batches: each attempt appears in exactly one run.
         self.db
             .all(
-                q("SELECT i.id AS item_id, i.dedupe_key, i.state AS item_state, \
-                     (SELECT string_agg(record_id, ',') FROM records r WHERE r.run_id = $1 AND r.item_id = i.id) AS record_ids, \
+                q("SELECT b.run_id, i.id AS item_id, i.dedupe_key, i.state AS item_state, \
+                     COALESCE((SELECT string_agg(record_id, ',') FROM records r \
+                               WHERE r.run_id = b.run_id AND r.item_id = i.id), '') AS record_ids, \
                      a.attempt_no, a.custom_id, a.batch_id, b.provider_batch_id, a.state AS attempt_state, \
                      a.verdict, a.error, COALESCE(l.model, a.model) AS model, \
                      l.input_tokens, l.cached_input_tokens, l.cache_write_tokens, l.output_tokens, \
                      l.reasoning_tokens, l.cost_pico \
-                   FROM items i JOIN attempts a ON a.item_id = i.id JOIN batches b ON b.id = a.batch_id \
+                   FROM attempts a JOIN batches b ON b.id = a.batch_id JOIN items i ON i.id = a.item_id \
                    LEFT JOIN ledger l ON l.attempt_id = a.id \
-                   WHERE i.id IN (SELECT item_id FROM records WHERE run_id = $1) \
+                   WHERE b.run_id = $1 \
                    ORDER BY i.id, a.attempt_no")
                 .bind(run_id),
             )
@@ -1407,6 +1571,25 @@ impl Store for SqlStore {
                     .bind(run_id),
             )
             .await
+    }
+
+    async fn quarantine_summary(
+        &self,
+        run_id: &str,
+        limit: u32,
+    ) -> Result<Vec<(Option<String>, String, u64)>> {
+        let rows: Vec<(Option<String>, String, i64)> = self
+            .db
+            .all(
+                q(
+                    "SELECT field, MIN(reason), COUNT(*) FROM quarantine WHERE run_id = $1 \
+                   GROUP BY field ORDER BY COUNT(*) DESC, field LIMIT $2",
+                )
+                .bind(run_id)
+                .bind(limit as i64),
+            )
+            .await?;
+        Ok(rows.into_iter().map(|(f, r, n)| (f, r, count(n))).collect())
     }
 
     async fn anomaly_count(&self, run_id: &str) -> Result<u64> {
@@ -1425,15 +1608,25 @@ impl Store for SqlStore {
 /// The items a planned batch takes, with parameters numbered from `first`: on SQLite (one
 /// writer) every plannable item up to the last one chosen; on PostgreSQL exactly the rows the
 /// planning transaction locked.
-fn plan_filter_sql(engine: Engine, first: usize) -> String {
+fn plan_filter_sql(engine: Engine, first: usize, req: &PlanRequest<'_>) -> String {
     let (p, s, t, i) = (first, first + 1, first + 2, first + 3);
     let ids = match engine {
         Engine::Sqlite => format!("id <= ${i}"),
         Engine::Postgres => format!("id = ANY(${i})"),
     };
     format!(
-        "pipeline = ${p} AND stage = ${s} AND state IN ('pending', 'failed') AND input_tokens <= ${t} AND {ids}"
+        "pipeline = ${p} AND stage = ${s} AND state IN {} AND input_tokens <= ${t} AND {ids}",
+        plannable_states(req)
     )
+}
+
+/// The item states a planning round takes (a constant fragment, never user text).
+fn plannable_states(req: &PlanRequest<'_>) -> &'static str {
+    if req.only_retries {
+        "('failed')"
+    } else {
+        "('pending', 'failed')"
+    }
 }
 
 /// Binds what [`plan_filter_sql`] asks for.

@@ -14,7 +14,7 @@ use sqlx::ConnectOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
 use super::db::Db;
-use super::{Result, SqlStore};
+use super::{Result, SqlStore, StoreError};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -31,6 +31,11 @@ impl SqlStore {
         {
             crate::fsutil::create_private_dir_all(dir)?;
         }
+        // Created private before SQLite sees it: SQLite gives the `-wal` and `-shm` files
+        // (which hold prompts and answers too) the database file's mode.
+        if !path.exists() {
+            crate::fsutil::create_private_new(path)?;
+        }
         let opts = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -41,7 +46,12 @@ impl SqlStore {
             .pragma("temp_store", "memory");
         enable_wal(&opts).await?;
         let store = connect(opts, 2, path.display().to_string()).await?;
-        crate::fsutil::restrict_file(path);
+        // Stores made before their files were created private.
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = path.as_os_str().to_owned();
+            p.push(suffix);
+            crate::fsutil::restrict_file(Path::new(&p));
+        }
         Ok(store)
     }
 
@@ -71,6 +81,27 @@ impl SqlStore {
         }
         Ok(out.join("; "))
     }
+}
+
+/// Applies the migrations on a connection of its own with foreign keys off: changing a
+/// constraint in SQLite means rebuilding the table (create the new one, copy, drop the old,
+/// rename), which SQLite's documented procedure does with foreign keys off. The keys are
+/// checked once the migrations are in; a violation is an error.
+async fn migrate(opts: &SqliteConnectOptions) -> Result<()> {
+    use sqlx::Connection;
+    let mut conn = opts.clone().foreign_keys(false).connect().await?;
+    MIGRATOR.run(&mut conn).await?;
+    let broken = sqlx::query("PRAGMA foreign_key_check")
+        .fetch_all(&mut conn)
+        .await?;
+    conn.close().await?;
+    if !broken.is_empty() {
+        return Err(StoreError::Invalid(format!(
+            "the store's migration left {} foreign key violation(s); restore a backup of the store",
+            broken.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Puts the file in WAL mode (a lasting property of the file) on one connection.
@@ -108,6 +139,7 @@ fn is_busy(e: &sqlx::Error) -> bool {
 }
 
 async fn connect(opts: SqliteConnectOptions, max: u32, location: String) -> Result<SqlStore> {
+    migrate(&opts).await?;
     let pool: SqlitePool = SqlitePoolOptions::new()
         .max_connections(max)
         .min_connections(1)
@@ -115,7 +147,6 @@ async fn connect(opts: SqliteConnectOptions, max: u32, location: String) -> Resu
         .max_lifetime(None)
         .connect_with(opts)
         .await?;
-    MIGRATOR.run(&pool).await?;
     Ok(SqlStore {
         db: Db::Sqlite(pool),
         location,

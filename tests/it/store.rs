@@ -61,7 +61,7 @@ conformance!(
 
 fn planned(o: PlanOutcome) -> Option<BatchRow> {
     match o {
-        PlanOutcome::Planned(b) => Some(*b),
+        PlanOutcome::Planned { batch, .. } => Some(*batch),
         _ => None,
     }
 }
@@ -142,6 +142,7 @@ fn plan<'a>(run: &'a str, owner: &'a str) -> PlanRequest<'a> {
         max_bytes: 1 << 20,
         line_overhead: 144,
         budget: None,
+        only_retries: false,
         mode: "batch",
         owner,
         lease_ms: 60_000,
@@ -210,7 +211,7 @@ async fn applying_the_same_results_twice_changes_nothing(db: &TestDb) {
         ..Default::default()
     };
     assert!(s.update_batch(&b, "planned", &ended).await.unwrap());
-    let rest = s.finish_ingest(&b, "missing", "x", 2).await.unwrap();
+    let rest = s.finish_ingest(&b, "missing", "x", 2, None).await.unwrap();
     assert_eq!(rest.applied, 0, "every attempt had a result");
     assert_eq!(s.batch(&b.id).await.unwrap().unwrap().state, "ingested");
     let b2 = planned(s.plan_batch(&plan(&run, "w1")).await.unwrap()).unwrap();
@@ -221,7 +222,10 @@ async fn applying_the_same_results_twice_changes_nothing(db: &TestDb) {
             .all(|a| a.attempt_no == 2 && a.custom_id.ends_with("-2"))
     );
     // Nothing came back for them: they fail, and at the cap they are exhausted.
-    let rest = s.finish_ingest(&b2, "missing", "no line", 2).await.unwrap();
+    let rest = s
+        .finish_ingest(&b2, "missing", "no line", 2, None)
+        .await
+        .unwrap();
     assert_eq!((rest.applied, rest.exhausted), (5, 5));
     assert!(planned(s.plan_batch(&plan(&run, "w1")).await.unwrap()).is_none());
     let f = s.run_figures(&run).await.unwrap();
@@ -259,7 +263,7 @@ async fn attempts_never_sent_are_taken_back(db: &TestDb) {
         ..Default::default()
     };
     assert!(s.update_batch(&b, "planned", &ended).await.unwrap());
-    s.finish_ingest(&b, "missing", "x", 2).await.unwrap();
+    s.finish_ingest(&b, "missing", "x", 2, None).await.unwrap();
     // Attempt 2 is planned for the failed half, then cancelled before it is sent.
     let b2 = planned(s.plan_batch(&plan(&run, "w1")).await.unwrap()).unwrap();
     assert_eq!(b2.request_count, 5);
@@ -273,7 +277,7 @@ async fn attempts_never_sent_are_taken_back(db: &TestDb) {
     assert_eq!(s.plannable_retries("p", "main").await.unwrap(), 5);
     // With max_attempts 2 they are not exhausted: attempt 2 is theirs to make.
     let rest = s
-        .finish_ingest(&b2, "cancelled", "before it was sent", 2)
+        .finish_ingest(&b2, "cancelled", "before it was sent", 2, None)
         .await
         .unwrap();
     assert_eq!((rest.applied, rest.exhausted), (0, 0));
@@ -463,7 +467,7 @@ async fn a_lost_lease_fences_every_write(db: &TestDb) {
         Err(StoreError::LeaseLost { .. })
     ));
     assert!(matches!(
-        s.finish_ingest(&b, "missing", "x", 2).await,
+        s.finish_ingest(&b, "missing", "x", 2, None).await,
         Err(StoreError::LeaseLost { .. })
     ));
     assert!(matches!(
