@@ -334,7 +334,6 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
         shutdown: Default::default(),
         detach: false,
         ingest_only: false,
-        provider_forgets: false,
         budget: Default::default(),
         worker_id: "bench".into(),
         lease: Duration::from_secs(300),

@@ -103,6 +103,11 @@ pub struct PlanInputs<'a> {
     pub todo_tokens: Vec<u64>,
     /// Source records whose item is still to send.
     pub todo_records: u64,
+    /// Prompt tokens of every item of the job (the source's unique items, done or not):
+    /// what the forecasts are made of, whatever is left to send tonight.
+    pub job_tokens: Vec<u64>,
+    /// Valid records of the job.
+    pub job_records: u64,
     pub history: History,
     pub monthly_items: Option<u64>,
     pub backfill_items: Option<u64>,
@@ -139,6 +144,8 @@ pub struct Worksheet {
     pub records_to_process: u64,
     pub calls_per_item: u64,
     pub input_tokens_exact: bool,
+    /// The per-call token figures are over the whole job (nothing is left to send).
+    pub input_tokens_of_job: bool,
     pub input_tokens_total: u64,
     pub input_tokens_mean: Decimal,
     pub input_tokens_p95: u64,
@@ -181,7 +188,14 @@ impl Worksheet {
         let standard = i.price.standard;
         let n = i.todo_tokens.len() as u64;
         let total: u64 = i.todo_tokens.iter().sum();
-        let mut sorted = i.todo_tokens.clone();
+        // Per-call figures describe what is left to send; with nothing left, the job's own
+        // items (whose tokens were counted all the same).
+        let stats_of = if i.todo_tokens.is_empty() {
+            &i.job_tokens
+        } else {
+            &i.todo_tokens
+        };
+        let mut sorted = stats_of.clone();
         sorted.sort_unstable();
         let p95 = if sorted.is_empty() {
             0
@@ -191,22 +205,37 @@ impl Worksheet {
             sorted[rank - 1]
         };
         let max = sorted.last().copied().unwrap_or(0);
-        let mean = if n == 0 {
-            Decimal::ZERO
-        } else {
-            Decimal::from(total) / Decimal::from(n)
-        };
-        let max_out = p.prompt.max_output_tokens as u64;
-        let output = if i.history.answered > 0 {
-            Sourced {
-                value: (Decimal::from(i.history.output_tokens) / Decimal::from(i.history.answered))
-                    .min(Decimal::from(max_out)),
-                source: format!("mean of {} earlier answers", i.history.answered),
+        let mean_of = |v: &[u64]| {
+            if v.is_empty() {
+                Decimal::ZERO
+            } else {
+                Decimal::from(v.iter().sum::<u64>()) / Decimal::from(v.len() as u64)
             }
-        } else if let Some(t) = p.plan.expected_output_tokens {
+        };
+        let mean = mean_of(stats_of);
+        let max_out = p.prompt.max_output_tokens as u64;
+        // Stated assumptions ([plan]) come first, so the forecast is the same on every
+        // night; measured history fills in what the file leaves open and is shown beside.
+        let measured_output = (i.history.answered > 0).then(|| {
+            (Decimal::from(i.history.output_tokens) / Decimal::from(i.history.answered))
+                .min(Decimal::from(max_out))
+        });
+        let output = if let Some(t) = p.plan.expected_output_tokens {
             Sourced {
                 value: Decimal::from(t),
-                source: "plan.expected_output_tokens".into(),
+                source: match measured_output {
+                    Some(m) => format!(
+                        "plan.expected_output_tokens (measured {} over {} answers)",
+                        round(m, 1),
+                        i.history.answered
+                    ),
+                    None => "plan.expected_output_tokens".into(),
+                },
+            }
+        } else if let Some(m) = measured_output {
+            Sourced {
+                value: m,
+                source: format!("mean of {} earlier answers", i.history.answered),
             }
         } else {
             Sourced {
@@ -214,42 +243,62 @@ impl Worksheet {
                 source: "no history and no plan.expected_output_tokens: max_output_tokens".into(),
             }
         };
-        let retry = if i.history.items_attempted > 0 {
-            Sourced {
-                value: Decimal::from(i.history.attempts.saturating_sub(i.history.items_attempted))
-                    / Decimal::from(i.history.items_attempted),
+        let measured_retry = (i.history.items_attempted > 0).then(|| {
+            Decimal::from(i.history.attempts.saturating_sub(i.history.items_attempted))
+                / Decimal::from(i.history.items_attempted)
+        });
+        let retry = match (p.plan.retry_rate, measured_retry) {
+            (Some(r), Some(m)) => Sourced {
+                value: r,
+                source: format!(
+                    "plan.retry_rate (measured {}% over {} items)",
+                    round(m * Decimal::from(100), 2),
+                    i.history.items_attempted
+                ),
+            },
+            (Some(r), None) => Sourced {
+                value: r,
+                source: "plan.retry_rate".into(),
+            },
+            (None, Some(m)) => Sourced {
+                value: m,
                 source: format!(
                     "{} earlier attempts on {} items",
                     i.history.attempts, i.history.items_attempted
                 ),
-            }
-        } else {
-            Sourced {
-                value: p.plan.retry_rate,
-                source: "plan.retry_rate".into(),
-            }
+            },
+            (None, None) => Sourced {
+                value: Decimal::new(5, 2),
+                source: "default (no history, no plan.retry_rate)".into(),
+            },
         };
         let one = Decimal::ONE;
         let cost_per_call = call_cost(&batch, mean, output.value);
         let standard_cost_per_call = call_cost(&standard, mean, output.value);
         let attempts_factor = one + retry.value;
-        let expected = Decimal::from(n) * cost_per_call * attempts_factor;
-        let standard_expected = Decimal::from(n) * standard_cost_per_call * attempts_factor;
+        let todo_mean = mean_of(&i.todo_tokens);
+        let expected =
+            Decimal::from(n) * call_cost(&batch, todo_mean, output.value) * attempts_factor;
+        let standard_expected =
+            Decimal::from(n) * call_cost(&standard, todo_mean, output.value) * attempts_factor;
         // Exact: each item at its own input tokens plus the full output budget, every attempt.
         let worst_one: Usd = batch.input.cost(total) + batch.output.cost(max_out * n);
         let worst = Usd::from_pico(worst_one.pico() * p.max_attempts as i128);
-        let per_record = |cost: Decimal| {
-            if i.todo_records == 0 {
+        // Per processed item, and the forecasts, come from the whole job: all its unique
+        // items over all its records (duplicates ride along for free).
+        let job_n = i.job_tokens.len() as u64;
+        let job_mean = mean_of(&i.job_tokens);
+        let per_record = |per_call: Decimal| {
+            if i.job_records == 0 {
                 Decimal::ZERO
             } else {
-                cost / Decimal::from(i.todo_records)
+                Decimal::from(job_n) * per_call / Decimal::from(i.job_records)
             }
         };
-        let cost_per_item = per_record(expected);
-        let std_per_item = per_record(standard_expected);
-        // Forecasts: the cost of one attempt per processed item (duplicates included).
-        let base = per_record(Decimal::from(n) * cost_per_call);
-        let base_std = per_record(Decimal::from(n) * standard_cost_per_call);
+        let base = per_record(call_cost(&batch, job_mean, output.value));
+        let base_std = per_record(call_cost(&standard, job_mean, output.value));
+        let cost_per_item = base * attempts_factor;
+        let std_per_item = base_std * attempts_factor;
         let margin = one + p.plan.safety_margin;
         let forecast = |items: u64| Forecast {
             items,
@@ -271,6 +320,7 @@ impl Worksheet {
             records_to_process: i.todo_records,
             calls_per_item: 1,
             input_tokens_exact: i.exact_tokens,
+            input_tokens_of_job: i.todo_tokens.is_empty() && !i.job_tokens.is_empty(),
             input_tokens_total: total,
             input_tokens_mean: mean,
             input_tokens_p95: p95,
@@ -351,11 +401,19 @@ impl Worksheet {
                     self.input_tokens_p95,
                     self.input_tokens_max
                 ),
-                if self.input_tokens_exact {
-                    "counted with the model's tokenizer".into()
-                } else {
-                    "estimate (no tokenizer for this model)".into()
-                },
+                format!(
+                    "{}{}",
+                    if self.input_tokens_exact {
+                        "counted with the model's tokenizer"
+                    } else {
+                        "estimate (no tokenizer for this model)"
+                    },
+                    if self.input_tokens_of_job {
+                        "; over all the job's items (none left to send)"
+                    } else {
+                        ""
+                    }
+                ),
             ),
             (
                 "output tokens per call".into(),
@@ -510,7 +568,7 @@ impl Worksheet {
 }
 
 /// CSV formula-injection guard: a cell starting with `= + - @`, tab or CR gets a `'`.
-fn guard(s: &str) -> String {
+pub fn guard(s: &str) -> String {
     if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
         format!("'{s}")
     } else {

@@ -97,6 +97,7 @@ struct RawSource {
     id_field: Option<String>,
     max_record_bytes: Option<u64>,
     delimiter: Option<String>,
+    max_quarantined_share: Option<DecimalText>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -120,6 +121,7 @@ struct RawProvider {
     poll_min_seconds: Option<f64>,
     poll_max_seconds: Option<f64>,
     request_timeout_seconds: Option<f64>,
+    unreachable_timeout_seconds: Option<f64>,
     reconcile_grace_seconds: Option<f64>,
     max_download_bytes: Option<u64>,
 }
@@ -208,6 +210,8 @@ pub struct SourceConfig {
     pub id_field: String,
     pub max_record_bytes: usize,
     pub delimiter: u8,
+    /// A run whose quarantined share of records is above this sends nothing and fails.
+    pub max_quarantined_share: Decimal,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -293,6 +297,9 @@ pub struct ProviderConfig {
     pub poll_min: Duration,
     pub poll_max: Duration,
     pub request_timeout: Duration,
+    /// How long the provider may stay unreachable (refused connections, timeouts, 5xx and
+    /// 429s without end) before a run gives up with exit 75.
+    pub unreachable_timeout: Duration,
     /// How long after an ambiguous create the provider's list is trusted to show the batch.
     pub reconcile_grace: Duration,
     pub max_download_bytes: u64,
@@ -364,7 +371,8 @@ pub struct PlanSettings {
     /// What one processed item is called (`product`, `ticket`).
     pub unit: String,
     pub expected_output_tokens: Option<u32>,
-    pub retry_rate: Decimal,
+    /// `None` when the file does not say: measured history, else 5 %, stands in.
+    pub retry_rate: Option<Decimal>,
     pub safety_margin: Decimal,
 }
 
@@ -792,6 +800,22 @@ fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> Result<Pipeline, Vec<P
         ));
     }
 
+    let max_quarantined_share = match src.max_quarantined_share.as_ref().map(|v| v.decimal()) {
+        None => Decimal::new(5, 1),
+        Some(Ok(d)) if d >= Decimal::ZERO && d <= Decimal::ONE => d,
+        Some(Ok(d)) => {
+            p.push(Problem::new(
+                "source.max_quarantined_share",
+                format!("must be a ratio between 0 and 1 (0.5 = half the records), got {d}"),
+            ));
+            Decimal::new(5, 1)
+        }
+        Some(Err(e)) => {
+            p.push(Problem::new("source.max_quarantined_share", e.to_string()));
+            Decimal::new(5, 1)
+        }
+    };
+
     // [provider]
     let prov = raw.provider.unwrap_or_default();
     let pkind = match prov.kind.as_deref() {
@@ -942,10 +966,21 @@ fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> Result<Pipeline, Vec<P
         prov.reconcile_grace_seconds,
         if simulate { 0.0 } else { 60.0 },
     );
+    let unreachable_timeout = dur(
+        "unreachable_timeout_seconds",
+        prov.unreachable_timeout_seconds,
+        300.0,
+    );
     if poll_max < poll_min {
         p.push(Problem::new(
             "provider.poll_max_seconds",
             "must not be below poll_min_seconds",
+        ));
+    }
+    if unreachable_timeout.is_zero() {
+        p.push(Problem::new(
+            "provider.unreachable_timeout_seconds",
+            "must be above 0",
         ));
     }
     if request_timeout.is_zero() {
@@ -1103,6 +1138,7 @@ fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> Result<Pipeline, Vec<P
             }
         }
     };
+    let retry_rate_given = pl.retry_rate.is_some();
     let retry_rate = ratio("retry_rate", pl.retry_rate, Decimal::new(5, 2));
     let safety_margin = ratio("safety_margin", pl.safety_margin, Decimal::new(10, 2));
     if let Some(t) = pl.expected_output_tokens
@@ -1118,7 +1154,7 @@ fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> Result<Pipeline, Vec<P
         timing,
         unit: pl.unit.unwrap_or_else(|| "record".into()),
         expected_output_tokens: pl.expected_output_tokens,
-        retry_rate,
+        retry_rate: retry_rate_given.then_some(retry_rate),
         safety_margin,
     };
 
@@ -1136,6 +1172,7 @@ fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> Result<Pipeline, Vec<P
             id_field: src.id_field.unwrap_or_default(),
             max_record_bytes: max_record_bytes as usize,
             delimiter,
+            max_quarantined_share,
         },
         provider: ProviderConfig {
             kind: pkind,
@@ -1157,6 +1194,7 @@ fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> Result<Pipeline, Vec<P
             poll_min,
             poll_max,
             request_timeout,
+            unreachable_timeout,
             reconcile_grace,
             max_download_bytes,
         },

@@ -22,6 +22,9 @@ pub struct RetryPolicy {
     /// A `retry-after` longer than this is not waited out here: the error goes back to the
     /// caller, whose own loop comes back later.
     pub max_retry_after: Duration,
+    /// No retry starts after this long: the error goes back to the caller, who decides
+    /// whether the provider is unreachable (`provider.unreachable_timeout_seconds`).
+    pub max_elapsed: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -31,6 +34,7 @@ impl Default for RetryPolicy {
             min_delay: Duration::from_millis(250),
             max_delay: Duration::from_secs(30),
             max_retry_after: Duration::from_secs(120),
+            max_elapsed: Duration::from_secs(120),
         }
     }
 }
@@ -193,9 +197,11 @@ pub async fn send_idempotent(
         .with_max_delay(policy.max_delay)
         .with_max_times(policy.max_times);
     let max_ra = policy.max_retry_after;
+    let started = std::time::Instant::now();
+    let max_elapsed = policy.max_elapsed;
     (|| async { send_once(build(), false).await })
         .retry(backoff)
-        .when(ProviderError::is_transient)
+        .when(move |e| e.is_transient() && started.elapsed() < max_elapsed)
         .adjust(move |e, dur| match (e.retry_after(), dur) {
             (_, None) => None,
             (Some(ra), Some(_)) if ra > max_ra => None,

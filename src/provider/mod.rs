@@ -179,6 +179,8 @@ impl ProviderError {
 /// The batch life cycle of one provider.
 pub trait BatchProvider: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
+    /// The base URL requests go to (for messages; it never carries credentials).
+    fn endpoint(&self) -> &str;
     fn pricing_mode(&self) -> PricingMode {
         PricingMode::Batch
     }
@@ -329,7 +331,12 @@ impl AnyProvider {
         simulator: Option<&str>,
     ) -> Result<AnyProvider, ProviderError> {
         use crate::config::ProviderKind;
-        let policy = http::RetryPolicy::default();
+        // A call retries on its own for a share of the give-up time; the runner judges the
+        // whole spell of failures against `unreachable_timeout`.
+        let policy = http::RetryPolicy {
+            max_elapsed: (cfg.unreachable_timeout / 3).min(std::time::Duration::from_secs(120)),
+            ..http::RetryPolicy::default()
+        };
         let t = cfg.request_timeout;
         let root = |default: &str| -> String {
             match (simulator, &cfg.base_url) {
@@ -377,6 +384,9 @@ impl AnyProvider {
 impl BatchProvider for AnyProvider {
     fn kind(&self) -> &'static str {
         each!(self, c => c.kind())
+    }
+    fn endpoint(&self) -> &str {
+        each!(self, c => c.endpoint())
     }
     fn request_shape(&self, spec: &RequestSpec<'_>) -> Result<RequestShape, String> {
         each!(self, c => c.request_shape(spec))

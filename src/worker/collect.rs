@@ -165,13 +165,16 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         crate::failpoint!("finish.before_commit");
         let rest = ctx
             .store
-            .finish_ingest(b, verdict, &error, ctx.pipeline.max_attempts)
+            .finish_ingest(
+                b,
+                verdict,
+                &error,
+                ctx.pipeline.max_attempts,
+                self.collector(),
+            )
             .await?;
         stats += ApplyStats { applied: 0, ..rest };
-        ctx.observer.event(&Event::Ingested {
-            batch_id: b.id.clone(),
-            stats,
-        });
+        self.ingested(b, stats).await?;
         // Results are in the store now; local copies of prompts and answers can go, and so
         // can the input file at the provider.
         for path in files {
@@ -216,12 +219,15 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 .await?;
         }
         let stats = store
-            .finish_ingest(b, "cancelled", why, self.ctx.pipeline.max_attempts)
+            .finish_ingest(
+                b,
+                "cancelled",
+                why,
+                self.ctx.pipeline.max_attempts,
+                self.collector(),
+            )
             .await?;
-        self.ctx.observer.event(&Event::Ingested {
-            batch_id: b.id.clone(),
-            stats,
-        });
+        self.ingested(b, stats).await?;
         Ok(())
     }
 }
@@ -294,7 +300,7 @@ pub async fn cancel<S: Store, P: BatchProvider>(
                 "cancelled before it was sent (uploaded file deleted)".to_string()
             }
             "creating" => {
-                let known = store.known_provider_ids().await?;
+                let known = store.known_provider_ids(&b.provider).await?;
                 let found = ctx
                     .provider
                     .find_batch(&b.id, b.created_at / 1000, b.request_count as u64, &known)

@@ -27,8 +27,8 @@ use crate::dedupe::RequestShape;
 use crate::fsutil::{self, AtomicFile};
 use crate::provider::{BatchProvider, ProviderError, RequestSpec};
 use crate::store::{
-    ApplyStats, BatchRow, BatchUpdate, Claim, NewRun, PlanOutcome, PlanRequest, RunStatus, Store,
-    StoreError, now_ms,
+    ApplyStats, BatchRow, Claim, NewRun, PlanOutcome, PlanRequest, RunStatus, Store, StoreError,
+    now_ms,
 };
 use crate::validate::OutputValidator;
 
@@ -77,6 +77,12 @@ pub enum Event {
     Ingested {
         batch_id: String,
         stats: ApplyStats,
+        /// What the batch's results cost (ledger).
+        cost: crate::cost::Usd,
+    },
+    /// What this run has to carry to the end: items waiting and items in open batches.
+    Work {
+        items: u64,
     },
     Waiting {
         in_flight: usize,
@@ -89,14 +95,93 @@ pub trait Observer: Send + Sync {
     fn event(&self, event: &Event);
 }
 
-/// An observer that logs through `tracing`.
+/// An observer that logs through `tracing`, one record per event with named fields (what
+/// `--log-format json` turns into one JSON object per line).
 pub struct LogObserver;
 
 impl Observer for LogObserver {
     fn event(&self, e: &Event) {
         match e {
             Event::IngestProgress { .. } | Event::Waiting { .. } => {}
-            other => tracing::info!(event = ?other, "progress"),
+            Event::IngestDone {
+                records,
+                quarantined,
+                new_items,
+            } => tracing::info!(
+                event = "ingested",
+                records,
+                quarantined,
+                new_items,
+                "source read"
+            ),
+            Event::Quarantined {
+                source,
+                line,
+                field,
+                reason,
+            } => tracing::info!(
+                event = "quarantined",
+                source = %source,
+                line,
+                field = field.as_deref(),
+                reason = %reason,
+                "line quarantined"
+            ),
+            Event::Planned { batch_id, requests } => {
+                tracing::info!(event = "planned", batch_id = %batch_id, requests, "batch planned")
+            }
+            Event::Submitted {
+                batch_id,
+                provider_batch_id,
+                requests,
+            } => tracing::info!(
+                event = "submitted",
+                batch_id = %batch_id,
+                provider_batch_id = %provider_batch_id,
+                requests,
+                "batch submitted"
+            ),
+            Event::Adopted {
+                batch_id,
+                provider_batch_id,
+            } => tracing::info!(
+                event = "adopted",
+                batch_id = %batch_id,
+                provider_batch_id = %provider_batch_id,
+                "batch adopted: the provider already had it"
+            ),
+            Event::Polled {
+                batch_id,
+                status,
+                completed,
+                failed,
+                total,
+            } => tracing::debug!(
+                event = "polled",
+                batch_id = %batch_id,
+                status = %status,
+                completed,
+                failed,
+                total,
+                "batch polled"
+            ),
+            Event::Ingested {
+                batch_id,
+                stats,
+                cost,
+            } => tracing::info!(
+                event = "collected",
+                batch_id = %batch_id,
+                succeeded = stats.succeeded,
+                to_retry = stats.failed,
+                failed_for_good = stats.exhausted,
+                cost_usd = %cost,
+                "batch results applied"
+            ),
+            Event::Work { items } => {
+                tracing::info!(event = "work", items, "items to carry to the end")
+            }
+            Event::Note(n) => tracing::info!(event = "note", "{n}"),
         }
     }
 }
@@ -132,6 +217,18 @@ impl Shutdown {
     }
 }
 
+impl RunError {
+    /// The process exit code this error maps to (also stored on the run).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunError::Config(_) => EXIT_CONFIG,
+            RunError::Provider(ProviderError::Auth { .. }) => EXIT_CONFIG,
+            RunError::Unavailable { .. } => EXIT_RESUMABLE,
+            _ => EXIT_ERROR,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
@@ -144,8 +241,18 @@ pub enum RunError {
     #[error("provider: {0}")]
     Provider(ProviderError),
     /// The provider could not be reached for long enough that this run gives up; rerun later.
-    #[error("provider unavailable: {0}")]
-    Unavailable(ProviderError),
+    #[error(
+        "cannot reach the provider at {url}: every call failed for {seconds}s (last: {cause}). \
+         Everything done so far is kept: check the network, the provider's status and \
+         provider.base_url, then run again (the run gives up after \
+         provider.unreachable_timeout_seconds = {timeout_seconds})"
+    )]
+    Unavailable {
+        url: String,
+        seconds: u64,
+        timeout_seconds: f64,
+        cause: String,
+    },
     #[error("cannot write {path}: {source}")]
     Output {
         path: PathBuf,
@@ -176,8 +283,18 @@ pub struct PhaseTimes {
     pub results: Duration,
 }
 
+/// Exit code of a run that finished with items failed for good, or stopped by its budget.
+pub const EXIT_FAILED_ITEMS: i32 = 1;
+/// Exit code of an error (I/O, the store, a provider answer retrying cannot fix).
+pub const EXIT_ERROR: i32 = 2;
 /// Exit code of a run stopped by a signal or left in flight on purpose: try again later.
 pub const EXIT_RESUMABLE: i32 = 75;
+/// Exit code of bad configuration (pipeline file, key, prices, a refused key).
+pub const EXIT_CONFIG: i32 = 78;
+
+/// Record rows (one per source line) are kept for this many of a pipeline's latest runs;
+/// older runs keep their frozen figures, so every report still adds up.
+pub const KEEP_RECORDS_OF_RUNS: u32 = 7;
 
 /// Everything a run needs, built by the caller.
 pub struct RunContext<'a, S: Store, P: BatchProvider> {
@@ -195,9 +312,6 @@ pub struct RunContext<'a, S: Store, P: BatchProvider> {
     pub detach: bool,
     /// Read the source into the store and return: workers send it.
     pub ingest_only: bool,
-    /// The provider's state did not survive the last process (the in-process simulator):
-    /// batches already sent are lost and their items go back to the queue.
-    pub provider_forgets: bool,
     /// The run's spending limits (the pipeline's `[budget]`, or `--budget-usd`).
     pub budget: crate::config::Budget,
     /// This process's worker id, which its leases name, and how long a lease lasts without
@@ -263,28 +377,36 @@ enum Stop {
 
 pub(crate) struct Runner<'a, S: Store, P: BatchProvider> {
     ctx: &'a RunContext<'a, S, P>,
-    /// The run this process records (empty for `cancel`).
+    /// The run this process records (empty for `cancel`; a worker's is the run it serves).
     run_id: String,
+    /// Whether `run_id` is this process's own run (`nightshift run`).
+    own_run: bool,
     validator: OutputValidator,
     batch_rates: Rates,
     standard_rates: Rates,
     polls: HashMap<String, PollClock>,
-    started: Instant,
     requests_sent: u64,
     times: PhaseTimes,
-    /// Creates that failed ambiguously, and when: reconcile before creating again.
-    ambiguous_since: HashMap<String, Instant>,
+    /// Creates that failed ambiguously: reconcile before creating again (the grace counts
+    /// from the batch's stored `creating_at`).
+    maybe_created: HashSet<String>,
     /// Creates that failed before reaching the provider: safe to send again at once.
     not_created: HashSet<String>,
-    /// Consecutive transient failures talking to the provider, to give up eventually.
+    /// Consecutive transient failures talking to the provider (they lengthen the pause).
     transient_streak: u32,
-    last_transient: Option<ProviderError>,
+    /// Since when every call to the provider has failed: the run gives up once this is
+    /// `unreachable_timeout` old.
+    failing_since: Option<Instant>,
+    /// Whether this failing spell was already reported at the default log level.
+    failing_warned: bool,
     /// Set when a batch is deliberately left for later (reconcile grace period).
     waiting: bool,
-    /// The worst case of the next item when the budget stopped planning.
-    budget_blocked: Option<crate::cost::Usd>,
     /// The limits planning honours: the run's own, or (a worker) those of the run it serves.
     budget: crate::config::Budget,
+    /// The cap refused an item: from then on the run only retries what it sent (no creep).
+    budget_hit: bool,
+    /// Nothing new is planned (the source could not be read): open batches are collected.
+    collect_only: bool,
 }
 
 impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
@@ -313,21 +435,37 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
         Ok(Runner {
             ctx,
             run_id: String::new(),
+            own_run: false,
             validator,
             batch_rates,
             standard_rates: ctx.price.standard,
             polls: HashMap::new(),
-            started: Instant::now(),
             requests_sent: 0,
             times: PhaseTimes::default(),
-            ambiguous_since: HashMap::new(),
+            maybe_created: HashSet::new(),
             not_created: HashSet::new(),
             transient_streak: 0,
-            last_transient: None,
+            failing_since: None,
+            failing_warned: false,
             waiting: false,
-            budget_blocked: None,
             budget: ctx.budget,
+            budget_hit: false,
+            collect_only: false,
         })
+    }
+
+    /// The run a batch ingested here is credited to as its collector: this process's run
+    /// (`None` for a worker or `cancel`, which have none of their own).
+    pub(super) fn collector(&self) -> Option<&str> {
+        self.own_run.then_some(self.run_id.as_str())
+    }
+
+    /// Whether a batch found in `creating` is still within the grace the provider's list
+    /// gets to show a create, counted from when the create was (last) sent.
+    pub(super) fn within_grace(&self, b: &BatchRow, grace: Duration) -> bool {
+        let since = b.creating_at.unwrap_or(b.created_at);
+        let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+        now_ms().saturating_sub(since) < grace_ms
     }
 
     fn lease_ms(&self) -> i64 {
@@ -452,14 +590,16 @@ pub async fn run<S: Store, P: BatchProvider>(
         })
         .await?;
     runner.run_id = run_id.clone();
+    runner.own_run = true;
     let result = runner.run_all(&shape).await;
     let (status, exit_code, message) = match &result {
         Ok((status, code, msg)) => (*status, *code, msg.clone()),
-        Err(e) => (RunStatus::Error, 2, Some(e.to_string())),
+        Err(e) => (RunStatus::Error, e.exit_code(), Some(e.to_string())),
     };
     ctx.store
         .finish_run(&run_id, status, exit_code, message.as_deref())
         .await?;
+    runner.settle(&run_id).await?;
     result?;
     Ok(RunOutcome {
         run_id,
@@ -489,14 +629,23 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
     ) -> Result<(RunStatus, i32, Option<String>), RunError> {
         let ctx = self.ctx;
         let p = ctx.pipeline;
-        if ctx.provider_forgets {
-            self.forget_sent_batches().await?;
+        // Collecting what is in flight needs no source: when it cannot be read, the batches
+        // already paid for are still carried to the end before the run stops.
+        if let Err(e) = std::fs::File::open(&p.source.path) {
+            let why = format!(
+                "cannot read the source {}: {e}; fix source.path (or restore the file) and run again",
+                p.source.path.display()
+            );
+            return self.collect_then_stop(why, EXIT_CONFIG).await;
         }
         let shape_id = ctx.store.ensure_shape(shape).await?;
         let t = Instant::now();
         let counter = self.counter();
         let complete = ingest::ingest(ctx, &self.run_id, shape, shape_id, counter).await?;
         self.times.prepare += t.elapsed();
+        if complete && let Some(why) = self.bad_input().await? {
+            return self.collect_then_stop(why, EXIT_ERROR).await;
+        }
         let revived = ctx
             .store
             .revive_exhausted(&p.name, p.stage(), p.max_attempts)
@@ -524,6 +673,9 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 "nothing to send: every item of this source is already processed".into(),
             ));
         }
+        ctx.observer.event(&Event::Work {
+            items: pending + open.iter().map(|b| b.request_count as u64).sum::<u64>(),
+        });
         let stop = if complete && ctx.ingest_only {
             ctx.observer.event(&Event::Note(format!(
                 "{pending} item(s) waiting: `nightshift worker` sends them; run again without --ingest-only to wait for the results"
@@ -545,41 +697,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                         .into(),
                 ),
             )),
-            Stop::Budget => {
-                let spent = ctx.store.run_commitment(&self.run_id).await?;
-                let left = ctx.store.plannable_count(&p.name, p.stage()).await?;
-                let mut why = Vec::new();
-                if let (Some(cap), Some(next)) = (ctx.budget.max, self.budget_blocked) {
-                    why.push(format!(
-                        "budget: spent {} of {}; the next item's worst case {} does not fit",
-                        spent.display_rounded(6),
-                        cap.display_rounded(6),
-                        next.display_rounded(6)
-                    ));
-                }
-                if let Some(max_item) = ctx.budget.max_item {
-                    let limit = max_item_input_tokens(
-                        max_item,
-                        &self.batch_rates,
-                        p.prompt.max_output_tokens as u64,
-                    );
-                    let refused = ctx.store.plannable_over(&p.name, p.stage(), limit).await?;
-                    if refused > 0 {
-                        why.push(format!(
-                            "{refused} item(s) refused: their worst case alone is above max_item_usd {}",
-                            max_item.display_rounded(6)
-                        ));
-                    }
-                }
-                Ok((
-                    RunStatus::Failed,
-                    1,
-                    Some(format!(
-                        "{left} item(s) left pending ({}); raise the limit and run again to send them",
-                        why.join("; ")
-                    )),
-                ))
-            }
+            Stop::Budget => Ok((RunStatus::Budget, 1, Some(self.budget_message().await?))),
             Stop::Detached => Ok((
                 RunStatus::Detached,
                 0,
@@ -608,6 +726,178 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         }
     }
 
+    /// The run cannot go on (`why`): it still carries what is in flight to the end, since
+    /// that needs no source and was paid for, then stops with `code` and does not touch the
+    /// output file (last night's stays as it was).
+    async fn collect_then_stop(
+        &mut self,
+        why: String,
+        code: i32,
+    ) -> Result<(RunStatus, i32, Option<String>), RunError> {
+        let ctx = self.ctx;
+        let open = ctx.store.open_batches(Some(&ctx.pipeline.name)).await?;
+        let mut message = why;
+        if !open.is_empty() {
+            ctx.observer.event(&Event::Note(format!(
+                "{message}; first collecting the {} batch(es) in flight",
+                open.len()
+            )));
+            self.collect_only = true;
+            if self.drive(false).await? == Stop::Interrupted {
+                return Ok((
+                    RunStatus::Interrupted,
+                    EXIT_RESUMABLE,
+                    Some("stopped by a signal while collecting; run again to resume".into()),
+                ));
+            }
+            message = format!(
+                "{message} (the {} batch(es) in flight were collected first)",
+                open.len()
+            );
+        }
+        Ok((RunStatus::Error, code, Some(message)))
+    }
+
+    /// Whether the source as read is unusable: empty, or mostly quarantined (a template
+    /// field no record has, the wrong id field, the wrong file). Such a run sends nothing.
+    async fn bad_input(&self) -> Result<Option<String>, RunError> {
+        let ctx = self.ctx;
+        let p = ctx.pipeline;
+        let run = ctx
+            .store
+            .run(&self.run_id)
+            .await?
+            .ok_or_else(|| StoreError::Invalid("the run row vanished".into()))?;
+        let (read, quarantined) = (run.records_read as u64, run.records_quarantined as u64);
+        if read == 0 {
+            return Ok(Some(format!(
+                "the source {} holds no records: an empty export? Nothing was sent",
+                p.source.path.display()
+            )));
+        }
+        let share = rust_decimal::Decimal::from(quarantined) / rust_decimal::Decimal::from(read);
+        if quarantined == 0 || share <= p.source.max_quarantined_share {
+            return Ok(None);
+        }
+        let reasons = ctx.store.quarantine_summary(&self.run_id, 3).await?;
+        let reasons: Vec<String> = reasons
+            .iter()
+            .map(|(field, reason, n)| match field {
+                Some(f) => format!("{n} × field `{f}`: {reason}"),
+                None => format!("{n} × {reason}"),
+            })
+            .collect();
+        Ok(Some(format!(
+            "{quarantined} of {read} records were quarantined ({}%), above source.max_quarantined_share = {}: \
+             nothing was sent. Most common: {}. See `nightshift report --items`; `nightshift validate` checks the template against the source",
+            (share * rust_decimal::Decimal::from(100)).round_dp(1),
+            p.source.max_quarantined_share.normalize(),
+            reasons.join("; ")
+        )))
+    }
+
+    /// What stopped a capped run and what the rest would take.
+    async fn budget_message(&self) -> Result<String, RunError> {
+        let ctx = self.ctx;
+        let p = ctx.pipeline;
+        let store = ctx.store;
+        let spent = store.run_commitment(&self.run_id).await?;
+        let (left, tokens) = store.plannable_totals(&p.name, p.stage()).await?;
+        let rates = *self.rates(p.provider.pricing_mode());
+        let max_out = p.prompt.max_output_tokens as u64;
+        let rest = rates.input.cost(tokens) + rates.output.cost(max_out.saturating_mul(left));
+        let mut why = Vec::new();
+        if let Some(cap) = self.budget.max {
+            why.push(format!(
+                "spent {} of the {} cap; the {} item(s) left need up to {} more (one attempt each, every answer at max_output_tokens)",
+                spent.display_rounded(6),
+                cap.display_rounded(6),
+                crate::report::n(left),
+                rest.display_rounded(6)
+            ));
+        }
+        if let Some(max_item) = self.budget.max_item {
+            let limit = max_item_input_tokens(max_item, &rates, max_out);
+            let refused = store.plannable_over(&p.name, p.stage(), limit).await?;
+            if refused > 0 {
+                why.push(format!(
+                    "{refused} item(s) refused: their worst case alone is above max_item_usd {}",
+                    max_item.display_rounded(6)
+                ));
+            }
+        }
+        Ok(format!(
+            "budget: {}; raise --budget-usd (or [budget]) and run again to send the rest",
+            why.join("; ")
+        ))
+    }
+
+    /// A batch was closed: reports it (with what its results cost) and, when it was the
+    /// last open batch of its run, settles that run.
+    pub(super) async fn ingested(&self, b: &BatchRow, stats: ApplyStats) -> Result<(), RunError> {
+        let cost = self.ctx.store.ledger_totals_for_batch(&b.id).await?.cost;
+        self.ctx.observer.event(&Event::Ingested {
+            batch_id: b.id.clone(),
+            stats,
+            cost,
+        });
+        self.settle(&b.run_id).await
+    }
+
+    /// Once nothing of a run is open any more its figures are final: a detached run gets
+    /// its end status (from whichever process ingested its last batch), the figures are
+    /// frozen on the run row, and record rows of the pipeline's older runs are pruned.
+    pub(super) async fn settle(&self, run_id: &str) -> Result<(), RunError> {
+        let store = self.ctx.store;
+        if store.open_batch_count(run_id).await? > 0 {
+            return Ok(());
+        }
+        let Some(run) = store.run(run_id).await? else {
+            return Ok(());
+        };
+        match run.status.as_str() {
+            // Its own process settles it when it finishes.
+            "running" => return Ok(()),
+            "detached" => {
+                // Workers plan for the pipeline's latest run: while it is the latest and
+                // work is waiting, more may still be charged to it.
+                let latest = store.last_run(Some(&run.pipeline)).await?;
+                if latest.is_some_and(|l| l.id == run.id)
+                    && store.plannable_count(&run.pipeline, &run.stage).await? > 0
+                {
+                    return Ok(());
+                }
+                let f = store.run_figures(run_id).await?;
+                let (status, code, message) = if f.exhausted > 0 {
+                    (
+                        RunStatus::Failed,
+                        1,
+                        format!(
+                            "{} item(s) failed for good; its batches were collected later",
+                            f.exhausted
+                        ),
+                    )
+                } else {
+                    (
+                        RunStatus::Completed,
+                        0,
+                        "detached; its batches were collected later".to_string(),
+                    )
+                };
+                store
+                    .finish_run(run_id, status, code, Some(&message))
+                    .await?;
+            }
+            _ => {}
+        }
+        let f = store.run_figures(run_id).await?;
+        store.freeze_figures(run_id, &f.to_json()).await?;
+        store
+            .prune_records(&run.pipeline, KEEP_RECORDS_OF_RUNS)
+            .await?;
+        Ok(())
+    }
+
     /// Plans, submits, polls and ingests until nothing of this pipeline is open (or, when
     /// `serve`, until told to stop: an idle worker waits for new work).
     async fn drive(&mut self, serve: bool) -> Result<Stop, RunError> {
@@ -626,12 +916,19 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 continue;
             }
             // New batches (first attempts and retries) for whatever is plannable.
-            let planning = self.plan_round().await?;
+            let planning = if self.collect_only {
+                Planning::Nothing
+            } else {
+                self.plan_round().await?
+            };
 
             let open = ctx.store.claim_batches(&self.claim()).await?;
             self.polls.retain(|id, _| open.iter().any(|b| &b.id == id));
             if open.is_empty() {
                 let held_elsewhere = !ctx.store.open_batches(Some(&p.name)).await?.is_empty();
+                if self.collect_only && !held_elsewhere {
+                    return Ok(Stop::Done);
+                }
                 let plannable = ctx.store.plannable_count(&p.name, p.stage()).await?;
                 let stop = if held_elsewhere {
                     // Other workers hold what is open: wait for them, or for their leases
@@ -723,7 +1020,6 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         };
         let lease_ms = self.lease_ms();
         let t = Instant::now();
-        self.budget_blocked = None;
         let mut outcome = Planning::Nothing;
         while !ctx.shutdown.is_set() {
             let budget = self.budget_check(pricing_mode).await?;
@@ -738,29 +1034,43 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 max_bytes: p.batch.max_bytes,
                 line_overhead: ctx.provider.line_overhead(),
                 budget,
+                only_retries: self.budget_hit,
                 mode,
                 owner: &ctx.worker_id,
                 lease_ms,
             };
             match ctx.store.plan_batch(&req).await? {
-                PlanOutcome::Planned(b) => {
+                PlanOutcome::Planned {
+                    batch,
+                    cut_by_budget,
+                } => {
                     crate::failpoint!("plan.after_commit");
                     outcome = Planning::Planned;
                     ctx.observer.event(&Event::Planned {
-                        batch_id: b.id.clone(),
-                        requests: b.request_count as u64,
+                        batch_id: batch.id.clone(),
+                        requests: batch.request_count as u64,
                     });
+                    if cut_by_budget {
+                        // The cap refused the next item: no later round starts new items
+                        // (what ingested batches give back of their reservations must not
+                        // dribble out as ever smaller batches).
+                        self.budget_hit = true;
+                        break;
+                    }
                 }
                 PlanOutcome::Nothing => {
                     // Nothing plannable within the per-item cap — or nothing this worker
-                    // could lock: another one is planning the same items.
-                    if outcome == Planning::Nothing && self.refused_by_item_cap(budget).await? {
+                    // could lock: another one is planning the same items. Under a cap that
+                    // refused an item, what is left waits for a bigger budget.
+                    if outcome == Planning::Nothing
+                        && (self.budget_hit || self.refused_by_item_cap(budget).await?)
+                    {
                         outcome = Planning::Blocked;
                     }
                     break;
                 }
-                PlanOutcome::OverBudget { next_worst_case } => {
-                    self.budget_blocked = Some(next_worst_case);
+                PlanOutcome::OverBudget { .. } => {
+                    self.budget_hit = true;
                     if outcome == Planning::Nothing {
                         outcome = Planning::Blocked;
                     }
@@ -795,6 +1105,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         };
         if run.id != self.run_id {
             tracing::info!(run = %run.id, pipeline = %p.name, "serving run");
+            self.budget_hit = false;
         }
         self.run_id = run.id;
         self.budget = crate::config::Budget {
@@ -823,13 +1134,6 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 self.times.results += t.elapsed();
             }
             "planned" | "built" | "uploading" | "uploaded" | "creating" => {
-                if b.state == "creating" && !self.not_created.contains(&b.id) {
-                    // Found in `creating` (a crash, or a worker that died): the grace period
-                    // before any resend counts from now.
-                    self.ambiguous_since
-                        .entry(b.id.clone())
-                        .or_insert_with(Instant::now);
-                }
                 self.submit(b).await?;
                 *unsent += 1;
             }
@@ -873,7 +1177,9 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             unique_items: f.unique_items,
             already_done: f.succeeded,
             todo_tokens: store.plannable_tokens(&p.name, p.stage()).await?,
-            todo_records: f.records_valid.saturating_sub(f.processed_records),
+            todo_records: f.records_valid.saturating_sub(f.records_done),
+            job_tokens: store.run_item_tokens(&self.run_id).await?,
+            job_records: f.records_valid,
             history: store.history(&p.name, p.stage()).await?,
             monthly_items: None,
             backfill_items: None,
@@ -902,60 +1208,48 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         Ok("batch")
     }
 
-    /// With the in-process simulator, batches sent by an earlier process died with it: their
-    /// attempts fail (and are retried under the cap), nothing of them was billed.
-    async fn forget_sent_batches(&mut self) -> Result<(), RunError> {
-        let ctx = self.ctx;
-        let mut n = 0;
-        for b in ctx.store.claim_batches(&self.claim()).await? {
-            if matches!(b.state.as_str(), "planned" | "built") {
-                continue;
-            }
-            ctx.store
-                .update_batch(
-                    &b,
-                    &b.state,
-                    &BatchUpdate {
-                        state: Some("ended"),
-                        error: Some(
-                            "lost: the built-in simulator of an earlier run is gone".into(),
-                        ),
-                        ended_at: Some(now_ms()),
-                        ..Default::default()
-                    },
-                )
-                .await?;
-            ctx.store
-                .finish_ingest(
-                    &b,
-                    "lost",
-                    "the built-in simulator of an earlier run is gone",
-                    ctx.pipeline.max_attempts,
-                )
-                .await?;
-            n += 1;
-        }
-        if n > 0 {
-            ctx.observer.event(&Event::Note(format!(
-                "{n} batch(es) sent to the built-in simulator of an earlier run are lost with it; their items go back to the queue"
-            )));
-        }
-        Ok(())
-    }
-
+    /// A call to the provider failed in a way a later try may fix. Provider weather (a 429,
+    /// a 5xx) is normal and logged quietly; a provider that cannot be reached at all is
+    /// reported at once at the default level, and a spell of failures that lasts
+    /// `unreachable_timeout` ends the run (exit 75: everything is kept, run again later).
     fn note_transient(&mut self, e: ProviderError) -> Result<(), RunError> {
-        tracing::info!(error = %e, "provider call failed; will try again");
+        let p = &self.ctx.pipeline.provider;
+        let url = self.ctx.provider.endpoint().to_string();
         self.transient_streak += 1;
-        self.last_transient = Some(e);
-        if self.transient_streak >= 30 {
-            let e = self.last_transient.take().expect("just set");
-            return Err(RunError::Unavailable(e));
+        let since = *self.failing_since.get_or_insert_with(Instant::now);
+        let failing_for = since.elapsed();
+        // Nothing answered at all (refused, unresolvable, timed out): say so at once.
+        let unreachable = matches!(&e, ProviderError::Transient { status: None, .. })
+            || matches!(&e, ProviderError::Ambiguous { .. });
+        if !self.failing_warned && (unreachable || failing_for >= Duration::from_secs(30)) {
+            self.failing_warned = true;
+            tracing::warn!(
+                url = %url,
+                error = %e,
+                give_up_after_seconds = p.unreachable_timeout.as_secs_f64(),
+                "cannot reach the provider; retrying"
+            );
+        } else {
+            tracing::info!(url = %url, error = %e, "provider call failed; will try again");
+        }
+        if failing_for >= p.unreachable_timeout {
+            return Err(RunError::Unavailable {
+                url,
+                seconds: failing_for.as_secs(),
+                timeout_seconds: p.unreachable_timeout.as_secs_f64(),
+                cause: e.to_string(),
+            });
         }
         Ok(())
     }
 
     fn note_success(&mut self) {
+        if self.failing_warned {
+            tracing::warn!(url = %self.ctx.provider.endpoint(), "the provider answers again");
+        }
         self.transient_streak = 0;
+        self.failing_since = None;
+        self.failing_warned = false;
     }
 
     /// Classifies a provider error: fatal ones end the run, others are retried later.
@@ -1026,7 +1320,8 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         Ok((path, hex::encode(hasher.finalize()), bytes))
     }
 
-    /// Writes one result line per source record of this run, in source order.
+    /// Writes one result line per source record of this run, in source order (JSON lines,
+    /// or CSV when the path ends in `.csv`), atomically.
     async fn write_output(&self) -> Result<(), RunError> {
         use std::io::Write;
         let ctx = self.ctx;
@@ -1035,42 +1330,85 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             path: path.clone(),
             source,
         };
+        let format = OutputFormat::for_path(path).map_err(RunError::Config)?;
         let mut file = AtomicFile::create(path).map_err(err)?;
-        let mut after = 0i64;
-        loop {
-            let rows = ctx.store.run_records(&self.run_id, after, 10_000).await?;
-            if rows.is_empty() {
-                break;
-            }
-            for r in &rows {
-                after = r.line;
-                let succeeded = r.state == "succeeded";
-                let line = OutputLine {
-                    id: &r.record_id,
-                    line: r.line,
-                    status: match r.state.as_str() {
+        {
+            // CSV rows go through the csv writer; JSON lines are assembled per page.
+            let (mut csv, mut raw) = match format {
+                OutputFormat::Csv => {
+                    let mut w = csv::Writer::from_writer(&mut file);
+                    w.write_record(["id", "line", "status", "attempts", "output", "error"])
+                        .map_err(|e| err(std::io::Error::other(e)))?;
+                    (Some(w), None)
+                }
+                OutputFormat::Jsonl => (None, Some(&mut file)),
+            };
+            let mut json = Vec::with_capacity(1 << 16);
+            let mut after = 0i64;
+            loop {
+                let rows = ctx.store.run_records(&self.run_id, after, 10_000).await?;
+                if rows.is_empty() {
+                    break;
+                }
+                json.clear();
+                for r in &rows {
+                    after = r.line;
+                    let succeeded = r.state == "succeeded";
+                    let status = match r.state.as_str() {
                         "succeeded" => "succeeded",
                         "exhausted" => "failed",
                         _ => "pending",
-                    },
-                    attempts: r.attempts,
-                    output: if succeeded {
-                        r.result.as_deref().and_then(|t| {
-                            serde_json::value::RawValue::from_string(t.to_string()).ok()
-                        })
-                    } else {
-                        None
-                    },
-                    error: if succeeded {
+                    };
+                    let error = if succeeded {
                         None
                     } else {
                         r.last_error.as_deref()
-                    },
-                };
-                serde_json::to_writer(&mut file, &line).map_err(|e| err(e.into()))?;
-                file.write_all(b"\n").map_err(err)?;
+                    };
+                    match &mut csv {
+                        Some(w) => {
+                            let output = if succeeded {
+                                r.result.as_deref().unwrap_or("")
+                            } else {
+                                ""
+                            };
+                            w.write_record([
+                                crate::plan::guard(&r.record_id).as_str(),
+                                &r.line.to_string(),
+                                status,
+                                &r.attempts.to_string(),
+                                &crate::plan::guard(output),
+                                &crate::plan::guard(error.unwrap_or("")),
+                            ])
+                            .map_err(|e| err(std::io::Error::other(e)))?;
+                        }
+                        None => {
+                            let line = OutputLine {
+                                id: &r.record_id,
+                                line: r.line,
+                                status,
+                                attempts: r.attempts,
+                                output: if succeeded {
+                                    r.result.as_deref().and_then(|t| {
+                                        serde_json::value::RawValue::from_string(t.to_string()).ok()
+                                    })
+                                } else {
+                                    None
+                                },
+                                error,
+                            };
+                            serde_json::to_writer(&mut json, &line).map_err(|e| err(e.into()))?;
+                            json.push(b'\n');
+                        }
+                    }
+                }
+                if let Some(w) = &mut csv {
+                    w.flush().map_err(err)?;
+                }
+                if let Some(f) = &mut raw {
+                    f.write_all(&json).map_err(err)?;
+                }
+                crate::failpoint!("output.mid_write");
             }
-            crate::failpoint!("output.mid_write");
         }
         file.commit().map_err(err)
     }
@@ -1079,6 +1417,33 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         match mode {
             PricingMode::Batch => &self.batch_rates,
             PricingMode::Standard => &self.standard_rates,
+        }
+    }
+}
+
+/// How the results file is written, by its extension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// One JSON object per line (`.jsonl`, `.ndjson`, `.json`).
+    Jsonl,
+    /// A header row, then one row per record; the answer as compact JSON text (`.csv`).
+    Csv,
+}
+
+impl OutputFormat {
+    /// The format a results path asks for; any other extension is refused (a results file
+    /// named `.txt` or `.parquet` would otherwise silently get JSON lines).
+    pub fn for_path(path: &Path) -> Result<Self, String> {
+        let ext = path
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase());
+        match ext.as_deref() {
+            Some("jsonl") | Some("ndjson") | Some("json") => Ok(OutputFormat::Jsonl),
+            Some("csv") => Ok(OutputFormat::Csv),
+            _ => Err(format!(
+                "{} must end in .jsonl (JSON lines) or .csv",
+                path.display()
+            )),
         }
     }
 }

@@ -194,7 +194,13 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             crate::failpoint!("online.after_apply");
         }
         let rest = store
-            .finish_ingest(b, "missing", "not answered online", p.max_attempts)
+            .finish_ingest(
+                b,
+                "missing",
+                "not answered online",
+                p.max_attempts,
+                self.collector(),
+            )
             .await?;
         stats += ApplyStats { applied: 0, ..rest };
         // `finish_ingest` closes batches that ended; an online batch ends here.
@@ -211,10 +217,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 },
             )
             .await?;
-        ctx.observer.event(&Event::Ingested {
-            batch_id: b.id.clone(),
-            stats,
-        });
+        self.ingested(b, stats).await?;
         Ok(())
     }
 }

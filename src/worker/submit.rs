@@ -94,6 +94,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                             "uploaded",
                             &BatchUpdate {
                                 state: Some("creating"),
+                                creating_at: Some(now_ms()),
                                 ..Default::default()
                             },
                         )
@@ -106,7 +107,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 "creating" => {
                     // The create may have taken effect: look for it before sending again.
                     let since = b.created_at / 1000;
-                    let known = store.known_provider_ids().await?;
+                    let known = store.known_provider_ids(&b.provider).await?;
                     match ctx
                         .provider
                         .find_batch(&b.id, since, b.request_count as u64, &known)
@@ -114,17 +115,24 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                     {
                         Ok(Some(remote)) => self.created(&b, remote, true).await?,
                         Ok(None) => {
-                            if !self.not_created.contains(&b.id) {
-                                let since = self
-                                    .ambiguous_since
-                                    .get(&b.id)
-                                    .copied()
-                                    .unwrap_or(self.started);
-                                if since.elapsed() < ctx.pipeline.provider.reconcile_grace {
-                                    self.waiting = true;
-                                    return Ok(());
-                                }
+                            if !self.not_created.contains(&b.id)
+                                && self.within_grace(&b, ctx.pipeline.provider.reconcile_grace)
+                            {
+                                // The provider's list may lag the create: look again later.
+                                self.waiting = true;
+                                return Ok(());
                             }
+                            // Sent again: the grace counts from this send.
+                            store
+                                .update_batch(
+                                    &b,
+                                    "creating",
+                                    &BatchUpdate {
+                                        creating_at: Some(now_ms()),
+                                        ..Default::default()
+                                    },
+                                )
+                                .await?;
                             if !self.try_create(&b).await? {
                                 return Ok(());
                             }
@@ -154,14 +162,14 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             }
             Err(ProviderError::Ambiguous { message }) => {
                 tracing::info!(batch = %b.id, %message, "create may have taken effect; reconciling before any resend");
-                self.ambiguous_since.insert(b.id.clone(), Instant::now());
+                self.maybe_created.insert(b.id.clone());
                 self.not_created.remove(&b.id);
                 self.note_transient(ProviderError::Ambiguous { message })?;
                 Ok(false)
             }
             Err(e @ ProviderError::Transient { .. }) => {
                 // Refused before it took effect (429, connection refused): safe to resend.
-                if !self.ambiguous_since.contains_key(&b.id) {
+                if !self.maybe_created.contains(&b.id) {
                     self.not_created.insert(b.id.clone());
                 }
                 self.provider_failure(e)?;
@@ -278,7 +286,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             Err(e) => return Err(e.into()),
         };
         crate::failpoint!("create.after_store");
-        self.ambiguous_since.remove(&b.id);
+        self.maybe_created.remove(&b.id);
         self.not_created.remove(&b.id);
         if ok {
             if adopted {
@@ -374,12 +382,15 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             )
             .await?;
         let stats = store
-            .finish_ingest(b, "batch_rejected", &error, self.ctx.pipeline.max_attempts)
+            .finish_ingest(
+                b,
+                "batch_rejected",
+                &error,
+                self.ctx.pipeline.max_attempts,
+                self.collector(),
+            )
             .await?;
-        self.ctx.observer.event(&Event::Ingested {
-            batch_id: b.id.clone(),
-            stats,
-        });
+        self.ingested(b, stats).await?;
         Ok(())
     }
 }

@@ -186,7 +186,6 @@ pub async fn run_against(
         shutdown: Default::default(),
         detach: false,
         ingest_only: false,
-        provider_forgets: false,
         budget: p.budget,
         worker_id: "test".into(),
         lease: Duration::from_secs(60),

@@ -74,7 +74,9 @@ async fn a_budget_cap_holds_against_answers_at_max_tokens() {
     let f = store.run_figures(&run.id).await.unwrap();
     assert_eq!(f.ledger.cost, billed, "ledger = bill");
     assert!(f.unfinished > 0, "items left pending");
-    assert!(run.message.unwrap().contains("left pending"));
+    assert_eq!(run.status, "budget");
+    let message = run.message.unwrap();
+    assert!(message.contains("item(s) left need up to $"), "{message}");
     // Every answer really was at the limit: the cap held against the true worst case.
     let max_out: u64 = rec["bill"]["per_custom_id"]
         .as_array()

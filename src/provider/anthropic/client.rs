@@ -234,6 +234,9 @@ fn message_outcome(m: super::types::Message) -> LineOutcome {
 }
 
 impl BatchProvider for AnthropicClient {
+    fn endpoint(&self) -> &str {
+        &self.base
+    }
     fn kind(&self) -> &'static str {
         "anthropic"
     }

@@ -208,6 +208,9 @@ fn response_outcome(r: GenerateContentResponse) -> LineOutcome {
 }
 
 impl BatchProvider for GeminiClient {
+    fn endpoint(&self) -> &str {
+        &self.base
+    }
     fn kind(&self) -> &'static str {
         "gemini"
     }

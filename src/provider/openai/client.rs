@@ -254,6 +254,9 @@ fn response_format(spec: &RequestSpec<'_>) -> Value {
 }
 
 impl BatchProvider for OpenAiClient {
+    fn endpoint(&self) -> &str {
+        &self.base
+    }
     fn kind(&self) -> &'static str {
         match self.flavor {
             Flavor::OpenAi => "openai",
