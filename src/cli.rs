@@ -24,10 +24,10 @@ use crate::store::{SqlStore, Store, WorkerInfo, default_db_path};
 use crate::worker::{self, Event, Observer, RunContext, RunError};
 
 pub const EXIT_OK: i32 = 0;
-pub const EXIT_FAILED_ITEMS: i32 = 1;
-pub const EXIT_ERROR: i32 = 2;
+pub const EXIT_FAILED_ITEMS: i32 = worker::EXIT_FAILED_ITEMS;
+pub const EXIT_ERROR: i32 = worker::EXIT_ERROR;
 pub const EXIT_TEMPFAIL: i32 = worker::EXIT_RESUMABLE;
-pub const EXIT_CONFIG: i32 = 78;
+pub const EXIT_CONFIG: i32 = worker::EXIT_CONFIG;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -60,6 +60,8 @@ pub enum Command {
     },
     /// Show a run's figures (the latest run by default).
     Report(ReportArgs),
+    /// List runs: start, duration, status, records, items sent, cost, cost per processed item.
+    Runs(RunsArgs),
     /// Show batches still in flight.
     Status(StatusArgs),
     /// Cancel the batches in flight and record what they were billed.
@@ -123,7 +125,11 @@ impl Command {
     pub fn is_report(&self) -> bool {
         matches!(
             self,
-            Command::Report(_) | Command::Status(_) | Command::Plan(_) | Command::Reconcile(_)
+            Command::Report(_)
+                | Command::Runs(_)
+                | Command::Status(_)
+                | Command::Plan(_)
+                | Command::Reconcile(_)
         )
     }
 }
@@ -151,16 +157,17 @@ pub struct PlanArgs {
     /// Items of a one-time backfill, forecast apart from the monthly figure.
     #[arg(long)]
     pub backfill_items: Option<u64>,
+    /// Output format of the worksheet.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
     /// Shorthand for `--format json`.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["format", "csv", "markdown"])]
     pub json: bool,
     /// Shorthand for `--format csv`.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["format", "markdown"])]
     pub csv: bool,
     /// Shorthand for `--format markdown`.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "format")]
     pub markdown: bool,
 }
 
@@ -170,12 +177,13 @@ pub struct ReconcileArgs {
     pub file: Option<PathBuf>,
     #[command(flatten)]
     pub db: DbArg,
-    /// The run (default: the latest).
+    /// The run: its id or a unique prefix of it (default: the latest).
     #[arg(long)]
     pub run: Option<String>,
     /// Also compare with a running simulator's bill (its base URL, e.g. http://127.0.0.1:8080).
     #[arg(long)]
     pub sim_url: Option<String>,
+    /// One JSON object on stdout.
     #[arg(long)]
     pub json: bool,
 }
@@ -205,7 +213,8 @@ pub struct RunArgs {
     pub file: PathBuf,
     #[command(flatten)]
     pub db: DbArg,
-    /// Write the per-record results here instead of the pipeline's `output.path`.
+    /// Write the per-record results here instead of the pipeline's `output.path`: JSON
+    /// lines for `.jsonl`/`.ndjson`, CSV for `.csv`.
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// A pricing file (TOML, or LiteLLM's JSON) layered over the built-in prices.
@@ -236,7 +245,7 @@ pub struct CancelArgs {
     pub file: Option<PathBuf>,
     #[command(flatten)]
     pub db: DbArg,
-    /// Cancel only the batches of this run.
+    /// Cancel only the batches of this run (its id or a unique prefix).
     #[arg(long)]
     pub run: Option<String>,
     /// Ask the provider to cancel and return, without waiting to collect what was billed.
@@ -261,7 +270,7 @@ pub struct ReportArgs {
     pub file: Option<PathBuf>,
     #[command(flatten)]
     pub db: DbArg,
-    /// The run to report.
+    /// The run to report: its id or a unique prefix of it (`nightshift runs` lists them).
     #[arg(long, conflicts_with = "last")]
     pub run: Option<String>,
     /// The latest run (the default).
@@ -281,6 +290,21 @@ pub struct StatusArgs {
     pub file: Option<PathBuf>,
     #[command(flatten)]
     pub db: DbArg,
+    /// One JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RunsArgs {
+    /// A pipeline file: its store, and only its runs (without one: every run in the store).
+    pub file: Option<PathBuf>,
+    #[command(flatten)]
+    pub db: DbArg,
+    /// How many of the latest runs.
+    #[arg(long, default_value_t = 20)]
+    pub limit: u32,
+    /// One JSON object on stdout.
     #[arg(long)]
     pub json: bool,
 }
@@ -320,13 +344,41 @@ fn exit(code: i32, error: impl Into<anyhow::Error>) -> Exit {
     }
 }
 
+/// Whether messages for people go out as JSON log records (`--log-format json`).
+static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn json_logs() -> bool {
+    JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A message for the person running the command, on stderr (with `--log-format json`, a
+/// log record like every other line there).
+fn say(msg: impl std::fmt::Display) {
+    if json_logs() {
+        tracing::info!(event = "note", "{msg}");
+    } else {
+        eprintln!("{msg}");
+    }
+}
+
+/// A warning for the person running the command, on stderr.
+fn warn(msg: impl std::fmt::Display) {
+    if json_logs() {
+        tracing::warn!("{msg}");
+    } else {
+        eprintln!("warning: {msg}");
+    }
+}
+
 /// Runs a parsed command line; returns the process exit code.
 pub async fn main(cli: Cli) -> i32 {
     let json_logs = cli.log_format == LogFormat::Json;
+    JSON_LOGS.store(json_logs, std::sync::atomic::Ordering::Relaxed);
     let result = match cli.command {
         Command::Run(a) => cmd_run(a, json_logs).await,
         Command::Validate { file } => cmd_validate(&file),
         Command::Report(a) => cmd_report(a).await,
+        Command::Runs(a) => cmd_runs(a).await,
         Command::Status(a) => cmd_status(a).await,
         Command::Cancel(a) => cmd_cancel(a).await,
         Command::Simulate(a) => cmd_simulate(a).await,
@@ -347,9 +399,24 @@ pub async fn main(cli: Cli) -> i32 {
     match result {
         Ok(code) => code,
         Err(Exit { code, error }) => {
-            eprintln!("error: {error}");
+            // Each cause once: an error whose text already quotes its cause does not print
+            // it again.
+            let mut shown = error.to_string();
+            let mut causes = Vec::new();
             for cause in error.chain().skip(1) {
-                eprintln!("  Caused by: {cause}");
+                let c = cause.to_string();
+                if !shown.contains(&c) {
+                    shown.push_str(&c);
+                    causes.push(c);
+                }
+            }
+            if json_logs {
+                tracing::error!(exit_code = code, causes = %causes.join("; "), "{error}");
+            } else {
+                eprintln!("error: {error}");
+                for c in causes {
+                    eprintln!("  Caused by: {c}");
+                }
             }
             code
         }
@@ -552,7 +619,8 @@ async fn prepare(
     lease: Duration,
 ) -> Result<Prepared, Exit> {
     let loc = store_loc(db, Some(file));
-    let (p, price, prices) = load_checked(file, pricing)?;
+    // `run` and `cancel` collect what is in flight even without the source.
+    let (p, price, prices) = load_checked_with(file, pricing, false)?;
     let opened = open_store(&loc, Some(file), Some(what)).await?;
     let store = opened.store;
     // SQLite: we hold the lock, so runs still marked running died with their process.
@@ -560,7 +628,7 @@ async fn prepare(
     let stale_before =
         crate::store::now_ms() - 3 * i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 4);
     store.mark_stale_runs(stale_before).await?;
-    let (client, sim) = provider_client(&p, &prices).await?;
+    let (client, sim) = provider_client(&p, &prices, &opened.work_dir).await?;
     Ok(Prepared {
         pipeline: p,
         price,
@@ -577,11 +645,24 @@ fn load_checked(
     file: &Path,
     pricing: Option<&Path>,
 ) -> Result<(Pipeline, crate::cost::ModelPrice, PriceTable), Exit> {
+    load_checked_with(file, pricing, true)
+}
+
+/// [`load_checked`]; without `need_source`, an unreadable source is left for the run to
+/// report once it has collected what is in flight (which needs no source).
+fn load_checked_with(
+    file: &Path,
+    pricing: Option<&Path>,
+    need_source: bool,
+) -> Result<(Pipeline, crate::cost::ModelPrice, PriceTable), Exit> {
     let p = load_pipeline(file)?;
     let pricing_file = pricing.map(Path::to_path_buf).or(p.pricing_file.clone());
     let prices =
         PriceTable::builtin_with(pricing_file.as_deref()).map_err(|e| exit(EXIT_CONFIG, e))?;
-    let problems = p.check_environment(Some(&prices));
+    let mut problems = p.check_environment(Some(&prices));
+    if !need_source && !p.source.path.exists() {
+        problems.retain(|pr| pr.path != "source.path");
+    }
     if !problems.is_empty() {
         return Err(exit(
             EXIT_CONFIG,
@@ -599,19 +680,23 @@ fn load_checked(
 }
 
 /// The pipeline's provider client; `simulate = true` starts the built-in simulator on
-/// loopback (real HTTP all the way).
+/// loopback (real HTTP all the way), its state kept in `work_dir/simulator` so that what
+/// one run sent is still there for the next (after a crash, a signal, a budget stop).
 async fn provider_client(
     p: &Pipeline,
     prices: &PriceTable,
+    work_dir: &Path,
 ) -> Result<(crate::provider::AnyProvider, Option<crate::sim::SimHandle>), Exit> {
     let mut sim = None;
     if p.provider.simulate {
-        let s = Sim::new(p.provider.simulator.clone(), prices.clone())?;
+        let dir = work_dir.join("simulator");
+        let s = Sim::new(p.provider.simulator.clone(), prices.clone()) // PERSIST-MARK
+            .with_context(|| format!("opening the simulator's state in {}", dir.display()))?;
         let h = crate::sim::start(s, "127.0.0.1:0".parse().expect("addr")).await?;
-        eprintln!(
+        say(format!(
             "simulator listening on {} (simulate = true: no API key, no charge)",
             h.root_url()
-        );
+        ));
         sim = Some(h);
     }
     let key = crate::provider::resolve_key(&p.provider.key, p.provider.simulate)
@@ -651,59 +736,62 @@ fn watch_signals(shutdown: worker::Shutdown) {
             #[cfg(not(unix))]
             let _ = tokio::signal::ctrl_c().await;
             if shutdown.is_set() {
-                eprintln!("second signal: stopping now; run again to resume");
+                say("second signal: stopping now; run again to resume");
                 std::process::exit(worker::EXIT_RESUMABLE);
             }
-            eprintln!("stopping after the current step (a second signal stops at once)");
+            say("stopping after the current step (a second signal stops at once)");
             shutdown.trigger();
         }
     });
 }
 
 fn run_error_exit(e: RunError) -> Exit {
-    let code = match &e {
-        RunError::Config(_) => EXIT_CONFIG,
-        RunError::Provider(crate::provider::ProviderError::Auth { .. }) => EXIT_CONFIG,
-        RunError::Unavailable(_) => EXIT_TEMPFAIL,
-        _ => EXIT_ERROR,
-    };
-    exit(code, e)
+    exit(e.exit_code(), e)
 }
 
 async fn cmd_run(a: RunArgs, json_logs: bool) -> Result<i32, Exit> {
-    let what = format!("nightshift run {}", a.file.display());
+    // Arguments first: a bad flag is reported before anything starts.
     let lease = a.lease.duration()?;
+    let budget_flag = match &a.budget_usd {
+        Some(text) => Some(
+            crate::cost::Usd::parse(text)
+                .ok()
+                .filter(|u| u.pico() > 0)
+                .ok_or_else(|| {
+                    exit(
+                        EXIT_CONFIG,
+                        anyhow::anyhow!(
+                            "--budget-usd: `{text}` is not an amount of dollars above 0 (e.g. 25 or 0.50)"
+                        ),
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    if let Some(out) = &a.out {
+        crate::worker::OutputFormat::for_path(out)
+            .map_err(|e| exit(EXIT_CONFIG, anyhow::anyhow!("--out: {e}")))?;
+    }
+    let what = format!("nightshift run {}", a.file.display());
     let pre = prepare(&a.file, &a.db, a.pricing.as_deref(), &what, lease).await?;
     let p = &pre.pipeline;
-    if a.detach && p.provider.simulate {
-        return Err(exit(
-            EXIT_CONFIG,
-            anyhow::anyhow!(
-                "--detach needs a provider that outlives this process; the built-in simulator (simulate = true) stops with it. \
-                 Start `nightshift simulate` and point provider.base_url at it to rehearse detach and collect"
-            ),
-        ));
-    }
     let budget = crate::config::Budget {
-        max: match &a.budget_usd {
-            Some(text) => Some(
-                crate::cost::Usd::parse(text)
-                    .ok()
-                    .filter(|u| u.pico() > 0)
-                    .ok_or_else(|| {
-                        exit(
-                            EXIT_CONFIG,
-                            anyhow::anyhow!(
-                                "--budget-usd: `{text}` is not an amount of dollars above 0"
-                            ),
-                        )
-                    })?,
-            ),
-            None => p.budget.max,
-        },
+        max: budget_flag.or(p.budget.max),
         max_item: p.budget.max_item,
     };
     let output_path = a.out.clone().unwrap_or_else(|| p.output.path.clone());
+    // Checked before anything is paid for: the results must have somewhere to go.
+    crate::worker::OutputFormat::for_path(&output_path)
+        .map_err(|e| exit(EXIT_CONFIG, anyhow::anyhow!("output.path: {e}")))?;
+    if output_path.is_dir() {
+        return Err(exit(
+            EXIT_CONFIG,
+            anyhow::anyhow!(
+                "the results file {} is a folder; name a file (output.path or --out)",
+                output_path.display()
+            ),
+        ));
+    }
     let progress = !a.no_progress && !json_logs && std::io::stderr().is_terminal();
     let observer: Box<dyn Observer> = if json_logs {
         Box::new(worker::LogObserver)
@@ -726,7 +814,6 @@ async fn cmd_run(a: RunArgs, json_logs: bool) -> Result<i32, Exit> {
         shutdown,
         detach: a.detach,
         ingest_only: a.ingest_only,
-        provider_forgets: p.provider.simulate,
         budget,
         worker_id: member.info.id.clone(),
         lease: member.lease,
@@ -737,18 +824,7 @@ async fn cmd_run(a: RunArgs, json_logs: bool) -> Result<i32, Exit> {
     // Whatever is still open (detached, interrupted) goes to whoever works on it next.
     member.leave(store).await;
     if let Some(h) = pre.sim {
-        // The in-process simulator's bill dies with it: keep it for `reconcile`.
-        for (batch, requests, usage, cost) in h.sim.batch_bills() {
-            store
-                .record_provider_bill(&crate::store::ProviderBill {
-                    provider_batch_id: batch,
-                    requests,
-                    usage,
-                    cost,
-                    source: "simulator".into(),
-                })
-                .await?;
-        }
+        record_sim_bill(store, &h).await?;
         h.stop().await;
     }
     let outcome = outcome.map_err(run_error_exit)?;
@@ -758,14 +834,6 @@ async fn cmd_run(a: RunArgs, json_logs: bool) -> Result<i32, Exit> {
         .context("the run row vanished")?;
     let rep = RunReport::load(store, run).await?;
     print!("{}", rep.to_text());
-    if outcome.requests_sent == 0 {
-        println!("  sent       0 requests: nothing new to process, nothing charged by this run");
-    } else {
-        println!(
-            "  sent       {} request(s) to the provider",
-            report::n(outcome.requests_sent)
-        );
-    }
     println!("  results    {}", outcome.output_path.display());
     if outcome.status == crate::store::RunStatus::Detached {
         println!("detached {}", outcome.run_id);
@@ -774,33 +842,45 @@ async fn cmd_run(a: RunArgs, json_logs: bool) -> Result<i32, Exit> {
     Ok(outcome.exit_code)
 }
 
+/// Keeps the in-process simulator's bill per batch in the store, for `reconcile`.
+async fn record_sim_bill(store: &SqlStore, h: &crate::sim::SimHandle) -> Result<(), Exit> {
+    for (batch, requests, usage, cost) in h.sim.batch_bills() {
+        store
+            .record_provider_bill(&crate::store::ProviderBill {
+                provider_batch_id: batch,
+                requests,
+                usage,
+                cost,
+                source: "simulator".into(),
+            })
+            .await?;
+    }
+    Ok(())
+}
+
 async fn cmd_cancel(a: CancelArgs) -> Result<i32, Exit> {
+    let lease = a.lease.duration()?;
     // The pipeline names the provider and its key: from the argument, or the run's record.
-    let file = match &a.file {
-        Some(f) => f.clone(),
-        None => {
-            let store = open_existing(&a.db, None).await?;
-            let run = match &a.run {
-                Some(id) => store.run(id).await?,
-                None => store.last_run(None).await?,
+    let (file, run_id) = {
+        let store = open_existing(&a.db, a.file.as_deref()).await?;
+        let run = match &a.run {
+            Some(prefix) => Some(resolve_run(&store, Some(prefix), None).await?),
+            None => None,
+        };
+        let file = match (&a.file, &run) {
+            (Some(f), _) => f.clone(),
+            (None, Some(r)) => PathBuf::from(&r.pipeline_file),
+            (None, None) => {
+                let r = resolve_run(&store, None, None).await?;
+                PathBuf::from(r.pipeline_file)
             }
-            .ok_or_else(|| exit(EXIT_ERROR, anyhow::anyhow!("no such run in this store")))?;
-            store.close().await;
-            PathBuf::from(run.pipeline_file)
-        }
+        };
+        store.close().await;
+        (file, run.map(|r| r.id))
     };
     let what = format!("nightshift cancel {}", file.display());
-    let lease = a.lease.duration()?;
     let pre = prepare(&file, &a.db, None, &what, lease).await?;
     let p = &pre.pipeline;
-    if p.provider.simulate {
-        return Err(exit(
-            EXIT_CONFIG,
-            anyhow::anyhow!(
-                "this pipeline uses the built-in simulator (simulate = true), whose batches end with the run that started them: nothing to cancel"
-            ),
-        ));
-    }
     let shutdown = worker::Shutdown::default();
     watch_signals(shutdown.clone());
     let member = Membership::join(&pre.store, "cancel", p.name.clone(), lease).await?;
@@ -815,20 +895,27 @@ async fn cmd_cancel(a: CancelArgs) -> Result<i32, Exit> {
         shutdown,
         detach: false,
         ingest_only: false,
-        provider_forgets: false,
         budget: p.budget,
         worker_id: member.info.id.clone(),
         lease: member.lease,
     };
-    let rep = worker::cancel(&ctx, a.run.as_deref(), !a.no_wait).await;
+    let rep = worker::cancel(&ctx, run_id.as_deref(), !a.no_wait).await;
     member.leave(&pre.store).await;
+    if let Some(h) = pre.sim {
+        record_sim_bill(&pre.store, &h).await?;
+        h.stop().await;
+    }
     let rep = rep.map_err(run_error_exit)?;
     if rep.batches.is_empty() {
         println!("no batch in flight for pipeline `{}`", p.name);
         return Ok(EXIT_OK);
     }
     for (id, pid, what) in &rep.batches {
-        println!("{id}  {}  {what}", pid.as_deref().unwrap_or("-"));
+        println!(
+            "{id}  {}  {}",
+            pid.as_deref().unwrap_or("-"),
+            printable(what)
+        );
     }
     println!(
         "billed for requests that ran before the cancel: {} (input {} · cached {} · output {} tokens)",
@@ -839,8 +926,8 @@ async fn cmd_cancel(a: CancelArgs) -> Result<i32, Exit> {
     );
     if rep.still_open > 0 {
         println!(
-            "{} batch(es) still cancelling at the provider; `nightshift run` collects them later",
-            rep.still_open
+            "{} still cancelling at the provider; `nightshift run` collects them later",
+            report::plural(rep.still_open as u64, "batch", "batches")
         );
     }
     println!(
@@ -848,6 +935,64 @@ async fn cmd_cancel(a: CancelArgs) -> Result<i32, Exit> {
     );
     pre.store.close().await;
     Ok(EXIT_OK)
+}
+
+/// A run named on the command line: its id or a unique prefix of it; without one, the
+/// latest run (of `pipeline`, when given).
+async fn resolve_run(
+    store: &SqlStore,
+    prefix: Option<&str>,
+    pipeline: Option<&str>,
+) -> Result<crate::store::RunRow, Exit> {
+    let Some(prefix) = prefix else {
+        return store.last_run(pipeline).await?.ok_or_else(|| {
+            exit(
+                EXIT_ERROR,
+                anyhow::anyhow!(match pipeline {
+                    Some(p) => format!("pipeline `{p}` has no run in this store yet"),
+                    None => "this store has no run yet".to_string(),
+                }),
+            )
+        });
+    };
+    let prefix = prefix.trim();
+    if prefix.is_empty() {
+        return Err(exit(
+            EXIT_CONFIG,
+            anyhow::anyhow!("--run: give a run id or the start of one"),
+        ));
+    }
+    let mut found = store.runs_with_prefix(prefix, 5).await?;
+    match found.len() {
+        0 => Err(exit(
+            EXIT_ERROR,
+            anyhow::anyhow!(
+                "no run id starts with `{}` in this store (`nightshift runs` lists them)",
+                printable(prefix)
+            ),
+        )),
+        1 => Ok(found.remove(0)),
+        _ => Err(exit(
+            EXIT_CONFIG,
+            anyhow::anyhow!(
+                "`{}` is the start of several run ids ({}{}); give more of it",
+                printable(prefix),
+                found
+                    .iter()
+                    .take(4)
+                    .map(|r| r.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if found.len() > 4 { ", …" } else { "" }
+            ),
+        )),
+    }
+}
+
+/// Text from the source or a provider, made safe for a terminal: control characters
+/// (escape sequences) are shown escaped, never sent to the terminal.
+fn printable(s: &str) -> String {
+    report::printable(s)
 }
 
 async fn cmd_plan(a: PlanArgs) -> Result<i32, Exit> {
@@ -914,6 +1059,8 @@ async fn cmd_plan(a: PlanArgs) -> Result<i32, Exit> {
         already_done: done.len() as u64,
         todo_tokens,
         todo_records,
+        job_tokens: scan.items.values().map(|(t, _)| *t).collect(),
+        job_records: scan.valid(),
         history,
         monthly_items: a.monthly_items,
         backfill_items: a.backfill_items,
@@ -938,15 +1085,8 @@ async fn cmd_plan(a: PlanArgs) -> Result<i32, Exit> {
 
 async fn cmd_reconcile(a: ReconcileArgs) -> Result<i32, Exit> {
     let store = open_existing(&a.db, a.file.as_deref()).await?;
-    let pipeline_name = match &a.file {
-        Some(f) => Some(load_pipeline(f)?.name),
-        None => None,
-    };
-    let run = match &a.run {
-        Some(id) => store.run(id).await?,
-        None => store.last_run(pipeline_name.as_deref()).await?,
-    }
-    .ok_or_else(|| exit(EXIT_ERROR, anyhow::anyhow!("no such run in this store")))?;
+    let pipeline = pipeline_name(a.file.as_deref())?;
+    let run = resolve_run(&store, a.run.as_deref(), pipeline.as_deref()).await?;
     let live = match &a.sim_url {
         Some(url) => {
             let url = format!(
@@ -978,37 +1118,36 @@ async fn open_existing(db: &DbArg, file: Option<&Path>) -> Result<SqlStore, Exit
     if let StoreLoc::Sqlite(path) = &loc
         && !path.exists()
     {
+        let hint = if file.is_none() && db.db.is_none() {
+            "pass the pipeline file (the store is `.nightshift/state.db` beside it), or --db / NIGHTSHIFT_DB"
+        } else {
+            "run the pipeline first, or pass --db / NIGHTSHIFT_DB"
+        };
         return Err(exit(
             EXIT_CONFIG,
-            anyhow::anyhow!(
-                "no state store at {} (run a pipeline first, or pass --db / NIGHTSHIFT_DB)",
-                path.display()
-            ),
+            anyhow::anyhow!("no state store at {}: {hint}", path.display()),
         ));
     }
     Ok(open_store(&loc, file, None).await?.store)
 }
 
-async fn cmd_report(a: ReportArgs) -> Result<i32, Exit> {
-    let store = open_existing(&a.db, a.file.as_deref()).await?;
-    let pipeline_name = match &a.file {
+/// The pipeline named by a file argument, for commands that only read.
+fn pipeline_name(file: Option<&Path>) -> Result<Option<String>, Exit> {
+    Ok(match file {
         Some(f) => Some(load_pipeline(f)?.name),
         None => None,
-    };
-    let run = match &a.run {
-        Some(id) => store.run(id).await?,
-        None => store.last_run(pipeline_name.as_deref()).await?,
-    };
-    let Some(run) = run else {
-        return Err(exit(
-            EXIT_ERROR,
-            anyhow::anyhow!("no such run in this store"),
-        ));
-    };
+    })
+}
+
+async fn cmd_report(a: ReportArgs) -> Result<i32, Exit> {
+    let store = open_existing(&a.db, a.file.as_deref()).await?;
+    let pipeline = pipeline_name(a.file.as_deref())?;
+    let run = resolve_run(&store, a.run.as_deref(), pipeline.as_deref()).await?;
     if a.items {
+        // The attempts of this run's batches (each attempt belongs to exactly one run).
         let rows = store.audit(&run.id).await?;
+        let q = store.quarantine(&run.id).await?;
         if a.json {
-            let q = store.quarantine(&run.id).await?;
             let quarantine: Vec<_> = q
                 .iter()
                 .map(|r| serde_json::json!({"source": r.source, "line": r.line, "field": r.field, "reason": r.reason}))
@@ -1018,14 +1157,20 @@ async fn cmd_report(a: ReportArgs) -> Result<i32, Exit> {
                 serde_json::json!({"run_id": run.id, "attempts": report::audit_json(&rows), "quarantined": quarantine})
             );
         } else {
-            print!("{}", report::audit_text(&rows));
-            for q in store.quarantine(&run.id).await? {
+            if rows.is_empty() {
+                println!("run {}: no attempt (nothing was sent by this run)", run.id);
+            } else {
+                print!("{}", report::audit_text(&rows, report::terminal_width()));
+            }
+            for r in q {
                 println!(
                     "quarantined {}:{}{}: {}",
-                    q.source,
-                    q.line,
-                    q.field.map(|f| format!(" ({f})")).unwrap_or_default(),
-                    q.reason
+                    printable(&r.source),
+                    r.line,
+                    r.field
+                        .map(|f| format!(" ({})", printable(&f)))
+                        .unwrap_or_default(),
+                    printable(&r.reason)
                 );
             }
         }
@@ -1037,6 +1182,32 @@ async fn cmd_report(a: ReportArgs) -> Result<i32, Exit> {
     } else {
         print!("{}", rep.to_text());
     }
+    Ok(EXIT_OK)
+}
+
+async fn cmd_runs(a: RunsArgs) -> Result<i32, Exit> {
+    let store = open_existing(&a.db, a.file.as_deref()).await?;
+    let pipeline = pipeline_name(a.file.as_deref())?;
+    let runs = store
+        .recent_runs(pipeline.as_deref(), a.limit.max(1))
+        .await?;
+    let mut reports = Vec::with_capacity(runs.len());
+    for run in runs {
+        reports.push(RunReport::load(&store, run).await?);
+    }
+    if a.json {
+        let list: Vec<_> = reports.iter().map(RunReport::to_json).collect();
+        println!(
+            "{}",
+            serde_json::json!({"store": store.location(), "runs": list})
+        );
+        return Ok(EXIT_OK);
+    }
+    if reports.is_empty() {
+        println!("no run in this store yet");
+        return Ok(EXIT_OK);
+    }
+    print!("{}", report::runs_table(&reports, report::terminal_width()));
     Ok(EXIT_OK)
 }
 
@@ -1078,13 +1249,13 @@ async fn cmd_worker(a: WorkerArgs, json_logs: bool) -> Result<i32, Exit> {
             ));
         }
         if lease <= p.provider.request_timeout {
-            eprintln!(
-                "warning: {}: the lease ({}s) should be well above provider.request_timeout_seconds ({}s), \
+            warn(format!(
+                "{}: the lease ({}s) should be well above provider.request_timeout_seconds ({}s), \
                  or a slow create may outlive it",
                 file.display(),
                 lease.as_secs_f64(),
                 p.provider.request_timeout.as_secs_f64()
-            );
+            ));
         }
         loaded.push((file.clone(), p, price, prices));
     }
@@ -1094,11 +1265,15 @@ async fn cmd_worker(a: WorkerArgs, json_logs: bool) -> Result<i32, Exit> {
     store.mark_stale_runs(stale_before).await?;
     let mut clients = Vec::new();
     for (_, p, _, prices) in &loaded {
-        clients.push(provider_client(p, prices).await?.0);
+        clients.push(
+            provider_client(p, prices, &pipeline_dir(None).join(".nightshift"))
+                .await?
+                .0,
+        );
     }
     let names: Vec<&str> = loaded.iter().map(|(_, p, _, _)| p.name.as_str()).collect();
     let member = Membership::join(&store, "worker", names.join(","), lease).await?;
-    eprintln!(
+    say(format!(
         "worker {} ({}, pid {}) on {}: serving {}; lease {}s",
         member.info.id,
         member.info.host,
@@ -1106,7 +1281,7 @@ async fn cmd_worker(a: WorkerArgs, json_logs: bool) -> Result<i32, Exit> {
         store.location(),
         names.join(", "),
         lease.as_secs_f64()
-    );
+    ));
     let observer: Box<dyn Observer> = if json_logs {
         Box::new(worker::LogObserver)
     } else {
@@ -1126,7 +1301,6 @@ async fn cmd_worker(a: WorkerArgs, json_logs: bool) -> Result<i32, Exit> {
             shutdown: shutdown.clone(),
             detach: false,
             ingest_only: false,
-            provider_forgets: false,
             budget: p.budget,
             worker_id: member.info.id.clone(),
             lease,
@@ -1147,7 +1321,7 @@ async fn cmd_worker(a: WorkerArgs, json_logs: bool) -> Result<i32, Exit> {
     for r in results {
         r.map_err(run_error_exit)?;
     }
-    eprintln!("worker stopped; its leases are released");
+    say("worker stopped; its leases are released");
     Ok(EXIT_OK)
 }
 
@@ -1195,10 +1369,20 @@ async fn cmd_status(a: StatusArgs) -> Result<i32, Exit> {
         );
         return Ok(EXIT_OK);
     }
+    let width = report::terminal_width();
     if !workers.is_empty() {
-        println!(
-            "{:<13}  {:<20}  {:>7}  {:<7}  {:<22}  {:>10}  {:>6}  state",
-            "worker", "host", "pid", "role", "pipelines", "heartbeat", "holds"
+        let mut t = report::table(
+            &[
+                "worker",
+                "host",
+                "pid",
+                "role",
+                "pipelines",
+                "heartbeat",
+                "holds",
+                "state",
+            ],
+            width,
         );
         for w in &workers {
             let state = match w.stopped_at {
@@ -1206,40 +1390,58 @@ async fn cmd_status(a: StatusArgs) -> Result<i32, Exit> {
                 None if now - w.heartbeat_at > 60_000 => "silent",
                 None => "alive",
             };
-            println!(
-                "{:<13}  {:<20}  {:>7}  {:<7}  {:<22}  {:>10}  {:>6}  {state}",
+            t.add_row(vec![
                 short_id(&w.id),
-                crate::validate::preview(&w.host, 20),
-                w.pid,
-                w.role,
-                crate::validate::preview(&w.pipelines, 22),
+                printable(&w.host),
+                w.pid.to_string(),
+                w.role.clone(),
+                printable(&w.pipelines),
                 format!("{} ago", age((now - w.heartbeat_at).max(0) / 1000)),
-                w.held,
-            );
+                w.held.to_string(),
+                state.to_string(),
+            ]);
         }
+        report::align_right(&mut t, &[2, 5, 6]);
+        println!("{t}");
         println!();
     }
     if open.is_empty() {
         println!("no batch in flight");
         return Ok(EXIT_OK);
     }
-    println!(
-        "{:<36}  {:<20}  {:<10}  {:<24}  {:<12}  {:>8}  {:>8}  held by",
-        "batch", "pipeline", "state", "provider batch", "provider", "requests", "age"
+    let mut t = report::table(
+        &[
+            "batch",
+            "pipeline",
+            "state",
+            "provider batch",
+            "provider",
+            "requests",
+            "age",
+            "held by",
+        ],
+        width,
     );
     for b in &open {
-        println!(
-            "{:<36}  {:<20}  {:<10}  {:<24}  {:<12}  {:>8}  {:>8}  {}",
-            b.id,
-            crate::validate::preview(&b.pipeline, 20),
-            b.state,
-            b.provider_batch_id.as_deref().unwrap_or("-"),
-            b.provider_status.as_deref().unwrap_or("-"),
-            b.request_count,
+        t.add_row(vec![
+            b.id.clone(),
+            printable(&b.pipeline),
+            b.state.clone(),
+            b.provider_batch_id
+                .as_deref()
+                .map(printable)
+                .unwrap_or_else(|| "-".into()),
+            b.provider_status
+                .as_deref()
+                .map(printable)
+                .unwrap_or_else(|| "-".into()),
+            b.request_count.to_string(),
             age((now - b.created_at).max(0) / 1000),
-            holder(b)
-        );
+            holder(b),
+        ]);
     }
+    report::align_right(&mut t, &[5, 6]);
+    println!("{t}");
     Ok(EXIT_OK)
 }
 
@@ -1292,27 +1494,37 @@ impl Observer for LineObserver {
                 quarantined,
                 new_items,
             } => eprintln!(
-                "read {} record(s), {} quarantined, {} new item(s)",
-                report::n(*records),
+                "read {}, {} quarantined, {}",
+                report::plural(*records, "record", "records"),
                 report::n(*quarantined),
-                report::n(*new_items)
+                report::plural(*new_items, "new item", "new items")
             ),
             Event::Submitted {
                 batch_id,
                 provider_batch_id,
                 requests,
-            } => {
-                eprintln!("submitted batch {batch_id} as {provider_batch_id} ({requests} requests)")
-            }
+            } => eprintln!(
+                "submitted batch {batch_id} as {} ({})",
+                printable(provider_batch_id),
+                report::plural(*requests, "request", "requests")
+            ),
             Event::Adopted {
                 batch_id,
                 provider_batch_id,
             } => eprintln!(
-                "adopted batch {batch_id}: the provider already had it as {provider_batch_id}"
+                "adopted batch {batch_id}: the provider already had it as {}",
+                printable(provider_batch_id)
             ),
-            Event::Ingested { batch_id, stats } => eprintln!(
-                "ingested batch {batch_id}: {} succeeded, {} to retry, {} failed for good",
-                stats.succeeded, stats.failed, stats.exhausted
+            Event::Ingested {
+                batch_id,
+                stats,
+                cost,
+            } => eprintln!(
+                "collected batch {batch_id}: {} succeeded, {} to retry, {} failed for good ({})",
+                stats.succeeded,
+                stats.failed,
+                stats.exhausted,
+                cost.display_rounded(6)
             ),
             Event::Note(n) => eprintln!("{n}"),
             Event::Quarantined { .. } => eprintln!("{}", quarantine_line(e)),
@@ -1329,21 +1541,35 @@ fn quarantine_line(e: &Event) -> String {
             field,
             reason,
         } => format!(
-            "quarantined {source}:{line}{}: {reason}",
+            "quarantined {}:{line}{}: {}",
+            printable(source),
             field
                 .as_ref()
-                .map(|f| format!(" (field `{f}`)"))
-                .unwrap_or_default()
+                .map(|f| format!(" (field `{}`)", printable(f)))
+                .unwrap_or_default(),
+            printable(reason)
         ),
         _ => String::new(),
     }
 }
 
-/// Progress bars on a terminal.
+/// Progress on a terminal: a spinner while the source is read, then one bar for the whole
+/// run (items final out of items to carry, elapsed, ETA, cost so far, retries).
 struct BarObserver {
     multi: MultiProgress,
     ingest: ProgressBar,
-    batches: Mutex<std::collections::HashMap<String, ProgressBar>>,
+    bar: ProgressBar,
+    state: Mutex<BarState>,
+}
+
+#[derive(Default)]
+struct BarState {
+    /// Items final (succeeded or failed for good).
+    done: u64,
+    retries: u64,
+    cost: crate::cost::Usd,
+    /// What the provider reports done in each batch still in flight.
+    in_flight: std::collections::HashMap<String, u64>,
 }
 
 impl BarObserver {
@@ -1355,17 +1581,36 @@ impl BarObserver {
                 .expect("valid template"),
         );
         ingest.enable_steady_tick(Duration::from_millis(120));
+        let bar = multi.add(ProgressBar::hidden());
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} items  {elapsed_precise} (eta {eta})  {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
         BarObserver {
             multi,
             ingest,
-            batches: Mutex::new(Default::default()),
+            bar,
+            state: Mutex::new(BarState::default()),
         }
+    }
+
+    fn refresh(&self, st: &BarState) {
+        let running: u64 = st.in_flight.values().sum();
+        self.bar.set_position(st.done + running);
+        self.bar.set_message(format!(
+            "{} so far · {}",
+            st.cost.display_rounded(4),
+            report::plural(st.retries, "retry", "retries")
+        ));
     }
 }
 
 impl Observer for BarObserver {
     fn event(&self, e: &Event) {
-        let mut bars = self.batches.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         match e {
             Event::IngestProgress {
                 records,
@@ -1385,40 +1630,33 @@ impl Observer for BarObserver {
                 report::n(*quarantined),
                 report::n(*new_items)
             )),
-            Event::Submitted {
-                batch_id,
-                provider_batch_id,
-                requests,
-            } => {
-                let bar = self.multi.add(ProgressBar::new(*requests));
-                bar.set_style(
-                    ProgressStyle::with_template("  {prefix} [{bar:30}] {pos}/{len} {msg}")
-                        .expect("valid template")
-                        .progress_chars("=> "),
-                );
-                bar.set_prefix(provider_batch_id.clone());
-                bar.set_message("submitted");
-                bars.insert(batch_id.clone(), bar);
+            Event::Work { items } => {
+                self.bar.set_length(*items);
+                self.bar
+                    .set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                self.bar.reset_elapsed();
+                self.bar.enable_steady_tick(Duration::from_millis(250));
+                self.refresh(&st);
             }
             Event::Polled {
                 batch_id,
-                status,
                 completed,
                 failed,
                 ..
             } => {
-                if let Some(bar) = bars.get(batch_id) {
-                    bar.set_position(completed + failed);
-                    bar.set_message(status.clone());
-                }
+                st.in_flight.insert(batch_id.clone(), completed + failed);
+                self.refresh(&st);
             }
-            Event::Ingested { batch_id, stats } => {
-                if let Some(bar) = bars.remove(batch_id) {
-                    bar.finish_with_message(format!(
-                        "{} ok, {} to retry, {} failed",
-                        stats.succeeded, stats.failed, stats.exhausted
-                    ));
-                }
+            Event::Ingested {
+                batch_id,
+                stats,
+                cost,
+            } => {
+                st.in_flight.remove(batch_id);
+                st.done += stats.succeeded + stats.exhausted;
+                st.retries += stats.failed;
+                st.cost += *cost;
+                self.refresh(&st);
             }
             Event::Note(n) => {
                 let _ = self.multi.println(n);
@@ -1428,5 +1666,11 @@ impl Observer for BarObserver {
             }
             _ => {}
         }
+    }
+}
+
+impl Drop for BarObserver {
+    fn drop(&mut self) {
+        self.bar.finish();
     }
 }

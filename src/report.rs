@@ -21,8 +21,12 @@ pub struct RunReport {
 }
 
 impl RunReport {
+    /// The run's figures: frozen on its row once nothing of it is open, else counted now.
     pub async fn load<S: Store>(store: &S, run: RunRow) -> Result<Self, StoreError> {
-        let figures = store.run_figures(&run.id).await?;
+        let figures = match run.figures_json.as_deref().and_then(RunFigures::from_json) {
+            Some(f) => f,
+            None => store.run_figures(&run.id).await?,
+        };
         let anomalies = store.anomaly_count(&run.id).await?;
         Ok(RunReport {
             run,
@@ -77,6 +81,7 @@ impl RunReport {
             "pricing_mode": self.run.pricing_mode,
             "started_at": rfc3339(self.run.started_at),
             "finished_at": self.run.finished_at.map(rfc3339),
+            "duration_seconds": self.run.finished_at.map(|f| (f - self.run.started_at) as f64 / 1000.0),
             "exit_code": self.run.exit_code,
             "message": self.run.message,
             "records": {
@@ -95,6 +100,13 @@ impl RunReport {
             },
             "batches": f.batches,
             "attempts": f.attempts,
+            "requests_sent": f.requests_sent,
+            "collected_for_earlier_runs": {
+                "batches": f.collected.batches,
+                "results": f.collected.results,
+                "cost_usd": f.collected.cost.to_decimal_string(),
+                "runs": f.collected.runs,
+            },
             "retries": self.retries(),
             "retry_rate": self.retry_rate().to_string().parse::<f64>().unwrap_or(0.0),
             "tokens": usage_json(u),
@@ -115,9 +127,13 @@ impl RunReport {
         let f = &self.figures;
         let u = &f.ledger.usage;
         let mut s = String::new();
+        let took = match self.run.finished_at {
+            Some(end) => format!("  in {}", duration_ms(end - self.run.started_at)),
+            None => String::new(),
+        };
         let _ = writeln!(
             s,
-            "run {}  pipeline {}  {}  ({} {}, {} prices)",
+            "run {}  pipeline {}  {}{took}  ({} {}, {} prices)",
             self.run.id,
             self.run.pipeline,
             self.run.status,
@@ -152,10 +168,9 @@ impl RunReport {
         );
         let _ = writeln!(
             s,
-            "  attempts   {} in {} batch{}  ·  retries {}  ·  retry rate {}%",
+            "  attempts   {} in {}  ·  retries {}  ·  retry rate {}%",
             n(f.attempts),
-            n(f.batches),
-            if f.batches == 1 { "" } else { "es" },
+            plural(f.batches, "batch", "batches"),
             n(self.retries()),
             (self.retry_rate() * Decimal::from(100)).round_dp(1)
         );
@@ -226,8 +241,41 @@ impl RunReport {
                 self.anomalies
             );
         }
+        if f.collected.batches > 0 {
+            let _ = writeln!(
+                s,
+                "  collected  {} of earlier runs ({}): {}, {} charged to those runs",
+                plural(f.collected.batches, "batch", "batches"),
+                f.collected
+                    .runs
+                    .iter()
+                    .map(|r| short_run_id(r))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                plural(f.collected.results, "result", "results"),
+                f.collected.cost.display_rounded(6)
+            );
+        }
+        if f.requests_sent > 0 {
+            let _ = writeln!(
+                s,
+                "  sent       {} to the provider",
+                plural(f.requests_sent, "request", "requests")
+            );
+        } else if f.unfinished > 0 {
+            let _ = writeln!(
+                s,
+                "  sent       0 requests: {} still to send; run again to carry on",
+                plural(f.unfinished, "item", "items")
+            );
+        } else if self.run.status != "running" {
+            let _ = writeln!(
+                s,
+                "  sent       0 requests: nothing new to process, nothing charged by this run"
+            );
+        }
         if let Some(m) = &self.run.message {
-            let _ = writeln!(s, "  note       {m}");
+            let _ = writeln!(s, "  note       {}", printable(m));
         }
         s
     }
@@ -243,6 +291,12 @@ fn usage_json(u: &Usage) -> Value {
     })
 }
 
+/// The first 13 characters of a run id (its time part in a v7 uuid), enough to tell runs
+/// apart and accepted by `--run`.
+pub fn short_run_id(id: &str) -> String {
+    id.chars().take(13).collect()
+}
+
 /// `1234567` → `1,234,567`.
 pub fn n(v: u64) -> String {
     let s = v.to_string();
@@ -256,6 +310,39 @@ pub fn n(v: u64) -> String {
     out
 }
 
+/// `1 batch`, `3 batches` (with thousands separators).
+pub fn plural(count: u64, one: &str, many: &str) -> String {
+    format!("{} {}", n(count), if count == 1 { one } else { many })
+}
+
+/// Text that came from a source file or a provider, made safe to print on a terminal:
+/// control characters (escape sequences, carriage returns) are shown escaped.
+pub fn printable(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<String>()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// A duration for people: `850ms`, `42s`, `3m05s`, `2h07m`.
+pub fn duration_ms(ms: i64) -> String {
+    let ms = ms.max(0);
+    match ms {
+        m if m < 1000 => format!("{m}ms"),
+        m if m < 60_000 => format!("{:.1}s", m as f64 / 1000.0),
+        m if m < 3_600_000 => format!("{}m{:02}s", m / 60_000, (m / 1000) % 60),
+        m => format!("{}h{:02}m", m / 3_600_000, (m / 60_000) % 60),
+    }
+}
+
 pub fn rfc3339(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
         .ok()
@@ -266,12 +353,64 @@ pub fn rfc3339(ms: i64) -> String {
         .unwrap_or_default()
 }
 
-/// The per-item audit as JSON: every attempt of every item of the run.
+/// `nightshift runs`: one line per run, newest first.
+pub fn runs_table(reports: &[RunReport], width: Option<u16>) -> String {
+    let mut t = table(
+        &[
+            "run",
+            "pipeline",
+            "started",
+            "took",
+            "status",
+            "records",
+            "sent",
+            "cost",
+            "per processed item",
+        ],
+        width,
+    );
+    for r in reports {
+        let f = &r.figures;
+        t.add_row(vec![
+            short_run_id(&r.run.id),
+            printable(&r.run.pipeline),
+            rfc3339(r.run.started_at)
+                .replace('T', " ")
+                .trim_end_matches('Z')
+                .chars()
+                .take(19)
+                .collect(),
+            r.run
+                .finished_at
+                .map(|e| duration_ms(e - r.run.started_at))
+                .unwrap_or_else(|| "-".into()),
+            r.run.status.clone(),
+            n(f.records_valid),
+            n(f.requests_sent),
+            r.cost().display_rounded(4),
+            match r.cost_per_processed_item() {
+                Some(per) => format!(
+                    "${} ({})",
+                    per.round_dp(6).normalize(),
+                    n(f.processed_records)
+                ),
+                None => "-".into(),
+            },
+        ]);
+    }
+    align_right(&mut t, &[3, 5, 6, 7, 8]);
+    let mut s = t.to_string();
+    s.push('\n');
+    s
+}
+
+/// The per-item audit as JSON: every attempt of the run's batches.
 pub fn audit_json(rows: &[AuditRow]) -> Value {
     Value::Array(
         rows.iter()
             .map(|r| {
                 json!({
+                    "run_id": r.run_id,
                     "item_id": r.item_id,
                     "dedupe_key": hex::encode(&r.dedupe_key),
                     "item_state": r.item_state,
@@ -296,40 +435,93 @@ pub fn audit_json(rows: &[AuditRow]) -> Value {
     )
 }
 
-/// The per-item audit as a table.
-pub fn audit_text(rows: &[AuditRow]) -> String {
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "{:<8} {:<10} {:<3} {:<52} {:<10} {:<15} {:>8} {:>8} {:>14}  records",
-        "item", "state", "try", "custom_id", "attempt", "verdict", "in", "out", "cost_usd"
+/// The per-item audit as a table (`width`: the terminal's, if any).
+pub fn audit_text(rows: &[AuditRow], width: Option<u16>) -> String {
+    let mut t = table(
+        &[
+            "item",
+            "state",
+            "try",
+            "custom_id",
+            "attempt",
+            "verdict",
+            "in",
+            "out",
+            "cost_usd",
+            "records",
+        ],
+        width,
     );
     for r in rows {
-        let _ = writeln!(
-            s,
-            "{:<8} {:<10} {:<3} {:<52} {:<10} {:<15} {:>8} {:>8} {:>14}  {}",
-            r.item_id,
-            r.item_state,
-            r.attempt_no,
-            r.custom_id,
-            r.attempt_state,
-            r.verdict.as_deref().unwrap_or("-"),
-            r.input_tokens
-                .map(|v| v.to_string())
-                .unwrap_or_else(|| "-".into()),
-            r.output_tokens
-                .map(|v| v.to_string())
-                .unwrap_or_else(|| "-".into()),
+        let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+        let mut verdict = r.verdict.clone().unwrap_or_else(|| "-".into());
+        if let Some(e) = &r.error {
+            verdict.push_str(": ");
+            verdict.push_str(&crate::validate::preview(e, 160));
+        }
+        t.add_row(vec![
+            r.item_id.to_string(),
+            r.item_state.clone(),
+            r.attempt_no.to_string(),
+            r.custom_id.clone(),
+            r.attempt_state.clone(),
+            printable(&verdict),
+            opt(r.input_tokens),
+            opt(r.output_tokens),
             r.cost_pico
                 .map(|c| Usd::from_pico(c as i128).to_decimal_string())
                 .unwrap_or_else(|| "-".into()),
-            crate::validate::preview(&r.record_ids, 60),
-        );
-        if let Some(e) = &r.error {
-            let _ = writeln!(s, "{:>12} {}", "└", crate::validate::preview(e, 160));
+            printable(&crate::validate::preview(&r.record_ids, 60)),
+        ]);
+    }
+    let mut s = t.to_string();
+    s.push('\n');
+    s
+}
+
+/// A plain table (no borders, left-aligned) that fits `width` columns when given; numbers
+/// are right-aligned by the caller's choice of [`align_right`].
+pub fn table(header: &[&str], width: Option<u16>) -> comfy_table::Table {
+    let mut t = comfy_table::Table::new();
+    t.load_style(comfy_table::presets::NOTHING)
+        .set_header(header.to_vec());
+    match width {
+        Some(w) => {
+            t.set_width(w)
+                .set_content_arrangement(comfy_table::ContentArrangement::Dynamic);
+        }
+        None => {
+            t.set_content_arrangement(comfy_table::ContentArrangement::Disabled);
         }
     }
-    s
+    t
+}
+
+/// Right-aligns the given columns of a table (counts, money).
+pub fn align_right(t: &mut comfy_table::Table, columns: &[usize]) {
+    for &c in columns {
+        if let Some(col) = t.column_mut(c) {
+            col.set_cell_alignment(comfy_table::CellAlignment::Right);
+        }
+    }
+}
+
+/// The width of the terminal on stdout, if stdout is one.
+pub fn terminal_width() -> Option<u16> {
+    use std::io::IsTerminal;
+    if !std::io::stdout().is_terminal() {
+        return None;
+    }
+    #[cfg(unix)]
+    {
+        // SAFETY: TIOCGWINSZ fills a winsize struct we own.
+        let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) };
+        if rc == 0 && ws.ws_col > 0 {
+            return Some(ws.ws_col);
+        }
+    }
+    std::env::var("COLUMNS").ok().and_then(|c| c.parse().ok())
 }
 
 #[cfg(test)]

@@ -7,14 +7,14 @@ use std::process::Command;
 use assert_cmd::cargo::CommandCargoExt;
 use serde_json::Value;
 
-fn bin() -> Command {
+pub(crate) fn bin() -> Command {
     let mut c = Command::cargo_bin("nightshift").unwrap();
     c.env_remove("NIGHTSHIFT_DB").env_remove("RUST_LOG");
     c
 }
 
 /// Copies `config/examples` into a temporary folder (runs write beside the pipeline).
-fn examples() -> (tempfile::TempDir, PathBuf) {
+pub(crate) fn examples() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples");
     copy_dir(&src, &dir.path().join("examples"));
@@ -38,7 +38,7 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-fn faster(pipeline: &Path) {
+pub(crate) fn faster(pipeline: &Path) {
     let text = std::fs::read_to_string(pipeline).unwrap();
     let text = text
         .replace("batch_seconds = 2\n", "batch_seconds = 0.3\n")
