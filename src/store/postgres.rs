@@ -3,7 +3,8 @@
 //!
 //! Several workers on several machines share one database; what keeps them apart is in the
 //! SQL ([`super::sql`]): `FOR UPDATE SKIP LOCKED` claims and lease tokens. The URL may carry
-//! a password: only [`redact_url`]'s form of it is ever printed or stored.
+//! a password: only [`redact_url`]'s form of it is ever printed or stored, and a URL that
+//! cannot be used is explained ([`url_problem`]) without quoting it.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -20,7 +21,9 @@ pub fn is_postgres_url(s: &str) -> bool {
     s.starts_with("postgres://") || s.starts_with("postgresql://")
 }
 
-/// The URL with its password (and any `password=` parameter) replaced by `***`.
+/// The URL with its password (and any `password=` parameter) replaced by `***`. A URL that
+/// does not parse is shown as `postgres://(unparsable URL: WHY)`, never as given (WHY is the
+/// parser's message, which never quotes the input).
 pub fn redact_url(s: &str) -> String {
     match url::Url::parse(s) {
         Ok(mut u) => {
@@ -43,8 +46,94 @@ pub fn redact_url(s: &str) -> String {
             }
             u.to_string()
         }
-        Err(_) => "postgres://(unparsable URL)".into(),
+        Err(e) => format!("postgres://(unparsable URL: {e})"),
     }
+}
+
+/// What is wrong with a URL that does not parse: the parser's message (it never quotes the
+/// input) and, for the errors that characters in a password often cause, [`encoding_hint`].
+fn parse_problem(s: &str, e: url::ParseError) -> String {
+    match encoding_hint(s, e) {
+        Some(hint) => format!("{e}; {hint}"),
+        None => e.to_string(),
+    }
+}
+
+fn encoding_hint(s: &str, e: url::ParseError) -> Option<&'static str> {
+    (s.contains('@')
+        && matches!(
+            e,
+            url::ParseError::InvalidPort
+                | url::ParseError::EmptyHost
+                | url::ParseError::InvalidDomainCharacter
+        ))
+    .then_some(
+        "a user name or password holding `/`, `?`, `#`, `@` or `:` must be percent-encoded (`/` as %2F)",
+    )
+}
+
+/// Why `url` cannot be used to connect (`None`: it can), in words that never include its
+/// password: the URL parser's complaint, or the driver's with any password in it replaced by
+/// `***`.
+pub fn url_problem(url: &str) -> Option<String> {
+    let parsed = match url::Url::parse(url) {
+        Ok(u) => u,
+        Err(e) => return Some(parse_problem(url, e)),
+    };
+    let err = PgConnectOptions::from_str(url).err()?;
+    // sqlx wraps some of its errors twice: "error with configuration: error with …".
+    let mut msg = err.to_string();
+    while let Some(m) = msg.strip_prefix("error with configuration: ") {
+        msg = m.to_string();
+    }
+    let mut secrets: Vec<String> = Vec::new();
+    if let Some(pw) = parsed.password() {
+        secrets.push(pw.to_string());
+        secrets.push(percent_decode(pw));
+    }
+    for (k, v) in parsed.query_pairs() {
+        if k.eq_ignore_ascii_case("password") {
+            secrets.push(v.into_owned());
+        }
+    }
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        msg = msg.replace(secret.as_str(), "***");
+    }
+    Some(msg)
+}
+
+/// `%XX` escapes decoded (a password as the driver will see it).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |j: usize| bytes.get(j).and_then(|&b| (b as char).to_digit(16));
+        match (bytes[i], hex(i + 1), hex(i + 2)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The error for a URL [`url_problem`] finds fault with, saying each thing once: an
+/// unparsable URL's [`redact_url`] form carries the parser's reason already.
+fn unusable(url: &str) -> StoreError {
+    let why = match url::Url::parse(url) {
+        Err(e) => encoding_hint(url, e).map(str::to_string),
+        Ok(_) => Some(url_problem(url).unwrap_or_else(|| "rejected by the driver".into())),
+    };
+    StoreError::Invalid(match why {
+        Some(why) => format!("{} is not a usable PostgreSQL URL: {why}", redact_url(url)),
+        None => format!("{} is not a usable PostgreSQL URL", redact_url(url)),
+    })
 }
 
 /// A schema name we create and quote ourselves: `^[a-z_][a-z0-9_]{0,62}$`.
@@ -67,12 +156,7 @@ pub async fn drop_schema(url: &str, schema: &str) -> Result<()> {
     if !valid_schema(schema) {
         return Err(StoreError::Invalid(format!("schema name `{schema}`")));
     }
-    let opts = PgConnectOptions::from_str(url).map_err(|_| {
-        StoreError::Invalid(format!(
-            "{} is not a usable PostgreSQL URL",
-            redact_url(url)
-        ))
-    })?;
+    let opts = PgConnectOptions::from_str(url).map_err(|_| unusable(url))?;
     let pool = PgPoolOptions::new()
         .max_connections(1)
         .connect_with(opts)
@@ -96,9 +180,7 @@ impl SqlStore {
     pub async fn open_postgres_in(url: &str, schema: Option<&str>) -> Result<Self> {
         let location = redact_url(url);
         // sqlx's own URL errors may quote the URL: say what failed without it.
-        let mut opts = PgConnectOptions::from_str(url).map_err(|_| {
-            StoreError::Invalid(format!("{location} is not a usable PostgreSQL URL"))
-        })?;
+        let mut opts = PgConnectOptions::from_str(url).map_err(|_| unusable(url))?;
         // A runaway statement must not hold locks other workers wait on.
         opts = opts.options([("statement_timeout", "300s")]);
         if let Some(schema) = schema {
@@ -144,6 +226,43 @@ mod tests {
         assert!(r.contains("app:***@db.internal"), "{r}");
         let r = redact_url("postgres://db/jobs?user=app&password=s3cret");
         assert!(!r.contains("s3cret"), "{r}");
+    }
+
+    #[test]
+    fn an_unusable_url_says_what_is_wrong_without_its_password() {
+        // A `/` in the password ends the authority early: `pa55` is then read as the port.
+        let url = "postgres://app:pa55/word@db.internal:5432/jobs";
+        let shown = redact_url(url);
+        assert!(!shown.contains("pa55"), "{shown}");
+        assert_eq!(shown, "postgres://(unparsable URL: invalid port number)");
+        let why = url_problem(url).unwrap();
+        assert!(why.contains("invalid port number"), "{why}");
+        assert!(why.contains("percent-encoded"), "{why}");
+        let err = unusable(url).to_string();
+        assert!(!err.contains("pa55"), "{err}");
+        assert_eq!(err.matches("invalid port number").count(), 1, "{err}");
+        assert!(err.contains("percent-encoded"), "{err}");
+        let shown = redact_url("postgres://app:s3cret@db.internal:99999/jobs");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("invalid port number"), "{shown}");
+        let shown = redact_url("postgres://app:s3cret@/jobs");
+        assert!(!shown.contains("s3cret"), "{shown}");
+
+        // Parses, but the driver refuses it: its reason, the password still hidden.
+        let url = "postgres://app:s3cret@db.internal/jobs?sslmode=sometimes";
+        let why = url_problem(url).unwrap();
+        assert!(why.starts_with("unknown value \"sometimes\""), "{why}");
+        assert!(!why.contains("s3cret"), "{why}");
+        let err = unusable(url).to_string();
+        assert!(err.contains("app:***@db.internal"), "{err}");
+        assert!(err.contains("sometimes"), "{err}");
+        assert!(!err.contains("s3cret"), "{err}");
+        let url = "postgres://db/jobs?password=s3cret&sslmode=s3cret";
+        let why = url_problem(url).unwrap();
+        assert!(!why.contains("s3cret"), "{why}");
+
+        assert_eq!(url_problem("postgres://app:s3cret@db.internal/jobs"), None);
+        assert_eq!(percent_decode("a%2Fb%zz%4"), "a/b%zz%4");
     }
 
     #[test]
