@@ -356,6 +356,19 @@ impl CsvReader {
                 }
             })
             .collect::<Vec<_>>();
+        if headers.iter().all(String::is_empty) {
+            let what = if headers.is_empty() {
+                "the file is empty"
+            } else {
+                "the header row (the first line) is blank"
+            };
+            return Err(SourceError::Header {
+                path,
+                message: format!(
+                    "{what}: a CSV source starts with a header row naming its columns, the id column `{id_field}` (source.id_field) among them"
+                ),
+            });
+        }
         if !headers.iter().any(|h| h == &id_field) {
             return Err(SourceError::Header {
                 path,
@@ -614,5 +627,31 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("no `id` column"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_csv_says_it_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.csv");
+        for (body, says) in [
+            ("", "the file is empty"),
+            ("\n\n", "the file is empty"),
+            (" \n1\n", "the header row (the first line) is blank"),
+        ] {
+            std::fs::write(&path, body).unwrap();
+            let err = CsvReader::new(
+                File::open(&path).unwrap(),
+                path.clone(),
+                "id".into(),
+                1024,
+                b',',
+            )
+            .err()
+            .unwrap()
+            .to_string();
+            assert!(err.contains(says), "{body:?}: {err}");
+            assert!(err.contains("header row"), "{err}");
+            assert!(!err.contains("columns: "), "{err}");
+        }
     }
 }
