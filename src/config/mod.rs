@@ -32,6 +32,8 @@ pub const OPENAI_MAX_REQUESTS: usize = 50_000;
 pub const OPENAI_MAX_BYTES: u64 = 200 * 1000 * 1000;
 /// Default cap on one source record (one JSONL line or CSV row).
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 1 << 20;
+/// Default `source.max_quarantined_share`: half the source.
+pub const DEFAULT_MAX_QUARANTINED_SHARE: Decimal = Decimal::from_parts(5, 0, 0, false, 1);
 
 /// One problem in a pipeline file, at a TOML path such as `provider.model`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -210,7 +212,8 @@ pub struct SourceConfig {
     pub id_field: String,
     pub max_record_bytes: usize,
     pub delimiter: u8,
-    /// A run whose quarantined share of records is above this sends nothing and fails.
+    /// A run whose quarantined share of records is above this sends nothing and fails
+    /// (0 to 1, default 0.5; 1 never stops a run).
     pub max_quarantined_share: Decimal,
 }
 
@@ -800,19 +803,24 @@ fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> Result<Pipeline, Vec<P
         ));
     }
 
-    let max_quarantined_share = match src.max_quarantined_share.as_ref().map(|v| v.decimal()) {
-        None => Decimal::new(5, 1),
+    let max_quarantined_share = match src.max_quarantined_share.map(|v| v.decimal()) {
+        None => DEFAULT_MAX_QUARANTINED_SHARE,
         Some(Ok(d)) if d >= Decimal::ZERO && d <= Decimal::ONE => d,
         Some(Ok(d)) => {
             p.push(Problem::new(
                 "source.max_quarantined_share",
-                format!("must be a ratio between 0 and 1 (0.5 = half the records), got {d}"),
+                format!(
+                    "must be between 0 and 1 (the share of the source's records: 0.05 = 5 %, 1 = no cap), got {d}"
+                ),
             ));
-            Decimal::new(5, 1)
+            DEFAULT_MAX_QUARANTINED_SHARE
         }
         Some(Err(e)) => {
-            p.push(Problem::new("source.max_quarantined_share", e.to_string()));
-            Decimal::new(5, 1)
+            p.push(Problem::new(
+                "source.max_quarantined_share",
+                format!("{e} (a ratio between 0 and 1, e.g. \"0.05\")"),
+            ));
+            DEFAULT_MAX_QUARANTINED_SHARE
         }
     };
 
@@ -1300,6 +1308,45 @@ max_attempts = 0
         }
         let text = err.to_string();
         assert!(text.starts_with("bad.toml: "), "{text}");
+    }
+
+    fn with_source_line(extra: &str) -> String {
+        GOOD.replace(
+            "id_field = \"id\"\n",
+            &format!("id_field = \"id\"\n{extra}\n"),
+        )
+    }
+
+    #[test]
+    fn the_quarantined_share_defaults_to_half_and_takes_ratios() {
+        let p = Pipeline::from_str(GOOD, Path::new("t.toml")).unwrap();
+        assert_eq!(p.source.max_quarantined_share, Decimal::new(5, 1));
+        for (text, want) in [
+            ("\"0.05\"", Decimal::new(5, 2)),
+            ("0.2", Decimal::new(2, 1)),
+            ("0", Decimal::ZERO),
+            ("1", Decimal::ONE),
+        ] {
+            let file = with_source_line(&format!("max_quarantined_share = {text}"));
+            let p = Pipeline::from_str(&file, Path::new("t.toml")).unwrap();
+            assert_eq!(p.source.max_quarantined_share, want, "{text}");
+        }
+        for (text, says) in [
+            ("1.5", "between 0 and 1"),
+            ("-0.1", "between 0 and 1"),
+            ("\"half\"", "ratio"),
+            ("\"\"", "ratio"),
+            ("true", "decimal"),
+        ] {
+            let file = with_source_line(&format!("max_quarantined_share = {text}"));
+            let err = Pipeline::from_str(&file, Path::new("t.toml")).unwrap_err();
+            assert_eq!(err.problems.len(), 1, "{text}: {err}");
+            assert_eq!(
+                err.problems[0].path, "source.max_quarantined_share",
+                "{err}"
+            );
+            assert!(err.problems[0].message.contains(says), "{text}: {err}");
+        }
     }
 
     #[test]
