@@ -571,17 +571,8 @@ fn load_pipeline(file: &Path) -> Result<Pipeline, Exit> {
 }
 
 fn cmd_validate(file: &Path) -> Result<i32, Exit> {
-    let p = load_pipeline(file)?;
-    let problems = p.check_environment(None);
-    if !problems.is_empty() {
-        return Err(exit(
-            EXIT_CONFIG,
-            crate::config::ConfigError {
-                file: file.to_path_buf(),
-                problems,
-            },
-        ));
-    }
+    // One list: what is wrong in the file and in its environment, all at once.
+    let p = Pipeline::check_file(file, None).map_err(|e| exit(EXIT_CONFIG, e))?;
     println!(
         "{}: ok (pipeline `{}`, {} `{}`{}, source {})",
         file.display(),

@@ -4,10 +4,15 @@
 //! 1. **parse** the TOML into raw structs (`deny_unknown_fields`, every field optional), one
 //!    section at a time, so that one bad key does not hide the next: each unknown key and each
 //!    wrongly typed value is reported with its TOML path;
-//! 2. **validate** the raw structs with a pure function that collects *every* problem;
+//! 2. **validate** the raw structs with a pure function that collects *every* problem and
+//!    builds the pipeline all the same, a default standing in for each bad value;
 //! 3. **check the environment** (`check_environment`): the I/O checks that `nightshift
 //!    validate` also runs — the source and schema files are readable, the schema compiles, the
 //!    API key is set, the model has a price — so none of them is found after upload.
+//!
+//! `Pipeline::load` stops after step 2 when anything is wrong (so `run` refuses a broken
+//! file); `Pipeline::check_file`, behind `nightshift validate`, runs all three and lists every
+//! problem at once, skipping the environment checks that depend on a value already reported.
 //!
 //! Relative paths resolve against the pipeline file's folder. API keys never live here: the
 //! file names an environment variable or a key file.
@@ -193,6 +198,9 @@ struct RawPipeline {
     pricing: Option<RawPricing>,
     budget: Option<RawBudget>,
     plan: Option<RawPlan>,
+    /// TOML paths whose values parsing rejected (or whose whole section it dropped): the
+    /// checks after it say nothing more about them.
+    flagged: Vec<String>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -414,31 +422,35 @@ impl Pipeline {
 
     /// Parses and validates pipeline text that was read from `path`.
     pub fn from_str(text: &str, path: &Path) -> Result<Pipeline, ConfigError> {
-        let fail = |problems| ConfigError {
+        match build(text, path) {
+            (Some(p), problems) if problems.is_empty() => Ok(p),
+            (_, problems) => Err(ConfigError {
+                file: path.to_path_buf(),
+                problems,
+            }),
+        }
+    }
+
+    /// Everything `nightshift validate` checks, as one list: the parse and validation
+    /// problems, then the environment checks ([`Pipeline::check_environment`]) on whatever
+    /// parts of the file were valid. A check that depends on a value with a problem already
+    /// is skipped, so one mistake is reported once. `Ok` only when nothing at all is wrong.
+    pub fn check_file(path: &Path, prices: Option<&PriceTable>) -> Result<Pipeline, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: path.to_path_buf(),
-            problems,
-        };
-        let (raw, mut problems) = parse(text);
-        let Some(raw) = raw else {
-            return Err(fail(problems));
-        };
-        let dir = path
-            .parent()
-            .map(|p| {
-                if p.as_os_str().is_empty() {
-                    PathBuf::from(".")
-                } else {
-                    p.to_path_buf()
-                }
-            })
-            .unwrap_or_else(|| PathBuf::from("."));
-        match validate(raw, path, &dir) {
-            Ok(p) if problems.is_empty() => Ok(p),
-            Ok(_) => Err(fail(problems)),
-            Err(mut more) => {
-                problems.append(&mut more);
-                Err(fail(problems))
-            }
+            problems: vec![Problem::new("", format!("cannot read the file: {e}"))],
+        })?;
+        let (pipeline, mut problems) = build(&text, path);
+        if let Some(p) = &pipeline {
+            let flagged: Vec<String> = problems.iter().map(|x| x.path.clone()).collect();
+            problems.extend(p.environment_problems(prices, &flagged));
+        }
+        match pipeline {
+            Some(p) if problems.is_empty() => Ok(p),
+            _ => Err(ConfigError {
+                file: path.to_path_buf(),
+                problems,
+            }),
         }
     }
 
@@ -450,21 +462,43 @@ impl Pipeline {
     /// The I/O checks `nightshift validate` runs after the pure ones: files readable, schema
     /// compiles, key present, model priced. Returns every problem found.
     pub fn check_environment(&self, prices: Option<&PriceTable>) -> Vec<Problem> {
+        self.environment_problems(prices, &[])
+    }
+
+    /// The environment checks, skipping those that depend on a TOML path in `flagged` (one
+    /// with a problem already: checking its best-effort default would only add noise).
+    fn environment_problems(
+        &self,
+        prices: Option<&PriceTable>,
+        flagged: &[String],
+    ) -> Vec<Problem> {
+        let skip = |deps: &[&str]| deps.iter().any(|d| is_flagged(flagged, d));
         let mut problems = Vec::new();
-        if let Err(e) = std::fs::File::open(&self.source.path) {
+        if skip(&["source.path"]) {
+            // Nothing to open.
+        } else if let Err(e) = std::fs::File::open(&self.source.path) {
             problems.push(Problem::new(
                 "source.path",
                 format!("cannot open {}: {e}", self.source.path.display()),
             ));
         } else if self.source.kind == SourceKind::Csv
+            && !skip(&[
+                "source.kind",
+                "source.id_field",
+                "source.delimiter",
+                "source.max_record_bytes",
+            ])
             && let Err(msg) = crate::source::check_csv_header(self)
         {
             problems.push(Problem::new("source.path", msg));
         }
-        if let Err(msg) = crate::validate::OutputValidator::load(&self.output.schema) {
+        if !skip(&["output.schema"])
+            && let Err(msg) = crate::validate::OutputValidator::load(&self.output.schema)
+        {
             problems.push(Problem::new("output.schema", msg));
         }
-        if let Some(parent) = self.output.path.parent()
+        if !skip(&["output.path"])
+            && let Some(parent) = self.output.path.parent()
             && parent.exists()
             && !parent.is_dir()
         {
@@ -473,7 +507,13 @@ impl Pipeline {
                 format!("{} is not a folder", parent.display()),
             ));
         }
-        if !self.provider.simulate {
+        let key_deps = [
+            "provider.kind",
+            "provider.simulate",
+            "provider.api_key_env",
+            "provider.api_key_file",
+        ];
+        if !self.provider.simulate && !skip(&key_deps) {
             match &self.provider.key {
                 KeySource::Env(var) => match std::env::var(var) {
                     Ok(v) if !v.trim().is_empty() => {}
@@ -494,6 +534,7 @@ impl Pipeline {
         let owned;
         let table = match prices {
             Some(t) => Some(t),
+            None if skip(&["pricing.file"]) => None,
             None => match PriceTable::builtin_with(self.pricing_file.as_deref()) {
                 Ok(t) => {
                     owned = t;
@@ -505,7 +546,9 @@ impl Pipeline {
                 }
             },
         };
-        if let Some(table) = table {
+        if let Some(table) = table
+            && !skip(&["provider.kind", "provider.model", "provider.mode"])
+        {
             match table.lookup(self.provider.kind.as_str(), &self.provider.model) {
                 Err(e) => problems.push(Problem::new("provider.model", e.to_string())),
                 Ok(p) => {
@@ -524,6 +567,41 @@ impl Pipeline {
         }
         problems
     }
+}
+
+/// Parses and validates: the built pipeline (best effort: a default stands in for each bad
+/// value, `None` only when the text is not TOML at all) and every problem found.
+fn build(text: &str, path: &Path) -> (Option<Pipeline>, Vec<Problem>) {
+    let (raw, mut problems) = parse(text);
+    let Some(raw) = raw else {
+        return (None, problems);
+    };
+    let dir = path
+        .parent()
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                p.to_path_buf()
+            }
+        })
+        .unwrap_or_else(|| PathBuf::from("."));
+    let (pipeline, more) = validate(raw, path, &dir);
+    problems.extend(more);
+    (Some(pipeline), problems)
+}
+
+/// Whether `path` (e.g. `source.path`) is, or lies inside, one of the `flagged` TOML paths
+/// (`[source]` and `source` both cover `source.path`).
+fn is_flagged(flagged: &[String], path: &str) -> bool {
+    let path = path.trim_start_matches('[').trim_end_matches(']');
+    flagged.iter().any(|f| {
+        let f = f.trim_start_matches('[').trim_end_matches(']');
+        !f.is_empty()
+            && path
+                .strip_prefix(f)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -564,25 +642,29 @@ fn parse(text: &str) -> (Option<RawPipeline>, Vec<Problem>) {
         }
     };
     let mut raw = RawPipeline::default();
+    let mut flagged = Vec::new();
     for (key, value) in table {
+        let (p, f) = (&mut problems, &mut flagged);
         match key.as_str() {
-            "name" => raw.name = scalar_string(&key, value, &mut problems),
-            "description" => raw.description = scalar_string(&key, value, &mut problems),
-            "source" => raw.source = section(&key, value, &mut problems),
-            "provider" => raw.provider = section(&key, value, &mut problems),
-            "prompt" => raw.prompt = section(&key, value, &mut problems),
-            "output" => raw.output = section(&key, value, &mut problems),
-            "retry" => raw.retry = section(&key, value, &mut problems),
-            "batch" => raw.batch = section(&key, value, &mut problems),
-            "pricing" => raw.pricing = section(&key, value, &mut problems),
-            "budget" => raw.budget = section(&key, value, &mut problems),
-            "plan" => raw.plan = section(&key, value, &mut problems),
+            "name" => raw.name = scalar_string(&key, value, p),
+            "description" => raw.description = scalar_string(&key, value, p),
+            "source" => raw.source = section(&key, value, p, f),
+            "provider" => raw.provider = section(&key, value, p, f),
+            "prompt" => raw.prompt = section(&key, value, p, f),
+            "output" => raw.output = section(&key, value, p, f),
+            "retry" => raw.retry = section(&key, value, p, f),
+            "batch" => raw.batch = section(&key, value, p, f),
+            "pricing" => raw.pricing = section(&key, value, p, f),
+            "budget" => raw.budget = section(&key, value, p, f),
+            "plan" => raw.plan = section(&key, value, p, f),
             other => problems.push(Problem::new(
                 other,
                 format!("unknown key (expected one of: {})", TOP_LEVEL.join(", ")),
             )),
         }
     }
+    flagged.extend(problems.iter().map(|p| p.path.clone()));
+    raw.flagged = flagged;
     (Some(raw), problems)
 }
 
@@ -600,11 +682,14 @@ fn scalar_string(key: &str, value: toml::Value, problems: &mut Vec<Problem>) -> 
 }
 
 /// Deserializes one section, reporting every bad key: after each error the offending key is
-/// removed and the section is read again, so one typo does not hide the next.
+/// removed and the section is read again, so one typo does not hide the next. A key that
+/// cannot be removed on its own goes with the top-level key of the section it is in (that key
+/// is added to `flagged`); only an error at the section itself drops the section.
 fn section<T: DeserializeOwned + Default>(
     name: &str,
     value: toml::Value,
     problems: &mut Vec<Problem>,
+    flagged: &mut Vec<String>,
 ) -> Option<T> {
     let toml::Value::Table(mut table) = value else {
         problems.push(Problem::new(
@@ -640,12 +725,22 @@ fn section<T: DeserializeOwned + Default>(
                     .collect::<Vec<_>>()
                     .join(".");
                 problems.push(Problem::new(path, tidy_serde_message(&message)));
-                if !remove_path(&mut table, &segments) {
-                    return None;
+                if remove_path(&mut table, &segments) {
+                    continue;
+                }
+                match segments.first() {
+                    Some(top) if table.remove(top).is_some() => {
+                        flagged.push(format!("{name}.{top}"));
+                    }
+                    _ => {
+                        flagged.push(name.to_string());
+                        return None;
+                    }
                 }
             }
         }
     }
+    flagged.push(name.to_string());
     None
 }
 
@@ -713,8 +808,11 @@ fn is_loopback_url(url: &str) -> bool {
     matches!(host, "localhost" | "127.0.0.1" | "::1")
 }
 
-/// Checks the raw pipeline and builds it, or returns every problem.
-fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> Result<Pipeline, Vec<Problem>> {
+/// Checks the raw pipeline and builds it, with every problem found. The pipeline is built
+/// even when there are problems, with a default in place of each bad or missing value, so the
+/// environment checks can still look at the parts that are valid. Problems at paths parsing
+/// rejected already (`raw.flagged`) are left out: they only restate that the value is gone.
+fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> (Pipeline, Vec<Problem>) {
     let mut p: Vec<Problem> = Vec::new();
     let mut need = |path: &str, present: bool| {
         if !present {
@@ -1166,16 +1264,14 @@ fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> Result<Pipeline, Vec<P
         safety_margin,
     };
 
-    if !p.is_empty() {
-        return Err(p);
-    }
-    Ok(Pipeline {
+    p.retain(|x| !is_flagged(&raw.flagged, &x.path));
+    let pipeline = Pipeline {
         name,
         description: raw.description,
         file: file.to_path_buf(),
         dir: dir.to_path_buf(),
         source: SourceConfig {
-            kind: kind.expect("checked above"),
+            kind: kind.unwrap_or(SourceKind::Jsonl),
             path: resolve(dir, src.path.as_deref().unwrap_or_default()),
             id_field: src.id_field.unwrap_or_default(),
             max_record_bytes: max_record_bytes as usize,
@@ -1225,7 +1321,8 @@ fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> Result<Pipeline, Vec<P
         pricing_file,
         budget,
         plan,
-    })
+    };
+    (pipeline, p)
 }
 
 #[cfg(test)]
@@ -1347,6 +1444,83 @@ max_attempts = 0
             );
             assert!(err.problems[0].message.contains(says), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn a_rejected_value_is_reported_once_not_again_as_missing() {
+        let file = GOOD
+            .replace("path = \"data/in.jsonl\"", "path = 12")
+            .replace("max_output_tokens = 100", "max_output_tokens = \"lots\"");
+        let err = Pipeline::from_str(&file, Path::new("t.toml")).unwrap_err();
+        let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, ["prompt.max_output_tokens", "source.path"], "{err}");
+        // A section that is not a table is one problem, not one per key it should hold.
+        let file = format!("{GOOD}\n").replace(
+            "[output]\nschema = \"s.json\"\npath = \"out/r.jsonl\"\n",
+            "",
+        );
+        let file = file.replace("name = \"t\"", "name = \"t\"\noutput = \"out.jsonl\"");
+        let err = Pipeline::from_str(&file, Path::new("t.toml")).unwrap_err();
+        let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, ["output"], "{err}");
+    }
+
+    #[test]
+    fn flagged_paths_cover_what_lies_inside_them() {
+        let flagged = vec!["[source]".to_string(), "provider.model".to_string()];
+        assert!(is_flagged(&flagged, "source.path"));
+        assert!(is_flagged(&flagged, "source"));
+        assert!(is_flagged(&["source".to_string()], "[source]"));
+        assert!(is_flagged(&flagged, "provider.model"));
+        assert!(!is_flagged(&flagged, "provider.models"));
+        assert!(!is_flagged(&flagged, "provider.kind"));
+        assert!(!is_flagged(&["".to_string()], "name"));
+    }
+
+    /// A folder with a pipeline file whose source, schema and key are all in order.
+    fn workspace(records: &str, user: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("data")).unwrap();
+        std::fs::write(dir.path().join("data/in.jsonl"), records).unwrap();
+        std::fs::write(dir.path().join("s.json"), r#"{"type": "object"}"#).unwrap();
+        let file = dir.path().join("t.toml");
+        std::fs::write(&file, GOOD.replace("Tag: {{text}}", user)).unwrap();
+        (dir, file)
+    }
+
+    #[test]
+    fn check_file_runs_the_environment_checks_despite_structural_problems() {
+        let (dir, file) = workspace("{\"id\": 1, \"text\": \"a\"}\n", "Tag: {{text}}");
+        assert!(Pipeline::check_file(&file, None).is_ok());
+
+        std::fs::remove_file(dir.path().join("data/in.jsonl")).unwrap();
+        let text = std::fs::read_to_string(&file).unwrap();
+        std::fs::write(&file, text + "\n[retry]\nmax_attempts = 0\n").unwrap();
+        let err = Pipeline::check_file(&file, None).unwrap_err();
+        let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, ["retry.max_attempts", "source.path"], "{err}");
+        // `load` (and so `run`) still refuses the file.
+        assert!(Pipeline::load(&file).is_err());
+    }
+
+    #[test]
+    fn checks_that_depend_on_a_bad_value_are_skipped() {
+        let (_dir, file) = workspace("{\"id\": 1, \"text\": \"a\"}\n", "Tag: {{text}}");
+        let text = std::fs::read_to_string(&file)
+            .unwrap()
+            .replace("kind = \"openai\"", "kind = \"openia\"")
+            .replace("simulate = true", "simulate = false")
+            .replace("schema = \"s.json\"", "schema = 7")
+            .replace("kind = \"jsonl\"", "kind = \"jsnl\"");
+        std::fs::write(&file, text).unwrap();
+        let err = Pipeline::check_file(&file, None).unwrap_err();
+        let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+        // No key, price, schema or source-content checks on values that are wrong already.
+        assert_eq!(
+            paths,
+            ["output.schema", "source.kind", "provider.kind"],
+            "{err}"
+        );
     }
 
     #[test]

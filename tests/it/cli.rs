@@ -236,6 +236,53 @@ path = "out.jsonl"
 }
 
 #[test]
+fn validate_lists_structural_and_environment_problems_together() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("schema.json"), r#"{"type": "object"}"#).unwrap();
+    let file = dir.path().join("five.toml");
+    std::fs::write(
+        &file,
+        r#"name = "five"
+[source]
+kind = "jsonl"
+path = "no-such-source.jsonl"
+id_field = "id"
+[provider]
+model = "gpt-unknown-9"
+simulate = true
+colour = "red"
+[prompt]
+user = "Summarise {{text"
+max_output_tokens = 100
+[output]
+schema = "schema.json"
+path = "out.jsonl"
+[budget]
+max_usd = "ten dollars"
+"#,
+    )
+    .unwrap();
+    let out = bin().arg("validate").arg(&file).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    for (path, detail) in [
+        ("provider.colour", "unknown key"),
+        ("prompt.user", "never closed"),
+        ("budget.max_usd", ""),
+        ("source.path", "no-such-source.jsonl"),
+        ("provider.model", "gpt-unknown-9"),
+    ] {
+        let line = err
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("- {path}:")))
+            .unwrap_or_else(|| panic!("no problem at {path} in:\n{err}"));
+        assert!(line.contains(detail), "{path} lacks `{detail}`: {line}");
+    }
+    // Each once, and nothing derived from them.
+    assert!(err.contains("5 problems"), "{err}");
+}
+
+#[test]
 fn the_api_key_never_reaches_output_logs_or_the_store() {
     let (_tmp, ex) = examples();
     let file = ex.join("ticket-tagging.toml");
