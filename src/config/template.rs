@@ -33,34 +33,44 @@ pub enum RenderError {
 }
 
 impl Template {
+    /// Parses a template; every malformed placeholder is reported (joined with `; `), up to
+    /// an unclosed `{{`, which ends the scan.
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut segments = Vec::new();
+        let mut errors = Vec::new();
         let mut rest = text;
         while let Some(start) = rest.find("{{") {
             if start > 0 {
                 segments.push(Segment::Literal(rest[..start].to_string()));
             }
             let after = &rest[start + 2..];
-            let end = after.find("}}").ok_or_else(|| {
-                format!(
+            let Some(end) = after.find("}}") else {
+                errors.push(format!(
                     "`{{{{` at byte {} is never closed with `}}}}`",
                     text.len() - rest.len() + start
-                )
-            })?;
+                ));
+                rest = "";
+                break;
+            };
+            rest = &after[end + 2..];
             let inner = after[..end].trim();
             let (name, optional) = match inner.strip_suffix('?') {
                 Some(n) => (n.trim(), true),
                 None => (inner, false),
             };
             if name.is_empty() {
-                return Err("empty placeholder `{{}}`".into());
+                errors.push("empty placeholder `{{}}`".into());
+                continue;
             }
             let path: Vec<String> = name.split('.').map(|s| s.trim().to_string()).collect();
             if path.iter().any(|p| p.is_empty() || p.contains(['{', '}'])) {
-                return Err(format!("bad placeholder `{{{{{inner}}}}}`"));
+                errors.push(format!("bad placeholder `{{{{{inner}}}}}`"));
+                continue;
             }
             segments.push(Segment::Field { path, optional });
-            rest = &after[end + 2..];
+        }
+        if !errors.is_empty() {
+            return Err(errors.join("; "));
         }
         if !rest.is_empty() {
             segments.push(Segment::Literal(rest.to_string()));
@@ -156,5 +166,9 @@ mod tests {
         assert!(Template::parse("hello {{}}").is_err());
         assert!(Template::parse("hello {{a..b}}").is_err());
         assert!(!Template::parse("no fields").unwrap().has_fields());
+        // Every bad placeholder is named, not just the first.
+        let err = Template::parse("{{}} and {{a..b}} and {{ok}}").unwrap_err();
+        assert!(err.contains("empty placeholder"), "{err}");
+        assert!(err.contains("{{a..b}}"), "{err}");
     }
 }
