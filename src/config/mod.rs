@@ -7,8 +7,9 @@
 //! 2. **validate** the raw structs with a pure function that collects *every* problem and
 //!    builds the pipeline all the same, a default standing in for each bad value;
 //! 3. **check the environment** (`check_environment`): the I/O checks that `nightshift
-//!    validate` also runs — the source and schema files are readable, the schema compiles, the
-//!    API key is set, the model has a price — so none of them is found after upload.
+//!    validate` also runs — the source and schema files are readable, the prompt's fields are
+//!    in the source's first records (CSV: its header), the schema compiles, the API key is
+//!    set, the model has a price — so none of them is found after upload.
 //!
 //! `Pipeline::load` stops after step 2 when anything is wrong (so `run` refuses a broken
 //! file); `Pipeline::check_file`, behind `nightshift validate`, runs all three and lists every
@@ -30,7 +31,7 @@ use crate::cost::money::DecimalText;
 use crate::cost::{PriceTable, PricingMode, Usd};
 use crate::sim::SimSettings;
 use rust_decimal::Decimal;
-pub use template::{RenderError, Template};
+pub use template::{FieldMiss, MissKind, RenderError, Template};
 
 /// OpenAI's limits for one batch input file.
 pub const OPENAI_MAX_REQUESTS: usize = 50_000;
@@ -459,7 +460,8 @@ impl Pipeline {
         DEFAULT_STAGE
     }
 
-    /// The I/O checks `nightshift validate` runs after the pure ones: files readable, schema
+    /// The I/O checks `nightshift validate` runs after the pure ones: files readable, the
+    /// prompt's fields present in the source's first records (CSV: its header), schema
     /// compiles, key present, model priced. Returns every problem found.
     pub fn check_environment(&self, prices: Option<&PriceTable>) -> Vec<Problem> {
         self.environment_problems(prices, &[])
@@ -481,16 +483,19 @@ impl Pipeline {
                 "source.path",
                 format!("cannot open {}: {e}", self.source.path.display()),
             ));
-        } else if self.source.kind == SourceKind::Csv
-            && !skip(&[
-                "source.kind",
-                "source.id_field",
-                "source.delimiter",
-                "source.max_record_bytes",
-            ])
-            && let Err(msg) = crate::source::check_csv_header(self)
-        {
-            problems.push(Problem::new("source.path", msg));
+        } else if !skip(&[
+            "source.kind",
+            "source.id_field",
+            "source.delimiter",
+            "source.max_record_bytes",
+        ]) {
+            // A template with a problem was replaced by one without fields: nothing to check.
+            match crate::source::check_template_fields(self) {
+                Err(msg) => problems.push(Problem::new("source.path", msg)),
+                Ok(misses) => {
+                    problems.extend(misses.into_iter().map(|m| Problem::new("prompt.user", m)))
+                }
+            }
         }
         if !skip(&["output.schema"])
             && let Err(msg) = crate::validate::OutputValidator::load(&self.output.schema)
@@ -1520,6 +1525,40 @@ max_attempts = 0
             paths,
             ["output.schema", "source.kind", "provider.kind"],
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_template_field_no_record_has_is_a_problem_with_a_suggestion() {
+        let records = "{\"id\": 1, \"material\": \"oak\"}\n{\"id\": 2, \"material\": \"ash\", \"text\": \"x\"}\n";
+        let (_dir, file) = workspace(records, "{{materail}} {{text}} {{colour?}}");
+        let err = Pipeline::check_file(&file, None).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        let problem = &err.problems[0];
+        assert_eq!(problem.path, "prompt.user");
+        for needle in [
+            "`materail`",
+            "did you mean `material`?",
+            "id, material, text",
+            "first 2 records",
+        ] {
+            assert!(problem.message.contains(needle), "{needle}: {problem}");
+        }
+        let (_dir, file) = workspace(records, "{{materail?}} {{material}}");
+        assert!(Pipeline::check_file(&file, None).is_ok());
+        // The records are read as the run reads them: lines that would be quarantined are
+        // not part of the sample, and a source with no usable line at all is a problem.
+        let (_dir, file) = workspace("{\"id\": 1, \"text\": \"a\"\nnot json\n", "{{text}}");
+        let err = Pipeline::check_file(&file, None).unwrap_err();
+        assert_eq!(err.problems[0].path, "source.path", "{err}");
+        assert!(
+            err.to_string().contains("none of the first 2 lines"),
+            "{err}"
+        );
+        let (_dir, file) = workspace("", "{{text}}");
+        assert!(
+            Pipeline::check_file(&file, None).is_ok(),
+            "an empty source has nothing to run"
         );
     }
 

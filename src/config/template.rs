@@ -4,6 +4,10 @@
 //! `{{field?}}` inserts nothing when the field is missing or null instead of quarantining the
 //! record. Strings are inserted as they are, other values as compact JSON. A template is
 //! parsed once and rendered per record without re-scanning.
+//!
+//! [`Template::check_sample`] compares the required fields with a sample of records, so a
+//! typo that would quarantine every record is caught before the run (with the closest field
+//! name the records do have).
 
 use serde_json::Value;
 
@@ -119,6 +123,147 @@ impl Template {
         self.render_into(record, &mut s)?;
         Ok(s)
     }
+
+    /// The required (non-optional) placeholders that no record of `sample` can fill: each
+    /// would quarantine every record like the sampled ones. A field present in some records
+    /// only is not reported (those records alone are quarantined). An empty sample reports
+    /// nothing.
+    pub fn check_sample(&self, sample: &[Value]) -> Vec<FieldMiss> {
+        let mut misses: Vec<FieldMiss> = Vec::new();
+        if sample.is_empty() {
+            return misses;
+        }
+        for seg in &self.segments {
+            let Segment::Field {
+                path,
+                optional: false,
+            } = seg
+            else {
+                continue;
+            };
+            let field = path.join(".");
+            if misses.iter().any(|m| m.field == field) {
+                continue;
+            }
+            let resolved: Vec<&Value> = sample.iter().filter_map(|r| lookup(r, path)).collect();
+            if resolved.iter().any(|v| !v.is_null()) {
+                continue;
+            }
+            if !resolved.is_empty() {
+                misses.push(FieldMiss {
+                    field,
+                    kind: MissKind::AlwaysNull,
+                    known: Vec::new(),
+                    suggestion: None,
+                });
+                continue;
+            }
+            // The deepest prefix some record resolves: the miss is one level below it.
+            let depth = (0..path.len())
+                .rev()
+                .find(|&k| sample.iter().any(|r| lookup(r, &path[..k]).is_some()))
+                .unwrap_or(0);
+            let parent = &path[..depth];
+            let objects: Vec<&serde_json::Map<String, Value>> = sample
+                .iter()
+                .filter_map(|r| lookup(r, parent).and_then(Value::as_object))
+                .collect();
+            if objects.is_empty() {
+                misses.push(FieldMiss {
+                    field,
+                    kind: MissKind::NotAnObject(parent.join(".")),
+                    known: Vec::new(),
+                    suggestion: None,
+                });
+                continue;
+            }
+            let mut known: Vec<String> = objects.iter().flat_map(|o| o.keys().cloned()).collect();
+            known.sort();
+            known.dedup();
+            // The suggestion keeps the rest of the path: `dimz.width` → `dims.width`.
+            let suggestion = closest(&path[depth], &known).map(|k| {
+                let mut fixed = path.clone();
+                fixed[depth] = k.to_string();
+                fixed.join(".")
+            });
+            misses.push(FieldMiss {
+                field,
+                kind: MissKind::Missing {
+                    parent: parent.join("."),
+                },
+                known,
+                suggestion,
+            });
+        }
+        misses
+    }
+}
+
+/// A required placeholder no sampled record can fill (see [`Template::check_sample`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldMiss {
+    /// The placeholder's path as written, e.g. `dims.width`.
+    pub field: String,
+    pub kind: MissKind,
+    /// The keys the records have where the field was looked for (sorted, for `Missing`).
+    pub known: Vec<String>,
+    /// A key among `known` within a small edit distance, as a full path.
+    pub suggestion: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MissKind {
+    /// No record has the field; `parent` is the object it was looked for in (empty: the
+    /// record itself).
+    Missing { parent: String },
+    /// Every record that has the field has it null.
+    AlwaysNull,
+    /// The path goes through this field, which is never an object.
+    NotAnObject(String),
+}
+
+fn lookup<'a>(record: &'a Value, path: &[String]) -> Option<&'a Value> {
+    path.iter().try_fold(record, |v, p| v.get(p))
+}
+
+/// The candidate closest to `name` (case-insensitive optimal string alignment distance, so a
+/// swap of two letters counts once), if it is close enough to be a likely typo.
+pub fn closest<'a>(name: &str, candidates: &'a [String]) -> Option<&'a str> {
+    let name_l = name.to_lowercase();
+    let limit = if name.chars().count() <= 4 { 1 } else { 2 };
+    candidates
+        .iter()
+        .map(|c| (edit_distance(&name_l, &c.to_lowercase()), c))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c.as_str())
+}
+
+/// Optimal string alignment distance: insertions, deletions, substitutions and swaps of two
+/// adjacent characters each cost 1.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = best;
+        }
+    }
+    d[a.len()][b.len()]
 }
 
 #[cfg(test)]
@@ -170,5 +315,79 @@ mod tests {
         let err = Template::parse("{{}} and {{a..b}} and {{ok}}").unwrap_err();
         assert!(err.contains("empty placeholder"), "{err}");
         assert!(err.contains("{{a..b}}"), "{err}");
+    }
+
+    #[test]
+    fn a_field_no_sampled_record_has_is_named_with_a_close_match() {
+        let sample = vec![
+            json!({"id": 1, "material": "oak", "title": "Lamp"}),
+            json!({"id": 2, "material": "ash", "title": "Desk", "note": null}),
+        ];
+        let t = Template::parse("{{title}} {{materail}} {{materail}} {{colour?}}").unwrap();
+        let misses = t.check_sample(&sample);
+        assert_eq!(misses.len(), 1, "{misses:?}");
+        assert_eq!(misses[0].field, "materail");
+        assert_eq!(misses[0].suggestion.as_deref(), Some("material"));
+        assert_eq!(misses[0].known, ["id", "material", "note", "title"]);
+        assert_eq!(
+            misses[0].kind,
+            MissKind::Missing {
+                parent: String::new()
+            }
+        );
+        // Present in some records only: those records alone are quarantined, not an error.
+        let t = Template::parse("{{note}}").unwrap();
+        assert_eq!(t.check_sample(&sample)[0].kind, MissKind::AlwaysNull);
+        let t = Template::parse("{{title}}").unwrap();
+        assert!(t.check_sample(&sample[..1]).is_empty());
+        let t = Template::parse("{{zzz}}").unwrap();
+        assert_eq!(t.check_sample(&sample)[0].suggestion, None);
+        assert!(t.check_sample(&[]).is_empty());
+    }
+
+    #[test]
+    fn dotted_paths_are_checked_level_by_level() {
+        let sample = vec![
+            json!({"id": 1, "dims": {"width": 3, "depth": 4}, "title": "x"}),
+            json!({"id": 2, "title": "y"}),
+        ];
+        assert!(
+            Template::parse("{{dims.width}}")
+                .unwrap()
+                .check_sample(&sample)
+                .is_empty()
+        );
+        let m = &Template::parse("{{dims.widht}}")
+            .unwrap()
+            .check_sample(&sample)[0];
+        assert_eq!(m.field, "dims.widht");
+        assert_eq!(m.known, ["depth", "width"]);
+        assert_eq!(m.suggestion.as_deref(), Some("dims.width"));
+        assert_eq!(
+            m.kind,
+            MissKind::Missing {
+                parent: "dims".into()
+            }
+        );
+        let m = &Template::parse("{{title.text}}")
+            .unwrap()
+            .check_sample(&sample)[0];
+        assert_eq!(m.kind, MissKind::NotAnObject("title".into()));
+        let m = &Template::parse("{{dimz.width}}")
+            .unwrap()
+            .check_sample(&sample)[0];
+        assert_eq!(m.suggestion.as_deref(), Some("dims.width"));
+    }
+
+    #[test]
+    fn edit_distance_counts_a_swap_once() {
+        assert_eq!(edit_distance("materail", "material"), 1);
+        assert_eq!(edit_distance("title", "title"), 0);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        let c = vec!["brand".to_string(), "Title".to_string()];
+        assert_eq!(closest("title", &c), Some("Title"));
+        assert_eq!(closest("bran", &c), Some("brand"));
+        assert_eq!(closest("id", &c), None);
     }
 }

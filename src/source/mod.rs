@@ -5,6 +5,9 @@
 //! empty id, a line over the size cap, a CSV row with the wrong number of fields — becomes a
 //! [`Quarantined`] event carrying its line number, the field at fault when there is one, and
 //! the reason; the reader goes on. Only an I/O error on the file itself stops it.
+//!
+//! [`check_template_fields`] is the environment check behind `nightshift validate`: the
+//! prompt template's required fields against a CSV header or the first JSONL records.
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
@@ -12,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use crate::config::{Pipeline, SourceKind};
+use crate::config::{FieldMiss, MissKind, Pipeline, SourceKind};
 
 /// One usable record.
 #[derive(Clone, Debug, PartialEq)]
@@ -476,32 +479,144 @@ impl Iterator for CsvReader {
     }
 }
 
-/// Checks a CSV source's header against the id field and the prompt's required fields.
-pub fn check_csv_header(p: &Pipeline) -> Result<(), String> {
-    let file = File::open(&p.source.path).map_err(|e| e.to_string())?;
-    let reader = CsvReader::new(
-        file,
-        p.source.path.clone(),
-        p.source.id_field.clone(),
-        p.source.max_record_bytes,
-        p.source.delimiter,
-    )
-    .map_err(|e| e.to_string())?;
-    let missing: Vec<&str> = p
-        .prompt
-        .user
-        .fields()
-        .filter(|(f, optional)| !optional && !reader.headers().iter().any(|h| h == f))
-        .map(|(f, _)| f)
-        .collect();
-    if missing.is_empty() {
-        Ok(())
+/// How many usable records [`check_template_fields`] reads from a JSONL source.
+pub const TEMPLATE_SAMPLE_RECORDS: usize = 200;
+/// How many lines it reads at most looking for them.
+const TEMPLATE_SAMPLE_LINES: usize = 10_000;
+
+/// Checks the prompt template's required fields against the source: a CSV source's header,
+/// or the first [`TEMPLATE_SAMPLE_RECORDS`] usable records of a JSONL source. A field none of
+/// them has would quarantine every record, so each is reported (for `prompt.user`), naming the
+/// fields the records do have and a close match. `Err` is a problem with the source itself
+/// (for `source.path`): unreadable, an empty CSV, a header without the id column, or no
+/// usable record among the lines read.
+pub fn check_template_fields(p: &Pipeline) -> Result<Vec<String>, String> {
+    let template = &p.prompt.user;
+    match SourceReader::open(p).map_err(|e| e.to_string())? {
+        SourceReader::Csv(reader) => {
+            // Every row gets every column (or is quarantined), so the header is the sample.
+            let row = Value::Object(
+                reader
+                    .headers()
+                    .iter()
+                    .map(|h| (h.clone(), Value::String(String::new())))
+                    .collect(),
+            );
+            let misses = template.check_sample(std::slice::from_ref(&row));
+            Ok(misses
+                .iter()
+                .map(|m| miss_message(m, &Sample::CsvHeader))
+                .collect())
+        }
+        reader @ SourceReader::Jsonl(_) => {
+            let mut sample = Vec::new();
+            let mut first_bad: Option<Quarantined> = None;
+            let mut lines = 0usize;
+            for event in reader {
+                match event.map_err(|e| e.to_string())? {
+                    SourceEvent::Record(r) => sample.push(r.value),
+                    SourceEvent::Quarantined(q) => {
+                        first_bad.get_or_insert(q);
+                    }
+                }
+                lines += 1;
+                if sample.len() >= TEMPLATE_SAMPLE_RECORDS || lines >= TEMPLATE_SAMPLE_LINES {
+                    break;
+                }
+            }
+            if sample.is_empty() {
+                return match first_bad {
+                    Some(q) => Err(format!(
+                        "{}: none of {} is a usable record, so every one would be quarantined (line {}: {})",
+                        display(&p.source.path),
+                        first_n(lines, "line"),
+                        q.line,
+                        q.reason
+                    )),
+                    // An empty source is a run with nothing to do, not a mistake.
+                    None => Ok(Vec::new()),
+                };
+            }
+            let described = Sample::Records(sample.len(), &p.source.path);
+            Ok(template
+                .check_sample(&sample)
+                .iter()
+                .map(|m| miss_message(m, &described))
+                .collect())
+        }
+    }
+}
+
+/// At most this many field names are listed in a message.
+const LIST_FIELDS: usize = 30;
+
+/// What a template check looked at: a CSV header, or this many JSONL records.
+enum Sample<'a> {
+    CsvHeader,
+    Records(usize, &'a Path),
+}
+
+fn miss_message(m: &FieldMiss, sample: &Sample<'_>) -> String {
+    let field = &m.field;
+    let (unit, nowhere, have) = match sample {
+        Sample::CsvHeader => (
+            "row",
+            "is not in the CSV header".to_string(),
+            "The header has",
+        ),
+        Sample::Records(n, path) => (
+            "record",
+            format!(
+                "is in none of {} of {}",
+                first_n(*n, "record"),
+                display(path)
+            ),
+            "The records have",
+        ),
+    };
+    match &m.kind {
+        MissKind::AlwaysNull => format!(
+            "field `{field}` is null wherever it appears in the first records of the source, so every {unit} would be quarantined. Write `{{{{{field}?}}}}` if it may be empty."
+        ),
+        MissKind::NotAnObject(parent) => format!(
+            "field `{field}` {nowhere}: `{parent}` is never an object with fields, so every {unit} would be quarantined."
+        ),
+        MissKind::Missing { parent } => {
+            let mut msg =
+                format!("field `{field}` {nowhere}, so every {unit} would be quarantined");
+            match &m.suggestion {
+                Some(s) => msg.push_str(&format!("; did you mean `{s}`?")),
+                None => msg.push('.'),
+            }
+            let place = if parent.is_empty() {
+                String::new()
+            } else {
+                format!(" in `{parent}`")
+            };
+            let mut list = m
+                .known
+                .iter()
+                .take(LIST_FIELDS)
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join(", ");
+            if m.known.len() > LIST_FIELDS {
+                list.push_str(&format!(" and {} more", m.known.len() - LIST_FIELDS));
+            }
+            msg.push_str(&format!(
+                " {have}{place}: {list}. Write `{{{{{field}?}}}}` if it may be absent."
+            ));
+            msg
+        }
+    }
+}
+
+/// "the first record", "the first 200 records".
+fn first_n(n: usize, unit: &str) -> String {
+    if n == 1 {
+        format!("the first {unit}")
     } else {
-        Err(format!(
-            "{}: the prompt uses column(s) {} that the CSV header lacks",
-            display(&p.source.path),
-            missing.join(", ")
-        ))
+        format!("the first {n} {unit}s")
     }
 }
 
@@ -653,5 +768,63 @@ mod tests {
             assert!(err.contains("header row"), "{err}");
             assert!(!err.contains("columns: "), "{err}");
         }
+    }
+
+    fn csv_pipeline(dir: &Path, header: &str, user: &str) -> Pipeline {
+        std::fs::write(dir.join("in.csv"), format!("{header}\n1,a,b\n")).unwrap();
+        let text = format!(
+            "name = \"t\"\n[source]\nkind = \"csv\"\npath = \"in.csv\"\nid_field = \"id\"\n\
+             [provider]\nmodel = \"gpt-5.4-mini\"\nsimulate = true\n\
+             [prompt]\nuser = \"{user}\"\nmax_output_tokens = 10\n\
+             [output]\nschema = \"s.json\"\npath = \"out.jsonl\"\n"
+        );
+        Pipeline::from_str(&text, &dir.join("t.toml")).unwrap()
+    }
+
+    #[test]
+    fn csv_template_fields_are_checked_against_the_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = csv_pipeline(dir.path(), "id,subject,body", "{{subjcet}} {{body}} {{x?}}");
+        let misses = check_template_fields(&p).unwrap();
+        assert_eq!(misses.len(), 1, "{misses:?}");
+        for needle in [
+            "`subjcet` is not in the CSV header",
+            "did you mean `subject`?",
+            "The header has: body, id, subject.",
+        ] {
+            assert!(misses[0].contains(needle), "{needle}: {}", misses[0]);
+        }
+        // Columns are text: a dotted path cannot reach into one.
+        let p = csv_pipeline(dir.path(), "id,subject,body", "{{subject.title}}");
+        let misses = check_template_fields(&p).unwrap();
+        assert!(misses[0].contains("never an object"), "{misses:?}");
+        let p = csv_pipeline(dir.path(), "id,subject,body", "{{subject}}");
+        assert_eq!(check_template_fields(&p).unwrap(), Vec::<String>::new());
+        // The header's own problems come back as errors (for `source.path`).
+        let p = csv_pipeline(dir.path(), "key,subject,body", "{{subject}}");
+        let err = check_template_fields(&p).unwrap_err();
+        assert!(err.contains("no `id` column"), "{err}");
+    }
+
+    #[test]
+    fn jsonl_template_fields_are_checked_against_the_first_records_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = csv_pipeline(dir.path(), "id,a,b", "{{late}}");
+        p.source.kind = SourceKind::Jsonl;
+        p.source.path = dir.path().join("in.jsonl");
+        // `late` first appears after the sample: the check cannot see it.
+        let mut body = String::new();
+        for i in 0..TEMPLATE_SAMPLE_RECORDS {
+            body.push_str(&format!("{{\"id\": {i}, \"early\": 1}}\n"));
+        }
+        body.push_str("{\"id\": \"x\", \"late\": 1}\n");
+        std::fs::write(&p.source.path, body).unwrap();
+        let misses = check_template_fields(&p).unwrap();
+        assert_eq!(misses.len(), 1);
+        assert!(
+            misses[0].contains("first 200 records") && misses[0].contains("early, id"),
+            "{}",
+            misses[0]
+        );
     }
 }

@@ -283,6 +283,66 @@ max_usd = "ten dollars"
 }
 
 #[test]
+fn validate_catches_a_template_field_no_record_has() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("schema.json"), r#"{"type": "object"}"#).unwrap();
+    let mut records = String::new();
+    for i in 0..308 {
+        records.push_str(&format!(
+            "{{\"sku\": \"S-{i}\", \"title\": \"Chair {i}\", \"material\": \"oak\"}}\n"
+        ));
+    }
+    std::fs::write(dir.path().join("products.jsonl"), records).unwrap();
+    let pipeline = |user: &str| {
+        format!(
+            r#"name = "typo"
+[source]
+kind = "jsonl"
+path = "products.jsonl"
+id_field = "sku"
+[provider]
+model = "gpt-5.4-mini"
+simulate = true
+[prompt]
+user = "Title: {{{{title}}}}\nMaterial: {user}"
+max_output_tokens = 100
+[output]
+schema = "schema.json"
+path = "out.jsonl"
+"#
+        )
+    };
+    let file = dir.path().join("typo.toml");
+    std::fs::write(&file, pipeline("{{materail}}")).unwrap();
+    let out = bin().arg("validate").arg(&file).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    for needle in [
+        "prompt.user: field `materail`",
+        "first 200 records",
+        "did you mean `material`?",
+        "The records have: material, sku, title.",
+    ] {
+        assert!(err.contains(needle), "missing {needle} in:\n{err}");
+    }
+    // `run` refuses it too, before sending anything.
+    let out = bin().arg("run").arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(!dir.path().join("out.jsonl").exists());
+
+    // Optional: a field that may be absent is not an error.
+    std::fs::write(&file, pipeline("{{materail?}}")).unwrap();
+    let out = bin().arg("validate").arg(&file).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(": ok"));
+}
+
+#[test]
 fn the_api_key_never_reaches_output_logs_or_the_store() {
     let (_tmp, ex) = examples();
     let file = ex.join("ticket-tagging.toml");
