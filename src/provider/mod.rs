@@ -14,6 +14,7 @@ pub mod anthropic;
 pub mod gemini;
 pub mod http;
 pub mod openai;
+pub mod redact;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
