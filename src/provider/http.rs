@@ -1,17 +1,28 @@
-//! HTTP plumbing shared by the provider clients: classification of failures into
-//! [`ProviderError`] variants, `retry-after` parsing, and the retry loop for GETs.
+//! HTTP plumbing shared by the provider clients: [`Http`] (the client, its retry policy and
+//! its [`Redactor`]), classification of failures into [`ProviderError`] variants,
+//! `retry-after` parsing, and the retry loop for idempotent requests.
 //!
-//! Provider error bodies can quote prompts; only a bounded preview of them ever reaches an
-//! error message, and request headers (which carry the key) are never logged.
+//! Every text that comes back from the provider passes the redactor here, before it is cut
+//! to a preview, logged (retry lines) or returned in an error: error bodies, transport
+//! errors, unreadable bodies, interrupted downloads. Provider error bodies can also quote
+//! prompts; only a bounded preview of them ever reaches an error message, and request
+//! headers (which carry the key) are never logged.
 
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use reqwest::header::HeaderMap;
 use reqwest::{RequestBuilder, Response, StatusCode};
+use secrecy::SecretString;
 
 use super::ProviderError;
+use super::redact::Redactor;
 use crate::validate::preview;
+
+/// The most of an error body that is read.
+const ERROR_BODY_CAP: usize = 64 * 1024;
+/// The most of an unreadable body that is scrubbed for its preview.
+const PREVIEW_SOURCE_CAP: usize = 16 * 1024;
 
 /// How GETs are retried.
 #[derive(Clone, Debug)]
@@ -62,24 +73,26 @@ pub fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
     Some(Duration::from_secs_f64(delta.as_seconds_f64().max(0.0)))
 }
 
-/// The `message` of a provider error envelope, or a bounded preview of the body.
-pub fn error_message(body: &str) -> (Option<String>, String) {
+/// The `message` (and `code`) of a provider error envelope, or a bounded preview of the
+/// body; scrubbed before they are cut.
+pub fn error_message(body: &str, redactor: &Redactor) -> (Option<String>, String) {
     if let Ok(v) = serde_json::from_str::<serde_json::Value>(body) {
         let e = v.get("error").unwrap_or(&v);
+        // The parsed strings too: JSON escapes (`\u0073k-…`) would hide a key from the raw body.
         let msg = e
             .get("message")
             .and_then(|m| m.as_str())
-            .map(|m| preview(m, 300));
+            .map(|m| preview(&redactor.scrub(m), 300));
         let code = e
             .get("code")
             .and_then(|c| c.as_str())
             .or_else(|| e.get("type").and_then(|t| t.as_str()))
-            .map(str::to_string);
+            .map(|c| preview(&redactor.scrub(c), 100));
         if let Some(m) = msg {
             return (code, m);
         }
     }
-    (None, preview(body.trim(), 160))
+    (None, preview(&redactor.scrub(body.trim()), 160))
 }
 
 /// Google's `RetryInfo.retryDelay` (`"58s"`) in an error body's details.
@@ -101,8 +114,9 @@ pub fn classify_status(
     headers: &HeaderMap,
     body: &str,
     effectful: bool,
+    redactor: &Redactor,
 ) -> ProviderError {
-    let (code, message) = error_message(body);
+    let (code, message) = error_message(body, redactor);
     let should_retry = headers
         .get("x-should-retry")
         .and_then(|v| v.to_str().ok())
@@ -143,9 +157,13 @@ pub fn classify_status(
 
 /// Turns a transport failure into an error. A refused connection never reached the provider;
 /// anything later (timeout, reset) may have, if the request changes state.
-pub fn classify_transport(err: &reqwest::Error, effectful: bool) -> ProviderError {
-    // reqwest's Display can carry the URL; our URLs never carry credentials.
-    let message = err.to_string();
+pub fn classify_transport(
+    err: &reqwest::Error,
+    effectful: bool,
+    redactor: &Redactor,
+) -> ProviderError {
+    // reqwest's Display can carry the URL (and a URL the provider handed us, its query).
+    let message = redactor.scrub_string(err.to_string());
     if err.is_connect() || !effectful {
         ProviderError::Transient {
             status: None,
@@ -157,140 +175,236 @@ pub fn classify_transport(err: &reqwest::Error, effectful: bool) -> ProviderErro
     }
 }
 
-/// Sends a request once and classifies any failure; the body of an error is read (bounded).
-pub async fn send_once(req: RequestBuilder, effectful: bool) -> Result<Response, ProviderError> {
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| classify_transport(&e, effectful))?;
-    if resp.status().is_success() {
-        return Ok(resp);
-    }
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let body = read_capped_text(resp, 64 * 1024).await.unwrap_or_default();
-    Err(classify_status(status, &headers, &body, effectful))
-}
-
-async fn read_capped_text(mut resp: Response, cap: usize) -> Option<String> {
+/// Reads at most `cap + 1` bytes of a body (one more than kept, to tell a cut body).
+async fn read_capped(mut resp: Response, cap: usize) -> Vec<u8> {
     let mut buf = Vec::new();
     while let Ok(Some(chunk)) = resp.chunk().await {
-        let room = cap.saturating_sub(buf.len());
+        let room = (cap + 1).saturating_sub(buf.len());
         buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if buf.len() >= cap {
+        if buf.len() > cap {
             break;
         }
     }
-    Some(String::from_utf8_lossy(&buf).into_owned())
+    buf
 }
 
-/// Sends an idempotent request (a GET), retrying transient failures with exponential
-/// backoff and jitter, honouring `retry-after`.
-pub async fn send_idempotent(
-    policy: &RetryPolicy,
-    what: &str,
-    build: impl Fn() -> RequestBuilder,
-) -> Result<Response, ProviderError> {
-    let backoff = ExponentialBuilder::default()
-        .with_jitter()
-        .with_min_delay(policy.min_delay)
-        .with_max_delay(policy.max_delay)
-        .with_max_times(policy.max_times);
-    let max_ra = policy.max_retry_after;
-    let started = std::time::Instant::now();
-    let max_elapsed = policy.max_elapsed;
-    (|| async { send_once(build(), false).await })
-        .retry(backoff)
-        .when(move |e| e.is_transient() && started.elapsed() < max_elapsed)
-        .adjust(move |e, dur| match (e.retry_after(), dur) {
-            (_, None) => None,
-            (Some(ra), Some(_)) if ra > max_ra => None,
-            (Some(ra), Some(_)) => Some(ra),
-            (None, d) => d,
+/// The HTTP client of one provider client: requests go out through it, and every failure
+/// comes back as a [`ProviderError`] whose text has passed its [`Redactor`].
+#[derive(Debug)]
+pub struct Http {
+    client: reqwest::Client,
+    policy: RetryPolicy,
+    redactor: Redactor,
+}
+
+impl Http {
+    /// A client for a provider that is sent `key`: connect timeout 10 s, `request_timeout`
+    /// between reads.
+    pub fn new(
+        key: &SecretString,
+        request_timeout: Duration,
+        policy: RetryPolicy,
+    ) -> Result<Http, ProviderError> {
+        let redactor = Redactor::new(key);
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("nightshift/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(request_timeout)
+            .build()
+            .map_err(|e| {
+                ProviderError::Protocol(format!(
+                    "cannot build the HTTP client: {}",
+                    redactor.scrub(&e.to_string())
+                ))
+            })?;
+        Ok(Http {
+            client,
+            policy,
+            redactor,
         })
-        .notify(|e, dur| {
-            tracing::info!(request = what, error = %e, retry_in_ms = dur.as_millis() as u64, "retrying");
-        })
-        .await
-}
-
-/// Reads a JSON response body (bounded).
-pub async fn json_body<T: serde::de::DeserializeOwned>(
-    resp: Response,
-    what: &str,
-) -> Result<T, ProviderError> {
-    let bytes = resp.bytes().await.map_err(|e| ProviderError::Transient {
-        status: None,
-        retry_after: None,
-        message: format!("reading {what}: {e}"),
-    })?;
-    serde_json::from_slice(&bytes).map_err(|e| {
-        ProviderError::Protocol(format!(
-            "{what}: {e}; body starts {}",
-            preview(&String::from_utf8_lossy(&bytes), 120)
-        ))
-    })
-}
-
-/// Streams a response body to `dest` (private; via a temporary file renamed when
-/// complete), refusing more than `cap` bytes (announced or counted). A download that breaks
-/// off leaves nothing behind. Downloads are never reused across a crash, so no fsync.
-pub async fn stream_to_file(
-    resp: Response,
-    dest: &std::path::Path,
-    cap: u64,
-    what: &str,
-) -> Result<u64, ProviderError> {
-    use futures_util::StreamExt;
-    use tokio::io::AsyncWriteExt;
-    if let Some(len) = resp.content_length()
-        && len > cap
-    {
-        return Err(ProviderError::TooLarge { cap });
     }
-    let dir = dest.parent().unwrap_or(std::path::Path::new("."));
-    crate::fsutil::create_private_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.part-{}",
-        dest.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let mut file = tokio::fs::File::from_std(crate::fsutil::create_private(&tmp)?);
-    let mut stream = resp.bytes_stream();
-    let mut total = 0u64;
-    let result: Result<(), ProviderError> = async {
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| ProviderError::Transient {
+
+    /// A request (the caller adds the credentials).
+    pub fn request(&self, method: reqwest::Method, url: &str) -> RequestBuilder {
+        self.client.request(method, url)
+    }
+
+    /// What masks the key in provider texts this client did not build itself (result
+    /// lines, batch objects).
+    pub fn redactor(&self) -> &Redactor {
+        &self.redactor
+    }
+
+    /// Sends a request once and classifies any failure; the body of an error is read
+    /// (bounded) and scrubbed.
+    pub async fn send_once(
+        &self,
+        req: RequestBuilder,
+        effectful: bool,
+    ) -> Result<Response, ProviderError> {
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| classify_transport(&e, effectful, &self.redactor))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let raw = read_capped(resp, ERROR_BODY_CAP).await;
+        let body = self.redactor.scrub_head(&raw, ERROR_BODY_CAP);
+        Err(classify_status(
+            status,
+            &headers,
+            &body,
+            effectful,
+            &self.redactor,
+        ))
+    }
+
+    /// Sends an idempotent request (a GET, or a POST that may be repeated), retrying
+    /// transient failures with exponential backoff and jitter, honouring `retry-after`.
+    /// Each retry is logged with the (scrubbed) error.
+    pub async fn send_idempotent(
+        &self,
+        what: &str,
+        build: impl Fn() -> RequestBuilder,
+    ) -> Result<Response, ProviderError> {
+        let policy = &self.policy;
+        let backoff = ExponentialBuilder::default()
+            .with_jitter()
+            .with_min_delay(policy.min_delay)
+            .with_max_delay(policy.max_delay)
+            .with_max_times(policy.max_times);
+        let max_ra = policy.max_retry_after;
+        let started = std::time::Instant::now();
+        let max_elapsed = policy.max_elapsed;
+        (|| async { self.send_once(build(), false).await })
+            .retry(backoff)
+            .when(move |e| e.is_transient() && started.elapsed() < max_elapsed)
+            .adjust(move |e, dur| match (e.retry_after(), dur) {
+                (_, None) => None,
+                (Some(ra), Some(_)) if ra > max_ra => None,
+                (Some(ra), Some(_)) => Some(ra),
+                (None, d) => d,
+            })
+            .notify(|e, dur| {
+                tracing::info!(request = what, error = %e, retry_in_ms = dur.as_millis() as u64, "retrying");
+            })
+            .await
+    }
+
+    /// A body read failure (the connection broke off mid-body), scrubbed; `Ambiguous` when
+    /// the request changed state at the provider.
+    pub fn body_error(&self, what: &str, e: &reqwest::Error, effectful: bool) -> ProviderError {
+        let message = self.redactor.scrub_string(format!("reading {what}: {e}"));
+        if effectful {
+            ProviderError::Ambiguous { message }
+        } else {
+            ProviderError::Transient {
                 status: None,
                 retry_after: None,
-                message: format!("download of {what} interrupted: {e}"),
-            })?;
-            total += chunk.len() as u64;
-            if total > cap {
-                return Err(ProviderError::TooLarge { cap });
+                message,
             }
-            crate::failpoint!("download.mid");
-            file.write_all(&chunk).await?;
         }
-        file.flush().await?;
-        Ok(())
     }
-    .await;
-    drop(file);
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+
+    /// Reads a JSON response body (bounded). A body that does not parse is quoted, scrubbed,
+    /// in the error.
+    pub async fn json_body<T: serde::de::DeserializeOwned>(
+        &self,
+        resp: Response,
+        what: &str,
+    ) -> Result<T, ProviderError> {
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| self.body_error(what, &e, false))?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            // serde's message can quote the value it choked on.
+            let why = self.redactor.scrub_string(e.to_string());
+            let head = self.redactor.scrub_head(&bytes, PREVIEW_SOURCE_CAP);
+            ProviderError::Protocol(format!(
+                "{what}: {why}; body starts {}",
+                preview(&head, 120)
+            ))
+        })
     }
-    std::fs::rename(&tmp, dest)?;
-    Ok(total)
+
+    /// Streams a response body to `dest` (private; via a temporary file renamed when
+    /// complete), refusing more than `cap` bytes (announced or counted). A download that
+    /// breaks off leaves nothing behind. Downloads are never reused across a crash, so no
+    /// fsync.
+    pub async fn stream_to_file(
+        &self,
+        resp: Response,
+        dest: &std::path::Path,
+        cap: u64,
+        what: &str,
+    ) -> Result<u64, ProviderError> {
+        use futures_util::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        if let Some(len) = resp.content_length()
+            && len > cap
+        {
+            return Err(ProviderError::TooLarge { cap });
+        }
+        let dir = dest.parent().unwrap_or(std::path::Path::new("."));
+        crate::fsutil::create_private_dir_all(dir)?;
+        let tmp = dir.join(format!(
+            ".{}.part-{}",
+            dest.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default(),
+            std::process::id()
+        ));
+        let mut file = tokio::fs::File::from_std(crate::fsutil::create_private(&tmp)?);
+        let mut stream = resp.bytes_stream();
+        let mut total = 0u64;
+        let result: Result<(), ProviderError> = async {
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| ProviderError::Transient {
+                    status: None,
+                    retry_after: None,
+                    message: self
+                        .redactor
+                        .scrub_string(format!("download of {what} interrupted: {e}")),
+                })?;
+                total += chunk.len() as u64;
+                if total > cap {
+                    return Err(ProviderError::TooLarge { cap });
+                }
+                crate::failpoint!("download.mid");
+                file.write_all(&chunk).await?;
+            }
+            file.flush().await?;
+            Ok(())
+        }
+        .await;
+        drop(file);
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        std::fs::rename(&tmp, dest)?;
+        Ok(total)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use reqwest::header::HeaderValue;
+
+    fn none() -> Redactor {
+        Redactor::shapes_only()
+    }
+
+    const KEY: &str = "gw-0f9e8d7c6b5a49382716ZYXWVUTSRQPONMLK";
+
+    fn keyed() -> Redactor {
+        Redactor::new(&SecretString::from(KEY.to_string()))
+    }
 
     #[test]
     fn retry_after_prefers_milliseconds() {
@@ -306,11 +420,11 @@ mod tests {
         let h = HeaderMap::new();
         let body = r#"{"error":{"message":"boom","type":"server_error","param":null,"code":null}}"#;
         assert!(matches!(
-            classify_status(StatusCode::INTERNAL_SERVER_ERROR, &h, body, true),
+            classify_status(StatusCode::INTERNAL_SERVER_ERROR, &h, body, true, &none()),
             ProviderError::Ambiguous { .. }
         ));
         assert!(matches!(
-            classify_status(StatusCode::INTERNAL_SERVER_ERROR, &h, body, false),
+            classify_status(StatusCode::INTERNAL_SERVER_ERROR, &h, body, false, &none()),
             ProviderError::Transient { .. }
         ));
     }
@@ -320,18 +434,87 @@ mod tests {
         let h = HeaderMap::new();
         let quota = r#"{"error":{"message":"You exceeded your quota","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
         assert!(matches!(
-            classify_status(StatusCode::TOO_MANY_REQUESTS, &h, quota, false),
+            classify_status(StatusCode::TOO_MANY_REQUESTS, &h, quota, false, &none()),
             ProviderError::Permanent { .. }
         ));
         let mut h = HeaderMap::new();
         h.insert("x-should-retry", HeaderValue::from_static("false"));
         assert!(matches!(
-            classify_status(StatusCode::SERVICE_UNAVAILABLE, &h, "{}", false),
+            classify_status(StatusCode::SERVICE_UNAVAILABLE, &h, "{}", false, &none()),
             ProviderError::Permanent { .. }
         ));
         assert!(matches!(
-            classify_status(StatusCode::UNAUTHORIZED, &HeaderMap::new(), "{}", false),
+            classify_status(
+                StatusCode::UNAUTHORIZED,
+                &HeaderMap::new(),
+                "{}",
+                false,
+                &none()
+            ),
             ProviderError::Auth { status: 401, .. }
         ));
+    }
+
+    #[test]
+    fn a_401_that_echoes_the_whole_key_never_carries_it() {
+        // A gateway's OpenAI-shaped refusal, with a key that has no recognisable shape.
+        let body = format!(
+            r#"{{"error":{{"message":"Incorrect API key provided: {KEY}. You can find your API key at https://platform.example/account/api-keys.","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}}}"#
+        );
+        let e = classify_status(
+            StatusCode::UNAUTHORIZED,
+            &HeaderMap::new(),
+            &body,
+            false,
+            &keyed(),
+        );
+        let ProviderError::Auth {
+            status,
+            ref message,
+        } = e
+        else {
+            panic!("{e:?}")
+        };
+        assert_eq!(status, 401);
+        assert!(
+            message.starts_with("Incorrect API key provided: ***."),
+            "{message}"
+        );
+        for text in [e.to_string(), format!("{e:?}")] {
+            assert!(!text.contains(&KEY[3..15]), "{text}");
+        }
+        // The same as plain text, long enough that the preview cuts where the key stands.
+        let body = format!("{}Incorrect API key provided: {KEY}", "-".repeat(140));
+        let e = classify_status(
+            StatusCode::UNAUTHORIZED,
+            &HeaderMap::new(),
+            &body,
+            true,
+            &keyed(),
+        );
+        assert!(!e.to_string().contains(&KEY[..6]), "{e}");
+        // JSON escapes do not hide it either.
+        let escaped = KEY.replacen('g', "\\u0067", 1);
+        let body = format!(r#"{{"error":{{"message":"bad key {escaped}"}}}}"#);
+        let e = classify_status(
+            StatusCode::FORBIDDEN,
+            &HeaderMap::new(),
+            &body,
+            false,
+            &keyed(),
+        );
+        assert!(!e.to_string().contains(&KEY[3..15]), "{e}");
+    }
+
+    #[test]
+    fn a_5xx_that_echoes_the_request_headers_never_carries_them() {
+        let body = format!(
+            "upstream failed; request was:\nGET /v1/batches HTTP/1.1\nAuthorization: Bearer {KEY}\napi-key: {KEY}\nx-api-key: {KEY}\nx-goog-api-key: {KEY}\nuser-agent: nightshift/0"
+        );
+        for r in [keyed(), none()] {
+            let e = classify_status(StatusCode::BAD_GATEWAY, &HeaderMap::new(), &body, false, &r);
+            assert!(e.is_transient());
+            assert!(!e.to_string().contains(&KEY[3..15]), "{e}");
+        }
     }
 }

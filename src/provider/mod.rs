@@ -9,11 +9,17 @@
 //! effect (timeout, reset, 5xx after sending) and triggers reconciliation, never a blind
 //! retry; `Permanent` is final. GETs are retried here with backoff and jitter, honouring
 //! `retry-after`; POSTs never are.
+//!
+//! No text the provider sends back carries the API key further: each client talks through
+//! [`http::Http`], which scrubs error bodies, transport errors and retry log lines with the
+//! client's [`redact::Redactor`], and passes result lines and batch objects through the
+//! same redactor before the worker sees them.
 
 pub mod anthropic;
 pub mod gemini;
 pub mod http;
 pub mod openai;
+pub mod redact;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -453,5 +459,33 @@ impl BatchProvider for AnyProvider {
         user_json: &str,
     ) -> Result<LineOutcome, ProviderError> {
         each!(self, c => c.send_online(custom_id, shape, user_json).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_client_shows_its_key_when_debug_printed() {
+        let key = || SecretString::from("sk-debug-NEVERSHOWN-0123456789".to_string());
+        let t = Duration::from_secs(1);
+        let p = http::RetryPolicy::default;
+        let root = "http://127.0.0.1:9";
+        let all = [
+            AnyProvider::OpenAi(openai::OpenAiClient::new(root, key(), t, p()).unwrap()),
+            AnyProvider::OpenAi(
+                openai::OpenAiClient::azure(root, key(), t, p(), "2024-10-21", "dep").unwrap(),
+            ),
+            AnyProvider::Anthropic(anthropic::AnthropicClient::new(root, key(), t, p()).unwrap()),
+            AnyProvider::Gemini(gemini::GeminiClient::new(root, key(), t, p(), "m").unwrap()),
+        ];
+        for c in &all {
+            let text = format!("{c:?} {c:#?}");
+            assert!(!text.contains("NEVERSHOWN"), "{text}");
+        }
+        let h = http::Http::new(&key(), t, p()).unwrap();
+        let text = format!("{h:?} {:?}", h.redactor());
+        assert!(!text.contains("NEVERSHOWN"), "{text}");
     }
 }

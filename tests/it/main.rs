@@ -1,5 +1,5 @@
-//! Integration tests: one binary, one temporary folder per test, everything against the
-//! built-in simulator over real HTTP.
+//! Integration tests: one binary, one temporary folder per test, everything over real HTTP
+//! against the built-in simulator (or, in `secrets`, a loopback gateway that echoes the key).
 
 mod cli;
 mod common;
@@ -8,6 +8,7 @@ mod crash;
 mod faults;
 mod pipeline;
 mod providers;
+mod secrets;
 mod sim;
 mod store;
 mod workers;

@@ -18,7 +18,7 @@ use super::types::{ListPage, MessageBatch, ResultLine as WireLine};
 use crate::cost::Usage;
 use crate::cost::tokens::PromptCounter;
 use crate::dedupe::{RequestShape, USER_SLOT};
-use crate::provider::http::{self, RetryPolicy};
+use crate::provider::http::{Http, RetryPolicy};
 use crate::provider::{
     BatchMeta, BatchProvider, CreateInput, LineOutcome, ProviderError, RemoteBatch, RemoteStatus,
     RequestCounts, RequestSpec, ResultLine,
@@ -30,8 +30,7 @@ const MAX_LIST_PAGES: usize = 20;
 pub struct AnthropicClient {
     base: String,
     key: SecretString,
-    http: reqwest::Client,
-    policy: RetryPolicy,
+    http: Http,
 }
 
 impl std::fmt::Debug for AnthropicClient {
@@ -88,23 +87,17 @@ impl AnthropicClient {
         request_timeout: Duration,
         policy: RetryPolicy,
     ) -> Result<Self, ProviderError> {
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("nightshift/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(10))
-            .read_timeout(request_timeout)
-            .build()
-            .map_err(|e| ProviderError::Protocol(format!("cannot build the HTTP client: {e}")))?;
+        let http = Http::new(&key, request_timeout, policy)?;
         Ok(AnthropicClient {
             base: base_url.trim_end_matches('/').to_string(),
             key,
             http,
-            policy,
         })
     }
 
     fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         self.http
-            .request(method, format!("{}{path}", self.base))
+            .request(method, &format!("{}{path}", self.base))
             .header("x-api-key", self.key.expose_secret())
             .header("anthropic-version", API_VERSION)
     }
@@ -115,28 +108,29 @@ impl AnthropicClient {
         path: &str,
         query: &[(&str, String)],
     ) -> Result<T, ProviderError> {
-        let resp = http::send_idempotent(&self.policy, what, || {
-            self.req(reqwest::Method::GET, path).query(query)
-        })
-        .await?;
-        http::json_body(resp, what).await
+        let resp = self
+            .http
+            .send_idempotent(what, || self.req(reqwest::Method::GET, path).query(query))
+            .await?;
+        self.http.json_body(resp, what).await
+    }
+
+    /// A batch as the provider described it, its texts scrubbed.
+    fn remote(&self, b: MessageBatch) -> RemoteBatch {
+        self.http.redactor().batch(b.into())
     }
 
     /// Whether the results of an ended batch carry our local id's custom_id prefix.
     async fn results_carry(&self, batch_id: &str, prefix: &str) -> Result<bool, ProviderError> {
         let path = format!("/v1/messages/batches/{batch_id}/results");
-        let resp = http::send_idempotent(&self.policy, "read results", || {
-            self.req(reqwest::Method::GET, &path)
-        })
-        .await?;
+        let resp = self
+            .http
+            .send_idempotent("read results", || self.req(reqwest::Method::GET, &path))
+            .await?;
         let mut stream = resp.bytes_stream();
         let mut head = Vec::new();
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| ProviderError::Transient {
-                status: None,
-                retry_after: None,
-                message: e.to_string(),
-            })?;
+            let chunk = chunk.map_err(|e| self.http.body_error("results", &e, false))?;
             head.extend_from_slice(&chunk);
             if let Some(nl) = head.iter().position(|&c| c == b'\n') {
                 head.truncate(nl);
@@ -311,17 +305,18 @@ impl BatchProvider for AnthropicClient {
             .req(reqwest::Method::POST, "/v1/messages/batches")
             .header("content-type", "application/json")
             .body(inline_body(file));
-        let resp = http::send_once(req, true).await?;
-        let b: MessageBatch =
-            http::json_body(resp, "create response")
-                .await
-                .map_err(|e| match e {
-                    ProviderError::Transient { message, .. } | ProviderError::Protocol(message) => {
-                        ProviderError::Ambiguous { message }
-                    }
-                    other => other,
-                })?;
-        Ok(b.into())
+        let resp = self.http.send_once(req, true).await?;
+        let b: MessageBatch = self
+            .http
+            .json_body(resp, "create response")
+            .await
+            .map_err(|e| match e {
+                ProviderError::Transient { message, .. } | ProviderError::Protocol(message) => {
+                    ProviderError::Ambiguous { message }
+                }
+                other => other,
+            })?;
+        Ok(self.remote(b))
     }
 
     async fn find_batch(
@@ -363,7 +358,7 @@ impl BatchProvider for AnthropicClient {
         }
         match candidates.len() {
             0 => Ok(None),
-            1 => Ok(Some(candidates.remove(0).into())),
+            1 => Ok(Some(self.remote(candidates.remove(0)))),
             _ => {
                 // Several batches fit: the ended ones tell by their custom_ids.
                 let prefix = custom_id_prefix(local_id);
@@ -371,7 +366,7 @@ impl BatchProvider for AnthropicClient {
                 for c in candidates {
                     if c.processing_status == "ended" {
                         if self.results_carry(&c.id, &prefix).await? {
-                            return Ok(Some(c.into()));
+                            return Ok(Some(self.remote(c)));
                         }
                     } else {
                         waiting = true;
@@ -397,58 +392,33 @@ impl BatchProvider for AnthropicClient {
         let b: MessageBatch = self
             .get_json("get batch", &format!("/v1/messages/batches/{id}"), &[])
             .await?;
-        Ok(b.into())
+        Ok(self.remote(b))
     }
 
     async fn cancel(&self, id: &str) -> Result<RemoteBatch, ProviderError> {
         let path = format!("/v1/messages/batches/{id}/cancel");
-        let resp = http::send_idempotent(&self.policy, "cancel batch", || {
-            self.req(reqwest::Method::POST, &path)
-        })
-        .await?;
-        let b: MessageBatch = http::json_body(resp, "cancel response").await?;
-        Ok(b.into())
+        let resp = self
+            .http
+            .send_idempotent("cancel batch", || self.req(reqwest::Method::POST, &path))
+            .await?;
+        let b: MessageBatch = self.http.json_body(resp, "cancel response").await?;
+        Ok(self.remote(b))
     }
 
     async fn download(&self, batch_id: &str, dest: &Path, cap: u64) -> Result<u64, ProviderError> {
         let path = format!("/v1/messages/batches/{batch_id}/results");
-        let resp = http::send_idempotent(&self.policy, "download results", || {
-            self.req(reqwest::Method::GET, &path)
-                .timeout(Duration::from_secs(3600))
-        })
-        .await?;
-        http::stream_to_file(resp, dest, cap, batch_id).await
+        let resp = self
+            .http
+            .send_idempotent("download results", || {
+                self.req(reqwest::Method::GET, &path)
+                    .timeout(Duration::from_secs(3600))
+            })
+            .await?;
+        self.http.stream_to_file(resp, dest, cap, batch_id).await
     }
 
     fn parse_result_line(&self, line: &[u8]) -> Result<ResultLine, String> {
-        let l: WireLine = serde_json::from_slice(line).map_err(|e| e.to_string())?;
-        let outcome = match l.result.kind.as_str() {
-            "succeeded" => match l.result.message {
-                Some(m) => message_outcome(m),
-                None => return Err("a succeeded result without its message".into()),
-            },
-            "errored" => {
-                let detail = l.result.error.and_then(|e| e.error);
-                LineOutcome::Error {
-                    status: None,
-                    code: detail.as_ref().and_then(|d| d.kind.clone()),
-                    message: detail.and_then(|d| d.message).unwrap_or_default(),
-                    usage: Usage::default(),
-                }
-            }
-            "expired" => LineOutcome::Expired,
-            "canceled" | "cancelled" => LineOutcome::Cancelled,
-            other => LineOutcome::Error {
-                status: None,
-                code: Some(other.to_string()),
-                message: format!("unknown result type `{other}`"),
-                usage: Usage::default(),
-            },
-        };
-        Ok(ResultLine {
-            custom_id: l.custom_id,
-            outcome,
-        })
+        self.http.redactor().result_line(parse_line(line))
     }
 
     async fn send_online(
@@ -462,14 +432,50 @@ impl BatchProvider for AnthropicClient {
             .header("content-type", "application/json")
             .header("x-client-request-id", custom_id)
             .body(shape.body(user_json));
-        let resp = http::send_once(req, true).await?;
-        let bytes = resp.bytes().await.map_err(|e| ProviderError::Ambiguous {
-            message: format!("reading the answer: {e}"),
+        let resp = self.http.send_once(req, true).await?;
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| self.http.body_error("the answer", &e, true))?;
+        let m: super::types::Message = serde_json::from_slice(&bytes).map_err(|e| {
+            self.http.redactor().error(ProviderError::Protocol(format!(
+                "the answer is not a message: {e}"
+            )))
         })?;
-        let m: super::types::Message = serde_json::from_slice(&bytes)
-            .map_err(|e| ProviderError::Protocol(format!("the answer is not a message: {e}")))?;
-        Ok(message_outcome(m))
+        Ok(self.http.redactor().outcome(message_outcome(m)))
     }
+}
+
+/// A line of a results file, as the provider wrote it (the caller scrubs it).
+fn parse_line(line: &[u8]) -> Result<ResultLine, String> {
+    let l: WireLine = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+    let outcome = match l.result.kind.as_str() {
+        "succeeded" => match l.result.message {
+            Some(m) => message_outcome(m),
+            None => return Err("a succeeded result without its message".into()),
+        },
+        "errored" => {
+            let detail = l.result.error.and_then(|e| e.error);
+            LineOutcome::Error {
+                status: None,
+                code: detail.as_ref().and_then(|d| d.kind.clone()),
+                message: detail.and_then(|d| d.message).unwrap_or_default(),
+                usage: Usage::default(),
+            }
+        }
+        "expired" => LineOutcome::Expired,
+        "canceled" | "cancelled" => LineOutcome::Cancelled,
+        other => LineOutcome::Error {
+            status: None,
+            code: Some(other.to_string()),
+            message: format!("unknown result type `{other}`"),
+            usage: Usage::default(),
+        },
+    };
+    Ok(ResultLine {
+        custom_id: l.custom_id,
+        outcome,
+    })
 }
 
 /// The one tool every request is made to call: its input is the structured answer.

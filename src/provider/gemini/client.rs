@@ -19,11 +19,12 @@ use super::types::{
 use crate::cost::Usage;
 use crate::cost::tokens::PromptCounter;
 use crate::dedupe::{RequestShape, USER_SLOT};
-use crate::provider::http::{self, RetryPolicy};
+use crate::provider::http::{Http, RetryPolicy};
 use crate::provider::{
     BatchMeta, BatchProvider, CreateInput, LineOutcome, ProviderError, RemoteBatch, RemoteStatus,
     RequestCounts, RequestSpec, ResultLine,
 };
+use crate::validate::preview;
 
 const MAX_LIST_PAGES: usize = 20;
 /// The output id of a batch whose answers came back inline.
@@ -32,8 +33,7 @@ const INLINE_PREFIX: &str = "inline:";
 pub struct GeminiClient {
     base: String,
     key: SecretString,
-    http: reqwest::Client,
-    policy: RetryPolicy,
+    http: Http,
     model: String,
 }
 
@@ -47,9 +47,8 @@ impl std::fmt::Debug for GeminiClient {
 }
 
 /// `files/abc-1`, `batches/xyz`: a provider name safe to put in a URL path.
-fn safe_name(name: &str, kind: &str) -> Result<(), ProviderError> {
-    let ok = name
-        .strip_prefix(kind)
+fn safe_name(name: &str, kind: &str) -> bool {
+    name.strip_prefix(kind)
         .and_then(|r| r.strip_prefix('/'))
         .is_some_and(|id| {
             !id.is_empty()
@@ -57,15 +56,7 @@ fn safe_name(name: &str, kind: &str) -> Result<(), ProviderError> {
                 && id
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(ProviderError::Protocol(format!(
-            "unexpected {kind} name from the provider: {}",
-            crate::validate::preview(name, 80)
-        )))
-    }
+        })
 }
 
 fn unix(t: &Option<String>) -> Option<i64> {
@@ -131,17 +122,11 @@ impl GeminiClient {
         policy: RetryPolicy,
         model: &str,
     ) -> Result<Self, ProviderError> {
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("nightshift/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(10))
-            .read_timeout(request_timeout)
-            .build()
-            .map_err(|e| ProviderError::Protocol(format!("cannot build the HTTP client: {e}")))?;
+        let http = Http::new(&key, request_timeout, policy)?;
         Ok(GeminiClient {
             base: base_url.trim_end_matches('/').to_string(),
             key,
             http,
-            policy,
             model: model.trim_start_matches("models/").to_string(),
         })
     }
@@ -162,15 +147,31 @@ impl GeminiClient {
         path: &str,
         query: &[(&str, String)],
     ) -> Result<T, ProviderError> {
-        let resp = http::send_idempotent(&self.policy, what, || {
-            self.req(reqwest::Method::GET, path).query(query)
-        })
-        .await?;
-        http::json_body(resp, what).await
+        let resp = self
+            .http
+            .send_idempotent(what, || self.req(reqwest::Method::GET, path).query(query))
+            .await?;
+        self.http.json_body(resp, what).await
+    }
+
+    /// Refuses a name that fails [`safe_name`], quoting it scrubbed.
+    fn checked(&self, name: &str, kind: &str) -> Result<(), ProviderError> {
+        if safe_name(name, kind) {
+            return Ok(());
+        }
+        Err(ProviderError::Protocol(format!(
+            "unexpected {kind} name from the provider: {}",
+            preview(&self.http.redactor().scrub(name), 80)
+        )))
+    }
+
+    /// A batch as the provider described it, its texts scrubbed.
+    fn remote(&self, op: Operation) -> RemoteBatch {
+        self.http.redactor().batch(op.into())
     }
 
     async fn operation(&self, name: &str) -> Result<Operation, ProviderError> {
-        safe_name(name, "batches")?;
+        self.checked(name, "batches")?;
         self.get_json("get batch", &format!("/v1beta/{name}"), &[])
             .await
     }
@@ -269,7 +270,7 @@ impl BatchProvider for GeminiClient {
             .header("X-Goog-Upload-Header-Content-Length", len.to_string())
             .header("X-Goog-Upload-Header-Content-Type", "application/jsonl")
             .json(&json!({"file": {"display_name": filename}}));
-        let resp = http::send_once(start, false).await?;
+        let resp = self.http.send_once(start, false).await?;
         let url = resp
             .headers()
             .get("x-goog-upload-url")
@@ -298,7 +299,7 @@ impl BatchProvider for GeminiClient {
             .header("X-Goog-Upload-Offset", "0")
             .header("content-length", len.to_string())
             .body(body);
-        let resp = http::send_once(put, true).await?;
+        let resp = self.http.send_once(put, true).await?;
         let status = resp
             .headers()
             .get("x-goog-upload-status")
@@ -307,11 +308,14 @@ impl BatchProvider for GeminiClient {
             .to_string();
         if status != "final" {
             return Err(ProviderError::Ambiguous {
-                message: format!("upload ended with status `{status}`, not `final`"),
+                message: format!(
+                    "upload ended with status `{}`, not `final`",
+                    preview(&self.http.redactor().scrub(&status), 80)
+                ),
             });
         }
-        let f: FileEnvelope = http::json_body(resp, "upload response").await?;
-        safe_name(&f.file.name, "files")?;
+        let f: FileEnvelope = self.http.json_body(resp, "upload response").await?;
+        self.checked(&f.file.name, "files")?;
         Ok(f.file.name)
     }
 
@@ -328,7 +332,7 @@ impl BatchProvider for GeminiClient {
                 page.files
                     .iter()
                     .filter(|f| f.display_name.as_deref() == Some(filename))
-                    .filter(|f| safe_name(&f.name, "files").is_ok())
+                    .filter(|f| safe_name(&f.name, "files"))
                     .map(|f| f.name.clone()),
             );
             token = page.next_page_token.filter(|t| !t.is_empty());
@@ -340,12 +344,12 @@ impl BatchProvider for GeminiClient {
     }
 
     async fn delete_file(&self, file_id: &str) -> Result<(), ProviderError> {
-        safe_name(file_id, "files")?;
+        self.checked(file_id, "files")?;
         let path = format!("/v1beta/{file_id}");
-        match http::send_idempotent(&self.policy, "delete file", || {
-            self.req(reqwest::Method::DELETE, &path)
-        })
-        .await
+        match self
+            .http
+            .send_idempotent("delete file", || self.req(reqwest::Method::DELETE, &path))
+            .await
         {
             Ok(_)
             | Err(ProviderError::Permanent {
@@ -381,9 +385,10 @@ impl BatchProvider for GeminiClient {
         let body = json!({"batch": {"displayName": meta.local_id, "inputConfig": config}});
         let path = format!("/v1beta/models/{}:batchGenerateContent", self.model);
         let req = self.req(reqwest::Method::POST, &path).json(&body);
-        let resp = http::send_once(req, true).await?;
+        let resp = self.http.send_once(req, true).await?;
         let op: Operation =
-            http::json_body(resp, "create response")
+            self.http
+                .json_body(resp, "create response")
                 .await
                 .map_err(|e| match e {
                     ProviderError::Transient { message, .. } | ProviderError::Protocol(message) => {
@@ -391,8 +396,8 @@ impl BatchProvider for GeminiClient {
                     }
                     other => other,
                 })?;
-        safe_name(&op.name, "batches")?;
-        Ok(op.into())
+        self.checked(&op.name, "batches")?;
+        Ok(self.remote(op))
     }
 
     async fn find_batch(
@@ -411,8 +416,8 @@ impl BatchProvider for GeminiClient {
             let page: OperationList = self.get_json("list batches", "/v1beta/batches", &q).await?;
             for op in page.operations {
                 let name = op.metadata.as_ref().and_then(|m| m.display_name.as_deref());
-                if name == Some(local_id) && safe_name(&op.name, "batches").is_ok() {
-                    return Ok(Some(op.into()));
+                if name == Some(local_id) && safe_name(&op.name, "batches") {
+                    return Ok(Some(self.remote(op)));
                 }
             }
             token = page.next_page_token.filter(|t| !t.is_empty());
@@ -424,16 +429,17 @@ impl BatchProvider for GeminiClient {
     }
 
     async fn get(&self, id: &str) -> Result<RemoteBatch, ProviderError> {
-        Ok(self.operation(id).await?.into())
+        Ok(self.remote(self.operation(id).await?))
     }
 
     async fn cancel(&self, id: &str) -> Result<RemoteBatch, ProviderError> {
-        safe_name(id, "batches")?;
+        self.checked(id, "batches")?;
         let path = format!("/v1beta/{id}:cancel");
-        http::send_idempotent(&self.policy, "cancel batch", || {
-            self.req(reqwest::Method::POST, &path).json(&json!({}))
-        })
-        .await?;
+        self.http
+            .send_idempotent("cancel batch", || {
+                self.req(reqwest::Method::POST, &path).json(&json!({}))
+            })
+            .await?;
         self.get(id).await
     }
 
@@ -459,44 +465,51 @@ impl BatchProvider for GeminiClient {
             f.commit()?;
             return Ok(text.len() as u64);
         }
-        safe_name(file_id, "files")?;
+        self.checked(file_id, "files")?;
         let path = format!("/download/v1beta/{file_id}:download");
-        let resp = http::send_idempotent(&self.policy, "download results", || {
-            self.req(reqwest::Method::GET, &path)
-                .query(&[("alt", "media")])
-                .timeout(Duration::from_secs(3600))
-        })
-        .await?;
-        http::stream_to_file(resp, dest, cap, file_id).await
+        let resp = self
+            .http
+            .send_idempotent("download results", || {
+                self.req(reqwest::Method::GET, &path)
+                    .query(&[("alt", "media")])
+                    .timeout(Duration::from_secs(3600))
+            })
+            .await?;
+        self.http.stream_to_file(resp, dest, cap, file_id).await
     }
 
     fn parse_result_line(&self, line: &[u8]) -> Result<ResultLine, String> {
-        let l: ResponseLine = serde_json::from_slice(line).map_err(|e| e.to_string())?;
-        let key = l
-            .key
-            .or_else(|| {
-                l.metadata
-                    .as_ref()
-                    .and_then(|m| m.get("key"))
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-            })
-            .ok_or("line has no key")?;
-        let outcome = match (l.response, l.error) {
-            (Some(r), _) => response_outcome(r),
-            (None, Some(e)) => LineOutcome::Error {
-                status: e.code.map(|c| c.clamp(0, 999) as u16),
-                code: None,
-                message: e.message.unwrap_or_default(),
-                usage: Usage::default(),
-            },
-            (None, None) => return Err("line has neither `response` nor `error`".into()),
-        };
-        Ok(ResultLine {
-            custom_id: key,
-            outcome,
-        })
+        self.http.redactor().result_line(parse_line(line))
     }
+}
+
+/// A line of a responses file, as the provider wrote it (the caller scrubs it).
+fn parse_line(line: &[u8]) -> Result<ResultLine, String> {
+    let l: ResponseLine = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+    let key = l
+        .key
+        .or_else(|| {
+            l.metadata
+                .as_ref()
+                .and_then(|m| m.get("key"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .ok_or("line has no key")?;
+    let outcome = match (l.response, l.error) {
+        (Some(r), _) => response_outcome(r),
+        (None, Some(e)) => LineOutcome::Error {
+            status: e.code.map(|c| c.clamp(0, 999) as u16),
+            code: None,
+            message: e.message.unwrap_or_default(),
+            usage: Usage::default(),
+        },
+        (None, None) => return Err("line has neither `response` nor `error`".into()),
+    };
+    Ok(ResultLine {
+        custom_id: key,
+        outcome,
+    })
 }
 
 #[cfg(test)]
@@ -585,9 +598,25 @@ mod tests {
 
     #[test]
     fn provider_names_are_checked_before_they_reach_a_url() {
-        assert!(safe_name("files/abc-1", "files").is_ok());
-        assert!(safe_name("files/../../etc", "files").is_err());
-        assert!(safe_name("batches/x?key=1", "batches").is_err());
-        assert!(safe_name("files/", "files").is_err());
+        assert!(safe_name("files/abc-1", "files"));
+        assert!(!safe_name("files/../../etc", "files"));
+        assert!(!safe_name("batches/x?key=1", "batches"));
+        assert!(!safe_name("files/", "files"));
+        // A refused name (a `/` in it) is quoted in the error, scrubbed before it is cut.
+        let c = GeminiClient::new(
+            "http://127.0.0.1:9",
+            SecretString::from("AIzaSyD-gateway-test-KEY-0123456789abc".to_string()),
+            Duration::from_secs(1),
+            RetryPolicy::default(),
+            "m",
+        )
+        .unwrap();
+        // Cut after its first 4 characters, the key would be too short a piece to recognise.
+        let name = format!(
+            "files/{}/AIzaSyD-gateway-test-KEY-0123456789abc",
+            "x".repeat(69)
+        );
+        let e = c.checked(&name, "files").unwrap_err().to_string();
+        assert!(e.contains("files/xxx") && !e.contains("AIza"), "{e}");
     }
 }

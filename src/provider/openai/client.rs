@@ -18,7 +18,8 @@ use crate::cost::Usage;
 use crate::cost::tokens::PromptCounter;
 use crate::dedupe::{RequestShape, USER_SLOT};
 use crate::provider::CreateInput;
-use crate::provider::http::{self, RetryPolicy};
+use crate::provider::http::{self, Http, RetryPolicy};
+use crate::provider::redact::Redactor;
 use crate::provider::{
     BatchMeta, BatchProvider, LineOutcome, ProviderError, RemoteBatch, RemoteStatus, RequestCounts,
     RequestSpec, ResultLine,
@@ -44,8 +45,7 @@ pub enum Flavor {
 pub struct OpenAiClient {
     base: String,
     key: SecretString,
-    http: reqwest::Client,
-    policy: RetryPolicy,
+    http: Http,
     completion_window: String,
     flavor: Flavor,
 }
@@ -66,17 +66,11 @@ impl OpenAiClient {
         request_timeout: Duration,
         policy: RetryPolicy,
     ) -> Result<Self, ProviderError> {
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("nightshift/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(10))
-            .read_timeout(request_timeout)
-            .build()
-            .map_err(|e| ProviderError::Protocol(format!("cannot build the HTTP client: {e}")))?;
+        let http = Http::new(&key, request_timeout, policy)?;
         Ok(OpenAiClient {
             base: base_url.trim_end_matches('/').to_string(),
             key,
             http,
-            policy,
             completion_window: "24h".into(),
             flavor: Flavor::OpenAi,
         })
@@ -107,7 +101,7 @@ impl OpenAiClient {
 
     /// A request with the flavor's credentials and `api-version`.
     fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let rb = self.http.request(method, self.url(path));
+        let rb = self.http.request(method, &self.url(path));
         match &self.flavor {
             Flavor::OpenAi => rb.bearer_auth(self.key.expose_secret()),
             Flavor::Azure { api_version, .. } => rb
@@ -126,9 +120,16 @@ impl OpenAiClient {
         path: &str,
         query: &[(&str, String)],
     ) -> Result<T, ProviderError> {
-        let resp =
-            http::send_idempotent(&self.policy, what, || self.get_req(path).query(query)).await?;
-        http::json_body(resp, what).await
+        let resp = self
+            .http
+            .send_idempotent(what, || self.get_req(path).query(query))
+            .await?;
+        self.http.json_body(resp, what).await
+    }
+
+    /// A batch as the provider described it, its texts scrubbed.
+    fn remote(&self, b: Batch) -> RemoteBatch {
+        self.http.redactor().batch(b.into())
     }
 
     /// Lists one page of batches, newest first.
@@ -209,7 +210,8 @@ impl From<Batch> for RemoteBatch {
                             }
                             if let Some(m) = d.message {
                                 s.push_str(": ");
-                                s.push_str(&crate::validate::preview(&m, 200));
+                                // Scrubbed and bounded by the client (`Redactor::batch`).
+                                s.push_str(&m);
                             }
                             s
                         })
@@ -328,8 +330,8 @@ impl BatchProvider for OpenAiClient {
             .text("purpose", "batch")
             .part("file", part);
         let req = self.req(reqwest::Method::POST, "/files").multipart(form);
-        let resp = http::send_once(req, true).await?;
-        let f: FileObject = http::json_body(resp, "upload response").await?;
+        let resp = self.http.send_once(req, true).await?;
+        let f: FileObject = self.http.json_body(resp, "upload response").await?;
         if matches!(self.flavor, Flavor::Azure { .. }) {
             // Azure wants a file processed before a batch names it.
             let path = format!("/files/{}", f.id);
@@ -341,7 +343,10 @@ impl BatchProvider for OpenAiClient {
                         return Err(ProviderError::Permanent {
                             status: None,
                             code: Some("file_error".into()),
-                            message: format!("Azure could not process the uploaded file {}", f.id),
+                            message: format!(
+                                "Azure could not process the uploaded file {}",
+                                self.http.redactor().scrub(&f.id)
+                            ),
                         });
                     }
                     _ => tokio::time::sleep(Duration::from_secs(1)).await,
@@ -386,10 +391,10 @@ impl BatchProvider for OpenAiClient {
     async fn delete_file(&self, file_id: &str) -> Result<(), ProviderError> {
         let path = format!("/files/{file_id}");
         // Deleting twice is harmless (the second is a 404), so this may be retried.
-        match http::send_idempotent(&self.policy, "delete file", || {
-            self.req(reqwest::Method::DELETE, &path)
-        })
-        .await
+        match self
+            .http
+            .send_idempotent("delete file", || self.req(reqwest::Method::DELETE, &path))
+            .await
         {
             Ok(_)
             | Err(ProviderError::Permanent {
@@ -422,8 +427,10 @@ impl BatchProvider for OpenAiClient {
             metadata,
         };
         let req = self.req(reqwest::Method::POST, "/batches").json(&body);
-        let resp = http::send_once(req, true).await?;
-        let b: Batch = http::json_body(resp, "create response")
+        let resp = self.http.send_once(req, true).await?;
+        let b: Batch = self
+            .http
+            .json_body(resp, "create response")
             .await
             .map_err(|e| match e {
                 // The batch exists but we could not read its id: reconcile.
@@ -432,7 +439,7 @@ impl BatchProvider for OpenAiClient {
                 }
                 other => other,
             })?;
-        Ok(b.into())
+        Ok(self.remote(b))
     }
 
     async fn find_batch(
@@ -449,7 +456,7 @@ impl BatchProvider for OpenAiClient {
             for b in &page.data {
                 let meta_id = b.metadata.as_ref().and_then(|m| m.get(META_BATCH_ID));
                 if meta_id.map(String::as_str) == Some(local_id) {
-                    return Ok(Some(b.clone().into()));
+                    return Ok(Some(self.remote(b.clone())));
                 }
                 if let Some(t) = b.created_at.as_ref().and_then(unix_seconds)
                     && t < since - LIST_SKEW_SECONDS
@@ -474,27 +481,29 @@ impl BatchProvider for OpenAiClient {
         let b: Batch = self
             .get_json("get batch", &format!("/batches/{id}"), &[])
             .await?;
-        Ok(b.into())
+        Ok(self.remote(b))
     }
 
     async fn cancel(&self, id: &str) -> Result<RemoteBatch, ProviderError> {
         // Cancelling twice is harmless, so this POST may be retried.
         let path = format!("/batches/{id}/cancel");
-        let resp = http::send_idempotent(&self.policy, "cancel batch", || {
-            self.req(reqwest::Method::POST, &path)
-        })
-        .await?;
-        let b: Batch = http::json_body(resp, "cancel response").await?;
-        Ok(b.into())
+        let resp = self
+            .http
+            .send_idempotent("cancel batch", || self.req(reqwest::Method::POST, &path))
+            .await?;
+        let b: Batch = self.http.json_body(resp, "cancel response").await?;
+        Ok(self.remote(b))
     }
 
     async fn download(&self, file_id: &str, dest: &Path, cap: u64) -> Result<u64, ProviderError> {
         let path = format!("/files/{file_id}/content");
-        let resp = http::send_idempotent(&self.policy, "download results", || {
-            self.get_req(&path).timeout(Duration::from_secs(3600))
-        })
-        .await?;
-        http::stream_to_file(resp, dest, cap, file_id).await
+        let resp = self
+            .http
+            .send_idempotent("download results", || {
+                self.get_req(&path).timeout(Duration::from_secs(3600))
+            })
+            .await?;
+        self.http.stream_to_file(resp, dest, cap, file_id).await
     }
 
     async fn send_online(
@@ -514,60 +523,70 @@ impl BatchProvider for OpenAiClient {
             .header("content-type", "application/json")
             .header("x-client-request-id", custom_id)
             .body(shape.body(user_json));
-        let resp = http::send_once(req, true).await?;
-        let bytes = resp.bytes().await.map_err(|e| ProviderError::Ambiguous {
-            message: format!("reading the answer: {e}"),
-        })?;
+        let resp = self.http.send_once(req, true).await?;
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| self.http.body_error("the answer", &e, true))?;
         let c: ChatCompletion = serde_json::from_slice(&bytes).map_err(|e| {
-            ProviderError::Protocol(format!("the answer is not a chat completion: {e}"))
+            self.http.redactor().error(ProviderError::Protocol(format!(
+                "the answer is not a chat completion: {e}"
+            )))
         })?;
-        Ok(chat_outcome(c))
+        Ok(self.http.redactor().outcome(chat_outcome(c)))
     }
 
     fn parse_result_line(&self, line: &[u8]) -> Result<ResultLine, String> {
-        let l: OutputLine<'_> = serde_json::from_slice(line).map_err(|e| e.to_string())?;
-        let outcome = match (l.response, l.error) {
-            (Some(resp), _) if resp.status_code == 200 => {
-                let body = resp.body.map(|b| b.get()).unwrap_or("null");
-                let c: ChatCompletion = serde_json::from_str(body)
-                    .map_err(|e| format!("response body is not a chat completion: {e}"))?;
-                chat_outcome(c)
-            }
-            (Some(resp), _) => {
-                let body: Value = resp
-                    .body
-                    .and_then(|b| serde_json::from_str(b.get()).ok())
-                    .unwrap_or(Value::Null);
-                let usage = body
-                    .get("usage")
-                    .and_then(|u| serde_json::from_value::<types::CompletionUsage>(u.clone()).ok())
-                    .map(|u| u.normalised())
-                    .unwrap_or_default();
-                let (code, message) = http::error_message(&body.to_string());
-                LineOutcome::Error {
-                    status: Some(resp.status_code),
-                    code,
-                    message,
-                    usage,
-                }
-            }
-            (None, Some(err)) => match err.code.as_deref() {
-                Some("batch_expired") => LineOutcome::Expired,
-                Some("batch_cancelled") | Some("batch_canceled") => LineOutcome::Cancelled,
-                _ => LineOutcome::Error {
-                    status: None,
-                    code: err.code,
-                    message: err.message.unwrap_or_default(),
-                    usage: Usage::default(),
-                },
-            },
-            (None, None) => return Err("line has neither `response` nor `error`".into()),
-        };
-        Ok(ResultLine {
-            custom_id: l.custom_id.into_owned(),
-            outcome,
-        })
+        let r = self.http.redactor();
+        r.result_line(parse_line(line, r))
     }
+}
+
+/// A line of an output or error file. Only the error preview is scrubbed here (before it is
+/// cut); the caller scrubs the rest.
+fn parse_line(line: &[u8], redactor: &Redactor) -> Result<ResultLine, String> {
+    let l: OutputLine<'_> = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+    let outcome = match (l.response, l.error) {
+        (Some(resp), _) if resp.status_code == 200 => {
+            let body = resp.body.map(|b| b.get()).unwrap_or("null");
+            let c: ChatCompletion = serde_json::from_str(body)
+                .map_err(|e| format!("response body is not a chat completion: {e}"))?;
+            chat_outcome(c)
+        }
+        (Some(resp), _) => {
+            let body: Value = resp
+                .body
+                .and_then(|b| serde_json::from_str(b.get()).ok())
+                .unwrap_or(Value::Null);
+            let usage = body
+                .get("usage")
+                .and_then(|u| serde_json::from_value::<types::CompletionUsage>(u.clone()).ok())
+                .map(|u| u.normalised())
+                .unwrap_or_default();
+            let (code, message) = http::error_message(&body.to_string(), redactor);
+            LineOutcome::Error {
+                status: Some(resp.status_code),
+                code,
+                message,
+                usage,
+            }
+        }
+        (None, Some(err)) => match err.code.as_deref() {
+            Some("batch_expired") => LineOutcome::Expired,
+            Some("batch_cancelled") | Some("batch_canceled") => LineOutcome::Cancelled,
+            _ => LineOutcome::Error {
+                status: None,
+                code: err.code,
+                message: err.message.unwrap_or_default(),
+                usage: Usage::default(),
+            },
+        },
+        (None, None) => return Err("line has neither `response` nor `error`".into()),
+    };
+    Ok(ResultLine {
+        custom_id: l.custom_id.into_owned(),
+        outcome,
+    })
 }
 
 #[cfg(test)]
