@@ -29,6 +29,9 @@ pub struct Line {
 pub struct BatchCheck {
     pub batch_id: String,
     pub provider_batch_id: Option<String>,
+    /// `batch` or `online` (real-time calls: no provider batch id).
+    pub mode: String,
+    pub requests: u64,
     pub ledger: LedgerTotals,
     pub provider_usage: Option<Usage>,
     pub bill: Option<ProviderBill>,
@@ -241,7 +244,8 @@ pub async fn reconcile<S: Store>(
             actual: if live.is_some() {
                 duplicate_submissions.to_string()
             } else {
-                "0 (no provider record to check)".into()
+                // Without the provider's record only the store's anomalies can tell.
+                "0 (store only)".into()
             },
             difference: diff(Some(Decimal::ZERO), Decimal::from(duplicate_submissions), 0),
         },
@@ -320,6 +324,8 @@ pub async fn reconcile<S: Store>(
         batches.push(BatchCheck {
             batch_id: b.id,
             provider_batch_id: b.provider_batch_id,
+            mode: b.mode,
+            requests: b.request_count as u64,
             ledger,
             provider_usage,
             bill,
@@ -342,28 +348,34 @@ impl Reconciliation {
             .count()
     }
 
-    pub fn to_text(&self) -> String {
+    /// Plan vs actual and the ledger vs the provider, as tables that fit `width` columns.
+    pub fn to_text(&self, width: Option<u16>) -> String {
         use std::fmt::Write as _;
         let mut s = String::new();
         let _ = writeln!(s, "run {}  pipeline {}", self.run_id, self.pipeline);
         let _ = writeln!(s, "\nplan vs actual");
-        let _ = writeln!(
-            s,
-            "  {:<36} {:>16} {:>16}  difference",
-            "figure", "plan", "actual"
-        );
+        let mut t = crate::report::table(&["figure", "plan", "actual", "difference"], width);
         for l in &self.lines {
-            let _ = writeln!(
-                s,
-                "  {:<36} {:>16} {:>16}  {}",
-                l.figure, l.plan, l.actual, l.difference
-            );
+            t.add_row(vec![
+                l.figure.to_string(),
+                l.plan.clone(),
+                l.actual.clone(),
+                l.difference.clone(),
+            ]);
         }
+        crate::report::align_right(&mut t, &[1, 2]);
+        let _ = writeln!(s, "{t}");
         let _ = writeln!(s, "\nledger vs provider, per batch");
-        let _ = writeln!(
-            s,
-            "  {:<30} {:>10} {:>10} {:>14}  provider usage       provider bill",
-            "provider batch", "in", "out", "cost_usd"
+        let mut t = crate::report::table(
+            &[
+                "provider batch",
+                "in",
+                "out",
+                "cost_usd",
+                "provider usage",
+                "provider bill",
+            ],
+            width,
         );
         let mut totals = (LedgerTotals::default(), Usd::ZERO, true);
         for b in &self.batches {
@@ -377,16 +389,22 @@ impl Reconciliation {
                 (Some(x), _) => format!("{} ({} req) ≠", x.cost.to_decimal_string(), x.requests),
                 (None, _) => "-".to_string(),
             };
-            let _ = writeln!(
-                s,
-                "  {:<30} {:>10} {:>10} {:>14}  {:<20} {}",
-                b.provider_batch_id.as_deref().unwrap_or("(not sent)"),
-                b.ledger.usage.input_tokens,
-                b.ledger.usage.output_tokens,
+            let name = match (&b.provider_batch_id, b.mode.as_str()) {
+                (Some(id), _) => crate::report::printable(id),
+                (None, "online") => format!(
+                    "online ({})",
+                    crate::report::plural(b.requests, "request", "requests")
+                ),
+                (None, _) => "(never reached the provider)".to_string(),
+            };
+            t.add_row(vec![
+                name,
+                b.ledger.usage.input_tokens.to_string(),
+                b.ledger.usage.output_tokens.to_string(),
                 b.ledger.cost.to_decimal_string(),
                 usage,
-                bill
-            );
+                bill,
+            ]);
             totals.0.usage.add(&b.ledger.usage);
             totals.0.cost += b.ledger.cost;
             if let Some(x) = &b.bill {
@@ -395,14 +413,13 @@ impl Reconciliation {
                 totals.2 = false;
             }
         }
-        let _ = writeln!(
-            s,
-            "  {:<30} {:>10} {:>10} {:>14}  {}",
-            "total",
-            totals.0.usage.input_tokens,
-            totals.0.usage.output_tokens,
+        t.add_row(vec![
+            "total".to_string(),
+            totals.0.usage.input_tokens.to_string(),
+            totals.0.usage.output_tokens.to_string(),
             totals.0.cost.to_decimal_string(),
-            if totals.2 {
+            String::new(),
+            if totals.2 && !self.batches.is_empty() {
                 format!(
                     "bill {} (difference {})",
                     totals.1.to_decimal_string(),
@@ -410,8 +427,10 @@ impl Reconciliation {
                 )
             } else {
                 String::new()
-            }
-        );
+            },
+        ]);
+        crate::report::align_right(&mut t, &[1, 2, 3]);
+        let _ = writeln!(s, "{t}");
         let m = self.mismatches();
         let _ = writeln!(
             s,
@@ -419,7 +438,10 @@ impl Reconciliation {
             if m == 0 {
                 "every batch: ledger = provider figures".to_string()
             } else {
-                format!("{m} batch(es) where the ledger differs from the provider's figures")
+                format!(
+                    "{} where the ledger differs from the provider's figures",
+                    crate::report::plural(m as u64, "batch", "batches")
+                )
             }
         );
         s

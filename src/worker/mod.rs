@@ -596,11 +596,20 @@ pub async fn run<S: Store, P: BatchProvider>(
         Ok((status, code, msg)) => (*status, *code, msg.clone()),
         Err(e) => (RunStatus::Error, e.exit_code(), Some(e.to_string())),
     };
-    ctx.store
+    let recorded = ctx
+        .store
         .finish_run(&run_id, status, exit_code, message.as_deref())
-        .await?;
+        .await;
+    if let Err(e) = result {
+        // The run's own error is the one to report (a full disk, say); the store may not
+        // take the run's end either, and saying so must not hide the cause.
+        if let Err(store) = recorded {
+            tracing::warn!(error = %store, "could not record the end of the run");
+        }
+        return Err(e);
+    }
+    recorded?;
     runner.settle(&run_id).await?;
-    result?;
     Ok(RunOutcome {
         run_id,
         status,
@@ -1214,7 +1223,10 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
     /// `unreachable_timeout` ends the run (exit 75: everything is kept, run again later).
     fn note_transient(&mut self, e: ProviderError) -> Result<(), RunError> {
         let p = &self.ctx.pipeline.provider;
-        let url = self.ctx.provider.endpoint().to_string();
+        // The base URL is configuration, but it may carry `user:pass@`: never print that.
+        let url = crate::provider::redact::Redactor::shapes_only()
+            .scrub(self.ctx.provider.endpoint())
+            .into_owned();
         self.transient_streak += 1;
         let since = *self.failing_since.get_or_insert_with(Instant::now);
         let failing_for = since.elapsed();
@@ -1245,7 +1257,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
 
     fn note_success(&mut self) {
         if self.failing_warned {
-            tracing::warn!(url = %self.ctx.provider.endpoint(), "the provider answers again");
+            tracing::warn!("the provider answers again");
         }
         self.transient_streak = 0;
         self.failing_since = None;

@@ -122,6 +122,14 @@ async fn a_full_disk_fails_with_exit_2_and_a_rerun_completes() {
         err.starts_with("error:") || err.contains("\nerror:"),
         "{err}"
     );
+    // The cause is what is reported, and nothing half-written is left behind.
+    assert!(!err.contains("transaction depth"), "{err}");
+    let work = sc.pipeline.parent().unwrap();
+    let leftovers: Vec<_> = walkdir(work)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
     sc.run_until_done().await;
     assert_eq!(judge(&sc).await, Verdict::default());
 }
@@ -376,4 +384,18 @@ async fn an_oversized_result_file_is_refused_not_read() {
     assert_eq!((f.exhausted, f.unfinished), (30, 0));
     assert!(store.anomaly_count(&outcome.run_id).await.unwrap() >= 2);
     store.close().await;
+}
+
+/// Every file under `dir`.
+fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walkdir(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }
