@@ -337,11 +337,12 @@ impl SimBatch {
                     };
                 }
                 let total = self.requests.len() as u64;
+                let pending = total.saturating_sub(self.counts.1 + self.counts.2);
                 let stats = json!({
                     "requestCount": total.to_string(),
                     "successfulRequestCount": self.counts.1.to_string(),
                     "failedRequestCount": self.counts.2.to_string(),
-                    "pendingRequestCount": if done { "0".to_string() } else { (total - self.counts.1 - self.counts.2).to_string() },
+                    "pendingRequestCount": if done { "0".to_string() } else { pending.to_string() },
                 });
                 let mut metadata = json!({
                     "@type": "type.googleapis.com/google.ai.generativelanguage.v1beta.GenerateContentBatch",
@@ -1232,6 +1233,10 @@ impl Sim {
                 b.inline,
             )
         };
+        // Cancelled before it was validated: the request list is read here, so the counts
+        // still say how many requests the batch held.
+        let unlisted = inner.batches[idx].requests.is_empty();
+        let mut listed = Vec::new();
         let total = inner.batches[idx].requests.len();
         let done_fraction = if status == Status::Completed {
             1.0
@@ -1269,6 +1274,13 @@ impl Sim {
                         v.get("body").cloned().unwrap_or(Value::Null),
                     ),
                 };
+                if unlisted {
+                    listed.push(RecordedRequest {
+                        custom_id: cid.clone(),
+                        body_sha256: hex::encode(Sha256::digest(body.to_string().as_bytes())),
+                        outcome: Outcome::Pending,
+                    });
+                }
                 let ran = i < done_n;
                 i += 1;
                 if gemini_expired {
@@ -1386,6 +1398,9 @@ impl Sim {
             }
         };
         let b = &mut inner.batches[idx];
+        if unlisted {
+            b.requests = listed;
+        }
         for (r, o) in b.requests.iter_mut().zip(outcomes) {
             r.outcome = o;
         }
@@ -1397,7 +1412,7 @@ impl Sim {
         if flavor == Flavor::Gemini && status == Status::Completed {
             b.output_lag = 1;
         }
-        b.counts = (b.counts.0, completed, failed);
+        b.counts = (b.requests.len() as u64, completed, failed);
         b.usage = usage_total;
         inner.bill.extend(bill);
     }

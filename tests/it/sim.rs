@@ -191,3 +191,140 @@ async fn expired_batches_keep_partial_results_and_bill_only_those() {
         .collect();
     assert_eq!(outcomes.iter().filter(|o| **o == "expired").count(), 5);
 }
+
+fn lines(prefix: &str, n: usize) -> String {
+    (0..n)
+        .map(|i| line(&format!("{prefix}{i}"), "gpt-4o-mini") + "\n")
+        .collect()
+}
+
+async fn send(req: reqwest::RequestBuilder) -> Value {
+    let resp = req.send().await.unwrap();
+    let status = resp.status();
+    let v: Value = resp.json().await.unwrap();
+    assert!(status.is_success(), "{status}: {v}");
+    v
+}
+
+/// A cancelled batch still says how many requests it held, in every provider's counts.
+#[tokio::test]
+async fn cancelled_batches_keep_their_request_total() {
+    // validating for 1 s; a cancel takes 0.5 s
+    let sim = start_sim(nightshift::sim::SimSettings {
+        batch_seconds: 10.0,
+        ..quiet_sim()
+    })
+    .await;
+    let root = sim.root_url();
+    let http = reqwest::Client::new();
+    let ended = |s: &Value| {
+        ["cancelled", "Cancelled", "ended", "BATCH_STATE_CANCELLED"]
+            .contains(&s.as_str().unwrap_or(""))
+    };
+
+    // OpenAI and Azure, cancelled while validating
+    for azure in [false, true] {
+        let (prefix, q) = if azure {
+            (format!("{root}/openai"), "?api-version=2024-10-21")
+        } else {
+            (format!("{root}/v1"), "")
+        };
+        let auth = |r: reqwest::RequestBuilder| {
+            if azure {
+                r.header("api-key", "k")
+            } else {
+                r.bearer_auth("k")
+            }
+        };
+        let form = reqwest::multipart::Form::new()
+            .text("purpose", "batch")
+            .part(
+                "file",
+                reqwest::multipart::Part::text(lines("c", 50)).file_name("in.jsonl"),
+            );
+        let f = send(auth(http.post(format!("{prefix}/files{q}"))).multipart(form)).await;
+        let b = send(auth(http.post(format!("{prefix}/batches{q}"))).json(&json!({
+            "input_file_id": f["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"
+        })))
+        .await;
+        let id = b["id"].as_str().unwrap();
+        send(auth(http.post(format!("{prefix}/batches/{id}/cancel{q}")))).await;
+        let mut b = Value::Null;
+        for _ in 0..200 {
+            b = send(auth(http.get(format!("{prefix}/batches/{id}{q}")))).await;
+            if ended(&b["status"]) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(ended(&b["status"]), "{b}");
+        assert_eq!(
+            b["request_counts"],
+            json!({"total": 50, "completed": 0, "failed": 50}),
+            "azure: {azure}"
+        );
+    }
+
+    // Anthropic
+    let anthropic = |r: reqwest::RequestBuilder| {
+        r.header("x-api-key", "k")
+            .header("anthropic-version", "2023-06-01")
+    };
+    let requests: Vec<Value> = (0..50)
+        .map(|i| {
+            json!({"custom_id": format!("m{i}"), "params": {"model": "claude-haiku-4-5",
+            "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}})
+        })
+        .collect();
+    let b = send(
+        anthropic(http.post(format!("{root}/v1/messages/batches")))
+            .json(&json!({"requests": requests})),
+    )
+    .await;
+    let id = b["id"].as_str().unwrap();
+    send(anthropic(
+        http.post(format!("{root}/v1/messages/batches/{id}/cancel")),
+    ))
+    .await;
+    let mut b = Value::Null;
+    for _ in 0..200 {
+        b = send(anthropic(
+            http.get(format!("{root}/v1/messages/batches/{id}")),
+        ))
+        .await;
+        if b["processing_status"] == "ended" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(b["processing_status"], "ended", "{b}");
+    let c = &b["request_counts"];
+    let total: u64 = ["processing", "succeeded", "errored", "canceled", "expired"]
+        .iter()
+        .map(|k| c[k].as_u64().unwrap())
+        .sum();
+    assert_eq!((total, c["canceled"].as_u64().unwrap()), (50, 50), "{c}");
+
+    // Gemini (inline), cancelled while pending
+    let gemini = |r: reqwest::RequestBuilder| r.header("x-goog-api-key", "k");
+    let requests: Vec<Value> = (0..50)
+        .map(|i| {
+            json!({"request": {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]},
+            "metadata": {"key": format!("g{i}")}})
+        })
+        .collect();
+    let op = send(
+        gemini(http.post(format!(
+            "{root}/v1beta/models/gemini-2.5-flash:batchGenerateContent"
+        )))
+        .json(&json!({"batch": {"displayName": "t", "inputConfig": {"requests": {"requests": requests}}}})),
+    )
+    .await;
+    let name = op["name"].as_str().unwrap();
+    send(gemini(http.post(format!("{root}/v1beta/{name}:cancel")))).await;
+    let op = send(gemini(http.get(format!("{root}/v1beta/{name}")))).await;
+    assert_eq!(op["metadata"]["state"], "BATCH_STATE_CANCELLED", "{op}");
+    let stats = &op["metadata"]["batchStats"];
+    assert_eq!(stats["requestCount"], "50", "{stats}");
+    assert_eq!(stats["failedRequestCount"], "50", "{stats}");
+}
