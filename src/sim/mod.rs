@@ -15,6 +15,11 @@
 //! (tokens and exact cost per custom_id, per model and pricing mode, and totals). Tests judge
 //! "never sent twice" and "ledger = bill" from that record.
 //!
+//! Every id it hands out (files, batches, result files, content file names, upload sessions)
+//! carries a nonce drawn afresh by each `Sim`, so two simulators with the same seed (two
+//! processes, say) never hand out the same id. Everything else (answers, faults, expiry, the
+//! order of result lines) is drawn from the seed and the request, never from an id.
+//!
 //! Files live in a private temporary folder, not in memory, so rehearsing a large backfill
 //! does not need the memory to hold it.
 
@@ -196,6 +201,8 @@ impl Status {
 #[derive(Debug)]
 struct SimBatch {
     id: String,
+    /// Creation number: 0 is the first batch this simulator created.
+    ordinal: u64,
     flavor: Flavor,
     /// The requests, one native line each (the uploaded file, or the inline requests).
     input_path: PathBuf,
@@ -433,6 +440,8 @@ pub struct Sim {
     settings: SimSettings,
     prices: PriceTable,
     dir: tempfile::TempDir,
+    /// Drawn afresh by every `Sim` and mixed into every id it hands out.
+    nonce: [u8; 16],
     inner: Mutex<Inner>,
     base: OnceLock<String>,
 }
@@ -446,6 +455,7 @@ impl Sim {
             settings,
             prices,
             dir,
+            nonce: *uuid::Uuid::new_v4().as_bytes(),
             inner: Mutex::new(Inner::default()),
             base: OnceLock::new(),
         }))
@@ -469,8 +479,7 @@ impl Sim {
     }
 
     fn next_id(&self, inner: &mut Inner, prefix: &str) -> String {
-        inner.seq += 1;
-        let h = Sha256::digest(format!("{}:{}:{prefix}", self.settings.seed, inner.seq));
+        let h = self.next_hash(inner, prefix);
         match prefix {
             "file" => format!("file-{}", &hex::encode(&h[..11])),
             "azure-file" => format!("file-{}", &hex::encode(&h[..16])),
@@ -486,11 +495,26 @@ impl Sim {
         }
     }
 
+    /// A fresh hash for an id: the seed, the next sequence number, what it is for and this
+    /// simulator's nonce.
+    fn next_hash(&self, inner: &mut Inner, what: &str) -> [u8; 32] {
+        inner.seq += 1;
+        let mut h = Sha256::new();
+        h.update(format!("{}:{}:{what}:", self.settings.seed, inner.seq));
+        h.update(self.nonce);
+        h.finalize().into()
+    }
+
+    /// A path for a new file's content.
+    fn new_content(&self, inner: &mut Inner) -> PathBuf {
+        inner.seq += 1;
+        let name = format!("f{}-{}", hex::encode(&self.nonce[..6]), inner.seq);
+        self.dir.path().join(name)
+    }
+
     /// A path for a new file's content.
     pub(crate) fn new_file_path(&self) -> PathBuf {
-        let mut inner = self.lock();
-        inner.seq += 1;
-        self.dir.path().join(format!("f{}", inner.seq))
+        self.new_content(&mut self.lock())
     }
 
     pub(crate) fn add_file(
@@ -524,10 +548,7 @@ impl Sim {
 
     pub(crate) fn start_session(&self, display_name: String) -> String {
         let mut inner = self.lock();
-        inner.seq += 1;
-        let token = hex::encode(
-            &Sha256::digest(format!("{}:{}:upload", self.settings.seed, inner.seq))[..12],
-        );
+        let token = hex::encode(&self.next_hash(&mut inner, "upload")[..12]);
         inner.sessions.insert(token.clone(), display_name);
         token
     }
@@ -615,22 +636,35 @@ impl Sim {
         v
     }
 
-    fn will_expire(&self, inner: &Inner, id: &str, flavor: Flavor) -> bool {
+    /// Whether the next batch created expires: the first `expire_first` batches, and a draw
+    /// on its creation number (never on its id, which is not the same from one run to the
+    /// next).
+    fn will_expire(&self, ordinal: u64, flavor: Flavor) -> bool {
         // Azure batches are not expired (current docs): they run until cancelled.
         flavor != Flavor::Azure
-            && ((inner.batches.len() as u32) < self.settings.expire_first
-                || draw(self.settings.seed, "expire", id) < self.settings.expire_rate)
+            && (ordinal < u64::from(self.settings.expire_first)
+                || draw(self.settings.seed, "expire", &ordinal.to_string())
+                    < self.settings.expire_rate)
+    }
+
+    /// The creation number of a batch (what create faults are drawn on).
+    pub(crate) fn batch_ordinal(&self, id: &str) -> Option<u64> {
+        let inner = self.lock();
+        inner.batch_index.get(id).map(|&i| inner.batches[i].ordinal)
     }
 
     fn new_batch(
         &self,
-        id: String,
+        inner: &mut Inner,
+        id_kind: &str,
         flavor: Flavor,
         input_path: PathBuf,
-        expires: bool,
     ) -> SimBatch {
+        let id = self.next_id(inner, id_kind);
+        let ordinal = inner.batches.len() as u64;
         SimBatch {
             id,
+            ordinal,
             flavor,
             input_path,
             input_file_id: None,
@@ -643,7 +677,7 @@ impl Sim {
             started: Instant::now(),
             status: Status::Validating,
             stamps: BTreeMap::new(),
-            expires,
+            expires: self.will_expire(ordinal, flavor),
             cancel_at: None,
             done_fraction: 1.0,
             requests: Vec::new(),
@@ -712,16 +746,12 @@ impl Sim {
             }
             Some(f) => f.path.clone(),
         };
-        let id = self.next_id(
-            &mut inner,
-            if flavor == Flavor::Azure {
-                "azure-batch"
-            } else {
-                "batch"
-            },
-        );
-        let expires = self.will_expire(&inner, &id, flavor);
-        let mut b = self.new_batch(id, flavor, path, expires);
+        let kind = if flavor == Flavor::Azure {
+            "azure-batch"
+        } else {
+            "batch"
+        };
+        let mut b = self.new_batch(&mut inner, kind, flavor, path);
         b.input_file_id = Some(input_file_id.to_string());
         b.endpoint = endpoint.to_string();
         b.metadata = metadata;
@@ -774,9 +804,7 @@ impl Sim {
         let _ = w.flush();
         drop(w);
         let mut inner = self.lock();
-        let id = self.next_id(&mut inner, "msgbatch");
-        let expires = self.will_expire(&inner, &id, Flavor::Anthropic);
-        let mut b = self.new_batch(id, Flavor::Anthropic, path, expires);
+        let mut b = self.new_batch(&mut inner, "msgbatch", Flavor::Anthropic, path);
         b.counts = (recorded.len() as u64, 0, 0);
         b.requests = recorded;
         b.status = Status::InProgress;
@@ -830,9 +858,7 @@ impl Sim {
             }
         };
         let mut inner = self.lock();
-        let id = self.next_id(&mut inner, "gemini-batch");
-        let expires = self.will_expire(&inner, &id, Flavor::Gemini);
-        let mut b = self.new_batch(id, Flavor::Gemini, path, expires);
+        let mut b = self.new_batch(&mut inner, "gemini-batch", Flavor::Gemini, path);
         b.input_file_id = input_file_id;
         b.display_name = display;
         b.url_model = Some(model.trim_start_matches("models/").to_string());
@@ -1223,7 +1249,7 @@ impl Sim {
 
     /// Runs the requests (those that got to run) and writes the result files.
     fn materialize(&self, inner: &mut Inner, idx: usize, status: Status, stamp: &'static str) {
-        let (flavor, input, batch_id, url_model, inline) = {
+        let (flavor, input, batch_id, url_model, inline, ordinal) = {
             let b = &inner.batches[idx];
             (
                 b.flavor,
@@ -1231,6 +1257,7 @@ impl Sim {
                 b.id.clone(),
                 b.url_model.clone(),
                 b.inline,
+                b.ordinal,
             )
         };
         // Cancelled before it was validated: the request list is read here, so the counts
@@ -1336,8 +1363,10 @@ impl Sim {
                 outcomes.push(outcome);
             }
         }
+        // Named after the batch's creation number, not its id: the same from run to run.
+        let stray = short(&format!("{}:{ordinal}", self.settings.seed));
         for n in 0..self.settings.unknown_lines {
-            let cid = format!("unknown-{}-{n}", short(&batch_id));
+            let cid = format!("unknown-{stray}-{n}");
             let line =
                 wire::result_line(flavor, &cid, &short(&cid), "", "", &Reply::Error).to_string();
             err_lines.push(line);
@@ -1425,8 +1454,7 @@ impl Sim {
         kind: &str,
         lines: &[String],
     ) -> String {
-        inner.seq += 1;
-        let path = self.dir.path().join(format!("f{}", inner.seq));
+        let path = self.new_content(inner);
         let mut bytes = 0u64;
         if let Ok(mut f) = std::fs::File::create(&path) {
             let mut w = std::io::BufWriter::new(&mut f);
@@ -1703,6 +1731,158 @@ mod tests {
         assert!((200..400).contains(&hits), "{hits}");
         assert_eq!(draw(1, "a", "b"), draw(1, "a", "b"));
         assert_ne!(draw(1, "a", "b"), draw(2, "a", "b"));
+    }
+
+    fn settings(batch_seconds: f64) -> SimSettings {
+        SimSettings {
+            batch_seconds,
+            ..Default::default()
+        }
+    }
+
+    fn line(cid: &str) -> String {
+        json!({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": format!("ticket {cid}")}],
+                "max_completion_tokens": 50}})
+        .to_string()
+    }
+
+    /// Uploads an OpenAI batch input of `n` requests named `{prefix}{i}`; its file id.
+    fn upload(sim: &Sim, prefix: &str, n: usize) -> String {
+        let text: String = (0..n)
+            .map(|i| line(&format!("{prefix}{i}")) + "\n")
+            .collect();
+        let path = sim.new_file_path();
+        std::fs::write(&path, &text).unwrap();
+        let f = sim.add_file(
+            Flavor::OpenAi,
+            "in.jsonl".into(),
+            "batch".into(),
+            path,
+            text.len() as u64,
+            String::new(),
+        );
+        f["id"].as_str().unwrap().to_string()
+    }
+
+    fn create(sim: &Sim, file_id: &str) -> Value {
+        sim.create_openai_batch(
+            Flavor::OpenAi,
+            &json!({"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}),
+        )
+        .unwrap()
+    }
+
+    fn id(v: &Value) -> String {
+        v["id"].as_str().unwrap().to_string()
+    }
+
+    fn wait_terminal(sim: &Sim, id: &str) -> Value {
+        for _ in 0..500 {
+            let b = sim.get_batch(id).unwrap();
+            if ["completed", "failed", "expired", "cancelled"]
+                .contains(&b["status"].as_str().unwrap())
+            {
+                return b;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("batch {id} never ended");
+    }
+
+    /// custom_id → answer content and usage, from a result file.
+    fn answers(sim: &Sim, file_id: &str) -> BTreeMap<String, (String, Value)> {
+        let text = std::fs::read_to_string(sim.file_path(file_id).unwrap()).unwrap();
+        text.lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                let body = &v["response"]["body"];
+                (
+                    v["custom_id"].as_str().unwrap().to_string(),
+                    (
+                        body["choices"][0]["message"]["content"]
+                            .as_str()
+                            .unwrap()
+                            .to_string(),
+                        body["usage"].clone(),
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_id_kind_differs_between_two_sims_with_one_seed_and_keeps_its_shape() {
+        let a = Sim::new(settings(0.0), PriceTable::builtin()).unwrap();
+        let b = Sim::new(settings(0.0), PriceTable::builtin()).unwrap();
+        type Shape = fn(&str) -> bool;
+        let shapes: [(&str, Shape); 7] = [
+            ("file", |s| {
+                s.strip_prefix("file-").is_some_and(|h| h.len() == 22)
+            }),
+            ("azure-file", |s| {
+                s.strip_prefix("file-").is_some_and(|h| h.len() == 32)
+            }),
+            ("gemini-file", |s| {
+                s.strip_prefix("files/").is_some_and(|h| h.len() == 16)
+            }),
+            ("batch", |s| {
+                s.strip_prefix("batch_").is_some_and(|h| h.len() == 24)
+            }),
+            ("azure-batch", |s| {
+                s.strip_prefix("batch_")
+                    .is_some_and(|u| uuid::Uuid::parse_str(u).is_ok())
+            }),
+            ("msgbatch", |s| {
+                s.strip_prefix("msgbatch_01").is_some_and(|h| h.len() == 24)
+            }),
+            ("gemini-batch", |s| {
+                s.strip_prefix("batches/").is_some_and(|h| h.len() == 16)
+            }),
+        ];
+        for (kind, shape) in shapes {
+            let (x, y) = (
+                a.next_id(&mut a.lock(), kind),
+                b.next_id(&mut b.lock(), kind),
+            );
+            assert_ne!(x, y, "{kind}");
+            assert!(shape(&x) && shape(&y), "{kind}: {x} {y}");
+        }
+        assert_ne!(
+            a.start_session("x".into()),
+            b.start_session("x".into()),
+            "upload session tokens"
+        );
+        assert_ne!(
+            a.new_file_path().file_name(),
+            b.new_file_path().file_name(),
+            "content file names"
+        );
+    }
+
+    #[test]
+    fn two_sims_with_one_seed_give_different_ids_and_the_same_answers() {
+        let a = Sim::new(settings(0.0), PriceTable::builtin()).unwrap();
+        let b = Sim::new(settings(0.0), PriceTable::builtin()).unwrap();
+        let (fa, fb) = (upload(&a, "c", 20), upload(&b, "c", 20));
+        assert_ne!(fa, fb);
+        let (ba, bb) = (create(&a, &fa), create(&b, &fb));
+        assert_ne!(id(&ba), id(&bb));
+        let (ba, bb) = (wait_terminal(&a, &id(&ba)), wait_terminal(&b, &id(&bb)));
+        assert_eq!(ba["status"], "completed");
+        let (oa, ob) = (
+            ba["output_file_id"].as_str().unwrap(),
+            bb["output_file_id"].as_str().unwrap(),
+        );
+        assert_ne!(oa, ob, "output file ids");
+        let answers_a = answers(&a, oa);
+        assert_eq!(answers_a.len(), 20);
+        assert_eq!(answers_a, answers(&b, ob));
+        assert_eq!(
+            a.record()["bill"]["totals"],
+            b.record()["bill"]["totals"],
+            "the same bill"
+        );
     }
 
     #[test]

@@ -373,7 +373,9 @@ fn created(st: &AppState, batch: Value, flavor: Flavor) -> Response {
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();
-    if draw(s.seed, "drop_create", &id) < s.drop_create_rate {
+    // Drawn on the batch's creation number: its id differs from run to run.
+    let n = st.sim.batch_ordinal(&id).unwrap_or_default();
+    if draw(s.seed, "drop_create", &n.to_string()) < s.drop_create_rate {
         // The batch exists; the client never learns its id.
         return broken_response(batch.to_string().into_bytes());
     }
@@ -389,7 +391,7 @@ async fn stream_file(
     let s = st.sim.settings();
     if s.reset_download_rate > 0.0 {
         let n = st.calls.fetch_add(1, Ordering::Relaxed);
-        if draw(s.seed, "reset_download", &format!("{id}:{n}")) < s.reset_download_rate {
+        if draw(s.seed, "reset_download", &n.to_string()) < s.reset_download_rate {
             let full = tokio::fs::read(&path)
                 .await
                 .map_err(|_| SimError::not_found("file", id))?;

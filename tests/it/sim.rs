@@ -328,3 +328,53 @@ async fn cancelled_batches_keep_their_request_total() {
     assert_eq!(stats["requestCount"], "50", "{stats}");
     assert_eq!(stats["failedRequestCount"], "50", "{stats}");
 }
+
+async fn download(base: &str, file_id: &str) -> String {
+    reqwest::Client::new()
+        .get(format!("{base}/files/{file_id}/content"))
+        .bearer_auth("k")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// custom_id → answer content, from an OpenAI result file.
+fn contents(text: &str) -> std::collections::BTreeMap<String, String> {
+    text.lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            let c = &v["response"]["body"]["choices"][0]["message"]["content"];
+            (
+                v["custom_id"].as_str().unwrap().to_string(),
+                c.as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Two simulators with the same seed (two processes on two nights) never hand out the same
+/// file or batch id, and answer the same request the same way.
+#[tokio::test]
+async fn two_simulators_with_one_seed_share_answers_not_ids() {
+    let (one, two) = (start_sim(quiet_sim()).await, start_sim(quiet_sim()).await);
+    let mut seen = Vec::new();
+    for sim in [&one, &two] {
+        let base = sim.base_url();
+        let f = upload(&base, "x.jsonl", lines("c", 12)).await;
+        let b = create(&base, f["id"].as_str().unwrap()).await;
+        let b = wait_terminal(&base, b["id"].as_str().unwrap()).await;
+        assert_eq!(b["status"], "completed");
+        let out = b["output_file_id"].as_str().unwrap().to_string();
+        let answers = contents(&download(&base, &out).await);
+        seen.push((f["id"].clone(), b["id"].clone(), out, answers));
+    }
+    let (a, b) = (&seen[0], &seen[1]);
+    assert_ne!(a.0, b.0, "input file ids");
+    assert_ne!(a.1, b.1, "batch ids");
+    assert_ne!(a.2, b.2, "output file ids");
+    assert_eq!(a.3.len(), 12);
+    assert_eq!(a.3, b.3, "the same answers");
+}
