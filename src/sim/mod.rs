@@ -15,25 +15,36 @@
 //! (tokens and exact cost per custom_id, per model and pricing mode, and totals). Tests judge
 //! "never sent twice" and "ledger = bill" from that record.
 //!
-//! Files live in a private temporary folder, not in memory, so rehearsing a large backfill
-//! does not need the memory to hold it.
+//! Every id it hands out (files, batches, result files, content file names, upload sessions)
+//! carries a nonce drawn afresh by each `Sim`, so two simulators with the same seed, in two
+//! processes or one after the other on the same state, never hand out the same id. Everything
+//! else (answers, faults, expiry, the order of result lines) is drawn from the seed and the
+//! request, never from an id.
+//!
+//! File contents live in a private folder, not in memory, so rehearsing a large backfill does
+//! not need the memory to hold it. `Sim::new` keeps its state in memory and a temporary
+//! folder (it dies with the process); `Sim::persistent` keeps everything in a state folder
+//! (`journal`) that the next process reopens: its batches go on by the wall clock, their
+//! results can be downloaded, and the record and the bill include them.
 
 pub mod answer;
+mod journal;
 mod server;
 pub mod settings;
 pub mod wire;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::cost::{PriceTable, PricingMode, Usage, Usd};
+use journal::{Got, Log, Put};
 
 pub use server::{SimHandle, serve, start};
 pub use settings::SimSettings;
@@ -66,14 +77,15 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct SimFile {
     id: String,
     filename: String,
     purpose: String,
     bytes: u64,
     created_at: i64,
-    path: PathBuf,
+    /// The content's file name in the simulator's files folder.
+    name: String,
 }
 
 impl SimFile {
@@ -93,7 +105,7 @@ impl SimFile {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     Pending,
@@ -107,7 +119,7 @@ pub enum Outcome {
     Missing,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RecordedRequest {
     pub custom_id: String,
     pub body_sha256: String,
@@ -127,11 +139,52 @@ pub struct BillEntry {
     pub reasoning_tokens: u64,
     /// Exact decimal dollars.
     pub cost_usd: String,
+    /// `cost_usd` as an amount.
     #[serde(skip)]
     pub cost: Usd,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A bill entry as the journal holds it.
+#[derive(Deserialize)]
+struct BillRow {
+    custom_id: String,
+    batch_id: String,
+    model: String,
+    pricing_mode: String,
+    input_tokens: u64,
+    cached_input_tokens: u64,
+    cache_write_tokens: u64,
+    output_tokens: u64,
+    reasoning_tokens: u64,
+    cost_usd: String,
+}
+
+impl<'de> Deserialize<'de> for BillEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let r = BillRow::deserialize(d)?;
+        let mode = PricingMode::parse(&r.pricing_mode).ok_or_else(|| {
+            D::Error::custom(format!("unknown pricing mode {:?}", r.pricing_mode))
+        })?;
+        let cost = Usd::parse(&r.cost_usd).map_err(D::Error::custom)?;
+        Ok(BillEntry {
+            custom_id: r.custom_id,
+            batch_id: r.batch_id,
+            model: r.model,
+            pricing_mode: mode.as_str(),
+            input_tokens: r.input_tokens,
+            cached_input_tokens: r.cached_input_tokens,
+            cache_write_tokens: r.cache_write_tokens,
+            output_tokens: r.output_tokens,
+            reasoning_tokens: r.reasoning_tokens,
+            cost_usd: r.cost_usd,
+            cost,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 enum Status {
     Validating,
     InProgress,
@@ -193,12 +246,17 @@ impl Status {
     }
 }
 
-#[derive(Debug)]
+/// A batch. In the journal without `requests` and `inline_output`, which are written on their
+/// own when they change (they can be large; the rest changes on every step of the timeline).
+#[derive(Debug, Serialize, Deserialize)]
 struct SimBatch {
     id: String,
+    /// Creation number in this simulator state: 0 is the first batch it ever created.
+    ordinal: u64,
     flavor: Flavor,
-    /// The requests, one native line each (the uploaded file, or the inline requests).
-    input_path: PathBuf,
+    /// The requests, one native line each: the content file name of the uploaded file, or of
+    /// the inline requests.
+    input: String,
     input_file_id: Option<String>,
     endpoint: String,
     metadata: Option<Value>,
@@ -207,24 +265,31 @@ struct SimBatch {
     url_model: Option<String>,
     inline: bool,
     created_at: i64,
-    started: Instant,
+    /// Unix milliseconds its timeline started (wall clock, so it survives a restart).
+    started_ms: i64,
     status: Status,
-    stamps: BTreeMap<&'static str, i64>,
+    stamps: BTreeMap<String, i64>,
     expires: bool,
-    cancel_at: Option<Instant>,
+    /// Unix milliseconds the cancel was asked.
+    cancel_ms: Option<i64>,
     /// Fraction of the requests that had run when the batch was cut short.
     done_fraction: f64,
+    #[serde(skip)]
     requests: Vec<RecordedRequest>,
     model: Option<String>,
     counts: (u64, u64, u64),
     output_file_id: Option<String>,
     error_file_id: Option<String>,
     /// Gemini inline results, in input order.
+    #[serde(skip)]
     inline_output: Option<Vec<Value>>,
     /// Gemini: polls for which SUCCEEDED shows no output yet (the lagging-file quirk).
     output_lag: u8,
     errors: Vec<Value>,
     usage: Usage,
+    /// The settings in force when it was created: its timeline and the faults of its results
+    /// follow them, whatever a later process runs with.
+    settings: SimSettings,
 }
 
 impl SimBatch {
@@ -337,11 +402,12 @@ impl SimBatch {
                     };
                 }
                 let total = self.requests.len() as u64;
+                let pending = total.saturating_sub(self.counts.1 + self.counts.2);
                 let stats = json!({
                     "requestCount": total.to_string(),
                     "successfulRequestCount": self.counts.1.to_string(),
                     "failedRequestCount": self.counts.2.to_string(),
-                    "pendingRequestCount": if done { "0".to_string() } else { (total - self.counts.1 - self.counts.2).to_string() },
+                    "pendingRequestCount": if done { "0".to_string() } else { pending.to_string() },
                 });
                 let mut metadata = json!({
                     "@type": "type.googleapis.com/google.ai.generativelanguage.v1beta.GenerateContentBatch",
@@ -389,8 +455,109 @@ struct Inner {
     online: Vec<Value>,
     /// Every call refused with a fault before it ran: (client request id, time, status).
     refused: Vec<Value>,
-    /// Gemini resumable uploads started: token → display name.
+    /// Gemini resumable uploads started: token → display name (not kept across processes).
     sessions: HashMap<String, String>,
+    /// Where every change is written (persistent mode).
+    log: Log,
+}
+
+impl Inner {
+    /// Writes one batch (and its request list when that changed).
+    fn save_batch(&mut self, idx: usize, with_requests: bool) {
+        let b = &self.batches[idx];
+        let mut ops = vec![Put::Batch(b)];
+        if with_requests {
+            ops.push(Put::Requests {
+                id: &b.id,
+                requests: &b.requests,
+            });
+        }
+        self.log.write(self.seq, &ops);
+    }
+
+    /// Applies one journal entry (replay).
+    fn apply(&mut self, seq: u64, op: Got) {
+        self.seq = self.seq.max(seq);
+        match op {
+            Got::File(f) => {
+                self.files.insert(f.id.clone(), f);
+            }
+            Got::DropFile(id) => {
+                self.files.remove(&id);
+            }
+            Got::Batch(b) => match self.batch_index.get(&b.id) {
+                Some(&i) => {
+                    let old = std::mem::replace(&mut self.batches[i], *b);
+                    self.batches[i].requests = old.requests;
+                    self.batches[i].inline_output = old.inline_output;
+                }
+                None => {
+                    self.batch_index.insert(b.id.clone(), self.batches.len());
+                    self.batches.push(*b);
+                }
+            },
+            Got::Requests { id, requests } => {
+                if let Some(&i) = self.batch_index.get(&id) {
+                    self.batches[i].requests = requests;
+                }
+            }
+            Got::InlineOutput { id, lines } => {
+                if let Some(&i) = self.batch_index.get(&id) {
+                    self.batches[i].inline_output = Some(lines);
+                }
+            }
+            Got::Bill(e) => self.bill.push(e),
+            Got::Upload(v) => self.uploads.push(v),
+            Got::Online(v) => self.online.push(v),
+            Got::Refused(v) => self.refused.push(v),
+        }
+    }
+
+    /// Writes the whole state, compactly, a bounded number of entities per line.
+    fn snapshot(&self, w: &mut journal::Snapshot) -> std::io::Result<()> {
+        const CHUNK: usize = 512;
+        let seq = self.seq;
+        let files: Vec<&SimFile> = self.files.values().collect();
+        for c in files.chunks(CHUNK) {
+            let ops: Vec<Put> = c.iter().map(|f| Put::File(f)).collect();
+            w.line(seq, &ops)?;
+        }
+        for b in &self.batches {
+            let mut ops = vec![
+                Put::Batch(b),
+                Put::Requests {
+                    id: &b.id,
+                    requests: &b.requests,
+                },
+            ];
+            if let Some(lines) = &b.inline_output {
+                ops.push(Put::InlineOutput { id: &b.id, lines });
+            }
+            w.line(seq, &ops)?;
+        }
+        for c in self.bill.chunks(CHUNK) {
+            w.line(seq, &c.iter().map(Put::Bill).collect::<Vec<_>>())?;
+        }
+        for c in self.uploads.chunks(CHUNK) {
+            w.line(seq, &c.iter().map(Put::Upload).collect::<Vec<_>>())?;
+        }
+        for c in self.online.chunks(CHUNK) {
+            w.line(seq, &c.iter().map(Put::Online).collect::<Vec<_>>())?;
+        }
+        for c in self.refused.chunks(CHUNK) {
+            w.line(seq, &c.iter().map(Put::Refused).collect::<Vec<_>>())?;
+        }
+        Ok(())
+    }
+
+    /// The content files something still refers to.
+    fn referenced(&self) -> HashSet<&str> {
+        self.files
+            .values()
+            .map(|f| f.name.as_str())
+            .chain(self.batches.iter().map(|b| b.input.as_str()))
+            .collect()
+    }
 }
 
 /// An error the simulator answers with: HTTP status, `type`, `code`, message.
@@ -409,6 +576,14 @@ impl SimError {
             kind: "invalid_request_error",
             code: None,
             message: message.into(),
+        }
+    }
+    fn unsaved(why: &str) -> Self {
+        SimError {
+            status: 500,
+            kind: "server_error",
+            code: None,
+            message: why.to_string(),
         }
     }
     fn not_found(what: &str, id: &str) -> Self {
@@ -431,12 +606,20 @@ pub struct OnlineReply {
 pub struct Sim {
     settings: SimSettings,
     prices: PriceTable,
-    dir: tempfile::TempDir,
+    /// The folder file contents are kept in.
+    files: PathBuf,
+    /// Drawn afresh by every `Sim` and mixed into every id it hands out.
+    nonce: [u8; 16],
     inner: Mutex<Inner>,
     base: OnceLock<String>,
+    /// In-memory mode: the temporary folder holding the file contents.
+    _temp: Option<tempfile::TempDir>,
+    /// Persistent mode: the state folder's lock, held as long as this `Sim` lives.
+    _lock: Option<File>,
 }
 
 impl Sim {
+    /// A simulator whose state lives in memory and a temporary folder, gone with the process.
     pub fn new(settings: SimSettings, prices: PriceTable) -> std::io::Result<Arc<Self>> {
         let dir = tempfile::Builder::new()
             .prefix("nightshift-sim-")
@@ -444,12 +627,53 @@ impl Sim {
         Ok(Arc::new(Sim {
             settings,
             prices,
-            dir,
+            files: dir.path().to_path_buf(),
+            nonce: *uuid::Uuid::new_v4().as_bytes(),
             inner: Mutex::new(Inner::default()),
             base: OnceLock::new(),
+            _temp: Some(dir),
+            _lock: None,
         }))
     }
 
+    /// A simulator whose state lives in the folder `dir` (created if need be, mode 0700) and
+    /// survives the process: a later `Sim::persistent` on the same folder sees every file,
+    /// batch, upload, online request and bill entry of the earlier ones, and their batches
+    /// go on by the wall clock. Batches keep the settings they were created under; new ones
+    /// follow `settings`. The folder is locked for the life of the returned `Sim`: a second
+    /// opener, in this process or another, gets an error naming the folder.
+    pub fn persistent(
+        dir: &Path,
+        settings: SimSettings,
+        prices: PriceTable,
+    ) -> std::io::Result<Arc<Self>> {
+        let folder = journal::open_folder(dir)?;
+        let mut inner = Inner::default();
+        let replayed = journal::replay(&folder.journal, |seq, op| inner.apply(seq, op))?;
+        if replayed.torn_tail {
+            tracing::warn!(
+                journal = %folder.journal.display(),
+                "the simulator's last change before a crash was cut short and is dropped"
+            );
+        }
+        let mut snap = journal::Snapshot::create(&folder.journal)?;
+        inner.snapshot(&mut snap)?;
+        let journal = snap.commit(&folder.journal)?;
+        journal::remove_orphans(&folder.files, &inner.referenced())?;
+        inner.log = Log::new(journal);
+        Ok(Arc::new(Sim {
+            settings,
+            prices,
+            files: folder.files,
+            nonce: *uuid::Uuid::new_v4().as_bytes(),
+            inner: Mutex::new(inner),
+            base: OnceLock::new(),
+            _temp: None,
+            _lock: Some(folder.lock),
+        }))
+    }
+
+    /// The settings new batches and every HTTP call follow.
     pub fn settings(&self) -> &SimSettings {
         &self.settings
     }
@@ -467,9 +691,25 @@ impl Sim {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The state, unless it could not be saved (then every call is refused).
+    fn state(&self) -> Result<std::sync::MutexGuard<'_, Inner>, SimError> {
+        let inner = self.lock();
+        match inner.log.broken() {
+            Some(why) => Err(SimError::unsaved(why)),
+            None => Ok(inner),
+        }
+    }
+
+    /// The answer of a call that changed the state: refused if the change was not saved.
+    fn saved<T>(inner: &Inner, v: T) -> Result<T, SimError> {
+        match inner.log.broken() {
+            Some(why) => Err(SimError::unsaved(why)),
+            None => Ok(v),
+        }
+    }
+
     fn next_id(&self, inner: &mut Inner, prefix: &str) -> String {
-        inner.seq += 1;
-        let h = Sha256::digest(format!("{}:{}:{prefix}", self.settings.seed, inner.seq));
+        let h = self.next_hash(inner, prefix);
         match prefix {
             "file" => format!("file-{}", &hex::encode(&h[..11])),
             "azure-file" => format!("file-{}", &hex::encode(&h[..16])),
@@ -485,11 +725,31 @@ impl Sim {
         }
     }
 
-    /// A path for a new file's content.
-    pub(crate) fn new_file_path(&self) -> PathBuf {
-        let mut inner = self.lock();
+    /// A fresh hash for an id: the seed, the next sequence number, what it is for and this
+    /// simulator's nonce.
+    fn next_hash(&self, inner: &mut Inner, what: &str) -> [u8; 32] {
         inner.seq += 1;
-        self.dir.path().join(format!("f{}", inner.seq))
+        let mut h = Sha256::new();
+        h.update(format!("{}:{}:{what}:", self.settings.seed, inner.seq));
+        h.update(self.nonce);
+        h.finalize().into()
+    }
+
+    /// A name and path for a new file's content.
+    fn new_content(&self, inner: &mut Inner) -> (String, PathBuf) {
+        inner.seq += 1;
+        let name = format!("f{}-{}", hex::encode(&self.nonce[..6]), inner.seq);
+        let path = self.files.join(&name);
+        (name, path)
+    }
+
+    /// A path for a new file's content (created 0600 by whoever writes it).
+    pub(crate) fn new_file_path(&self) -> PathBuf {
+        self.new_content(&mut self.lock()).1
+    }
+
+    fn content_path(&self, name: &str) -> PathBuf {
+        self.files.join(name)
     }
 
     pub(crate) fn add_file(
@@ -500,33 +760,38 @@ impl Sim {
         path: PathBuf,
         bytes: u64,
         sha256: String,
-    ) -> Value {
-        let mut inner = self.lock();
+    ) -> Result<Value, SimError> {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        let mut inner = self.state()?;
         let id = match flavor {
             Flavor::Azure => self.next_id(&mut inner, "azure-file"),
             Flavor::Gemini => self.next_id(&mut inner, "gemini-file"),
             _ => self.next_id(&mut inner, "file"),
         };
-        inner.uploads.push(json!({"id": id, "filename": filename, "purpose": purpose, "bytes": bytes, "sha256": sha256}));
+        let upload = json!({"id": id, "filename": filename, "purpose": purpose, "bytes": bytes, "sha256": sha256});
         let f = SimFile {
             id: id.clone(),
             filename,
             purpose,
             bytes,
             created_at: unix_now(),
-            path,
+            name,
         };
         let v = f.json(flavor);
+        let seq = inner.seq;
+        inner.log.write(seq, &[Put::Upload(&upload), Put::File(&f)]);
+        inner.uploads.push(upload);
         inner.files.insert(id, f);
-        v
+        Self::saved(&inner, v)
     }
 
     pub(crate) fn start_session(&self, display_name: String) -> String {
         let mut inner = self.lock();
-        inner.seq += 1;
-        let token = hex::encode(
-            &Sha256::digest(format!("{}:{}:upload", self.settings.seed, inner.seq))[..12],
-        );
+        let token = hex::encode(&self.next_hash(&mut inner, "upload")[..12]);
         inner.sessions.insert(token.clone(), display_name);
         token
     }
@@ -536,7 +801,7 @@ impl Sim {
     }
 
     pub(crate) fn file(&self, flavor: Flavor, id: &str) -> Result<Value, SimError> {
-        self.lock()
+        self.state()?
             .files
             .get(id)
             .map(|f| f.json(flavor))
@@ -544,21 +809,23 @@ impl Sim {
     }
 
     pub(crate) fn file_path(&self, id: &str) -> Result<PathBuf, SimError> {
-        self.lock()
+        self.state()?
             .files
             .get(id)
-            .map(|f| f.path.clone())
+            .map(|f| self.content_path(&f.name))
             .ok_or_else(|| SimError::not_found("file", id))
     }
 
     pub(crate) fn delete_file(&self, id: &str) -> Result<Value, SimError> {
-        let f = self
-            .lock()
+        let mut inner = self.state()?;
+        let f = inner
             .files
             .remove(id)
             .ok_or_else(|| SimError::not_found("file", id))?;
-        let _ = std::fs::remove_file(&f.path);
-        Ok(json!({"id": id, "object": "file", "deleted": true}))
+        let seq = inner.seq;
+        inner.log.write(seq, &[Put::DropFile(id)]);
+        let _ = std::fs::remove_file(self.content_path(&f.name));
+        Self::saved(&inner, json!({"id": id, "object": "file", "deleted": true}))
     }
 
     pub(crate) fn list_files(
@@ -606,32 +873,48 @@ impl Sim {
         })
     }
 
-    fn push_batch(&self, inner: &mut Inner, mut b: SimBatch) -> Value {
+    /// Adds a new batch and saves it: the answer of a create.
+    fn push_batch(&self, inner: &mut Inner, mut b: SimBatch) -> Result<Value, SimError> {
         let v = b.json(self.base());
         let idx = inner.batches.len();
+        let with_requests = !b.requests.is_empty();
         inner.batch_index.insert(b.id.clone(), idx);
         inner.batches.push(b);
-        v
+        inner.save_batch(idx, with_requests);
+        Self::saved(inner, v)
     }
 
-    fn will_expire(&self, inner: &Inner, id: &str, flavor: Flavor) -> bool {
+    /// Whether the next batch created expires: the first `expire_first` batches this state
+    /// ever created, and a draw on its creation number (never on its id, which is not the
+    /// same from one run to the next).
+    fn will_expire(&self, ordinal: u64, flavor: Flavor) -> bool {
         // Azure batches are not expired (current docs): they run until cancelled.
         flavor != Flavor::Azure
-            && ((inner.batches.len() as u32) < self.settings.expire_first
-                || draw(self.settings.seed, "expire", id) < self.settings.expire_rate)
+            && (ordinal < u64::from(self.settings.expire_first)
+                || draw(self.settings.seed, "expire", &ordinal.to_string())
+                    < self.settings.expire_rate)
+    }
+
+    /// The creation number of a batch (what create faults are drawn on).
+    pub(crate) fn batch_ordinal(&self, id: &str) -> Option<u64> {
+        let inner = self.lock();
+        inner.batch_index.get(id).map(|&i| inner.batches[i].ordinal)
     }
 
     fn new_batch(
         &self,
-        id: String,
+        inner: &mut Inner,
+        id_kind: &str,
         flavor: Flavor,
-        input_path: PathBuf,
-        expires: bool,
+        input: String,
     ) -> SimBatch {
+        let id = self.next_id(inner, id_kind);
+        let ordinal = inner.batches.len() as u64;
         SimBatch {
             id,
+            ordinal,
             flavor,
-            input_path,
+            input,
             input_file_id: None,
             endpoint: String::new(),
             metadata: None,
@@ -639,11 +922,11 @@ impl Sim {
             url_model: None,
             inline: false,
             created_at: unix_now(),
-            started: Instant::now(),
+            started_ms: now_ms(),
             status: Status::Validating,
             stamps: BTreeMap::new(),
-            expires,
-            cancel_at: None,
+            expires: self.will_expire(ordinal, flavor),
+            cancel_ms: None,
             done_fraction: 1.0,
             requests: Vec::new(),
             model: None,
@@ -654,6 +937,7 @@ impl Sim {
             output_lag: 0,
             errors: Vec::new(),
             usage: Usage::default(),
+            settings: self.settings.clone(),
         }
     }
 
@@ -700,8 +984,8 @@ impl Sim {
                 ));
             }
         }
-        let mut inner = self.lock();
-        let path = match inner.files.get(input_file_id) {
+        let mut inner = self.state()?;
+        let input = match inner.files.get(input_file_id) {
             None => return Err(SimError::not_found("file", input_file_id)),
             Some(f) if f.purpose != "batch" => {
                 return Err(SimError::bad_request(format!(
@@ -709,22 +993,18 @@ impl Sim {
                     f.purpose
                 )));
             }
-            Some(f) => f.path.clone(),
+            Some(f) => f.name.clone(),
         };
-        let id = self.next_id(
-            &mut inner,
-            if flavor == Flavor::Azure {
-                "azure-batch"
-            } else {
-                "batch"
-            },
-        );
-        let expires = self.will_expire(&inner, &id, flavor);
-        let mut b = self.new_batch(id, flavor, path, expires);
+        let kind = if flavor == Flavor::Azure {
+            "azure-batch"
+        } else {
+            "batch"
+        };
+        let mut b = self.new_batch(&mut inner, kind, flavor, input);
         b.input_file_id = Some(input_file_id.to_string());
         b.endpoint = endpoint.to_string();
         b.metadata = metadata;
-        Ok(self.push_batch(&mut inner, b))
+        self.push_batch(&mut inner, b)
     }
 
     /// Anthropic `POST /v1/messages/batches`: requests inline, checked at once.
@@ -740,9 +1020,10 @@ impl Sim {
             )));
         }
         let mut seen = HashSet::new();
-        let path = self.new_file_path();
+        let (name, path) = self.new_content(&mut *self.state()?);
         let mut w = std::io::BufWriter::new(
-            std::fs::File::create(&path).map_err(|e| SimError::bad_request(e.to_string()))?,
+            crate::fsutil::create_private(&path)
+                .map_err(|e| SimError::bad_request(e.to_string()))?,
         );
         let mut recorded = Vec::with_capacity(requests.len());
         for (i, r) in requests.iter().enumerate() {
@@ -768,18 +1049,17 @@ impl Sim {
                 body_sha256: hex::encode(Sha256::digest(params.to_string().as_bytes())),
                 outcome: Outcome::Pending,
             });
-            let _ = writeln!(w, "{}", json!({"custom_id": cid, "params": params}));
+            writeln!(w, "{}", json!({"custom_id": cid, "params": params}))
+                .map_err(|e| SimError::unsaved(&e.to_string()))?;
         }
-        let _ = w.flush();
+        w.flush().map_err(|e| SimError::unsaved(&e.to_string()))?;
         drop(w);
-        let mut inner = self.lock();
-        let id = self.next_id(&mut inner, "msgbatch");
-        let expires = self.will_expire(&inner, &id, Flavor::Anthropic);
-        let mut b = self.new_batch(id, Flavor::Anthropic, path, expires);
+        let mut inner = self.state()?;
+        let mut b = self.new_batch(&mut inner, "msgbatch", Flavor::Anthropic, name);
         b.counts = (recorded.len() as u64, 0, 0);
         b.requests = recorded;
         b.status = Status::InProgress;
-        Ok(self.push_batch(&mut inner, b))
+        self.push_batch(&mut inner, b)
     }
 
     /// Gemini `POST /v1beta/models/{model}:batchGenerateContent`.
@@ -801,20 +1081,25 @@ impl Sim {
         let inline = config
             .pointer("/requests/requests")
             .and_then(Value::as_array);
-        let (path, input_file_id, is_inline) = match (file, inline) {
+        let (input, input_file_id, is_inline) = match (file, inline) {
             (Some(_), Some(_)) | (None, None) => {
                 return Err(SimError::bad_request(
                     "exactly one of input_config.file_name and input_config.requests is required",
                 ));
             }
             (Some(f), None) => {
-                let path = self.file_path(f)?;
-                (path, Some(f.to_string()), false)
+                let name = self
+                    .state()?
+                    .files
+                    .get(f)
+                    .map(|sf| sf.name.clone())
+                    .ok_or_else(|| SimError::not_found("file", f))?;
+                (name, Some(f.to_string()), false)
             }
             (None, Some(reqs)) => {
-                let path = self.new_file_path();
+                let (name, path) = self.new_content(&mut *self.state()?);
                 let mut w = std::io::BufWriter::new(
-                    std::fs::File::create(&path)
+                    crate::fsutil::create_private(&path)
                         .map_err(|e| SimError::bad_request(e.to_string()))?,
                 );
                 for r in reqs {
@@ -822,21 +1107,20 @@ impl Sim {
                         .pointer("/metadata/key")
                         .and_then(Value::as_str)
                         .unwrap_or("");
-                    let _ = writeln!(w, "{}", json!({"key": key, "request": r.get("request")}));
+                    writeln!(w, "{}", json!({"key": key, "request": r.get("request")}))
+                        .map_err(|e| SimError::unsaved(&e.to_string()))?;
                 }
-                let _ = w.flush();
-                (path, None, true)
+                w.flush().map_err(|e| SimError::unsaved(&e.to_string()))?;
+                (name, None, true)
             }
         };
-        let mut inner = self.lock();
-        let id = self.next_id(&mut inner, "gemini-batch");
-        let expires = self.will_expire(&inner, &id, Flavor::Gemini);
-        let mut b = self.new_batch(id, Flavor::Gemini, path, expires);
+        let mut inner = self.state()?;
+        let mut b = self.new_batch(&mut inner, "gemini-batch", Flavor::Gemini, input);
         b.input_file_id = input_file_id;
         b.display_name = display;
         b.url_model = Some(model.trim_start_matches("models/").to_string());
         b.inline = is_inline;
-        Ok(self.push_batch(&mut inner, b))
+        self.push_batch(&mut inner, b)
     }
 
     fn index(&self, inner: &Inner, id: &str) -> Result<usize, SimError> {
@@ -847,15 +1131,27 @@ impl Sim {
             .ok_or_else(|| SimError::not_found("batch", id))
     }
 
+    /// A batch's wire object. Rendering can change it (Gemini's lagging output reference
+    /// counts down), and such a change is saved too.
+    fn view(&self, inner: &mut Inner, idx: usize, base: &str) -> Value {
+        let lag = inner.batches[idx].output_lag;
+        let v = inner.batches[idx].json(base);
+        if inner.batches[idx].output_lag != lag {
+            inner.save_batch(idx, false);
+        }
+        v
+    }
+
     pub(crate) fn get_batch(&self, id: &str) -> Result<Value, SimError> {
-        let mut inner = self.lock();
+        let mut inner = self.state()?;
         let idx = self.index(&inner, id)?;
         self.advance(&mut inner, idx);
-        Ok(inner.batches[idx].json(self.base()))
+        let v = self.view(&mut inner, idx, self.base());
+        Self::saved(&inner, v)
     }
 
     pub(crate) fn cancel_batch(&self, id: &str) -> Result<Value, SimError> {
-        let mut inner = self.lock();
+        let mut inner = self.state()?;
         let idx = self.index(&inner, id)?;
         self.advance(&mut inner, idx);
         let b = &mut inner.batches[idx];
@@ -870,20 +1166,27 @@ impl Sim {
                 });
             }
             _ => {
-                let elapsed = b.started.elapsed().as_secs_f64();
-                b.done_fraction = self.progress(elapsed);
+                let now = now_ms();
+                b.done_fraction = progress(&b.settings, elapsed(b.started_ms, now));
                 b.status = Status::Cancelling;
-                b.stamps.insert("cancelling_at", unix_now());
-                b.cancel_at = Some(Instant::now());
+                b.stamps.insert("cancelling_at".into(), unix_now());
+                b.cancel_ms = Some(now);
+                inner.save_batch(idx, false);
             }
         }
         self.advance(&mut inner, idx);
-        Ok(inner.batches[idx].json(self.base()))
+        let v = self.view(&mut inner, idx, self.base());
+        Self::saved(&inner, v)
     }
 
     /// The batches of one wire flavor, newest first, one page after `after`.
-    pub(crate) fn list_batches(&self, flavor: Flavor, limit: usize, after: Option<&str>) -> Value {
-        let mut inner = self.lock();
+    pub(crate) fn list_batches(
+        &self,
+        flavor: Flavor,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Value, SimError> {
+        let mut inner = self.state()?;
         for i in 0..inner.batches.len() {
             self.advance(&mut inner, i);
         }
@@ -903,12 +1206,12 @@ impl Sim {
         let page_idx: Vec<usize> = order.iter().skip(start).take(limit).copied().collect();
         let page: Vec<Value> = page_idx
             .iter()
-            .map(|&i| inner.batches[i].json(&base))
+            .map(|&i| self.view(&mut inner, i, &base))
             .collect();
         let has_more = start + page.len() < order.len();
         let first = page_idx.first().map(|&i| inner.batches[i].id.clone());
         let last = page_idx.last().map(|&i| inner.batches[i].id.clone());
-        match flavor {
+        let v = match flavor {
             Flavor::Gemini => {
                 let mut v = json!({"operations": page});
                 if has_more {
@@ -922,14 +1225,16 @@ impl Sim {
             _ => {
                 json!({"object": "list", "data": page, "first_id": first, "last_id": last, "has_more": has_more})
             }
-        }
+        };
+        Self::saved(&inner, v)
     }
 
     /// Anthropic results: the results file of an ended batch.
     pub(crate) fn results_path(&self, id: &str) -> Result<PathBuf, SimError> {
-        let mut inner = self.lock();
+        let mut inner = self.state()?;
         let idx = self.index(&inner, id)?;
         self.advance(&mut inner, idx);
+        Self::saved(&inner, ())?;
         let b = &inner.batches[idx];
         if !b.status.terminal() {
             return Err(SimError::bad_request(format!(
@@ -943,51 +1248,43 @@ impl Sim {
         inner
             .files
             .get(&fid)
-            .map(|f| f.path.clone())
+            .map(|f| self.content_path(&f.name))
             .ok_or_else(|| SimError::not_found("results", id))
     }
 
-    /// Share of the in-progress phase done after `elapsed` seconds.
-    fn progress(&self, elapsed: f64) -> f64 {
-        let t = self.settings.batch_seconds;
-        if t <= 0.0 {
-            return 1.0;
-        }
-        ((elapsed - 0.1 * t) / (0.8 * t)).clamp(0.0, 1.0)
-    }
-
-    /// Moves a batch along its timeline, as far as the clock allows.
+    /// Moves a batch along its timeline, as far as the wall clock allows, saving each step.
     fn advance(&self, inner: &mut Inner, idx: usize) {
-        let t = self.settings.batch_seconds;
         loop {
-            let elapsed = inner.batches[idx].started.elapsed().as_secs_f64();
+            let now = now_ms();
             let b = &inner.batches[idx];
+            let t = b.settings.batch_seconds;
+            let elapsed = elapsed(b.started_ms, now);
             let next = match b.status {
                 Status::Validating if elapsed >= 0.1 * t => Some(Status::InProgress),
                 Status::InProgress if b.expires && elapsed >= 0.6 * t => Some(Status::Expired),
                 Status::InProgress if elapsed >= 0.9 * t => Some(Status::Finalizing),
                 Status::Finalizing if elapsed >= t => Some(Status::Completed),
                 Status::Cancelling => {
-                    let since = b
-                        .cancel_at
-                        .map(|c| c.elapsed().as_secs_f64())
-                        .unwrap_or(0.0);
+                    let since = b.cancel_ms.map(|c| self::elapsed(c, now)).unwrap_or(0.0);
                     (since >= 0.05 * t || b.flavor == Flavor::Gemini).then_some(Status::Cancelled)
                 }
                 _ => None,
             };
             let Some(next) = next else {
-                if inner.batches[idx].status == Status::InProgress
-                    && inner.batches[idx].flavor != Flavor::Anthropic
-                {
-                    let total = inner.batches[idx].counts.0;
-                    let done = (total as f64 * self.progress(elapsed)) as u64;
-                    inner.batches[idx].counts.1 = done.min(total);
+                // Progress is read off the clock, not saved: it changes on every poll.
+                let b = &mut inner.batches[idx];
+                if b.status == Status::InProgress && b.flavor != Flavor::Anthropic {
+                    let total = b.counts.0;
+                    let done = (total as f64 * progress(&b.settings, elapsed)) as u64;
+                    b.counts.1 = done.min(total);
                 }
                 return;
             };
             match next {
-                Status::InProgress => self.validate(inner, idx),
+                Status::InProgress => {
+                    self.validate(inner, idx);
+                    inner.save_batch(idx, true);
+                }
                 Status::Expired => {
                     inner.batches[idx].done_fraction = 0.5;
                     self.materialize(inner, idx, Status::Expired, "expired_at");
@@ -1001,8 +1298,9 @@ impl Sim {
                 Status::Finalizing => {
                     let b = &mut inner.batches[idx];
                     b.status = Status::Finalizing;
-                    b.stamps.insert("finalizing_at", unix_now());
+                    b.stamps.insert("finalizing_at".into(), unix_now());
                     b.counts.1 = b.counts.0;
+                    inner.save_batch(idx, false);
                 }
                 _ => return,
             }
@@ -1012,7 +1310,7 @@ impl Sim {
     /// Checks the input file; the batch goes `in_progress` or `failed`.
     fn validate(&self, inner: &mut Inner, idx: usize) {
         let flavor = inner.batches[idx].flavor;
-        let path = inner.batches[idx].input_path.clone();
+        let path = self.content_path(&inner.batches[idx].input);
         let endpoint = inner.batches[idx].endpoint.clone();
         let url_model = inner.batches[idx].url_model.clone();
         let mut errors: Vec<Value> = Vec::new();
@@ -1176,7 +1474,7 @@ impl Sim {
             b.counts = (requests.len() as u64, 0, 0);
             b.requests = requests;
             b.status = Status::InProgress;
-            b.stamps.insert("in_progress_at", unix_now());
+            b.stamps.insert("in_progress_at".into(), unix_now());
         } else {
             for r in &mut requests {
                 r.outcome = Outcome::NotRun;
@@ -1184,7 +1482,7 @@ impl Sim {
             b.requests = requests;
             b.errors = errors;
             b.status = Status::Failed;
-            b.stamps.insert("failed_at", unix_now());
+            b.stamps.insert("failed_at".into(), unix_now());
         }
     }
 
@@ -1220,19 +1518,25 @@ impl Sim {
         }
     }
 
-    /// Runs the requests (those that got to run) and writes the result files.
+    /// Runs the requests (those that got to run), writes the result files, and saves it all
+    /// (result files, outcomes, bill) in one journal line, so a crash keeps all or nothing.
+    /// The batch's own settings decide its faults, whatever this process runs with.
     fn materialize(&self, inner: &mut Inner, idx: usize, status: Status, stamp: &'static str) {
-        let (flavor, input, batch_id, url_model, inline) = {
-            let b = &inner.batches[idx];
-            (
-                b.flavor,
-                b.input_path.clone(),
-                b.id.clone(),
-                b.url_model.clone(),
-                b.inline,
-            )
-        };
-        let total = inner.batches[idx].requests.len();
+        let b = &inner.batches[idx];
+        let (flavor, input, batch_id, url_model, inline, ordinal) = (
+            b.flavor,
+            self.content_path(&b.input),
+            b.id.clone(),
+            b.url_model.clone(),
+            b.inline,
+            b.ordinal,
+        );
+        let s = b.settings.clone();
+        // Cancelled before it was validated: the request list is read here, so the counts
+        // still say how many requests the batch held.
+        let unlisted = b.requests.is_empty();
+        let mut listed = Vec::new();
+        let total = b.requests.len();
         let done_fraction = if status == Status::Completed {
             1.0
         } else {
@@ -1269,6 +1573,13 @@ impl Sim {
                         v.get("body").cloned().unwrap_or(Value::Null),
                     ),
                 };
+                if unlisted {
+                    listed.push(RecordedRequest {
+                        custom_id: cid.clone(),
+                        body_sha256: hex::encode(Sha256::digest(body.to_string().as_bytes())),
+                        outcome: Outcome::Pending,
+                    });
+                }
                 let ran = i < done_n;
                 i += 1;
                 if gemini_expired {
@@ -1290,11 +1601,11 @@ impl Sim {
                     outcomes.push(outcome);
                     continue;
                 }
-                if draw(self.settings.seed, "missing", &cid) < self.settings.missing_line_rate {
+                if draw(s.seed, "missing", &cid) < s.missing_line_rate {
                     outcomes.push(Outcome::Missing);
                     continue;
                 }
-                let (reply, outcome) = self.answer(flavor, &cid, &body, &n);
+                let (reply, outcome) = self.answer(&s, flavor, &cid, &body, &n);
                 if let Reply::Answer { usage, .. } = &reply {
                     usage_total.add(usage);
                     bill.push(self.bill(
@@ -1308,8 +1619,7 @@ impl Sim {
                 }
                 let line =
                     wire::result_line(flavor, &cid, &id, &n.model, &tool, &reply).to_string();
-                let twice =
-                    draw(self.settings.seed, "duplicate", &cid) < self.settings.duplicate_line_rate;
+                let twice = draw(s.seed, "duplicate", &cid) < s.duplicate_line_rate;
                 let lines = if outcome == Outcome::Error
                     && matches!(flavor, Flavor::OpenAi | Flavor::Azure)
                 {
@@ -1324,8 +1634,10 @@ impl Sim {
                 outcomes.push(outcome);
             }
         }
-        for n in 0..self.settings.unknown_lines {
-            let cid = format!("unknown-{}-{n}", short(&batch_id));
+        // Named after the batch's creation number, not its id: the same from run to run.
+        let stray = short(&format!("{}:{ordinal}", s.seed));
+        for n in 0..s.unknown_lines {
+            let cid = format!("unknown-{stray}-{n}");
             let line =
                 wire::result_line(flavor, &cid, &short(&cid), "", "", &Reply::Error).to_string();
             err_lines.push(line);
@@ -1335,7 +1647,7 @@ impl Sim {
             .filter(|o| matches!(o, Outcome::Ok | Outcome::InvalidJson))
             .count() as u64;
         let failed = outcomes.len() as u64 - completed;
-        let seed = self.settings.seed ^ 0x5eed;
+        let seed = s.seed ^ 0x5eed;
         let (out_id, err_id, inline_output) = match flavor {
             Flavor::OpenAi | Flavor::Azure => {
                 // Lines come back in no particular order.
@@ -1386,20 +1698,45 @@ impl Sim {
             }
         };
         let b = &mut inner.batches[idx];
+        if unlisted {
+            b.requests = listed;
+        }
         for (r, o) in b.requests.iter_mut().zip(outcomes) {
             r.outcome = o;
         }
         b.status = status;
-        b.stamps.insert(stamp, unix_now());
+        b.stamps.insert(stamp.into(), unix_now());
         b.output_file_id = out_id;
         b.error_file_id = err_id;
         b.inline_output = inline_output;
         if flavor == Flavor::Gemini && status == Status::Completed {
             b.output_lag = 1;
         }
-        b.counts = (b.counts.0, completed, failed);
+        b.counts = (b.requests.len() as u64, completed, failed);
         b.usage = usage_total;
+        let billed = bill.len();
         inner.bill.extend(bill);
+        let b = &inner.batches[idx];
+        let mut ops = Vec::with_capacity(billed + 5);
+        for id in [&b.output_file_id, &b.error_file_id].into_iter().flatten() {
+            if let Some(f) = inner.files.get(id) {
+                ops.push(Put::File(f));
+            }
+        }
+        ops.push(Put::Batch(b));
+        ops.push(Put::Requests {
+            id: &b.id,
+            requests: &b.requests,
+        });
+        if let Some(lines) = &b.inline_output {
+            ops.push(Put::InlineOutput { id: &b.id, lines });
+        }
+        ops.extend(
+            inner.bill[inner.bill.len() - billed..]
+                .iter()
+                .map(Put::Bill),
+        );
+        inner.log.write(inner.seq, &ops);
     }
 
     fn write_output(
@@ -1410,17 +1747,22 @@ impl Sim {
         kind: &str,
         lines: &[String],
     ) -> String {
-        inner.seq += 1;
-        let path = self.dir.path().join(format!("f{}", inner.seq));
+        let (name, path) = self.new_content(inner);
         let mut bytes = 0u64;
-        if let Ok(mut f) = std::fs::File::create(&path) {
-            let mut w = std::io::BufWriter::new(&mut f);
+        let written = crate::fsutil::create_private(&path).and_then(|f| {
+            let mut w = std::io::BufWriter::new(f);
             for l in lines {
-                let _ = w.write_all(l.as_bytes());
-                let _ = w.write_all(b"\n");
+                w.write_all(l.as_bytes())?;
+                w.write_all(b"\n")?;
                 bytes += l.len() as u64 + 1;
             }
-            let _ = w.flush();
+            w.flush()
+        });
+        if let Err(e) = written {
+            inner.log.fail(format!(
+                "the simulator could not write a result file {}: {e}",
+                path.display()
+            ));
         }
         let id = match flavor {
             Flavor::Gemini => format!(
@@ -1438,15 +1780,21 @@ impl Sim {
                 purpose: "batch_output".into(),
                 bytes,
                 created_at: unix_now(),
-                path,
+                name,
             },
         );
         id
     }
 
     /// Answers one request: the reply and its outcome.
-    fn answer(&self, flavor: Flavor, cid: &str, body: &Value, n: &Neutral) -> (Reply, Outcome) {
-        let s = &self.settings;
+    fn answer(
+        &self,
+        s: &SimSettings,
+        flavor: Flavor,
+        cid: &str,
+        body: &Value,
+        n: &Neutral,
+    ) -> (Reply, Outcome) {
         if draw(s.seed, "fail", cid) < s.fail_rate {
             return (Reply::Error, Outcome::Error);
         }
@@ -1514,31 +1862,44 @@ impl Sim {
 
     /// Answers a real-time request (`/v1/chat/completions`, `/v1/messages`), billed at
     /// standard prices and kept in the record under the client's request id.
-    pub(crate) fn online(&self, flavor: Flavor, custom_id: &str, body: &Value) -> OnlineReply {
+    pub(crate) fn online(
+        &self,
+        flavor: Flavor,
+        custom_id: &str,
+        body: &Value,
+    ) -> Result<OnlineReply, SimError> {
         let n = wire::neutral(flavor, body, None);
         let key = if custom_id.is_empty() {
             hex::encode(Sha256::digest(body.to_string().as_bytes()))
         } else {
             custom_id.to_string()
         };
-        let (reply, outcome) = self.answer(flavor, &key, body, &n);
+        let (reply, outcome) = self.answer(&self.settings, flavor, &key, body, &n);
         let id = short(&key);
-        let mut inner = self.lock();
+        let mut inner = self.state()?;
         let entry = json!({"custom_id": custom_id, "flavor": flavor, "at_ms": now_ms(),
             "prompt_tokens": n.prompt_tokens, "outcome": outcome,
             "body_sha256": hex::encode(Sha256::digest(body.to_string().as_bytes()))});
+        let billed = match &reply {
+            Reply::Answer { usage, .. } => Some(self.bill(
+                flavor,
+                PricingMode::Standard,
+                &key,
+                "online",
+                &n.model,
+                usage,
+            )),
+            _ => None,
+        };
+        let mut ops = vec![Put::Online(&entry)];
+        ops.extend(billed.as_ref().map(Put::Bill));
+        let seq = inner.seq;
+        inner.log.write(seq, &ops);
         inner.online.push(entry);
-        match &reply {
-            Reply::Answer { usage, .. } => {
-                let b = self.bill(
-                    flavor,
-                    PricingMode::Standard,
-                    &key,
-                    "online",
-                    &n.model,
-                    usage,
-                );
-                inner.bill.push(b);
+        inner.bill.extend(billed);
+        Self::saved(&inner, ())?;
+        Ok(match &reply {
+            Reply::Answer { .. } => {
                 let tool = wire::anthropic_tool(body);
                 OnlineReply {
                     status: 200,
@@ -1556,7 +1917,7 @@ impl Sim {
                     }
                 },
             },
-        }
+        })
     }
 
     /// Notes a call refused by an HTTP fault (the client's request id, if it sent one).
@@ -1564,9 +1925,11 @@ impl Sim {
         if request_id.is_empty() {
             return;
         }
-        self.lock()
-            .refused
-            .push(json!({"custom_id": request_id, "at_ms": now_ms(), "status": status}));
+        let mut inner = self.lock();
+        let entry = json!({"custom_id": request_id, "at_ms": now_ms(), "status": status});
+        let seq = inner.seq;
+        inner.log.write(seq, &[Put::Refused(&entry)]);
+        inner.refused.push(entry);
     }
 
     /// The bill per provider batch: (batch id, billed requests, tokens, cost).
@@ -1653,6 +2016,20 @@ impl Sim {
     }
 }
 
+/// Seconds from `from_ms` to `to_ms` (unix milliseconds), never negative.
+fn elapsed(from_ms: i64, to_ms: i64) -> f64 {
+    (to_ms - from_ms).max(0) as f64 / 1000.0
+}
+
+/// Share of the in-progress phase done `elapsed` seconds into a batch made under `s`.
+fn progress(s: &SimSettings, elapsed: f64) -> f64 {
+    let t = s.batch_seconds;
+    if t <= 0.0 {
+        return 1.0;
+    }
+    ((elapsed - 0.1 * t) / (0.8 * t)).clamp(0.0, 1.0)
+}
+
 fn str_of(v: &Value, key: &str) -> String {
     v.get(key).and_then(Value::as_str).unwrap_or("").to_string()
 }
@@ -1688,6 +2065,387 @@ mod tests {
         assert!((200..400).contains(&hits), "{hits}");
         assert_eq!(draw(1, "a", "b"), draw(1, "a", "b"));
         assert_ne!(draw(1, "a", "b"), draw(2, "a", "b"));
+    }
+
+    fn settings(batch_seconds: f64) -> SimSettings {
+        SimSettings {
+            batch_seconds,
+            ..Default::default()
+        }
+    }
+
+    fn line(cid: &str) -> String {
+        json!({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": format!("ticket {cid}")}],
+                "max_completion_tokens": 50}})
+        .to_string()
+    }
+
+    /// Uploads an OpenAI batch input of `n` requests named `{prefix}{i}`; its file id.
+    fn upload(sim: &Sim, prefix: &str, n: usize) -> String {
+        let text: String = (0..n)
+            .map(|i| line(&format!("{prefix}{i}")) + "\n")
+            .collect();
+        let path = sim.new_file_path();
+        crate::fsutil::create_private(&path)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .unwrap();
+        let f = sim
+            .add_file(
+                Flavor::OpenAi,
+                "in.jsonl".into(),
+                "batch".into(),
+                path,
+                text.len() as u64,
+                String::new(),
+            )
+            .unwrap();
+        f["id"].as_str().unwrap().to_string()
+    }
+
+    fn create(sim: &Sim, file_id: &str) -> Value {
+        sim.create_openai_batch(
+            Flavor::OpenAi,
+            &json!({"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}),
+        )
+        .unwrap()
+    }
+
+    fn id(v: &Value) -> String {
+        v["id"].as_str().unwrap().to_string()
+    }
+
+    fn wait_terminal(sim: &Sim, id: &str) -> Value {
+        for _ in 0..500 {
+            let b = sim.get_batch(id).unwrap();
+            if ["completed", "failed", "expired", "cancelled"]
+                .contains(&b["status"].as_str().unwrap())
+            {
+                return b;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("batch {id} never ended");
+    }
+
+    /// custom_id → answer content and usage, from a result file.
+    fn answers(sim: &Sim, file_id: &str) -> BTreeMap<String, (String, Value)> {
+        let text = std::fs::read_to_string(sim.file_path(file_id).unwrap()).unwrap();
+        text.lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                let body = &v["response"]["body"];
+                (
+                    v["custom_id"].as_str().unwrap().to_string(),
+                    (
+                        body["choices"][0]["message"]["content"]
+                            .as_str()
+                            .unwrap()
+                            .to_string(),
+                        body["usage"].clone(),
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    fn journal_len(dir: &Path) -> u64 {
+        std::fs::metadata(dir.join("journal.jsonl")).unwrap().len()
+    }
+
+    #[test]
+    fn every_id_kind_differs_between_two_sims_with_one_seed_and_keeps_its_shape() {
+        let a = Sim::new(settings(0.0), PriceTable::builtin()).unwrap();
+        let b = Sim::new(settings(0.0), PriceTable::builtin()).unwrap();
+        type Shape = fn(&str) -> bool;
+        let shapes: [(&str, Shape); 7] = [
+            ("file", |s| {
+                s.strip_prefix("file-").is_some_and(|h| h.len() == 22)
+            }),
+            ("azure-file", |s| {
+                s.strip_prefix("file-").is_some_and(|h| h.len() == 32)
+            }),
+            ("gemini-file", |s| {
+                s.strip_prefix("files/").is_some_and(|h| h.len() == 16)
+            }),
+            ("batch", |s| {
+                s.strip_prefix("batch_").is_some_and(|h| h.len() == 24)
+            }),
+            ("azure-batch", |s| {
+                s.strip_prefix("batch_")
+                    .is_some_and(|u| uuid::Uuid::parse_str(u).is_ok())
+            }),
+            ("msgbatch", |s| {
+                s.strip_prefix("msgbatch_01").is_some_and(|h| h.len() == 24)
+            }),
+            ("gemini-batch", |s| {
+                s.strip_prefix("batches/").is_some_and(|h| h.len() == 16)
+            }),
+        ];
+        for (kind, shape) in shapes {
+            let (x, y) = (
+                a.next_id(&mut a.lock(), kind),
+                b.next_id(&mut b.lock(), kind),
+            );
+            assert_ne!(x, y, "{kind}");
+            assert!(shape(&x) && shape(&y), "{kind}: {x} {y}");
+        }
+        assert_ne!(
+            a.start_session("x".into()),
+            b.start_session("x".into()),
+            "upload session tokens"
+        );
+        assert_ne!(
+            a.new_file_path().file_name(),
+            b.new_file_path().file_name(),
+            "content file names"
+        );
+    }
+
+    #[test]
+    fn two_sims_with_one_seed_give_different_ids_and_the_same_answers() {
+        let a = Sim::new(settings(0.0), PriceTable::builtin()).unwrap();
+        let b = Sim::new(settings(0.0), PriceTable::builtin()).unwrap();
+        let (fa, fb) = (upload(&a, "c", 20), upload(&b, "c", 20));
+        assert_ne!(fa, fb);
+        let (ba, bb) = (create(&a, &fa), create(&b, &fb));
+        assert_ne!(id(&ba), id(&bb));
+        let (ba, bb) = (wait_terminal(&a, &id(&ba)), wait_terminal(&b, &id(&bb)));
+        assert_eq!(ba["status"], "completed");
+        let (oa, ob) = (
+            ba["output_file_id"].as_str().unwrap(),
+            bb["output_file_id"].as_str().unwrap(),
+        );
+        assert_ne!(oa, ob, "output file ids");
+        let answers_a = answers(&a, oa);
+        assert_eq!(answers_a.len(), 20);
+        assert_eq!(answers_a, answers(&b, ob));
+        assert_eq!(
+            a.record()["bill"]["totals"],
+            b.record()["bill"]["totals"],
+            "the same bill"
+        );
+    }
+
+    #[test]
+    fn expire_first_counts_every_batch_the_state_ever_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SimSettings {
+            expire_first: 1,
+            ..settings(0.0)
+        };
+        let first = {
+            let sim = Sim::persistent(dir.path(), s.clone(), PriceTable::builtin()).unwrap();
+            let f = upload(&sim, "a", 4);
+            wait_terminal(&sim, &id(&create(&sim, &f)))
+        };
+        assert_eq!(first["status"], "expired");
+        let sim = Sim::persistent(dir.path(), s, PriceTable::builtin()).unwrap();
+        let f = upload(&sim, "b", 4);
+        let second = wait_terminal(&sim, &id(&create(&sim, &f)));
+        assert_eq!(second["status"], "completed", "the state's second batch");
+    }
+
+    #[test]
+    fn a_batch_keeps_the_settings_it_was_created_under() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = {
+            let sim = Sim::persistent(dir.path(), settings(0.3), PriceTable::builtin()).unwrap();
+            let f = upload(&sim, "a", 10);
+            id(&create(&sim, &f))
+        };
+        // The user edits the settings: everything fails, and slowly.
+        let edited = SimSettings {
+            fail_rate: 1.0,
+            ..settings(3600.0)
+        };
+        let sim = Sim::persistent(dir.path(), edited, PriceTable::builtin()).unwrap();
+        let f = upload(&sim, "b", 10);
+        let new = id(&create(&sim, &f));
+        let b = wait_terminal(&sim, &old);
+        assert_eq!(b["status"], "completed");
+        assert_eq!(
+            b["request_counts"],
+            json!({"total": 10, "completed": 10, "failed": 0})
+        );
+        assert_eq!(sim.get_batch(&new).unwrap()["status"], "validating");
+    }
+
+    #[test]
+    fn polling_a_running_batch_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = Sim::persistent(dir.path(), settings(3.0), PriceTable::builtin()).unwrap();
+        let f = upload(&sim, "p", 200);
+        let b = id(&create(&sim, &f));
+        while sim.get_batch(&b).unwrap()["status"] == "validating" {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let size = journal_len(dir.path());
+        let mut seen = HashSet::new();
+        for _ in 0..40 {
+            let v = sim.get_batch(&b).unwrap();
+            assert_eq!(v["status"], "in_progress");
+            seen.insert(v["request_counts"]["completed"].as_u64().unwrap());
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        assert!(seen.len() > 1, "progress moves: {seen:?}");
+        assert_eq!(journal_len(dir.path()), size, "no write per poll");
+    }
+
+    /// A kill at any instant leaves the journal cut at some byte: every cut reopens, and the
+    /// state it shows is whole (a batch's results, outcomes and bill all there, or none).
+    #[test]
+    fn a_journal_cut_at_any_point_reopens_to_a_whole_state() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let sim = Sim::persistent(dir.path(), settings(0.0), PriceTable::builtin()).unwrap();
+            for k in 0..3 {
+                let f = upload(&sim, &format!("k{k}-"), 5);
+                wait_terminal(&sim, &id(&create(&sim, &f)));
+            }
+            let body =
+                json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
+            sim.online(Flavor::OpenAi, "o1", &body).unwrap();
+        }
+        let journal = std::fs::read(dir.path().join("journal.jsonl")).unwrap();
+        let mut cuts: Vec<usize> = vec![0, journal.len()];
+        for (i, b) in journal.iter().enumerate() {
+            if *b == b'\n' {
+                cuts.extend([i, i + 1, i.saturating_sub(20)]);
+            }
+        }
+        cuts.sort_unstable();
+        cuts.dedup();
+        let mut last_bill = 0;
+        for cut in cuts {
+            let copy = tempfile::tempdir().unwrap();
+            std::fs::create_dir(copy.path().join("files")).unwrap();
+            for e in std::fs::read_dir(dir.path().join("files")).unwrap() {
+                let e = e.unwrap();
+                std::fs::copy(e.path(), copy.path().join("files").join(e.file_name())).unwrap();
+            }
+            std::fs::write(copy.path().join("journal.jsonl"), &journal[..cut]).unwrap();
+            let sim = Sim::persistent(copy.path(), settings(0.0), PriceTable::builtin())
+                .unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
+            // what the cut journal does not name is gone
+            let kept = std::fs::read_dir(copy.path().join("files"))
+                .unwrap()
+                .count();
+            assert_eq!(kept, sim.lock().referenced().len(), "cut at {cut}");
+            // as replayed, before anything moves on
+            let bills: BTreeMap<String, u64> = sim
+                .batch_bills()
+                .into_iter()
+                .map(|(b, n, _, _)| (b, n))
+                .collect();
+            let replayed: Vec<(String, Status, usize, Option<String>)> = {
+                let inner = sim.lock();
+                inner
+                    .batches
+                    .iter()
+                    .map(|b| {
+                        let ok = b.requests.iter().filter(|r| r.outcome == Outcome::Ok);
+                        (b.id.clone(), b.status, ok.count(), b.output_file_id.clone())
+                    })
+                    .collect()
+            };
+            for (bid, status, ok, out) in &replayed {
+                if status.terminal() {
+                    assert_eq!((bills.get(bid), *ok), (Some(&5), 5), "cut at {cut}");
+                    assert_eq!(answers(&sim, out.as_deref().unwrap()).len(), 5);
+                } else {
+                    assert_eq!((bills.get(bid), *ok, out), (None, 0, &None), "cut at {cut}");
+                }
+            }
+            // then run to their end by this simulator: billed once, whole
+            for (bid, ..) in &replayed {
+                let v = wait_terminal(&sim, bid);
+                assert_eq!(v["status"], "completed", "cut at {cut}");
+                let billed: u64 = sim
+                    .batch_bills()
+                    .into_iter()
+                    .filter(|(x, ..)| x == bid)
+                    .map(|(_, n, ..)| n)
+                    .sum();
+                assert_eq!(billed, 5, "cut at {cut}");
+                let out = v["output_file_id"].as_str().unwrap();
+                assert_eq!(answers(&sim, out).len(), 5, "cut at {cut}");
+            }
+            let total = sim.record()["bill"]["totals"]["requests"].as_u64().unwrap();
+            assert!(
+                total >= last_bill,
+                "cut at {cut}: a longer journal never bills less"
+            );
+            last_bill = total;
+            // what the reopen left behind reopens again, identically
+            let again = sim.record();
+            drop(sim);
+            let sim = Sim::persistent(copy.path(), settings(0.0), PriceTable::builtin()).unwrap();
+            assert_eq!(sim.record(), again, "cut at {cut}");
+        }
+        assert_eq!(
+            last_bill, 16,
+            "the whole journal: 3 batches of 5 and one online request"
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_state_folder_holds_only_private_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("sim");
+        let sim = Sim::persistent(&state, settings(0.0), PriceTable::builtin()).unwrap();
+        let f = upload(&sim, "a", 3);
+        wait_terminal(&sim, &id(&create(&sim, &f)));
+        drop(sim);
+        let sim = Sim::persistent(&state, settings(0.0), PriceTable::builtin()).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let mut files: Vec<PathBuf> = std::fs::read_dir(state.join("files"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(files.len(), 2, "the input and the results");
+        files.push(state.join("journal.jsonl"));
+        for p in &files {
+            assert_eq!(mode(p), 0o600, "{}", p.display());
+        }
+        assert_eq!(mode(&state), 0o700);
+        drop(sim);
+    }
+
+    #[test]
+    fn a_second_opener_of_a_state_is_refused_until_the_first_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Sim::persistent(dir.path(), settings(0.0), PriceTable::builtin()).unwrap();
+        let Err(e) = Sim::persistent(dir.path(), settings(0.0), PriceTable::builtin()) else {
+            panic!("refused");
+        };
+        assert!(
+            e.to_string().contains(&dir.path().display().to_string()),
+            "{e}"
+        );
+        drop(first);
+        Sim::persistent(dir.path(), settings(0.0), PriceTable::builtin()).unwrap();
+    }
+
+    #[test]
+    fn a_batch_cancelled_while_validating_keeps_its_total() {
+        // validating for 2 s; a cancel takes 1 s
+        let sim = Sim::new(settings(20.0), PriceTable::builtin()).unwrap();
+        let f = upload(&sim, "v", 50);
+        let b = id(&create(&sim, &f));
+        sim.cancel_batch(&b).unwrap();
+        let v = wait_terminal(&sim, &b);
+        assert_eq!(v["status"], "cancelled");
+        assert_eq!(
+            v["request_counts"],
+            json!({"total": 50, "completed": 0, "failed": 50})
+        );
+        let rec = sim.record();
+        let outcomes = rec["batches"][0]["requests"].as_array().unwrap();
+        assert_eq!(outcomes.len(), 50);
+        assert!(outcomes.iter().all(|r| r["outcome"] == "cancelled"));
     }
 
     #[test]

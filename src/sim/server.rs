@@ -373,7 +373,9 @@ fn created(st: &AppState, batch: Value, flavor: Flavor) -> Response {
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();
-    if draw(s.seed, "drop_create", &id) < s.drop_create_rate {
+    // Drawn on the batch's creation number: its id differs from run to run.
+    let n = st.sim.batch_ordinal(&id).unwrap_or_default();
+    if draw(s.seed, "drop_create", &n.to_string()) < s.drop_create_rate {
         // The batch exists; the client never learns its id.
         return broken_response(batch.to_string().into_bytes());
     }
@@ -389,7 +391,7 @@ async fn stream_file(
     let s = st.sim.settings();
     if s.reset_download_rate > 0.0 {
         let n = st.calls.fetch_add(1, Ordering::Relaxed);
-        if draw(s.seed, "reset_download", &format!("{id}:{n}")) < s.reset_download_rate {
+        if draw(s.seed, "reset_download", &n.to_string()) < s.reset_download_rate {
             let full = tokio::fs::read(&path)
                 .await
                 .map_err(|_| SimError::not_found("file", id))?;
@@ -460,7 +462,8 @@ async fn receive_multipart(
             "Batch input files must have the .jsonl extension.",
         ));
     }
-    Ok(st.sim.add_file(flavor, name, purpose, path, n, sha))
+    let sim = st.sim.clone();
+    blocking(move || sim.add_file(flavor, name, purpose, path, n, sha)).await
 }
 
 /// A file being received: bytes counted and hashed as they are written.
@@ -471,11 +474,12 @@ struct Sink {
 }
 
 impl Sink {
+    /// Creates the file private to its owner (0600): it holds prompts.
     async fn create(path: &std::path::Path) -> Result<Sink, SimError> {
+        let f = crate::fsutil::create_private(path)
+            .map_err(|e| SimError::bad_request(e.to_string()))?;
         Ok(Sink {
-            f: tokio::fs::File::create(path)
-                .await
-                .map_err(|e| SimError::bad_request(e.to_string()))?,
+            f: tokio::fs::File::from_std(f),
             n: 0,
             hasher: <sha2::Sha256 as sha2::Digest>::new(),
         })
@@ -568,7 +572,8 @@ async fn delete_file(
     State(st): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, SimError> {
-    st.sim.delete_file(&id).map(Json)
+    let sim = st.sim.clone();
+    blocking(move || sim.delete_file(&id).map(Json)).await
 }
 
 async fn file_content(
@@ -655,7 +660,7 @@ async fn list_any(
     let sim = st.sim.clone();
     let limit = q.limit.or(q.page_size).unwrap_or(20).clamp(1, 1000);
     let after = q.after.or(q.after_id).or(q.page_token);
-    blocking(move || Ok(Json(sim.list_batches(flavor, limit, after.as_deref())))).await
+    blocking(move || sim.list_batches(flavor, limit, after.as_deref()).map(Json)).await
 }
 
 async fn list_openai(
@@ -693,7 +698,7 @@ async fn online_any(
     };
     let cid = client_request_id(&headers);
     let sim = st.sim.clone();
-    match blocking(move || Ok(sim.online(flavor, &cid, &v))).await {
+    match blocking(move || sim.online(flavor, &cid, &v)).await {
         Ok(r) => (
             StatusCode::from_u16(r.status).unwrap_or(StatusCode::OK),
             Json(r.body),
@@ -849,7 +854,8 @@ async fn get_file_gemini(State(st): State<AppState>, Path(id): Path<String>) -> 
 }
 
 async fn delete_file_gemini(State(st): State<AppState>, Path(id): Path<String>) -> Response {
-    match st.sim.delete_file(&format!("files/{id}")) {
+    let sim = st.sim.clone();
+    match blocking(move || sim.delete_file(&format!("files/{id}"))).await {
         Ok(_) => Json(json!({})).into_response(),
         Err(e) => e.into_flavored(Flavor::Gemini),
     }
@@ -910,9 +916,12 @@ async fn upload_gemini_bytes(
     .await;
     match written {
         Ok((n, sha)) => {
-            let file = st
-                .sim
-                .add_file(Flavor::Gemini, name, "batch".into(), path, n, sha);
+            let sim = st.sim.clone();
+            let add = move || sim.add_file(Flavor::Gemini, name, "batch".into(), path, n, sha);
+            let file = match blocking(add).await {
+                Ok(f) => f,
+                Err(e) => return e.into_flavored(Flavor::Gemini),
+            };
             let mut resp = Json(json!({"file": file})).into_response();
             resp.headers_mut()
                 .insert("x-goog-upload-status", HeaderValue::from_static("final"));

@@ -1,7 +1,9 @@
 //! The simulator's knobs, shared by `nightshift simulate` flags and a pipeline's
-//! `[provider.simulator]` table (one struct, so the two cannot drift apart).
+//! `[provider.simulator]` table (one struct, so the two cannot drift apart). A batch keeps a
+//! copy of the settings it was created under (saved with it in a persistent state), so
+//! editing them between runs changes new batches only.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 const DEFAULT_SEED: u64 = 42;
 const DEFAULT_BATCH_SECONDS: f64 = 2.0;
@@ -10,7 +12,7 @@ const DEFAULT_RETRY_AFTER_MS: u64 = 200;
 /// Fault and timing settings of the provider simulator. Every rate is a probability in
 /// `[0, 1]`, drawn per attempt (per custom_id) or per HTTP call, deterministically from
 /// `seed`.
-#[derive(Clone, Debug, PartialEq, Deserialize, clap::Args)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields, default)]
 pub struct SimSettings {
     /// Seed for every draw (faults, answers).

@@ -8,7 +8,7 @@ use crate::cost::Usage;
 use crate::cost::tokens::Tokenizer;
 
 /// Which provider's wire format a batch or request speaks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Flavor {
     OpenAi,
