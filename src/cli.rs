@@ -681,8 +681,22 @@ async fn provider_client(
     let mut sim = None;
     if p.provider.simulate {
         let dir = work_dir.join("simulator");
-        let s = Sim::new(p.provider.simulator.clone(), prices.clone()) // PERSIST-MARK
-            .with_context(|| format!("opening the simulator's state in {}", dir.display()))?;
+        let s =
+            Sim::persistent(&dir, p.provider.simulator.clone(), prices.clone()).map_err(|e| {
+                // Another command is using this simulator's state: try again later.
+                let code = if e.kind() == std::io::ErrorKind::WouldBlock {
+                    EXIT_TEMPFAIL
+                } else {
+                    EXIT_ERROR
+                };
+                exit(
+                    code,
+                    anyhow::Error::new(e).context(format!(
+                        "opening the built-in simulator's state in {}",
+                        dir.display()
+                    )),
+                )
+            })?;
         let h = crate::sim::start(s, "127.0.0.1:0".parse().expect("addr")).await?;
         say(format!(
             "simulator listening on {} (simulate = true: no API key, no charge)",
@@ -825,9 +839,26 @@ async fn cmd_run(a: RunArgs, json_logs: bool) -> Result<i32, Exit> {
         .context("the run row vanished")?;
     let rep = RunReport::load(store, run).await?;
     print!("{}", rep.to_text());
-    println!("  results    {}", outcome.output_path.display());
+    if outcome.wrote_output {
+        println!("  results    {}", outcome.output_path.display());
+    } else {
+        println!(
+            "  results    {} left as it was",
+            outcome.output_path.display()
+        );
+    }
     if outcome.status == crate::store::RunStatus::Detached {
         println!("detached {}", outcome.run_id);
+    }
+    // A run that could not do its job says why where errors go, for cron and for people.
+    if outcome.status == crate::store::RunStatus::Error
+        && let Some(m) = &outcome.message
+    {
+        if json_logs {
+            tracing::error!(exit_code = outcome.exit_code, "{m}");
+        } else {
+            eprintln!("error: {m}");
+        }
     }
     store.close().await;
     Ok(outcome.exit_code)
@@ -1098,7 +1129,7 @@ async fn cmd_reconcile(a: ReconcileArgs) -> Result<i32, Exit> {
     if a.json {
         println!("{}", r.to_json());
     } else {
-        print!("{}", r.to_text());
+        print!("{}", r.to_text(report::terminal_width()));
     }
     Ok(EXIT_OK)
 }

@@ -268,11 +268,13 @@ impl RunReport {
                 "  sent       0 requests: {} still to send; run again to carry on",
                 plural(f.unfinished, "item", "items")
             );
-        } else if self.run.status != "running" {
+        } else if self.run.status == "completed" {
             let _ = writeln!(
                 s,
                 "  sent       0 requests: nothing new to process, nothing charged by this run"
             );
+        } else if self.run.status != "running" {
+            let _ = writeln!(s, "  sent       0 requests");
         }
         if let Some(m) = &self.run.message {
             let _ = writeln!(s, "  note       {}", printable(m));

@@ -145,6 +145,12 @@ async fn connect(opts: SqliteConnectOptions, max: u32, location: String) -> Resu
         .min_connections(1)
         .idle_timeout(None)
         .max_lifetime(None)
+        // A connection whose transaction could not be ended (a disk I/O error: SQLite rolled
+        // it back itself, the driver still counts it open) is replaced, not handed out to
+        // fail every later transaction.
+        .before_acquire(|conn, _| {
+            Box::pin(async move { Ok(!sqlx::Connection::is_in_transaction(conn)) })
+        })
         .connect_with(opts)
         .await?;
     Ok(SqlStore {

@@ -269,6 +269,8 @@ pub struct RunOutcome {
     /// Requests this process sent to the provider (0 on a rerun with nothing to do).
     pub requests_sent: u64,
     pub output_path: PathBuf,
+    /// Whether the results file was (re)written; a run stopped by bad input leaves it.
+    pub wrote_output: bool,
     pub message: Option<String>,
     /// Time spent in local work, for benchmarks.
     pub times: PhaseTimes,
@@ -381,6 +383,8 @@ pub(crate) struct Runner<'a, S: Store, P: BatchProvider> {
     run_id: String,
     /// Whether `run_id` is this process's own run (`nightshift run`).
     own_run: bool,
+    /// Whether this run wrote its results file.
+    wrote_output: bool,
     validator: OutputValidator,
     batch_rates: Rates,
     standard_rates: Rates,
@@ -436,6 +440,7 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
             ctx,
             run_id: String::new(),
             own_run: false,
+            wrote_output: false,
             validator,
             batch_rates,
             standard_rates: ctx.price.standard,
@@ -616,6 +621,7 @@ pub async fn run<S: Store, P: BatchProvider>(
         exit_code,
         requests_sent: runner.requests_sent,
         output_path: ctx.output_path.clone(),
+        wrote_output: runner.wrote_output,
         message,
         times: runner.times,
     })
@@ -696,6 +702,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             Stop::Interrupted
         };
         self.write_output().await?;
+        self.wrote_output = true;
 
         match stop {
             Stop::Interrupted => Ok((
