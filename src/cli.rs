@@ -1424,7 +1424,7 @@ async fn cmd_status(a: StatusArgs) -> Result<i32, Exit> {
             ]);
         }
         report::align_right(&mut t, &[2, 5, 6]);
-        println!("{t}");
+        print!("{}", report::render(&t));
         println!();
     }
     if open.is_empty() {
@@ -1463,7 +1463,7 @@ async fn cmd_status(a: StatusArgs) -> Result<i32, Exit> {
         ]);
     }
     report::align_right(&mut t, &[5, 6]);
-    println!("{t}");
+    print!("{}", report::render(&t));
     Ok(EXIT_OK)
 }
 

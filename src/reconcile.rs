@@ -364,7 +364,7 @@ impl Reconciliation {
             ]);
         }
         crate::report::align_right(&mut t, &[1, 2]);
-        let _ = writeln!(s, "{t}");
+        s.push_str(&crate::report::render(&t));
         let _ = writeln!(s, "\nledger vs provider, per batch");
         let mut t = crate::report::table(
             &[
@@ -430,7 +430,7 @@ impl Reconciliation {
             },
         ]);
         crate::report::align_right(&mut t, &[1, 2, 3]);
-        let _ = writeln!(s, "{t}");
+        s.push_str(&crate::report::render(&t));
         let m = self.mismatches();
         let _ = writeln!(
             s,

@@ -401,9 +401,7 @@ pub fn runs_table(reports: &[RunReport], width: Option<u16>) -> String {
         ]);
     }
     align_right(&mut t, &[3, 5, 6, 7, 8]);
-    let mut s = t.to_string();
-    s.push('\n');
-    s
+    render(&t)
 }
 
 /// The per-item audit as JSON: every attempt of the run's batches.
@@ -451,33 +449,42 @@ pub fn audit_text(rows: &[AuditRow], width: Option<u16>) -> String {
             "out",
             "cost_usd",
             "records",
+            "error",
         ],
         width,
     );
     for r in rows {
         let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
-        let mut verdict = r.verdict.clone().unwrap_or_else(|| "-".into());
-        if let Some(e) = &r.error {
-            verdict.push_str(": ");
-            verdict.push_str(&crate::validate::preview(e, 160));
-        }
         t.add_row(vec![
             r.item_id.to_string(),
             r.item_state.clone(),
             r.attempt_no.to_string(),
             r.custom_id.clone(),
             r.attempt_state.clone(),
-            printable(&verdict),
+            r.verdict.clone().unwrap_or_else(|| "-".into()),
             opt(r.input_tokens),
             opt(r.output_tokens),
             r.cost_pico
                 .map(|c| Usd::from_pico(c as i128).to_decimal_string())
                 .unwrap_or_else(|| "-".into()),
-            printable(&crate::validate::preview(&r.record_ids, 60)),
+            printable(&crate::validate::preview(&r.record_ids, 40)),
+            r.error
+                .as_deref()
+                .map(|e| printable(&crate::validate::preview(e, 120)))
+                .unwrap_or_default(),
         ]);
     }
-    let mut s = t.to_string();
-    s.push('\n');
+    align_right(&mut t, &[0, 2, 6, 7, 8]);
+    render(&t)
+}
+
+/// A table as text, without the padding its last column would add at each line's end.
+pub fn render(t: &comfy_table::Table) -> String {
+    let mut s = String::new();
+    for line in t.to_string().lines() {
+        s.push_str(line.trim_end());
+        s.push('\n');
+    }
     s
 }
 
