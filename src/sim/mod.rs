@@ -7,8 +7,14 @@
 //!
 //! It is deterministic given its seed: answers are generated from the request's JSON schema
 //! and the request body, prompt tokens are counted with the same function the planner uses,
-//! and faults are drawn per attempt from the seed and the custom_id (a resubmitted request
-//! has a new custom_id, so it draws afresh).
+//! and a request's faults (failed, malformed, missing or duplicated line) and cache hits are
+//! drawn from the seed, the body's hash and how many requests with that body this state has
+//! answered before, batch or online (`Inner::draw_key`). Never from the custom_id, which
+//! carries the client's run-specific batch id: a fresh state draws the same in every run and
+//! every process, and a resent request (a retry) draws afresh. The count is not journaled but
+//! rebuilt on reopening from the recorded outcomes. Batch expiry and lost create responses
+//! are drawn on the batch's creation number, the other HTTP faults (`server`) on the
+//! process's call counter.
 //!
 //! It keeps the record of what it accepted and billed (`GET /_sim/record`): every batch (and
 //! every online request), each request's custom_id, body hash and outcome, and the bill
@@ -105,7 +111,7 @@ impl SimFile {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     Pending,
@@ -117,6 +123,16 @@ pub enum Outcome {
     NotRun,
     /// Ran, but its result line was left out of the files (a fault).
     Missing,
+}
+
+impl Outcome {
+    /// Whether the request ran, so its faults were drawn.
+    fn answered(self) -> bool {
+        matches!(
+            self,
+            Outcome::Ok | Outcome::Error | Outcome::InvalidJson | Outcome::Missing
+        )
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -455,6 +471,10 @@ struct Inner {
     online: Vec<Value>,
     /// Every call refused with a fault before it ran: (client request id, time, status).
     refused: Vec<Value>,
+    /// How many requests with each body (by its SHA-256) this state has answered, batch and
+    /// online: the next one with that body draws its faults on the count (`draw_key`). Not
+    /// journaled: rebuilt on open from the recorded outcomes (`count_answered`).
+    answered: HashMap<[u8; 32], u64>,
     /// Gemini resumable uploads started: token → display name (not kept across processes).
     sessions: HashMap<String, String>,
     /// Where every change is written (persistent mode).
@@ -462,6 +482,40 @@ struct Inner {
 }
 
 impl Inner {
+    /// The key a request with this body draws its faults on: the body's hash and how many
+    /// requests with the same body this state answered before it, so the first answer to a
+    /// body draws the same in every fresh state and a resend of it draws afresh. Counts it.
+    fn draw_key(&mut self, body_sha256: &[u8; 32]) -> String {
+        let n = self.answered.entry(*body_sha256).or_insert(0);
+        let key = format!("{}#{n}", hex::encode(body_sha256));
+        *n += 1;
+        key
+    }
+
+    /// Rebuilds `answered` from what the state recorded (after a replay): every batch request
+    /// that ran (answered, failed, malformed or left out of the results) and every online
+    /// request.
+    fn count_answered(&mut self) {
+        let mut answered: HashMap<[u8; 32], u64> = HashMap::new();
+        let mut count = |hash: &str| {
+            let mut h = [0u8; 32];
+            if hex::decode_to_slice(hash, &mut h).is_ok() {
+                *answered.entry(h).or_insert(0) += 1;
+            }
+        };
+        for r in self.batches.iter().flat_map(|b| &b.requests) {
+            if r.outcome.answered() {
+                count(&r.body_sha256);
+            }
+        }
+        for e in &self.online {
+            if let Some(h) = e.get("body_sha256").and_then(Value::as_str) {
+                count(h);
+            }
+        }
+        self.answered = answered;
+    }
+
     /// Writes one batch (and its request list when that changed).
     fn save_batch(&mut self, idx: usize, with_requests: bool) {
         let b = &self.batches[idx];
@@ -650,6 +704,7 @@ impl Sim {
         let folder = journal::open_folder(dir)?;
         let mut inner = Inner::default();
         let replayed = journal::replay(&folder.journal, |seq, op| inner.apply(seq, op))?;
+        inner.count_answered();
         if replayed.torn_tail {
             tracing::warn!(
                 journal = %folder.journal.display(),
@@ -1573,10 +1628,11 @@ impl Sim {
                         v.get("body").cloned().unwrap_or(Value::Null),
                     ),
                 };
+                let body_hash: [u8; 32] = Sha256::digest(body.to_string().as_bytes()).into();
                 if unlisted {
                     listed.push(RecordedRequest {
                         custom_id: cid.clone(),
-                        body_sha256: hex::encode(Sha256::digest(body.to_string().as_bytes())),
+                        body_sha256: hex::encode(body_hash),
                         outcome: Outcome::Pending,
                     });
                 }
@@ -1601,11 +1657,14 @@ impl Sim {
                     outcomes.push(outcome);
                     continue;
                 }
-                if draw(s.seed, "missing", &cid) < s.missing_line_rate {
+                // Faults are drawn on the body and how often it was answered, not on the
+                // custom_id (which carries the run's batch id): the same from run to run.
+                let key = inner.draw_key(&body_hash);
+                if draw(s.seed, "missing", &key) < s.missing_line_rate {
                     outcomes.push(Outcome::Missing);
                     continue;
                 }
-                let (reply, outcome) = self.answer(&s, flavor, &cid, &body, &n);
+                let (reply, outcome) = self.answer(&s, flavor, &key, &body_hash, &n);
                 if let Reply::Answer { usage, .. } = &reply {
                     usage_total.add(usage);
                     bill.push(self.bill(
@@ -1619,7 +1678,7 @@ impl Sim {
                 }
                 let line =
                     wire::result_line(flavor, &cid, &id, &n.model, &tool, &reply).to_string();
-                let twice = draw(s.seed, "duplicate", &cid) < s.duplicate_line_rate;
+                let twice = draw(s.seed, "duplicate", &key) < s.duplicate_line_rate;
                 let lines = if outcome == Outcome::Error
                     && matches!(flavor, Flavor::OpenAi | Flavor::Azure)
                 {
@@ -1786,25 +1845,25 @@ impl Sim {
         id
     }
 
-    /// Answers one request: the reply and its outcome.
+    /// Answers one request: the reply and its outcome. Its faults are drawn on `key`
+    /// (`Inner::draw_key`), its answer is generated from the body (its SHA-256, `body_hash`).
     fn answer(
         &self,
         s: &SimSettings,
         flavor: Flavor,
-        cid: &str,
-        body: &Value,
+        key: &str,
+        body_hash: &[u8; 32],
         n: &Neutral,
     ) -> (Reply, Outcome) {
-        if draw(s.seed, "fail", cid) < s.fail_rate {
+        if draw(s.seed, "fail", key) < s.fail_rate {
             return (Reply::Error, Outcome::Error);
         }
-        let body_hash = Sha256::digest(body.to_string().as_bytes());
         let mut rng = answer::Rng::new(u64::from_le_bytes(body_hash[..8].try_into().expect("8")));
         let value = answer::generate(&n.schema, &n.schema, &mut rng);
         let mut content = value.to_string();
-        let invalid = draw(s.seed, "invalid", cid) < s.invalid_json_rate;
+        let invalid = draw(s.seed, "invalid", key) < s.invalid_json_rate;
         if invalid {
-            content = if draw(s.seed, "invalid-kind", cid) < 0.5 {
+            content = if draw(s.seed, "invalid-kind", key) < 0.5 {
                 // cut mid-way: not JSON at all
                 content[..content.len() / 2].to_string()
             } else {
@@ -1831,9 +1890,9 @@ impl Sim {
         }
         let reasoning = reasoning.min(max_tokens);
         let prompt = n.prompt_tokens;
-        let (cached, written) = if draw(s.seed, "cache", cid) < s.cache_rate {
+        let (cached, written) = if draw(s.seed, "cache", key) < s.cache_rate {
             (prompt / 2, 0)
-        } else if flavor == Flavor::Anthropic && draw(s.seed, "cache-write", cid) < s.cache_rate {
+        } else if flavor == Flavor::Anthropic && draw(s.seed, "cache-write", key) < s.cache_rate {
             (0, prompt / 2)
         } else {
             (0, 0)
@@ -1869,17 +1928,23 @@ impl Sim {
         body: &Value,
     ) -> Result<OnlineReply, SimError> {
         let n = wire::neutral(flavor, body, None);
+        let body_hash: [u8; 32] = Sha256::digest(body.to_string().as_bytes()).into();
+        let body_sha256 = hex::encode(body_hash);
+        // Billed and named under the client's request id, or the body's hash without one.
         let key = if custom_id.is_empty() {
-            hex::encode(Sha256::digest(body.to_string().as_bytes()))
+            body_sha256.clone()
         } else {
             custom_id.to_string()
         };
-        let (reply, outcome) = self.answer(&self.settings, flavor, &key, body, &n);
-        let id = short(&key);
         let mut inner = self.state()?;
+        // Drawn and counted under the lock, like a batch's requests: the count of earlier
+        // answers to this body is the one the recorded entries give back on replay.
+        let draw_key = inner.draw_key(&body_hash);
+        let (reply, outcome) = self.answer(&self.settings, flavor, &draw_key, &body_hash, &n);
+        let id = short(&key);
         let entry = json!({"custom_id": custom_id, "flavor": flavor, "at_ms": now_ms(),
             "prompt_tokens": n.prompt_tokens, "outcome": outcome,
-            "body_sha256": hex::encode(Sha256::digest(body.to_string().as_bytes()))});
+            "body_sha256": body_sha256});
         let billed = match &reply {
             Reply::Answer { usage, .. } => Some(self.bill(
                 flavor,
@@ -2086,6 +2151,11 @@ mod tests {
         let text: String = (0..n)
             .map(|i| line(&format!("{prefix}{i}")) + "\n")
             .collect();
+        upload_text(sim, text)
+    }
+
+    /// Uploads an OpenAI batch input; its file id.
+    fn upload_text(sim: &Sim, text: String) -> String {
         let path = sim.new_file_path();
         crate::fsutil::create_private(&path)
             .and_then(|mut f| f.write_all(text.as_bytes()))
@@ -2224,6 +2294,134 @@ mod tests {
             a.record()["bill"]["totals"],
             b.record()["bill"]["totals"],
             "the same bill"
+        );
+    }
+
+    /// A chat-completions body asking about `ticket`.
+    fn ticket(ticket: &str) -> Value {
+        json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": format!("ticket {ticket}")}],
+            "max_completion_tokens": 50})
+    }
+
+    /// Uploads one batch of `(custom_id, body)` requests, runs it to its end; the outcome and
+    /// cached input tokens of each request, in input order.
+    fn run_batch(sim: &Sim, requests: &[(String, Value)]) -> Vec<(Outcome, u64)> {
+        let text: String = requests
+            .iter()
+            .map(|(cid, body)| {
+                json!({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions", "body": body})
+                    .to_string()
+                    + "\n"
+            })
+            .collect();
+        let b = wait_terminal(sim, &id(&create(sim, &upload_text(sim, text))));
+        assert_eq!(b["status"], "completed");
+        let inner = sim.lock();
+        let bill: HashMap<&str, u64> = inner
+            .bill
+            .iter()
+            .map(|e| (e.custom_id.as_str(), e.cached_input_tokens))
+            .collect();
+        let batch = &inner.batches[inner.batch_index[b["id"].as_str().unwrap()]];
+        batch
+            .requests
+            .iter()
+            .map(|r| {
+                (
+                    r.outcome,
+                    bill.get(r.custom_id.as_str()).copied().unwrap_or(0),
+                )
+            })
+            .collect()
+    }
+
+    fn weather() -> SimSettings {
+        SimSettings {
+            seed: 11,
+            fail_rate: 0.3,
+            invalid_json_rate: 0.3,
+            cache_rate: 0.5,
+            ..settings(0.0)
+        }
+    }
+
+    #[test]
+    fn faults_follow_the_body_not_the_custom_id() {
+        let a = Sim::new(weather(), PriceTable::builtin()).unwrap();
+        let b = Sim::new(weather(), PriceTable::builtin()).unwrap();
+        let requests = |run: &str| -> Vec<(String, Value)> {
+            (0..40)
+                .map(|i| (format!("b{run}-{i}-1"), ticket(&i.to_string())))
+                .collect()
+        };
+        let (ra, rb) = (
+            run_batch(&a, &requests("one")),
+            run_batch(&b, &requests("two")),
+        );
+        assert_eq!(ra, rb, "other custom_ids, the same bodies: the same draws");
+        let kinds: HashSet<Outcome> = ra.iter().map(|r| r.0).collect();
+        assert_eq!(kinds.len(), 3, "{ra:?}");
+        assert!(ra.iter().any(|r| r.1 > 0), "some cache hits: {ra:?}");
+        let totals = |s: &Sim| {
+            let mut t = s.record()["bill"]["totals"].clone();
+            t.as_object_mut().unwrap().remove("requests");
+            t
+        };
+        assert_eq!(totals(&a), totals(&b), "the same bill");
+    }
+
+    /// The same body sent again (a retry: in another batch, in the same one, online) draws
+    /// afresh, on how many times this state answered it before; the count survives a reopen,
+    /// so a state reopened between sends draws what one that never closed draws.
+    #[test]
+    fn a_body_sent_again_draws_afresh_and_the_count_survives_a_reopen() {
+        let body = ticket("again");
+        let round = |sim: &Sim, k: usize| -> Vec<(Outcome, u64)> {
+            let requests: Vec<(String, Value)> = (0..3)
+                .map(|i| (format!("r{k}-{i}"), body.clone()))
+                .collect();
+            let mut got = run_batch(sim, &requests);
+            let r = sim.online(Flavor::OpenAi, &format!("o{k}"), &body).unwrap();
+            got.push(match r.status {
+                500 => (Outcome::Error, 0),
+                _ => (
+                    Outcome::Ok,
+                    r.body["usage"]["prompt_tokens_details"]["cached_tokens"]
+                        .as_u64()
+                        .unwrap(),
+                ),
+            });
+            got
+        };
+        let kept = Sim::new(weather(), PriceTable::builtin()).unwrap();
+        let kept: Vec<_> = (0..4).flat_map(|k| round(&kept, k)).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let reopened: Vec<_> = (0..4)
+            .flat_map(|k| {
+                let sim = Sim::persistent(dir.path(), weather(), PriceTable::builtin()).unwrap();
+                round(&sim, k)
+            })
+            .collect();
+        // Online answers that are not valid JSON still answer 200: compare what both see.
+        let seen = |v: &[(Outcome, u64)]| -> Vec<(bool, u64)> {
+            v.iter().map(|(o, c)| (*o == Outcome::Error, *c)).collect()
+        };
+        assert_eq!(seen(&kept), seen(&reopened));
+        let hash = hex::encode(Sha256::digest(body.to_string().as_bytes()));
+        let expected: Vec<bool> = (0..kept.len())
+            .map(|n| draw(11, "fail", &format!("{hash}#{n}")) < 0.3)
+            .collect();
+        assert_eq!(
+            seen(&kept).iter().map(|s| s.0).collect::<Vec<_>>(),
+            expected
+        );
+        assert!(expected.contains(&true) && expected.contains(&false));
+        let sim = Sim::persistent(dir.path(), weather(), PriceTable::builtin()).unwrap();
+        let h: [u8; 32] = Sha256::digest(body.to_string().as_bytes()).into();
+        assert_eq!(
+            sim.lock().answered[&h],
+            16,
+            "12 batch requests and 4 online ones"
         );
     }
 

@@ -10,8 +10,8 @@ const DEFAULT_BATCH_SECONDS: f64 = 2.0;
 const DEFAULT_RETRY_AFTER_MS: u64 = 200;
 
 /// Fault and timing settings of the provider simulator. Every rate is a probability in
-/// `[0, 1]`, drawn per attempt (per custom_id) or per HTTP call, deterministically from
-/// `seed`.
+/// `[0, 1]`, drawn deterministically from `seed`: per request (on its body and how many times
+/// the state answered that body before), per batch (on its creation number) or per HTTP call.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields, default)]
 pub struct SimSettings {
