@@ -21,6 +21,7 @@ use crate::cost::PriceTable;
 use crate::report::{self, RunReport};
 use crate::sim::{Sim, SimSettings};
 use crate::store::{SqlStore, Store, WorkerInfo, default_db_path};
+use crate::util::text;
 use crate::worker::{self, Event, Observer, RunContext, RunError};
 
 pub const EXIT_OK: i32 = 0;
@@ -537,7 +538,7 @@ impl Membership {
     ) -> Result<Self, Exit> {
         let info = WorkerInfo {
             id: uuid::Uuid::now_v7().hyphenated().to_string(),
-            host: worker::hostname(),
+            host: crate::util::host::hostname(),
             pid: std::process::id(),
             role,
             pipelines,
@@ -617,7 +618,7 @@ async fn prepare(
     // SQLite: we hold the lock, so runs still marked running died with their process.
     // PostgreSQL: runs whose process stopped its heartbeat for three leases.
     let stale_before =
-        crate::store::now_ms() - 3 * i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 4);
+        crate::util::time::now_ms() - 3 * i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 4);
     store.mark_stale_runs(stale_before).await?;
     let (client, sim) = provider_client(&p, &prices, &opened.work_dir).await?;
     Ok(Prepared {
@@ -936,20 +937,20 @@ async fn cmd_cancel(a: CancelArgs) -> Result<i32, Exit> {
         println!(
             "{id}  {}  {}",
             pid.as_deref().unwrap_or("-"),
-            printable(what)
+            text::printable(what)
         );
     }
     println!(
         "billed for requests that ran before the cancel: {} (input {} · cached {} · output {} tokens)",
         rep.billed.display_rounded(6),
-        report::n(rep.usage.input_tokens),
-        report::n(rep.usage.cached_input_tokens),
-        report::n(rep.usage.output_tokens)
+        text::n(rep.usage.input_tokens),
+        text::n(rep.usage.cached_input_tokens),
+        text::n(rep.usage.output_tokens)
     );
     if rep.still_open > 0 {
         println!(
             "{} still cancelling at the provider; `nightshift run` collects them later",
-            report::plural(rep.still_open as u64, "batch", "batches")
+            text::plural(rep.still_open as u64, "batch", "batches")
         );
     }
     println!(
@@ -990,7 +991,7 @@ async fn resolve_run(
             EXIT_ERROR,
             anyhow::anyhow!(
                 "no run id starts with `{}` in this store (`nightshift runs` lists them)",
-                printable(prefix)
+                text::printable(prefix)
             ),
         )),
         1 => Ok(found.remove(0)),
@@ -998,7 +999,7 @@ async fn resolve_run(
             EXIT_CONFIG,
             anyhow::anyhow!(
                 "`{}` is the start of several run ids ({}{}); give more of it",
-                printable(prefix),
+                text::printable(prefix),
                 found
                     .iter()
                     .take(4)
@@ -1009,12 +1010,6 @@ async fn resolve_run(
             ),
         )),
     }
-}
-
-/// Text from the source or a provider, made safe for a terminal: control characters
-/// (escape sequences) are shown escaped, never sent to the terminal.
-fn printable(s: &str) -> String {
-    report::printable(s)
 }
 
 async fn cmd_plan(a: PlanArgs) -> Result<i32, Exit> {
@@ -1187,12 +1182,12 @@ async fn cmd_report(a: ReportArgs) -> Result<i32, Exit> {
             for r in q {
                 println!(
                     "quarantined {}:{}{}: {}",
-                    printable(&r.source),
+                    text::printable(&r.source),
                     r.line,
                     r.field
-                        .map(|f| format!(" ({})", printable(&f)))
+                        .map(|f| format!(" ({})", text::printable(&f)))
                         .unwrap_or_default(),
-                    printable(&r.reason)
+                    text::printable(&r.reason)
                 );
             }
         }
@@ -1283,7 +1278,7 @@ async fn cmd_worker(a: WorkerArgs, json_logs: bool) -> Result<i32, Exit> {
     }
     let store = open_store(&loc, None, None).await?.store;
     let stale_before =
-        crate::store::now_ms() - 3 * i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 4);
+        crate::util::time::now_ms() - 3 * i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 4);
     store.mark_stale_runs(stale_before).await?;
     let mut clients = Vec::new();
     for (_, p, _, prices) in &loaded {
@@ -1350,7 +1345,7 @@ async fn cmd_worker(a: WorkerArgs, json_logs: bool) -> Result<i32, Exit> {
 async fn cmd_status(a: StatusArgs) -> Result<i32, Exit> {
     let store = open_existing(&a.db, a.file.as_deref()).await?;
     let open = store.open_batches(None).await?;
-    let now = crate::store::now_ms();
+    let now = crate::util::time::now_ms();
     // Workers seen in the last day, or still named on an open batch.
     let workers = store.workers(now - 86_400_000).await?;
     let holder = |b: &crate::store::BatchRow| -> String {
@@ -1414,10 +1409,10 @@ async fn cmd_status(a: StatusArgs) -> Result<i32, Exit> {
             };
             t.add_row(vec![
                 short_id(&w.id),
-                printable(&w.host),
+                text::printable(&w.host),
                 w.pid.to_string(),
                 w.role.clone(),
-                printable(&w.pipelines),
+                text::printable(&w.pipelines),
                 format!("{} ago", age((now - w.heartbeat_at).max(0) / 1000)),
                 w.held.to_string(),
                 state.to_string(),
@@ -1447,15 +1442,15 @@ async fn cmd_status(a: StatusArgs) -> Result<i32, Exit> {
     for b in &open {
         t.add_row(vec![
             b.id.clone(),
-            printable(&b.pipeline),
+            text::printable(&b.pipeline),
             b.state.clone(),
             b.provider_batch_id
                 .as_deref()
-                .map(printable)
+                .map(text::printable)
                 .unwrap_or_else(|| "-".into()),
             b.provider_status
                 .as_deref()
-                .map(printable)
+                .map(text::printable)
                 .unwrap_or_else(|| "-".into()),
             b.request_count.to_string(),
             age((now - b.created_at).max(0) / 1000),
@@ -1517,9 +1512,9 @@ impl Observer for LineObserver {
                 new_items,
             } => eprintln!(
                 "read {}, {} quarantined, {}",
-                report::plural(*records, "record", "records"),
-                report::n(*quarantined),
-                report::plural(*new_items, "new item", "new items")
+                text::plural(*records, "record", "records"),
+                text::n(*quarantined),
+                text::plural(*new_items, "new item", "new items")
             ),
             Event::Submitted {
                 batch_id,
@@ -1527,15 +1522,15 @@ impl Observer for LineObserver {
                 requests,
             } => eprintln!(
                 "submitted batch {batch_id} as {} ({})",
-                printable(provider_batch_id),
-                report::plural(*requests, "request", "requests")
+                text::printable(provider_batch_id),
+                text::plural(*requests, "request", "requests")
             ),
             Event::Adopted {
                 batch_id,
                 provider_batch_id,
             } => eprintln!(
                 "adopted batch {batch_id}: the provider already had it as {}",
-                printable(provider_batch_id)
+                text::printable(provider_batch_id)
             ),
             Event::Ingested {
                 batch_id,
@@ -1564,12 +1559,12 @@ fn quarantine_line(e: &Event) -> String {
             reason,
         } => format!(
             "quarantined {}:{line}{}: {}",
-            printable(source),
+            text::printable(source),
             field
                 .as_ref()
-                .map(|f| format!(" (field `{}`)", printable(f)))
+                .map(|f| format!(" (field `{}`)", text::printable(f)))
                 .unwrap_or_default(),
-            printable(reason)
+            text::printable(reason)
         ),
         _ => String::new(),
     }
@@ -1625,7 +1620,7 @@ impl BarObserver {
         self.bar.set_message(format!(
             "{} so far · {}",
             st.cost.display_rounded(4),
-            report::plural(st.retries, "retry", "retries")
+            text::plural(st.retries, "retry", "retries")
         ));
     }
 }
@@ -1639,8 +1634,8 @@ impl Observer for BarObserver {
                 quarantined,
             } => self.ingest.set_message(format!(
                 "{} records, {} quarantined",
-                report::n(*records),
-                report::n(*quarantined)
+                text::n(*records),
+                text::n(*quarantined)
             )),
             Event::IngestDone {
                 records,
@@ -1648,9 +1643,9 @@ impl Observer for BarObserver {
                 new_items,
             } => self.ingest.finish_with_message(format!(
                 "{} records, {} quarantined, {} new items",
-                report::n(*records),
-                report::n(*quarantined),
-                report::n(*new_items)
+                text::n(*records),
+                text::n(*quarantined),
+                text::n(*new_items)
             )),
             Event::Work { items } => {
                 self.bar.set_length(*items);

@@ -390,10 +390,10 @@ impl Reconciliation {
                 (None, _) => "-".to_string(),
             };
             let name = match (&b.provider_batch_id, b.mode.as_str()) {
-                (Some(id), _) => crate::report::printable(id),
+                (Some(id), _) => crate::util::text::printable(id),
                 (None, "online") => format!(
                     "online ({})",
-                    crate::report::plural(b.requests, "request", "requests")
+                    crate::util::text::plural(b.requests, "request", "requests")
                 ),
                 (None, _) => "(never reached the provider)".to_string(),
             };
@@ -440,7 +440,7 @@ impl Reconciliation {
             } else {
                 format!(
                     "{} where the ledger differs from the provider's figures",
-                    crate::report::plural(m as u64, "batch", "batches")
+                    crate::util::text::plural(m as u64, "batch", "batches")
                 )
             }
         );

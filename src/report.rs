@@ -11,6 +11,8 @@ use serde_json::{Value, json};
 
 use crate::cost::{Usage, Usd};
 use crate::store::{AuditRow, RunFigures, RunRow, Store, StoreError};
+use crate::util::text::{duration_ms, n, plural, printable};
+use crate::util::time::rfc3339;
 
 /// The figures of one run, ready to print.
 #[derive(Clone, Debug)]
@@ -299,62 +301,6 @@ pub fn short_run_id(id: &str) -> String {
     id.chars().take(13).collect()
 }
 
-/// `1234567` → `1,234,567`.
-pub fn n(v: u64) -> String {
-    let s = v.to_string();
-    let mut out = String::with_capacity(s.len() + s.len() / 3);
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-/// `1 batch`, `3 batches` (with thousands separators).
-pub fn plural(count: u64, one: &str, many: &str) -> String {
-    format!("{} {}", n(count), if count == 1 { one } else { many })
-}
-
-/// Text that came from a source file or a provider, made safe to print on a terminal:
-/// control characters (escape sequences, carriage returns) are shown escaped.
-pub fn printable(s: &str) -> String {
-    if !s.chars().any(char::is_control) {
-        return s.to_string();
-    }
-    s.chars()
-        .map(|c| {
-            if c.is_control() {
-                c.escape_default().collect::<String>()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
-}
-
-/// A duration for people: `850ms`, `42s`, `3m05s`, `2h07m`.
-pub fn duration_ms(ms: i64) -> String {
-    let ms = ms.max(0);
-    match ms {
-        m if m < 1000 => format!("{m}ms"),
-        m if m < 60_000 => format!("{:.1}s", m as f64 / 1000.0),
-        m if m < 3_600_000 => format!("{}m{:02}s", m / 60_000, (m / 1000) % 60),
-        m => format!("{}h{:02}m", m / 3_600_000, (m / 60_000) % 60),
-    }
-}
-
-pub fn rfc3339(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
-}
-
 /// `nightshift runs`: one line per run, newest first.
 pub fn runs_table(reports: &[RunReport], width: Option<u16>) -> String {
     let mut t = table(
@@ -467,10 +413,10 @@ pub fn audit_text(rows: &[AuditRow], width: Option<u16>) -> String {
             r.cost_pico
                 .map(|c| Usd::from_pico(c as i128).to_decimal_string())
                 .unwrap_or_else(|| "-".into()),
-            printable(&crate::validate::preview(&r.record_ids, 40)),
+            printable(&crate::util::text::preview(&r.record_ids, 40)),
             r.error
                 .as_deref()
-                .map(|e| printable(&crate::validate::preview(e, 120)))
+                .map(|e| printable(&crate::util::text::preview(e, 120)))
                 .unwrap_or_default(),
         ]);
     }
@@ -531,17 +477,4 @@ pub fn terminal_width() -> Option<u16> {
         }
     }
     std::env::var("COLUMNS").ok().and_then(|c| c.parse().ok())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn thousands_separators() {
-        assert_eq!(n(0), "0");
-        assert_eq!(n(999), "999");
-        assert_eq!(n(1000), "1,000");
-        assert_eq!(n(1234567), "1,234,567");
-    }
 }

@@ -8,6 +8,8 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use crate::util::text::preview;
+
 /// How many schema errors are kept per answer.
 const MAX_ERRORS: usize = 8;
 
@@ -129,14 +131,6 @@ impl OutputValidator {
         } else {
             Verdict::SchemaInvalid(errors)
         }
-    }
-}
-
-/// At most `max` characters of `s`, for error texts that may quote model output.
-pub fn preview(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_string(),
     }
 }
 

@@ -17,7 +17,7 @@ use secrecy::SecretString;
 
 use super::ProviderError;
 use super::redact::Redactor;
-use crate::validate::preview;
+use crate::util::text::preview;
 
 /// The most of an error body that is read.
 const ERROR_BODY_CAP: usize = 64 * 1024;
@@ -350,7 +350,7 @@ impl Http {
             return Err(ProviderError::TooLarge { cap });
         }
         let dir = dest.parent().unwrap_or(std::path::Path::new("."));
-        crate::fsutil::create_private_dir_all(dir)?;
+        crate::util::fs::create_private_dir_all(dir)?;
         let tmp = dir.join(format!(
             ".{}.part-{}",
             dest.file_name()
@@ -358,7 +358,7 @@ impl Http {
                 .unwrap_or_default(),
             std::process::id()
         ));
-        let mut file = tokio::fs::File::from_std(crate::fsutil::create_private(&tmp)?);
+        let mut file = tokio::fs::File::from_std(crate::util::fs::create_private(&tmp)?);
         let mut stream = resp.bytes_stream();
         let mut total = 0u64;
         let result: Result<(), ProviderError> = async {

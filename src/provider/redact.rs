@@ -24,7 +24,7 @@ use regex::Regex;
 use secrecy::{ExposeSecret, SecretString};
 
 use super::{LineOutcome, ProviderError, RemoteBatch, ResultLine};
-use crate::validate::preview;
+use crate::util::text::preview;
 
 /// What a masked secret becomes.
 pub const MASK: &str = "***";

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{BillEntry, RecordedRequest, SimBatch, SimFile};
-use crate::fsutil;
+use crate::util::fs as fsutil;
 
 const JOURNAL: &str = "journal.jsonl";
 const FILES: &str = "files";

@@ -50,6 +50,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::cost::{PriceTable, PricingMode, Usage, Usd};
+use crate::util::time::{now_ms, unix_now};
 use journal::{Got, Log, Put};
 
 pub use server::{SimHandle, serve, start};
@@ -67,20 +68,6 @@ pub fn draw(seed: u64, salt: &str, key: &str) -> f64 {
     let d = h.finalize();
     let n = u64::from_le_bytes(d[..8].try_into().expect("8 bytes"));
     (n >> 11) as f64 / (1u64 << 53) as f64
-}
-
-pub(crate) fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -1077,7 +1064,7 @@ impl Sim {
         let mut seen = HashSet::new();
         let (name, path) = self.new_content(&mut *self.state()?);
         let mut w = std::io::BufWriter::new(
-            crate::fsutil::create_private(&path)
+            crate::util::fs::create_private(&path)
                 .map_err(|e| SimError::bad_request(e.to_string()))?,
         );
         let mut recorded = Vec::with_capacity(requests.len());
@@ -1154,7 +1141,7 @@ impl Sim {
             (None, Some(reqs)) => {
                 let (name, path) = self.new_content(&mut *self.state()?);
                 let mut w = std::io::BufWriter::new(
-                    crate::fsutil::create_private(&path)
+                    crate::util::fs::create_private(&path)
                         .map_err(|e| SimError::bad_request(e.to_string()))?,
                 );
                 for r in reqs {
@@ -1808,7 +1795,7 @@ impl Sim {
     ) -> String {
         let (name, path) = self.new_content(inner);
         let mut bytes = 0u64;
-        let written = crate::fsutil::create_private(&path).and_then(|f| {
+        let written = crate::util::fs::create_private(&path).and_then(|f| {
             let mut w = std::io::BufWriter::new(f);
             for l in lines {
                 w.write_all(l.as_bytes())?;
@@ -2157,7 +2144,7 @@ mod tests {
     /// Uploads an OpenAI batch input; its file id.
     fn upload_text(sim: &Sim, text: String) -> String {
         let path = sim.new_file_path();
-        crate::fsutil::create_private(&path)
+        crate::util::fs::create_private(&path)
             .and_then(|mut f| f.write_all(text.as_bytes()))
             .unwrap();
         let f = sim

@@ -476,7 +476,7 @@ struct Sink {
 impl Sink {
     /// Creates the file private to its owner (0600): it holds prompts.
     async fn create(path: &std::path::Path) -> Result<Sink, SimError> {
-        let f = crate::fsutil::create_private(path)
+        let f = crate::util::fs::create_private(path)
             .map_err(|e| SimError::bad_request(e.to_string()))?;
         Ok(Sink {
             f: tokio::fs::File::from_std(f),

@@ -213,7 +213,7 @@ pub fn answer_body(flavor: Flavor, id: &str, model: &str, tool: &str, reply: &Re
     };
     match flavor {
         Flavor::OpenAi | Flavor::Azure => json!({
-            "id": format!("chatcmpl-{id}"), "object": "chat.completion", "created": super::unix_now(),
+            "id": format!("chatcmpl-{id}"), "object": "chat.completion", "created": crate::util::time::unix_now(),
             "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": null, "annotations": []},
                 "logprobs": null, "finish_reason": if *truncated { "length" } else { "stop" }}],
@@ -305,14 +305,4 @@ pub fn result_line(
     }
 }
 
-/// RFC 3339 text of a unix time, with microseconds as the providers write them.
-pub fn rfc3339(unix: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .map(|s| s.replace('Z', ".000000Z"))
-        .unwrap_or_default()
-}
+pub use crate::util::time::rfc3339_micros as rfc3339;

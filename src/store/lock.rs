@@ -37,7 +37,7 @@ impl RunLock {
             source,
         };
         if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
-            crate::fsutil::create_private_dir_all(dir).map_err(io)?;
+            crate::util::fs::create_private_dir_all(dir).map_err(io)?;
         }
         let path = PathBuf::from(format!("{}.lock", real_path(db).display()));
         let mut opts = std::fs::OpenOptions::new();
@@ -71,11 +71,11 @@ impl RunLock {
                 return Err(io(err));
             }
         }
-        let since = crate::report::rfc3339(crate::store::now_ms());
+        let since = crate::util::time::rfc3339(crate::util::time::now_ms());
         let line = format!(
             "pid {} on host {} since {since} ({what})\n",
             std::process::id(),
-            crate::worker::hostname(),
+            crate::util::host::hostname(),
         );
         file.set_len(0).map_err(io)?;
         file.seek(SeekFrom::Start(0)).map_err(io)?;

@@ -29,12 +29,12 @@ impl SqlStore {
             && !dir.as_os_str().is_empty()
             && !dir.exists()
         {
-            crate::fsutil::create_private_dir_all(dir)?;
+            crate::util::fs::create_private_dir_all(dir)?;
         }
         // Created private before SQLite sees it: SQLite gives the `-wal` and `-shm` files
         // (which hold prompts and answers too) the database file's mode.
         if !path.exists() {
-            crate::fsutil::create_private_new(path)?;
+            crate::util::fs::create_private_new(path)?;
         }
         let opts = SqliteConnectOptions::new()
             .filename(path)
@@ -50,7 +50,7 @@ impl SqlStore {
         for suffix in ["", "-wal", "-shm"] {
             let mut p = path.as_os_str().to_owned();
             p.push(suffix);
-            crate::fsutil::restrict_file(Path::new(&p));
+            crate::util::fs::restrict_file(Path::new(&p));
         }
         Ok(store)
     }

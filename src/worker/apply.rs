@@ -12,7 +12,8 @@ use crate::cost::{PricingMode, Rates, Usage};
 use crate::provider::{BatchProvider, LineOutcome, ResultLine};
 use crate::source::read_line_capped;
 use crate::store::{ApplyStats, AttemptOutcome, AttemptRef, BatchRow, Store};
-use crate::validate::{OutputValidator, Verdict, preview};
+use crate::util::text::preview;
+use crate::validate::{OutputValidator, Verdict};
 
 /// Result lines per store transaction.
 const APPLY_CHUNK: usize = 1000;

@@ -24,12 +24,12 @@ use std::time::{Duration, Instant};
 use crate::config::Pipeline;
 use crate::cost::{ModelPrice, PricingMode, Rates};
 use crate::dedupe::RequestShape;
-use crate::fsutil::{self, AtomicFile};
 use crate::provider::{BatchProvider, ProviderError, RequestSpec};
 use crate::store::{
     ApplyStats, BatchRow, Claim, NewRun, PlanOutcome, PlanRequest, RunStatus, Store, StoreError,
     now_ms,
 };
+use crate::util::fs::{self as fsutil, AtomicFile};
 use crate::validate::OutputValidator;
 
 pub use apply::judge_line;
@@ -587,7 +587,7 @@ pub async fn run<S: Store, P: BatchProvider>(
             model: p.provider.model.clone(),
             pricing_mode: ctx.pipeline.provider.pricing_mode(),
             max_attempts: p.max_attempts,
-            host: hostname(),
+            host: crate::util::host::hostname(),
             pid: std::process::id(),
             budget: ctx.budget.max,
             max_item: ctx.budget.max_item,
@@ -828,7 +828,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 "spent {} of the {} cap; the {} item(s) left need up to {} more (one attempt each, every answer at max_output_tokens)",
                 spent.display_rounded(6),
                 cap.display_rounded(6),
-                crate::report::n(left),
+                crate::util::text::n(left),
                 rest.display_rounded(6)
             ));
         }
@@ -1489,16 +1489,4 @@ fn jitter() -> f64 {
     use std::collections::hash_map::RandomState;
     use std::hash::BuildHasher;
     (RandomState::new().hash_one(Instant::now()) >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// This machine's name, for run rows and lock holders.
-pub fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most buf.len() bytes into buf.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return "unknown".into();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
 }

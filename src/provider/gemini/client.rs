@@ -24,7 +24,7 @@ use crate::provider::{
     BatchMeta, BatchProvider, CreateInput, LineOutcome, ProviderError, RemoteBatch, RemoteStatus,
     RequestCounts, RequestSpec, ResultLine,
 };
-use crate::validate::preview;
+use crate::util::text::preview;
 
 const MAX_LIST_PAGES: usize = 20;
 /// The output id of a batch whose answers came back inline.
@@ -460,7 +460,7 @@ impl BatchProvider for GeminiClient {
             if text.len() as u64 > cap {
                 return Err(ProviderError::TooLarge { cap });
             }
-            let mut f = crate::fsutil::AtomicFile::create(dest)?;
+            let mut f = crate::util::fs::AtomicFile::create(dest)?;
             std::io::Write::write_all(&mut f, text.as_bytes())?;
             f.commit()?;
             return Ok(text.len() as u64);

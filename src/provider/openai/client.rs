@@ -417,7 +417,7 @@ impl BatchProvider for OpenAiClient {
         metadata.insert("nightshift_run_id", meta.run_id.to_string());
         metadata.insert(
             "nightshift_pipeline",
-            crate::validate::preview(meta.pipeline, 400),
+            crate::util::text::preview(meta.pipeline, 400),
         );
         metadata.insert("nightshift_version", env!("CARGO_PKG_VERSION").to_string());
         let body = types::CreateBatch {

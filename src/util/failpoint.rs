@@ -11,7 +11,7 @@
 macro_rules! failpoint {
     ($name:expr) => {
         #[cfg(feature = "failpoints")]
-        $crate::failpoint::hit($name);
+        $crate::util::failpoint::hit($name);
     };
 }
 
