@@ -3,7 +3,7 @@
 //! the jobs, validates every answer against a JSON Schema, retries only what failed under a
 //! cap, and keeps an exact ledger of tokens and money per processed item.
 //!
-//! The map (see DESIGN.md): `source` reads records, `dedupe` keys items, `store` holds the
+//! The map (see docs/design.md): `source` reads records, `dedupe` keys items, `store` holds the
 //! state, `provider` talks to batch APIs, `worker` drives the pipeline, `validate` judges
 //! answers, `cost` prices them exactly, `report` rolls everything up per processed item, and
 //! `sim` is the offline provider simulator every test runs against.

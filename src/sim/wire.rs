@@ -1,6 +1,6 @@
 //! The providers' wire formats, as the simulator speaks them: reading a request in each
 //! provider's shape into one neutral form, and writing answers, result lines and batch
-//! objects back in each provider's shape (providers.md §1–§4, §7.1).
+//! objects back in each provider's shape (docs/providers.md §1–§4, §7.1).
 
 use serde_json::{Value, json};
 

@@ -1,4 +1,4 @@
-//! Named crash points for the crash tests (RELIABILITY.md B6).
+//! Named crash points for the crash tests (docs/reliability.md §B6).
 //!
 //! Compiled in only with the `failpoints` cargo feature. `NIGHTSHIFT_FAILPOINTS` names the
 //! points to trip, each with the hit on which it fires: `create.after_send=1,apply.after_chunk=3`.

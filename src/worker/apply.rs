@@ -17,7 +17,7 @@ use crate::validate::{OutputValidator, Verdict};
 
 /// Result lines per store transaction.
 const APPLY_CHUNK: usize = 1000;
-/// The longest result line read; longer ones are refused (RELIABILITY.md B7.5).
+/// The longest result line read; longer ones are refused (docs/reliability.md §B7.5).
 pub const MAX_RESULT_LINE: usize = 16 << 20;
 
 /// Judges one result line for `attempt`: validates the answer and prices the usage.

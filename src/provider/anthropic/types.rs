@@ -1,4 +1,4 @@
-//! Anthropic Message Batches wire types (providers.md §3), lenient: optional fields,
+//! Anthropic Message Batches wire types (docs/providers.md §3), lenient: optional fields,
 //! unknown fields ignored, open enums kept as text.
 
 use serde::Deserialize;

@@ -1,4 +1,4 @@
-//! Gemini Batch wire types (providers.md §4): camelCase, int64 counts as strings, open
+//! Gemini Batch wire types (docs/providers.md §4): camelCase, int64 counts as strings, open
 //! enums kept as text, unknown fields ignored.
 
 use serde::Deserialize;

@@ -30,7 +30,7 @@ use crate::provider::{
 const LIST_SKEW_SECONDS: i64 = 15 * 60;
 const MAX_LIST_PAGES: usize = 50;
 
-/// OpenAI itself, or Azure OpenAI with its differences (providers.md §2): the resource
+/// OpenAI itself, or Azure OpenAI with its differences (docs/providers.md §2): the resource
 /// endpoint with an `/openai` prefix and an `api-version` on every call, the `api-key`
 /// header, and the deployment name as the model.
 #[derive(Clone, Debug, PartialEq, Eq)]

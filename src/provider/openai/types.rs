@@ -1,4 +1,4 @@
-//! OpenAI Batch API wire types (providers.md §1), deserialised leniently: every field that
+//! OpenAI Batch API wire types (docs/providers.md §1), deserialised leniently: every field that
 //! the API may omit or null is optional, unknown fields are ignored and enums are open, so a
 //! new status or field never breaks parsing.
 
