@@ -567,6 +567,42 @@ impl Worksheet {
     }
 }
 
+/// The figures of a stored worksheet ([`Worksheet::to_json`]) that `reconcile` holds a run
+/// against. Read here, beside the writer, so the JSON's shape has one owner.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StoredPlan {
+    pub items_to_send: Option<u64>,
+    pub records_to_process: Option<u64>,
+    pub input_tokens_mean: Option<Decimal>,
+    pub output_tokens_per_call: Option<Decimal>,
+    pub retry_rate: Option<Decimal>,
+    pub expected_cost: Option<Decimal>,
+    pub worst_case_cost: Option<Decimal>,
+    pub model: Option<String>,
+    pub pricing_mode: Option<String>,
+}
+
+impl StoredPlan {
+    /// Reads what a run stored (`None` fields where it stored nothing, or is older).
+    pub fn parse(text: Option<&str>) -> StoredPlan {
+        let v: Value = text
+            .and_then(|t| serde_json::from_str(t).ok())
+            .unwrap_or(Value::Null);
+        let dec = |v: &Value| v.as_str().and_then(|s| s.parse::<Decimal>().ok());
+        StoredPlan {
+            items_to_send: v["items"]["to_send"].as_u64(),
+            records_to_process: v["records"]["to_process"].as_u64(),
+            input_tokens_mean: dec(&v["input_tokens_per_call"]["mean"]),
+            output_tokens_per_call: dec(&v["output_tokens_per_call"]["value"]),
+            retry_rate: dec(&v["retry_rate"]["value"]),
+            expected_cost: dec(&v["expected_cost_usd"]),
+            worst_case_cost: dec(&v["worst_case_cost_usd"]),
+            model: v["model"].as_str().map(str::to_string),
+            pricing_mode: v["pricing_mode"].as_str().map(str::to_string),
+        }
+    }
+}
+
 /// CSV formula-injection guard: a cell starting with `= + - @`, tab or CR gets a `'`.
 pub fn guard(s: &str) -> String {
     if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {

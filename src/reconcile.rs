@@ -63,10 +63,6 @@ pub struct Reconciliation {
     pub batches: Vec<BatchCheck>,
 }
 
-fn dec(v: &Value) -> Option<Decimal> {
-    v.as_str().and_then(|s| s.parse().ok())
-}
-
 fn fmt(d: Decimal, places: u32) -> String {
     d.round_dp_with_strategy(places, RoundingStrategy::MidpointAwayFromZero)
         .normalize()
@@ -143,11 +139,7 @@ pub async fn reconcile<S: Store>(
     live: Option<&Value>,
 ) -> Result<Reconciliation, StoreError> {
     let f = store.run_figures(&run.id).await?;
-    let plan: Value = run
-        .plan_json
-        .as_deref()
-        .and_then(|t| serde_json::from_str(t).ok())
-        .unwrap_or(Value::Null);
+    let plan = crate::plan::StoredPlan::parse(run.plan_json.as_deref());
     let u = &f.ledger.usage;
     let per = |total: u64, n: u64| {
         if n == 0 {
@@ -156,8 +148,8 @@ pub async fn reconcile<S: Store>(
             Decimal::from(total) / Decimal::from(n)
         }
     };
-    let items_to_send = plan["items"]["to_send"].as_u64().map(Decimal::from);
-    let retry_plan = dec(&plan["retry_rate"]["value"]);
+    let items_to_send = plan.items_to_send.map(Decimal::from);
+    let retry_plan = plan.retry_rate;
     let retries = f.attempts.saturating_sub(f.items_attempted);
     let duplicate_submissions = live.map(duplicates_in_record).unwrap_or(0);
     let mut lines = vec![
@@ -169,37 +161,35 @@ pub async fn reconcile<S: Store>(
         },
         Line {
             figure: "processed records",
-            plan: plan["records"]["to_process"]
-                .as_u64()
+            plan: plan
+                .records_to_process
                 .map(|v| v.to_string())
                 .unwrap_or("-".into()),
             actual: f.processed_records.to_string(),
             difference: diff(
-                plan["records"]["to_process"].as_u64().map(Decimal::from),
+                plan.records_to_process.map(Decimal::from),
                 Decimal::from(f.processed_records),
                 0,
             ),
         },
         Line {
             figure: "input tokens per call (mean)",
-            plan: dec(&plan["input_tokens_per_call"]["mean"])
+            plan: plan
+                .input_tokens_mean
                 .map(|d| fmt(d, 1))
                 .unwrap_or("-".into()),
             actual: fmt(per(u.input_tokens, f.answered), 1),
-            difference: diff(
-                dec(&plan["input_tokens_per_call"]["mean"]),
-                per(u.input_tokens, f.answered),
-                1,
-            ),
+            difference: diff(plan.input_tokens_mean, per(u.input_tokens, f.answered), 1),
         },
         Line {
             figure: "output tokens per call (mean)",
-            plan: dec(&plan["output_tokens_per_call"]["value"])
+            plan: plan
+                .output_tokens_per_call
                 .map(|d| fmt(d, 1))
                 .unwrap_or("-".into()),
             actual: fmt(per(u.output_tokens, f.answered), 1),
             difference: diff(
-                dec(&plan["output_tokens_per_call"]["value"]),
+                plan.output_tokens_per_call,
                 per(u.output_tokens, f.answered),
                 1,
             ),
@@ -251,7 +241,7 @@ pub async fn reconcile<S: Store>(
         },
         Line {
             figure: "model",
-            plan: plan["model"].as_str().unwrap_or(&run.model).to_string(),
+            plan: plan.model.clone().unwrap_or_else(|| run.model.clone()),
             actual: if f.models.is_empty() {
                 "-".into()
             } else {
@@ -261,33 +251,24 @@ pub async fn reconcile<S: Store>(
         },
         Line {
             figure: "pricing mode",
-            plan: plan["pricing_mode"].as_str().unwrap_or("-").to_string(),
+            plan: plan.pricing_mode.clone().unwrap_or_else(|| "-".into()),
             actual: run.pricing_mode.clone(),
             difference: String::new(),
         },
         Line {
             figure: "cost (USD)",
-            plan: dec(&plan["expected_cost_usd"])
-                .map(|d| fmt(d, 6))
-                .unwrap_or("-".into()),
+            plan: plan.expected_cost.map(|d| fmt(d, 6)).unwrap_or("-".into()),
             actual: fmt(f.ledger.cost.to_decimal(), 6),
-            difference: diff(
-                dec(&plan["expected_cost_usd"]),
-                f.ledger.cost.to_decimal(),
-                6,
-            ),
+            difference: diff(plan.expected_cost, f.ledger.cost.to_decimal(), 6),
         },
         Line {
             figure: "worst case (USD)",
-            plan: dec(&plan["worst_case_cost_usd"])
+            plan: plan
+                .worst_case_cost
                 .map(|d| fmt(d, 6))
                 .unwrap_or("-".into()),
             actual: fmt(f.ledger.cost.to_decimal(), 6),
-            difference: diff(
-                dec(&plan["worst_case_cost_usd"]),
-                f.ledger.cost.to_decimal(),
-                6,
-            ),
+            difference: diff(plan.worst_case_cost, f.ledger.cost.to_decimal(), 6),
         },
     ];
     if let Some(cap) = run.budget_pico {
