@@ -9,8 +9,8 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::config::{RenderError, Template};
 use crate::cost::tokens::PromptCounter;
+use crate::prompt::{RenderError, Template};
 
 /// The fixed parts of a request body around the user message.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -14,6 +14,8 @@ pub mod config;
 pub mod cost;
 pub mod dedupe;
 pub mod plan;
+pub mod preflight;
+pub mod prompt;
 pub mod provider;
 pub mod reconcile;
 pub mod report;

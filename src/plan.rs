@@ -60,7 +60,7 @@ pub fn scan_source(
 ) -> Result<SourceScan, SourceError> {
     let mut scan = SourceScan::default();
     let mut scratch = String::new();
-    for ev in SourceReader::open(p)? {
+    for ev in SourceReader::open(&p.source)? {
         scan.records_read += 1;
         match ev? {
             SourceEvent::Record(r) => {

@@ -16,6 +16,7 @@
 //! same redactor before the worker sees them.
 
 pub mod anthropic;
+pub mod config;
 pub mod gemini;
 pub mod http;
 pub mod openai;
@@ -190,15 +191,30 @@ pub trait BatchProvider: Send + Sync + 'static {
     fn pricing_mode(&self) -> PricingMode {
         PricingMode::Batch
     }
+    /// The provider's encoding: what it sends and reads, apart from how.
+    fn codec(&self) -> &Codec;
     /// The fixed part of every request of a pipeline (see `dedupe`).
-    fn request_shape(&self, spec: &RequestSpec<'_>) -> Result<RequestShape, String>;
-    /// Counts the prompt tokens of requests of this shape as the provider bills them (exact
-    /// for models with a known tokenizer, a conservative estimate otherwise).
-    fn prompt_counter(&self, spec: &RequestSpec<'_>) -> crate::cost::tokens::PromptCounter;
+    fn request_shape(&self, spec: &RequestSpec<'_>) -> Result<RequestShape, String> {
+        self.codec().request_shape(spec)
+    }
+    /// Counts the prompt tokens of requests of this shape as the provider bills them.
+    fn prompt_counter(&self, spec: &RequestSpec<'_>) -> crate::cost::tokens::PromptCounter {
+        self.codec().prompt_counter(spec)
+    }
     /// An upper bound on the bytes a JSONL line adds around the request body.
-    fn line_overhead(&self) -> u64;
+    fn line_overhead(&self) -> u64 {
+        self.codec().line_overhead()
+    }
     /// Appends one input line (with its newline) to `out`.
-    fn write_line(&self, custom_id: &str, shape: &RequestShape, user_json: &str, out: &mut Vec<u8>);
+    fn write_line(
+        &self,
+        custom_id: &str,
+        shape: &RequestShape,
+        user_json: &str,
+        out: &mut Vec<u8>,
+    ) {
+        self.codec().write_line(custom_id, shape, user_json, out)
+    }
     /// Whether a batch file of `bytes` is uploaded first; if not, its lines go inline in the
     /// create call.
     fn uploads(&self, _bytes: u64) -> bool {
@@ -291,8 +307,11 @@ pub fn read_key_file(path: &Path) -> Result<SecretString, String> {
 }
 
 /// The key a client uses: the configured one, or a placeholder for the simulator.
-pub fn resolve_key(key: &crate::config::KeySource, simulate: bool) -> Result<SecretString, String> {
-    use crate::config::KeySource;
+pub fn resolve_key(
+    key: &crate::provider::config::KeySource,
+    simulate: bool,
+) -> Result<SecretString, String> {
+    use crate::provider::config::KeySource;
     if simulate {
         return Ok(SecretString::from("nightshift-simulator".to_string()));
     }
@@ -308,6 +327,90 @@ pub fn resolve_key(key: &crate::config::KeySource, simulate: bool) -> Result<Sec
 /// Where a provider keeps its downloads for a batch.
 pub fn download_path(dir: &Path, batch_id: &str, kind: &str) -> PathBuf {
     dir.join(format!("{batch_id}.{kind}.jsonl"))
+}
+
+/// The pure half of a provider: how a pipeline's requests are encoded and its result lines
+/// read, with no client, no key and no connection. `plan` works from this alone; each client
+/// holds one and adds the HTTP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Codec {
+    OpenAi(openai::codec::OpenAiCodec),
+    Anthropic(anthropic::codec::AnthropicCodec),
+    Gemini(gemini::codec::GeminiCodec),
+}
+
+macro_rules! each_codec {
+    ($self:ident, $c:ident => $e:expr) => {
+        match $self {
+            Codec::OpenAi($c) => $e,
+            Codec::Anthropic($c) => $e,
+            Codec::Gemini($c) => $e,
+        }
+    };
+}
+
+impl Codec {
+    /// The encoding of the provider `cfg` names.
+    pub fn for_config(cfg: &config::ProviderConfig) -> Codec {
+        use config::ProviderKind;
+        match cfg.kind {
+            ProviderKind::OpenAi => Codec::OpenAi(openai::codec::OpenAiCodec { deployment: None }),
+            ProviderKind::Azure => Codec::OpenAi(openai::codec::OpenAiCodec {
+                deployment: Some(cfg.deployment.clone().unwrap_or_else(|| cfg.model.clone())),
+            }),
+            ProviderKind::Anthropic => Codec::Anthropic(anthropic::codec::AnthropicCodec),
+            ProviderKind::Gemini => Codec::Gemini(gemini::codec::GeminiCodec),
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Codec::OpenAi(c) => c.kind(),
+            Codec::Anthropic(_) => "anthropic",
+            Codec::Gemini(_) => "gemini",
+        }
+    }
+
+    /// The fixed part of every request of a pipeline (see `dedupe`).
+    pub fn request_shape(&self, spec: &RequestSpec<'_>) -> Result<RequestShape, String> {
+        each_codec!(self, c => c.request_shape(spec))
+    }
+
+    /// Counts the prompt tokens of requests of this shape as the provider bills them (exact
+    /// for models with a known tokenizer, a conservative estimate otherwise).
+    pub fn prompt_counter(&self, spec: &RequestSpec<'_>) -> crate::cost::tokens::PromptCounter {
+        each_codec!(self, c => c.prompt_counter(spec))
+    }
+
+    /// An upper bound on the bytes a JSONL line adds around the request body.
+    pub fn line_overhead(&self) -> u64 {
+        each_codec!(self, c => c.line_overhead())
+    }
+
+    /// Appends one input line (with its newline) to `out`.
+    pub fn write_line(
+        &self,
+        custom_id: &str,
+        shape: &RequestShape,
+        user_json: &str,
+        out: &mut Vec<u8>,
+    ) {
+        each_codec!(self, c => c.write_line(custom_id, shape, user_json, out))
+    }
+
+    /// Reads one line of a result file; error previews are scrubbed with `redactor` before
+    /// they are cut (the caller scrubs the rest).
+    pub fn parse_line(
+        &self,
+        line: &[u8],
+        redactor: &redact::Redactor,
+    ) -> Result<ResultLine, String> {
+        match self {
+            Codec::OpenAi(c) => c.parse_line(line, redactor),
+            Codec::Anthropic(c) => c.parse_line(line),
+            Codec::Gemini(c) => c.parse_line(line),
+        }
+    }
 }
 
 /// One of the provider clients, chosen by the pipeline's `[provider] kind`.
@@ -332,11 +435,11 @@ impl AnyProvider {
     /// Builds the client for `cfg`. `simulator` is the root URL of a simulator to talk to
     /// instead of the provider (`simulate = true`).
     pub fn build(
-        cfg: &crate::config::ProviderConfig,
+        cfg: &config::ProviderConfig,
         key: SecretString,
         simulator: Option<&str>,
     ) -> Result<AnyProvider, ProviderError> {
-        use crate::config::ProviderKind;
+        use config::ProviderKind;
         // A call retries on its own for a share of the give-up time; the runner judges the
         // whole spell of failures against `unreachable_timeout`.
         let policy = http::RetryPolicy {
@@ -394,23 +497,8 @@ impl BatchProvider for AnyProvider {
     fn endpoint(&self) -> &str {
         each!(self, c => c.endpoint())
     }
-    fn request_shape(&self, spec: &RequestSpec<'_>) -> Result<RequestShape, String> {
-        each!(self, c => c.request_shape(spec))
-    }
-    fn prompt_counter(&self, spec: &RequestSpec<'_>) -> crate::cost::tokens::PromptCounter {
-        each!(self, c => c.prompt_counter(spec))
-    }
-    fn line_overhead(&self) -> u64 {
-        each!(self, c => c.line_overhead())
-    }
-    fn write_line(
-        &self,
-        custom_id: &str,
-        shape: &RequestShape,
-        user_json: &str,
-        out: &mut Vec<u8>,
-    ) {
-        each!(self, c => c.write_line(custom_id, shape, user_json, out))
+    fn codec(&self) -> &Codec {
+        each!(self, c => c.codec())
     }
     fn uploads(&self, bytes: u64) -> bool {
         each!(self, c => c.uploads(bytes))

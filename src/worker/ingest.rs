@@ -35,7 +35,7 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
     counter: PromptCounter,
 ) -> Result<bool, RunError> {
     let p = ctx.pipeline;
-    let reader = SourceReader::open(p)?;
+    let reader = SourceReader::open(&p.source)?;
     let (tx, mut rx) = mpsc::channel::<Result<Chunk, SourceError>>(1);
     let template = p.prompt.user.clone();
     let shape = shape.clone();

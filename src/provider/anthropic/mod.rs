@@ -1,6 +1,7 @@
 //! Anthropic Message Batches: requests inline in the create call, results as a JSONL stream.
 
 pub mod client;
+pub mod codec;
 pub mod types;
 
 pub use client::AnthropicClient;

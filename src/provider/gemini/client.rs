@@ -13,16 +13,12 @@ use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
 
 use super::INLINE_LIMIT_BYTES;
-use super::types::{
-    FileEnvelope, FileList, GenerateContentResponse, Operation, OperationList, ResponseLine,
-};
-use crate::cost::Usage;
-use crate::cost::tokens::PromptCounter;
-use crate::dedupe::{RequestShape, USER_SLOT};
+use super::codec::GeminiCodec;
+use super::types::{FileEnvelope, FileList, Operation, OperationList};
 use crate::provider::http::{Http, RetryPolicy};
 use crate::provider::{
-    BatchMeta, BatchProvider, CreateInput, LineOutcome, ProviderError, RemoteBatch, RemoteStatus,
-    RequestCounts, RequestSpec, ResultLine,
+    BatchMeta, BatchProvider, Codec, CreateInput, ProviderError, RemoteBatch, RemoteStatus,
+    RequestCounts, ResultLine,
 };
 use crate::util::text::preview;
 
@@ -35,6 +31,7 @@ pub struct GeminiClient {
     key: SecretString,
     http: Http,
     model: String,
+    codec: Codec,
 }
 
 impl std::fmt::Debug for GeminiClient {
@@ -128,6 +125,7 @@ impl GeminiClient {
             key,
             http,
             model: model.trim_start_matches("models/").to_string(),
+            codec: Codec::Gemini(GeminiCodec),
         })
     }
 
@@ -177,37 +175,6 @@ impl GeminiClient {
     }
 }
 
-fn response_outcome(r: GenerateContentResponse) -> LineOutcome {
-    let usage = r.usage_metadata.map(|u| u.normalised()).unwrap_or_default();
-    let cand = r.candidates.into_iter().next();
-    let finish = cand.as_ref().and_then(|c| c.finish_reason.clone());
-    let text = cand
-        .and_then(|c| c.content)
-        .map(|c| {
-            c.parts
-                .into_iter()
-                .filter_map(|p| p.text)
-                .collect::<Vec<_>>()
-                .join("")
-        })
-        .filter(|t| !t.is_empty());
-    let (finish_reason, refusal) = match finish.as_deref() {
-        Some("MAX_TOKENS") => (Some("length".to_string()), None),
-        Some(f @ ("SAFETY" | "RECITATION" | "BLOCKLIST" | "PROHIBITED_CONTENT" | "SPII")) => {
-            (Some(f.to_string()), Some(format!("blocked: {f}")))
-        }
-        Some(f) => (Some(f.to_ascii_lowercase()), None),
-        None => (None, None),
-    };
-    LineOutcome::Answer {
-        content: text,
-        refusal,
-        finish_reason,
-        model: r.model_version,
-        usage,
-    }
-}
-
 impl BatchProvider for GeminiClient {
     fn endpoint(&self) -> &str {
         &self.base
@@ -215,45 +182,8 @@ impl BatchProvider for GeminiClient {
     fn kind(&self) -> &'static str {
         "gemini"
     }
-
-    fn request_shape(&self, spec: &RequestSpec<'_>) -> Result<RequestShape, String> {
-        let mut config = json!({
-            "maxOutputTokens": spec.max_output_tokens,
-            "responseMimeType": "application/json",
-            "responseJsonSchema": spec.schema,
-        });
-        if let Some(t) = spec.temperature {
-            config["temperature"] = json!(t);
-        }
-        let mut body = json!({
-            "contents": [{"role": "user", "parts": [{"text": USER_SLOT}]}],
-            "generationConfig": config,
-        });
-        if let Some(sys) = spec.system {
-            body["systemInstruction"] = json!({"parts": [{"text": sys}]});
-        }
-        RequestShape::from_canonical_with_slot(&body.to_string())
-    }
-
-    fn prompt_counter(&self, spec: &RequestSpec<'_>) -> PromptCounter {
-        // No local Gemini tokenizer: the conservative estimate, over the same text.
-        PromptCounter::for_chat(spec.model, spec.system, &spec.schema.to_string())
-    }
-
-    fn line_overhead(&self) -> u64 {
-        // {"key":"<≤64>","request":}
-        64 + 24
-    }
-
-    fn write_line(
-        &self,
-        custom_id: &str,
-        shape: &RequestShape,
-        user_json: &str,
-        out: &mut Vec<u8>,
-    ) {
-        let head: [&[u8]; 3] = [b"{\"key\":\"", custom_id.as_bytes(), b"\",\"request\":"];
-        shape.write_line(&head, user_json, out);
+    fn codec(&self) -> &Codec {
+        &self.codec
     }
 
     fn uploads(&self, bytes: u64) -> bool {
@@ -479,42 +409,16 @@ impl BatchProvider for GeminiClient {
     }
 
     fn parse_result_line(&self, line: &[u8]) -> Result<ResultLine, String> {
-        self.http.redactor().result_line(parse_line(line))
+        self.http
+            .redactor()
+            .result_line(self.codec.parse_line(line, self.http.redactor()))
     }
-}
-
-/// A line of a responses file, as the provider wrote it (the caller scrubs it).
-fn parse_line(line: &[u8]) -> Result<ResultLine, String> {
-    let l: ResponseLine = serde_json::from_slice(line).map_err(|e| e.to_string())?;
-    let key = l
-        .key
-        .or_else(|| {
-            l.metadata
-                .as_ref()
-                .and_then(|m| m.get("key"))
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        })
-        .ok_or("line has no key")?;
-    let outcome = match (l.response, l.error) {
-        (Some(r), _) => response_outcome(r),
-        (None, Some(e)) => LineOutcome::Error {
-            status: e.code.map(|c| c.clamp(0, 999) as u16),
-            code: None,
-            message: e.message.unwrap_or_default(),
-            usage: Usage::default(),
-        },
-        (None, None) => return Err("line has neither `response` nor `error`".into()),
-    };
-    Ok(ResultLine {
-        custom_id: key,
-        outcome,
-    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provider::LineOutcome;
 
     fn client() -> GeminiClient {
         GeminiClient::new(

@@ -2,6 +2,7 @@
 //! inline for small batches; long-running operations with `BATCH_STATE_*` states.
 
 pub mod client;
+pub mod codec;
 pub mod types;
 
 pub use client::GeminiClient;

@@ -10,19 +10,19 @@ use std::time::Duration;
 
 use reqwest::multipart;
 use secrecy::{ExposeSecret, SecretString};
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use super::types::{self, Batch, ChatCompletion, FileObject, ListPage, OutputLine};
+use super::codec::{OpenAiCodec, chat_outcome};
+use super::types;
+use super::types::{Batch, ChatCompletion, FileObject, ListPage};
 use super::{ENDPOINT, META_BATCH_ID};
 use crate::cost::Usage;
-use crate::cost::tokens::PromptCounter;
-use crate::dedupe::{RequestShape, USER_SLOT};
+use crate::dedupe::RequestShape;
 use crate::provider::CreateInput;
-use crate::provider::http::{self, Http, RetryPolicy};
-use crate::provider::redact::Redactor;
+use crate::provider::http::{Http, RetryPolicy};
 use crate::provider::{
-    BatchMeta, BatchProvider, LineOutcome, ProviderError, RemoteBatch, RemoteStatus, RequestCounts,
-    RequestSpec, ResultLine,
+    BatchMeta, BatchProvider, Codec, LineOutcome, ProviderError, RemoteBatch, RemoteStatus,
+    RequestCounts, ResultLine,
 };
 
 /// How far back (seconds) the batch list is searched before a local batch's creation time,
@@ -48,6 +48,7 @@ pub struct OpenAiClient {
     http: Http,
     completion_window: String,
     flavor: Flavor,
+    codec: Codec,
 }
 
 impl std::fmt::Debug for OpenAiClient {
@@ -73,6 +74,7 @@ impl OpenAiClient {
             http,
             completion_window: "24h".into(),
             flavor: Flavor::OpenAi,
+            codec: Codec::OpenAi(OpenAiCodec { deployment: None }),
         })
     }
 
@@ -92,6 +94,9 @@ impl OpenAiClient {
             api_version: api_version.to_string(),
             deployment: deployment.to_string(),
         };
+        c.codec = Codec::OpenAi(OpenAiCodec {
+            deployment: Some(deployment.to_string()),
+        });
         Ok(c)
     }
 
@@ -225,97 +230,15 @@ impl From<Batch> for RemoteBatch {
     }
 }
 
-/// What a chat completion says, as a result-line outcome.
-fn chat_outcome(c: ChatCompletion) -> LineOutcome {
-    let usage = c.usage.map(|u| u.normalised()).unwrap_or_default();
-    let (content, refusal, finish_reason) = match c.choices.into_iter().next() {
-        Some(ch) => {
-            let (content, refusal) = ch
-                .message
-                .map(|m| (m.content, m.refusal))
-                .unwrap_or((None, None));
-            (content, refusal, ch.finish_reason)
-        }
-        None => (None, None, None),
-    };
-    LineOutcome::Answer {
-        content,
-        refusal,
-        finish_reason,
-        model: c.model,
-        usage,
-    }
-}
-
-/// The structured-output request: the pipeline's schema, strict.
-fn response_format(spec: &RequestSpec<'_>) -> Value {
-    json!({
-        "type": "json_schema",
-        "json_schema": {"name": spec.schema_name, "schema": spec.schema, "strict": true}
-    })
-}
-
 impl BatchProvider for OpenAiClient {
     fn endpoint(&self) -> &str {
         &self.base
     }
     fn kind(&self) -> &'static str {
-        match self.flavor {
-            Flavor::OpenAi => "openai",
-            Flavor::Azure { .. } => "azure",
-        }
+        self.codec.kind()
     }
-
-    fn request_shape(&self, spec: &RequestSpec<'_>) -> Result<RequestShape, String> {
-        let mut messages = Vec::new();
-        if let Some(sys) = spec.system {
-            messages.push(json!({"role": "system", "content": sys}));
-        }
-        messages.push(json!({"role": "user", "content": USER_SLOT}));
-        let model = match &self.flavor {
-            Flavor::OpenAi => spec.model,
-            Flavor::Azure { deployment, .. } => deployment.as_str(),
-        };
-        let mut body = json!({
-            "model": model,
-            "messages": messages,
-            "max_completion_tokens": spec.max_output_tokens,
-            "response_format": response_format(spec),
-        });
-        if let Some(t) = spec.temperature {
-            body["temperature"] = json!(t);
-        }
-        // serde_json's map is ordered by key: this is the canonical form.
-        RequestShape::from_canonical_with_slot(&body.to_string())
-    }
-
-    fn prompt_counter(&self, spec: &RequestSpec<'_>) -> PromptCounter {
-        // Exactly what the request carries: the same response_format JSON the shape holds.
-        let rf = response_format(spec).to_string();
-        PromptCounter::for_chat(spec.model, spec.system, &rf)
-    }
-
-    fn line_overhead(&self) -> u64 {
-        // {"custom_id":"<≤64>","method":"POST","url":"/v1/chat/completions","body":}
-        64 + 80
-    }
-
-    fn write_line(
-        &self,
-        custom_id: &str,
-        shape: &RequestShape,
-        user_json: &str,
-        out: &mut Vec<u8>,
-    ) {
-        // custom ids are ours, `[A-Za-z0-9_-]`, never needing escapes
-        let head: [&[u8]; 5] = [
-            b"{\"custom_id\":\"",
-            custom_id.as_bytes(),
-            b"\",\"method\":\"POST\",\"url\":\"",
-            ENDPOINT.as_bytes(),
-            b"\",\"body\":",
-        ];
-        shape.write_line(&head, user_json, out);
+    fn codec(&self) -> &Codec {
+        &self.codec
     }
 
     async fn upload(&self, filename: &str, path: &Path) -> Result<String, ProviderError> {
@@ -538,60 +461,15 @@ impl BatchProvider for OpenAiClient {
 
     fn parse_result_line(&self, line: &[u8]) -> Result<ResultLine, String> {
         let r = self.http.redactor();
-        r.result_line(parse_line(line, r))
+        r.result_line(self.codec.parse_line(line, r))
     }
-}
-
-/// A line of an output or error file. Only the error preview is scrubbed here (before it is
-/// cut); the caller scrubs the rest.
-fn parse_line(line: &[u8], redactor: &Redactor) -> Result<ResultLine, String> {
-    let l: OutputLine<'_> = serde_json::from_slice(line).map_err(|e| e.to_string())?;
-    let outcome = match (l.response, l.error) {
-        (Some(resp), _) if resp.status_code == 200 => {
-            let body = resp.body.map(|b| b.get()).unwrap_or("null");
-            let c: ChatCompletion = serde_json::from_str(body)
-                .map_err(|e| format!("response body is not a chat completion: {e}"))?;
-            chat_outcome(c)
-        }
-        (Some(resp), _) => {
-            let body: Value = resp
-                .body
-                .and_then(|b| serde_json::from_str(b.get()).ok())
-                .unwrap_or(Value::Null);
-            let usage = body
-                .get("usage")
-                .and_then(|u| serde_json::from_value::<types::CompletionUsage>(u.clone()).ok())
-                .map(|u| u.normalised())
-                .unwrap_or_default();
-            let (code, message) = http::error_message(&body.to_string(), redactor);
-            LineOutcome::Error {
-                status: Some(resp.status_code),
-                code,
-                message,
-                usage,
-            }
-        }
-        (None, Some(err)) => match err.code.as_deref() {
-            Some("batch_expired") => LineOutcome::Expired,
-            Some("batch_cancelled") | Some("batch_canceled") => LineOutcome::Cancelled,
-            _ => LineOutcome::Error {
-                status: None,
-                code: err.code,
-                message: err.message.unwrap_or_default(),
-                usage: Usage::default(),
-            },
-        },
-        (None, None) => return Err("line has neither `response` nor `error`".into()),
-    };
-    Ok(ResultLine {
-        custom_id: l.custom_id.into_owned(),
-        outcome,
-    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provider::RequestSpec;
+    use serde_json::json;
 
     fn client() -> OpenAiClient {
         OpenAiClient::new(

@@ -1,6 +1,7 @@
 //! OpenAI Batch API: Files + Batches over `/v1/chat/completions` requests.
 
 pub mod client;
+pub mod codec;
 pub mod types;
 
 pub use client::OpenAiClient;

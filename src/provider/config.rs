@@ -1,0 +1,111 @@
+//! The `[provider]` settings a client is built from: which provider, which model, how
+//! requests are sent (batch or online), where the key comes from, and the timeouts. Plain
+//! data: the pipeline file is parsed and checked in `config`, the key read in `provider`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::cost::PricingMode;
+
+/// OpenAI's limits for one batch input file.
+pub const OPENAI_MAX_REQUESTS: usize = 50_000;
+pub const OPENAI_MAX_BYTES: u64 = 200 * 1000 * 1000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProviderKind {
+    OpenAi,
+    Azure,
+    Anthropic,
+    Gemini,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::OpenAi => "openai",
+            ProviderKind::Azure => "azure",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Gemini => "gemini",
+        }
+    }
+
+    pub fn default_key_env(self) -> &'static str {
+        match self {
+            ProviderKind::OpenAi => "OPENAI_API_KEY",
+            ProviderKind::Azure => "AZURE_OPENAI_API_KEY",
+            ProviderKind::Anthropic => "ANTHROPIC_API_KEY",
+            ProviderKind::Gemini => "GEMINI_API_KEY",
+        }
+    }
+
+    /// The provider's own limits for one batch: (requests, bytes).
+    pub fn batch_limits(self) -> (usize, u64) {
+        match self {
+            ProviderKind::OpenAi => (OPENAI_MAX_REQUESTS, OPENAI_MAX_BYTES),
+            ProviderKind::Azure => (100_000, 200 * 1000 * 1000),
+            ProviderKind::Anthropic => (100_000, 256 * 1000 * 1000),
+            // No documented request cap; files up to 2 GB.
+            ProviderKind::Gemini => (100_000, 2 * 1000 * 1000 * 1000),
+        }
+    }
+}
+
+/// How requests are sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Provider batch jobs, at batch prices.
+    Batch,
+    /// Real-time calls under concurrency and rate limits, at standard prices.
+    Online,
+}
+
+/// The online-mode limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OnlineLimits {
+    pub concurrency: usize,
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u64>,
+}
+
+/// Where the API key comes from. The key itself is read only when a client is built.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeySource {
+    Env(String),
+    File(PathBuf),
+}
+
+#[derive(Clone, Debug)]
+pub struct ProviderConfig {
+    pub kind: ProviderKind,
+    pub mode: Mode,
+    pub model: String,
+    /// Azure: the deployment the requests name (defaults to `model`).
+    pub deployment: Option<String>,
+    /// Azure: the `api-version` query parameter.
+    pub api_version: String,
+    pub online: OnlineLimits,
+    /// A retry round with fewer items than this goes online instead of into a new batch.
+    pub retry_online_below: Option<u64>,
+    pub base_url: Option<String>,
+    pub key: KeySource,
+    pub simulate: bool,
+    pub completion_window: String,
+    pub poll_min: Duration,
+    pub poll_max: Duration,
+    pub request_timeout: Duration,
+    /// How long the provider may stay unreachable (refused connections, timeouts, 5xx and
+    /// 429s without end) before a run gives up with exit 75.
+    pub unreachable_timeout: Duration,
+    /// How long after an ambiguous create the provider's list is trusted to show the batch.
+    pub reconcile_grace: Duration,
+    pub max_download_bytes: u64,
+}
+
+impl ProviderConfig {
+    pub fn pricing_mode(&self) -> PricingMode {
+        match self.mode {
+            Mode::Batch => PricingMode::Batch,
+            Mode::Online => PricingMode::Standard,
+        }
+    }
+}
