@@ -1,0 +1,54 @@
+//! `nightshift report`: one run's figures, or its per-item audit.
+
+use crate::cli::args::ReportArgs;
+use crate::cli::exit::{EXIT_OK, Exit};
+use crate::cli::session::{open_existing, pipeline_name, resolve_run};
+use crate::report::{self, RunReport};
+use crate::store::Store;
+use crate::util::text;
+
+pub(crate) async fn run(a: ReportArgs) -> Result<i32, Exit> {
+    let store = open_existing(&a.db, a.file.as_deref()).await?;
+    let pipeline = pipeline_name(a.file.as_deref())?;
+    let run = resolve_run(&store, a.run.as_deref(), pipeline.as_deref()).await?;
+    if a.items {
+        // The attempts of this run's batches (each attempt belongs to exactly one run).
+        let rows = store.audit(&run.id).await?;
+        let q = store.quarantine(&run.id).await?;
+        if a.json {
+            let quarantine: Vec<_> = q
+                .iter()
+                .map(|r| serde_json::json!({"source": r.source, "line": r.line, "field": r.field, "reason": r.reason}))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"run_id": run.id, "attempts": report::audit_json(&rows), "quarantined": quarantine})
+            );
+        } else {
+            if rows.is_empty() {
+                println!("run {}: no attempt (nothing was sent by this run)", run.id);
+            } else {
+                print!("{}", report::audit_text(&rows, report::terminal_width()));
+            }
+            for r in q {
+                println!(
+                    "quarantined {}:{}{}: {}",
+                    text::printable(&r.source),
+                    r.line,
+                    r.field
+                        .map(|f| format!(" ({})", text::printable(&f)))
+                        .unwrap_or_default(),
+                    text::printable(&r.reason)
+                );
+            }
+        }
+        return Ok(EXIT_OK);
+    }
+    let rep = RunReport::load(&store, run).await?;
+    if a.json {
+        println!("{}", rep.to_json());
+    } else {
+        print!("{}", rep.to_text());
+    }
+    Ok(EXIT_OK)
+}

@@ -1,0 +1,123 @@
+//! `nightshift run`: one run of a pipeline, its summary, and its exit code.
+
+use std::io::IsTerminal;
+
+use anyhow::Context;
+
+use crate::cli::args::RunArgs;
+use crate::cli::exit::{EXIT_CONFIG, Exit, exit, run_error_exit};
+use crate::cli::progress::{BarObserver, LineObserver};
+use crate::cli::session::{Membership, prepare, record_sim_bill, watch_signals};
+use crate::report::RunReport;
+use crate::store::Store;
+use crate::worker::{self, Observer, RunContext};
+
+pub(crate) async fn run(a: RunArgs, json_logs: bool) -> Result<i32, Exit> {
+    // Arguments first: a bad flag is reported before anything starts.
+    let lease = a.lease.duration()?;
+    let budget_flag = match &a.budget_usd {
+        Some(text) => Some(
+            crate::cost::Usd::parse(text)
+                .ok()
+                .filter(|u| u.pico() > 0)
+                .ok_or_else(|| {
+                    exit(
+                        EXIT_CONFIG,
+                        anyhow::anyhow!(
+                            "--budget-usd: `{text}` is not an amount of dollars above 0 (e.g. 25 or 0.50)"
+                        ),
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    if let Some(out) = &a.out {
+        crate::worker::OutputFormat::for_path(out)
+            .map_err(|e| exit(EXIT_CONFIG, anyhow::anyhow!("--out: {e}")))?;
+    }
+    let what = format!("nightshift run {}", a.file.display());
+    let pre = prepare(&a.file, &a.db, a.pricing.as_deref(), &what, lease).await?;
+    let p = &pre.pipeline;
+    let budget = crate::config::Budget {
+        max: budget_flag.or(p.budget.max),
+        max_item: p.budget.max_item,
+    };
+    let output_path = a.out.clone().unwrap_or_else(|| p.output.path.clone());
+    // Checked before anything is paid for: the results must have somewhere to go.
+    crate::worker::OutputFormat::for_path(&output_path)
+        .map_err(|e| exit(EXIT_CONFIG, anyhow::anyhow!("output.path: {e}")))?;
+    if output_path.is_dir() {
+        return Err(exit(
+            EXIT_CONFIG,
+            anyhow::anyhow!(
+                "the results file {} is a folder; name a file (output.path or --out)",
+                output_path.display()
+            ),
+        ));
+    }
+    let progress = !a.no_progress && !json_logs && std::io::stderr().is_terminal();
+    let observer: Box<dyn Observer> = if json_logs {
+        Box::new(worker::LogObserver)
+    } else if progress {
+        Box::new(BarObserver::new())
+    } else {
+        Box::new(LineObserver)
+    };
+    let shutdown = worker::Shutdown::default();
+    watch_signals(shutdown.clone());
+    let member = Membership::join(&pre.store, "run", p.name.clone(), lease).await?;
+    let ctx = RunContext {
+        store: &pre.store,
+        provider: &pre.client,
+        pipeline: p,
+        price: &pre.price,
+        observer: observer.as_ref(),
+        work_dir: pre.work_dir.clone(),
+        output_path,
+        shutdown,
+        detach: a.detach,
+        ingest_only: a.ingest_only,
+        budget,
+        worker_id: member.info.id.clone(),
+        lease: member.lease,
+    };
+    let outcome = worker::run(&ctx).await;
+    drop(observer);
+    let store = &pre.store;
+    // Whatever is still open (detached, interrupted) goes to whoever works on it next.
+    member.leave(store).await;
+    if let Some(h) = pre.sim {
+        record_sim_bill(store, &h).await?;
+        h.stop().await;
+    }
+    let outcome = outcome.map_err(run_error_exit)?;
+    let run = store
+        .run(&outcome.run_id)
+        .await?
+        .context("the run row vanished")?;
+    let rep = RunReport::load(store, run).await?;
+    print!("{}", rep.to_text());
+    if outcome.wrote_output {
+        println!("  results    {}", outcome.output_path.display());
+    } else {
+        println!(
+            "  results    {} left as it was",
+            outcome.output_path.display()
+        );
+    }
+    if outcome.status == crate::store::RunStatus::Detached {
+        println!("detached {}", outcome.run_id);
+    }
+    // A run that could not do its job says why where errors go, for cron and for people.
+    if outcome.status == crate::store::RunStatus::Error
+        && let Some(m) = &outcome.message
+    {
+        if json_logs {
+            tracing::error!(exit_code = outcome.exit_code, "{m}");
+        } else {
+            eprintln!("error: {m}");
+        }
+    }
+    store.close().await;
+    Ok(outcome.exit_code)
+}
