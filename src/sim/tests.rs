@@ -1,6 +1,15 @@
 //! Unit tests of the simulator core: ids, draws, determinism across simulators and reopens,
 //! the journal, the state folder and the batch timeline (docs/providers.md §7).
 
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::batch::Status;
+use super::faults::is_reasoning_model;
 use super::*;
 
 #[test]
@@ -69,8 +78,7 @@ fn id(v: &Value) -> String {
 fn wait_terminal(sim: &Sim, id: &str) -> Value {
     for _ in 0..500 {
         let b = sim.get_batch(id).unwrap();
-        if ["completed", "failed", "expired", "cancelled"]
-            .contains(&b["status"].as_str().unwrap())
+        if ["completed", "failed", "expired", "cancelled"].contains(&b["status"].as_str().unwrap())
         {
             return b;
         }
@@ -382,8 +390,7 @@ fn a_journal_cut_at_any_point_reopens_to_a_whole_state() {
             let f = upload(&sim, &format!("k{k}-"), 5);
             wait_terminal(&sim, &id(&create(&sim, &f)));
         }
-        let body =
-            json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
+        let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
         sim.online(Flavor::OpenAi, "o1", &body).unwrap();
     }
     let journal = std::fs::read(dir.path().join("journal.jsonl")).unwrap();
