@@ -28,7 +28,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{BillEntry, RecordedRequest, SimBatch, SimFile};
+use super::batch::SimBatch;
+use super::files::SimFile;
+use super::{BillEntry, RecordedRequest};
 use crate::util::fs as fsutil;
 
 const JOURNAL: &str = "journal.jsonl";

@@ -1,9 +1,11 @@
-//! The providers' wire formats, as the simulator speaks them: reading a request in each
-//! provider's shape into one neutral form, and writing answers, result lines and batch
-//! objects back in each provider's shape (docs/providers.md §1–§4, §7.1).
+//! The providers' wire formats, as the simulator speaks them: the neutral form a request is
+//! read into and the neutral reply it gets, and the dispatch to each provider's module
+//! (`openai`, `anthropic`, `gemini`) that reads a request in its provider's shape and writes
+//! answers and result lines back in it (docs/providers.md §1–§4, §7.1).
 
 use serde_json::{Value, json};
 
+use super::{anthropic, gemini, openai};
 use crate::cost::Usage;
 use crate::cost::tokens::Tokenizer;
 
@@ -39,11 +41,11 @@ pub struct Neutral {
     pub tokenizer: Tokenizer,
 }
 
-fn str_at<'a>(v: &'a Value, ptr: &str) -> &'a str {
+pub(super) fn str_at<'a>(v: &'a Value, ptr: &str) -> &'a str {
     v.pointer(ptr).and_then(Value::as_str).unwrap_or("")
 }
 
-fn default_schema() -> Value {
+pub(super) fn default_schema() -> Value {
     json!({"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]})
 }
 
@@ -52,106 +54,24 @@ fn default_schema() -> Value {
 /// that provider: framing, system and user message, plus the output-format JSON.
 pub fn neutral(flavor: Flavor, body: &Value, model: Option<&str>) -> Neutral {
     match flavor {
-        Flavor::OpenAi | Flavor::Azure => {
-            let model = body
-                .get("model")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string();
-            let tok = Tokenizer::for_model(&model);
-            let messages: Vec<(&str, &str)> = body
-                .get("messages")
-                .and_then(Value::as_array)
-                .map(|ms| {
-                    ms.iter()
-                        .map(|m| (str_at(m, "/role"), str_at(m, "/content")))
-                        .collect()
-                })
-                .unwrap_or_default();
-            let rf = body.get("response_format").map(|v| v.to_string());
-            Neutral {
-                prompt_tokens: tok.chat_prompt_tokens(messages, rf.as_deref()),
-                schema: body
-                    .pointer("/response_format/json_schema/schema")
-                    .cloned()
-                    .unwrap_or_else(default_schema),
-                max_tokens: body
-                    .get("max_completion_tokens")
-                    .or_else(|| body.get("max_tokens"))
-                    .and_then(Value::as_u64)
-                    .unwrap_or(4096),
-                tokenizer: tok,
-                model,
-            }
-        }
-        Flavor::Anthropic => {
-            let model = body
-                .get("model")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string();
-            let tok = Tokenizer::for_model(&model);
-            let mut messages: Vec<(&str, &str)> = Vec::new();
-            if let Some(s) = body.get("system").and_then(Value::as_str) {
-                messages.push(("system", s));
-            }
-            for m in body
-                .get("messages")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                messages.push((str_at(m, "/role"), str_at(m, "/content")));
-            }
-            let tools = body.get("tools").map(|t| t.to_string());
-            Neutral {
-                prompt_tokens: tok.chat_prompt_tokens(messages, tools.as_deref()),
-                schema: body
-                    .pointer("/tools/0/input_schema")
-                    .cloned()
-                    .unwrap_or_else(default_schema),
-                max_tokens: body
-                    .get("max_tokens")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(1024),
-                tokenizer: tok,
-                model,
-            }
-        }
-        Flavor::Gemini => {
-            let model = model
-                .map(|m| m.trim_start_matches("models/").to_string())
-                .unwrap_or_default();
-            let tok = Tokenizer::for_model(&model);
-            let mut messages: Vec<(&str, &str)> = Vec::new();
-            let sys = str_at(body, "/systemInstruction/parts/0/text");
-            if body.get("systemInstruction").is_some() {
-                messages.push(("system", sys));
-            }
-            for c in body
-                .get("contents")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                messages.push((str_at(c, "/role"), str_at(c, "/parts/0/text")));
-            }
-            let schema = body
-                .pointer("/generationConfig/responseJsonSchema")
-                .cloned();
-            let schema_text = schema.as_ref().map(|s| s.to_string());
-            Neutral {
-                prompt_tokens: tok.chat_prompt_tokens(messages, schema_text.as_deref()),
-                schema: schema.unwrap_or_else(default_schema),
-                max_tokens: body
-                    .pointer("/generationConfig/maxOutputTokens")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(8192),
-                tokenizer: tok,
-                model,
-            }
-        }
+        Flavor::OpenAi | Flavor::Azure => openai::neutral(body),
+        Flavor::Anthropic => anthropic::neutral(body),
+        Flavor::Gemini => gemini::neutral(body, model),
     }
+}
+
+/// The custom_id and the request body of one line of a batch's input in `flavor`'s shape
+/// (Anthropic's inline requests are kept as such lines).
+pub(super) fn input_line(flavor: Flavor, v: &Value) -> (String, Value) {
+    let (id, body) = match flavor {
+        Flavor::Gemini => ("key", "request"),
+        Flavor::Anthropic => ("custom_id", "params"),
+        Flavor::OpenAi | Flavor::Azure => ("custom_id", "body"),
+    };
+    (
+        v.get(id).and_then(Value::as_str).unwrap_or("").to_string(),
+        v.get(body).cloned().unwrap_or(Value::Null),
+    )
 }
 
 /// What happened to one request.
@@ -169,36 +89,9 @@ pub enum Reply {
     Cancelled,
 }
 
-/// The usage object of an answer, in `flavor`'s names.
-fn usage_json(flavor: Flavor, u: &Usage) -> Value {
-    match flavor {
-        Flavor::OpenAi | Flavor::Azure => json!({
-            "prompt_tokens": u.input_tokens, "completion_tokens": u.output_tokens,
-            "total_tokens": u.input_tokens + u.output_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_input_tokens, "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens, "audio_tokens": 0,
-                "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}
-        }),
-        Flavor::Anthropic => json!({
-            "input_tokens": u.input_tokens - u.cached_input_tokens - u.cache_write_tokens,
-            "cache_creation_input_tokens": u.cache_write_tokens,
-            "cache_read_input_tokens": u.cached_input_tokens,
-            "output_tokens": u.output_tokens,
-            "service_tier": "batch",
-        }),
-        Flavor::Gemini => json!({
-            "promptTokenCount": u.input_tokens,
-            "cachedContentTokenCount": u.cached_input_tokens,
-            "candidatesTokenCount": u.output_tokens - u.reasoning_tokens,
-            "thoughtsTokenCount": u.reasoning_tokens,
-            "totalTokenCount": u.input_tokens + u.output_tokens,
-        }),
-    }
-}
-
 /// The tool name nightshift's Anthropic requests force (read back from the request).
 pub fn anthropic_tool(body: &Value) -> String {
-    str_at(body, "/tool_choice/name").to_string()
+    anthropic::tool(body)
 }
 
 /// The synchronous response body of an answer (chat completion, message, generateContent).
@@ -212,38 +105,11 @@ pub fn answer_body(flavor: Flavor, id: &str, model: &str, tool: &str, reply: &Re
         return Value::Null;
     };
     match flavor {
-        Flavor::OpenAi | Flavor::Azure => json!({
-            "id": format!("chatcmpl-{id}"), "object": "chat.completion", "created": crate::util::time::unix_now(),
-            "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": null, "annotations": []},
-                "logprobs": null, "finish_reason": if *truncated { "length" } else { "stop" }}],
-            "usage": usage_json(flavor, usage),
-            "service_tier": "default", "system_fingerprint": "fp_sim",
-        }),
-        Flavor::Anthropic => {
-            // A structured answer comes back as the forced tool's input; anything that is not
-            // a JSON object comes back as text (what a model that ignored the tool returns).
-            let block = match serde_json::from_str::<Value>(content) {
-                Ok(v @ Value::Object(_)) if !truncated => {
-                    json!({"type": "tool_use", "id": format!("toolu_{id}"), "name": tool, "input": v})
-                }
-                _ => json!({"type": "text", "text": content}),
-            };
-            json!({
-                "id": format!("msg_{id}"), "type": "message", "role": "assistant", "model": model,
-                "content": [block],
-                "stop_reason": if *truncated { "max_tokens" } else { "tool_use" },
-                "stop_sequence": null,
-                "usage": usage_json(flavor, usage),
-            })
+        Flavor::OpenAi | Flavor::Azure => {
+            openai::answer_body(id, model, content, *truncated, usage)
         }
-        Flavor::Gemini => json!({
-            "candidates": [{"content": {"parts": [{"text": content}], "role": "model"},
-                "finishReason": if *truncated { "MAX_TOKENS" } else { "STOP" }, "index": 0}],
-            "usageMetadata": usage_json(flavor, usage),
-            "modelVersion": model,
-            "responseId": id,
-        }),
+        Flavor::Anthropic => anthropic::answer_body(id, model, tool, content, *truncated, usage),
+        Flavor::Gemini => gemini::answer_body(id, model, content, *truncated, usage),
     }
 }
 
@@ -257,51 +123,17 @@ pub fn result_line(
     reply: &Reply,
 ) -> Value {
     match flavor {
-        Flavor::OpenAi | Flavor::Azure => match reply {
-            Reply::Answer { .. } => json!({
-                "id": format!("batch_req_{id}"), "custom_id": custom_id,
-                "response": {"status_code": 200, "request_id": format!("req_{id}"),
-                    "body": answer_body(flavor, id, model, tool, reply)},
-                "error": null
-            }),
-            Reply::Error => json!({
-                "id": format!("batch_req_{id}"), "custom_id": custom_id,
-                "response": {"status_code": 500, "request_id": format!("req_{id}"),
-                    "body": {"error": {"message": "The server had an error while processing your request.", "type": "server_error", "param": null, "code": null}}},
-                "error": null
-            }),
-            Reply::Expired => {
-                json!({"id": format!("batch_req_{id}"), "custom_id": custom_id, "response": null,
-                "error": {"code": "batch_expired", "message": "This request could not be executed before the completion window expired."}})
-            }
-            Reply::Cancelled => {
-                json!({"id": format!("batch_req_{id}"), "custom_id": custom_id, "response": null,
-                "error": {"code": "batch_cancelled", "message": "This request was cancelled before it ran."}})
-            }
-        },
-        Flavor::Anthropic => {
-            let result = match reply {
-                Reply::Answer { .. } => {
-                    json!({"type": "succeeded", "message": answer_body(flavor, id, model, tool, reply)})
-                }
-                Reply::Error => json!({"type": "errored", "error": {"type": "error",
-                    "error": {"type": "api_error", "message": "Internal server error"}, "request_id": format!("req_{id}")}}),
-                Reply::Expired => json!({"type": "expired"}),
-                Reply::Cancelled => json!({"type": "canceled"}),
-            };
-            json!({"custom_id": custom_id, "result": result})
-        }
-        Flavor::Gemini => match reply {
-            Reply::Answer { .. } => {
-                json!({"key": custom_id, "response": answer_body(flavor, id, model, tool, reply)})
-            }
-            Reply::Error => {
-                json!({"key": custom_id, "error": {"code": 500, "message": "Internal error encountered.", "status": "INTERNAL"}})
-            }
-            Reply::Expired | Reply::Cancelled => {
-                json!({"key": custom_id, "error": {"code": 499, "message": "The operation was cancelled.", "status": "CANCELLED"}})
-            }
-        },
+        Flavor::OpenAi | Flavor::Azure => openai::result_line(custom_id, id, model, reply),
+        Flavor::Anthropic => anthropic::result_line(custom_id, id, model, tool, reply),
+        Flavor::Gemini => gemini::result_line(custom_id, id, model, reply),
+    }
+}
+
+/// The body of an online request that failed on the server.
+pub(super) fn server_error(flavor: Flavor) -> Value {
+    match flavor {
+        Flavor::Anthropic => anthropic::server_error(),
+        _ => openai::server_error(),
     }
 }
 

@@ -1,0 +1,339 @@
+//! A batch, provider-neutral: its creation number, its timeline by the wall clock
+//! (validating → in_progress → finalizing → completed, or failed, expired, cancelled), and
+//! polling, cancelling and listing it (docs/providers.md §7.1). Its wire object is rendered
+//! by its provider's module (`openai`, `anthropic`, `gemini`); running its requests is `run`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::state::{Inner, RecordedRequest};
+use super::{Flavor, Sim, SimError, SimSettings, anthropic, gemini, openai};
+use crate::cost::Usage;
+use crate::util::time::{now_ms, unix_now};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum Status {
+    Validating,
+    InProgress,
+    Finalizing,
+    Completed,
+    Failed,
+    Expired,
+    Cancelling,
+    Cancelled,
+}
+
+impl Status {
+    /// The status's neutral name (OpenAI's on the wire).
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Status::Validating => "validating",
+            Status::InProgress => "in_progress",
+            Status::Finalizing => "finalizing",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Expired => "expired",
+            Status::Cancelling => "cancelling",
+            Status::Cancelled => "cancelled",
+        }
+    }
+    pub(super) fn terminal(self) -> bool {
+        matches!(
+            self,
+            Status::Completed | Status::Failed | Status::Expired | Status::Cancelled
+        )
+    }
+}
+
+/// A batch. In the journal without `requests` and `inline_output`, which are written on their
+/// own when they change (they can be large; the rest changes on every step of the timeline).
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct SimBatch {
+    pub(super) id: String,
+    /// Creation number in this simulator state: 0 is the first batch it ever created.
+    pub(super) ordinal: u64,
+    pub(super) flavor: Flavor,
+    /// The requests, one native line each: the content file name of the uploaded file, or of
+    /// the inline requests.
+    pub(super) input: String,
+    pub(super) input_file_id: Option<String>,
+    pub(super) endpoint: String,
+    pub(super) metadata: Option<Value>,
+    pub(super) display_name: Option<String>,
+    /// Gemini: the model named in the create URL.
+    pub(super) url_model: Option<String>,
+    pub(super) inline: bool,
+    pub(super) created_at: i64,
+    /// Unix milliseconds its timeline started (wall clock, so it survives a restart).
+    pub(super) started_ms: i64,
+    pub(super) status: Status,
+    pub(super) stamps: BTreeMap<String, i64>,
+    pub(super) expires: bool,
+    /// Unix milliseconds the cancel was asked.
+    pub(super) cancel_ms: Option<i64>,
+    /// Fraction of the requests that had run when the batch was cut short.
+    pub(super) done_fraction: f64,
+    #[serde(skip)]
+    pub(super) requests: Vec<RecordedRequest>,
+    pub(super) model: Option<String>,
+    pub(super) counts: (u64, u64, u64),
+    pub(super) output_file_id: Option<String>,
+    pub(super) error_file_id: Option<String>,
+    /// Gemini inline results, in input order.
+    #[serde(skip)]
+    pub(super) inline_output: Option<Vec<Value>>,
+    /// Gemini: polls for which SUCCEEDED shows no output yet (the lagging-file quirk).
+    pub(super) output_lag: u8,
+    pub(super) errors: Vec<Value>,
+    pub(super) usage: Usage,
+    /// The settings in force when it was created: its timeline and the faults of its results
+    /// follow them, whatever a later process runs with.
+    pub(super) settings: SimSettings,
+}
+
+impl SimBatch {
+    pub(super) fn local_id(&self) -> Option<String> {
+        self.metadata
+            .as_ref()
+            .and_then(|m| m.get(crate::provider::openai::META_BATCH_ID))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .or_else(|| self.display_name.clone())
+    }
+
+    /// The batch's wire object, in its provider's shape.
+    pub(super) fn json(&mut self, base: &str) -> Value {
+        match self.flavor {
+            Flavor::OpenAi | Flavor::Azure => openai::batch_json(self),
+            Flavor::Anthropic => anthropic::batch_json(self, base),
+            Flavor::Gemini => gemini::batch_json(self),
+        }
+    }
+}
+
+impl Sim {
+    /// Adds a new batch and saves it: the answer of a create.
+    pub(super) fn push_batch(&self, inner: &mut Inner, mut b: SimBatch) -> Result<Value, SimError> {
+        let v = b.json(self.base());
+        let idx = inner.batches.len();
+        let with_requests = !b.requests.is_empty();
+        inner.batch_index.insert(b.id.clone(), idx);
+        inner.batches.push(b);
+        inner.save_batch(idx, with_requests);
+        Self::saved(inner, v)
+    }
+
+    /// The creation number of a batch (what create faults are drawn on).
+    pub(crate) fn batch_ordinal(&self, id: &str) -> Option<u64> {
+        let inner = self.lock();
+        inner.batch_index.get(id).map(|&i| inner.batches[i].ordinal)
+    }
+
+    pub(super) fn new_batch(
+        &self,
+        inner: &mut Inner,
+        id_kind: &str,
+        flavor: Flavor,
+        input: String,
+    ) -> SimBatch {
+        let id = self.next_id(inner, id_kind);
+        let ordinal = inner.batches.len() as u64;
+        SimBatch {
+            id,
+            ordinal,
+            flavor,
+            input,
+            input_file_id: None,
+            endpoint: String::new(),
+            metadata: None,
+            display_name: None,
+            url_model: None,
+            inline: false,
+            created_at: unix_now(),
+            started_ms: now_ms(),
+            status: Status::Validating,
+            stamps: BTreeMap::new(),
+            expires: self.will_expire(ordinal, flavor),
+            cancel_ms: None,
+            done_fraction: 1.0,
+            requests: Vec::new(),
+            model: None,
+            counts: (0, 0, 0),
+            output_file_id: None,
+            error_file_id: None,
+            inline_output: None,
+            output_lag: 0,
+            errors: Vec::new(),
+            usage: Usage::default(),
+            settings: self.settings.clone(),
+        }
+    }
+
+    pub(super) fn index(&self, inner: &Inner, id: &str) -> Result<usize, SimError> {
+        inner
+            .batch_index
+            .get(id)
+            .copied()
+            .ok_or_else(|| SimError::not_found("batch", id))
+    }
+
+    /// A batch's wire object. Rendering can change it (Gemini's lagging output reference
+    /// counts down), and such a change is saved too.
+    pub(super) fn view(&self, inner: &mut Inner, idx: usize, base: &str) -> Value {
+        let lag = inner.batches[idx].output_lag;
+        let v = inner.batches[idx].json(base);
+        if inner.batches[idx].output_lag != lag {
+            inner.save_batch(idx, false);
+        }
+        v
+    }
+
+    pub(crate) fn get_batch(&self, id: &str) -> Result<Value, SimError> {
+        let mut inner = self.state()?;
+        let idx = self.index(&inner, id)?;
+        self.advance(&mut inner, idx);
+        let v = self.view(&mut inner, idx, self.base());
+        Self::saved(&inner, v)
+    }
+
+    pub(crate) fn cancel_batch(&self, id: &str) -> Result<Value, SimError> {
+        let mut inner = self.state()?;
+        let idx = self.index(&inner, id)?;
+        self.advance(&mut inner, idx);
+        let b = &mut inner.batches[idx];
+        match b.status {
+            Status::Cancelling | Status::Cancelled => {}
+            s if s.terminal() => {
+                return Err(SimError {
+                    status: 409,
+                    kind: "invalid_request_error",
+                    code: None,
+                    message: format!("Cannot cancel a batch with status '{}'.", s.as_str()),
+                });
+            }
+            _ => {
+                let now = now_ms();
+                b.done_fraction = progress(&b.settings, elapsed(b.started_ms, now));
+                b.status = Status::Cancelling;
+                b.stamps.insert("cancelling_at".into(), unix_now());
+                b.cancel_ms = Some(now);
+                inner.save_batch(idx, false);
+            }
+        }
+        self.advance(&mut inner, idx);
+        let v = self.view(&mut inner, idx, self.base());
+        Self::saved(&inner, v)
+    }
+
+    /// The batches of one wire flavor, newest first, one page after `after`.
+    pub(crate) fn list_batches(
+        &self,
+        flavor: Flavor,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Value, SimError> {
+        let mut inner = self.state()?;
+        for i in 0..inner.batches.len() {
+            self.advance(&mut inner, i);
+        }
+        let order: Vec<usize> = (0..inner.batches.len())
+            .rev()
+            .filter(|&i| inner.batches[i].flavor == flavor)
+            .collect();
+        let start = after
+            .and_then(|a| {
+                order
+                    .iter()
+                    .position(|&i| inner.batches[i].id == a)
+                    .map(|p| p + 1)
+            })
+            .unwrap_or(0);
+        let base = self.base().to_string();
+        let page_idx: Vec<usize> = order.iter().skip(start).take(limit).copied().collect();
+        let page: Vec<Value> = page_idx
+            .iter()
+            .map(|&i| self.view(&mut inner, i, &base))
+            .collect();
+        let has_more = start + page.len() < order.len();
+        let first = page_idx.first().map(|&i| inner.batches[i].id.clone());
+        let last = page_idx.last().map(|&i| inner.batches[i].id.clone());
+        let v = match flavor {
+            Flavor::Gemini => gemini::batch_list(page, has_more, last),
+            Flavor::Anthropic => anthropic::batch_list(page, has_more, first, last),
+            Flavor::OpenAi | Flavor::Azure => openai::batch_list(page, has_more, first, last),
+        };
+        Self::saved(&inner, v)
+    }
+
+    /// Moves a batch along its timeline, as far as the wall clock allows, saving each step.
+    pub(super) fn advance(&self, inner: &mut Inner, idx: usize) {
+        loop {
+            let now = now_ms();
+            let b = &inner.batches[idx];
+            let t = b.settings.batch_seconds;
+            let elapsed = elapsed(b.started_ms, now);
+            let next = match b.status {
+                Status::Validating if elapsed >= 0.1 * t => Some(Status::InProgress),
+                Status::InProgress if b.expires && elapsed >= 0.6 * t => Some(Status::Expired),
+                Status::InProgress if elapsed >= 0.9 * t => Some(Status::Finalizing),
+                Status::Finalizing if elapsed >= t => Some(Status::Completed),
+                Status::Cancelling => {
+                    let since = b.cancel_ms.map(|c| self::elapsed(c, now)).unwrap_or(0.0);
+                    (since >= 0.05 * t || b.flavor == Flavor::Gemini).then_some(Status::Cancelled)
+                }
+                _ => None,
+            };
+            let Some(next) = next else {
+                // Progress is read off the clock, not saved: it changes on every poll.
+                let b = &mut inner.batches[idx];
+                if b.status == Status::InProgress && b.flavor != Flavor::Anthropic {
+                    let total = b.counts.0;
+                    let done = (total as f64 * progress(&b.settings, elapsed)) as u64;
+                    b.counts.1 = done.min(total);
+                }
+                return;
+            };
+            match next {
+                Status::InProgress => {
+                    self.validate(inner, idx);
+                    inner.save_batch(idx, true);
+                }
+                Status::Expired => {
+                    inner.batches[idx].done_fraction = 0.5;
+                    self.materialize(inner, idx, Status::Expired, "expired_at");
+                }
+                Status::Completed => {
+                    self.materialize(inner, idx, Status::Completed, "completed_at")
+                }
+                Status::Cancelled => {
+                    self.materialize(inner, idx, Status::Cancelled, "cancelled_at")
+                }
+                Status::Finalizing => {
+                    let b = &mut inner.batches[idx];
+                    b.status = Status::Finalizing;
+                    b.stamps.insert("finalizing_at".into(), unix_now());
+                    b.counts.1 = b.counts.0;
+                    inner.save_batch(idx, false);
+                }
+                _ => return,
+            }
+        }
+    }
+}
+
+/// Seconds from `from_ms` to `to_ms` (unix milliseconds), never negative.
+fn elapsed(from_ms: i64, to_ms: i64) -> f64 {
+    (to_ms - from_ms).max(0) as f64 / 1000.0
+}
+
+/// Share of the in-progress phase done `elapsed` seconds into a batch made under `s`.
+fn progress(s: &SimSettings, elapsed: f64) -> f64 {
+    let t = s.batch_seconds;
+    if t <= 0.0 {
+        return 1.0;
+    }
+    ((elapsed - 0.1 * t) / (0.8 * t)).clamp(0.0, 1.0)
+}

@@ -1,0 +1,239 @@
+//! What the providers' HTTP routes share (axum): the server state, errors answered in a
+//! provider's shape, running state changes on a blocking thread (the state lives behind a
+//! mutex and materialising a batch reads and writes files), the create and download faults
+//! (docs/providers.md §7.3), receiving an upload, and the handlers that only differ by
+//! provider (get, cancel, list a batch; online requests).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::Json;
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+
+use super::{Flavor, Sim, SimError, draw};
+
+#[derive(Clone)]
+pub(super) struct AppState {
+    pub(super) sim: Arc<Sim>,
+    pub(super) calls: Arc<AtomicU64>,
+}
+
+impl SimError {
+    pub(super) fn into_flavored(self, flavor: Flavor) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::BAD_REQUEST);
+        (status, Json(self.body(flavor))).into_response()
+    }
+}
+
+impl IntoResponse for SimError {
+    fn into_response(self) -> Response {
+        self.into_flavored(Flavor::OpenAi)
+    }
+}
+
+pub(super) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SimError> + Send + 'static,
+) -> Result<T, SimError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(SimError {
+            status: 500,
+            kind: "server_error",
+            code: None,
+            message: format!("simulator task failed: {e}"),
+        })
+    })
+}
+
+/// Whether the request carries a non-empty `name` header.
+pub(super) fn has_header(h: &HeaderMap, name: &str) -> bool {
+    h.get(name)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| !v.trim().is_empty())
+}
+
+/// Whether the request carries a non-empty `Authorization: Bearer` key.
+pub(super) fn has_bearer(h: &HeaderMap) -> bool {
+    h.get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|k| !k.trim().is_empty())
+}
+
+/// A 200 whose body breaks off half-way, as when the connection resets.
+fn broken_response(full: Vec<u8>) -> Response {
+    let len = full.len();
+    let half = full[..len / 2].to_vec();
+    let stream = futures_util::stream::iter(vec![
+        Ok::<_, std::io::Error>(bytes::Bytes::from(half)),
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "simulated connection reset",
+        )),
+    ]);
+    let mut resp = Response::new(Body::from_stream(stream));
+    resp.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    resp.headers_mut()
+        .insert("content-length", HeaderValue::from(len));
+    resp
+}
+
+/// Answers a create, unless the fault says its response is lost after the batch was made.
+pub(super) fn created(st: &AppState, batch: Value, flavor: Flavor) -> Response {
+    let s = st.sim.settings();
+    let id = batch
+        .get("id")
+        .or_else(|| batch.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    // Drawn on the batch's creation number: its id differs from run to run.
+    let n = st.sim.batch_ordinal(&id).unwrap_or_default();
+    if draw(s.seed, "drop_create", &n.to_string()) < s.drop_create_rate {
+        // The batch exists; the client never learns its id.
+        return broken_response(batch.to_string().into_bytes());
+    }
+    let _ = flavor;
+    Json(batch).into_response()
+}
+
+pub(super) async fn stream_file(
+    st: &AppState,
+    id: &str,
+    path: std::path::PathBuf,
+) -> Result<Response, SimError> {
+    let s = st.sim.settings();
+    if s.reset_download_rate > 0.0 {
+        let n = st.calls.fetch_add(1, Ordering::Relaxed);
+        if draw(s.seed, "reset_download", &n.to_string()) < s.reset_download_rate {
+            let full = tokio::fs::read(&path)
+                .await
+                .map_err(|_| SimError::not_found("file", id))?;
+            return Ok(broken_response(full));
+        }
+    }
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|_| SimError::not_found("file", id))?;
+    let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let stream = tokio_util::io::ReaderStream::new(file);
+    let mut resp = Response::new(Body::from_stream(stream));
+    resp.headers_mut().insert(
+        "content-type",
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    resp.headers_mut()
+        .insert("content-length", HeaderValue::from(len));
+    Ok(resp)
+}
+
+/// A file being received: bytes counted and hashed as they are written.
+pub(super) struct Sink {
+    f: tokio::fs::File,
+    n: u64,
+    hasher: sha2::Sha256,
+}
+
+impl Sink {
+    /// Creates the file private to its owner (0600): it holds prompts.
+    pub(super) async fn create(path: &std::path::Path) -> Result<Sink, SimError> {
+        let f = crate::util::fs::create_private(path)
+            .map_err(|e| SimError::bad_request(e.to_string()))?;
+        Ok(Sink {
+            f: tokio::fs::File::from_std(f),
+            n: 0,
+            hasher: <sha2::Sha256 as sha2::Digest>::new(),
+        })
+    }
+
+    pub(super) async fn write(&mut self, chunk: &[u8]) -> Result<(), SimError> {
+        self.n += chunk.len() as u64;
+        sha2::Digest::update(&mut self.hasher, chunk);
+        self.f
+            .write_all(chunk)
+            .await
+            .map_err(|e| SimError::bad_request(e.to_string()))
+    }
+
+    pub(super) async fn finish(mut self) -> Result<(u64, String), SimError> {
+        self.f
+            .flush()
+            .await
+            .map_err(|e| SimError::bad_request(e.to_string()))?;
+        Ok((self.n, hex::encode(sha2::Digest::finalize(self.hasher))))
+    }
+}
+
+pub(super) async fn get_batch_any(st: AppState, flavor: Flavor, id: String) -> Response {
+    let sim = st.sim.clone();
+    match blocking(move || sim.get_batch(&id)).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_flavored(flavor),
+    }
+}
+
+pub(super) async fn cancel_any(st: AppState, flavor: Flavor, id: String) -> Response {
+    let sim = st.sim.clone();
+    match blocking(move || sim.cancel_batch(&id)).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_flavored(flavor),
+    }
+}
+
+#[derive(Deserialize)]
+pub(super) struct BatchListQuery {
+    pub(super) limit: Option<usize>,
+    pub(super) after: Option<String>,
+    pub(super) after_id: Option<String>,
+    #[serde(rename = "pageSize")]
+    pub(super) page_size: Option<usize>,
+    #[serde(rename = "pageToken")]
+    pub(super) page_token: Option<String>,
+}
+
+pub(super) async fn list_any(
+    st: AppState,
+    flavor: Flavor,
+    q: BatchListQuery,
+) -> Result<Json<Value>, SimError> {
+    let sim = st.sim.clone();
+    let limit = q.limit.or(q.page_size).unwrap_or(20).clamp(1, 1000);
+    let after = q.after.or(q.after_id).or(q.page_token);
+    blocking(move || sim.list_batches(flavor, limit, after.as_deref()).map(Json)).await
+}
+
+pub(super) fn client_request_id(h: &HeaderMap) -> String {
+    h.get("x-client-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+pub(super) async fn online_any(
+    st: AppState,
+    flavor: Flavor,
+    headers: HeaderMap,
+    body: bytes::Bytes,
+) -> Response {
+    let v: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return SimError::bad_request(format!("invalid JSON body: {e}")).into_flavored(flavor);
+        }
+    };
+    let cid = client_request_id(&headers);
+    let sim = st.sim.clone();
+    match blocking(move || sim.online(flavor, &cid, &v)).await {
+        Ok(r) => (
+            StatusCode::from_u16(r.status).unwrap_or(StatusCode::OK),
+            Json(r.body),
+        )
+            .into_response(),
+        Err(e) => e.into_flavored(flavor),
+    }
+}
