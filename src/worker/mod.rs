@@ -11,20 +11,20 @@
 
 mod apply;
 mod collect;
+mod errors;
+mod events;
 mod ingest;
 mod online;
+mod options;
 mod submit;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::config::Pipeline;
-use crate::cost::{ModelPrice, PricingMode, Rates};
+use crate::cost::{PricingMode, Rates};
 use crate::dedupe::RequestShape;
-use crate::provider::{BatchProvider, ProviderError, RequestSpec};
+use crate::provider::{BatchProvider, ProviderError};
 use crate::store::{
     ApplyStats, BatchRow, Claim, NewRun, PlanOutcome, PlanRequest, RunStatus, Store, StoreError,
     now_ms,
@@ -32,233 +32,13 @@ use crate::store::{
 use crate::util::fs::{self as fsutil, AtomicFile};
 use crate::validate::OutputValidator;
 
+use options::{batches_dir, downloads_dir};
+
 pub use apply::judge_line;
 pub use collect::{CancelReport, cancel};
-
-/// Progress the runner reports as it goes.
-#[derive(Clone, Debug)]
-pub enum Event {
-    IngestProgress {
-        records: u64,
-        quarantined: u64,
-    },
-    IngestDone {
-        records: u64,
-        quarantined: u64,
-        new_items: u64,
-    },
-    /// A source line skipped: file, line, field at fault, reason.
-    Quarantined {
-        source: String,
-        line: u64,
-        field: Option<String>,
-        reason: String,
-    },
-    Planned {
-        batch_id: String,
-        requests: u64,
-    },
-    Submitted {
-        batch_id: String,
-        provider_batch_id: String,
-        requests: u64,
-    },
-    Adopted {
-        batch_id: String,
-        provider_batch_id: String,
-    },
-    Polled {
-        batch_id: String,
-        status: String,
-        completed: u64,
-        failed: u64,
-        total: u64,
-    },
-    Ingested {
-        batch_id: String,
-        stats: ApplyStats,
-        /// What the batch's results cost (ledger).
-        cost: crate::cost::Usd,
-    },
-    /// What this run has to carry to the end: items waiting and items in open batches.
-    Work {
-        items: u64,
-    },
-    Waiting {
-        in_flight: usize,
-    },
-    Note(String),
-}
-
-/// Receives [`Event`]s (progress bars, log lines).
-pub trait Observer: Send + Sync {
-    fn event(&self, event: &Event);
-}
-
-/// An observer that logs through `tracing`, one record per event with named fields (what
-/// `--log-format json` turns into one JSON object per line).
-pub struct LogObserver;
-
-impl Observer for LogObserver {
-    fn event(&self, e: &Event) {
-        match e {
-            Event::IngestProgress { .. } | Event::Waiting { .. } => {}
-            Event::IngestDone {
-                records,
-                quarantined,
-                new_items,
-            } => tracing::info!(
-                event = "ingested",
-                records,
-                quarantined,
-                new_items,
-                "source read"
-            ),
-            Event::Quarantined {
-                source,
-                line,
-                field,
-                reason,
-            } => tracing::info!(
-                event = "quarantined",
-                source = %source,
-                line,
-                field = field.as_deref(),
-                reason = %reason,
-                "line quarantined"
-            ),
-            Event::Planned { batch_id, requests } => {
-                tracing::info!(event = "planned", batch_id = %batch_id, requests, "batch planned")
-            }
-            Event::Submitted {
-                batch_id,
-                provider_batch_id,
-                requests,
-            } => tracing::info!(
-                event = "submitted",
-                batch_id = %batch_id,
-                provider_batch_id = %provider_batch_id,
-                requests,
-                "batch submitted"
-            ),
-            Event::Adopted {
-                batch_id,
-                provider_batch_id,
-            } => tracing::info!(
-                event = "adopted",
-                batch_id = %batch_id,
-                provider_batch_id = %provider_batch_id,
-                "batch adopted: the provider already had it"
-            ),
-            Event::Polled {
-                batch_id,
-                status,
-                completed,
-                failed,
-                total,
-            } => tracing::debug!(
-                event = "polled",
-                batch_id = %batch_id,
-                status = %status,
-                completed,
-                failed,
-                total,
-                "batch polled"
-            ),
-            Event::Ingested {
-                batch_id,
-                stats,
-                cost,
-            } => tracing::info!(
-                event = "collected",
-                batch_id = %batch_id,
-                succeeded = stats.succeeded,
-                to_retry = stats.failed,
-                failed_for_good = stats.exhausted,
-                cost_usd = %cost,
-                "batch results applied"
-            ),
-            Event::Work { items } => {
-                tracing::info!(event = "work", items, "items to carry to the end")
-            }
-            Event::Note(n) => tracing::info!(event = "note", "{n}"),
-        }
-    }
-}
-
-/// A request to stop (SIGINT, SIGTERM): the runner finishes the step it is in — its store
-/// transaction, its HTTP call — and returns with everything resumable.
-#[derive(Clone, Debug, Default)]
-pub struct Shutdown {
-    flag: Arc<AtomicBool>,
-    notify: Arc<tokio::sync::Notify>,
-}
-
-impl Shutdown {
-    pub fn trigger(&self) {
-        self.flag.store(true, Ordering::SeqCst);
-        self.notify.notify_waiters();
-    }
-
-    pub fn is_set(&self) -> bool {
-        self.flag.load(Ordering::SeqCst)
-    }
-
-    /// Sleeps until `deadline` or until a stop is requested.
-    pub async fn sleep_until(&self, deadline: Instant) {
-        if self.is_set() {
-            return;
-        }
-        let notified = self.notify.notified();
-        tokio::select! {
-            _ = tokio::time::sleep_until(deadline.into()) => {}
-            _ = notified => {}
-        }
-    }
-}
-
-impl RunError {
-    /// The process exit code this error maps to (also stored on the run).
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            RunError::Config(_) => EXIT_CONFIG,
-            RunError::Provider(ProviderError::Auth { .. }) => EXIT_CONFIG,
-            RunError::Unavailable { .. } => EXIT_RESUMABLE,
-            _ => EXIT_ERROR,
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Source(#[from] crate::source::SourceError),
-    #[error("{0}")]
-    Config(String),
-    /// The provider refused our credentials, or answered in a way retrying cannot fix.
-    #[error("provider: {0}")]
-    Provider(ProviderError),
-    /// The provider could not be reached for long enough that this run gives up; rerun later.
-    #[error(
-        "cannot reach the provider at {url}: every call failed for {seconds}s (last: {cause}). \
-         Everything done so far is kept: check the network, the provider's status and \
-         provider.base_url, then run again (the run gives up after \
-         provider.unreachable_timeout_seconds = {timeout_seconds})"
-    )]
-    Unavailable {
-        url: String,
-        seconds: u64,
-        timeout_seconds: f64,
-        cause: String,
-    },
-    #[error("cannot write {path}: {source}")]
-    Output {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-}
+pub use errors::{EXIT_CONFIG, EXIT_ERROR, EXIT_FAILED_ITEMS, EXIT_RESUMABLE, RunError};
+pub use events::{Event, LogObserver, Observer};
+pub use options::{RunContext, Shutdown, schema_name, spec};
 
 /// What a finished (or stopped) run did.
 #[derive(Clone, Debug)]
@@ -285,67 +65,9 @@ pub struct PhaseTimes {
     pub results: Duration,
 }
 
-/// Exit code of a run that finished with items failed for good, or stopped by its budget.
-pub const EXIT_FAILED_ITEMS: i32 = 1;
-/// Exit code of an error (I/O, the store, a provider answer retrying cannot fix).
-pub const EXIT_ERROR: i32 = 2;
-/// Exit code of a run stopped by a signal or left in flight on purpose: try again later.
-pub const EXIT_RESUMABLE: i32 = 75;
-/// Exit code of bad configuration (pipeline file, key, prices, a refused key).
-pub const EXIT_CONFIG: i32 = 78;
-
 /// Record rows (one per source line) are kept for this many of a pipeline's latest runs;
 /// older runs keep their frozen figures, so every report still adds up.
 pub const KEEP_RECORDS_OF_RUNS: u32 = 7;
-
-/// Everything a run needs, built by the caller.
-pub struct RunContext<'a, S: Store, P: BatchProvider> {
-    pub store: &'a S,
-    pub provider: &'a P,
-    pub pipeline: &'a Pipeline,
-    pub price: &'a ModelPrice,
-    pub observer: &'a dyn Observer,
-    /// Folder for batch files and downloads (`.nightshift/` beside the pipeline file).
-    pub work_dir: PathBuf,
-    /// Where the per-record results go (the pipeline's `output.path` unless overridden).
-    pub output_path: PathBuf,
-    pub shutdown: Shutdown,
-    /// Submit what is ready and return without waiting for the provider.
-    pub detach: bool,
-    /// Read the source into the store and return: workers send it.
-    pub ingest_only: bool,
-    /// The run's spending limits (the pipeline's `[budget]`, or `--budget-usd`).
-    pub budget: crate::config::Budget,
-    /// This process's worker id, which its leases name, and how long a lease lasts without
-    /// a heartbeat. Another worker adopts a batch whose lease ran out.
-    pub worker_id: String,
-    pub lease: Duration,
-}
-
-/// Where batch input files live.
-fn batches_dir(work: &Path) -> PathBuf {
-    work.join("batches")
-}
-
-fn downloads_dir(work: &Path) -> PathBuf {
-    work.join("downloads")
-}
-
-/// A name usable as a JSON-schema name at the provider: `[A-Za-z0-9_-]{1,64}`.
-pub fn schema_name(pipeline: &str) -> String {
-    let s: String = pipeline
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(64)
-        .collect();
-    if s.is_empty() { "output".into() } else { s }
-}
 
 /// Polling state of one submitted batch.
 struct PollClock {
@@ -540,18 +262,6 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
                 .max_item
                 .map(|m| max_item_input_tokens(m, &rates, max_out)),
         }))
-    }
-}
-
-/// What the provider is asked for, from the pipeline.
-pub fn spec<'a>(p: &'a Pipeline, schema: &'a serde_json::Value, name: &'a str) -> RequestSpec<'a> {
-    RequestSpec {
-        model: &p.provider.model,
-        system: p.prompt.system.as_deref(),
-        max_output_tokens: p.prompt.max_output_tokens,
-        temperature: p.prompt.temperature,
-        schema,
-        schema_name: name,
     }
 }
 
