@@ -10,12 +10,15 @@
 //! every open batch of its pipeline to the end, whichever run created it.
 
 mod apply;
+mod build;
 mod collect;
 mod errors;
 mod events;
 mod ingest;
 mod online;
 mod options;
+mod plan;
+mod prepare;
 mod submit;
 
 use std::collections::{HashMap, HashSet};
@@ -25,16 +28,15 @@ use std::time::{Duration, Instant};
 use crate::cost::{PricingMode, Rates};
 use crate::dedupe::RequestShape;
 use crate::provider::{BatchProvider, ProviderError};
-use crate::store::{
-    ApplyStats, BatchRow, Claim, NewRun, PlanOutcome, PlanRequest, RunStatus, Store, StoreError,
-    now_ms,
-};
+use crate::store::{ApplyStats, BatchRow, Claim, NewRun, RunStatus, Store, StoreError, now_ms};
 use crate::util::fs::{self as fsutil, AtomicFile};
 use crate::validate::OutputValidator;
 
 use options::{batches_dir, downloads_dir};
+use plan::Planning;
 
 pub use apply::judge_line;
+pub use build::upload_name;
 pub use collect::{CancelReport, cancel};
 pub use errors::{EXIT_CONFIG, EXIT_ERROR, EXIT_FAILED_ITEMS, EXIT_RESUMABLE, RunError};
 pub use events::{Event, LogObserver, Observer};
@@ -73,17 +75,6 @@ pub const KEEP_RECORDS_OF_RUNS: u32 = 7;
 struct PollClock {
     next: Instant,
     interval: Duration,
-}
-
-/// How a planning round ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Planning {
-    /// At least one batch planned.
-    Planned,
-    /// Nothing planned (nothing plannable, or another worker had it locked).
-    Nothing,
-    /// Plannable items exist, but the budget or the per-item cap refuses them.
-    Blocked,
 }
 
 /// How a pass over the open batches ended.
@@ -219,61 +210,6 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
             .await?
             .ok_or_else(|| StoreError::Invalid(format!("batch {} vanished", b.id)))?;
         Ok((now.lease_token == b.lease_token).then_some(now))
-    }
-
-    fn shape(&self) -> Result<RequestShape, RunError> {
-        let p = self.ctx.pipeline;
-        let name = schema_name(&p.name);
-        self.ctx
-            .provider
-            .request_shape(&spec(p, self.validator.schema(), &name))
-            .map_err(RunError::Config)
-    }
-
-    fn counter(&self) -> crate::cost::tokens::PromptCounter {
-        let p = self.ctx.pipeline;
-        let name = schema_name(&p.name);
-        self.ctx
-            .provider
-            .prompt_counter(&spec(p, self.validator.schema(), &name))
-    }
-
-    /// The budget this planning round must fit in (`None`: no limits).
-    async fn budget_check(
-        &self,
-        mode: PricingMode,
-    ) -> Result<Option<crate::store::BudgetCheck>, RunError> {
-        let b = self.budget;
-        if b.max.is_none() && b.max_item.is_none() {
-            return Ok(None);
-        }
-        let available = match b.max {
-            Some(cap) => cap - self.ctx.store.run_commitment(&self.run_id).await?,
-            None => crate::cost::Usd::from_pico(i64::MAX as i128),
-        };
-        let max_out = self.ctx.pipeline.prompt.max_output_tokens as u64;
-        let rates = *self.rates(mode);
-        Ok(Some(crate::store::BudgetCheck {
-            available,
-            input_price: rates.input,
-            output_price: rates.output,
-            max_output_tokens: max_out,
-            max_item_input_tokens: b
-                .max_item
-                .map(|m| max_item_input_tokens(m, &rates, max_out)),
-        }))
-    }
-}
-
-/// The most input tokens an item may have for its worst case to stay within `max_item`.
-fn max_item_input_tokens(max_item: crate::cost::Usd, rates: &Rates, max_out: u64) -> u64 {
-    let room = max_item.pico() - rates.output.cost(max_out).pico();
-    if room < 0 {
-        return 0;
-    }
-    match rates.input.pico_per_token() {
-        0 => u64::MAX,
-        p => (room / p as i128).min(u64::MAX as i128) as u64,
     }
 }
 
@@ -484,80 +420,6 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         Ok((RunStatus::Error, code, Some(message)))
     }
 
-    /// Whether the source as read is unusable: empty, or mostly quarantined (a template
-    /// field no record has, the wrong id field, the wrong file). Such a run sends nothing.
-    async fn bad_input(&self) -> Result<Option<String>, RunError> {
-        let ctx = self.ctx;
-        let p = ctx.pipeline;
-        let run = ctx
-            .store
-            .run(&self.run_id)
-            .await?
-            .ok_or_else(|| StoreError::Invalid("the run row vanished".into()))?;
-        let (read, quarantined) = (run.records_read as u64, run.records_quarantined as u64);
-        if read == 0 {
-            return Ok(Some(format!(
-                "the source {} holds no records: an empty export? Nothing was sent",
-                p.source.path.display()
-            )));
-        }
-        let share = rust_decimal::Decimal::from(quarantined) / rust_decimal::Decimal::from(read);
-        if quarantined == 0 || share <= p.source.max_quarantined_share {
-            return Ok(None);
-        }
-        let reasons = ctx.store.quarantine_summary(&self.run_id, 3).await?;
-        let reasons: Vec<String> = reasons
-            .iter()
-            .map(|(field, reason, n)| match field {
-                Some(f) => format!("{n} × field `{f}`: {reason}"),
-                None => format!("{n} × {reason}"),
-            })
-            .collect();
-        Ok(Some(format!(
-            "{quarantined} of {read} records were quarantined ({}%), above source.max_quarantined_share = {}: \
-             nothing was sent. Most common: {}. See `nightshift report --items`; `nightshift validate` checks the template against the source",
-            (share * rust_decimal::Decimal::from(100)).round_dp(1),
-            p.source.max_quarantined_share.normalize(),
-            reasons.join("; ")
-        )))
-    }
-
-    /// What stopped a capped run and what the rest would take.
-    async fn budget_message(&self) -> Result<String, RunError> {
-        let ctx = self.ctx;
-        let p = ctx.pipeline;
-        let store = ctx.store;
-        let spent = store.run_commitment(&self.run_id).await?;
-        let (left, tokens) = store.plannable_totals(&p.name, p.stage()).await?;
-        let rates = *self.rates(p.provider.pricing_mode());
-        let max_out = p.prompt.max_output_tokens as u64;
-        let rest = rates.input.cost(tokens) + rates.output.cost(max_out.saturating_mul(left));
-        let mut why = Vec::new();
-        if let Some(cap) = self.budget.max {
-            why.push(format!(
-                "spent {} of the {} cap; the {} item(s) left need up to {} more (one attempt each, every answer at max_output_tokens)",
-                spent.display_rounded(6),
-                cap.display_rounded(6),
-                crate::util::text::n(left),
-                rest.display_rounded(6)
-            ));
-        }
-        if let Some(max_item) = self.budget.max_item {
-            let limit = max_item_input_tokens(max_item, &rates, max_out);
-            let refused = store.plannable_over(&p.name, p.stage(), limit).await?;
-            if refused > 0 {
-                why.push(format!(
-                    "{refused} item(s) refused: their worst case alone is above max_item_usd {}",
-                    max_item.display_rounded(6)
-                ));
-            }
-        }
-        Ok(format!(
-            "budget: {}; raise --budget-usd (or [budget]) and run again to send the rest",
-            why.join("; ")
-        ))
-    }
-
     /// A batch was closed: reports it (with what its results cost) and, when it was the
     /// last open batch of its run, settles that run.
     pub(super) async fn ingested(&self, b: &BatchRow, stats: ApplyStats) -> Result<(), RunError> {
@@ -734,117 +596,6 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         }
     }
 
-    /// Plans batches until nothing more fits; says how planning ended.
-    async fn plan_round(&mut self) -> Result<Planning, RunError> {
-        let ctx = self.ctx;
-        let p = ctx.pipeline;
-        let mode = self.plan_mode().await?;
-        let pricing_mode = if mode == "online" {
-            PricingMode::Standard
-        } else {
-            PricingMode::Batch
-        };
-        let lease_ms = self.lease_ms();
-        let t = Instant::now();
-        let mut outcome = Planning::Nothing;
-        while !ctx.shutdown.is_set() {
-            let budget = self.budget_check(pricing_mode).await?;
-            let req = PlanRequest {
-                run_id: &self.run_id,
-                pipeline: &p.name,
-                stage: p.stage(),
-                provider: ctx.provider.kind(),
-                model: &p.provider.model,
-                pricing_mode,
-                max_requests: p.batch.max_requests,
-                max_bytes: p.batch.max_bytes,
-                line_overhead: ctx.provider.line_overhead(),
-                budget,
-                only_retries: self.budget_hit,
-                mode,
-                owner: &ctx.worker_id,
-                lease_ms,
-            };
-            match ctx.store.plan_batch(&req).await? {
-                PlanOutcome::Planned {
-                    batch,
-                    cut_by_budget,
-                } => {
-                    crate::failpoint!("plan.after_commit");
-                    outcome = Planning::Planned;
-                    ctx.observer.event(&Event::Planned {
-                        batch_id: batch.id.clone(),
-                        requests: batch.request_count as u64,
-                    });
-                    if cut_by_budget {
-                        // The cap refused the next item: no later round starts new items
-                        // (what ingested batches give back of their reservations must not
-                        // dribble out as ever smaller batches).
-                        self.budget_hit = true;
-                        break;
-                    }
-                }
-                PlanOutcome::Nothing => {
-                    // Nothing plannable within the per-item cap — or nothing this worker
-                    // could lock: another one is planning the same items. Under a cap that
-                    // refused an item, what is left waits for a bigger budget.
-                    if outcome == Planning::Nothing
-                        && (self.budget_hit || self.refused_by_item_cap(budget).await?)
-                    {
-                        outcome = Planning::Blocked;
-                    }
-                    break;
-                }
-                PlanOutcome::OverBudget { .. } => {
-                    self.budget_hit = true;
-                    if outcome == Planning::Nothing {
-                        outcome = Planning::Blocked;
-                    }
-                    break;
-                }
-            }
-        }
-        self.times.prepare += t.elapsed();
-        Ok(outcome)
-    }
-
-    /// Whether every plannable item is over the per-item cap.
-    async fn refused_by_item_cap(
-        &self,
-        budget: Option<crate::store::BudgetCheck>,
-    ) -> Result<bool, RunError> {
-        let Some(limit) = budget.and_then(|b| b.max_item_input_tokens) else {
-            return Ok(false);
-        };
-        let p = self.ctx.pipeline;
-        let store = self.ctx.store;
-        let over = store.plannable_over(&p.name, p.stage(), limit).await?;
-        Ok(over > 0 && over == store.plannable_count(&p.name, p.stage()).await?)
-    }
-
-    /// A worker serves the latest run of its pipeline: new batches are charged to it and
-    /// planned under its limits. Returns false when the pipeline has no run yet.
-    async fn follow_latest_run(&mut self) -> Result<bool, RunError> {
-        let p = self.ctx.pipeline;
-        let Some(run) = self.ctx.store.last_run(Some(&p.name)).await? else {
-            return Ok(false);
-        };
-        if run.id != self.run_id {
-            tracing::info!(run = %run.id, pipeline = %p.name, "serving run");
-            self.budget_hit = false;
-        }
-        self.run_id = run.id;
-        self.budget = crate::config::Budget {
-            max: run
-                .budget_pico
-                .map(|v| crate::cost::Usd::from_pico(v as i128)),
-            max_item: run
-                .max_item_pico
-                .map(|v| crate::cost::Usd::from_pico(v as i128)),
-        };
-        Ok(true)
-    }
-
     /// Moves one held batch one step along.
     async fn step(
         &mut self,
@@ -881,57 +632,6 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             _ => {}
         }
         Ok(())
-    }
-
-    /// Stores the worksheet this run starts from, for `reconcile` to hold it against.
-    async fn record_plan(&self, exact_tokens: bool) -> Result<(), RunError> {
-        let ctx = self.ctx;
-        let p = ctx.pipeline;
-        let store = ctx.store;
-        let run = store
-            .run(&self.run_id)
-            .await?
-            .ok_or_else(|| StoreError::Invalid("the run row vanished".into()))?;
-        let f = store.run_figures(&self.run_id).await?;
-        let ws = crate::plan::Worksheet::compute(crate::plan::PlanInputs {
-            pipeline: p,
-            price: ctx.price,
-            mode: ctx.pipeline.provider.pricing_mode(),
-            exact_tokens,
-            records_read: run.records_read as u64,
-            quarantined: run.records_quarantined as u64,
-            unique_items: f.unique_items,
-            already_done: f.succeeded,
-            todo_tokens: store.plannable_tokens(&p.name, p.stage()).await?,
-            todo_records: f.records_valid.saturating_sub(f.records_done),
-            job_tokens: store.run_item_tokens(&self.run_id).await?,
-            job_records: f.records_valid,
-            history: store.history(&p.name, p.stage()).await?,
-            monthly_items: None,
-            backfill_items: None,
-        });
-        store
-            .set_run_plan(&self.run_id, &ws.to_json().to_string())
-            .await?;
-        Ok(())
-    }
-
-    /// How the next batch is sent: `online` for an online pipeline, or for a retry round
-    /// smaller than `retry_online_below`; `batch` otherwise.
-    async fn plan_mode(&self) -> Result<&'static str, RunError> {
-        let p = self.ctx.pipeline;
-        if p.provider.mode == crate::config::Mode::Online {
-            return Ok("online");
-        }
-        if let Some(below) = p.provider.retry_online_below {
-            let store = self.ctx.store;
-            let pending = store.plannable_count(&p.name, p.stage()).await?;
-            let retries = store.plannable_retries(&p.name, p.stage()).await?;
-            if pending > 0 && pending == retries && pending < below {
-                return Ok("online");
-            }
-        }
-        Ok("batch")
     }
 
     /// A call to the provider failed in a way a later try may fix. Provider weather (a 429,
@@ -1003,50 +703,6 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             .shutdown
             .sleep_until(Instant::now() + d.min(self.ctx.pipeline.provider.poll_max))
             .await;
-    }
-
-    /// Writes the batch's JSONL file from the store, deterministically, atomically.
-    async fn build_file(&self, b: &BatchRow) -> Result<(PathBuf, String, u64), RunError> {
-        use sha2::{Digest, Sha256};
-        use std::io::Write;
-        let ctx = self.ctx;
-        let path = batches_dir(&ctx.work_dir).join(upload_name(&b.id));
-        let mut file = AtomicFile::create(&path).map_err(|source| RunError::Output {
-            path: path.clone(),
-            source,
-        })?;
-        let mut hasher = Sha256::new();
-        let mut bytes = 0u64;
-        let mut shapes: HashMap<i64, RequestShape> = HashMap::new();
-        let mut after = 0i64;
-        let mut buf = Vec::with_capacity(1 << 20);
-        loop {
-            let lines = ctx.store.batch_lines(&b.id, after, 5000).await?;
-            if lines.is_empty() {
-                break;
-            }
-            buf.clear();
-            for l in &lines {
-                if let std::collections::hash_map::Entry::Vacant(e) = shapes.entry(l.shape_id) {
-                    e.insert(ctx.store.shape(l.shape_id).await?);
-                }
-                ctx.provider
-                    .write_line(&l.custom_id, &shapes[&l.shape_id], &l.user_json, &mut buf);
-                after = l.attempt_id;
-            }
-            hasher.update(&buf);
-            bytes += buf.len() as u64;
-            file.write_all(&buf).map_err(|source| RunError::Output {
-                path: path.clone(),
-                source,
-            })?;
-            crate::failpoint!("build.mid_write");
-        }
-        file.commit().map_err(|source| RunError::Output {
-            path: path.clone(),
-            source,
-        })?;
-        Ok((path, hex::encode(hasher.finalize()), bytes))
     }
 
     /// Writes one result line per source record of this run, in source order (JSON lines,
@@ -1188,11 +844,6 @@ struct OutputLine<'a> {
     output: Option<Box<serde_json::value::RawValue>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'a str>,
-}
-
-/// The name a batch's input file is uploaded under: the local batch id.
-pub fn upload_name(batch_id: &str) -> String {
-    format!("{batch_id}.jsonl")
 }
 
 fn jitter() -> f64 {

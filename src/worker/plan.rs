@@ -1,0 +1,227 @@
+//! Planning: cutting batches from what is plannable, within the provider's limits and the
+//! run's budget with every request's worst case reserved (docs/design.md, invariant 3);
+//! choosing batch or online mode; the limits a worker takes from the run it serves; and
+//! what a capped run says it would need to send the rest.
+
+use std::time::Instant;
+
+use super::{Event, RunError, Runner};
+use crate::cost::{PricingMode, Rates};
+use crate::provider::BatchProvider;
+use crate::store::{PlanOutcome, PlanRequest, Store};
+
+/// How a planning round ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Planning {
+    /// At least one batch planned.
+    Planned,
+    /// Nothing planned (nothing plannable, or another worker had it locked).
+    Nothing,
+    /// Plannable items exist, but the budget or the per-item cap refuses them.
+    Blocked,
+}
+
+impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
+    /// Plans batches until nothing more fits; says how planning ended.
+    pub(super) async fn plan_round(&mut self) -> Result<Planning, RunError> {
+        let ctx = self.ctx;
+        let p = ctx.pipeline;
+        let mode = self.plan_mode().await?;
+        let pricing_mode = if mode == "online" {
+            PricingMode::Standard
+        } else {
+            PricingMode::Batch
+        };
+        let lease_ms = self.lease_ms();
+        let t = Instant::now();
+        let mut outcome = Planning::Nothing;
+        while !ctx.shutdown.is_set() {
+            let budget = self.budget_check(pricing_mode).await?;
+            let req = PlanRequest {
+                run_id: &self.run_id,
+                pipeline: &p.name,
+                stage: p.stage(),
+                provider: ctx.provider.kind(),
+                model: &p.provider.model,
+                pricing_mode,
+                max_requests: p.batch.max_requests,
+                max_bytes: p.batch.max_bytes,
+                line_overhead: ctx.provider.line_overhead(),
+                budget,
+                only_retries: self.budget_hit,
+                mode,
+                owner: &ctx.worker_id,
+                lease_ms,
+            };
+            match ctx.store.plan_batch(&req).await? {
+                PlanOutcome::Planned {
+                    batch,
+                    cut_by_budget,
+                } => {
+                    crate::failpoint!("plan.after_commit");
+                    outcome = Planning::Planned;
+                    ctx.observer.event(&Event::Planned {
+                        batch_id: batch.id.clone(),
+                        requests: batch.request_count as u64,
+                    });
+                    if cut_by_budget {
+                        // The cap refused the next item: no later round starts new items
+                        // (what ingested batches give back of their reservations must not
+                        // dribble out as ever smaller batches).
+                        self.budget_hit = true;
+                        break;
+                    }
+                }
+                PlanOutcome::Nothing => {
+                    // Nothing plannable within the per-item cap — or nothing this worker
+                    // could lock: another one is planning the same items. Under a cap that
+                    // refused an item, what is left waits for a bigger budget.
+                    if outcome == Planning::Nothing
+                        && (self.budget_hit || self.refused_by_item_cap(budget).await?)
+                    {
+                        outcome = Planning::Blocked;
+                    }
+                    break;
+                }
+                PlanOutcome::OverBudget { .. } => {
+                    self.budget_hit = true;
+                    if outcome == Planning::Nothing {
+                        outcome = Planning::Blocked;
+                    }
+                    break;
+                }
+            }
+        }
+        self.times.prepare += t.elapsed();
+        Ok(outcome)
+    }
+
+    /// Whether every plannable item is over the per-item cap.
+    async fn refused_by_item_cap(
+        &self,
+        budget: Option<crate::store::BudgetCheck>,
+    ) -> Result<bool, RunError> {
+        let Some(limit) = budget.and_then(|b| b.max_item_input_tokens) else {
+            return Ok(false);
+        };
+        let p = self.ctx.pipeline;
+        let store = self.ctx.store;
+        let over = store.plannable_over(&p.name, p.stage(), limit).await?;
+        Ok(over > 0 && over == store.plannable_count(&p.name, p.stage()).await?)
+    }
+
+    /// How the next batch is sent: `online` for an online pipeline, or for a retry round
+    /// smaller than `retry_online_below`; `batch` otherwise.
+    pub(super) async fn plan_mode(&self) -> Result<&'static str, RunError> {
+        let p = self.ctx.pipeline;
+        if p.provider.mode == crate::config::Mode::Online {
+            return Ok("online");
+        }
+        if let Some(below) = p.provider.retry_online_below {
+            let store = self.ctx.store;
+            let pending = store.plannable_count(&p.name, p.stage()).await?;
+            let retries = store.plannable_retries(&p.name, p.stage()).await?;
+            if pending > 0 && pending == retries && pending < below {
+                return Ok("online");
+            }
+        }
+        Ok("batch")
+    }
+
+    /// The budget this planning round must fit in (`None`: no limits).
+    async fn budget_check(
+        &self,
+        mode: PricingMode,
+    ) -> Result<Option<crate::store::BudgetCheck>, RunError> {
+        let b = self.budget;
+        if b.max.is_none() && b.max_item.is_none() {
+            return Ok(None);
+        }
+        let available = match b.max {
+            Some(cap) => cap - self.ctx.store.run_commitment(&self.run_id).await?,
+            None => crate::cost::Usd::from_pico(i64::MAX as i128),
+        };
+        let max_out = self.ctx.pipeline.prompt.max_output_tokens as u64;
+        let rates = *self.rates(mode);
+        Ok(Some(crate::store::BudgetCheck {
+            available,
+            input_price: rates.input,
+            output_price: rates.output,
+            max_output_tokens: max_out,
+            max_item_input_tokens: b
+                .max_item
+                .map(|m| max_item_input_tokens(m, &rates, max_out)),
+        }))
+    }
+
+    /// A worker serves the latest run of its pipeline: new batches are charged to it and
+    /// planned under its limits. Returns false when the pipeline has no run yet.
+    pub(super) async fn follow_latest_run(&mut self) -> Result<bool, RunError> {
+        let p = self.ctx.pipeline;
+        let Some(run) = self.ctx.store.last_run(Some(&p.name)).await? else {
+            return Ok(false);
+        };
+        if run.id != self.run_id {
+            tracing::info!(run = %run.id, pipeline = %p.name, "serving run");
+            self.budget_hit = false;
+        }
+        self.run_id = run.id;
+        self.budget = crate::config::Budget {
+            max: run
+                .budget_pico
+                .map(|v| crate::cost::Usd::from_pico(v as i128)),
+            max_item: run
+                .max_item_pico
+                .map(|v| crate::cost::Usd::from_pico(v as i128)),
+        };
+        Ok(true)
+    }
+
+    /// What stopped a capped run and what the rest would take.
+    pub(super) async fn budget_message(&self) -> Result<String, RunError> {
+        let ctx = self.ctx;
+        let p = ctx.pipeline;
+        let store = ctx.store;
+        let spent = store.run_commitment(&self.run_id).await?;
+        let (left, tokens) = store.plannable_totals(&p.name, p.stage()).await?;
+        let rates = *self.rates(p.provider.pricing_mode());
+        let max_out = p.prompt.max_output_tokens as u64;
+        let rest = rates.input.cost(tokens) + rates.output.cost(max_out.saturating_mul(left));
+        let mut why = Vec::new();
+        if let Some(cap) = self.budget.max {
+            why.push(format!(
+                "spent {} of the {} cap; the {} item(s) left need up to {} more (one attempt each, every answer at max_output_tokens)",
+                spent.display_rounded(6),
+                cap.display_rounded(6),
+                crate::util::text::n(left),
+                rest.display_rounded(6)
+            ));
+        }
+        if let Some(max_item) = self.budget.max_item {
+            let limit = max_item_input_tokens(max_item, &rates, max_out);
+            let refused = store.plannable_over(&p.name, p.stage(), limit).await?;
+            if refused > 0 {
+                why.push(format!(
+                    "{refused} item(s) refused: their worst case alone is above max_item_usd {}",
+                    max_item.display_rounded(6)
+                ));
+            }
+        }
+        Ok(format!(
+            "budget: {}; raise --budget-usd (or [budget]) and run again to send the rest",
+            why.join("; ")
+        ))
+    }
+}
+
+/// The most input tokens an item may have for its worst case to stay within `max_item`.
+fn max_item_input_tokens(max_item: crate::cost::Usd, rates: &Rates, max_out: u64) -> u64 {
+    let room = max_item.pico() - rates.output.cost(max_out).pico();
+    if room < 0 {
+        return 0;
+    }
+    match rates.input.pico_per_token() {
+        0 => u64::MAX,
+        p => (room / p as i128).min(u64::MAX as i128) as u64,
+    }
+}
