@@ -8,8 +8,16 @@
 //! have taken effect — is never retried blindly. Results are applied in chunks whose writes
 //! are idempotent, so a crash anywhere is resumed by running again: a new run first carries
 //! every open batch of its pipeline to the end, whichever run created it.
+//!
+//! This module is the drive loop: a run (`run`), a worker (`serve`), the [`Runner`] state
+//! they share and the loop that moves each held batch one step along. The phases it drives
+//! live beside it, in the order of docs/design.md ("The steps and where they live"):
+//! `ingest` and `prepare`, `plan`, `build`, `submit`, `collect`, `apply`, `online`, `settle`
+//! and `output`; `backoff` handles provider weather, `events`, `options` and `errors` hold
+//! the public types.
 
 mod apply;
+mod backoff;
 mod build;
 mod collect;
 mod errors;
@@ -17,21 +25,24 @@ mod events;
 mod ingest;
 mod online;
 mod options;
+mod output;
 mod plan;
 mod prepare;
+mod settle;
 mod submit;
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::cost::{PricingMode, Rates};
 use crate::dedupe::RequestShape;
-use crate::provider::{BatchProvider, ProviderError};
-use crate::store::{ApplyStats, BatchRow, Claim, NewRun, RunStatus, Store, StoreError, now_ms};
-use crate::util::fs::{self as fsutil, AtomicFile};
+use crate::provider::BatchProvider;
+use crate::store::{BatchRow, Claim, NewRun, RunStatus, Store, StoreError, now_ms};
+use crate::util::fs as fsutil;
 use crate::validate::OutputValidator;
 
+use backoff::jitter;
 use options::{batches_dir, downloads_dir};
 use plan::Planning;
 
@@ -41,6 +52,8 @@ pub use collect::{CancelReport, cancel};
 pub use errors::{EXIT_CONFIG, EXIT_ERROR, EXIT_FAILED_ITEMS, EXIT_RESUMABLE, RunError};
 pub use events::{Event, LogObserver, Observer};
 pub use options::{RunContext, Shutdown, schema_name, spec};
+pub use output::OutputFormat;
+pub use settle::KEEP_RECORDS_OF_RUNS;
 
 /// What a finished (or stopped) run did.
 #[derive(Clone, Debug)]
@@ -66,10 +79,6 @@ pub struct PhaseTimes {
     /// Download, parse, validate, price and store results.
     pub results: Duration,
 }
-
-/// Record rows (one per source line) are kept for this many of a pipeline's latest runs;
-/// older runs keep their frozen figures, so every report still adds up.
-pub const KEEP_RECORDS_OF_RUNS: u32 = 7;
 
 /// Polling state of one submitted batch.
 struct PollClock {
@@ -210,6 +219,13 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
             .await?
             .ok_or_else(|| StoreError::Invalid(format!("batch {} vanished", b.id)))?;
         Ok((now.lease_token == b.lease_token).then_some(now))
+    }
+
+    pub(crate) fn rates(&self, mode: PricingMode) -> &Rates {
+        match mode {
+            PricingMode::Batch => &self.batch_rates,
+            PricingMode::Standard => &self.standard_rates,
+        }
     }
 }
 
@@ -420,72 +436,6 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         Ok((RunStatus::Error, code, Some(message)))
     }
 
-    /// A batch was closed: reports it (with what its results cost) and, when it was the
-    /// last open batch of its run, settles that run.
-    pub(super) async fn ingested(&self, b: &BatchRow, stats: ApplyStats) -> Result<(), RunError> {
-        let cost = self.ctx.store.ledger_totals_for_batch(&b.id).await?.cost;
-        self.ctx.observer.event(&Event::Ingested {
-            batch_id: b.id.clone(),
-            stats,
-            cost,
-        });
-        self.settle(&b.run_id).await
-    }
-
-    /// Once nothing of a run is open any more its figures are final: a detached run gets
-    /// its end status (from whichever process ingested its last batch), the figures are
-    /// frozen on the run row, and record rows of the pipeline's older runs are pruned.
-    pub(super) async fn settle(&self, run_id: &str) -> Result<(), RunError> {
-        let store = self.ctx.store;
-        if store.open_batch_count(run_id).await? > 0 {
-            return Ok(());
-        }
-        let Some(run) = store.run(run_id).await? else {
-            return Ok(());
-        };
-        match run.status.as_str() {
-            // Its own process settles it when it finishes.
-            "running" => return Ok(()),
-            "detached" => {
-                // Workers plan for the pipeline's latest run: while it is the latest and
-                // work is waiting, more may still be charged to it.
-                let latest = store.last_run(Some(&run.pipeline)).await?;
-                if latest.is_some_and(|l| l.id == run.id)
-                    && store.plannable_count(&run.pipeline, &run.stage).await? > 0
-                {
-                    return Ok(());
-                }
-                let f = store.run_figures(run_id).await?;
-                let (status, code, message) = if f.exhausted > 0 {
-                    (
-                        RunStatus::Failed,
-                        1,
-                        format!(
-                            "{} item(s) failed for good; its batches were collected later",
-                            f.exhausted
-                        ),
-                    )
-                } else {
-                    (
-                        RunStatus::Completed,
-                        0,
-                        "detached; its batches were collected later".to_string(),
-                    )
-                };
-                store
-                    .finish_run(run_id, status, code, Some(&message))
-                    .await?;
-            }
-            _ => {}
-        }
-        let f = store.run_figures(run_id).await?;
-        store.freeze_figures(run_id, &f.to_json()).await?;
-        store
-            .prune_records(&run.pipeline, KEEP_RECORDS_OF_RUNS)
-            .await?;
-        Ok(())
-    }
-
     /// Plans, submits, polls and ingests until nothing of this pipeline is open (or, when
     /// `serve`, until told to stop: an idle worker waits for new work).
     async fn drive(&mut self, serve: bool) -> Result<Stop, RunError> {
@@ -633,221 +583,4 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         }
         Ok(())
     }
-
-    /// A call to the provider failed in a way a later try may fix. Provider weather (a 429,
-    /// a 5xx) is normal and logged quietly; a provider that cannot be reached at all is
-    /// reported at once at the default level, and a spell of failures that lasts
-    /// `unreachable_timeout` ends the run (exit 75: everything is kept, run again later).
-    fn note_transient(&mut self, e: ProviderError) -> Result<(), RunError> {
-        let p = &self.ctx.pipeline.provider;
-        // The base URL is configuration, but it may carry `user:pass@`: never print that.
-        let url = crate::provider::redact::Redactor::shapes_only()
-            .scrub(self.ctx.provider.endpoint())
-            .into_owned();
-        self.transient_streak += 1;
-        let since = *self.failing_since.get_or_insert_with(Instant::now);
-        let failing_for = since.elapsed();
-        // Nothing answered at all (refused, unresolvable, timed out): say so at once.
-        let unreachable = matches!(&e, ProviderError::Transient { status: None, .. })
-            || matches!(&e, ProviderError::Ambiguous { .. });
-        if !self.failing_warned && (unreachable || failing_for >= Duration::from_secs(30)) {
-            self.failing_warned = true;
-            tracing::warn!(
-                url = %url,
-                error = %e,
-                give_up_after_seconds = p.unreachable_timeout.as_secs_f64(),
-                "cannot reach the provider; retrying"
-            );
-        } else {
-            tracing::info!(url = %url, error = %e, "provider call failed; will try again");
-        }
-        if failing_for >= p.unreachable_timeout {
-            return Err(RunError::Unavailable {
-                url,
-                seconds: failing_for.as_secs(),
-                timeout_seconds: p.unreachable_timeout.as_secs_f64(),
-                cause: e.to_string(),
-            });
-        }
-        Ok(())
-    }
-
-    fn note_success(&mut self) {
-        if self.failing_warned {
-            tracing::warn!("the provider answers again");
-        }
-        self.transient_streak = 0;
-        self.failing_since = None;
-        self.failing_warned = false;
-    }
-
-    /// Classifies a provider error: fatal ones end the run, others are retried later.
-    fn provider_failure(&mut self, e: ProviderError) -> Result<(), RunError> {
-        match e {
-            ProviderError::Auth { .. } | ProviderError::Io(_) | ProviderError::Permanent { .. } => {
-                Err(RunError::Provider(e))
-            }
-            other => self.note_transient(other),
-        }
-    }
-
-    async fn backoff_pause(&self) {
-        let d = self
-            .ctx
-            .pipeline
-            .provider
-            .poll_min
-            .max(Duration::from_millis(50))
-            * self.transient_streak.clamp(1, 20);
-        self.ctx
-            .shutdown
-            .sleep_until(Instant::now() + d.min(self.ctx.pipeline.provider.poll_max))
-            .await;
-    }
-
-    /// Writes one result line per source record of this run, in source order (JSON lines,
-    /// or CSV when the path ends in `.csv`), atomically.
-    async fn write_output(&self) -> Result<(), RunError> {
-        use std::io::Write;
-        let ctx = self.ctx;
-        let path = &ctx.output_path;
-        let err = |source| RunError::Output {
-            path: path.clone(),
-            source,
-        };
-        let format = OutputFormat::for_path(path).map_err(RunError::Config)?;
-        let mut file = AtomicFile::create(path).map_err(err)?;
-        {
-            // CSV rows go through the csv writer; JSON lines are assembled per page.
-            let (mut csv, mut raw) = match format {
-                OutputFormat::Csv => {
-                    let mut w = csv::Writer::from_writer(&mut file);
-                    w.write_record(["id", "line", "status", "attempts", "output", "error"])
-                        .map_err(|e| err(std::io::Error::other(e)))?;
-                    (Some(w), None)
-                }
-                OutputFormat::Jsonl => (None, Some(&mut file)),
-            };
-            let mut json = Vec::with_capacity(1 << 16);
-            let mut after = 0i64;
-            loop {
-                let rows = ctx.store.run_records(&self.run_id, after, 10_000).await?;
-                if rows.is_empty() {
-                    break;
-                }
-                json.clear();
-                for r in &rows {
-                    after = r.line;
-                    let succeeded = r.state == "succeeded";
-                    let status = match r.state.as_str() {
-                        "succeeded" => "succeeded",
-                        "exhausted" => "failed",
-                        _ => "pending",
-                    };
-                    let error = if succeeded {
-                        None
-                    } else {
-                        r.last_error.as_deref()
-                    };
-                    match &mut csv {
-                        Some(w) => {
-                            let output = if succeeded {
-                                r.result.as_deref().unwrap_or("")
-                            } else {
-                                ""
-                            };
-                            w.write_record([
-                                crate::plan::guard(&r.record_id).as_str(),
-                                &r.line.to_string(),
-                                status,
-                                &r.attempts.to_string(),
-                                &crate::plan::guard(output),
-                                &crate::plan::guard(error.unwrap_or("")),
-                            ])
-                            .map_err(|e| err(std::io::Error::other(e)))?;
-                        }
-                        None => {
-                            let line = OutputLine {
-                                id: &r.record_id,
-                                line: r.line,
-                                status,
-                                attempts: r.attempts,
-                                output: if succeeded {
-                                    r.result.as_deref().and_then(|t| {
-                                        serde_json::value::RawValue::from_string(t.to_string()).ok()
-                                    })
-                                } else {
-                                    None
-                                },
-                                error,
-                            };
-                            serde_json::to_writer(&mut json, &line).map_err(|e| err(e.into()))?;
-                            json.push(b'\n');
-                        }
-                    }
-                }
-                if let Some(w) = &mut csv {
-                    w.flush().map_err(err)?;
-                }
-                if let Some(f) = &mut raw {
-                    f.write_all(&json).map_err(err)?;
-                }
-                crate::failpoint!("output.mid_write");
-            }
-        }
-        file.commit().map_err(err)
-    }
-
-    pub(crate) fn rates(&self, mode: PricingMode) -> &Rates {
-        match mode {
-            PricingMode::Batch => &self.batch_rates,
-            PricingMode::Standard => &self.standard_rates,
-        }
-    }
-}
-
-/// How the results file is written, by its extension.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OutputFormat {
-    /// One JSON object per line (`.jsonl`, `.ndjson`, `.json`).
-    Jsonl,
-    /// A header row, then one row per record; the answer as compact JSON text (`.csv`).
-    Csv,
-}
-
-impl OutputFormat {
-    /// The format a results path asks for; any other extension is refused (a results file
-    /// named `.txt` or `.parquet` would otherwise silently get JSON lines).
-    pub fn for_path(path: &Path) -> Result<Self, String> {
-        let ext = path
-            .extension()
-            .map(|e| e.to_string_lossy().to_ascii_lowercase());
-        match ext.as_deref() {
-            Some("jsonl") | Some("ndjson") | Some("json") => Ok(OutputFormat::Jsonl),
-            Some("csv") => Ok(OutputFormat::Csv),
-            _ => Err(format!(
-                "{} must end in .jsonl (JSON lines) or .csv",
-                path.display()
-            )),
-        }
-    }
-}
-
-/// One line of the results file: a source record and what became of it.
-#[derive(serde::Serialize)]
-struct OutputLine<'a> {
-    id: &'a str,
-    line: i64,
-    status: &'static str,
-    attempts: i64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    output: Option<Box<serde_json::value::RawValue>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<&'a str>,
-}
-
-fn jitter() -> f64 {
-    use std::collections::hash_map::RandomState;
-    use std::hash::BuildHasher;
-    (RandomState::new().hash_one(Instant::now()) >> 11) as f64 / (1u64 << 53) as f64
 }

@@ -1,0 +1,79 @@
+//! Settling: once nothing of a run is open its figures are final. A batch's close is
+//! reported, a detached run gets its end status, figures are frozen on the run row and
+//! record rows of older runs are pruned.
+
+use super::{Event, RunError, Runner};
+use crate::provider::BatchProvider;
+use crate::store::{ApplyStats, BatchRow, RunStatus, Store};
+
+/// Record rows (one per source line) are kept for this many of a pipeline's latest runs;
+/// older runs keep their frozen figures, so every report still adds up.
+pub const KEEP_RECORDS_OF_RUNS: u32 = 7;
+
+impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
+    /// A batch was closed: reports it (with what its results cost) and, when it was the
+    /// last open batch of its run, settles that run.
+    pub(super) async fn ingested(&self, b: &BatchRow, stats: ApplyStats) -> Result<(), RunError> {
+        let cost = self.ctx.store.ledger_totals_for_batch(&b.id).await?.cost;
+        self.ctx.observer.event(&Event::Ingested {
+            batch_id: b.id.clone(),
+            stats,
+            cost,
+        });
+        self.settle(&b.run_id).await
+    }
+
+    /// Once nothing of a run is open any more its figures are final: a detached run gets
+    /// its end status (from whichever process ingested its last batch), the figures are
+    /// frozen on the run row, and record rows of the pipeline's older runs are pruned.
+    pub(super) async fn settle(&self, run_id: &str) -> Result<(), RunError> {
+        let store = self.ctx.store;
+        if store.open_batch_count(run_id).await? > 0 {
+            return Ok(());
+        }
+        let Some(run) = store.run(run_id).await? else {
+            return Ok(());
+        };
+        match run.status.as_str() {
+            // Its own process settles it when it finishes.
+            "running" => return Ok(()),
+            "detached" => {
+                // Workers plan for the pipeline's latest run: while it is the latest and
+                // work is waiting, more may still be charged to it.
+                let latest = store.last_run(Some(&run.pipeline)).await?;
+                if latest.is_some_and(|l| l.id == run.id)
+                    && store.plannable_count(&run.pipeline, &run.stage).await? > 0
+                {
+                    return Ok(());
+                }
+                let f = store.run_figures(run_id).await?;
+                let (status, code, message) = if f.exhausted > 0 {
+                    (
+                        RunStatus::Failed,
+                        1,
+                        format!(
+                            "{} item(s) failed for good; its batches were collected later",
+                            f.exhausted
+                        ),
+                    )
+                } else {
+                    (
+                        RunStatus::Completed,
+                        0,
+                        "detached; its batches were collected later".to_string(),
+                    )
+                };
+                store
+                    .finish_run(run_id, status, code, Some(&message))
+                    .await?;
+            }
+            _ => {}
+        }
+        let f = store.run_figures(run_id).await?;
+        store.freeze_figures(run_id, &f.to_json()).await?;
+        store
+            .prune_records(&run.pipeline, KEEP_RECORDS_OF_RUNS)
+            .await?;
+        Ok(())
+    }
+}
