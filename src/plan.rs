@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use crate::config::Pipeline;
 use crate::cost::tokens::PromptCounter;
 use crate::cost::{ModelPrice, PricingMode, Rates, Usd};
-use crate::dedupe::{RequestShape, prepare};
+use crate::request::{RequestShape, prepare};
 use crate::source::{SourceError, SourceEvent, SourceReader};
 
 /// What earlier runs of the pipeline measured.

@@ -29,7 +29,7 @@ use std::time::Duration;
 use secrecy::SecretString;
 
 use crate::cost::{PricingMode, Usage};
-use crate::dedupe::RequestShape;
+use crate::request::RequestShape;
 
 /// What a provider needs to render the fixed part of every request.
 #[derive(Clone, Debug)]

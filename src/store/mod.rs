@@ -20,7 +20,7 @@ use std::future::Future;
 use std::path::Path;
 
 use crate::cost::{PricingMode, Usage, Usd};
-use crate::dedupe::{PreparedRecord, RequestShape};
+use crate::request::{PreparedRecord, RequestShape};
 use crate::source::Quarantined;
 
 pub use db::Engine;

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use super::{RunError, Runner, batches_dir};
-use crate::dedupe::RequestShape;
 use crate::provider::BatchProvider;
+use crate::request::RequestShape;
 use crate::store::{BatchRow, Store};
 use crate::util::fs::AtomicFile;
 

@@ -6,8 +6,8 @@ use tokio::sync::mpsc;
 use super::{Event, RunContext, RunError};
 use crate::config::RenderError;
 use crate::cost::tokens::PromptCounter;
-use crate::dedupe::{PreparedRecord, RequestShape, prepare};
 use crate::provider::BatchProvider;
+use crate::request::{PreparedRecord, RequestShape, prepare};
 use crate::source::{Quarantined, SourceError, SourceEvent, SourceReader};
 use crate::store::{IngestTarget, Store};
 

@@ -26,7 +26,7 @@ mod ingest;
 mod online;
 mod options;
 mod output;
-mod plan;
+mod planning;
 mod prepare;
 mod settle;
 mod submit;
@@ -36,15 +36,15 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::cost::{PricingMode, Rates};
-use crate::dedupe::RequestShape;
 use crate::provider::BatchProvider;
+use crate::request::RequestShape;
 use crate::store::{BatchRow, Claim, NewRun, RunStatus, Store, StoreError, now_ms};
 use crate::util::fs as fsutil;
 use crate::validate::OutputValidator;
 
 use backoff::jitter;
 use options::{batches_dir, downloads_dir};
-use plan::Planning;
+use planning::Planning;
 
 pub use apply::judge_line;
 pub use build::upload_name;

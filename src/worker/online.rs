@@ -19,8 +19,8 @@ use futures_util::StreamExt;
 
 use super::{Event, RunError, Runner, apply::judge_line};
 use crate::cost::{PricingMode, Usage};
-use crate::dedupe::RequestShape;
 use crate::provider::{BatchProvider, LineOutcome, ProviderError};
+use crate::request::RequestShape;
 use crate::store::{
     ApplyStats, AttemptOutcome, AttemptRef, BatchRow, BatchUpdate, OnlineLine, Store, now_ms,
 };

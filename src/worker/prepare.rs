@@ -4,8 +4,8 @@
 //! themselves is `ingest.rs`.
 
 use super::{RunError, Runner, schema_name, spec};
-use crate::dedupe::RequestShape;
 use crate::provider::BatchProvider;
+use crate::request::RequestShape;
 use crate::store::{Store, StoreError};
 
 impl<S: Store, P: BatchProvider> Runner<'_, S, P> {

@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 
 use nightshift::cost::{PricingMode, TokenPrice, Usage, Usd};
-use nightshift::dedupe::{PreparedRecord, RequestShape};
+use nightshift::request::{PreparedRecord, RequestShape};
 use nightshift::store::{
     AttemptOutcome, BatchRow, BatchUpdate, BudgetCheck, Claim, Engine, IngestTarget, NewRun,
     PlanOutcome, PlanRequest, ProviderBill, RunStatus, SqlStore, Store, StoreError, WorkerInfo,

@@ -16,12 +16,12 @@ use serde_json::Value;
 use super::API_VERSION;
 use super::codec::{AnthropicCodec, message_outcome};
 use super::types::{ListPage, MessageBatch};
-use crate::dedupe::RequestShape;
 use crate::provider::http::{Http, RetryPolicy};
 use crate::provider::{
     BatchMeta, BatchProvider, Codec, CreateInput, LineOutcome, ProviderError, RemoteBatch,
     RemoteStatus, RequestCounts, ResultLine,
 };
+use crate::request::RequestShape;
 
 const LIST_SKEW_SECONDS: i64 = 15 * 60;
 const MAX_LIST_PAGES: usize = 20;

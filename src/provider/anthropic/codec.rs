@@ -7,8 +7,8 @@ use serde_json::{Value, json};
 use super::types::ResultLine as WireLine;
 use crate::cost::Usage;
 use crate::cost::tokens::PromptCounter;
-use crate::dedupe::{RequestShape, USER_SLOT};
 use crate::provider::{LineOutcome, RequestSpec, ResultLine};
+use crate::request::{RequestShape, USER_SLOT};
 
 /// Anthropic's request and result lines.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

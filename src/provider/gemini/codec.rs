@@ -7,8 +7,8 @@ use serde_json::{Value, json};
 use super::types::{GenerateContentResponse, ResponseLine};
 use crate::cost::Usage;
 use crate::cost::tokens::PromptCounter;
-use crate::dedupe::{RequestShape, USER_SLOT};
 use crate::provider::{LineOutcome, RequestSpec, ResultLine};
+use crate::request::{RequestShape, USER_SLOT};
 
 /// Gemini's request and response lines.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

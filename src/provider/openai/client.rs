@@ -17,13 +17,13 @@ use super::types;
 use super::types::{Batch, ChatCompletion, FileObject, ListPage};
 use super::{ENDPOINT, META_BATCH_ID};
 use crate::cost::Usage;
-use crate::dedupe::RequestShape;
 use crate::provider::CreateInput;
 use crate::provider::http::{Http, RetryPolicy};
 use crate::provider::{
     BatchMeta, BatchProvider, Codec, LineOutcome, ProviderError, RemoteBatch, RemoteStatus,
     RequestCounts, ResultLine,
 };
+use crate::request::RequestShape;
 
 /// How far back (seconds) the batch list is searched before a local batch's creation time,
 /// to allow for clock skew between us and the provider.

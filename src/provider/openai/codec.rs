@@ -8,10 +8,10 @@ use super::ENDPOINT;
 use super::types::{self, ChatCompletion, OutputLine};
 use crate::cost::Usage;
 use crate::cost::tokens::PromptCounter;
-use crate::dedupe::{RequestShape, USER_SLOT};
 use crate::provider::http;
 use crate::provider::redact::Redactor;
 use crate::provider::{LineOutcome, RequestSpec, ResultLine};
+use crate::request::{RequestShape, USER_SLOT};
 
 /// OpenAI's request lines, or Azure's: the same format, with the deployment as the model.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,4 +1,5 @@
-//! Items and their dedupe keys.
+//! Requests and their item keys: the fixed shape of a pipeline's requests, and each record's
+//! rendered user message and dedupe key.
 //!
 //! An item is identified by sha256 over the canonical rendered request body (model, messages,
 //! params, schema; sorted keys, no insignificant whitespace). Every request of a pipeline has
