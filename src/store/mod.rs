@@ -8,9 +8,10 @@
 //!
 //! Item states: `pending → in_flight → succeeded | failed → in_flight … → exhausted`.
 //! Batch states: `planned → built → uploading → uploaded → creating → submitted → ended →
-//! ingested` (docs/design.md, "The model" and "Storage").
+//! ingested` ([`state`]; docs/design.md, "The model" and "Storage").
 //!
 //! This file keeps the trait, the error type and the module map:
+//! - [`state`]: the stored states and modes as enums;
 //! - [`rows`]: the rows and values the trait reads and writes (re-exported here);
 //! - [`sql`]: [`SqlStore`], the implementation for both engines;
 //! - [`db`]: the query API over either engine; [`sqlite`], [`postgres`]: opening them;
@@ -22,6 +23,7 @@ pub mod postgres;
 pub mod rows;
 pub mod sql;
 pub mod sqlite;
+pub mod state;
 
 use std::future::Future;
 use std::path::Path;
@@ -34,6 +36,9 @@ pub use db::Engine;
 pub use lock::{LockError, RunLock};
 pub use rows::*;
 pub use sql::SqlStore;
+pub use state::{
+    AttemptState, BatchMode, BatchState, EndState, ItemState, RunStatus, UnknownValue,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -53,34 +58,6 @@ pub enum StoreError {
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 pub use crate::util::time::now_ms;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RunStatus {
-    Running,
-    Completed,
-    /// Over, with items that failed for good.
-    Failed,
-    /// Stopped by its spending cap with items left to send.
-    Budget,
-    Interrupted,
-    Detached,
-    Error,
-}
-
-impl RunStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RunStatus::Running => "running",
-            RunStatus::Completed => "completed",
-            RunStatus::Failed => "failed",
-            RunStatus::Budget => "budget",
-            RunStatus::Interrupted => "interrupted",
-            RunStatus::Detached => "detached",
-            RunStatus::Error => "error",
-        }
-    }
-}
-
 
 /// The store contract. Each method is one transaction unless it says otherwise.
 pub trait Store: Send + Sync + 'static {
