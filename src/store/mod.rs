@@ -13,7 +13,7 @@
 //! This file keeps the trait, the error type and the module map:
 //! - [`state`]: the stored states and modes as enums;
 //! - [`rows`]: the rows and values the trait reads and writes (re-exported here);
-//! - [`sql`]: [`SqlStore`], the implementation for both engines;
+//! - [`sql`]: [`SqlStore`], the implementation for both engines, by concern;
 //! - [`db`]: the query API over either engine; [`sqlite`], [`postgres`]: opening them;
 //! - [`lock`]: the run lock of a SQLite store.
 
