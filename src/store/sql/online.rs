@@ -56,7 +56,7 @@ pub(super) async fn lose_dispatched(
     let error = "lost: sent online by a process that ended before recording the answer (it may have been billed)";
     let mut tx = store.db.begin().await?;
     store.fence(&mut tx, &batch.id, batch.lease_token).await?;
-    let states: Vec<(String,)> = tx
+    let states: Vec<(ItemState,)> = tx
         .all(
             q("UPDATE items SET \
                  state = CASE WHEN items.attempts >= $2 THEN 'exhausted' ELSE 'failed' END, \

@@ -33,7 +33,7 @@ pub(super) async fn run_figures(store: &SqlStore, run_id: &str) -> Result<RunFig
         ),
         ..Default::default()
     };
-    let states: Vec<(String, i64)> = db
+    let states: Vec<(ItemState, i64)> = db
         .all(
             q("SELECT i.state, COUNT(*) FROM items i \
                WHERE i.id IN (SELECT item_id FROM records WHERE run_id = $1) GROUP BY i.state")
@@ -43,9 +43,9 @@ pub(super) async fn run_figures(store: &SqlStore, run_id: &str) -> Result<RunFig
     for (state, n) in states {
         let n = count(n);
         f.unique_items += n;
-        match state.as_str() {
-            "succeeded" => f.succeeded += n,
-            "exhausted" => f.exhausted += n,
+        match state {
+            ItemState::Succeeded => f.succeeded += n,
+            ItemState::Exhausted => f.exhausted += n,
             _ => f.unfinished += n,
         }
     }

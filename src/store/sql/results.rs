@@ -46,8 +46,11 @@ pub(super) fn update_items_sql(rows: usize) -> String {
 }
 
 /// Items a failed attempt leaves behind: `exhausted` at the cap, `failed` (retried) below.
-pub(super) fn states_to_stats(applied: u64, states: &[(String,)]) -> ApplyStats {
-    let exhausted = states.iter().filter(|(s,)| s == "exhausted").count() as u64;
+pub(super) fn states_to_stats(applied: u64, states: &[(ItemState,)]) -> ApplyStats {
+    let exhausted = states
+        .iter()
+        .filter(|(s,)| *s == ItemState::Exhausted)
+        .count() as u64;
     ApplyStats {
         applied,
         failed: states.len() as u64 - exhausted,
@@ -103,7 +106,11 @@ pub(super) async fn apply_results(
         let mut attempts = q(cached_sql(&ATTEMPTS, chunk.len(), update_attempts_sql)).bind(now);
         for o in chunk {
             attempts.push(o.attempt_id);
-            attempts.push(if o.succeeded { "succeeded" } else { "failed" });
+            attempts.push(if o.succeeded {
+                AttemptState::Succeeded
+            } else {
+                AttemptState::Failed
+            });
             attempts.push(o.verdict.as_str());
             attempts.push(o.error.as_deref());
             attempts.push(o.finish_reason.as_deref());
@@ -123,10 +130,10 @@ pub(super) async fn apply_results(
             items.push(o.result.as_deref());
             items.push(o.error.as_deref().or(Some(o.verdict.as_str())));
         }
-        for (state,) in tx.all::<(String,)>(items).await? {
-            match state.as_str() {
-                "succeeded" => stats.succeeded += 1,
-                "exhausted" => stats.exhausted += 1,
+        for (state,) in tx.all::<(ItemState,)>(items).await? {
+            match state {
+                ItemState::Succeeded => stats.succeeded += 1,
+                ItemState::Exhausted => stats.exhausted += 1,
                 _ => stats.failed += 1,
             }
         }
@@ -190,7 +197,7 @@ pub(super) async fn finish_ingest(
     let now = now_ms();
     let mut tx = store.db.begin().await?;
     store.fence(&mut tx, &batch.id, batch.lease_token).await?;
-    let states: Vec<(String,)> = tx
+    let states: Vec<(ItemState,)> = tx
         .all(
             q("UPDATE items SET \
                  state = CASE WHEN items.attempts >= $2 THEN 'exhausted' ELSE 'failed' END, \

@@ -65,7 +65,7 @@ pub(super) async fn finish_run(
         .execute(
             q("UPDATE runs SET status = $2, exit_code = $3, message = $4, finished_at = $5 WHERE id = $1")
                 .bind(run_id)
-                .bind(status.as_str())
+                .bind(status)
                 .bind(exit_code as i64)
                 .bind(message)
                 .bind(now_ms()),
