@@ -268,7 +268,7 @@ pub trait Store: Send + Sync + 'static {
     fn update_batch(
         &self,
         batch: &BatchRow,
-        from: &str,
+        from: BatchState,
         update: &BatchUpdate,
     ) -> impl Future<Output = Result<bool>> + Send;
 

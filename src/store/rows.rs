@@ -3,8 +3,14 @@
 //! [`PlanRequest`], [`BatchUpdate`], …) and what its operations report ([`ApplyStats`],
 //! [`RunFigures`], …). Re-exported from [`crate::store`]; the operations are the
 //! [`Store`](super::Store) trait's.
+//!
+//! Stored states and modes are typed ([`super::state`]): the derived `FromRow`s decode them
+//! from their text ([`super::db`]), so a value the enums do not know is a decode error at
+//! the SQL boundary.
 
 use crate::cost::{PricingMode, Usage, Usd};
+
+use super::state::{AttemptState, BatchMode, BatchState, EndState, ItemState, RunStatus};
 
 #[derive(Clone, Debug)]
 pub struct NewRun {
@@ -31,7 +37,7 @@ pub struct RunRow {
     pub id: String,
     pub pipeline: String,
     pub stage: String,
-    pub status: String,
+    pub status: RunStatus,
     pub pipeline_file: String,
     pub source_path: String,
     pub output_path: String,
@@ -83,8 +89,7 @@ pub struct PlanRequest<'a> {
     pub provider: &'a str,
     pub model: &'a str,
     pub pricing_mode: PricingMode,
-    /// `batch` or `online`.
-    pub mode: &'a str,
+    pub mode: BatchMode,
     pub max_requests: usize,
     pub max_bytes: u64,
     /// Bytes a JSONL line adds around the body (envelope and custom_id), an upper bound.
@@ -141,8 +146,8 @@ pub struct BatchRow {
     pub provider: String,
     pub model: String,
     pub pricing_mode: String,
-    pub mode: String,
-    pub state: String,
+    pub mode: BatchMode,
+    pub state: BatchState,
     pub request_count: i64,
     pub reserved_pico: i64,
     pub file_path: Option<String>,
@@ -151,7 +156,7 @@ pub struct BatchRow {
     pub input_file_id: Option<String>,
     pub provider_batch_id: Option<String>,
     pub provider_status: Option<String>,
-    pub end_state: Option<String>,
+    pub end_state: Option<EndState>,
     pub output_file_id: Option<String>,
     pub error_file_id: Option<String>,
     pub provider_usage: Option<String>,
@@ -181,14 +186,14 @@ impl BatchRow {
 /// A change to a batch row: the new state and whichever fields the step learned.
 #[derive(Clone, Debug, Default)]
 pub struct BatchUpdate {
-    pub state: Option<&'static str>,
+    pub state: Option<BatchState>,
     pub file_path: Option<String>,
     pub file_sha256: Option<String>,
     pub file_bytes: Option<i64>,
     pub input_file_id: Option<String>,
     pub provider_batch_id: Option<String>,
     pub provider_status: Option<String>,
-    pub end_state: Option<&'static str>,
+    pub end_state: Option<EndState>,
     pub output_file_id: Option<String>,
     pub error_file_id: Option<String>,
     pub provider_usage: Option<String>,
@@ -215,7 +220,7 @@ pub struct OnlineLine {
     pub item_id: i64,
     pub attempt_no: i64,
     pub custom_id: String,
-    pub state: String,
+    pub state: AttemptState,
     pub shape_id: i64,
     pub user_json: String,
     pub input_tokens: i64,
@@ -228,7 +233,7 @@ pub struct AttemptRef {
     pub item_id: i64,
     pub attempt_no: i64,
     pub custom_id: String,
-    pub state: String,
+    pub state: AttemptState,
 }
 
 /// The judged result of one attempt, ready to apply.
@@ -276,7 +281,7 @@ pub struct RecordResult {
     pub line: i64,
     pub record_id: String,
     pub item_id: i64,
-    pub state: String,
+    pub state: ItemState,
     pub attempts: i64,
     pub result: Option<String>,
     pub last_error: Option<String>,
@@ -354,13 +359,13 @@ pub struct AuditRow {
     pub run_id: String,
     pub item_id: i64,
     pub dedupe_key: Vec<u8>,
-    pub item_state: String,
+    pub item_state: ItemState,
     pub record_ids: String,
     pub attempt_no: i64,
     pub custom_id: String,
     pub batch_id: String,
     pub provider_batch_id: Option<String>,
-    pub attempt_state: String,
+    pub attempt_state: AttemptState,
     pub verdict: Option<String>,
     pub error: Option<String>,
     pub model: Option<String>,

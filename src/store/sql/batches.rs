@@ -77,7 +77,7 @@ pub(super) async fn known_provider_ids(
 pub(super) async fn update_batch(
     store: &SqlStore,
     b: &BatchRow,
-    from: &str,
+    from: BatchState,
     u: &BatchUpdate,
 ) -> Result<bool> {
     let n = store

@@ -355,7 +355,7 @@ impl Store for SqlStore {
         batches::known_provider_ids(self, provider).await
     }
 
-    async fn update_batch(&self, b: &BatchRow, from: &str, u: &BatchUpdate) -> Result<bool> {
+    async fn update_batch(&self, b: &BatchRow, from: BatchState, u: &BatchUpdate) -> Result<bool> {
         batches::update_batch(self, b, from, u).await
     }
 
