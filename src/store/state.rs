@@ -4,7 +4,7 @@
 //!
 //! Each value's [`as_str`](BatchState::as_str) is the exact text stored in its column (the
 //! `CHECK` constraints of `migrations/sqlite` and `migrations/postgres` list the same
-//! values), so the on-disk format does not depend on these types. Parsing a stored value
+//! values), so the types add nothing to the on-disk format. Parsing a stored value
 //! that is not one of them fails with [`UnknownValue`], which names the column kind.
 
 use std::fmt;
@@ -200,7 +200,7 @@ mod tests {
     }
 
     #[test]
-    fn stored_text_is_what_the_migrations_allow() {
+    fn stored_texts_are_the_ones_the_migrations_check_for() {
         let texts = |v: &[&'static str]| v.join(",");
         assert_eq!(
             texts(
