@@ -13,7 +13,7 @@ use rust_decimal::{Decimal, RoundingStrategy};
 use serde_json::{Value, json};
 
 use crate::cost::{Usage, Usd};
-use crate::store::{LedgerTotals, ProviderBill, RunRow, Store, StoreError};
+use crate::store::{BatchMode, LedgerTotals, ProviderBill, RunRow, Store, StoreError};
 
 /// One line of plan vs actual.
 #[derive(Clone, Debug, PartialEq)]
@@ -29,8 +29,8 @@ pub struct Line {
 pub struct BatchCheck {
     pub batch_id: String,
     pub provider_batch_id: Option<String>,
-    /// `batch` or `online` (real-time calls: no provider batch id).
-    pub mode: String,
+    /// [`BatchMode::Online`]: real-time calls, no provider batch id.
+    pub mode: BatchMode,
     pub requests: u64,
     pub ledger: LedgerTotals,
     pub provider_usage: Option<Usage>,
@@ -370,9 +370,9 @@ impl Reconciliation {
                 (Some(x), _) => format!("{} ({} req) ≠", x.cost.to_decimal_string(), x.requests),
                 (None, _) => "-".to_string(),
             };
-            let name = match (&b.provider_batch_id, b.mode.as_str()) {
+            let name = match (&b.provider_batch_id, b.mode) {
                 (Some(id), _) => crate::util::text::printable(id),
-                (None, "online") => format!(
+                (None, BatchMode::Online) => format!(
                     "online ({})",
                     crate::util::text::plural(b.requests, "request", "requests")
                 ),

@@ -10,7 +10,7 @@ use rust_decimal::Decimal;
 use serde_json::{Value, json};
 
 use crate::cost::{Usage, Usd};
-use crate::store::{AuditRow, RunFigures, RunRow, Store, StoreError};
+use crate::store::{AuditRow, RunFigures, RunRow, RunStatus, Store, StoreError};
 use crate::util::text::{duration_ms, n, plural, printable};
 use crate::util::time::rfc3339;
 
@@ -270,12 +270,12 @@ impl RunReport {
                 "  sent       0 requests: {} still to send; run again to carry on",
                 plural(f.unfinished, "item", "items")
             );
-        } else if self.run.status == "completed" {
+        } else if self.run.status == RunStatus::Completed {
             let _ = writeln!(
                 s,
                 "  sent       0 requests: nothing new to process, nothing charged by this run"
             );
-        } else if self.run.status != "running" {
+        } else if self.run.status != RunStatus::Running {
             let _ = writeln!(s, "  sent       0 requests");
         }
         if let Some(m) = &self.run.message {
@@ -332,7 +332,7 @@ pub fn runs_table(reports: &[RunReport], width: Option<u16>) -> String {
                 .finished_at
                 .map(|e| duration_ms(e - r.run.started_at))
                 .unwrap_or_else(|| "-".into()),
-            r.run.status.clone(),
+            r.run.status.to_string(),
             n(f.records_valid),
             n(f.requests_sent),
             r.cost().display_rounded(4),
@@ -403,10 +403,10 @@ pub fn audit_text(rows: &[AuditRow], width: Option<u16>) -> String {
         let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
         t.add_row(vec![
             r.item_id.to_string(),
-            r.item_state.clone(),
+            r.item_state.to_string(),
             r.attempt_no.to_string(),
             r.custom_id.clone(),
-            r.attempt_state.clone(),
+            r.attempt_state.to_string(),
             r.verdict.clone().unwrap_or_else(|| "-".into()),
             opt(r.input_tokens),
             opt(r.output_tokens),

@@ -5,6 +5,10 @@
 //! either numbered (`$1`, understood by both) or, in the bulk statements, anonymous (`?`):
 //! SQLite looks a named parameter up by a linear scan, which makes a statement with
 //! thousands of them quadratic, so bulk SQL uses `?` and is renumbered here for PostgreSQL.
+//!
+//! The stored states and modes ([`super::state`]) cross this boundary as their text: bound
+//! through [`Arg`], decoded from `TEXT` columns by the `Type`/`Decode` impls below (an
+//! unknown value is a decode error).
 
 use std::borrow::Cow;
 
@@ -12,6 +16,7 @@ use sqlx::postgres::{PgArguments, PgPool, PgRow};
 use sqlx::sqlite::{SqliteArguments, SqlitePool, SqliteRow};
 use sqlx::{Arguments, FromRow, Postgres, Sqlite, Transaction};
 
+use super::state::{AttemptState, BatchMode, BatchState, EndState, ItemState, RunStatus};
 use super::{Result, StoreError};
 
 /// Which engine a store runs on.
@@ -85,6 +90,49 @@ impl<'a> From<&'a [i64]> for Arg<'a> {
         Arg::I64s(v)
     }
 }
+
+/// Stored enums bind as their text, and decode from it on either engine.
+macro_rules! stored_text {
+    ($($t:ty),+) => {$(
+        impl From<$t> for Arg<'_> {
+            fn from(v: $t) -> Self {
+                Arg::Str(v.as_str())
+            }
+        }
+        impl From<Option<$t>> for Arg<'_> {
+            fn from(v: Option<$t>) -> Self {
+                Arg::OptStr(v.map(<$t>::as_str))
+            }
+        }
+        impl<DB: sqlx::Database> sqlx::Type<DB> for $t
+        where
+            str: sqlx::Type<DB>,
+        {
+            fn type_info() -> DB::TypeInfo {
+                <str as sqlx::Type<DB>>::type_info()
+            }
+            fn compatible(ty: &DB::TypeInfo) -> bool {
+                <str as sqlx::Type<DB>>::compatible(ty)
+            }
+        }
+        impl<'r, DB: sqlx::Database> sqlx::Decode<'r, DB> for $t
+        where
+            &'r str: sqlx::Decode<'r, DB>,
+        {
+            fn decode(value: DB::ValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+                Ok(<&'r str as sqlx::Decode<'r, DB>>::decode(value)?.parse()?)
+            }
+        }
+    )+};
+}
+stored_text!(
+    AttemptState,
+    BatchMode,
+    BatchState,
+    EndState,
+    ItemState,
+    RunStatus
+);
 
 /// SQL text and its parameters.
 #[derive(Debug)]

@@ -8,26 +8,28 @@ use super::{
 };
 use crate::cost::{Usage, Usd};
 use crate::provider::{BatchProvider, ProviderError, RemoteStatus};
-use crate::store::{ApplyStats, BatchRow, BatchUpdate, Store, now_ms};
+use crate::store::{
+    ApplyStats, BatchMode, BatchRow, BatchState, BatchUpdate, EndState, Store, now_ms,
+};
 
 /// Why the still-open attempts of an ended batch failed, by how the batch ended.
 fn leftover_verdict(b: &BatchRow) -> (&'static str, String) {
-    match b.end_state.as_deref() {
-        Some("failed") => (
+    match b.end_state {
+        Some(EndState::Failed) => (
             "batch_failed",
             b.error
                 .clone()
                 .unwrap_or_else(|| "the provider failed the batch".into()),
         ),
-        Some("expired") => (
+        Some(EndState::Expired) => (
             "expired",
             "the batch expired before this request ran".into(),
         ),
-        Some("cancelled") => (
+        Some(EndState::Cancelled) => (
             "cancelled",
             "the batch was cancelled before this request ran".into(),
         ),
-        Some("lost") => (
+        Some(EndState::Lost) => (
             "lost",
             b.error
                 .clone()
@@ -40,12 +42,12 @@ fn leftover_verdict(b: &BatchRow) -> (&'static str, String) {
     }
 }
 
-fn end_state(s: RemoteStatus) -> &'static str {
+fn end_state(s: RemoteStatus) -> EndState {
     match s {
-        RemoteStatus::Failed => "failed",
-        RemoteStatus::Expired => "expired",
-        RemoteStatus::Cancelled => "cancelled",
-        _ => "completed",
+        RemoteStatus::Failed => EndState::Failed,
+        RemoteStatus::Expired => EndState::Expired,
+        RemoteStatus::Cancelled => EndState::Cancelled,
+        _ => EndState::Completed,
     }
 }
 
@@ -87,7 +89,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 ctx.store
                     .update_batch(
                         b,
-                        "submitted",
+                        BatchState::Submitted,
                         &BatchUpdate {
                             provider_status: Some(remote.raw_status.clone()),
                             ..Default::default()
@@ -105,9 +107,9 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         ctx.store
             .update_batch(
                 b,
-                "submitted",
+                BatchState::Submitted,
                 &BatchUpdate {
-                    state: Some("ended"),
+                    state: Some(BatchState::Ended),
                     end_state: Some(end_state(remote.status)),
                     provider_status: Some(remote.raw_status.clone()),
                     output_file_id: remote.output_file_id.clone(),
@@ -207,10 +209,10 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             store
                 .update_batch(
                     b,
-                    &b.state,
+                    b.state,
                     &BatchUpdate {
-                        state: Some("ended"),
-                        end_state: Some("cancelled"),
+                        state: Some(BatchState::Ended),
+                        end_state: Some(EndState::Cancelled),
                         error: Some(why.to_string()),
                         ended_at: Some(now_ms()),
                         ..Default::default()
@@ -270,8 +272,8 @@ pub async fn cancel<S: Store, P: BatchProvider>(
     }
     let ids: Vec<String> = targets.iter().map(|b| b.id.clone()).collect();
     for b in targets {
-        let what = match b.state.as_str() {
-            _ if b.mode == "online" => {
+        let what = match b.state {
+            _ if b.mode == BatchMode::Online => {
                 // Online requests are ours to stop: what was answered is already recorded.
                 let lost = store.lose_dispatched(&b, ctx.pipeline.max_attempts).await?;
                 runner
@@ -282,13 +284,13 @@ pub async fn cancel<S: Store, P: BatchProvider>(
                     lost.applied
                 )
             }
-            "planned" | "built" => {
+            BatchState::Planned | BatchState::Built => {
                 runner
                     .close_unsent(&b, "cancelled before it was sent", true)
                     .await?;
                 "cancelled before it was sent".to_string()
             }
-            "uploading" | "uploaded" => {
+            BatchState::Uploading | BatchState::Uploaded => {
                 if let Ok(files) = ctx.provider.find_files(&upload_name(&b.id)).await {
                     for f in files {
                         let _ = ctx.provider.delete_file(&f).await;
@@ -299,7 +301,7 @@ pub async fn cancel<S: Store, P: BatchProvider>(
                     .await?;
                 "cancelled before it was sent (uploaded file deleted)".to_string()
             }
-            "creating" => {
+            BatchState::Creating => {
                 let known = store.known_provider_ids(&b.provider).await?;
                 let found = ctx
                     .provider
@@ -327,7 +329,7 @@ pub async fn cancel<S: Store, P: BatchProvider>(
                     }
                 }
             }
-            "submitted" => {
+            BatchState::Submitted => {
                 let pid = b.provider_batch_id.clone().unwrap_or_default();
                 match ctx.provider.cancel(&pid).await {
                     Ok(r) => format!("cancel requested ({})", r.raw_status),
@@ -358,12 +360,12 @@ pub async fn cancel<S: Store, P: BatchProvider>(
         }
         let mut waiting = 0;
         for b in &open {
-            match b.state.as_str() {
-                "submitted" => {
+            match b.state {
+                BatchState::Submitted => {
                     waiting += 1;
                     runner.poll(b).await?;
                 }
-                "ended" => runner.ingest_batch(b).await?,
+                BatchState::Ended => runner.ingest_batch(b).await?,
                 _ => {}
             }
         }

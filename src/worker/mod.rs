@@ -38,7 +38,9 @@ use std::time::{Duration, Instant};
 use crate::cost::{PricingMode, Rates};
 use crate::provider::BatchProvider;
 use crate::request::RequestShape;
-use crate::store::{BatchRow, Claim, NewRun, RunStatus, Store, StoreError, now_ms};
+use crate::store::{
+    BatchMode, BatchRow, BatchState, Claim, NewRun, RunStatus, Store, StoreError, now_ms,
+};
 use crate::util::fs as fsutil;
 use crate::validate::OutputValidator;
 
@@ -514,7 +516,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 if left
                     .iter()
                     .filter(|b| b.lease_owner.as_deref() == Some(ctx.worker_id.as_str()))
-                    .all(|b| b.state == "submitted")
+                    .all(|b| b.state == BatchState::Submitted)
                 {
                     return Ok(Stop::Detached);
                 }
@@ -553,18 +555,25 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         in_flight: &mut usize,
         unsent: &mut usize,
     ) -> Result<(), RunError> {
-        match b.state.as_str() {
-            "planned" if b.mode == "online" => self.start_online(&b).await?,
-            "submitted" if b.mode == "online" => {
+        match (b.state, b.mode) {
+            (BatchState::Planned, BatchMode::Online) => self.start_online(&b).await?,
+            (BatchState::Submitted, BatchMode::Online) => {
                 let t = Instant::now();
                 self.run_online(&b).await?;
                 self.times.results += t.elapsed();
             }
-            "planned" | "built" | "uploading" | "uploaded" | "creating" => {
+            (
+                BatchState::Planned
+                | BatchState::Built
+                | BatchState::Uploading
+                | BatchState::Uploaded
+                | BatchState::Creating,
+                _,
+            ) => {
                 self.submit(b).await?;
                 *unsent += 1;
             }
-            "submitted" => {
+            (BatchState::Submitted, _) => {
                 *in_flight += 1;
                 let due = self
                     .polls
@@ -574,7 +583,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                     self.poll(&b).await?;
                 }
             }
-            "ended" => {
+            (BatchState::Ended, _) => {
                 let t = Instant::now();
                 self.ingest_batch(&b).await?;
                 self.times.results += t.elapsed();

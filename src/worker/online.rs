@@ -22,7 +22,8 @@ use crate::cost::{PricingMode, Usage};
 use crate::provider::{BatchProvider, LineOutcome, ProviderError};
 use crate::request::RequestShape;
 use crate::store::{
-    ApplyStats, AttemptOutcome, AttemptRef, BatchRow, BatchUpdate, OnlineLine, Store, now_ms,
+    ApplyStats, AttemptOutcome, AttemptRef, BatchMode, BatchRow, BatchState, BatchUpdate, EndState,
+    OnlineLine, Store, now_ms,
 };
 
 /// Requests dispatched per page (each page's dispatch is one transaction).
@@ -74,10 +75,10 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             .store
             .update_batch(
                 b,
-                "planned",
+                BatchState::Planned,
                 &BatchUpdate {
-                    state: Some("submitted"),
-                    provider_status: Some("online".into()),
+                    state: Some(BatchState::Submitted),
+                    provider_status: Some(BatchMode::Online.to_string()),
                     submitted_at: Some(now_ms()),
                     ..Default::default()
                 },
@@ -85,7 +86,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             .await?;
         self.ctx.observer.event(&Event::Submitted {
             batch_id: b.id.clone(),
-            provider_batch_id: "online".into(),
+            provider_batch_id: BatchMode::Online.to_string(),
             requests: b.request_count as u64,
         });
         Ok(())
@@ -160,7 +161,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                     item_id: l.item_id,
                     attempt_no: l.attempt_no,
                     custom_id: l.custom_id.clone(),
-                    state: l.state.clone(),
+                    state: l.state,
                 };
                 let outcome = match r {
                     Ok(o) => o,
@@ -207,10 +208,10 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         store
             .update_batch(
                 b,
-                "submitted",
+                BatchState::Submitted,
                 &BatchUpdate {
-                    state: Some("ingested"),
-                    end_state: Some("completed"),
+                    state: Some(BatchState::Ingested),
+                    end_state: Some(EndState::Completed),
                     ended_at: Some(now_ms()),
                     ingested_at: Some(now_ms()),
                     ..Default::default()

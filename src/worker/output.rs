@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::{RunError, Runner};
 use crate::provider::BatchProvider;
-use crate::store::Store;
+use crate::store::{ItemState, Store};
 use crate::util::fs::AtomicFile;
 
 impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
@@ -42,10 +42,10 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 json.clear();
                 for r in &rows {
                     after = r.line;
-                    let succeeded = r.state == "succeeded";
-                    let status = match r.state.as_str() {
-                        "succeeded" => "succeeded",
-                        "exhausted" => "failed",
+                    let succeeded = r.state == ItemState::Succeeded;
+                    let status = match r.state {
+                        ItemState::Succeeded => "succeeded",
+                        ItemState::Exhausted => "failed",
                         _ => "pending",
                     };
                     let error = if succeeded {

@@ -8,7 +8,7 @@ use std::time::Instant;
 use super::{Event, RunError, Runner};
 use crate::cost::{PricingMode, Rates};
 use crate::provider::BatchProvider;
-use crate::store::{PlanOutcome, PlanRequest, Store};
+use crate::store::{BatchMode, PlanOutcome, PlanRequest, Store};
 
 /// How a planning round ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,7 +27,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         let ctx = self.ctx;
         let p = ctx.pipeline;
         let mode = self.plan_mode().await?;
-        let pricing_mode = if mode == "online" {
+        let pricing_mode = if mode == BatchMode::Online {
             PricingMode::Standard
         } else {
             PricingMode::Batch
@@ -112,20 +112,20 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
 
     /// How the next batch is sent: `online` for an online pipeline, or for a retry round
     /// smaller than `retry_online_below`; `batch` otherwise.
-    pub(super) async fn plan_mode(&self) -> Result<&'static str, RunError> {
+    pub(super) async fn plan_mode(&self) -> Result<BatchMode, RunError> {
         let p = self.ctx.pipeline;
         if p.provider.mode == crate::config::Mode::Online {
-            return Ok("online");
+            return Ok(BatchMode::Online);
         }
         if let Some(below) = p.provider.retry_online_below {
             let store = self.ctx.store;
             let pending = store.plannable_count(&p.name, p.stage()).await?;
             let retries = store.plannable_retries(&p.name, p.stage()).await?;
             if pending > 0 && pending == retries && pending < below {
-                return Ok("online");
+                return Ok(BatchMode::Online);
             }
         }
-        Ok("batch")
+        Ok(BatchMode::Batch)
     }
 
     /// The budget this planning round must fit in (`None`: no limits).

@@ -34,10 +34,10 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         let Some(run) = store.run(run_id).await? else {
             return Ok(());
         };
-        match run.status.as_str() {
+        match run.status {
             // Its own process settles it when it finishes.
-            "running" => return Ok(()),
-            "detached" => {
+            RunStatus::Running => return Ok(()),
+            RunStatus::Detached => {
                 // Workers plan for the pipeline's latest run: while it is the latest and
                 // work is waiting, more may still be charged to it.
                 let latest = store.last_run(Some(&run.pipeline)).await?;

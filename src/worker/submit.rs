@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use super::{Event, PollClock, RunError, Runner, upload_name};
 use crate::provider::{BatchMeta, BatchProvider, CreateInput, ProviderError, RemoteBatch};
-use crate::store::{BatchRow, BatchUpdate, Store, StoreError, now_ms};
+use crate::store::{BatchRow, BatchState, BatchUpdate, Store, StoreError, now_ms};
 
 impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
     /// Takes a batch from wherever it is up to `submitted`.
@@ -20,17 +20,17 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             if ctx.shutdown.is_set() {
                 return Ok(());
             }
-            match b.state.as_str() {
-                "planned" => {
+            match b.state {
+                BatchState::Planned => {
                     let t = Instant::now();
                     let (path, sha, bytes) = self.build_file(&b).await?;
                     self.times.prepare += t.elapsed();
                     store
                         .update_batch(
                             &b,
-                            "planned",
+                            BatchState::Planned,
                             &BatchUpdate {
-                                state: Some("built"),
+                                state: Some(BatchState::Built),
                                 file_path: Some(path.display().to_string()),
                                 file_sha256: Some(sha),
                                 file_bytes: Some(bytes as i64),
@@ -39,26 +39,26 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                         )
                         .await?;
                 }
-                "built" if !ctx.provider.uploads(b.file_bytes.unwrap_or(0) as u64) => {
+                BatchState::Built if !ctx.provider.uploads(b.file_bytes.unwrap_or(0) as u64) => {
                     // The requests go inline in the create call: nothing to upload.
                     store
                         .update_batch(
                             &b,
-                            "built",
+                            BatchState::Built,
                             &BatchUpdate {
-                                state: Some("uploaded"),
+                                state: Some(BatchState::Uploaded),
                                 ..Default::default()
                             },
                         )
                         .await?;
                 }
-                "built" => {
+                BatchState::Built => {
                     store
                         .update_batch(
                             &b,
-                            "built",
+                            BatchState::Built,
                             &BatchUpdate {
-                                state: Some("uploading"),
+                                state: Some(BatchState::Uploading),
                                 ..Default::default()
                             },
                         )
@@ -69,7 +69,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                         Err(e) => return self.provider_failure(e),
                     }
                 }
-                "uploading" => {
+                BatchState::Uploading => {
                     // An earlier upload may have landed: adopt it by name, drop extra copies.
                     match ctx.provider.find_files(&upload_name(&b.id)).await {
                         Ok(files) if !files.is_empty() => {
@@ -87,13 +87,13 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                         Err(e) => return self.provider_failure(e),
                     }
                 }
-                "uploaded" => {
+                BatchState::Uploaded => {
                     store
                         .update_batch(
                             &b,
-                            "uploaded",
+                            BatchState::Uploaded,
                             &BatchUpdate {
-                                state: Some("creating"),
+                                state: Some(BatchState::Creating),
                                 creating_at: Some(now_ms()),
                                 ..Default::default()
                             },
@@ -104,7 +104,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                         return Ok(());
                     }
                 }
-                "creating" => {
+                BatchState::Creating => {
                     // The create may have taken effect: look for it before sending again.
                     let since = b.created_at / 1000;
                     let known = store.known_provider_ids(&b.provider).await?;
@@ -126,7 +126,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                             store
                                 .update_batch(
                                     &b,
-                                    "creating",
+                                    BatchState::Creating,
                                     &BatchUpdate {
                                         creating_at: Some(now_ms()),
                                         ..Default::default()
@@ -218,9 +218,9 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             .store
             .update_batch(
                 b,
-                "uploading",
+                BatchState::Uploading,
                 &BatchUpdate {
-                    state: Some("uploaded"),
+                    state: Some(BatchState::Uploaded),
                     input_file_id: Some(file_id),
                     ..Default::default()
                 },
@@ -265,9 +265,9 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             .store
             .update_batch(
                 b,
-                "creating",
+                BatchState::Creating,
                 &BatchUpdate {
-                    state: Some("submitted"),
+                    state: Some(BatchState::Submitted),
                     provider_batch_id: Some(remote.id.clone()),
                     provider_status: Some(remote.raw_status.clone()),
                     submitted_at: Some(now_ms()),
@@ -331,7 +331,11 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         if holder_has == Some(true) {
             return Ok(());
         }
-        if holder_has.is_none() && now.as_ref().is_some_and(|r| r.state == "creating") {
+        if holder_has.is_none()
+            && now
+                .as_ref()
+                .is_some_and(|r| r.state == BatchState::Creating)
+        {
             // The new holder has not created anything yet: it will find this provider batch
             // by our local id and adopt it, exactly as after a crash.
             tracing::warn!(batch = %b.id, provider_batch = %remote.id, "lease lost after create; the new holder will adopt it");
@@ -372,9 +376,9 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         store
             .update_batch(
                 b,
-                "creating",
+                BatchState::Creating,
                 &BatchUpdate {
-                    state: Some("ended"),
+                    state: Some(BatchState::Ended),
                     error: Some(error.clone()),
                     ended_at: Some(now_ms()),
                     ..Default::default()

@@ -5,7 +5,7 @@ use std::path::Path;
 use nightshift::cost::tokens::Tokenizer;
 use nightshift::cost::{PriceTable, Usd};
 use nightshift::sim::SimSettings;
-use nightshift::store::Store;
+use nightshift::store::{RunStatus, Store};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 
@@ -74,7 +74,7 @@ async fn a_budget_cap_holds_against_answers_at_max_tokens() {
     let f = store.run_figures(&run.id).await.unwrap();
     assert_eq!(f.ledger.cost, billed, "ledger = bill");
     assert!(f.unfinished > 0, "items left pending");
-    assert_eq!(run.status, "budget");
+    assert_eq!(run.status, RunStatus::Budget);
     let message = run.message.unwrap();
     assert!(message.contains("item(s) left need up to $"), "{message}");
     // Every answer really was at the limit: the cap held against the true worst case.

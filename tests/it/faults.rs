@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use nightshift::sim::SimSettings;
-use nightshift::store::Store;
+use nightshift::store::{RunStatus, Store};
 
 use crate::common::*;
 use crate::crash::*;
@@ -91,7 +91,7 @@ async fn sigterm_stops_cleanly_and_a_rerun_completes() {
         .await
         .unwrap();
     let run = store.last_run(None).await.unwrap().unwrap();
-    assert_eq!(run.status, "interrupted");
+    assert_eq!(run.status, RunStatus::Interrupted);
     store.close().await;
     sc.run_until_done().await;
     assert_eq!(judge(&sc).await, Verdict::default());

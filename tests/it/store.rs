@@ -8,9 +8,9 @@ use std::collections::HashSet;
 use nightshift::cost::{PricingMode, TokenPrice, Usage, Usd};
 use nightshift::request::{PreparedRecord, RequestShape};
 use nightshift::store::{
-    AttemptOutcome, BatchRow, BatchUpdate, BudgetCheck, Claim, Engine, IngestTarget, NewRun,
-    PlanOutcome, PlanRequest, ProviderBill, RunStatus, SqlStore, Store, StoreError, WorkerInfo,
-    now_ms,
+    AttemptOutcome, BatchMode, BatchRow, BatchState, BatchUpdate, BudgetCheck, Claim, EndState,
+    Engine, IngestTarget, ItemState, NewRun, PlanOutcome, PlanRequest, ProviderBill, RunStatus,
+    SqlStore, Store, StoreError, WorkerInfo, now_ms,
 };
 
 use crate::common::TestDb;
@@ -143,7 +143,7 @@ fn plan<'a>(run: &'a str, owner: &'a str) -> PlanRequest<'a> {
         line_overhead: 144,
         budget: None,
         only_retries: false,
-        mode: "batch",
+        mode: BatchMode::Batch,
         owner,
         lease_ms: 60_000,
     }
@@ -207,13 +207,20 @@ async fn applying_the_same_results_twice_changes_nothing(db: &TestDb) {
 
     // The failed half is planned again, as attempt 2, in a batch of its own.
     let ended = BatchUpdate {
-        state: Some("ended"),
+        state: Some(BatchState::Ended),
         ..Default::default()
     };
-    assert!(s.update_batch(&b, "planned", &ended).await.unwrap());
+    assert!(
+        s.update_batch(&b, BatchState::Planned, &ended)
+            .await
+            .unwrap()
+    );
     let rest = s.finish_ingest(&b, "missing", "x", 2, None).await.unwrap();
     assert_eq!(rest.applied, 0, "every attempt had a result");
-    assert_eq!(s.batch(&b.id).await.unwrap().unwrap().state, "ingested");
+    assert_eq!(
+        s.batch(&b.id).await.unwrap().unwrap().state,
+        BatchState::Ingested
+    );
     let b2 = planned(s.plan_batch(&plan(&run, "w1")).await.unwrap()).unwrap();
     assert_eq!(b2.request_count, 5);
     let a2 = s.batch_attempts(&b2.id).await.unwrap();
@@ -259,10 +266,14 @@ async fn attempts_never_sent_are_taken_back(db: &TestDb) {
         .await
         .unwrap();
     let ended = BatchUpdate {
-        state: Some("ended"),
+        state: Some(BatchState::Ended),
         ..Default::default()
     };
-    assert!(s.update_batch(&b, "planned", &ended).await.unwrap());
+    assert!(
+        s.update_batch(&b, BatchState::Planned, &ended)
+            .await
+            .unwrap()
+    );
     s.finish_ingest(&b, "missing", "x", 2, None).await.unwrap();
     // Attempt 2 is planned for the failed half, then cancelled before it is sent.
     let b2 = planned(s.plan_batch(&plan(&run, "w1")).await.unwrap()).unwrap();
@@ -270,8 +281,8 @@ async fn attempts_never_sent_are_taken_back(db: &TestDb) {
     assert_eq!(s.return_unsent(&b2, "cancelled").await.unwrap(), 5);
     let ended = s.batch(&b2.id).await.unwrap().unwrap();
     assert_eq!(
-        (ended.state.as_str(), ended.end_state.as_deref()),
-        ("ended", Some("cancelled"))
+        (ended.state, ended.end_state),
+        (BatchState::Ended, Some(EndState::Cancelled))
     );
     assert!(s.batch_attempts(&b2.id).await.unwrap().is_empty());
     assert_eq!(s.plannable_retries("p", "main").await.unwrap(), 5);
@@ -346,7 +357,7 @@ async fn ingest_dedupes_within_and_across_runs(db: &TestDb) {
     let page = s.run_records("b", 0, 10).await.unwrap();
     assert_eq!(page.len(), 10);
     assert_eq!(page[0].record_id, "r0");
-    assert!(page.iter().all(|r| r.state == "pending"));
+    assert!(page.iter().all(|r| r.state == ItemState::Pending));
 }
 
 async fn racing_planners_take_every_item_exactly_once(db: &TestDb) {
@@ -453,11 +464,11 @@ async fn a_lost_lease_fences_every_write(db: &TestDb) {
 
     // Every write w1 still tries is refused, and changes nothing.
     let built = BatchUpdate {
-        state: Some("built"),
+        state: Some(BatchState::Built),
         ..Default::default()
     };
     assert!(matches!(
-        s.update_batch(&b, "planned", &built).await,
+        s.update_batch(&b, BatchState::Planned, &built).await,
         Err(StoreError::LeaseLost { .. })
     ));
     let attempts = s.batch_attempts(&b.id).await.unwrap();
@@ -475,11 +486,22 @@ async fn a_lost_lease_fences_every_write(db: &TestDb) {
         Err(StoreError::LeaseLost { .. })
     ));
     assert_eq!(s.ledger_totals_for_batch(&b.id).await.unwrap().rows, 0);
-    assert_eq!(s.batch(&b.id).await.unwrap().unwrap().state, "planned");
+    assert_eq!(
+        s.batch(&b.id).await.unwrap().unwrap().state,
+        BatchState::Planned
+    );
     // The holder's writes go through; a state that moved on is a plain `false`.
     let holder = &taken[0];
-    assert!(s.update_batch(holder, "planned", &built).await.unwrap());
-    assert!(!s.update_batch(holder, "planned", &built).await.unwrap());
+    assert!(
+        s.update_batch(holder, BatchState::Planned, &built)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.update_batch(holder, BatchState::Planned, &built)
+            .await
+            .unwrap()
+    );
     let applied = s.apply_results(holder, &outcomes, 2).await.unwrap();
     assert_eq!(applied.succeeded, 4);
 }
@@ -627,10 +649,10 @@ async fn stale_runs_are_marked_interrupted(db: &TestDb) {
         // Only the run whose process has no heartbeat.
         Engine::Postgres => {
             assert_eq!(marked, 1);
-            assert_eq!(status("run-b-alive").await, "running");
+            assert_eq!(status("run-b-alive").await, RunStatus::Running);
         }
     }
-    assert_eq!(status("run-a-dead").await, "interrupted");
+    assert_eq!(status("run-a-dead").await, RunStatus::Interrupted);
     s.finish_run("run-b-alive", RunStatus::Completed, 0, None)
         .await
         .unwrap();

@@ -108,7 +108,7 @@ pub(crate) async fn run(a: StatusArgs) -> Result<i32, Exit> {
         t.add_row(vec![
             b.id.clone(),
             text::printable(&b.pipeline),
-            b.state.clone(),
+            b.state.to_string(),
             b.provider_batch_id
                 .as_deref()
                 .map(text::printable)

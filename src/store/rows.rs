@@ -1,0 +1,437 @@
+//! The values the store reads and writes: rows as the SQL returns them ([`RunRow`],
+//! [`BatchRow`], [`AuditRow`], …), the requests and changes handed to it ([`NewRun`],
+//! [`PlanRequest`], [`BatchUpdate`], …) and what its operations report ([`ApplyStats`],
+//! [`RunFigures`], …). Re-exported from [`crate::store`]; the operations are the
+//! [`Store`](super::Store) trait's.
+//!
+//! Stored states and modes are typed ([`super::state`]): the derived `FromRow`s decode them
+//! from their text ([`super::db`]), so a value the enums do not know is a decode error at
+//! the SQL boundary.
+
+use crate::cost::{PricingMode, Usage, Usd};
+
+use super::state::{AttemptState, BatchMode, BatchState, EndState, ItemState, RunStatus};
+
+#[derive(Clone, Debug)]
+pub struct NewRun {
+    pub id: String,
+    pub pipeline: String,
+    pub stage: String,
+    pub pipeline_file: String,
+    pub source_path: String,
+    pub output_path: String,
+    pub provider: String,
+    pub model: String,
+    pub pricing_mode: PricingMode,
+    pub max_attempts: u32,
+    pub host: String,
+    pub pid: u32,
+    pub budget: Option<Usd>,
+    pub max_item: Option<Usd>,
+    /// The process (worker row) that runs it, whose heartbeat says it is alive.
+    pub worker_id: Option<String>,
+}
+
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct RunRow {
+    pub id: String,
+    pub pipeline: String,
+    pub stage: String,
+    pub status: RunStatus,
+    pub pipeline_file: String,
+    pub source_path: String,
+    pub output_path: String,
+    pub provider: String,
+    pub model: String,
+    pub pricing_mode: String,
+    pub max_attempts: i64,
+    pub records_read: i64,
+    pub records_quarantined: i64,
+    pub host: String,
+    pub pid: i64,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    pub exit_code: Option<i64>,
+    pub message: Option<String>,
+    pub budget_pico: Option<i64>,
+    pub max_item_pico: Option<i64>,
+    pub plan_json: Option<String>,
+    pub worker_id: Option<String>,
+    /// Valid records the run read (`None` until its ingest finished).
+    pub records_valid: Option<i64>,
+    /// The run's figures once nothing of it is open any more ([`RunFigures::to_json`]).
+    pub figures_json: Option<String>,
+}
+
+/// Where ingested records go: the run, the pipeline stage, the request shape, the source.
+#[derive(Clone, Copy, Debug)]
+pub struct IngestTarget<'a> {
+    pub run_id: &'a str,
+    pub pipeline: &'a str,
+    pub stage: &'a str,
+    pub shape_id: i64,
+    pub source: &'a str,
+}
+
+/// What one ingest chunk did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IngestStats {
+    pub records: u64,
+    pub new_items: u64,
+    pub quarantined: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct PlanRequest<'a> {
+    pub run_id: &'a str,
+    pub pipeline: &'a str,
+    pub stage: &'a str,
+    pub provider: &'a str,
+    pub model: &'a str,
+    pub pricing_mode: PricingMode,
+    pub mode: BatchMode,
+    pub max_requests: usize,
+    pub max_bytes: u64,
+    /// Bytes a JSONL line adds around the body (envelope and custom_id), an upper bound.
+    pub line_overhead: u64,
+    /// The spending limits this batch must fit in, if any.
+    pub budget: Option<BudgetCheck>,
+    /// Only items that failed an earlier attempt (`failed`), no first attempts: a run whose
+    /// cap has refused an item finishes what it sent and starts nothing new.
+    pub only_retries: bool,
+    /// The worker that plans the batch holds its lease for `lease_ms` from now.
+    pub owner: &'a str,
+    pub lease_ms: i64,
+}
+
+/// What a planned batch may cost at worst: every request at its counted input tokens plus
+/// `max_output_tokens`, at the prices that apply.
+#[derive(Clone, Copy, Debug)]
+pub struct BudgetCheck {
+    /// Pico-dollars still free under the cap (cap − spent − reserved).
+    pub available: Usd,
+    pub input_price: crate::cost::TokenPrice,
+    pub output_price: crate::cost::TokenPrice,
+    pub max_output_tokens: u64,
+    /// Items whose own worst case is above this many input tokens are left pending.
+    pub max_item_input_tokens: Option<u64>,
+}
+
+impl BudgetCheck {
+    pub fn worst_case(&self, input_tokens: u64) -> Usd {
+        self.input_price.cost(input_tokens) + self.output_price.cost(self.max_output_tokens)
+    }
+}
+
+/// What planning found.
+#[derive(Clone, Debug)]
+pub enum PlanOutcome {
+    Planned {
+        batch: Box<BatchRow>,
+        /// The budget stopped the batch short: the next plannable item did not fit.
+        cut_by_budget: bool,
+    },
+    /// Nothing plannable (within the per-item cap).
+    Nothing,
+    /// Plannable items exist, but not even one fits in what is left of the budget.
+    OverBudget { next_worst_case: Usd },
+}
+
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct BatchRow {
+    pub id: String,
+    pub run_id: String,
+    pub pipeline: String,
+    pub stage: String,
+    pub provider: String,
+    pub model: String,
+    pub pricing_mode: String,
+    pub mode: BatchMode,
+    pub state: BatchState,
+    pub request_count: i64,
+    pub reserved_pico: i64,
+    pub file_path: Option<String>,
+    pub file_sha256: Option<String>,
+    pub file_bytes: Option<i64>,
+    pub input_file_id: Option<String>,
+    pub provider_batch_id: Option<String>,
+    pub provider_status: Option<String>,
+    pub end_state: Option<EndState>,
+    pub output_file_id: Option<String>,
+    pub error_file_id: Option<String>,
+    pub provider_usage: Option<String>,
+    pub error: Option<String>,
+    pub created_at: i64,
+    pub submitted_at: Option<i64>,
+    pub ended_at: Option<i64>,
+    pub ingested_at: Option<i64>,
+    /// The worker holding the batch, and the fencing token of its lease: every write to the
+    /// batch names the token it was claimed under and is refused once another claim moved it.
+    pub lease_owner: Option<String>,
+    pub lease_token: i64,
+    pub lease_expires_at: Option<i64>,
+    /// When the batch entered `creating`: the reconcile grace counts from here, whichever
+    /// process finds it there later.
+    pub creating_at: Option<i64>,
+    /// The run whose process ingested the batch (`None`: not yet, or a worker did).
+    pub ingested_by_run: Option<String>,
+}
+
+impl BatchRow {
+    pub fn pricing_mode(&self) -> PricingMode {
+        PricingMode::parse(&self.pricing_mode).unwrap_or(PricingMode::Batch)
+    }
+}
+
+/// A change to a batch row: the new state and whichever fields the step learned.
+#[derive(Clone, Debug, Default)]
+pub struct BatchUpdate {
+    pub state: Option<BatchState>,
+    pub file_path: Option<String>,
+    pub file_sha256: Option<String>,
+    pub file_bytes: Option<i64>,
+    pub input_file_id: Option<String>,
+    pub provider_batch_id: Option<String>,
+    pub provider_status: Option<String>,
+    pub end_state: Option<EndState>,
+    pub output_file_id: Option<String>,
+    pub error_file_id: Option<String>,
+    pub provider_usage: Option<String>,
+    pub error: Option<String>,
+    pub submitted_at: Option<i64>,
+    pub ended_at: Option<i64>,
+    pub ingested_at: Option<i64>,
+    pub creating_at: Option<i64>,
+}
+
+/// One line of a batch input file, as stored.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct BatchLine {
+    pub attempt_id: i64,
+    pub custom_id: String,
+    pub shape_id: i64,
+    pub user_json: String,
+}
+
+/// An attempt to send online, with what the request is made of.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct OnlineLine {
+    pub attempt_id: i64,
+    pub item_id: i64,
+    pub attempt_no: i64,
+    pub custom_id: String,
+    pub state: AttemptState,
+    pub shape_id: i64,
+    pub user_json: String,
+    pub input_tokens: i64,
+}
+
+/// An attempt of a batch, as the result applier needs it.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct AttemptRef {
+    pub id: i64,
+    pub item_id: i64,
+    pub attempt_no: i64,
+    pub custom_id: String,
+    pub state: AttemptState,
+}
+
+/// The judged result of one attempt, ready to apply.
+#[derive(Clone, Debug)]
+pub struct AttemptOutcome {
+    pub attempt_id: i64,
+    pub item_id: i64,
+    pub attempt_no: i64,
+    pub custom_id: String,
+    pub succeeded: bool,
+    /// `ok`, `invalid_json`, `schema_invalid`, `truncated`, `provider_error`, `expired`, …
+    pub verdict: String,
+    pub error: Option<String>,
+    pub finish_reason: Option<String>,
+    pub model: Option<String>,
+    /// The validated answer (compact JSON) when `succeeded`.
+    pub result: Option<String>,
+    pub usage: Usage,
+    pub cost: Usd,
+    pub standard_cost: Usd,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub applied: u64,
+    pub already_applied: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub exhausted: u64,
+}
+
+impl std::ops::AddAssign for ApplyStats {
+    fn add_assign(&mut self, s: ApplyStats) {
+        self.applied += s.applied;
+        self.already_applied += s.already_applied;
+        self.succeeded += s.succeeded;
+        self.failed += s.failed;
+        self.exhausted += s.exhausted;
+    }
+}
+
+/// One source record of a run with its item's outcome, for the output file.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct RecordResult {
+    pub line: i64,
+    pub record_id: String,
+    pub item_id: i64,
+    pub state: ItemState,
+    pub attempts: i64,
+    pub result: Option<String>,
+    pub last_error: Option<String>,
+}
+
+/// Totals of a set of ledger rows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LedgerTotals {
+    pub rows: u64,
+    pub usage: Usage,
+    pub cost: Usd,
+    pub standard_cost: Usd,
+}
+
+/// The figures of one run. A batch's cost belongs to the run that planned it (whichever
+/// process later sends or collects it), so the runs' costs add up to the ledger and no
+/// attempt counts in two runs.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct RunFigures {
+    pub records_valid: u64,
+    pub unique_items: u64,
+    /// Items of this run that had succeeded before it started (never sent again).
+    pub reused: u64,
+    pub succeeded: u64,
+    pub exhausted: u64,
+    /// Items neither succeeded nor exhausted (the run stopped early).
+    pub unfinished: u64,
+    /// Records of this run whose item succeeded in one of this run's batches.
+    pub processed_records: u64,
+    /// Records of this run whose item has succeeded, in this run or before.
+    pub records_done: u64,
+    /// Attempts in this run's batches.
+    pub attempts: u64,
+    /// Distinct items that this run's batches carried.
+    pub items_attempted: u64,
+    /// Attempts of this run that came back with an answer (output tokens billed).
+    pub answered: u64,
+    pub batches: u64,
+    /// Requests of this run's batches that reached the provider (created or adopted there,
+    /// or dispatched online).
+    pub requests_sent: u64,
+    pub ledger: LedgerTotals,
+    pub models: Vec<String>,
+    /// Batches of earlier runs that this run's process collected (their cost stays theirs).
+    pub collected: Collected,
+}
+
+/// What a run collected for earlier runs: their batches it ingested.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Collected {
+    pub batches: u64,
+    /// Attempts of those batches (result lines applied or failed as missing).
+    pub results: u64,
+    pub cost: Usd,
+    /// The runs they belong to.
+    pub runs: Vec<String>,
+}
+
+impl RunFigures {
+    /// The frozen form stored on the run row once nothing of the run is open any more.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn from_json(text: &str) -> Option<Self> {
+        serde_json::from_str(text).ok()
+    }
+}
+
+/// One attempt in the per-item audit.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct AuditRow {
+    pub run_id: String,
+    pub item_id: i64,
+    pub dedupe_key: Vec<u8>,
+    pub item_state: ItemState,
+    pub record_ids: String,
+    pub attempt_no: i64,
+    pub custom_id: String,
+    pub batch_id: String,
+    pub provider_batch_id: Option<String>,
+    pub attempt_state: AttemptState,
+    pub verdict: Option<String>,
+    pub error: Option<String>,
+    pub model: Option<String>,
+    pub input_tokens: Option<i64>,
+    pub cached_input_tokens: Option<i64>,
+    pub cache_write_tokens: Option<i64>,
+    pub output_tokens: Option<i64>,
+    pub reasoning_tokens: Option<i64>,
+    pub cost_pico: Option<i64>,
+}
+
+/// The provider's own bill for one batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProviderBill {
+    pub provider_batch_id: String,
+    pub requests: u64,
+    pub usage: Usage,
+    pub cost: Usd,
+    /// Where the figures came from (`simulator`).
+    pub source: String,
+}
+
+/// What a worker asks for when it claims batches.
+#[derive(Clone, Copy, Debug)]
+pub struct Claim<'a> {
+    /// Only this pipeline's batches (all when `None`).
+    pub pipeline: Option<&'a str>,
+    /// Only this batch (all when `None`).
+    pub batch_id: Option<&'a str>,
+    pub owner: &'a str,
+    pub lease_ms: i64,
+    /// Take batches even from live holders (`cancel`): their writes are fenced out.
+    pub force: bool,
+}
+
+/// A process working on the store (`run` or `worker`), as its heartbeat records it.
+#[derive(Clone, Debug)]
+pub struct WorkerInfo {
+    pub id: String,
+    pub host: String,
+    pub pid: u32,
+    /// `run` or `worker`.
+    pub role: &'static str,
+    /// The pipelines it works on, comma-separated.
+    pub pipelines: String,
+}
+
+/// A worker as `status` shows it.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct WorkerRow {
+    pub id: String,
+    pub host: String,
+    pub pid: i64,
+    pub role: String,
+    pub pipelines: String,
+    pub started_at: i64,
+    pub heartbeat_at: i64,
+    pub stopped_at: Option<i64>,
+    /// Open batches it holds under a lease that has not run out.
+    pub held: i64,
+}
+
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct QuarantineRow {
+    pub source: String,
+    pub line: i64,
+    pub field: Option<String>,
+    pub reason: String,
+}

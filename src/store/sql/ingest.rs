@@ -1,0 +1,126 @@
+//! Ingest: request shapes, and the chunks of records (new items as `pending`) and
+//! quarantined lines a run reads, many rows per statement.
+
+use super::*;
+
+/// Binds: pipeline, stage, shape_id, run_id, now; then per row key, user_json, body_bytes,
+/// input_tokens.
+pub(super) fn insert_items_sql(rows: usize) -> String {
+    format!(
+        "INSERT INTO items (pipeline, stage, shape_id, first_run_id, created_at, updated_at, state, attempts, \
+         dedupe_key, user_json, body_bytes, input_tokens) \
+         SELECT c.p, c.s, c.sh, c.r, c.t, c.t, 'pending', 0, v.column1, v.column2, v.column3, v.column4 \
+         FROM (SELECT ? AS p, ? AS s, ? AS sh, ? AS r, ? AS t) AS c, (VALUES {}) AS v \
+         WHERE true ON CONFLICT (pipeline, stage, dedupe_key) DO NOTHING",
+        values_sql(rows, 4)
+    )
+}
+
+/// Binds: run_id, pipeline, stage; then per row line, record_id, key.
+///
+/// The item is looked up per row by a scalar subquery: written as a join, SQLite's planner
+/// may scan every item of the pipeline for each statement.
+pub(super) fn insert_records_sql(rows: usize) -> String {
+    format!(
+        "WITH c(r, p, s) AS (SELECT ?, ?, ?) \
+         INSERT INTO records (run_id, line, record_id, item_id) \
+         SELECT (SELECT r FROM c), v.column1, v.column2, \
+           (SELECT i.id FROM items i, c WHERE i.pipeline = c.p AND i.stage = c.s AND i.dedupe_key = v.column3) \
+         FROM (VALUES {}) AS v \
+         WHERE true ON CONFLICT (run_id, line) DO NOTHING",
+        values_sql(rows, 3)
+    )
+}
+
+pub(super) async fn ensure_shape(store: &SqlStore, shape: &RequestShape) -> Result<i64> {
+    let mut tx = store.db.begin().await?;
+    tx.execute(
+        q("INSERT INTO shapes (sha256, prefix, suffix) VALUES ($1, $2, $3) ON CONFLICT (sha256) DO NOTHING")
+            .bind(&shape.sha256[..])
+            .bind(&shape.prefix)
+            .bind(&shape.suffix),
+    )
+    .await?;
+    let id: i64 = tx
+        .scalar(q("SELECT id FROM shapes WHERE sha256 = $1").bind(&shape.sha256[..]))
+        .await?;
+    tx.commit().await?;
+    Ok(id)
+}
+
+pub(super) async fn shape(store: &SqlStore, id: i64) -> Result<RequestShape> {
+    let (prefix, suffix): (String, String) = store
+        .db
+        .one(q("SELECT prefix, suffix FROM shapes WHERE id = $1").bind(id))
+        .await?;
+    Ok(RequestShape::new(prefix, suffix))
+}
+
+pub(super) async fn ingest(
+    store: &SqlStore,
+    target: &IngestTarget<'_>,
+    records: &[PreparedRecord],
+    quarantined: &[Quarantined],
+) -> Result<IngestStats> {
+    static ITEMS: OnceLock<String> = OnceLock::new();
+    static RECORDS: OnceLock<String> = OnceLock::new();
+    let IngestTarget {
+        run_id,
+        pipeline,
+        stage,
+        shape_id,
+        source,
+    } = *target;
+    let now = now_ms();
+    let mut stats = IngestStats {
+        records: records.len() as u64,
+        quarantined: quarantined.len() as u64,
+        ..Default::default()
+    };
+    let mut tx = store.db.begin().await?;
+    for chunk in records.chunks(ROWS_PER_STATEMENT) {
+        let mut items = q(cached_sql(&ITEMS, chunk.len(), insert_items_sql))
+            .bind(pipeline)
+            .bind(stage)
+            .bind(shape_id)
+            .bind(run_id)
+            .bind(now);
+        for r in chunk {
+            items.push(&r.key[..]);
+            items.push(r.user_json.as_str());
+            items.push(r.body_bytes as i64);
+            items.push(i64_of(r.input_tokens));
+        }
+        stats.new_items += tx.execute(items).await?;
+        crate::failpoint!("ingest.mid_tx");
+
+        let mut recs = q(cached_sql(&RECORDS, chunk.len(), insert_records_sql))
+            .bind(run_id)
+            .bind(pipeline)
+            .bind(stage);
+        for r in chunk {
+            recs.push(r.line as i64);
+            recs.push(r.record_id.as_str());
+            recs.push(&r.key[..]);
+        }
+        tx.execute(recs).await?;
+    }
+    for chunk in quarantined.chunks(ROWS_PER_STATEMENT) {
+        let mut qq = q(format!(
+            "INSERT INTO quarantine (run_id, source, line, field, reason) \
+             SELECT c.r, c.s, v.column1, v.column2, v.column3 \
+             FROM (SELECT ? AS r, ? AS s) AS c, (VALUES {}) AS v",
+            values_sql(chunk.len(), 3)
+        ))
+        .bind(run_id)
+        .bind(source);
+        for r in chunk {
+            qq.push(r.line as i64);
+            qq.push(r.field.as_deref());
+            qq.push(r.reason.as_str());
+        }
+        tx.execute(qq).await?;
+    }
+    tx.commit().await?;
+    Ok(stats)
+}

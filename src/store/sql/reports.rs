@@ -1,0 +1,256 @@
+//! Reports: a run's records with their outcomes, its figures, ledger totals, the per-item
+//! audit, quarantine and anomaly counts. Read-only.
+
+use super::*;
+
+pub(super) async fn run_records(
+    store: &SqlStore,
+    run_id: &str,
+    after_line: i64,
+    limit: u32,
+) -> Result<Vec<RecordResult>> {
+    store.db
+        .all(
+            q("SELECT r.line, r.record_id, r.item_id, i.state, i.attempts, i.result, i.last_error \
+               FROM records r JOIN items i ON i.id = r.item_id \
+               WHERE r.run_id = $1 AND r.line > $2 ORDER BY r.line LIMIT $3")
+            .bind(run_id)
+            .bind(after_line)
+            .bind(limit as i64),
+        )
+        .await
+}
+
+pub(super) async fn run_figures(store: &SqlStore, run_id: &str) -> Result<RunFigures> {
+    let db = &store.db;
+    let started: i64 = db
+        .scalar(q("SELECT started_at FROM runs WHERE id = $1").bind(run_id))
+        .await?;
+    let mut f = RunFigures {
+        records_valid: count(
+            db.scalar(q("SELECT COUNT(*) FROM records WHERE run_id = $1").bind(run_id))
+                .await?,
+        ),
+        ..Default::default()
+    };
+    let states: Vec<(ItemState, i64)> = db
+        .all(
+            q("SELECT i.state, COUNT(*) FROM items i \
+               WHERE i.id IN (SELECT item_id FROM records WHERE run_id = $1) GROUP BY i.state")
+            .bind(run_id),
+        )
+        .await?;
+    for (state, n) in states {
+        let n = count(n);
+        f.unique_items += n;
+        match state {
+            ItemState::Succeeded => f.succeeded += n,
+            ItemState::Exhausted => f.exhausted += n,
+            _ => f.unfinished += n,
+        }
+    }
+    // Processed by this run: the item's successful attempt is in one of its batches.
+    f.processed_records = count(
+        db.scalar(
+            q(
+                "SELECT COUNT(*) FROM records r JOIN items i ON i.id = r.item_id \
+               WHERE r.run_id = $1 AND i.state = 'succeeded' AND EXISTS \
+                 (SELECT 1 FROM attempts a JOIN batches b ON b.id = a.batch_id \
+                  WHERE a.item_id = i.id AND a.state = 'succeeded' AND b.run_id = $1)",
+            )
+            .bind(run_id),
+        )
+        .await?,
+    );
+    f.records_done = count(
+        db.scalar(
+            q(
+                "SELECT COUNT(*) FROM records r JOIN items i ON i.id = r.item_id \
+               WHERE r.run_id = $1 AND i.state = 'succeeded'",
+            )
+            .bind(run_id),
+        )
+        .await?,
+    );
+    let (attempts, attempted, sent): (i64, i64, i64) = db
+        .one(
+            q("SELECT COUNT(a.id), COUNT(DISTINCT a.item_id), \
+               COALESCE(SUM(CASE WHEN b.provider_batch_id IS NOT NULL OR a.dispatched_at IS NOT NULL \
+                            THEN 1 ELSE 0 END), 0) \
+               FROM attempts a JOIN batches b ON b.id = a.batch_id WHERE b.run_id = $1")
+            .bind(run_id),
+        )
+        .await?;
+    f.attempts = count(attempts);
+    f.items_attempted = count(attempted);
+    f.requests_sent = count(sent);
+    f.batches = count(
+        db.scalar(q("SELECT COUNT(*) FROM batches WHERE run_id = $1").bind(run_id))
+            .await?,
+    );
+    // Already done before this run started: succeeded in an attempt completed earlier.
+    f.reused = count(
+        db.scalar(
+            q("SELECT COUNT(*) FROM items i WHERE i.state = 'succeeded' \
+               AND i.id IN (SELECT item_id FROM records WHERE run_id = $1) \
+               AND EXISTS (SELECT 1 FROM attempts a WHERE a.item_id = i.id \
+                           AND a.state = 'succeeded' AND a.completed_at < $2)")
+            .bind(run_id)
+            .bind(started),
+        )
+        .await?,
+    );
+    f.ledger = ledger_totals(store, LedgerScope::Run, run_id).await?;
+    f.answered = count(
+        db.scalar(
+            q("SELECT COUNT(*) FROM ledger WHERE output_tokens > 0 \
+               AND batch_id IN (SELECT id FROM batches WHERE run_id = $1)")
+            .bind(run_id),
+        )
+        .await?,
+    );
+    f.models = db
+        .all::<(String,)>(
+            q("SELECT DISTINCT model FROM ledger WHERE batch_id IN (SELECT id FROM batches WHERE run_id = $1) \
+               AND (output_tokens > 0 OR input_tokens > 0) ORDER BY model")
+            .bind(run_id),
+        )
+        .await?
+        .into_iter()
+        .map(|(m,)| m)
+        .collect();
+    // Batches of other runs this run's process ingested.
+    let (batches, results, cost): (i64, i64, i64) = db
+        .one(
+            q("SELECT COUNT(*), \
+               CAST(COALESCE(SUM((SELECT COUNT(*) FROM attempts a WHERE a.batch_id = b.id)), 0) AS BIGINT), \
+               CAST(COALESCE(SUM((SELECT COALESCE(SUM(l.cost_pico), 0) FROM ledger l WHERE l.batch_id = b.id)), 0) AS BIGINT) \
+               FROM batches b WHERE b.ingested_by_run = $1 AND b.run_id <> $1")
+            .bind(run_id),
+        )
+        .await?;
+    f.collected.batches = count(batches);
+    f.collected.results = count(results);
+    f.collected.cost = Usd::from_pico(cost as i128);
+    f.collected.runs = db
+        .all::<(String,)>(
+            q(
+                "SELECT DISTINCT run_id FROM batches WHERE ingested_by_run = $1 AND run_id <> $1 \
+               ORDER BY run_id",
+            )
+            .bind(run_id),
+        )
+        .await?
+        .into_iter()
+        .map(|(r,)| r)
+        .collect();
+    Ok(f)
+}
+
+pub(super) async fn ledger_totals_for_batch(
+    store: &SqlStore,
+    batch_id: &str,
+) -> Result<LedgerTotals> {
+    ledger_totals(store, LedgerScope::Batch, batch_id).await
+}
+
+pub(super) async fn audit(store: &SqlStore, run_id: &str) -> Result<Vec<AuditRow>> {
+    // The attempts of this run's batches: each attempt appears in exactly one run.
+    store.db
+        .all(
+            q("SELECT b.run_id, i.id AS item_id, i.dedupe_key, i.state AS item_state, \
+                 COALESCE((SELECT string_agg(record_id, ',') FROM records r \
+                           WHERE r.run_id = b.run_id AND r.item_id = i.id), '') AS record_ids, \
+                 a.attempt_no, a.custom_id, a.batch_id, b.provider_batch_id, a.state AS attempt_state, \
+                 a.verdict, a.error, COALESCE(l.model, a.model) AS model, \
+                 l.input_tokens, l.cached_input_tokens, l.cache_write_tokens, l.output_tokens, \
+                 l.reasoning_tokens, l.cost_pico \
+               FROM attempts a JOIN batches b ON b.id = a.batch_id JOIN items i ON i.id = a.item_id \
+               LEFT JOIN ledger l ON l.attempt_id = a.id \
+               WHERE b.run_id = $1 \
+               ORDER BY i.id, a.attempt_no")
+            .bind(run_id),
+        )
+        .await
+}
+
+pub(super) async fn quarantine(store: &SqlStore, run_id: &str) -> Result<Vec<QuarantineRow>> {
+    store
+        .db
+        .all(
+            q("SELECT source, line, field, reason FROM quarantine WHERE run_id = $1 ORDER BY line")
+                .bind(run_id),
+        )
+        .await
+}
+
+pub(super) async fn quarantine_summary(
+    store: &SqlStore,
+    run_id: &str,
+    limit: u32,
+) -> Result<Vec<(Option<String>, String, u64)>> {
+    let rows: Vec<(Option<String>, String, i64)> = store
+        .db
+        .all(
+            q(
+                "SELECT field, MIN(reason), COUNT(*) FROM quarantine WHERE run_id = $1 \
+               GROUP BY field ORDER BY COUNT(*) DESC, field LIMIT $2",
+            )
+            .bind(run_id)
+            .bind(limit as i64),
+        )
+        .await?;
+    Ok(rows.into_iter().map(|(f, r, n)| (f, r, count(n))).collect())
+}
+
+pub(super) async fn anomaly_count(store: &SqlStore, run_id: &str) -> Result<u64> {
+    Ok(count(
+        store
+            .db
+            .scalar(
+                q("SELECT COUNT(*) FROM anomalies WHERE run_id = $1 \
+                   OR batch_id IN (SELECT id FROM batches WHERE run_id = $1)")
+                .bind(run_id),
+            )
+            .await?,
+    ))
+}
+
+#[derive(Clone, Copy)]
+pub(super) enum LedgerScope {
+    Run,
+    Batch,
+}
+
+pub(super) async fn ledger_totals(
+    store: &SqlStore,
+    scope: LedgerScope,
+    key: &str,
+) -> Result<LedgerTotals> {
+    const SUMS: &str = "SELECT COUNT(*), \
+         CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT), \
+         CAST(COALESCE(SUM(cached_input_tokens), 0) AS BIGINT), \
+         CAST(COALESCE(SUM(cache_write_tokens), 0) AS BIGINT), \
+         CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT), \
+         CAST(COALESCE(SUM(reasoning_tokens), 0) AS BIGINT), \
+         CAST(COALESCE(SUM(cost_pico), 0) AS BIGINT), \
+         CAST(COALESCE(SUM(standard_cost_pico), 0) AS BIGINT) FROM ledger ";
+    let filter = match scope {
+        LedgerScope::Run => "WHERE batch_id IN (SELECT id FROM batches WHERE run_id = $1)",
+        LedgerScope::Batch => "WHERE batch_id = $1",
+    };
+    type Sums = (i64, i64, i64, i64, i64, i64, i64, i64);
+    let r: Sums = store.db.one(q(format!("{SUMS}{filter}")).bind(key)).await?;
+    Ok(LedgerTotals {
+        rows: count(r.0),
+        usage: Usage {
+            input_tokens: count(r.1),
+            cached_input_tokens: count(r.2),
+            cache_write_tokens: count(r.3),
+            output_tokens: count(r.4),
+            reasoning_tokens: count(r.5),
+        },
+        cost: Usd::from_pico(r.6 as i128),
+        standard_cost: Usd::from_pico(r.7 as i128),
+    })
+}
