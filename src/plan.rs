@@ -24,17 +24,7 @@ use crate::cost::tokens::PromptCounter;
 use crate::cost::{ModelPrice, PricingMode, Rates, Usd};
 use crate::request::{RequestShape, prepare};
 use crate::source::{SourceError, SourceEvent, SourceReader};
-
-/// What earlier runs of the pipeline measured.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct History {
-    /// Attempts that came back with an answer (output tokens billed).
-    pub answered: u64,
-    pub output_tokens: u64,
-    /// Attempts and distinct items attempted, for the retry rate.
-    pub attempts: u64,
-    pub items_attempted: u64,
-}
+pub use crate::store::History;
 
 /// What a source holds, as a run would see it.
 #[derive(Clone, Debug, Default)]

@@ -166,10 +166,10 @@ pub(super) fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> (Pipeline, 
             ProviderKind::OpenAi
         }
     };
-    let mode = match prov.mode.as_deref() {
-        None | Some("batch") => Mode::Batch,
-        Some("online") => Mode::Online,
-        Some(other) => {
+    let mode = match prov.mode.as_deref().map(|m| (m, m.parse::<Mode>())) {
+        None => Mode::Batch,
+        Some((_, Ok(mode))) => mode,
+        Some((other, Err(_))) => {
             p.push(Problem::new(
                 "provider.mode",
                 format!("unknown mode `{other}` (batch or online)"),

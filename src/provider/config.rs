@@ -50,14 +50,10 @@ impl ProviderKind {
     }
 }
 
-/// How requests are sent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// Provider batch jobs, at batch prices.
-    Batch,
-    /// Real-time calls under concurrency and rate limits, at standard prices.
-    Online,
-}
+/// How requests are sent: provider batch jobs at batch prices, or real-time calls under
+/// concurrency and rate limits at standard prices. One enum with the mode the store keeps for
+/// each batch, so the pipeline's mode and a batch's are the same values.
+pub use crate::store::BatchMode as Mode;
 
 /// The online-mode limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

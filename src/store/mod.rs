@@ -158,7 +158,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         pipeline: &str,
         stage: &str,
-    ) -> impl Future<Output = Result<crate::plan::History>> + Send;
+    ) -> impl Future<Output = Result<crate::store::History>> + Send;
     /// Which of `keys` are items of the stage that already succeeded.
     fn succeeded_among(
         &self,

@@ -435,3 +435,14 @@ pub struct QuarantineRow {
     pub field: Option<String>,
     pub reason: String,
 }
+
+/// What earlier runs of a pipeline stage measured (the planning worksheet's history).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct History {
+    /// Attempts that came back with an answer (output tokens billed).
+    pub answered: u64,
+    pub output_tokens: u64,
+    /// Attempts and distinct items attempted, for the retry rate.
+    pub attempts: u64,
+    pub items_attempted: u64,
+}

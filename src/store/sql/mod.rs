@@ -261,7 +261,7 @@ impl Store for SqlStore {
         planning::plannable_over(self, pipeline, stage, max_input_tokens).await
     }
 
-    async fn history(&self, pipeline: &str, stage: &str) -> Result<crate::plan::History> {
+    async fn history(&self, pipeline: &str, stage: &str) -> Result<crate::store::History> {
         planning::history(self, pipeline, stage).await
     }
 

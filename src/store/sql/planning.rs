@@ -277,7 +277,7 @@ pub(super) async fn history(
     store: &SqlStore,
     pipeline: &str,
     stage: &str,
-) -> Result<crate::plan::History> {
+) -> Result<crate::store::History> {
     let (answered, output): (i64, i64) = store
         .db
         .one(
@@ -301,7 +301,7 @@ pub(super) async fn history(
             .bind(stage),
         )
         .await?;
-    Ok(crate::plan::History {
+    Ok(crate::store::History {
         answered: count(answered),
         output_tokens: count(output),
         attempts: count(attempts),
