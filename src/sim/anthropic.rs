@@ -15,14 +15,14 @@ use axum::{Json, Router};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use super::Sim;
 use super::batch::{SimBatch, Status};
 use super::http::{
     AppState, BatchListQuery, blocking, cancel_any, created, get_batch_any, has_bearer, has_header,
     list_any, online_any, stream_file,
 };
 use super::state::{Outcome, RecordedRequest};
-use super::wire::{self, Neutral, Reply, default_schema, str_at};
-use super::{Flavor, Sim, SimError};
+use super::types::{self, Flavor, Neutral, Reply, SimError, default_schema, str_at};
 use crate::cost::Usage;
 use crate::cost::tokens::Tokenizer;
 
@@ -61,10 +61,10 @@ pub(super) fn batch_json(b: &SimBatch, base: &str) -> Value {
         "type": "message_batch",
         "processing_status": processing_status(b.status),
         "request_counts": c,
-        "created_at": wire::rfc3339(b.created_at),
-        "expires_at": wire::rfc3339(b.created_at + 86_400),
-        "ended_at": end.map(wire::rfc3339),
-        "cancel_initiated_at": stamp("cancelling_at").map(wire::rfc3339),
+        "created_at": types::rfc3339(b.created_at),
+        "expires_at": types::rfc3339(b.created_at + 86_400),
+        "ended_at": end.map(types::rfc3339),
+        "cancel_initiated_at": stamp("cancelling_at").map(types::rfc3339),
         "archived_at": null,
         "results_url": ended.then(|| format!("{base}/v1/messages/batches/{}/results", b.id)),
     })

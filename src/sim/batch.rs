@@ -8,8 +8,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::settings::SimSettings;
 use super::state::{Inner, RecordedRequest};
-use super::{Flavor, Sim, SimError, SimSettings, anthropic, gemini, openai};
+use super::types::{Flavor, SimError};
+use super::{Sim, anthropic, gemini, openai};
 use crate::cost::Usage;
 use crate::util::time::{now_ms, unix_now};
 

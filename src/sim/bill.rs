@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::{Flavor, Sim};
+use super::Sim;
+use super::types::Flavor;
 use crate::cost::{PricingMode, Usage, Usd};
 
 #[derive(Clone, Debug, Serialize)]

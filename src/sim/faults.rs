@@ -9,9 +9,10 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::journal::Put;
+use super::settings::SimSettings;
 use super::state::{Inner, Outcome};
-use super::wire::{Neutral, Reply};
-use super::{Flavor, Sim, SimSettings, answer};
+use super::types::{Flavor, Neutral, Reply};
+use super::{Sim, answer};
 use crate::cost::Usage;
 use crate::util::time::now_ms;
 

@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::journal::Put;
-use super::{Flavor, Sim, SimError, gemini, openai};
+use super::types::{Flavor, SimError};
+use super::{Sim, gemini, openai};
 use crate::util::time::unix_now;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -15,14 +15,14 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 
+use super::Sim;
 use super::batch::{SimBatch, Status};
 use super::files::SimFile;
 use super::http::{
     AppState, BatchListQuery, Sink, blocking, created, get_batch_any, has_header, list_any,
     stream_file,
 };
-use super::wire::{self, Neutral, Reply, default_schema, str_at};
-use super::{Flavor, Sim, SimError};
+use super::types::{self, Flavor, Neutral, Reply, SimError, default_schema, str_at};
 use crate::cost::Usage;
 use crate::cost::tokens::Tokenizer;
 use crate::util::time::unix_now;
@@ -33,7 +33,7 @@ use crate::util::time::unix_now;
 pub(super) fn file_json(f: &SimFile) -> Value {
     json!({
         "name": f.id, "displayName": f.filename, "mimeType": "application/jsonl",
-        "sizeBytes": f.bytes.to_string(), "createTime": wire::rfc3339(f.created_at),
+        "sizeBytes": f.bytes.to_string(), "createTime": types::rfc3339(f.created_at),
         "state": "ACTIVE", "source": if f.purpose == "batch" { "UPLOADED" } else { "GENERATED" },
     })
 }
@@ -89,8 +89,8 @@ pub(super) fn batch_json(b: &mut SimBatch) -> Value {
         "model": format!("models/{}", b.url_model.clone().unwrap_or_default()),
         "name": b.id,
         "displayName": b.display_name,
-        "createTime": wire::rfc3339(b.created_at),
-        "updateTime": wire::rfc3339(unix_now()),
+        "createTime": types::rfc3339(b.created_at),
+        "updateTime": types::rfc3339(unix_now()),
         "batchStats": stats,
         "state": state(b.status),
         "priority": "0",
@@ -109,7 +109,7 @@ pub(super) fn batch_json(b: &mut SimBatch) -> Value {
         op["error"] = json!({"code": 3, "message": b.errors.first().and_then(|e| e["message"].as_str()).unwrap_or("the batch failed")});
     }
     if done {
-        op["metadata"]["endTime"] = json!(wire::rfc3339(unix_now()));
+        op["metadata"]["endTime"] = json!(types::rfc3339(unix_now()));
     }
     op
 }

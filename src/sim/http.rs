@@ -15,7 +15,9 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
-use super::{Flavor, Sim, SimError, draw};
+use super::Sim;
+use super::faults::draw;
+use super::types::{Flavor, SimError};
 
 #[derive(Clone)]
 pub(super) struct AppState {

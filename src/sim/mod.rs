@@ -56,6 +56,7 @@ mod run;
 mod server;
 pub mod settings;
 mod state;
+mod types;
 pub mod wire;
 
 use std::fs::File;
@@ -74,42 +75,9 @@ pub use faults::draw;
 pub use server::{SimHandle, serve, start};
 pub use settings::SimSettings;
 pub use state::{Outcome, RecordedRequest};
-pub use wire::Flavor;
-
-/// An error the simulator answers with: HTTP status, `type`, `code`, message.
-#[derive(Debug)]
-pub struct SimError {
-    pub status: u16,
-    pub kind: &'static str,
-    pub code: Option<&'static str>,
-    pub message: String,
-}
+pub use types::{Flavor, OnlineReply, SimError};
 
 impl SimError {
-    fn bad_request(message: impl Into<String>) -> Self {
-        SimError {
-            status: 400,
-            kind: "invalid_request_error",
-            code: None,
-            message: message.into(),
-        }
-    }
-    fn unsaved(why: &str) -> Self {
-        SimError {
-            status: 500,
-            kind: "server_error",
-            code: None,
-            message: why.to_string(),
-        }
-    }
-    fn not_found(what: &str, id: &str) -> Self {
-        SimError {
-            status: 404,
-            kind: "not_found_error",
-            code: None,
-            message: format!("No {what} found with id '{id}'."),
-        }
-    }
     /// The error's body in `flavor`'s shape.
     fn body(&self, flavor: Flavor) -> Value {
         match flavor {
@@ -118,12 +86,6 @@ impl SimError {
             Flavor::OpenAi | Flavor::Azure => openai::error_body(self),
         }
     }
-}
-
-/// What an online request got: HTTP status, body, and whether the answer was valid.
-pub struct OnlineReply {
-    pub status: u16,
-    pub body: Value,
 }
 
 /// The simulator's state.

@@ -11,14 +11,14 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::Sim;
 use super::batch::{SimBatch, Status};
 use super::files::SimFile;
 use super::http::{
     AppState, BatchListQuery, Sink, blocking, cancel_any, created, get_batch_any, has_bearer,
     has_header, list_any, online_any, stream_file,
 };
-use super::wire::{self, Neutral, Reply, default_schema, str_at};
-use super::{Flavor, Sim, SimError};
+use super::types::{self, Flavor, Neutral, Reply, SimError, default_schema, str_at};
 use crate::cost::Usage;
 use crate::cost::tokens::Tokenizer;
 
@@ -66,7 +66,7 @@ pub(super) fn batch_json(b: &SimBatch) -> Value {
     let time = |t: Option<i64>| -> Value {
         match t {
             None => Value::Null,
-            Some(t) if azure => Value::String(wire::rfc3339(t)),
+            Some(t) if azure => Value::String(types::rfc3339(t)),
             Some(t) => json!(t),
         }
     };

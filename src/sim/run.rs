@@ -10,11 +10,13 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::batch::Status;
+use super::faults::draw;
 use super::files::SimFile;
 use super::journal::Put;
 use super::state::{Inner, Outcome, RecordedRequest};
-use super::wire::{self, Reply};
-use super::{Flavor, OnlineReply, Sim, SimError, answer, draw, gemini, openai};
+use super::types::{Flavor, OnlineReply, Reply, SimError};
+use super::wire;
+use super::{Sim, answer, gemini, openai};
 use crate::cost::{PricingMode, Usage};
 use crate::util::time::{now_ms, unix_now};
 

@@ -18,8 +18,10 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::Value;
 
+use super::faults::draw;
 use super::http::{AppState, blocking, client_request_id};
-use super::{Flavor, Sim, SimError, anthropic, draw, gemini, openai};
+use super::types::{Flavor, SimError};
+use super::{Sim, anthropic, gemini, openai};
 
 /// Largest upload accepted (OpenAI: 512 MB per file; Anthropic: 256 MB per create).
 const MAX_UPLOAD: usize = 512 * 1024 * 1024;

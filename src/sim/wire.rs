@@ -1,53 +1,12 @@
-//! The providers' wire formats, as the simulator speaks them: the neutral form a request is
-//! read into and the neutral reply it gets, and the dispatch to each provider's module
-//! (`openai`, `anthropic`, `gemini`) that reads a request in its provider's shape and writes
-//! answers and result lines back in it (docs/providers.md §1–§4, §7.1).
+//! The providers' wire formats, as the simulator speaks them: the dispatch to each provider's
+//! module (`openai`, `anthropic`, `gemini`) that reads a request in its provider's shape and
+//! writes answers and result lines back in it (docs/providers.md §1–§4, §7.1). The neutral
+//! request and reply are `types`' (re-exported here).
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
+pub use super::types::{Flavor, Neutral, Reply, rfc3339};
 use super::{anthropic, gemini, openai};
-use crate::cost::Usage;
-use crate::cost::tokens::Tokenizer;
-
-/// Which provider's wire format a batch or request speaks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Flavor {
-    OpenAi,
-    Azure,
-    Anthropic,
-    Gemini,
-}
-
-impl Flavor {
-    /// The namespace prices are looked up under.
-    pub fn price_namespace(self) -> &'static str {
-        match self {
-            Flavor::OpenAi => "openai",
-            Flavor::Azure => "azure",
-            Flavor::Anthropic => "anthropic",
-            Flavor::Gemini => "gemini",
-        }
-    }
-}
-
-/// A request in neutral form: what the answer generator and the token count need.
-#[derive(Clone, Debug)]
-pub struct Neutral {
-    pub model: String,
-    pub prompt_tokens: u64,
-    pub schema: Value,
-    pub max_tokens: u64,
-    pub tokenizer: Tokenizer,
-}
-
-pub(super) fn str_at<'a>(v: &'a Value, ptr: &str) -> &'a str {
-    v.pointer(ptr).and_then(Value::as_str).unwrap_or("")
-}
-
-pub(super) fn default_schema() -> Value {
-    json!({"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]})
-}
 
 /// Reads a request body of `flavor` (`model` overrides the body's, for Gemini where the model
 /// is in the URL). Prompt tokens are counted exactly as nightshift's planner counts them for
@@ -72,21 +31,6 @@ pub(super) fn input_line(flavor: Flavor, v: &Value) -> (String, Value) {
         v.get(id).and_then(Value::as_str).unwrap_or("").to_string(),
         v.get(body).cloned().unwrap_or(Value::Null),
     )
-}
-
-/// What happened to one request.
-#[derive(Clone, Debug)]
-pub enum Reply {
-    /// An answer (valid or not): content text, whether it was cut at the token limit, usage.
-    Answer {
-        content: String,
-        truncated: bool,
-        usage: Usage,
-    },
-    /// A server error for this request (not billed).
-    Error,
-    Expired,
-    Cancelled,
 }
 
 /// The tool name nightshift's Anthropic requests force (read back from the request).
@@ -136,5 +80,3 @@ pub(super) fn server_error(flavor: Flavor) -> Value {
         _ => openai::server_error(),
     }
 }
-
-pub use crate::util::time::rfc3339_micros as rfc3339;
