@@ -16,12 +16,11 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::Sim;
-use super::batch::{SimBatch, Status};
+use super::data::{Outcome, RecordedRequest, SimBatch, Status};
 use super::http::{
     AppState, BatchListQuery, blocking, cancel_any, created, get_batch_any, has_bearer, has_header,
     list_any, online_any, stream_file,
 };
-use super::state::{Outcome, RecordedRequest};
 use super::types::{self, Flavor, Neutral, Reply, SimError, default_schema, str_at};
 use crate::cost::Usage;
 use crate::cost::tokens::Tokenizer;

@@ -8,9 +8,10 @@ use std::collections::HashMap;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use super::data::Outcome;
 use super::journal::Put;
 use super::settings::SimSettings;
-use super::state::{Inner, Outcome};
+use super::state::Inner;
 use super::types::{Flavor, Neutral, Reply};
 use super::{Sim, answer};
 use crate::cost::Usage;

@@ -1,27 +1,17 @@
-//! The files the simulator holds: uploads, inline batch inputs and result files, their
-//! contents in the simulator's files folder, and the Gemini resumable-upload sessions. How a
-//! file looks on the wire is its provider's (`openai`, `gemini`).
+//! Handling the files the simulator holds (uploads, inline batch inputs and result files):
+//! adding, reading, listing and deleting them, their contents in the simulator's files
+//! folder, and the Gemini resumable-upload sessions. The file itself is `data`'s; how it
+//! looks on the wire is its provider's (`openai`, `gemini`).
 
 use std::path::PathBuf;
 
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use super::data::SimFile;
 use super::journal::Put;
 use super::types::{Flavor, SimError};
 use super::{Sim, gemini, openai};
 use crate::util::time::unix_now;
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub(super) struct SimFile {
-    pub(super) id: String,
-    pub(super) filename: String,
-    pub(super) purpose: String,
-    pub(super) bytes: u64,
-    pub(super) created_at: i64,
-    /// The content's file name in the simulator's files folder.
-    pub(super) name: String,
-}
 
 impl SimFile {
     fn json(&self, flavor: Flavor) -> Value {

@@ -16,8 +16,7 @@ use axum::{Json, Router};
 use serde_json::{Value, json};
 
 use super::Sim;
-use super::batch::{SimBatch, Status};
-use super::files::SimFile;
+use super::data::{SimBatch, SimFile, Status};
 use super::http::{
     AppState, BatchListQuery, Sink, blocking, created, get_batch_any, has_header, list_any,
     stream_file,

@@ -28,9 +28,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::batch::SimBatch;
-use super::files::SimFile;
-use super::{BillEntry, RecordedRequest};
+use super::bill::BillEntry;
+use super::data::{RecordedRequest, SimBatch, SimFile};
 use crate::util::fs as fsutil;
 
 const JOURNAL: &str = "journal.jsonl";

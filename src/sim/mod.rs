@@ -46,6 +46,7 @@ pub mod answer;
 mod anthropic;
 mod batch;
 mod bill;
+mod data;
 mod faults;
 mod files;
 mod gemini;
@@ -71,10 +72,10 @@ use journal::Log;
 use state::Inner;
 
 pub use bill::BillEntry;
+pub use data::{Outcome, RecordedRequest};
 pub use faults::draw;
 pub use server::{SimHandle, serve, start};
 pub use settings::SimSettings;
-pub use state::{Outcome, RecordedRequest};
 pub use types::{Flavor, OnlineReply, SimError};
 
 impl SimError {

@@ -12,8 +12,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::Sim;
-use super::batch::{SimBatch, Status};
-use super::files::SimFile;
+use super::data::{SimBatch, SimFile, Status};
 use super::http::{
     AppState, BatchListQuery, Sink, blocking, cancel_any, created, get_batch_any, has_bearer,
     has_header, list_any, online_any, stream_file,

@@ -9,11 +9,10 @@ use std::io::{BufRead, BufReader, Write};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::batch::Status;
+use super::data::{Outcome, RecordedRequest, SimFile, Status};
 use super::faults::draw;
-use super::files::SimFile;
 use super::journal::Put;
-use super::state::{Inner, Outcome, RecordedRequest};
+use super::state::Inner;
 use super::types::{Flavor, OnlineReply, Reply, SimError};
 use super::wire;
 use super::{Sim, answer, gemini, openai};

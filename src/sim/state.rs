@@ -1,48 +1,15 @@
 //! The simulator's neutral state: what one `Sim` holds behind its lock (files, batches, the
-//! bill, the record of uploads, online and refused calls), what became of each request, and
-//! how that state is written to its journal and rebuilt from it (`journal`; docs/providers.md
-//! §7.1).
+//! bill, the record of uploads, online and refused calls), and how that state is written to
+//! its journal and rebuilt from it (`journal`; docs/providers.md §7.1). What it holds is
+//! `data`'s.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::batch::SimBatch;
 use super::bill::BillEntry;
-use super::files::SimFile;
+use super::data::{SimBatch, SimFile};
 use super::journal::{self, Got, Log, Put};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    Pending,
-    Ok,
-    Error,
-    InvalidJson,
-    Expired,
-    Cancelled,
-    NotRun,
-    /// Ran, but its result line was left out of the files (a fault).
-    Missing,
-}
-
-impl Outcome {
-    /// Whether the request ran, so its faults were drawn.
-    pub(super) fn answered(self) -> bool {
-        matches!(
-            self,
-            Outcome::Ok | Outcome::Error | Outcome::InvalidJson | Outcome::Missing
-        )
-    }
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RecordedRequest {
-    pub custom_id: String,
-    pub body_sha256: String,
-    pub outcome: Outcome,
-}
 
 #[derive(Default)]
 pub(super) struct Inner {

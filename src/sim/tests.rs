@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::batch::Status;
+use super::data::Status;
 use super::faults::is_reasoning_model;
 use super::*;
 

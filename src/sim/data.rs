@@ -1,0 +1,148 @@
+//! The data the simulator holds, below its state and its journal: a file (`SimFile`), a
+//! batch (`SimBatch`) with its neutral status (`Status`), and each request of a batch with
+//! what became of it (`RecordedRequest`, `Outcome`). How they look on the wire is the
+//! providers' (`openai`, `anthropic`, `gemini`, through `wire`); how a batch moves along its
+//! timeline is `batch`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::settings::SimSettings;
+use super::types::Flavor;
+use crate::cost::Usage;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(super) struct SimFile {
+    pub(super) id: String,
+    pub(super) filename: String,
+    pub(super) purpose: String,
+    pub(super) bytes: u64,
+    pub(super) created_at: i64,
+    /// The content's file name in the simulator's files folder.
+    pub(super) name: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum Status {
+    Validating,
+    InProgress,
+    Finalizing,
+    Completed,
+    Failed,
+    Expired,
+    Cancelling,
+    Cancelled,
+}
+
+impl Status {
+    /// The status's neutral name (OpenAI's on the wire).
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Status::Validating => "validating",
+            Status::InProgress => "in_progress",
+            Status::Finalizing => "finalizing",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Expired => "expired",
+            Status::Cancelling => "cancelling",
+            Status::Cancelled => "cancelled",
+        }
+    }
+    pub(super) fn terminal(self) -> bool {
+        matches!(
+            self,
+            Status::Completed | Status::Failed | Status::Expired | Status::Cancelled
+        )
+    }
+}
+
+/// A batch. In the journal without `requests` and `inline_output`, which are written on their
+/// own when they change (they can be large; the rest changes on every step of the timeline).
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct SimBatch {
+    pub(super) id: String,
+    /// Creation number in this simulator state: 0 is the first batch it ever created.
+    pub(super) ordinal: u64,
+    pub(super) flavor: Flavor,
+    /// The requests, one native line each: the content file name of the uploaded file, or of
+    /// the inline requests.
+    pub(super) input: String,
+    pub(super) input_file_id: Option<String>,
+    pub(super) endpoint: String,
+    pub(super) metadata: Option<Value>,
+    pub(super) display_name: Option<String>,
+    /// Gemini: the model named in the create URL.
+    pub(super) url_model: Option<String>,
+    pub(super) inline: bool,
+    pub(super) created_at: i64,
+    /// Unix milliseconds its timeline started (wall clock, so it survives a restart).
+    pub(super) started_ms: i64,
+    pub(super) status: Status,
+    pub(super) stamps: BTreeMap<String, i64>,
+    pub(super) expires: bool,
+    /// Unix milliseconds the cancel was asked.
+    pub(super) cancel_ms: Option<i64>,
+    /// Fraction of the requests that had run when the batch was cut short.
+    pub(super) done_fraction: f64,
+    #[serde(skip)]
+    pub(super) requests: Vec<RecordedRequest>,
+    pub(super) model: Option<String>,
+    pub(super) counts: (u64, u64, u64),
+    pub(super) output_file_id: Option<String>,
+    pub(super) error_file_id: Option<String>,
+    /// Gemini inline results, in input order.
+    #[serde(skip)]
+    pub(super) inline_output: Option<Vec<Value>>,
+    /// Gemini: polls for which SUCCEEDED shows no output yet (the lagging-file quirk).
+    pub(super) output_lag: u8,
+    pub(super) errors: Vec<Value>,
+    pub(super) usage: Usage,
+    /// The settings in force when it was created: its timeline and the faults of its results
+    /// follow them, whatever a later process runs with.
+    pub(super) settings: SimSettings,
+}
+
+impl SimBatch {
+    pub(super) fn local_id(&self) -> Option<String> {
+        self.metadata
+            .as_ref()
+            .and_then(|m| m.get(crate::provider::openai::META_BATCH_ID))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .or_else(|| self.display_name.clone())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Pending,
+    Ok,
+    Error,
+    InvalidJson,
+    Expired,
+    Cancelled,
+    NotRun,
+    /// Ran, but its result line was left out of the files (a fault).
+    Missing,
+}
+
+impl Outcome {
+    /// Whether the request ran, so its faults were drawn.
+    pub(super) fn answered(self) -> bool {
+        matches!(
+            self,
+            Outcome::Ok | Outcome::Error | Outcome::InvalidJson | Outcome::Missing
+        )
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RecordedRequest {
+    pub custom_id: String,
+    pub body_sha256: String,
+    pub outcome: Outcome,
+}
