@@ -12,25 +12,14 @@ use super::data::{SimBatch, Status};
 use super::settings::SimSettings;
 use super::state::Inner;
 use super::types::{Flavor, SimError};
-use super::{Sim, anthropic, gemini, openai};
+use super::{Sim, wire};
 use crate::cost::Usage;
 use crate::util::time::{now_ms, unix_now};
-
-impl SimBatch {
-    /// The batch's wire object, in its provider's shape.
-    pub(super) fn json(&mut self, base: &str) -> Value {
-        match self.flavor {
-            Flavor::OpenAi | Flavor::Azure => openai::batch_json(self),
-            Flavor::Anthropic => anthropic::batch_json(self, base),
-            Flavor::Gemini => gemini::batch_json(self),
-        }
-    }
-}
 
 impl Sim {
     /// Adds a new batch and saves it: the answer of a create.
     pub(super) fn push_batch(&self, inner: &mut Inner, mut b: SimBatch) -> Result<Value, SimError> {
-        let v = b.json(self.base());
+        let v = wire::batch_json(&mut b, self.base());
         let idx = inner.batches.len();
         let with_requests = !b.requests.is_empty();
         inner.batch_index.insert(b.id.clone(), idx);
@@ -97,7 +86,7 @@ impl Sim {
     /// counts down), and such a change is saved too.
     pub(super) fn view(&self, inner: &mut Inner, idx: usize, base: &str) -> Value {
         let lag = inner.batches[idx].output_lag;
-        let v = inner.batches[idx].json(base);
+        let v = wire::batch_json(&mut inner.batches[idx], base);
         if inner.batches[idx].output_lag != lag {
             inner.save_batch(idx, false);
         }
@@ -173,11 +162,7 @@ impl Sim {
         let has_more = start + page.len() < order.len();
         let first = page_idx.first().map(|&i| inner.batches[i].id.clone());
         let last = page_idx.last().map(|&i| inner.batches[i].id.clone());
-        let v = match flavor {
-            Flavor::Gemini => gemini::batch_list(page, has_more, last),
-            Flavor::Anthropic => anthropic::batch_list(page, has_more, first, last),
-            Flavor::OpenAi | Flavor::Azure => openai::batch_list(page, has_more, first, last),
-        };
+        let v = wire::batch_list(flavor, page, has_more, first, last);
         Self::saved(&inner, v)
     }
 

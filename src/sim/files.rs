@@ -10,17 +10,8 @@ use serde_json::{Value, json};
 use super::data::SimFile;
 use super::journal::Put;
 use super::types::{Flavor, SimError};
-use super::{Sim, gemini, openai};
+use super::{Sim, wire};
 use crate::util::time::unix_now;
-
-impl SimFile {
-    fn json(&self, flavor: Flavor) -> Value {
-        match flavor {
-            Flavor::Gemini => gemini::file_json(self),
-            _ => openai::file_json(self),
-        }
-    }
-}
 
 impl Sim {
     pub(crate) fn add_file(
@@ -52,7 +43,7 @@ impl Sim {
             created_at: unix_now(),
             name,
         };
-        let v = f.json(flavor);
+        let v = wire::file_json(flavor, &f);
         let seq = inner.seq;
         inner.log.write(seq, &[Put::Upload(&upload), Put::File(&f)]);
         inner.uploads.push(upload);
@@ -75,7 +66,7 @@ impl Sim {
         self.state()?
             .files
             .get(id)
-            .map(|f| f.json(flavor))
+            .map(|f| wire::file_json(flavor, f))
             .ok_or_else(|| SimError::not_found("file", id))
     }
 
@@ -125,13 +116,10 @@ impl Sim {
             .iter()
             .skip(start)
             .take(limit)
-            .map(|f| f.json(flavor))
+            .map(|f| wire::file_json(flavor, f))
             .collect();
         let has_more = start + page.len() < files.len();
-        if flavor == Flavor::Gemini {
-            let next = has_more.then(|| files[start + limit - 1].id.as_str());
-            return gemini::file_list(page, next);
-        }
-        openai::file_list(page, has_more)
+        let next = has_more.then(|| files[start + limit - 1].id.as_str());
+        wire::file_list(flavor, page, has_more, next)
     }
 }

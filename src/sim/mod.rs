@@ -64,7 +64,6 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::cost::PriceTable;
@@ -77,17 +76,6 @@ pub use faults::draw;
 pub use server::{SimHandle, serve, start};
 pub use settings::SimSettings;
 pub use types::{Flavor, OnlineReply, SimError};
-
-impl SimError {
-    /// The error's body in `flavor`'s shape.
-    fn body(&self, flavor: Flavor) -> Value {
-        match flavor {
-            Flavor::Anthropic => anthropic::error_body(self),
-            Flavor::Gemini => gemini::error_body(self),
-            Flavor::OpenAi | Flavor::Azure => openai::error_body(self),
-        }
-    }
-}
 
 /// The simulator's state.
 pub struct Sim {

@@ -15,7 +15,7 @@ use super::journal::Put;
 use super::state::Inner;
 use super::types::{Flavor, OnlineReply, Reply, SimError};
 use super::wire;
-use super::{Sim, answer, gemini, openai};
+use super::{Sim, answer};
 use crate::cost::{PricingMode, Usage};
 use crate::util::time::{now_ms, unix_now};
 
@@ -92,10 +92,8 @@ impl Sim {
                             Some(n),
                         );
                     }
-                    if matches!(flavor, Flavor::OpenAi | Flavor::Azure) {
-                        for (code, msg) in openai::line_errors(n, &v, &endpoint) {
-                            push(&mut errors, code, msg, Some(n));
-                        }
+                    for (code, msg) in wire::line_errors(flavor, n, &v, &endpoint) {
+                        push(&mut errors, code, msg, Some(n));
                     }
                     let m = match flavor {
                         Flavor::Gemini => url_model.clone().unwrap_or_default(),
@@ -325,7 +323,7 @@ impl Sim {
                 let mut all = out_lines;
                 all.append(&mut err_lines);
                 if inline {
-                    (None, None, Some(gemini::inline_items(&all)))
+                    (None, None, Some(wire::inline_items(&all)))
                 } else {
                     (
                         Some(self.write_output(inner, flavor, &batch_id, "responses", &all)),

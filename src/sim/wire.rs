@@ -1,10 +1,14 @@
-//! The providers' wire formats, as the simulator speaks them: the dispatch to each provider's
-//! module (`openai`, `anthropic`, `gemini`) that reads a request in its provider's shape and
-//! writes answers and result lines back in it (docs/providers.md §1–§4, §7.1). The neutral
-//! request and reply are `types`' (re-exported here).
+//! The dispatch on provider kind: wherever the provider-neutral code (`batch`, `files`,
+//! `run`, `http`) needs a provider's wire format, it comes here and is sent to that provider's
+//! module (`openai`, `anthropic`, `gemini`): reading a request and a batch's input lines,
+//! answers and result lines, file and batch objects and their pages, error bodies
+//! (docs/providers.md §1–§4, §7.1). The neutral request and reply are `types`' (re-exported
+//! here: this module is public).
 
 use serde_json::Value;
 
+use super::data::{SimBatch, SimFile};
+use super::types::SimError;
 pub use super::types::{Flavor, Neutral, Reply, rfc3339};
 use super::{anthropic, gemini, openai};
 
@@ -78,5 +82,83 @@ pub(super) fn server_error(flavor: Flavor) -> Value {
     match flavor {
         Flavor::Anthropic => anthropic::server_error(),
         _ => openai::server_error(),
+    }
+}
+
+/// What is wrong with input line `n` (`v`) of a batch of `flavor` for `endpoint`, beyond what
+/// every provider checks (OpenAI and Azure: its method and its url).
+pub(super) fn line_errors(
+    flavor: Flavor,
+    n: usize,
+    v: &Value,
+    endpoint: &str,
+) -> Vec<(&'static str, String)> {
+    match flavor {
+        Flavor::OpenAi | Flavor::Azure => openai::line_errors(n, v, endpoint),
+        Flavor::Anthropic | Flavor::Gemini => Vec::new(),
+    }
+}
+
+/// A batch's inline results (Gemini's inline batches): its result lines, each with its key
+/// moved into `metadata`.
+pub(super) fn inline_items(lines: &[String]) -> Vec<Value> {
+    gemini::inline_items(lines)
+}
+
+/// A file object in `flavor`'s shape.
+pub(super) fn file_json(flavor: Flavor, f: &SimFile) -> Value {
+    match flavor {
+        Flavor::Gemini => gemini::file_json(f),
+        _ => openai::file_json(f),
+    }
+}
+
+/// A page of file objects in `flavor`'s shape; `next` is the id of the page's last file when
+/// more follow (Gemini's page token).
+pub(super) fn file_list(
+    flavor: Flavor,
+    page: Vec<Value>,
+    has_more: bool,
+    next: Option<&str>,
+) -> Value {
+    if flavor == Flavor::Gemini {
+        return gemini::file_list(page, next);
+    }
+    openai::file_list(page, has_more)
+}
+
+/// A batch's wire object, in its provider's shape; `base` is the simulator's root URL.
+/// Rendering can change it (Gemini's lagging output reference counts down).
+pub(super) fn batch_json(b: &mut SimBatch, base: &str) -> Value {
+    match b.flavor {
+        Flavor::OpenAi | Flavor::Azure => openai::batch_json(b),
+        Flavor::Anthropic => anthropic::batch_json(b, base),
+        Flavor::Gemini => gemini::batch_json(b),
+    }
+}
+
+/// A page of batch objects in `flavor`'s shape, newest first.
+pub(super) fn batch_list(
+    flavor: Flavor,
+    page: Vec<Value>,
+    has_more: bool,
+    first: Option<String>,
+    last: Option<String>,
+) -> Value {
+    match flavor {
+        Flavor::Gemini => gemini::batch_list(page, has_more, last),
+        Flavor::Anthropic => anthropic::batch_list(page, has_more, first, last),
+        Flavor::OpenAi | Flavor::Azure => openai::batch_list(page, has_more, first, last),
+    }
+}
+
+impl SimError {
+    /// The error's body in `flavor`'s shape.
+    pub(super) fn body(&self, flavor: Flavor) -> Value {
+        match flavor {
+            Flavor::Anthropic => anthropic::error_body(self),
+            Flavor::Gemini => gemini::error_body(self),
+            Flavor::OpenAi | Flavor::Azure => openai::error_body(self),
+        }
     }
 }
