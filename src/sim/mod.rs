@@ -3,16 +3,23 @@
 //! A local server that speaks the batch APIs of OpenAI, Azure OpenAI, Anthropic and Gemini,
 //! and the real-time chat-completions and messages endpoints, on loopback, so the real client
 //! code talks real HTTP without an API key (docs/providers.md §7). One provider-neutral core
-//! sits behind one wire adapter per provider:
+//! sits behind one wire adapter per provider. Its modules are listed here in layers, each
+//! importing only modules listed before it (`tests/it/layers.rs` checks there is no cycle;
+//! the methods of `Sim`, spread over these files, still call one another across layers):
 //!
-//! - the core: this module (the `Sim` itself, its ids, its errors), `state` (what it holds
-//!   and how that is journaled), `files`, `batch` (a batch and its timeline), `run`
-//!   (validating a batch, answering its requests, writing its results; online requests),
-//!   `faults` (every draw), `bill` (the bill and the record), `journal`, `answer`,
-//!   `settings`;
-//! - the wire: `wire` (the neutral request and reply, and the dispatch to the providers),
-//!   `openai` (OpenAI and Azure), `anthropic`, `gemini`, each with its JSON, its batch
-//!   creation and its HTTP routes; `http` (what the routes share) and `server` (the server).
+//! 1. the vocabulary: `types` (`Flavor`, the neutral request and reply, `SimError`),
+//!    `settings`, `answer`;
+//! 2. the data held: `data` (a file, a batch and its status, a request's outcome), `bill`
+//!    (a bill entry; the bill and the record);
+//! 3. keeping it: `journal` (the state folder and its journal), `state` (what one `Sim` holds
+//!    and how that is journaled), `faults` (every draw);
+//! 4. the providers' wire formats: `http` (what their routes share), then `openai` (OpenAI
+//!    and Azure), `anthropic`, `gemini`, each with its JSON, its batch creation and its HTTP
+//!    routes; `wire`, the one dispatch on provider kind to them;
+//! 5. the neutral core that speaks through `wire`: `files`, `batch` (a batch's timeline),
+//!    `run` (validating a batch, answering its requests, writing its results; online
+//!    requests);
+//! 6. `server` (the server and its routes), and this module: the `Sim` itself and its ids.
 //!
 //! It is deterministic given its seed: answers are generated from the request's JSON schema
 //! and the request body, prompt tokens are counted with the same function the planner uses,
