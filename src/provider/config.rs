@@ -11,7 +11,8 @@ use crate::cost::PricingMode;
 pub const OPENAI_MAX_REQUESTS: usize = 50_000;
 pub const OPENAI_MAX_BYTES: u64 = 200 * 1000 * 1000;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ProviderKind {
     OpenAi,
     Azure,

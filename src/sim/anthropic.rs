@@ -21,7 +21,7 @@ use super::http::{
     AppState, BatchListQuery, blocking, cancel_any, created, get_batch_any, has_bearer, has_header,
     list_any, online_any, stream_file,
 };
-use super::types::{self, Flavor, Neutral, Reply, SimError, default_schema, str_at};
+use super::types::{self, Neutral, ProviderKind, Reply, SimError, default_schema, str_at};
 use crate::cost::Usage;
 use crate::cost::tokens::Tokenizer;
 
@@ -128,7 +128,7 @@ impl Sim {
         w.flush().map_err(|e| SimError::unsaved(&e.to_string()))?;
         drop(w);
         let mut inner = self.state()?;
-        let mut b = self.new_batch(&mut inner, "msgbatch", Flavor::Anthropic, name);
+        let mut b = self.new_batch(&mut inner, "msgbatch", ProviderKind::Anthropic, name);
         b.counts = (recorded.len() as u64, 0, 0);
         b.requests = recorded;
         b.status = Status::InProgress;
@@ -320,29 +320,29 @@ async fn create_anthropic(State(st): State<AppState>, body: bytes::Bytes) -> Res
         Ok(v) => v,
         Err(e) => {
             return SimError::bad_request(format!("invalid JSON body: {e}"))
-                .into_flavored(Flavor::Anthropic);
+                .into_flavored(ProviderKind::Anthropic);
         }
     };
     let sim = st.sim.clone();
     match blocking(move || sim.create_anthropic_batch(&v)).await {
-        Ok(batch) => created(&st, batch, Flavor::Anthropic),
-        Err(e) => e.into_flavored(Flavor::Anthropic),
+        Ok(batch) => created(&st, batch, ProviderKind::Anthropic),
+        Err(e) => e.into_flavored(ProviderKind::Anthropic),
     }
 }
 
 async fn list_anthropic(State(st): State<AppState>, Query(q): Query<BatchListQuery>) -> Response {
-    match list_any(st, Flavor::Anthropic, q).await {
+    match list_any(st, ProviderKind::Anthropic, q).await {
         Ok(v) => v.into_response(),
-        Err(e) => e.into_flavored(Flavor::Anthropic),
+        Err(e) => e.into_flavored(ProviderKind::Anthropic),
     }
 }
 
 async fn get_batch_anthropic(State(st): State<AppState>, Path(id): Path<String>) -> Response {
-    get_batch_any(st, Flavor::Anthropic, id).await
+    get_batch_any(st, ProviderKind::Anthropic, id).await
 }
 
 async fn cancel_anthropic(State(st): State<AppState>, Path(id): Path<String>) -> Response {
-    cancel_any(st, Flavor::Anthropic, id).await
+    cancel_any(st, ProviderKind::Anthropic, id).await
 }
 
 async fn delete_anthropic(Path(id): Path<String>) -> Response {
@@ -355,9 +355,9 @@ async fn results_anthropic(State(st): State<AppState>, Path(id): Path<String>) -
     match blocking(move || sim.results_path(&lookup)).await {
         Ok(path) => match stream_file(&st, &id, path).await {
             Ok(r) => r,
-            Err(e) => e.into_flavored(Flavor::Anthropic),
+            Err(e) => e.into_flavored(ProviderKind::Anthropic),
         },
-        Err(e) => e.into_flavored(Flavor::Anthropic),
+        Err(e) => e.into_flavored(ProviderKind::Anthropic),
     }
 }
 
@@ -366,5 +366,5 @@ async fn online_anthropic(
     headers: HeaderMap,
     body: bytes::Bytes,
 ) -> Response {
-    online_any(st, Flavor::Anthropic, headers, body).await
+    online_any(st, ProviderKind::Anthropic, headers, body).await
 }

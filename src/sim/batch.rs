@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::data::{SimBatch, Status};
 use super::settings::SimSettings;
 use super::state::Inner;
-use super::types::{Flavor, SimError};
+use super::types::{ProviderKind, SimError};
 use super::{Sim, wire};
 use crate::cost::Usage;
 use crate::util::time::{now_ms, unix_now};
@@ -38,7 +38,7 @@ impl Sim {
         &self,
         inner: &mut Inner,
         id_kind: &str,
-        flavor: Flavor,
+        flavor: ProviderKind,
         input: String,
     ) -> SimBatch {
         let id = self.next_id(inner, id_kind);
@@ -133,7 +133,7 @@ impl Sim {
     /// The batches of one wire flavor, newest first, one page after `after`.
     pub(crate) fn list_batches(
         &self,
-        flavor: Flavor,
+        flavor: ProviderKind,
         limit: usize,
         after: Option<&str>,
     ) -> Result<Value, SimError> {
@@ -180,14 +180,15 @@ impl Sim {
                 Status::Finalizing if elapsed >= t => Some(Status::Completed),
                 Status::Cancelling => {
                     let since = b.cancel_ms.map(|c| self::elapsed(c, now)).unwrap_or(0.0);
-                    (since >= 0.05 * t || b.flavor == Flavor::Gemini).then_some(Status::Cancelled)
+                    (since >= 0.05 * t || b.flavor == ProviderKind::Gemini)
+                        .then_some(Status::Cancelled)
                 }
                 _ => None,
             };
             let Some(next) = next else {
                 // Progress is read off the clock, not saved: it changes on every poll.
                 let b = &mut inner.batches[idx];
-                if b.status == Status::InProgress && b.flavor != Flavor::Anthropic {
+                if b.status == Status::InProgress && b.flavor != ProviderKind::Anthropic {
                     let total = b.counts.0;
                     let done = (total as f64 * progress(&b.settings, elapsed)) as u64;
                     b.counts.1 = done.min(total);

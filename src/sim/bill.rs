@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::Sim;
-use super::types::Flavor;
+use super::types::ProviderKind;
 use crate::cost::{PricingMode, Usage, Usd};
 
 #[derive(Clone, Debug, Serialize)]
@@ -72,7 +72,7 @@ impl Sim {
     /// Prices one answer and adds it to the bill.
     pub(super) fn bill(
         &self,
-        flavor: Flavor,
+        flavor: ProviderKind,
         mode: PricingMode,
         custom_id: &str,
         batch_id: &str,
@@ -81,7 +81,7 @@ impl Sim {
     ) -> BillEntry {
         let cost = self
             .prices
-            .lookup(flavor.price_namespace(), model)
+            .lookup(flavor.as_str(), model)
             .ok()
             .and_then(|p| p.rates(mode).copied())
             .map(|r| r.cost(u))

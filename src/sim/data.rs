@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::settings::SimSettings;
-use super::types::Flavor;
+use super::types::ProviderKind;
 use crate::cost::Usage;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -66,7 +66,7 @@ pub(super) struct SimBatch {
     pub(super) id: String,
     /// Creation number in this simulator state: 0 is the first batch it ever created.
     pub(super) ordinal: u64,
-    pub(super) flavor: Flavor,
+    pub(super) flavor: ProviderKind,
     /// The requests, one native line each: the content file name of the uploaded file, or of
     /// the inline requests.
     pub(super) input: String,

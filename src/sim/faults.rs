@@ -12,7 +12,7 @@ use super::data::Outcome;
 use super::journal::Put;
 use super::settings::SimSettings;
 use super::state::Inner;
-use super::types::{Flavor, Neutral, Reply};
+use super::types::{Neutral, ProviderKind, Reply};
 use super::{Sim, answer};
 use crate::cost::Usage;
 use crate::util::time::now_ms;
@@ -69,9 +69,9 @@ impl Sim {
     /// Whether the next batch created expires: the first `expire_first` batches this state
     /// ever created, and a draw on its creation number (never on its id, which is not the
     /// same from one run to the next).
-    pub(super) fn will_expire(&self, ordinal: u64, flavor: Flavor) -> bool {
+    pub(super) fn will_expire(&self, ordinal: u64, flavor: ProviderKind) -> bool {
         // Azure batches are not expired (current docs): they run until cancelled.
-        flavor != Flavor::Azure
+        flavor != ProviderKind::Azure
             && (ordinal < u64::from(self.settings.expire_first)
                 || draw(self.settings.seed, "expire", &ordinal.to_string())
                     < self.settings.expire_rate)
@@ -82,7 +82,7 @@ impl Sim {
     pub(super) fn answer(
         &self,
         s: &SimSettings,
-        flavor: Flavor,
+        flavor: ProviderKind,
         key: &str,
         body_hash: &[u8; 32],
         n: &Neutral,
@@ -124,7 +124,9 @@ impl Sim {
         let prompt = n.prompt_tokens;
         let (cached, written) = if draw(s.seed, "cache", key) < s.cache_rate {
             (prompt / 2, 0)
-        } else if flavor == Flavor::Anthropic && draw(s.seed, "cache-write", key) < s.cache_rate {
+        } else if flavor == ProviderKind::Anthropic
+            && draw(s.seed, "cache-write", key) < s.cache_rate
+        {
             (0, prompt / 2)
         } else {
             (0, 0)

@@ -9,14 +9,14 @@ use serde_json::{Value, json};
 
 use super::data::SimFile;
 use super::journal::Put;
-use super::types::{Flavor, SimError};
+use super::types::{ProviderKind, SimError};
 use super::{Sim, wire};
 use crate::util::time::unix_now;
 
 impl Sim {
     pub(crate) fn add_file(
         &self,
-        flavor: Flavor,
+        flavor: ProviderKind,
         filename: String,
         purpose: String,
         path: PathBuf,
@@ -30,8 +30,8 @@ impl Sim {
             .to_string();
         let mut inner = self.state()?;
         let id = match flavor {
-            Flavor::Azure => self.next_id(&mut inner, "azure-file"),
-            Flavor::Gemini => self.next_id(&mut inner, "gemini-file"),
+            ProviderKind::Azure => self.next_id(&mut inner, "azure-file"),
+            ProviderKind::Gemini => self.next_id(&mut inner, "gemini-file"),
             _ => self.next_id(&mut inner, "file"),
         };
         let upload = json!({"id": id, "filename": filename, "purpose": purpose, "bytes": bytes, "sha256": sha256});
@@ -62,7 +62,7 @@ impl Sim {
         self.lock().sessions.remove(token)
     }
 
-    pub(crate) fn file(&self, flavor: Flavor, id: &str) -> Result<Value, SimError> {
+    pub(crate) fn file(&self, flavor: ProviderKind, id: &str) -> Result<Value, SimError> {
         self.state()?
             .files
             .get(id)
@@ -92,7 +92,7 @@ impl Sim {
 
     pub(crate) fn list_files(
         &self,
-        flavor: Flavor,
+        flavor: ProviderKind,
         purpose: Option<&str>,
         desc: bool,
         limit: usize,
@@ -103,7 +103,7 @@ impl Sim {
             .files
             .values()
             .filter(|f| purpose.is_none_or(|p| f.purpose == p))
-            .filter(|f| (flavor == Flavor::Gemini) == f.id.starts_with("files/"))
+            .filter(|f| (flavor == ProviderKind::Gemini) == f.id.starts_with("files/"))
             .collect();
         files.sort_by_key(|f| (f.created_at, f.id.clone()));
         if desc {

@@ -21,7 +21,7 @@ use super::http::{
     AppState, BatchListQuery, Sink, blocking, created, get_batch_any, has_header, list_any,
     stream_file,
 };
-use super::types::{self, Flavor, Neutral, Reply, SimError, default_schema, str_at};
+use super::types::{self, Neutral, ProviderKind, Reply, SimError, default_schema, str_at};
 use crate::cost::Usage;
 use crate::cost::tokens::Tokenizer;
 use crate::util::time::unix_now;
@@ -176,7 +176,7 @@ impl Sim {
             }
         };
         let mut inner = self.state()?;
-        let mut b = self.new_batch(&mut inner, "gemini-batch", Flavor::Gemini, input);
+        let mut b = self.new_batch(&mut inner, "gemini-batch", ProviderKind::Gemini, input);
         b.input_file_id = input_file_id;
         b.display_name = display;
         b.url_model = Some(model.trim_start_matches("models/").to_string());
@@ -345,43 +345,43 @@ async fn create_gemini(
     body: bytes::Bytes,
 ) -> Response {
     let Some(model) = action.strip_suffix(":batchGenerateContent") else {
-        return SimError::not_found("method", &action).into_flavored(Flavor::Gemini);
+        return SimError::not_found("method", &action).into_flavored(ProviderKind::Gemini);
     };
     let model = model.to_string();
     let v: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
             return SimError::bad_request(format!("Invalid JSON payload received. {e}"))
-                .into_flavored(Flavor::Gemini);
+                .into_flavored(ProviderKind::Gemini);
         }
     };
     let sim = st.sim.clone();
     match blocking(move || sim.create_gemini_batch(&model, &v)).await {
-        Ok(batch) => created(&st, batch, Flavor::Gemini),
-        Err(e) => e.into_flavored(Flavor::Gemini),
+        Ok(batch) => created(&st, batch, ProviderKind::Gemini),
+        Err(e) => e.into_flavored(ProviderKind::Gemini),
     }
 }
 
 async fn list_gemini(State(st): State<AppState>, Query(q): Query<BatchListQuery>) -> Response {
-    match list_any(st, Flavor::Gemini, q).await {
+    match list_any(st, ProviderKind::Gemini, q).await {
         Ok(v) => v.into_response(),
-        Err(e) => e.into_flavored(Flavor::Gemini),
+        Err(e) => e.into_flavored(ProviderKind::Gemini),
     }
 }
 
 async fn get_batch_gemini(State(st): State<AppState>, Path(id): Path<String>) -> Response {
-    get_batch_any(st, Flavor::Gemini, format!("batches/{id}")).await
+    get_batch_any(st, ProviderKind::Gemini, format!("batches/{id}")).await
 }
 
 async fn cancel_gemini(State(st): State<AppState>, Path(id): Path<String>) -> Response {
     let Some(id) = id.strip_suffix(":cancel") else {
-        return SimError::not_found("method", &id).into_flavored(Flavor::Gemini);
+        return SimError::not_found("method", &id).into_flavored(ProviderKind::Gemini);
     };
     let sim = st.sim.clone();
     let id = format!("batches/{id}");
     match blocking(move || sim.cancel_batch(&id)).await {
         Ok(_) => Json(json!({})).into_response(),
-        Err(e) => e.into_flavored(Flavor::Gemini),
+        Err(e) => e.into_flavored(ProviderKind::Gemini),
     }
 }
 
@@ -392,7 +392,7 @@ async fn list_files_gemini(
     let sim = st.sim.clone();
     blocking(move || {
         Ok(Json(sim.list_files(
-            Flavor::Gemini,
+            ProviderKind::Gemini,
             None,
             true,
             q.page_size.unwrap_or(100).clamp(1, 100),
@@ -403,9 +403,9 @@ async fn list_files_gemini(
 }
 
 async fn get_file_gemini(State(st): State<AppState>, Path(id): Path<String>) -> Response {
-    match st.sim.file(Flavor::Gemini, &format!("files/{id}")) {
+    match st.sim.file(ProviderKind::Gemini, &format!("files/{id}")) {
         Ok(v) => Json(v).into_response(),
-        Err(e) => e.into_flavored(Flavor::Gemini),
+        Err(e) => e.into_flavored(ProviderKind::Gemini),
     }
 }
 
@@ -413,7 +413,7 @@ async fn delete_file_gemini(State(st): State<AppState>, Path(id): Path<String>) 
     let sim = st.sim.clone();
     match blocking(move || sim.delete_file(&format!("files/{id}"))).await {
         Ok(_) => Json(json!({})).into_response(),
-        Err(e) => e.into_flavored(Flavor::Gemini),
+        Err(e) => e.into_flavored(ProviderKind::Gemini),
     }
 }
 
@@ -429,7 +429,7 @@ async fn upload_gemini_start(
         .is_some_and(|c| c.contains("start"));
     if !is_start {
         return SimError::bad_request("X-Goog-Upload-Command: start is required")
-            .into_flavored(Flavor::Gemini);
+            .into_flavored(ProviderKind::Gemini);
     }
     let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let name = v
@@ -456,7 +456,7 @@ async fn upload_gemini_bytes(
     body: Body,
 ) -> Response {
     let Some(name) = st.sim.take_session(&token) else {
-        return SimError::not_found("upload session", &token).into_flavored(Flavor::Gemini);
+        return SimError::not_found("upload session", &token).into_flavored(ProviderKind::Gemini);
     };
     let path = st.sim.new_file_path();
     let written = async {
@@ -473,17 +473,18 @@ async fn upload_gemini_bytes(
     match written {
         Ok((n, sha)) => {
             let sim = st.sim.clone();
-            let add = move || sim.add_file(Flavor::Gemini, name, "batch".into(), path, n, sha);
+            let add =
+                move || sim.add_file(ProviderKind::Gemini, name, "batch".into(), path, n, sha);
             let file = match blocking(add).await {
                 Ok(f) => f,
-                Err(e) => return e.into_flavored(Flavor::Gemini),
+                Err(e) => return e.into_flavored(ProviderKind::Gemini),
             };
             let mut resp = Json(json!({"file": file})).into_response();
             resp.headers_mut()
                 .insert("x-goog-upload-status", HeaderValue::from_static("final"));
             resp
         }
-        Err(e) => e.into_flavored(Flavor::Gemini),
+        Err(e) => e.into_flavored(ProviderKind::Gemini),
     }
 }
 
@@ -491,10 +492,10 @@ async fn download_gemini(State(st): State<AppState>, Path(action): Path<String>)
     let id = format!("files/{}", action.trim_end_matches(":download"));
     let path = match st.sim.file_path(&id) {
         Ok(p) => p,
-        Err(e) => return e.into_flavored(Flavor::Gemini),
+        Err(e) => return e.into_flavored(ProviderKind::Gemini),
     };
     match stream_file(&st, &id, path).await {
         Ok(r) => r,
-        Err(e) => e.into_flavored(Flavor::Gemini),
+        Err(e) => e.into_flavored(ProviderKind::Gemini),
     }
 }

@@ -17,7 +17,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::Sim;
 use super::faults::draw;
-use super::types::{Flavor, SimError};
+use super::types::{ProviderKind, SimError};
 
 #[derive(Clone)]
 pub(super) struct AppState {
@@ -26,7 +26,7 @@ pub(super) struct AppState {
 }
 
 impl SimError {
-    pub(super) fn into_flavored(self, flavor: Flavor) -> Response {
+    pub(super) fn into_flavored(self, flavor: ProviderKind) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::BAD_REQUEST);
         (status, Json(self.body(flavor))).into_response()
     }
@@ -34,7 +34,7 @@ impl SimError {
 
 impl IntoResponse for SimError {
     fn into_response(self) -> Response {
-        self.into_flavored(Flavor::OpenAi)
+        self.into_flavored(ProviderKind::OpenAi)
     }
 }
 
@@ -86,7 +86,7 @@ fn broken_response(full: Vec<u8>) -> Response {
 }
 
 /// Answers a create, unless the fault says its response is lost after the batch was made.
-pub(super) fn created(st: &AppState, batch: Value, flavor: Flavor) -> Response {
+pub(super) fn created(st: &AppState, batch: Value, flavor: ProviderKind) -> Response {
     let s = st.sim.settings();
     let id = batch
         .get("id")
@@ -171,7 +171,7 @@ impl Sink {
     }
 }
 
-pub(super) async fn get_batch_any(st: AppState, flavor: Flavor, id: String) -> Response {
+pub(super) async fn get_batch_any(st: AppState, flavor: ProviderKind, id: String) -> Response {
     let sim = st.sim.clone();
     match blocking(move || sim.get_batch(&id)).await {
         Ok(v) => Json(v).into_response(),
@@ -179,7 +179,7 @@ pub(super) async fn get_batch_any(st: AppState, flavor: Flavor, id: String) -> R
     }
 }
 
-pub(super) async fn cancel_any(st: AppState, flavor: Flavor, id: String) -> Response {
+pub(super) async fn cancel_any(st: AppState, flavor: ProviderKind, id: String) -> Response {
     let sim = st.sim.clone();
     match blocking(move || sim.cancel_batch(&id)).await {
         Ok(v) => Json(v).into_response(),
@@ -200,7 +200,7 @@ pub(super) struct BatchListQuery {
 
 pub(super) async fn list_any(
     st: AppState,
-    flavor: Flavor,
+    flavor: ProviderKind,
     q: BatchListQuery,
 ) -> Result<Json<Value>, SimError> {
     let sim = st.sim.clone();
@@ -218,7 +218,7 @@ pub(super) fn client_request_id(h: &HeaderMap) -> String {
 
 pub(super) async fn online_any(
     st: AppState,
-    flavor: Flavor,
+    flavor: ProviderKind,
     headers: HeaderMap,
     body: bytes::Bytes,
 ) -> Response {

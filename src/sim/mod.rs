@@ -7,7 +7,7 @@
 //! importing only modules listed before it (`tests/it/layers.rs` checks there is no cycle;
 //! the methods of `Sim`, spread over these files, still call one another across layers):
 //!
-//! 1. the vocabulary: `types` (`Flavor`, the neutral request and reply, `SimError`),
+//! 1. the vocabulary: `types` (`ProviderKind`, the neutral request and reply, `SimError`),
 //!    `settings`, `answer`;
 //! 2. the data held: `data` (a file, a batch and its status, a request's outcome), `bill`
 //!    (a bill entry; the bill and the record);
@@ -82,7 +82,7 @@ pub use data::{Outcome, RecordedRequest};
 pub use faults::draw;
 pub use server::{SimHandle, serve, start};
 pub use settings::SimSettings;
-pub use types::{Flavor, OnlineReply, SimError};
+pub use types::{OnlineReply, ProviderKind, SimError};
 
 /// The simulator's state.
 pub struct Sim {

@@ -17,7 +17,7 @@ use super::http::{
     AppState, BatchListQuery, Sink, blocking, cancel_any, created, get_batch_any, has_bearer,
     has_header, list_any, online_any, stream_file,
 };
-use super::types::{self, Flavor, Neutral, Reply, SimError, default_schema, str_at};
+use super::types::{self, Neutral, ProviderKind, Reply, SimError, default_schema, str_at};
 use crate::cost::Usage;
 use crate::cost::tokens::Tokenizer;
 
@@ -60,7 +60,7 @@ fn azure_status(s: Status) -> &'static str {
 /// A batch object (OpenAI or Azure, after the batch's flavor).
 pub(super) fn batch_json(b: &SimBatch) -> Value {
     let stamp = |k: &str| b.stamps.get(k).copied();
-    let azure = b.flavor == Flavor::Azure;
+    let azure = b.flavor == ProviderKind::Azure;
     let usage_visible = b.status.terminal() && b.status != Status::Failed;
     let time = |t: Option<i64>| -> Value {
         match t {
@@ -120,7 +120,7 @@ impl Sim {
     /// OpenAI / Azure `POST /batches`.
     pub(crate) fn create_openai_batch(
         &self,
-        flavor: Flavor,
+        flavor: ProviderKind,
         body: &Value,
     ) -> Result<Value, SimError> {
         let input_file_id = body
@@ -171,7 +171,7 @@ impl Sim {
             }
             Some(f) => f.name.clone(),
         };
-        let kind = if flavor == Flavor::Azure {
+        let kind = if flavor == ProviderKind::Azure {
             "azure-batch"
         } else {
             "batch"
@@ -365,7 +365,7 @@ pub(super) fn azure_routes() -> Router<AppState> {
 
 async fn receive_multipart(
     st: &AppState,
-    flavor: Flavor,
+    flavor: ProviderKind,
     mut mp: Multipart,
 ) -> Result<Value, SimError> {
     let mut purpose: Option<String> = None;
@@ -415,13 +415,15 @@ async fn receive_multipart(
 }
 
 async fn upload_openai(State(st): State<AppState>, mp: Multipart) -> Result<Json<Value>, SimError> {
-    receive_multipart(&st, Flavor::OpenAi, mp).await.map(Json)
+    receive_multipart(&st, ProviderKind::OpenAi, mp)
+        .await
+        .map(Json)
 }
 
 async fn upload_azure(State(st): State<AppState>, mp: Multipart) -> Response {
-    match receive_multipart(&st, Flavor::Azure, mp).await {
+    match receive_multipart(&st, ProviderKind::Azure, mp).await {
         Ok(v) => Json(v).into_response(),
-        Err(e) => e.into_flavored(Flavor::Azure),
+        Err(e) => e.into_flavored(ProviderKind::Azure),
     }
 }
 
@@ -435,7 +437,7 @@ struct ListQuery {
 
 async fn list_files_flavor(
     st: AppState,
-    flavor: Flavor,
+    flavor: ProviderKind,
     q: ListQuery,
 ) -> Result<Json<Value>, SimError> {
     let sim = st.sim.clone();
@@ -455,28 +457,28 @@ async fn list_files_openai(
     State(st): State<AppState>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, SimError> {
-    list_files_flavor(st, Flavor::OpenAi, q).await
+    list_files_flavor(st, ProviderKind::OpenAi, q).await
 }
 
 async fn list_files_azure(
     State(st): State<AppState>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, SimError> {
-    list_files_flavor(st, Flavor::Azure, q).await
+    list_files_flavor(st, ProviderKind::Azure, q).await
 }
 
 async fn get_file_openai(
     State(st): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, SimError> {
-    st.sim.file(Flavor::OpenAi, &id).map(Json)
+    st.sim.file(ProviderKind::OpenAi, &id).map(Json)
 }
 
 async fn get_file_azure(
     State(st): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, SimError> {
-    st.sim.file(Flavor::Azure, &id).map(Json)
+    st.sim.file(ProviderKind::Azure, &id).map(Json)
 }
 
 async fn delete_file(
@@ -495,7 +497,7 @@ async fn file_content(
     stream_file(&st, &id, path).await
 }
 
-async fn create_batch_flavor(st: AppState, flavor: Flavor, body: bytes::Bytes) -> Response {
+async fn create_batch_flavor(st: AppState, flavor: ProviderKind, body: bytes::Bytes) -> Response {
     let v: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
@@ -513,41 +515,41 @@ async fn create_batch_flavor(st: AppState, flavor: Flavor, body: bytes::Bytes) -
 }
 
 async fn create_openai(State(st): State<AppState>, body: bytes::Bytes) -> Response {
-    create_batch_flavor(st, Flavor::OpenAi, body).await
+    create_batch_flavor(st, ProviderKind::OpenAi, body).await
 }
 
 async fn create_azure(State(st): State<AppState>, body: bytes::Bytes) -> Response {
-    create_batch_flavor(st, Flavor::Azure, body).await
+    create_batch_flavor(st, ProviderKind::Azure, body).await
 }
 
 async fn get_batch_openai(State(st): State<AppState>, Path(id): Path<String>) -> Response {
-    get_batch_any(st, Flavor::OpenAi, id).await
+    get_batch_any(st, ProviderKind::OpenAi, id).await
 }
 
 async fn get_batch_azure(State(st): State<AppState>, Path(id): Path<String>) -> Response {
-    get_batch_any(st, Flavor::Azure, id).await
+    get_batch_any(st, ProviderKind::Azure, id).await
 }
 
 async fn cancel_openai(State(st): State<AppState>, Path(id): Path<String>) -> Response {
-    cancel_any(st, Flavor::OpenAi, id).await
+    cancel_any(st, ProviderKind::OpenAi, id).await
 }
 
 async fn cancel_azure(State(st): State<AppState>, Path(id): Path<String>) -> Response {
-    cancel_any(st, Flavor::Azure, id).await
+    cancel_any(st, ProviderKind::Azure, id).await
 }
 
 async fn list_openai(
     State(st): State<AppState>,
     Query(q): Query<BatchListQuery>,
 ) -> Result<Json<Value>, SimError> {
-    list_any(st, Flavor::OpenAi, q).await
+    list_any(st, ProviderKind::OpenAi, q).await
 }
 
 async fn list_azure(
     State(st): State<AppState>,
     Query(q): Query<BatchListQuery>,
 ) -> Result<Json<Value>, SimError> {
-    list_any(st, Flavor::Azure, q).await
+    list_any(st, ProviderKind::Azure, q).await
 }
 
 async fn online_openai(
@@ -555,7 +557,7 @@ async fn online_openai(
     headers: HeaderMap,
     body: bytes::Bytes,
 ) -> Response {
-    online_any(st, Flavor::OpenAi, headers, body).await
+    online_any(st, ProviderKind::OpenAi, headers, body).await
 }
 
 async fn online_azure(
@@ -564,5 +566,5 @@ async fn online_azure(
     headers: HeaderMap,
     body: bytes::Bytes,
 ) -> Response {
-    online_any(st, Flavor::Azure, headers, body).await
+    online_any(st, ProviderKind::Azure, headers, body).await
 }

@@ -13,7 +13,7 @@ use super::data::{Outcome, RecordedRequest, SimFile, Status};
 use super::faults::draw;
 use super::journal::Put;
 use super::state::Inner;
-use super::types::{Flavor, OnlineReply, Reply, SimError};
+use super::types::{OnlineReply, ProviderKind, Reply, SimError};
 use super::wire;
 use super::{Sim, answer};
 use crate::cost::{PricingMode, Usage};
@@ -36,7 +36,7 @@ impl Sim {
             }
         };
         let limit = match flavor {
-            Flavor::OpenAi => 50_000,
+            ProviderKind::OpenAi => 50_000,
             _ => 100_000,
         };
         match std::fs::File::open(&path) {
@@ -61,7 +61,10 @@ impl Sim {
                     if line.iter().all(u8::is_ascii_whitespace) {
                         continue;
                     }
-                    if n == 1 && line.starts_with(&[0xEF, 0xBB, 0xBF]) && flavor == Flavor::Azure {
+                    if n == 1
+                        && line.starts_with(&[0xEF, 0xBB, 0xBF])
+                        && flavor == ProviderKind::Azure
+                    {
                         push(&mut errors, "invalid_request", "Could not extract a valid deployment name from the input file (UTF-8 with BOM).".into(), Some(n));
                         continue;
                     }
@@ -96,7 +99,7 @@ impl Sim {
                         push(&mut errors, code, msg, Some(n));
                     }
                     let m = match flavor {
-                        Flavor::Gemini => url_model.clone().unwrap_or_default(),
+                        ProviderKind::Gemini => url_model.clone().unwrap_or_default(),
                         _ => body
                             .get("model")
                             .and_then(Value::as_str)
@@ -105,7 +108,7 @@ impl Sim {
                     };
                     match &model {
                         None => {
-                            if self.prices.lookup(flavor.price_namespace(), &m).is_err() {
+                            if self.prices.lookup(flavor.as_str(), &m).is_err() {
                                 push(
                                     &mut errors,
                                     "model_not_found",
@@ -205,7 +208,7 @@ impl Sim {
         let mut bill = Vec::new();
         let mut outcomes = Vec::with_capacity(total);
         // Gemini expiry has no results at all.
-        let gemini_expired = flavor == Flavor::Gemini && status == Status::Expired;
+        let gemini_expired = flavor == ProviderKind::Gemini && status == Status::Expired;
         if let Ok(f) = std::fs::File::open(&input) {
             let mut i = 0usize;
             for line in BufReader::new(f).split(b'\n').map_while(Result::ok) {
@@ -268,7 +271,7 @@ impl Sim {
                     wire::result_line(flavor, &cid, &id, &n.model, &tool, &reply).to_string();
                 let twice = draw(s.seed, "duplicate", &key) < s.duplicate_line_rate;
                 let lines = if outcome == Outcome::Error
-                    && matches!(flavor, Flavor::OpenAi | Flavor::Azure)
+                    && matches!(flavor, ProviderKind::OpenAi | ProviderKind::Azure)
                 {
                     &mut err_lines
                 } else {
@@ -296,18 +299,18 @@ impl Sim {
         let failed = outcomes.len() as u64 - completed;
         let seed = s.seed ^ 0x5eed;
         let (out_id, err_id, inline_output) = match flavor {
-            Flavor::OpenAi | Flavor::Azure => {
+            ProviderKind::OpenAi | ProviderKind::Azure => {
                 // Lines come back in no particular order.
                 shuffle(&mut out_lines, seed);
                 shuffle(&mut err_lines, seed.rotate_left(7));
                 let out = (!out_lines.is_empty())
                     .then(|| self.write_output(inner, flavor, &batch_id, "output", &out_lines));
                 // Azure gives even a clean batch an (empty) error file.
-                let err = (!err_lines.is_empty() || flavor == Flavor::Azure)
+                let err = (!err_lines.is_empty() || flavor == ProviderKind::Azure)
                     .then(|| self.write_output(inner, flavor, &batch_id, "error", &err_lines));
                 (out, err, None)
             }
-            Flavor::Anthropic => {
+            ProviderKind::Anthropic => {
                 let mut all = out_lines;
                 all.append(&mut err_lines);
                 shuffle(&mut all, seed);
@@ -317,8 +320,8 @@ impl Sim {
                     None,
                 )
             }
-            Flavor::Gemini if gemini_expired => (None, None, None),
-            Flavor::Gemini => {
+            ProviderKind::Gemini if gemini_expired => (None, None, None),
+            ProviderKind::Gemini => {
                 // Input order (expired or cancelled lines, then stray ones, at the end).
                 let mut all = out_lines;
                 all.append(&mut err_lines);
@@ -345,7 +348,7 @@ impl Sim {
         b.output_file_id = out_id;
         b.error_file_id = err_id;
         b.inline_output = inline_output;
-        if flavor == Flavor::Gemini && status == Status::Completed {
+        if flavor == ProviderKind::Gemini && status == Status::Completed {
             b.output_lag = 1;
         }
         b.counts = (b.requests.len() as u64, completed, failed);
@@ -378,7 +381,7 @@ impl Sim {
     fn write_output(
         &self,
         inner: &mut Inner,
-        flavor: Flavor,
+        flavor: ProviderKind,
         batch_id: &str,
         kind: &str,
         lines: &[String],
@@ -401,11 +404,11 @@ impl Sim {
             ));
         }
         let id = match flavor {
-            Flavor::Gemini => format!(
+            ProviderKind::Gemini => format!(
                 "files/batch-{}-{kind}",
                 batch_id.trim_start_matches("batches/")
             ),
-            Flavor::Azure => self.next_id(inner, "azure-file"),
+            ProviderKind::Azure => self.next_id(inner, "azure-file"),
             _ => self.next_id(inner, "file"),
         };
         inner.files.insert(
@@ -426,7 +429,7 @@ impl Sim {
     /// standard prices and kept in the record under the client's request id.
     pub(crate) fn online(
         &self,
-        flavor: Flavor,
+        flavor: ProviderKind,
         custom_id: &str,
         body: &Value,
     ) -> Result<OnlineReply, SimError> {

@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use super::faults::draw;
 use super::http::{AppState, blocking, client_request_id};
-use super::types::{Flavor, SimError};
+use super::types::{ProviderKind, SimError};
 use super::{Sim, anthropic, gemini, openai};
 
 /// Largest upload accepted (OpenAI: 512 MB per file; Anthropic: 256 MB per create).
@@ -83,7 +83,7 @@ pub async fn serve(sim: Arc<Sim>, listener: tokio::net::TcpListener) -> std::io:
     axum::serve(listener, router(sim)).await
 }
 
-fn group(state: &AppState, flavor: Flavor, routes: Router<AppState>) -> Router<AppState> {
+fn group(state: &AppState, flavor: ProviderKind, routes: Router<AppState>) -> Router<AppState> {
     routes
         .layer(DefaultBodyLimit::max(MAX_UPLOAD))
         .route_layer(middleware::from_fn_with_state(
@@ -99,24 +99,24 @@ fn router(sim: Arc<Sim>) -> Router {
         calls: Arc::new(AtomicU64::new(0)),
     };
     Router::new()
-        .merge(group(&state, Flavor::OpenAi, openai::routes()))
-        .merge(group(&state, Flavor::Azure, openai::azure_routes()))
-        .merge(group(&state, Flavor::Anthropic, anthropic::routes()))
-        .merge(group(&state, Flavor::Gemini, gemini::routes()))
+        .merge(group(&state, ProviderKind::OpenAi, openai::routes()))
+        .merge(group(&state, ProviderKind::Azure, openai::azure_routes()))
+        .merge(group(&state, ProviderKind::Anthropic, anthropic::routes()))
+        .merge(group(&state, ProviderKind::Gemini, gemini::routes()))
         .route("/_sim/record", get(record))
         .with_state(state)
 }
 
 /// Each provider's credentials: any non-empty key is accepted; a missing one gets the
 /// provider's own refusal.
-async fn auth(State(flavor): State<Flavor>, req: Request, next: Next) -> Response {
+async fn auth(State(flavor): State<ProviderKind>, req: Request, next: Next) -> Response {
     let h = req.headers();
     let query = req.uri().query().unwrap_or("");
     let refused = match flavor {
-        Flavor::OpenAi => openai::refuse_key(h),
-        Flavor::Azure => openai::refuse_azure_key(h, query),
-        Flavor::Anthropic => anthropic::refuse_key(h),
-        Flavor::Gemini => gemini::refuse_key(h, query),
+        ProviderKind::OpenAi => openai::refuse_key(h),
+        ProviderKind::Azure => openai::refuse_azure_key(h, query),
+        ProviderKind::Anthropic => anthropic::refuse_key(h),
+        ProviderKind::Gemini => gemini::refuse_key(h, query),
     };
     if let Some((status, message)) = refused {
         return SimError {
@@ -133,7 +133,7 @@ async fn auth(State(flavor): State<Flavor>, req: Request, next: Next) -> Respons
 /// HTTP-level faults, drawn per call before the handler runs (so they never take effect),
 /// in the provider's own error shape.
 async fn faults(
-    State((st, flavor)): State<(AppState, Flavor)>,
+    State((st, flavor)): State<(AppState, ProviderKind)>,
     req: Request,
     next: Next,
 ) -> Response {
@@ -149,7 +149,7 @@ async fn faults(
         if u < s.http_429_rate {
             let ms = s.retry_after_ms;
             let mut resp = match flavor {
-                Flavor::Gemini => (
+                ProviderKind::Gemini => (
                     StatusCode::TOO_MANY_REQUESTS,
                     Json(gemini::rate_limited(ms)),
                 )
@@ -162,7 +162,7 @@ async fn faults(
                 }
                 .into_flavored(flavor),
             };
-            if flavor != Flavor::Gemini {
+            if flavor != ProviderKind::Gemini {
                 let h = resp.headers_mut();
                 h.insert("retry-after-ms", HeaderValue::from(ms));
                 h.insert("retry-after", HeaderValue::from(ms.div_ceil(1000)));

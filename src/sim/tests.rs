@@ -52,7 +52,7 @@ fn upload_text(sim: &Sim, text: String) -> String {
         .unwrap();
     let f = sim
         .add_file(
-            Flavor::OpenAi,
+            ProviderKind::OpenAi,
             "in.jsonl".into(),
             "batch".into(),
             path,
@@ -65,7 +65,7 @@ fn upload_text(sim: &Sim, text: String) -> String {
 
 fn create(sim: &Sim, file_id: &str) -> Value {
     sim.create_openai_batch(
-        Flavor::OpenAi,
+        ProviderKind::OpenAi,
         &json!({"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}),
     )
     .unwrap()
@@ -270,7 +270,9 @@ fn a_body_sent_again_draws_afresh_and_the_count_survives_a_reopen() {
             .map(|i| (format!("r{k}-{i}"), body.clone()))
             .collect();
         let mut got = run_batch(sim, &requests);
-        let r = sim.online(Flavor::OpenAi, &format!("o{k}"), &body).unwrap();
+        let r = sim
+            .online(ProviderKind::OpenAi, &format!("o{k}"), &body)
+            .unwrap();
         got.push(match r.status {
             500 => (Outcome::Error, 0),
             _ => (
@@ -391,7 +393,7 @@ fn a_journal_cut_at_any_point_reopens_to_a_whole_state() {
             wait_terminal(&sim, &id(&create(&sim, &f)));
         }
         let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
-        sim.online(Flavor::OpenAi, "o1", &body).unwrap();
+        sim.online(ProviderKind::OpenAi, "o1", &body).unwrap();
     }
     let journal = std::fs::read(dir.path().join("journal.jsonl")).unwrap();
     let mut cuts: Vec<usize> = vec![0, journal.len()];

@@ -1,5 +1,5 @@
 //! The simulator's neutral vocabulary, below every other part of it: which provider a batch or
-//! request speaks (`Flavor`), the neutral form a request is read into (`Neutral`) and the
+//! request speaks (`ProviderKind`, the pipeline's own), the neutral form a request is read into (`Neutral`) and the
 //! neutral reply it gets (`Reply`), the error the simulator answers with (`SimError`) and an
 //! online request's reply, and the small readers the provider modules share.
 
@@ -8,27 +8,8 @@ use serde_json::{Value, json};
 use crate::cost::Usage;
 use crate::cost::tokens::Tokenizer;
 
-/// Which provider's wire format a batch or request speaks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Flavor {
-    OpenAi,
-    Azure,
-    Anthropic,
-    Gemini,
-}
-
-impl Flavor {
-    /// The namespace prices are looked up under.
-    pub fn price_namespace(self) -> &'static str {
-        match self {
-            Flavor::OpenAi => "openai",
-            Flavor::Azure => "azure",
-            Flavor::Anthropic => "anthropic",
-            Flavor::Gemini => "gemini",
-        }
-    }
-}
+/// Which provider's wire format a batch or request speaks: the pipeline's own provider kind.
+pub use crate::provider::config::ProviderKind;
 
 /// A request in neutral form: what the answer generator and the token count need.
 #[derive(Clone, Debug)]

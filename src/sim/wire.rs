@@ -9,27 +9,27 @@ use serde_json::Value;
 
 use super::data::{SimBatch, SimFile};
 use super::types::SimError;
-pub use super::types::{Flavor, Neutral, Reply, rfc3339};
+pub use super::types::{Neutral, ProviderKind, Reply, rfc3339};
 use super::{anthropic, gemini, openai};
 
 /// Reads a request body of `flavor` (`model` overrides the body's, for Gemini where the model
 /// is in the URL). Prompt tokens are counted exactly as nightshift's planner counts them for
 /// that provider: framing, system and user message, plus the output-format JSON.
-pub fn neutral(flavor: Flavor, body: &Value, model: Option<&str>) -> Neutral {
+pub fn neutral(flavor: ProviderKind, body: &Value, model: Option<&str>) -> Neutral {
     match flavor {
-        Flavor::OpenAi | Flavor::Azure => openai::neutral(body),
-        Flavor::Anthropic => anthropic::neutral(body),
-        Flavor::Gemini => gemini::neutral(body, model),
+        ProviderKind::OpenAi | ProviderKind::Azure => openai::neutral(body),
+        ProviderKind::Anthropic => anthropic::neutral(body),
+        ProviderKind::Gemini => gemini::neutral(body, model),
     }
 }
 
 /// The custom_id and the request body of one line of a batch's input in `flavor`'s shape
 /// (Anthropic's inline requests are kept as such lines).
-pub(super) fn input_line(flavor: Flavor, v: &Value) -> (String, Value) {
+pub(super) fn input_line(flavor: ProviderKind, v: &Value) -> (String, Value) {
     let (id, body) = match flavor {
-        Flavor::Gemini => ("key", "request"),
-        Flavor::Anthropic => ("custom_id", "params"),
-        Flavor::OpenAi | Flavor::Azure => ("custom_id", "body"),
+        ProviderKind::Gemini => ("key", "request"),
+        ProviderKind::Anthropic => ("custom_id", "params"),
+        ProviderKind::OpenAi | ProviderKind::Azure => ("custom_id", "body"),
     };
     (
         v.get(id).and_then(Value::as_str).unwrap_or("").to_string(),
@@ -43,7 +43,13 @@ pub fn anthropic_tool(body: &Value) -> String {
 }
 
 /// The synchronous response body of an answer (chat completion, message, generateContent).
-pub fn answer_body(flavor: Flavor, id: &str, model: &str, tool: &str, reply: &Reply) -> Value {
+pub fn answer_body(
+    flavor: ProviderKind,
+    id: &str,
+    model: &str,
+    tool: &str,
+    reply: &Reply,
+) -> Value {
     let Reply::Answer {
         content,
         truncated,
@@ -53,17 +59,19 @@ pub fn answer_body(flavor: Flavor, id: &str, model: &str, tool: &str, reply: &Re
         return Value::Null;
     };
     match flavor {
-        Flavor::OpenAi | Flavor::Azure => {
+        ProviderKind::OpenAi | ProviderKind::Azure => {
             openai::answer_body(id, model, content, *truncated, usage)
         }
-        Flavor::Anthropic => anthropic::answer_body(id, model, tool, content, *truncated, usage),
-        Flavor::Gemini => gemini::answer_body(id, model, content, *truncated, usage),
+        ProviderKind::Anthropic => {
+            anthropic::answer_body(id, model, tool, content, *truncated, usage)
+        }
+        ProviderKind::Gemini => gemini::answer_body(id, model, content, *truncated, usage),
     }
 }
 
 /// One line of a result file for `custom_id`.
 pub fn result_line(
-    flavor: Flavor,
+    flavor: ProviderKind,
     custom_id: &str,
     id: &str,
     model: &str,
@@ -71,16 +79,18 @@ pub fn result_line(
     reply: &Reply,
 ) -> Value {
     match flavor {
-        Flavor::OpenAi | Flavor::Azure => openai::result_line(custom_id, id, model, reply),
-        Flavor::Anthropic => anthropic::result_line(custom_id, id, model, tool, reply),
-        Flavor::Gemini => gemini::result_line(custom_id, id, model, reply),
+        ProviderKind::OpenAi | ProviderKind::Azure => {
+            openai::result_line(custom_id, id, model, reply)
+        }
+        ProviderKind::Anthropic => anthropic::result_line(custom_id, id, model, tool, reply),
+        ProviderKind::Gemini => gemini::result_line(custom_id, id, model, reply),
     }
 }
 
 /// The body of an online request that failed on the server.
-pub(super) fn server_error(flavor: Flavor) -> Value {
+pub(super) fn server_error(flavor: ProviderKind) -> Value {
     match flavor {
-        Flavor::Anthropic => anthropic::server_error(),
+        ProviderKind::Anthropic => anthropic::server_error(),
         _ => openai::server_error(),
     }
 }
@@ -88,14 +98,14 @@ pub(super) fn server_error(flavor: Flavor) -> Value {
 /// What is wrong with input line `n` (`v`) of a batch of `flavor` for `endpoint`, beyond what
 /// every provider checks (OpenAI and Azure: its method and its url).
 pub(super) fn line_errors(
-    flavor: Flavor,
+    flavor: ProviderKind,
     n: usize,
     v: &Value,
     endpoint: &str,
 ) -> Vec<(&'static str, String)> {
     match flavor {
-        Flavor::OpenAi | Flavor::Azure => openai::line_errors(n, v, endpoint),
-        Flavor::Anthropic | Flavor::Gemini => Vec::new(),
+        ProviderKind::OpenAi | ProviderKind::Azure => openai::line_errors(n, v, endpoint),
+        ProviderKind::Anthropic | ProviderKind::Gemini => Vec::new(),
     }
 }
 
@@ -106,9 +116,9 @@ pub(super) fn inline_items(lines: &[String]) -> Vec<Value> {
 }
 
 /// A file object in `flavor`'s shape.
-pub(super) fn file_json(flavor: Flavor, f: &SimFile) -> Value {
+pub(super) fn file_json(flavor: ProviderKind, f: &SimFile) -> Value {
     match flavor {
-        Flavor::Gemini => gemini::file_json(f),
+        ProviderKind::Gemini => gemini::file_json(f),
         _ => openai::file_json(f),
     }
 }
@@ -116,12 +126,12 @@ pub(super) fn file_json(flavor: Flavor, f: &SimFile) -> Value {
 /// A page of file objects in `flavor`'s shape; `next` is the id of the page's last file when
 /// more follow (Gemini's page token).
 pub(super) fn file_list(
-    flavor: Flavor,
+    flavor: ProviderKind,
     page: Vec<Value>,
     has_more: bool,
     next: Option<&str>,
 ) -> Value {
-    if flavor == Flavor::Gemini {
+    if flavor == ProviderKind::Gemini {
         return gemini::file_list(page, next);
     }
     openai::file_list(page, has_more)
@@ -131,34 +141,36 @@ pub(super) fn file_list(
 /// Rendering can change it (Gemini's lagging output reference counts down).
 pub(super) fn batch_json(b: &mut SimBatch, base: &str) -> Value {
     match b.flavor {
-        Flavor::OpenAi | Flavor::Azure => openai::batch_json(b),
-        Flavor::Anthropic => anthropic::batch_json(b, base),
-        Flavor::Gemini => gemini::batch_json(b),
+        ProviderKind::OpenAi | ProviderKind::Azure => openai::batch_json(b),
+        ProviderKind::Anthropic => anthropic::batch_json(b, base),
+        ProviderKind::Gemini => gemini::batch_json(b),
     }
 }
 
 /// A page of batch objects in `flavor`'s shape, newest first.
 pub(super) fn batch_list(
-    flavor: Flavor,
+    flavor: ProviderKind,
     page: Vec<Value>,
     has_more: bool,
     first: Option<String>,
     last: Option<String>,
 ) -> Value {
     match flavor {
-        Flavor::Gemini => gemini::batch_list(page, has_more, last),
-        Flavor::Anthropic => anthropic::batch_list(page, has_more, first, last),
-        Flavor::OpenAi | Flavor::Azure => openai::batch_list(page, has_more, first, last),
+        ProviderKind::Gemini => gemini::batch_list(page, has_more, last),
+        ProviderKind::Anthropic => anthropic::batch_list(page, has_more, first, last),
+        ProviderKind::OpenAi | ProviderKind::Azure => {
+            openai::batch_list(page, has_more, first, last)
+        }
     }
 }
 
 impl SimError {
     /// The error's body in `flavor`'s shape.
-    pub(super) fn body(&self, flavor: Flavor) -> Value {
+    pub(super) fn body(&self, flavor: ProviderKind) -> Value {
         match flavor {
-            Flavor::Anthropic => anthropic::error_body(self),
-            Flavor::Gemini => gemini::error_body(self),
-            Flavor::OpenAi | Flavor::Azure => openai::error_body(self),
+            ProviderKind::Anthropic => anthropic::error_body(self),
+            ProviderKind::Gemini => gemini::error_body(self),
+            ProviderKind::OpenAi | ProviderKind::Azure => openai::error_body(self),
         }
     }
 }
