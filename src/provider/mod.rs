@@ -193,7 +193,7 @@ pub trait BatchProvider: Send + Sync + 'static {
     }
     /// The provider's encoding: what it sends and reads, apart from how.
     fn codec(&self) -> &Codec;
-    /// The fixed part of every request of a pipeline (see `dedupe`).
+    /// The fixed part of every request of a pipeline (see `request`).
     fn request_shape(&self, spec: &RequestSpec<'_>) -> Result<RequestShape, String> {
         self.codec().request_shape(spec)
     }
@@ -371,7 +371,7 @@ impl Codec {
         }
     }
 
-    /// The fixed part of every request of a pipeline (see `dedupe`).
+    /// The fixed part of every request of a pipeline (see `request`).
     pub fn request_shape(&self, spec: &RequestSpec<'_>) -> Result<RequestShape, String> {
         each_codec!(self, c => c.request_shape(spec))
     }
