@@ -18,7 +18,7 @@ use tokio::process::Command;
 
 use crate::common::*;
 
-/// Crash points compiled in with `--features failpoints` (RELIABILITY.md B6).
+/// Crash points compiled in with `--features failpoints` (docs/reliability.md, B6).
 pub const FAILPOINTS: &[&str] = &[
     "ingest.mid_tx",
     "ingest.after_chunk",

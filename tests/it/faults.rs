@@ -1,4 +1,4 @@
-//! The fault matrix of RELIABILITY.md B6 for a single SQLite runner, beyond what the crash
+//! The fault matrix of docs/reliability.md (B6) for a single SQLite runner, beyond what the crash
 //! sweep covers: overlapping runs, SIGTERM, a full disk, detach and collect, cancel, odd
 //! result files, lost create responses, oversized downloads.
 
