@@ -379,6 +379,62 @@ mod tests {
         assert_eq!(m.suggestion.as_deref(), Some("dims.width"));
     }
 
+    /// Templates the hand-written engine accepted, with what it rendered (or which field it
+    /// refused) for one record: a new engine must give the same bytes.
+    #[test]
+    fn templates_of_the_first_engine_render_byte_for_byte() {
+        let r = json!({
+            "title": "Lamp \"Aurora\" – 30 cm", "n": 3, "neg": -7, "big": 18446744073709551615u64,
+            "f": 0.5, "g": 1e21, "h": 2.0, "yes": true, "no": false, "nil": null,
+            "tags": ["a", "b\n", 1, null], "dims": {"w": 30, "d": {"x": 1.25}, "z": [], "e": {}},
+            "Customer Tier": "gold", "unit-price": "9.90", "items": ["x", "y"], "obj": {"0": "zero", "b": 2, "a": 1},
+            "ü": "umlaut", "none": "n-field", "range": "r-field", "loop": "l-field", "html": "<b>&amp;</b>",
+            "back\\slash": "bs"
+        });
+        let cases: &[&str] = &[
+            "Title: {{title}}\n",
+            "{{ n }}|{{neg}}|{{big}}|{{f}}|{{g}}|{{h}}|{{yes}}|{{no}}",
+            "{{tags}} {{dims}} {{dims.d}} {{dims.z}}{{dims.e}} {{obj}}",
+            "{{ dims . w }}/{{dims.d.x}}\r\n\n\n",
+            "{{Customer Tier}} {{unit-price}} {{ü}} {{none}} {{range}} {{loop}} {{html}}",
+            "{{obj.0}} {{back\\slash}}",
+            "[{{nil?}}][{{missing?}}][{{dims.q?}}][{{title.x?}}][{{ n ? }}][{{ missing.deep.er? }}]",
+            "}} { } {x} }{ %} #} {{title}}",
+            "  lead\ttab {{title}}   \n\n",
+            "{{\n title \n}}",
+            "{{items.0}}",
+            "{{nil}}",
+            "{{title.x}}",
+            "{{missing.deep}}",
+            "{{n}}{{nil}}{{missing}}",
+        ];
+        let got: Vec<String> = cases
+            .iter()
+            .map(|c| match Template::parse(c).unwrap().render(&r) {
+                Ok(s) => s,
+                Err(e) => format!("ERR {e:?}"),
+            })
+            .collect();
+        let expected: &[&str] = &[
+            "Title: Lamp \"Aurora\" – 30 cm\n",
+            "3|-7|18446744073709551615|0.5|1e+21|2.0|true|false",
+            "[\"a\",\"b\\n\",1,null] {\"d\":{\"x\":1.25},\"e\":{},\"w\":30,\"z\":[]} {\"x\":1.25} []{} {\"0\":\"zero\",\"a\":1,\"b\":2}",
+            "30/1.25\r\n\n\n",
+            "gold 9.90 umlaut n-field r-field l-field <b>&amp;</b>",
+            "zero bs",
+            "[][][][][3][]",
+            "}} { } {x} }{ %} #} Lamp \"Aurora\" – 30 cm",
+            "  lead\ttab Lamp \"Aurora\" – 30 cm   \n\n",
+            "Lamp \"Aurora\" – 30 cm",
+            "ERR Missing(\"items.0\")",
+            "ERR Null(\"nil\")",
+            "ERR Missing(\"title.x\")",
+            "ERR Missing(\"missing.deep\")",
+            "ERR Null(\"nil\")",
+        ];
+        assert_eq!(got, expected);
+    }
+
     #[test]
     fn edit_distance_counts_a_swap_once() {
         assert_eq!(edit_distance("materail", "material"), 1);

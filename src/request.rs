@@ -199,4 +199,94 @@ mod tests {
     fn a_shape_needs_exactly_one_slot() {
         assert!(RequestShape::from_canonical_with_slot("{\"a\":1}").is_err());
     }
+
+    /// The item keys of the example pipelines over their data, as the hand-written engine
+    /// computed them: a change of the template engine must not change one byte of a rendered
+    /// request, or every user would send (and pay for) everything again.
+    #[test]
+    fn the_example_pipelines_keep_their_item_keys() {
+        use crate::source::{SourceEvent, SourceReader};
+        // (file, records rendered, records quarantined, sha256 over "line key" lines)
+        let golden = [
+            (
+                "catalog-enrichment.toml",
+                306,
+                0,
+                "2a5796758e80ec68ae10d027969594c33d53d02d313196c883ea8531c91453e5",
+            ),
+            (
+                "ticket-tagging.toml",
+                208,
+                0,
+                "3bc856f7d00a4b17aeb99844a5f043dc23a67f9505fd656b08aadfaf65545046",
+            ),
+            (
+                "online.toml",
+                208,
+                0,
+                "f93284e60f32fef62ee4fdd976b40c83bc58cc117e7ac941a310cf449fc5bd82",
+            ),
+            (
+                "anthropic.toml",
+                306,
+                0,
+                "15d6dbe70429b981fa8b06ddad69184a4ee5e5b1ee3e59e8400c9c64e8236bec",
+            ),
+            (
+                "gemini.toml",
+                306,
+                0,
+                "424dfd5b0f073ffaea7a0d7ba9d71d4196e43e53dc196b207704b31226619fdc",
+            ),
+            (
+                "azure.toml",
+                208,
+                0,
+                "f462eee38bdec3b1f6abe177972315c19a599b8271d2dda2278b917d802bb435",
+            ),
+        ];
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples");
+        let mut report = Vec::new();
+        for (file, _, _, _) in golden {
+            let p = crate::config::Pipeline::load(&dir.join(file)).unwrap();
+            let validator = crate::validate::OutputValidator::load(&p.output.schema).unwrap();
+            let name = crate::worker::schema_name(&p.name);
+            let spec = crate::worker::spec(&p, validator.schema(), &name);
+            let shape = crate::provider::Codec::for_config(&p.provider)
+                .request_shape(&spec)
+                .unwrap();
+            let (mut rendered, mut quarantined) = (0, 0);
+            let mut h = Sha256::new();
+            let mut scratch = String::new();
+            for ev in SourceReader::open(&p.source).unwrap() {
+                let SourceEvent::Record(r) = ev.unwrap() else {
+                    continue;
+                };
+                match prepare(
+                    &shape,
+                    &p.prompt.user,
+                    None,
+                    r.line,
+                    r.id,
+                    &r.value,
+                    &mut scratch,
+                ) {
+                    Ok(rec) => {
+                        rendered += 1;
+                        h.update(format!("{} {}\n", r.line, hex_key(&rec.key)));
+                    }
+                    Err(e) => {
+                        quarantined += 1;
+                        h.update(format!("{} {e}\n", r.line));
+                    }
+                }
+            }
+            report.push((file, rendered, quarantined, hex::encode(h.finalize())));
+        }
+        let expected: Vec<_> = golden
+            .iter()
+            .map(|&(f, r, q, d)| (f, r, q, d.to_string()))
+            .collect();
+        assert_eq!(report, expected);
+    }
 }
