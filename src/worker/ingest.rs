@@ -4,7 +4,6 @@
 use tokio::sync::mpsc;
 
 use super::{Event, RunContext, RunError};
-use crate::config::RenderError;
 use crate::cost::tokens::PromptCounter;
 use crate::provider::BatchProvider;
 use crate::request::{PreparedRecord, RequestShape, prepare};
@@ -56,12 +55,9 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
                     ) {
                         Ok(prepared) => chunk.records.push(prepared),
                         Err(e) => {
-                            let field = match &e {
-                                RenderError::Missing(f) | RenderError::Null(f) => f.clone(),
-                            };
                             chunk.quarantined.push(Quarantined {
                                 line: r.line,
-                                field: Some(field),
+                                field: e.field().map(str::to_string),
                                 reason: e.to_string(),
                             });
                         }
