@@ -1,5 +1,5 @@
-//! The two databases behind one small query API: a [`Db`] (pool) and a [`Tx`] (write
-//! transaction) that run a [`Query`] on SQLite or PostgreSQL.
+//! The two databases behind one small query API: a `Db` (pool) and a `Tx` (write
+//! transaction) that run a `Query` on SQLite or PostgreSQL.
 //!
 //! The store's SQL is written once, in the dialect both engines share. Parameters are
 //! either numbered (`$1`, understood by both) or, in the bulk statements, anonymous (`?`):
@@ -7,7 +7,7 @@
 //! thousands of them quadratic, so bulk SQL uses `?` and is renumbered here for PostgreSQL.
 //!
 //! The stored states and modes ([`super::state`]) cross this boundary as their text: bound
-//! through [`Arg`], decoded from `TEXT` columns by the `Type`/`Decode` impls below (an
+//! through `Arg`, decoded from `TEXT` columns by the `Type`/`Decode` impls below (an
 //! unknown value is a decode error).
 
 use std::borrow::Cow;

@@ -9,7 +9,7 @@
 //! are idempotent, so a crash anywhere is resumed by running again: a new run first carries
 //! every open batch of its pipeline to the end, whichever run created it.
 //!
-//! This module is the drive loop: a run (`run`), a worker (`serve`), the [`Runner`] state
+//! This module is the drive loop: a run (`run`), a worker (`serve`), the `Runner` state
 //! they share and the loop that moves each held batch one step along. The phases it drives
 //! live beside it, in the order of docs/design.md ("The steps and where they live"):
 //! `ingest` and `prepare`, `plan`, `build`, `submit`, `collect`, `apply`, `online`, `settle`
