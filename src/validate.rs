@@ -8,6 +8,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use crate::store::AttemptVerdict;
 use crate::util::text::preview;
 
 /// How many schema errors are kept per answer.
@@ -43,14 +44,15 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    pub fn code(&self) -> &'static str {
+    /// The verdict as the store keeps it.
+    pub fn code(&self) -> AttemptVerdict {
         match self {
-            Verdict::Valid(_) => "ok",
-            Verdict::InvalidJson(_) => "invalid_json",
-            Verdict::SchemaInvalid(_) => "schema_invalid",
-            Verdict::Truncated => "truncated",
-            Verdict::Refused(_) => "refused",
-            Verdict::Empty => "empty",
+            Verdict::Valid(_) => AttemptVerdict::Ok,
+            Verdict::InvalidJson(_) => AttemptVerdict::InvalidJson,
+            Verdict::SchemaInvalid(_) => AttemptVerdict::SchemaInvalid,
+            Verdict::Truncated => AttemptVerdict::Truncated,
+            Verdict::Refused(_) => AttemptVerdict::Refused,
+            Verdict::Empty => AttemptVerdict::Empty,
         }
     }
 

@@ -37,7 +37,8 @@ pub use lock::{LockError, RunLock};
 pub use rows::*;
 pub use sql::SqlStore;
 pub use state::{
-    AttemptState, BatchMode, BatchState, EndState, ItemState, RunStatus, UnknownValue,
+    AttemptState, AttemptVerdict, BatchMode, BatchState, EndState, ItemState, RunStatus,
+    UnknownValue,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -302,7 +303,7 @@ pub trait Store: Send + Sync + 'static {
     fn finish_ingest(
         &self,
         batch: &BatchRow,
-        verdict: &str,
+        verdict: AttemptVerdict,
         error: &str,
         max_attempts: u32,
         collector: Option<&str>,

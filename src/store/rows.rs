@@ -10,7 +10,9 @@
 
 use crate::cost::{PricingMode, Usage, Usd};
 
-use super::state::{AttemptState, BatchMode, BatchState, EndState, ItemState, RunStatus};
+use super::state::{
+    AttemptState, AttemptVerdict, BatchMode, BatchState, EndState, ItemState, RunStatus,
+};
 
 #[derive(Clone, Debug)]
 pub struct NewRun {
@@ -245,7 +247,7 @@ pub struct AttemptOutcome {
     pub custom_id: String,
     pub succeeded: bool,
     /// `ok`, `invalid_json`, `schema_invalid`, `truncated`, `provider_error`, `expired`, …
-    pub verdict: String,
+    pub verdict: AttemptVerdict,
     pub error: Option<String>,
     pub finish_reason: Option<String>,
     pub model: Option<String>,

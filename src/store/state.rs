@@ -162,6 +162,39 @@ stored_enum! {
 }
 
 stored_enum! {
+    /// Why an attempt ended as it did (`attempts.verdict`): the judgment of its answer, or what
+    /// happened to its batch.
+    AttemptVerdict, "attempt verdict" {
+        /// A valid answer.
+        Ok => "ok",
+        /// The answer is not JSON.
+        InvalidJson => "invalid_json",
+        /// JSON the schema does not allow.
+        SchemaInvalid => "schema_invalid",
+        /// The model ran out of output tokens.
+        Truncated => "truncated",
+        /// The model refused.
+        Refused => "refused",
+        /// No content.
+        Empty => "empty",
+        /// The provider answered this request with an error.
+        ProviderError => "provider_error",
+        /// The provider failed the whole batch.
+        BatchFailed => "batch_failed",
+        /// The provider refused to create the batch.
+        BatchRejected => "batch_rejected",
+        /// The batch expired before this request ran.
+        Expired => "expired",
+        /// The batch was cancelled before this request ran.
+        Cancelled => "cancelled",
+        /// The batch, or the online call, is lost.
+        Lost => "lost",
+        /// No result came back for this request.
+        Missing => "missing",
+    }
+}
+
+stored_enum! {
     /// A run: `running → completed | failed | budget | interrupted | detached | error`.
     RunStatus, "run status" {
         Running => "running",
@@ -197,6 +230,27 @@ mod tests {
         round_trips(EndState::ALL);
         round_trips(BatchMode::ALL);
         round_trips(RunStatus::ALL);
+        round_trips(AttemptVerdict::ALL);
+        // The verdicts are the texts earlier versions stored, unchanged (reports read old rows).
+        let texts: Vec<&str> = AttemptVerdict::ALL.iter().map(|v| v.as_str()).collect();
+        assert_eq!(
+            texts,
+            [
+                "ok",
+                "invalid_json",
+                "schema_invalid",
+                "truncated",
+                "refused",
+                "empty",
+                "provider_error",
+                "batch_failed",
+                "batch_rejected",
+                "expired",
+                "cancelled",
+                "lost",
+                "missing"
+            ]
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use super::{RunError, Runner};
 use crate::cost::{PricingMode, Rates, Usage};
 use crate::provider::{BatchProvider, LineOutcome, ResultLine};
 use crate::source::read_line_capped;
-use crate::store::{ApplyStats, AttemptOutcome, AttemptRef, BatchRow, Store};
+use crate::store::{ApplyStats, AttemptOutcome, AttemptRef, AttemptVerdict, BatchRow, Store};
 use crate::util::text::preview;
 use crate::validate::{OutputValidator, Verdict};
 
@@ -34,7 +34,8 @@ pub fn judge_line(
         attempt_no: attempt.attempt_no,
         custom_id: attempt.custom_id.clone(),
         succeeded: false,
-        verdict: String::new(),
+        // Set below for every outcome.
+        verdict: AttemptVerdict::Missing,
         error: None,
         finish_reason: None,
         model: None,
@@ -56,7 +57,7 @@ pub fn judge_line(
                 finish_reason.as_deref(),
                 refusal.as_deref(),
             );
-            out.verdict = verdict.code().to_string();
+            out.verdict = verdict.code();
             out.error = verdict.detail();
             if let Verdict::Valid(v) = verdict {
                 out.succeeded = true;
@@ -77,7 +78,7 @@ pub fn judge_line(
             message,
             usage,
         } => {
-            out.verdict = "provider_error".into();
+            out.verdict = AttemptVerdict::ProviderError;
             let mut e = String::new();
             if let Some(s) = status {
                 e.push_str(&format!("HTTP {s} "));
@@ -91,11 +92,11 @@ pub fn judge_line(
             out.usage = usage;
         }
         LineOutcome::Expired => {
-            out.verdict = "expired".into();
+            out.verdict = AttemptVerdict::Expired;
             out.error = Some("the batch expired before this request ran".into());
         }
         LineOutcome::Cancelled => {
-            out.verdict = "cancelled".into();
+            out.verdict = AttemptVerdict::Cancelled;
             out.error = Some("the batch was cancelled before this request ran".into());
         }
     }

@@ -9,34 +9,35 @@ use super::{
 use crate::cost::{Usage, Usd};
 use crate::provider::{BatchProvider, ProviderError, RemoteStatus};
 use crate::store::{
-    ApplyStats, BatchMode, BatchRow, BatchState, BatchUpdate, EndState, Store, now_ms,
+    ApplyStats, AttemptVerdict, BatchMode, BatchRow, BatchState, BatchUpdate, EndState, Store,
+    now_ms,
 };
 
 /// Why the still-open attempts of an ended batch failed, by how the batch ended.
-fn leftover_verdict(b: &BatchRow) -> (&'static str, String) {
+fn leftover_verdict(b: &BatchRow) -> (AttemptVerdict, String) {
     match b.end_state {
         Some(EndState::Failed) => (
-            "batch_failed",
+            AttemptVerdict::BatchFailed,
             b.error
                 .clone()
                 .unwrap_or_else(|| "the provider failed the batch".into()),
         ),
         Some(EndState::Expired) => (
-            "expired",
+            AttemptVerdict::Expired,
             "the batch expired before this request ran".into(),
         ),
         Some(EndState::Cancelled) => (
-            "cancelled",
+            AttemptVerdict::Cancelled,
             "the batch was cancelled before this request ran".into(),
         ),
         Some(EndState::Lost) => (
-            "lost",
+            AttemptVerdict::Lost,
             b.error
                 .clone()
                 .unwrap_or_else(|| "the batch is lost".into()),
         ),
         _ => (
-            "missing",
+            AttemptVerdict::Missing,
             "the provider returned no result line for this request".into(),
         ),
     }
@@ -223,7 +224,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         let stats = store
             .finish_ingest(
                 b,
-                "cancelled",
+                AttemptVerdict::Cancelled,
                 why,
                 self.ctx.pipeline.max_attempts,
                 self.collector(),

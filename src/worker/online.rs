@@ -22,8 +22,8 @@ use crate::cost::{PricingMode, Usage};
 use crate::provider::{BatchProvider, LineOutcome, ProviderError};
 use crate::request::RequestShape;
 use crate::store::{
-    ApplyStats, AttemptOutcome, AttemptRef, BatchMode, BatchRow, BatchState, BatchUpdate, EndState,
-    OnlineLine, Store, now_ms,
+    ApplyStats, AttemptOutcome, AttemptRef, AttemptVerdict, BatchMode, BatchRow, BatchState,
+    BatchUpdate, EndState, OnlineLine, Store, now_ms,
 };
 
 /// Requests dispatched per page (each page's dispatch is one transaction).
@@ -197,7 +197,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         let rest = store
             .finish_ingest(
                 b,
-                "missing",
+                AttemptVerdict::Missing,
                 "not answered online",
                 p.max_attempts,
                 self.collector(),

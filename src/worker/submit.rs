@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use super::{Event, PollClock, RunError, Runner, upload_name};
 use crate::provider::{BatchMeta, BatchProvider, CreateInput, ProviderError, RemoteBatch};
-use crate::store::{BatchRow, BatchState, BatchUpdate, Store, StoreError, now_ms};
+use crate::store::{AttemptVerdict, BatchRow, BatchState, BatchUpdate, Store, StoreError, now_ms};
 
 impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
     /// Takes a batch from wherever it is up to `submitted`.
@@ -388,7 +388,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         let stats = store
             .finish_ingest(
                 b,
-                "batch_rejected",
+                AttemptVerdict::BatchRejected,
                 &error,
                 self.ctx.pipeline.max_attempts,
                 self.collector(),

@@ -8,9 +8,9 @@ use std::collections::HashSet;
 use nightshift::cost::{PricingMode, TokenPrice, Usage, Usd};
 use nightshift::request::{PreparedRecord, RequestShape};
 use nightshift::store::{
-    AttemptOutcome, BatchMode, BatchRow, BatchState, BatchUpdate, BudgetCheck, Claim, EndState,
-    Engine, IngestTarget, ItemState, NewRun, PlanOutcome, PlanRequest, ProviderBill, RunStatus,
-    SqlStore, Store, StoreError, WorkerInfo, now_ms,
+    AttemptOutcome, AttemptVerdict, BatchMode, BatchRow, BatchState, BatchUpdate, BudgetCheck,
+    Claim, EndState, Engine, IngestTarget, ItemState, NewRun, PlanOutcome, PlanRequest,
+    ProviderBill, RunStatus, SqlStore, Store, StoreError, WorkerInfo, now_ms,
 };
 
 use crate::common::TestDb;
@@ -163,9 +163,9 @@ fn outcomes_for(
             custom_id: a.custom_id.clone(),
             succeeded: ok(i),
             verdict: if ok(i) {
-                "ok".into()
+                AttemptVerdict::Ok
             } else {
-                "invalid_json".into()
+                AttemptVerdict::InvalidJson
             },
             error: None,
             finish_reason: Some("stop".into()),
@@ -215,7 +215,10 @@ async fn applying_the_same_results_twice_changes_nothing(db: &TestDb) {
             .await
             .unwrap()
     );
-    let rest = s.finish_ingest(&b, "missing", "x", 2, None).await.unwrap();
+    let rest = s
+        .finish_ingest(&b, AttemptVerdict::Missing, "x", 2, None)
+        .await
+        .unwrap();
     assert_eq!(rest.applied, 0, "every attempt had a result");
     assert_eq!(
         s.batch(&b.id).await.unwrap().unwrap().state,
@@ -230,7 +233,7 @@ async fn applying_the_same_results_twice_changes_nothing(db: &TestDb) {
     );
     // Nothing came back for them: they fail, and at the cap they are exhausted.
     let rest = s
-        .finish_ingest(&b2, "missing", "no line", 2, None)
+        .finish_ingest(&b2, AttemptVerdict::Missing, "no line", 2, None)
         .await
         .unwrap();
     assert_eq!((rest.applied, rest.exhausted), (5, 5));
@@ -274,7 +277,9 @@ async fn attempts_never_sent_are_taken_back(db: &TestDb) {
             .await
             .unwrap()
     );
-    s.finish_ingest(&b, "missing", "x", 2, None).await.unwrap();
+    s.finish_ingest(&b, AttemptVerdict::Missing, "x", 2, None)
+        .await
+        .unwrap();
     // Attempt 2 is planned for the failed half, then cancelled before it is sent.
     let b2 = planned(s.plan_batch(&plan(&run, "w1")).await.unwrap()).unwrap();
     assert_eq!(b2.request_count, 5);
@@ -288,7 +293,13 @@ async fn attempts_never_sent_are_taken_back(db: &TestDb) {
     assert_eq!(s.plannable_retries("p", "main").await.unwrap(), 5);
     // With max_attempts 2 they are not exhausted: attempt 2 is theirs to make.
     let rest = s
-        .finish_ingest(&b2, "cancelled", "before it was sent", 2, None)
+        .finish_ingest(
+            &b2,
+            AttemptVerdict::Cancelled,
+            "before it was sent",
+            2,
+            None,
+        )
         .await
         .unwrap();
     assert_eq!((rest.applied, rest.exhausted), (0, 0));
@@ -478,7 +489,8 @@ async fn a_lost_lease_fences_every_write(db: &TestDb) {
         Err(StoreError::LeaseLost { .. })
     ));
     assert!(matches!(
-        s.finish_ingest(&b, "missing", "x", 2, None).await,
+        s.finish_ingest(&b, AttemptVerdict::Missing, "x", 2, None)
+            .await,
         Err(StoreError::LeaseLost { .. })
     ));
     assert!(matches!(

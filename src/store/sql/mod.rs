@@ -379,7 +379,7 @@ impl Store for SqlStore {
     async fn finish_ingest(
         &self,
         batch: &BatchRow,
-        verdict: &str,
+        verdict: AttemptVerdict,
         error: &str,
         max_attempts: u32,
         collector: Option<&str>,

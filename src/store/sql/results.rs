@@ -189,7 +189,7 @@ pub(super) async fn return_unsent(store: &SqlStore, batch: &BatchRow, why: &str)
 pub(super) async fn finish_ingest(
     store: &SqlStore,
     batch: &BatchRow,
-    verdict: &str,
+    verdict: AttemptVerdict,
     error: &str,
     max_attempts: u32,
     collector: Option<&str>,
@@ -218,7 +218,7 @@ pub(super) async fn finish_ingest(
                WHERE batch_id = $1 AND state = 'in_flight'",
             )
             .bind(&batch.id)
-            .bind(verdict)
+            .bind(verdict.as_str())
             .bind(error)
             .bind(now),
         )
