@@ -4,9 +4,10 @@
 //! with failed items; 2 error; 75 try later (store locked by another run, provider
 //! unavailable, stopped by a signal: everything done is kept); 78 bad configuration.
 
+pub use crate::worker::ExitStatus;
 use crate::worker::{self, RunError};
 
-pub const EXIT_OK: i32 = 0;
+pub const EXIT_OK: i32 = ExitStatus::Ok.code();
 pub const EXIT_FAILED_ITEMS: i32 = worker::EXIT_FAILED_ITEMS;
 pub const EXIT_ERROR: i32 = worker::EXIT_ERROR;
 pub const EXIT_TEMPFAIL: i32 = worker::EXIT_RESUMABLE;

@@ -49,11 +49,40 @@ impl RunError {
     }
 }
 
+/// How a process ends: the exit codes of every command, in one place (README "Exit codes").
+/// The runner stores the code on the run; `cli::exit` maps the command line's own errors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// Every item final and none failed (or `--detach` sent what was ready).
+    Ok,
+    /// The run finished with items failed for good, or stopped by its budget.
+    FailedItems,
+    /// An error: I/O, the store, a provider answer retrying cannot fix.
+    Error,
+    /// Stopped by a signal, left in flight on purpose, the store locked, the provider
+    /// unreachable: everything done is kept; try again later (sysexits' EX_TEMPFAIL).
+    TryLater,
+    /// Bad configuration: pipeline file, key, prices, a refused key (EX_CONFIG).
+    Config,
+}
+
+impl ExitStatus {
+    pub const fn code(self) -> i32 {
+        match self {
+            ExitStatus::Ok => 0,
+            ExitStatus::FailedItems => 1,
+            ExitStatus::Error => 2,
+            ExitStatus::TryLater => 75,
+            ExitStatus::Config => 78,
+        }
+    }
+}
+
 /// Exit code of a run that finished with items failed for good, or stopped by its budget.
-pub const EXIT_FAILED_ITEMS: i32 = 1;
+pub const EXIT_FAILED_ITEMS: i32 = ExitStatus::FailedItems.code();
 /// Exit code of an error (I/O, the store, a provider answer retrying cannot fix).
-pub const EXIT_ERROR: i32 = 2;
+pub const EXIT_ERROR: i32 = ExitStatus::Error.code();
 /// Exit code of a run stopped by a signal or left in flight on purpose: try again later.
-pub const EXIT_RESUMABLE: i32 = 75;
+pub const EXIT_RESUMABLE: i32 = ExitStatus::TryLater.code();
 /// Exit code of bad configuration (pipeline file, key, prices, a refused key).
-pub const EXIT_CONFIG: i32 = 78;
+pub const EXIT_CONFIG: i32 = ExitStatus::Config.code();

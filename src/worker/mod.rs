@@ -51,7 +51,9 @@ use planning::Planning;
 pub use apply::judge_line;
 pub use build::upload_name;
 pub use collect::{CancelReport, cancel};
-pub use errors::{EXIT_CONFIG, EXIT_ERROR, EXIT_FAILED_ITEMS, EXIT_RESUMABLE, RunError};
+pub use errors::{
+    EXIT_CONFIG, EXIT_ERROR, EXIT_FAILED_ITEMS, EXIT_RESUMABLE, ExitStatus, RunError,
+};
 pub use events::{Event, LogObserver, Observer};
 pub use options::{RunContext, Shutdown, schema_name, spec};
 pub use output::OutputFormat;
