@@ -8,7 +8,10 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::config::{ConfigError, FieldMiss, KeySource, MissKind, Pipeline, Problem, is_flagged};
+use crate::config::{
+    ConfigError, FieldMiss, KeySource, MissKind, Pipeline, Problem, RenderError, Template,
+    is_flagged,
+};
 use crate::cost::PriceTable;
 use crate::source::{Quarantined, SourceEvent, SourceReader};
 
@@ -174,27 +177,19 @@ pub fn check_template_fields(p: &Pipeline) -> Result<Vec<String>, String> {
                     .collect(),
             );
             let misses = template.check_sample(std::slice::from_ref(&row));
-            Ok(misses
+            let mut problems: Vec<String> = misses
                 .iter()
                 .map(|m| miss_message(m, &Sample::CsvHeader))
-                .collect())
+                .collect();
+            if problems.is_empty() {
+                let (rows, _, _) = first_records(SourceReader::Csv(reader))?;
+                let described = Sample::Records(rows.len(), &p.source.path);
+                problems.extend(trial_render(template, &rows, &described));
+            }
+            Ok(problems)
         }
         reader @ SourceReader::Jsonl(_) => {
-            let mut sample = Vec::new();
-            let mut first_bad: Option<Quarantined> = None;
-            let mut lines = 0usize;
-            for event in reader {
-                match event.map_err(|e| e.to_string())? {
-                    SourceEvent::Record(r) => sample.push(r.value),
-                    SourceEvent::Quarantined(q) => {
-                        first_bad.get_or_insert(q);
-                    }
-                }
-                lines += 1;
-                if sample.len() >= TEMPLATE_SAMPLE_RECORDS || lines >= TEMPLATE_SAMPLE_LINES {
-                    break;
-                }
-            }
+            let (sample, first_bad, lines) = first_records(reader)?;
             if sample.is_empty() {
                 return match first_bad {
                     Some(q) => Err(format!(
@@ -209,13 +204,61 @@ pub fn check_template_fields(p: &Pipeline) -> Result<Vec<String>, String> {
                 };
             }
             let described = Sample::Records(sample.len(), &p.source.path);
-            Ok(template
+            let mut problems: Vec<String> = template
                 .check_sample(&sample)
                 .iter()
                 .map(|m| miss_message(m, &described))
-                .collect())
+                .collect();
+            if problems.is_empty() {
+                problems.extend(trial_render(template, &sample, &described));
+            }
+            Ok(problems)
         }
     }
+}
+
+/// The first usable records of a source (at most [`TEMPLATE_SAMPLE_RECORDS`], looking at
+/// most [`TEMPLATE_SAMPLE_LINES`] lines), the first line it quarantined, and the lines read.
+fn first_records(reader: SourceReader) -> Result<(Vec<Value>, Option<Quarantined>, usize), String> {
+    let mut sample = Vec::new();
+    let mut first_bad: Option<Quarantined> = None;
+    let mut lines = 0usize;
+    for event in reader {
+        match event.map_err(|e| e.to_string())? {
+            SourceEvent::Record(r) => sample.push(r.value),
+            SourceEvent::Quarantined(q) => {
+                first_bad.get_or_insert(q);
+            }
+        }
+        lines += 1;
+        if sample.len() >= TEMPLATE_SAMPLE_RECORDS || lines >= TEMPLATE_SAMPLE_LINES {
+            break;
+        }
+    }
+    Ok((sample, first_bad, lines))
+}
+
+/// Renders the template over the sampled records. When every one of them fails for a
+/// reason no record field explains (an unknown filter, a filter given the wrong type), every
+/// record of the source would be quarantined: that failure, for `prompt.user`. Missing fields
+/// are `check_sample`'s to report; a template that renders some records is left alone.
+fn trial_render(template: &Template, sample: &[Value], described: &Sample<'_>) -> Option<String> {
+    let mut first = None;
+    let mut out = String::new();
+    for record in sample {
+        out.clear();
+        match template.render_into(record, &mut out) {
+            Err(RenderError::Failed(m)) => {
+                first.get_or_insert(m);
+            }
+            _ => return None,
+        }
+    }
+    let n = match described {
+        Sample::Records(n, path) => format!("{} of {}", first_n(*n, "record"), display(path)),
+        Sample::CsvHeader => "the sampled records".to_string(),
+    };
+    first.map(|m| format!("the template fails on {n}, so every record would be quarantined: {m}"))
 }
 
 /// At most this many field names are listed in a message.
@@ -356,5 +399,31 @@ mod tests {
             "{}",
             misses[0]
         );
+    }
+
+    #[test]
+    fn a_template_that_fails_on_every_sampled_record_is_a_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        // An unknown filter compiles and fails only when rendered.
+        let p = csv_pipeline(dir.path(), "id,subject,body", "{{ subject | nope }}");
+        let misses = check_template_fields(&p).unwrap();
+        assert_eq!(misses.len(), 1, "{misses:?}");
+        assert!(
+            misses[0].contains("unknown filter") && misses[0].contains("first record"),
+            "{}",
+            misses[0]
+        );
+        let mut p = csv_pipeline(dir.path(), "id,a,b", "{{ tags | join(', ') | nope }}");
+        p.source.kind = SourceKind::Jsonl;
+        p.source.path = dir.path().join("in.jsonl");
+        std::fs::write(&p.source.path, "{\"id\": 1, \"tags\": [\"x\"]}\n").unwrap();
+        let misses = check_template_fields(&p).unwrap();
+        assert!(
+            misses.len() == 1 && misses[0].contains("unknown filter"),
+            "{misses:?}"
+        );
+        // A template that renders the sample is left alone.
+        let p = csv_pipeline(dir.path(), "id,subject,body", "{{ subject | upper }}");
+        assert_eq!(check_template_fields(&p).unwrap(), Vec::<String>::new());
     }
 }
