@@ -191,30 +191,9 @@ pub trait BatchProvider: Send + Sync + 'static {
     fn pricing_mode(&self) -> PricingMode {
         PricingMode::Batch
     }
-    /// The provider's encoding: what it sends and reads, apart from how.
+    /// The provider's encoding: the request shape, the token counter, input and result
+    /// lines (what it sends and reads, apart from how).
     fn codec(&self) -> &Codec;
-    /// The fixed part of every request of a pipeline (see `request`).
-    fn request_shape(&self, spec: &RequestSpec<'_>) -> Result<RequestShape, String> {
-        self.codec().request_shape(spec)
-    }
-    /// Counts the prompt tokens of requests of this shape as the provider bills them.
-    fn prompt_counter(&self, spec: &RequestSpec<'_>) -> crate::cost::tokens::PromptCounter {
-        self.codec().prompt_counter(spec)
-    }
-    /// An upper bound on the bytes a JSONL line adds around the request body.
-    fn line_overhead(&self) -> u64 {
-        self.codec().line_overhead()
-    }
-    /// Appends one input line (with its newline) to `out`.
-    fn write_line(
-        &self,
-        custom_id: &str,
-        shape: &RequestShape,
-        user_json: &str,
-        out: &mut Vec<u8>,
-    ) {
-        self.codec().write_line(custom_id, shape, user_json, out)
-    }
     /// Whether a batch file of `bytes` is uploaded first; if not, its lines go inline in the
     /// create call.
     fn uploads(&self, _bytes: u64) -> bool {

@@ -29,6 +29,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         let mut shapes: HashMap<i64, RequestShape> = HashMap::new();
         let mut after = 0i64;
         let mut buf = Vec::with_capacity(1 << 20);
+        let codec = ctx.provider.codec();
         loop {
             let lines = ctx.store.batch_lines(&b.id, after, 5000).await?;
             if lines.is_empty() {
@@ -39,8 +40,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 if let std::collections::hash_map::Entry::Vacant(e) = shapes.entry(l.shape_id) {
                     e.insert(ctx.store.shape(l.shape_id).await?);
                 }
-                ctx.provider
-                    .write_line(&l.custom_id, &shapes[&l.shape_id], &l.user_json, &mut buf);
+                codec.write_line(&l.custom_id, &shapes[&l.shape_id], &l.user_json, &mut buf);
                 after = l.attempt_id;
             }
             hasher.update(&buf);

@@ -46,7 +46,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 pricing_mode,
                 max_requests: p.batch.max_requests,
                 max_bytes: p.batch.max_bytes,
-                line_overhead: ctx.provider.line_overhead(),
+                line_overhead: ctx.provider.codec().line_overhead(),
                 budget,
                 only_retries: self.budget_hit,
                 mode,

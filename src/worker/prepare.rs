@@ -14,6 +14,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         let name = schema_name(&p.name);
         self.ctx
             .provider
+            .codec()
             .request_shape(&spec(p, self.validator.schema(), &name))
             .map_err(RunError::Config)
     }
@@ -23,6 +24,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         let name = schema_name(&p.name);
         self.ctx
             .provider
+            .codec()
             .prompt_counter(&spec(p, self.validator.schema(), &name))
     }
 

@@ -608,6 +608,7 @@ mod tests {
         .unwrap();
         let schema = json!({"type": "object"});
         let shape = c
+            .codec()
             .request_shape(&RequestSpec {
                 model: "gpt-4.1-mini",
                 system: None,
@@ -635,6 +636,7 @@ mod tests {
         let c = client();
         let schema = json!({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"], "additionalProperties": false});
         let shape = c
+            .codec()
             .request_shape(&RequestSpec {
                 model: "gpt-5.4-mini",
                 system: Some("sys"),
@@ -646,8 +648,8 @@ mod tests {
             .unwrap();
         let mut out = Vec::new();
         let user = serde_json::to_string("hi \"there\"").unwrap();
-        c.write_line("b1-1-1", &shape, &user, &mut out);
-        assert!(out.len() as u64 <= shape.body_len(&user) as u64 + c.line_overhead());
+        c.codec().write_line("b1-1-1", &shape, &user, &mut out);
+        assert!(out.len() as u64 <= shape.body_len(&user) as u64 + c.codec().line_overhead());
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["custom_id"], "b1-1-1");
         assert_eq!(v["body"]["messages"][1]["content"], "hi \"there\"");
