@@ -245,7 +245,10 @@ async fn run_workers(opts: &BenchOptions, dir: &Path, sim: ChildGuard, url: &str
         }
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            if store.plannable_count(&p.name, p.stage()).await? == 0
+            if store
+                .plannable_count(&p.name, &p.first_stage().name)
+                .await?
+                == 0
                 && store.open_batches(Some(&p.name)).await?.is_empty()
             {
                 break;
@@ -314,7 +317,7 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
     let _ = &sim;
     let p = Pipeline::load(&file).map_err(|e| anyhow::anyhow!("{e}"))?;
     let prices = PriceTable::builtin();
-    let price = prices.lookup("openai", &p.provider.model)?.clone();
+    let price = p.stage_prices(&prices)?;
     let db = dir.join(".nightshift/state.db");
     let store = SqlStore::open_sqlite(&db).await?;
     let client = OpenAiClient::new(
@@ -327,7 +330,7 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
         store: &store,
         provider: &client,
         pipeline: &p,
-        price: &price,
+        prices: &price,
         observer: &Quiet,
         work_dir: dir.join(".nightshift"),
         output_path: p.output.path.clone(),

@@ -26,6 +26,7 @@ pub mod report;
 pub mod request;
 pub mod sim;
 pub mod source;
+pub mod split;
 pub mod store;
 pub mod util;
 pub mod validate;

@@ -56,7 +56,7 @@ pub fn scan_source(
             SourceEvent::Record(r) => {
                 match prepare(
                     shape,
-                    &p.prompt.user,
+                    &p.first_stage().prompt.user,
                     Some(counter),
                     r.line,
                     r.id,
@@ -203,7 +203,7 @@ impl Worksheet {
             }
         };
         let mean = mean_of(stats_of);
-        let max_out = p.prompt.max_output_tokens as u64;
+        let max_out = p.first_stage().prompt.max_output_tokens as u64;
         // Stated assumptions ([plan]) come first, so the forecast is the same on every
         // night; measured history fills in what the file leaves open and is shown beside.
         let measured_output = (i.history.answered > 0).then(|| {
@@ -273,7 +273,7 @@ impl Worksheet {
             Decimal::from(n) * call_cost(&standard, todo_mean, output.value) * attempts_factor;
         // Exact: each item at its own input tokens plus the full output budget, every attempt.
         let worst_one: Usd = batch.input.cost(total) + batch.output.cost(max_out * n);
-        let worst = Usd::from_pico(worst_one.pico() * p.max_attempts as i128);
+        let worst = Usd::from_pico(worst_one.pico() * p.first_stage().max_attempts as i128);
         // Per processed item, and the forecasts, come from the whole job: all its unique
         // items over all its records (duplicates ride along for free).
         let job_n = i.job_tokens.len() as u64;
@@ -319,14 +319,14 @@ impl Worksheet {
             max_output_tokens: max_out,
             validation: format!(
                 "JSON Schema {} (+ finish_reason, refusal)",
-                p.output
+                p.first_stage()
                     .schema
                     .file_name()
                     .map(|f| f.to_string_lossy().into_owned())
                     .unwrap_or_default()
             ),
             retry_rate: retry,
-            max_attempts: p.max_attempts,
+            max_attempts: p.first_stage().max_attempts,
             completion_window: p.provider.completion_window.clone(),
             safety_margin: p.plan.safety_margin,
             cost_per_call,

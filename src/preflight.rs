@@ -72,14 +72,40 @@ impl Pipeline {
             match check_template_fields(self) {
                 Err(msg) => problems.push(Problem::new("source.path", msg)),
                 Ok(misses) => {
-                    problems.extend(misses.into_iter().map(|m| Problem::new("prompt.user", m)))
+                    let at = if self.stages.len() > 1
+                        || self.first_stage().name != crate::config::DEFAULT_STAGE
+                    {
+                        format!("stage.{}.prompt.user", self.first_stage().name)
+                    } else {
+                        "prompt.user".to_string()
+                    };
+                    problems.extend(misses.into_iter().map(|m| Problem::new(at.clone(), m)))
                 }
             }
         }
-        if !skip(&["output.schema"])
-            && let Err(msg) = crate::validate::OutputValidator::load(&self.output.schema)
-        {
-            problems.push(Problem::new("output.schema", msg));
+        for stage in &self.stages {
+            // The one stage of a one-stage file takes its schema from `output.schema`.
+            let at = if self.is_multi_stage() || stage.name != crate::config::DEFAULT_STAGE {
+                format!("stage.{}.schema", stage.name)
+            } else {
+                "output.schema".to_string()
+            };
+            if skip(&[at.as_str()]) {
+                continue;
+            }
+            match crate::validate::OutputValidator::load(&stage.schema) {
+                Err(msg) => problems.push(Problem::new(at, msg)),
+                Ok(v) if stage.on_fail.is_some() => {
+                    let pass = v.schema().pointer("/properties/pass/type");
+                    if pass != Some(&Value::String("boolean".into())) {
+                        problems.push(Problem::new(
+                            at,
+                            "a stage with on_fail reviews: its schema needs a boolean `pass` property (false = the review failed)",
+                        ));
+                    }
+                }
+                Ok(_) => {}
+            }
         }
         if !skip(&["output.path"])
             && let Some(parent) = self.output.path.parent()
@@ -165,17 +191,30 @@ const TEMPLATE_SAMPLE_LINES: usize = 10_000;
 /// (for `source.path`): unreadable, an empty CSV, a header without the id column, or no
 /// usable record among the lines read.
 pub fn check_template_fields(p: &Pipeline) -> Result<Vec<String>, String> {
-    let template = &p.prompt.user;
+    let first = p.first_stage();
+    let template = &first.prompt.user;
+    // A chunk stage's template also sees `chunk`, which no record has.
+    let with_chunk = |mut v: Value| {
+        if first.is_chunked()
+            && let Value::Object(m) = &mut v
+        {
+            m.insert(
+                crate::config::CHUNK_VAR.into(),
+                serde_json::json!({"index": 0, "count": 1, "text": ""}),
+            );
+        }
+        v
+    };
     match SourceReader::open(&p.source).map_err(|e| e.to_string())? {
         SourceReader::Csv(reader) => {
             // Every row gets every column (or is quarantined), so the header is the sample.
-            let row = Value::Object(
+            let row = with_chunk(Value::Object(
                 reader
                     .headers()
                     .iter()
                     .map(|h| (h.clone(), Value::String(String::new())))
                     .collect(),
-            );
+            ));
             let misses = template.check_sample(std::slice::from_ref(&row));
             let mut problems: Vec<String> = misses
                 .iter()
@@ -183,6 +222,7 @@ pub fn check_template_fields(p: &Pipeline) -> Result<Vec<String>, String> {
                 .collect();
             if problems.is_empty() {
                 let (rows, _, _) = first_records(SourceReader::Csv(reader))?;
+                let rows: Vec<Value> = rows.into_iter().map(with_chunk).collect();
                 let described = Sample::Records(rows.len(), &p.source.path);
                 problems.extend(trial_render(template, &rows, &described));
             }
@@ -204,6 +244,7 @@ pub fn check_template_fields(p: &Pipeline) -> Result<Vec<String>, String> {
                 };
             }
             let described = Sample::Records(sample.len(), &p.source.path);
+            let sample: Vec<Value> = sample.into_iter().map(with_chunk).collect();
             let mut problems: Vec<String> = template
                 .check_sample(&sample)
                 .iter()

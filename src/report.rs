@@ -10,7 +10,7 @@ use rust_decimal::Decimal;
 use serde_json::{Value, json};
 
 use crate::cost::{Usage, Usd};
-use crate::store::{AuditRow, RunFigures, RunRow, RunStatus, Store, StoreError};
+use crate::store::{AuditRow, RunFigures, RunRow, RunStatus, StageFigures, Store, StoreError};
 use crate::util::text::{duration_ms, n, plural, printable};
 use crate::util::time::rfc3339;
 
@@ -121,7 +121,121 @@ impl RunReport {
             "anomalies": self.anomalies,
             "budget_usd": self.run.budget_pico.map(|p| Usd::from_pico(p as i128).to_decimal_string()),
             "max_item_usd": self.run.max_item_pico.map(|p| Usd::from_pico(p as i128).to_decimal_string()),
+            "calls_per_processed_item": self.calls_per_processed_item(f.attempts).map(|d| d.to_string()),
+            "stages": f.stages.iter().map(|st| self.stage_json(st)).collect::<Vec<_>>(),
         })
+    }
+
+    /// Calls (attempts) per processed item: `attempts` of this run over its processed records.
+    pub fn calls_per_processed_item(&self, attempts: u64) -> Option<Decimal> {
+        let n = self.figures.processed_records;
+        (n > 0).then(|| (Decimal::from(attempts) / Decimal::from(n)).round_dp(2))
+    }
+
+    fn stage_json(&self, st: &StageFigures) -> Value {
+        let n = self.figures.processed_records;
+        let rate = |a: u64, b: u64| {
+            (b > 0).then(|| {
+                (Decimal::from(a) / Decimal::from(b))
+                    .round_dp(4)
+                    .to_string()
+                    .parse::<f64>()
+                    .unwrap_or(0.0)
+            })
+        };
+        json!({
+            "stage": st.stage,
+            "items": st.items,
+            "records": st.records,
+            "skipped_records": st.skipped,
+            "failed_records": st.failed_records,
+            "succeeded": st.succeeded,
+            "failed": st.exhausted,
+            "attempts": st.attempts,
+            "retries": st.retries(),
+            "retry_rate": rate(st.retries(), st.items_attempted).unwrap_or(0.0),
+            "tokens": usage_json(&st.usage),
+            "cost_usd": st.cost.to_decimal_string(),
+            "standard_cost_usd": st.standard_cost.to_decimal_string(),
+            "models": st.models,
+            "pricing_modes": st.pricing_modes,
+            "calls_per_processed_item": self.calls_per_processed_item(st.attempts).map(|d| d.to_string()),
+            "cost_per_processed_item_usd": st.cost.per(n).map(|d| d.to_string()),
+            "review": (st.review_pass + st.review_fail > 0).then(|| json!({
+                "pass": st.review_pass,
+                "fail": st.review_fail,
+                "pass_rate": rate(st.review_pass, st.review_pass + st.review_fail),
+            })),
+        })
+    }
+
+    /// The per-stage table of a multi-stage run.
+    pub fn stages_table(&self, width: Option<u16>) -> String {
+        let mut t = table(
+            &[
+                "stage",
+                "records",
+                "items",
+                "attempts",
+                "retry rate",
+                "input tok",
+                "output tok",
+                "cost",
+                "per item",
+                "model",
+                "prices",
+                "review",
+            ],
+            width,
+        );
+        for st in &self.figures.stages {
+            let retry = if st.items_attempted > 0 {
+                format!(
+                    "{}%",
+                    (Decimal::from(st.retries()) * Decimal::from(100)
+                        / Decimal::from(st.items_attempted))
+                    .round_dp(1)
+                )
+            } else {
+                "-".into()
+            };
+            let records = if st.skipped > 0 {
+                format!("{} ({} skipped)", n(st.records), n(st.skipped))
+            } else {
+                n(st.records)
+            };
+            let review = if st.review_pass + st.review_fail > 0 {
+                format!(
+                    "{} pass · {} fail ({}%)",
+                    st.review_pass,
+                    st.review_fail,
+                    (Decimal::from(st.review_pass * 100)
+                        / Decimal::from(st.review_pass + st.review_fail))
+                    .round_dp(1)
+                )
+            } else {
+                String::new()
+            };
+            t.add_row(vec![
+                st.stage.clone(),
+                records,
+                n(st.items),
+                n(st.attempts),
+                retry,
+                n(st.usage.input_tokens),
+                n(st.usage.output_tokens),
+                st.cost.display_rounded(6),
+                st.cost
+                    .per(self.figures.processed_records)
+                    .map(|d| format!("${}", d.round_dp(8).normalize()))
+                    .unwrap_or_else(|| "-".into()),
+                st.models.join(", "),
+                st.pricing_modes.join(", "),
+                review,
+            ]);
+        }
+        align_right(&mut t, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        render(&t)
     }
 
     /// The human summary printed at the end of a run and by `report`.
@@ -150,13 +264,24 @@ impl RunReport {
             n(self.run.records_quarantined as u64),
             n(f.records_valid)
         );
-        let _ = writeln!(
-            s,
-            "  items      unique {}  ·  duplicates reused {}  ·  already done in earlier runs {}",
-            n(f.unique_items),
-            n(self.duplicates()),
-            n(f.reused)
-        );
+        if f.stages.is_empty() {
+            let _ = writeln!(
+                s,
+                "  items      unique {}  ·  duplicates reused {}  ·  already done in earlier runs {}",
+                n(f.unique_items),
+                n(self.duplicates()),
+                n(f.reused)
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "  items      unique {} over {} stages  ·  already done in earlier runs {}  ·  records done {}",
+                n(f.unique_items),
+                f.stages.len(),
+                n(f.reused),
+                n(f.records_done)
+            );
+        }
         let _ = writeln!(
             s,
             "  outcome    succeeded {}  ·  failed {}{}",
@@ -224,6 +349,32 @@ impl RunReport {
             }
             None => {
                 let _ = writeln!(s, "  per item   no item processed");
+            }
+        }
+        if !f.stages.is_empty() {
+            if let Some(calls) = self.calls_per_processed_item(f.attempts) {
+                let per_stage: Vec<String> = f
+                    .stages
+                    .iter()
+                    .map(|st| {
+                        format!(
+                            "{} {}",
+                            st.stage,
+                            self.calls_per_processed_item(st.attempts)
+                                .unwrap_or_default()
+                                .normalize()
+                        )
+                    })
+                    .collect();
+                let _ = writeln!(
+                    s,
+                    "  calls      {} per processed item: {}",
+                    calls.normalize(),
+                    per_stage.join("  ·  ")
+                );
+            }
+            for line in self.stages_table(None).lines() {
+                let _ = writeln!(s, "  {line}");
             }
         }
         if let Some(cap) = self.run.budget_pico {

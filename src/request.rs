@@ -93,6 +93,51 @@ pub struct PreparedRecord {
     /// The user message as a JSON string literal (quoted and escaped).
     pub user_json: String,
     pub body_bytes: usize,
+    /// A multi-stage pipeline keeps the record's fields (JSON) for its later stages.
+    pub data: Option<String>,
+    /// The record's other items in the first stage (its chunks after the first), in order.
+    pub more: Vec<PreparedItem>,
+}
+
+/// One more item of a record: a chunk, or an item of a later stage.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PreparedItem {
+    pub key: [u8; 32],
+    pub input_tokens: u64,
+    pub user_json: String,
+    pub body_bytes: usize,
+}
+
+impl PreparedItem {
+    /// Renders `context` with `template` into an item of `shape`.
+    pub fn render(
+        shape: &RequestShape,
+        template: &Template,
+        counter: Option<&PromptCounter>,
+        context: &serde_json::Value,
+        scratch: &mut String,
+    ) -> Result<PreparedItem, RenderError> {
+        scratch.clear();
+        template.render_into(context, scratch)?;
+        let user_json = serde_json::to_string(scratch.as_str()).expect("a string serialises");
+        Ok(PreparedItem {
+            input_tokens: counter.map(|c| c.count(scratch)).unwrap_or(0),
+            key: shape.key(&user_json),
+            body_bytes: shape.body_len(&user_json),
+            user_json,
+        })
+    }
+}
+
+impl From<PreparedRecord> for PreparedItem {
+    fn from(r: PreparedRecord) -> Self {
+        PreparedItem {
+            key: r.key,
+            input_tokens: r.input_tokens,
+            user_json: r.user_json,
+            body_bytes: r.body_bytes,
+        }
+    }
 }
 
 /// Renders a record's user message and computes its item key.
@@ -115,6 +160,8 @@ pub fn prepare(
         key: shape.key(&user_json),
         body_bytes: shape.body_len(&user_json),
         user_json,
+        data: None,
+        more: Vec::new(),
     })
 }
 
@@ -214,11 +261,13 @@ mod tests {
                 0,
                 "2a5796758e80ec68ae10d027969594c33d53d02d313196c883ea8531c91453e5",
             ),
+            // Its first stage asks for a confidence now (another schema and system prompt):
+            // new requests, new keys, on purpose.
             (
                 "ticket-tagging.toml",
                 208,
                 0,
-                "3bc856f7d00a4b17aeb99844a5f043dc23a67f9505fd656b08aadfaf65545046",
+                "d6b0384c1c1d87a4a203a9515ff05e0cf0c65a43c161a71c2d98c6aede5f02a2",
             ),
             (
                 "online.toml",
@@ -249,9 +298,10 @@ mod tests {
         let mut report = Vec::new();
         for (file, _, _, _) in golden {
             let p = crate::config::Pipeline::load(&dir.join(file)).unwrap();
-            let validator = crate::validate::OutputValidator::load(&p.output.schema).unwrap();
-            let name = crate::worker::schema_name(&p.name);
-            let spec = crate::worker::spec(&p, validator.schema(), &name);
+            let first = p.first_stage();
+            let validator = crate::validate::OutputValidator::load(&first.schema).unwrap();
+            let name = crate::worker::stage_schema_name(&p, first);
+            let spec = crate::worker::spec(first, validator.schema(), &name);
             let shape = crate::provider::Codec::for_config(&p.provider)
                 .request_shape(&spec)
                 .unwrap();
@@ -264,7 +314,7 @@ mod tests {
                 };
                 match prepare(
                     &shape,
-                    &p.prompt.user,
+                    &first.prompt.user,
                     None,
                     r.line,
                     r.id,

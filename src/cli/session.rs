@@ -168,7 +168,8 @@ pub(crate) fn load_pipeline(file: &Path) -> Result<Pipeline, Exit> {
 /// A pipeline ready to run: its prices, its store (locked on SQLite), its provider client.
 pub(crate) struct Prepared {
     pub(crate) pipeline: Pipeline,
-    pub(crate) price: crate::cost::ModelPrice,
+    /// Each stage's price, in stage order.
+    pub(crate) prices: Vec<crate::cost::ModelPrice>,
     pub(crate) store: SqlStore,
     pub(crate) client: crate::provider::AnyProvider,
     pub(crate) sim: Option<crate::sim::SimHandle>,
@@ -187,7 +188,7 @@ pub(crate) async fn prepare(
 ) -> Result<Prepared, Exit> {
     let loc = store_loc(db, Some(file));
     // `run` and `cancel` collect what is in flight even without the source.
-    let (p, price, prices) = load_checked_with(file, pricing, false)?;
+    let (p, stage_prices, prices) = load_checked_with(file, pricing, false)?;
     let opened = open_store(&loc, Some(file), Some(what)).await?;
     let store = opened.store;
     // SQLite: we hold the lock, so runs still marked running died with their process.
@@ -198,7 +199,7 @@ pub(crate) async fn prepare(
     let (client, sim) = provider_client(&p, &prices, &opened.work_dir).await?;
     Ok(Prepared {
         pipeline: p,
-        price,
+        prices: stage_prices,
         store,
         client,
         sim,
@@ -211,7 +212,7 @@ pub(crate) async fn prepare(
 pub(crate) fn load_checked(
     file: &Path,
     pricing: Option<&Path>,
-) -> Result<(Pipeline, crate::cost::ModelPrice, PriceTable), Exit> {
+) -> Result<(Pipeline, Vec<crate::cost::ModelPrice>, PriceTable), Exit> {
     load_checked_with(file, pricing, true)
 }
 
@@ -221,7 +222,7 @@ pub(crate) fn load_checked_with(
     file: &Path,
     pricing: Option<&Path>,
     need_source: bool,
-) -> Result<(Pipeline, crate::cost::ModelPrice, PriceTable), Exit> {
+) -> Result<(Pipeline, Vec<crate::cost::ModelPrice>, PriceTable), Exit> {
     let p = load_pipeline(file)?;
     let pricing_file = pricing.map(Path::to_path_buf).or(p.pricing_file.clone());
     let prices =
@@ -239,11 +240,8 @@ pub(crate) fn load_checked_with(
             },
         ));
     }
-    let price = prices
-        .lookup(p.provider.kind.as_str(), &p.provider.model)
-        .map_err(|e| exit(EXIT_CONFIG, e))?
-        .clone();
-    Ok((p, price, prices))
+    let stage_prices = p.stage_prices(&prices).map_err(|e| exit(EXIT_CONFIG, e))?;
+    Ok((p, stage_prices, prices))
 }
 
 /// The pipeline's provider client; `simulate = true` starts the built-in simulator on

@@ -52,7 +52,6 @@ pub(super) fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> (Pipeline, 
     need("name", raw.name.is_some());
     need("[source]", raw.source.is_some());
     need("[provider]", raw.provider.is_some());
-    need("[prompt]", raw.prompt.is_some());
     need("[output]", raw.output.is_some());
 
     let name_given = raw.name.is_some();
@@ -326,71 +325,100 @@ pub(super) fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> (Pipeline, 
     }
     let max_download_bytes = prov.max_download_bytes.unwrap_or(4 << 30);
 
-    // [prompt]
-    let prompt = raw.prompt.unwrap_or_default();
-    let user_text = prompt.user.unwrap_or_default();
-    let user = match Template::parse(&user_text) {
-        Ok(t) => {
-            if user_text.is_empty() {
-                p.push(Problem::new(
-                    "prompt.user",
-                    "is required: the user message template, with {{field}} placeholders",
-                ));
-            } else if !t.has_fields() {
-                p.push(Problem::new(
-                    "prompt.user",
-                    "uses no {{field}} placeholder, so every record would be the same request",
-                ));
-            }
-            t
-        }
-        Err(e) => {
-            p.push(Problem::new("prompt.user", e));
-            Template::parse("").expect("empty template parses")
-        }
-    };
-    let max_output_tokens = prompt.max_output_tokens.unwrap_or(0);
-    if prompt.max_output_tokens.is_none() {
-        p.push(Problem::new(
-            "prompt.max_output_tokens",
-            "is required: it bounds the cost of every request",
-        ));
-    } else if max_output_tokens == 0 || max_output_tokens > 1_000_000 {
-        p.push(Problem::new(
-            "prompt.max_output_tokens",
-            "must be between 1 and 1000000",
-        ));
-    }
-    if let Some(t) = prompt.temperature
-        && !(0.0..=2.0).contains(&t)
-    {
-        p.push(Problem::new(
-            "prompt.temperature",
-            format!("must be between 0 and 2, got {t}"),
-        ));
-    }
-
-    // [output]
-    let out = raw.output.unwrap_or_default();
-    if out.schema.is_none() {
-        p.push(Problem::new(
-            "output.schema",
-            "is required: the JSON Schema every answer is validated against",
-        ));
-    }
-    if out.path.is_none() {
-        p.push(Problem::new(
-            "output.path",
-            "is required: where one result line per source record is written",
-        ));
-    }
-
-    // [retry]
+    // [retry]: the attempt cap of every stage that does not set its own
     let max_attempts = raw.retry.and_then(|r| r.max_attempts).unwrap_or(3);
     if !(1..=20).contains(&max_attempts) {
         p.push(Problem::new(
             "retry.max_attempts",
             "must be between 1 and 20",
+        ));
+    }
+
+    // [prompt] + output.schema (one stage), or [[stage]] tables
+    let out = raw.output.unwrap_or_default();
+    let model = prov.model.clone().unwrap_or_default();
+    let stages = if raw.staged {
+        if raw.prompt.is_some() {
+            p.push(Problem::new(
+                "[prompt]",
+                "with [[stage]] tables each stage has its own prompt: move [prompt] into the first stage as `prompt.system` / `prompt.user` (see README, \"Stages\")",
+            ));
+        }
+        if out.schema.is_some() {
+            p.push(Problem::new(
+                "output.schema",
+                "with [[stage]] tables each stage has its own `schema`: move it into the stage it validates",
+            ));
+        }
+        let ctx = StageDefaults {
+            dir,
+            model: &model,
+            kind: pkind,
+            mode,
+            max_attempts,
+        };
+        let mut stages: Vec<Stage> = raw
+            .stages
+            .into_iter()
+            .map(|(path, rs)| stage(&path, rs, &ctx, &mut p))
+            .collect();
+        check_stages(&mut stages, &mut p);
+        if stages.is_empty() {
+            p.push(Problem::new(
+                "stage",
+                "is empty: give at least one [[stage]]",
+            ));
+        }
+        stages
+    } else {
+        if raw.prompt.is_none() {
+            p.push(Problem::new("[prompt]", "is required"));
+        }
+        if out.schema.is_none() {
+            p.push(Problem::new(
+                "output.schema",
+                "is required: the JSON Schema every answer is validated against",
+            ));
+        }
+        let (prompt, _) = prompt_config("prompt", raw.prompt.unwrap_or_default(), &mut p);
+        vec![Stage {
+            name: DEFAULT_STAGE.into(),
+            for_each: ForEach::Record,
+            needs: Vec::new(),
+            prompt,
+            schema: resolve(dir, out.schema.as_deref().unwrap_or_default()),
+            model: model.clone(),
+            max_attempts,
+            sample: None,
+            when: None,
+            when_text: None,
+            on_fail: None,
+        }]
+    };
+    let stages = if stages.is_empty() {
+        vec![Stage {
+            name: DEFAULT_STAGE.into(),
+            for_each: ForEach::Record,
+            needs: Vec::new(),
+            prompt: prompt_config("prompt", RawPrompt::default(), &mut Vec::new()).0,
+            schema: PathBuf::new(),
+            model: model.clone(),
+            max_attempts,
+            sample: None,
+            when: None,
+            when_text: None,
+            on_fail: None,
+        }]
+    } else {
+        stages
+    };
+    let max_output_tokens = stages[0].prompt.max_output_tokens;
+
+    // [output]
+    if out.path.is_none() {
+        p.push(Problem::new(
+            "output.path",
+            "is required: where one result line per source record is written",
         ));
     }
 
@@ -510,7 +538,7 @@ pub(super) fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> (Pipeline, 
         provider: ProviderConfig {
             kind: pkind,
             mode,
-            model: prov.model.unwrap_or_default(),
+            model,
             deployment: prov.deployment,
             api_version: prov.api_version.unwrap_or_else(|| "2024-10-21".into()),
             online: OnlineLimits {
@@ -531,18 +559,10 @@ pub(super) fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> (Pipeline, 
             max_download_bytes,
         },
         simulator,
-        prompt: PromptConfig {
-            system: prompt.system.filter(|s| !s.is_empty()),
-            user,
-            user_text,
-            max_output_tokens,
-            temperature: prompt.temperature,
-        },
+        stages,
         output: OutputConfig {
-            schema: resolve(dir, out.schema.as_deref().unwrap_or_default()),
             path: resolve(dir, out.path.as_deref().unwrap_or_default()),
         },
-        max_attempts,
         batch: BatchLimits {
             max_requests: max_requests as usize,
             max_bytes,
@@ -552,4 +572,394 @@ pub(super) fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> (Pipeline, 
         plan,
     };
     (pipeline, p)
+}
+
+/// What a stage takes from the rest of the file when it does not say.
+struct StageDefaults<'a> {
+    dir: &'a Path,
+    model: &'a str,
+    kind: ProviderKind,
+    mode: Mode,
+    max_attempts: u32,
+}
+
+/// Builds a prompt (`[prompt]`, or a stage's `prompt`) at `path`; also returns whether its
+/// user template parsed.
+fn prompt_config(path: &str, prompt: RawPrompt, p: &mut Vec<Problem>) -> (PromptConfig, bool) {
+    let user_text = prompt.user.unwrap_or_default();
+    let (user, parsed) = match Template::parse(&user_text) {
+        Ok(t) => {
+            if user_text.is_empty() {
+                p.push(Problem::new(
+                    format!("{path}.user"),
+                    "is required: the user message template, with {{field}} placeholders",
+                ));
+            } else if !t.has_fields() {
+                p.push(Problem::new(
+                    format!("{path}.user"),
+                    "uses no {{field}} placeholder, so every record would be the same request",
+                ));
+            }
+            (t, true)
+        }
+        Err(e) => {
+            p.push(Problem::new(format!("{path}.user"), e));
+            (Template::parse("").expect("empty template parses"), false)
+        }
+    };
+    let max_output_tokens = prompt.max_output_tokens.unwrap_or(0);
+    if prompt.max_output_tokens.is_none() {
+        p.push(Problem::new(
+            format!("{path}.max_output_tokens"),
+            "is required: it bounds the cost of every request",
+        ));
+    } else if max_output_tokens == 0 || max_output_tokens > 1_000_000 {
+        p.push(Problem::new(
+            format!("{path}.max_output_tokens"),
+            "must be between 1 and 1000000",
+        ));
+    }
+    if let Some(t) = prompt.temperature
+        && !(0.0..=2.0).contains(&t)
+    {
+        p.push(Problem::new(
+            format!("{path}.temperature"),
+            format!("must be between 0 and 2, got {t}"),
+        ));
+    }
+    (
+        PromptConfig {
+            system: prompt.system.filter(|s| !s.is_empty()),
+            user,
+            user_text,
+            max_output_tokens,
+            temperature: prompt.temperature,
+        },
+        parsed,
+    )
+}
+
+/// Builds one `[[stage]]` table; the checks across stages are `check_stages`'.
+fn stage(path: &str, rs: RawStage, d: &StageDefaults<'_>, p: &mut Vec<Problem>) -> Stage {
+    let name = rs.name.unwrap_or_default();
+    if name.is_empty() {
+        p.push(Problem::new(
+            format!("{path}.name"),
+            "is required: the stage's name (it keys its items and names its results)",
+        ));
+    } else if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        || name.starts_with(|c: char| c.is_ascii_digit())
+    {
+        p.push(Problem::new(
+            format!("{path}.name"),
+            "use letters, digits and `_` only, not starting with a digit (templates name a stage's results by it)",
+        ));
+    } else if name == CHUNK_VAR {
+        p.push(Problem::new(
+            format!("{path}.name"),
+            "`chunk` is the name a chunk stage's template gives its chunk: choose another",
+        ));
+    }
+    let for_each = match (rs.for_each.as_deref(), rs.split) {
+        (None | Some("record"), None) => ForEach::Record,
+        (None | Some("record"), Some(_)) => {
+            p.push(Problem::new(
+                format!("{path}.split"),
+                "applies only to `for_each = \"chunk\"`",
+            ));
+            ForEach::Record
+        }
+        (Some("chunk"), None) => {
+            p.push(Problem::new(
+                format!("{path}.split"),
+                "is required with `for_each = \"chunk\"`: split = { field = \"body\", max_tokens = 1500, overlap_tokens = 100 }",
+            ));
+            ForEach::Record
+        }
+        (Some("chunk"), Some(sp)) => {
+            let field = sp.field.unwrap_or_default();
+            if field.is_empty() {
+                p.push(Problem::new(
+                    format!("{path}.split.field"),
+                    "is required: the record field whose text is split",
+                ));
+            }
+            let max_tokens = sp.max_tokens.unwrap_or(0);
+            if !(16..=1_000_000).contains(&max_tokens) {
+                p.push(Problem::new(
+                    format!("{path}.split.max_tokens"),
+                    "is required, between 16 and 1000000 (tokens of the stage's model per chunk)",
+                ));
+            }
+            let overlap_tokens = sp.overlap_tokens.unwrap_or(0);
+            if max_tokens >= 16 && overlap_tokens > max_tokens / 2 {
+                p.push(Problem::new(
+                    format!("{path}.split.overlap_tokens"),
+                    format!("must be at most half of max_tokens ({})", max_tokens / 2),
+                ));
+            }
+            ForEach::Chunk(Split {
+                field,
+                max_tokens,
+                overlap_tokens,
+            })
+        }
+        (Some(other), _) => {
+            p.push(Problem::new(
+                format!("{path}.for_each"),
+                format!("unknown value `{other}` (expected \"record\" or \"chunk\")"),
+            ));
+            ForEach::Record
+        }
+    };
+    let (prompt, _) = prompt_config(&format!("{path}.prompt"), rs.prompt.unwrap_or_default(), p);
+    if rs.schema.is_none() {
+        p.push(Problem::new(
+            format!("{path}.schema"),
+            "is required: the JSON Schema every answer of the stage is validated against",
+        ));
+    }
+    let mut model = d.model.to_string();
+    if let Some(sp) = rs.provider {
+        if let Some(k) = sp.kind
+            && k != d.kind.as_str()
+        {
+            p.push(Problem::new(
+                format!("{path}.provider.kind"),
+                format!(
+                    "every stage is sent through the pipeline's provider ({}); a stage of another kind is not supported",
+                    d.kind.as_str()
+                ),
+            ));
+        }
+        if let Some(m) = sp.mode
+            && m.parse::<Mode>().ok() != Some(d.mode)
+        {
+            p.push(Problem::new(
+                format!("{path}.provider.mode"),
+                "every stage is sent in the pipeline's mode (provider.mode); a stage of another mode is not supported",
+            ));
+        }
+        if let Some(m) = sp.model {
+            if m.is_empty() {
+                p.push(Problem::new(
+                    format!("{path}.provider.model"),
+                    "must not be empty",
+                ));
+            } else if d.kind == ProviderKind::Gemini && m != d.model {
+                p.push(Problem::new(
+                    format!("{path}.provider.model"),
+                    "a Gemini batch job is created for one model: every stage uses provider.model",
+                ));
+            } else {
+                model = m;
+            }
+        }
+    }
+    let max_attempts = rs.max_attempts.unwrap_or(d.max_attempts);
+    if !(1..=20).contains(&max_attempts) {
+        p.push(Problem::new(
+            format!("{path}.max_attempts"),
+            "must be between 1 and 20",
+        ));
+    }
+    let sample = match rs.sample.map(|v| v.decimal()) {
+        None => None,
+        Some(Ok(d)) if d > Decimal::ZERO && d <= Decimal::ONE => Some(d),
+        Some(Ok(d)) => {
+            p.push(Problem::new(
+                format!("{path}.sample"),
+                format!(
+                    "must be above 0 and at most 1 (the share of records: 0.05 = 5 %), got {d}"
+                ),
+            ));
+            None
+        }
+        Some(Err(e)) => {
+            p.push(Problem::new(format!("{path}.sample"), e.to_string()));
+            None
+        }
+    };
+    let when = rs.when.as_deref().and_then(|w| {
+        match Template::parse(&format!("{{% if {w} %}}true{{% endif %}}")) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                p.push(Problem::new(
+                    format!("{path}.when"),
+                    format!("not a valid condition: {e}"),
+                ));
+                None
+            }
+        }
+    });
+    let on_fail = match rs.on_fail.as_deref() {
+        None => None,
+        Some("flag") => Some(OnFail::Flag),
+        Some("regenerate") => Some(OnFail::Regenerate),
+        Some(other) => {
+            p.push(Problem::new(
+                format!("{path}.on_fail"),
+                format!("unknown value `{other}` (expected \"flag\" or \"regenerate\")"),
+            ));
+            None
+        }
+    };
+    Stage {
+        name,
+        for_each,
+        needs: rs.needs.unwrap_or_default(),
+        prompt,
+        schema: resolve(d.dir, rs.schema.as_deref().unwrap_or_default()),
+        model,
+        max_attempts,
+        sample,
+        when,
+        when_text: rs.when,
+        on_fail,
+    }
+}
+
+/// The checks across stages, all reported in one pass: duplicate names, `needs` naming an
+/// unknown stage, the stage itself or a later one (a cycle is named as such), a first stage
+/// that needs something or is sampled, a later stage that needs nothing, a template or
+/// condition using the results of a stage it does not need, `on_fail` on a stage that
+/// reviews nothing. Stages whose `needs` are wrong keep only their valid ones.
+fn check_stages(stages: &mut [Stage], p: &mut Vec<Problem>) {
+    let names: Vec<String> = stages.iter().map(|s| s.name.clone()).collect();
+    let path = |s: &Stage, i: usize| {
+        if s.name.is_empty() {
+            format!("stage.{}", i + 1)
+        } else {
+            format!("stage.{}", s.name)
+        }
+    };
+    for (i, s) in stages.iter().enumerate() {
+        if !s.name.is_empty() && names[..i].contains(&s.name) {
+            p.push(Problem::new(
+                format!("{}.name", path(s, i)),
+                format!(
+                    "a stage named `{}` comes earlier: stage names must differ",
+                    s.name
+                ),
+            ));
+        }
+    }
+    // Cycles, over the whole graph, before the order rule (which a cycle always breaks too).
+    let index = |n: &str| names.iter().position(|m| m == n);
+    let mut in_cycle = vec![false; stages.len()];
+    for start in 0..stages.len() {
+        // Depth-first from `start`, looking for a way back to it.
+        let mut stack = vec![(start, vec![start])];
+        let mut seen = vec![false; stages.len()];
+        while let Some((at, trail)) = stack.pop() {
+            for n in &stages[at].needs {
+                let Some(j) = index(n) else { continue };
+                if j == start {
+                    if !in_cycle[start] {
+                        let mut names_in: Vec<&str> =
+                            trail.iter().map(|&k| names[k].as_str()).collect();
+                        names_in.push(&names[start]);
+                        p.push(Problem::new(
+                            format!("{}.needs", path(&stages[start], start)),
+                            format!("a cycle: {}", names_in.join(" → needs → ")),
+                        ));
+                        for &k in &trail {
+                            in_cycle[k] = true;
+                        }
+                    }
+                } else if !seen[j] {
+                    seen[j] = true;
+                    let mut t = trail.clone();
+                    t.push(j);
+                    stack.push((j, t));
+                }
+            }
+        }
+    }
+    for i in 0..stages.len() {
+        let here = path(&stages[i], i);
+        let needs = std::mem::take(&mut stages[i].needs);
+        let mut kept = Vec::new();
+        for n in needs {
+            match index(&n) {
+                None => p.push(Problem::new(
+                    format!("{here}.needs"),
+                    format!("no stage is named `{n}` (stages: {})", names.join(", ")),
+                )),
+                Some(j) if j == i => p.push(Problem::new(
+                    format!("{here}.needs"),
+                    "a stage cannot need itself",
+                )),
+                Some(j) if j > i => {
+                    if !in_cycle[i] {
+                        p.push(Problem::new(
+                            format!("{here}.needs"),
+                            format!(
+                                "`{n}` comes later in the file: list stages in the order they run"
+                            ),
+                        ));
+                    }
+                }
+                Some(_) if kept.contains(&n) => {}
+                Some(_) => kept.push(n),
+            }
+        }
+        stages[i].needs = kept;
+        let s = &stages[i];
+        if i == 0 {
+            if !s.for_every_record() {
+                p.push(Problem::new(
+                    format!("{here}.sample"),
+                    "the first stage runs for every record: sample and when apply to later stages",
+                ));
+            }
+            if s.on_fail.is_some() {
+                p.push(Problem::new(
+                    format!("{here}.on_fail"),
+                    "the first stage reviews nothing: on_fail belongs to a stage that needs the one it reviews",
+                ));
+            }
+        } else if s.needs.is_empty() && !p.iter().any(|x| x.path == format!("{here}.needs")) {
+            p.push(Problem::new(
+                format!("{here}.needs"),
+                format!(
+                    "is required on every stage after the first: the earlier stages whose results it uses (e.g. needs = [\"{}\"])",
+                    names[i - 1]
+                ),
+            ));
+        }
+        // Results used in the template or the condition must come from needed stages.
+        let mut used: Vec<(&str, &str)> = s
+            .prompt
+            .user
+            .fields()
+            .map(|(f, _)| (f, "prompt.user"))
+            .collect();
+        if let Some(w) = &s.when {
+            used.extend(w.fields().map(|(f, _)| (f, "when")));
+        }
+        for (field, at) in used {
+            if let Some(j) = index(field)
+                && !s.needs.iter().any(|n| n == field)
+            {
+                let why = if j == i {
+                    "the stage's own results do not exist yet".to_string()
+                } else {
+                    format!(
+                        "add `{field}` to needs (the results of a stage are in the template only once it succeeded for the record)"
+                    )
+                };
+                p.push(Problem::new(
+                    format!("{here}.{at}"),
+                    format!("uses `{field}`, a stage this one does not need: {why}"),
+                ));
+            }
+        }
+        if s.on_fail == Some(OnFail::Regenerate) && s.needs.len() != 1 {
+            p.push(Problem::new(
+                format!("{here}.on_fail"),
+                "\"regenerate\" sends the reviewed stage again: the stage must need exactly one stage, the one it reviews",
+            ));
+        }
+    }
 }

@@ -107,8 +107,72 @@ pub struct PromptConfig {
 
 #[derive(Clone, Debug)]
 pub struct OutputConfig {
-    pub schema: PathBuf,
     pub path: PathBuf,
+}
+
+/// The name under which a chunk stage's template sees its chunk (`index`, `count`, `text`).
+pub const CHUNK_VAR: &str = "chunk";
+
+/// What one item of a stage stands for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ForEach {
+    /// One item per record.
+    Record,
+    /// One item per chunk of a record's text field.
+    Chunk(Split),
+}
+
+/// How a chunk stage cuts a record's text: by tokens of the stage's model, with overlap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Split {
+    pub field: String,
+    pub max_tokens: u32,
+    pub overlap_tokens: u32,
+}
+
+/// What a review stage does with a record whose review says `"pass": false`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnFail {
+    /// Mark the record in the output and the report.
+    Flag,
+    /// Send the reviewed stage again, once, as another attempt of its item; then review again.
+    Regenerate,
+}
+
+/// One stage of a pipeline: one call per record (or per chunk of a record), rendered from
+/// the record and the results of the stages it needs.
+#[derive(Clone, Debug)]
+pub struct Stage {
+    pub name: String,
+    pub for_each: ForEach,
+    /// Stages whose items must all have succeeded for a record before this stage's item is
+    /// created; their results are in the template under their names.
+    pub needs: Vec<String>,
+    pub prompt: PromptConfig,
+    /// The JSON Schema every answer of the stage is validated against.
+    pub schema: PathBuf,
+    /// The model the stage's requests go to (`provider.model` unless the stage sets its own).
+    pub model: String,
+    pub max_attempts: u32,
+    /// A deterministic share of the records (by a hash of the record id) that get this stage.
+    pub sample: Option<Decimal>,
+    /// A condition on the record and earlier results that adds records to the stage.
+    pub when: Option<Template>,
+    /// The `when` expression as written.
+    pub when_text: Option<String>,
+    /// Set on a review stage: what a failed review does.
+    pub on_fail: Option<OnFail>,
+}
+
+impl Stage {
+    /// Whether every record gets this stage (no `sample`, no `when`).
+    pub fn for_every_record(&self) -> bool {
+        self.sample.is_none() && self.when.is_none()
+    }
+
+    pub fn is_chunked(&self) -> bool {
+        matches!(self.for_each, ForEach::Chunk(_))
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -171,16 +235,18 @@ pub struct Pipeline {
     pub provider: ProviderConfig,
     /// The built-in simulator's settings (`[provider.simulator]`), used with `simulate = true`.
     pub simulator: SimSettings,
-    pub prompt: PromptConfig,
+    /// The stages, in file order (every `needs` names an earlier one). A file in the
+    /// one-stage form (top-level `[prompt]` and `output.schema`) has one stage, `main`.
+    pub stages: Vec<Stage>,
     pub output: OutputConfig,
-    pub max_attempts: u32,
     pub batch: BatchLimits,
     pub pricing_file: Option<PathBuf>,
     pub budget: Budget,
     pub plan: PlanSettings,
 }
 
-/// The one stage every pipeline has today; the store keys items by stage already.
+/// The name of the one stage of a file in the one-stage form (top-level `[prompt]`): the
+/// store keys items by stage, and this name keeps the keys of the first releases.
 pub const DEFAULT_STAGE: &str = "main";
 
 impl Pipeline {
@@ -204,9 +270,44 @@ impl Pipeline {
         }
     }
 
-    /// The stage name.
-    pub fn stage(&self) -> &str {
-        DEFAULT_STAGE
+    /// The first stage: the one rendered from the source records as they are read.
+    pub fn first_stage(&self) -> &Stage {
+        &self.stages[0]
+    }
+
+    /// The stage called `name`.
+    pub fn stage(&self, name: &str) -> Option<&Stage> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+
+    /// Whether the pipeline has more than one stage (records then keep their fields and
+    /// their links to every item in the store).
+    pub fn is_multi_stage(&self) -> bool {
+        self.stages.len() > 1
+    }
+
+    /// The price of each stage's model, in stage order.
+    pub fn stage_prices(
+        &self,
+        prices: &crate::cost::PriceTable,
+    ) -> Result<Vec<crate::cost::ModelPrice>, crate::cost::pricing::LookupError> {
+        self.stages
+            .iter()
+            .map(|s| {
+                prices
+                    .lookup(self.provider.kind.as_str(), &s.model)
+                    .cloned()
+            })
+            .collect()
+    }
+
+    /// The stage names joined by `,` (what a run row records).
+    pub fn stage_list(&self) -> String {
+        self.stages
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 

@@ -55,6 +55,41 @@ pub(super) struct RawPrompt {
     pub(super) temperature: Option<f64>,
 }
 
+/// `split = { field, max_tokens, overlap_tokens }` of a chunk stage.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSplit {
+    pub(super) field: Option<String>,
+    pub(super) max_tokens: Option<u32>,
+    pub(super) overlap_tokens: Option<u32>,
+}
+
+/// The `[provider]` keys a stage may override.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawStageProvider {
+    pub(super) model: Option<String>,
+    pub(super) kind: Option<String>,
+    pub(super) mode: Option<String>,
+}
+
+/// One `[[stage]]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawStage {
+    pub(super) name: Option<String>,
+    pub(super) for_each: Option<String>,
+    pub(super) split: Option<RawSplit>,
+    pub(super) needs: Option<Vec<String>>,
+    pub(super) prompt: Option<RawPrompt>,
+    pub(super) schema: Option<String>,
+    pub(super) provider: Option<RawStageProvider>,
+    pub(super) max_attempts: Option<u32>,
+    pub(super) sample: Option<DecimalText>,
+    pub(super) when: Option<String>,
+    pub(super) on_fail: Option<String>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawOutput {
@@ -111,6 +146,11 @@ pub(super) struct RawPipeline {
     pub(super) pricing: Option<RawPricing>,
     pub(super) budget: Option<RawBudget>,
     pub(super) plan: Option<RawPlan>,
+    /// `[[stage]]` tables, in file order, each with the TOML path its problems are named by
+    /// (`stage.<name>`, or `stage.<n>` for one without a name; n counts from 1).
+    pub(super) stages: Vec<(String, RawStage)>,
+    /// Whether the file has `[[stage]]` tables at all (even ones that failed to parse).
+    pub(super) staged: bool,
     /// TOML paths whose values parsing rejected (or whose whole section it dropped): the
     /// checks after it say nothing more about them.
     pub(super) flagged: Vec<String>,
@@ -128,6 +168,7 @@ const TOP_LEVEL: &[&str] = &[
     "pricing",
     "budget",
     "plan",
+    "stage",
 ];
 
 pub(super) fn parse(text: &str) -> (Option<RawPipeline>, Vec<Problem>) {
@@ -165,6 +206,10 @@ pub(super) fn parse(text: &str) -> (Option<RawPipeline>, Vec<Problem>) {
             "pricing" => raw.pricing = section(&key, value, p, f),
             "budget" => raw.budget = section(&key, value, p, f),
             "plan" => raw.plan = section(&key, value, p, f),
+            "stage" => {
+                raw.staged = true;
+                raw.stages = stages(value, p, f);
+            }
             other => problems.push(Problem::new(
                 other,
                 format!("unknown key (expected one of: {})", TOP_LEVEL.join(", ")),
@@ -174,6 +219,32 @@ pub(super) fn parse(text: &str) -> (Option<RawPipeline>, Vec<Problem>) {
     flagged.extend(problems.iter().map(|p| p.path.clone()));
     raw.flagged = flagged;
     (Some(raw), problems)
+}
+
+/// The `[[stage]]` array: each table parsed as a section of its own, named by its `name`.
+fn stages(
+    value: toml::Value,
+    problems: &mut Vec<Problem>,
+    flagged: &mut Vec<String>,
+) -> Vec<(String, RawStage)> {
+    let toml::Value::Array(items) = value else {
+        problems.push(Problem::new(
+            "stage",
+            format!("expected `[[stage]]` tables, found {}", value.type_str()),
+        ));
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let path = match item.get("name").and_then(|n| n.as_str()) {
+            Some(name) if !name.is_empty() && !name.contains('.') => format!("stage.{name}"),
+            _ => format!("stage.{}", i + 1),
+        };
+        if let Some(s) = section::<RawStage>(&path, item, problems, flagged) {
+            out.push((path, s));
+        }
+    }
+    out
 }
 
 fn scalar_string(key: &str, value: toml::Value, problems: &mut Vec<Problem>) -> Option<String> {

@@ -28,10 +28,10 @@ path = "out/r.jsonl"
 fn a_good_file_builds_with_paths_resolved_against_its_folder() {
     let p = Pipeline::from_str(GOOD, Path::new("/srv/jobs/t.toml")).unwrap();
     assert_eq!(p.source.path, Path::new("/srv/jobs/data/in.jsonl"));
-    assert_eq!(p.output.schema, Path::new("/srv/jobs/s.json"));
+    assert_eq!(p.first_stage().schema, Path::new("/srv/jobs/s.json"));
     assert_eq!(p.batch.max_requests, OPENAI_MAX_REQUESTS);
     assert_eq!(p.batch.max_bytes, OPENAI_MAX_BYTES);
-    assert_eq!(p.max_attempts, 3);
+    assert_eq!(p.first_stage().max_attempts, 3);
     assert_eq!(p.simulator.fail_rate, 0.1);
     assert_eq!(p.provider.key, KeySource::Env("OPENAI_API_KEY".into()));
 }

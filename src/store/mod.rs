@@ -124,6 +124,31 @@ pub trait Store: Send + Sync + 'static {
         quarantined: &[Quarantined],
     ) -> impl Future<Output = Result<IngestStats>> + Send;
 
+    // --- stages ---------------------------------------------------------------------------
+    /// Records of the run ready for `stage`: no link there yet, every link at each of
+    /// `needs` final (succeeded, or skipped); up to `limit`, in line order.
+    fn ready_records(
+        &self,
+        run_id: &str,
+        stage: &str,
+        needs: &[String],
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<ReadyRecord>>> + Send;
+    /// Stores a later stage's items and links for some records (insert-or-ignore: safe to
+    /// repeat); returns how many items are new.
+    fn add_links(
+        &self,
+        target: &IngestTarget<'_>,
+        links: &[NewLinks],
+    ) -> impl Future<Output = Result<u64>> + Send;
+    /// Every record → item link of the run's records with lines in `first..=last`.
+    fn links_between(
+        &self,
+        run_id: &str,
+        first: i64,
+        last: i64,
+    ) -> impl Future<Output = Result<Vec<LinkRow>>> + Send;
+
     // --- planning -------------------------------------------------------------------------
     /// Items waiting for an attempt (`pending`, or `failed` under the cap).
     fn plannable_count(

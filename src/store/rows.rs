@@ -73,6 +73,60 @@ pub struct IngestTarget<'a> {
     pub stage: &'a str,
     pub shape_id: i64,
     pub source: &'a str,
+    /// A multi-stage pipeline: keep each record's fields and link it to every item.
+    pub links: bool,
+}
+
+/// A record whose needed stages have all succeeded (or been skipped): ready for the next.
+#[derive(Clone, Debug)]
+pub struct ReadyRecord {
+    pub line: i64,
+    pub record_id: String,
+    /// The record's fields (JSON).
+    pub data: String,
+    /// The record's links to the needed stages' items, by stage then chunk.
+    pub inputs: Vec<LinkRow>,
+}
+
+/// One link of a record to an item (or to none: skipped, or failed before an item).
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct LinkRow {
+    pub line: i64,
+    pub stage: String,
+    pub chunk: i64,
+    pub item_id: Option<i64>,
+    pub state: Option<ItemState>,
+    pub attempts: Option<i64>,
+    pub result: Option<String>,
+    pub last_error: Option<String>,
+    /// Why the record has no item at this stage when that is a failure.
+    pub error: Option<String>,
+    /// What this run's attempts of the item cost.
+    pub cost_pico: i64,
+    /// Records of the run linked to the same item (1: not shared).
+    pub sharers: i64,
+}
+
+/// What a record gets at a later stage.
+#[derive(Clone, Debug)]
+pub enum StageLink {
+    /// Its items (one, or one per chunk), rendered from the items in `parents`.
+    Items {
+        items: Vec<crate::request::PreparedItem>,
+        parents: Vec<i64>,
+    },
+    /// The stage does not run for the record (not sampled, `when` false, a needed stage
+    /// skipped).
+    Skipped,
+    /// The stage cannot run for the record (its template failed, nothing to split).
+    Failed(String),
+}
+
+/// The record a [`StageLink`] is for.
+#[derive(Clone, Debug)]
+pub struct NewLinks {
+    pub line: i64,
+    pub link: StageLink,
 }
 
 /// What one ingest chunk did.
@@ -330,6 +384,45 @@ pub struct RunFigures {
     pub models: Vec<String>,
     /// Batches of earlier runs that this run's process collected (their cost stays theirs).
     pub collected: Collected,
+    /// A multi-stage pipeline's figures per stage, in the order of its stages (empty for a
+    /// one-stage pipeline).
+    pub stages: Vec<StageFigures>,
+}
+
+/// One stage's part of a run.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct StageFigures {
+    pub stage: String,
+    /// Distinct items of the stage linked to the run's records.
+    pub items: u64,
+    /// Records the stage runs for (chunk stages: records, not chunks).
+    pub records: u64,
+    /// Records the stage was skipped for (not in its sample, `when` false).
+    pub skipped: u64,
+    /// Records that failed at this stage (an item exhausted, or no item could be rendered).
+    pub failed_records: u64,
+    pub succeeded: u64,
+    pub exhausted: u64,
+    /// Attempts of the stage in this run's batches, and the distinct items they carried.
+    pub attempts: u64,
+    pub items_attempted: u64,
+    pub usage: Usage,
+    pub cost: Usd,
+    pub standard_cost: Usd,
+    /// Models and pricing modes the stage's batches used.
+    pub models: Vec<String>,
+    pub pricing_modes: Vec<String>,
+    /// A reviewing stage (one whose schema has a boolean `pass`): answers that passed and
+    /// that failed, among the run's records.
+    pub review_pass: u64,
+    pub review_fail: u64,
+}
+
+impl StageFigures {
+    pub fn retries(&self) -> u64 {
+        self.attempts.saturating_sub(self.items_attempted)
+    }
 }
 
 /// What a run collected for earlier runs: their batches it ingested.

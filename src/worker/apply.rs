@@ -168,8 +168,10 @@ pub(super) async fn apply_file<S: Store, P: BatchProvider>(
         .into_iter()
         .map(|a| (a.custom_id.clone(), a))
         .collect();
-    let rates = *runner.rates(b.pricing_mode());
-    let standard = *runner.rates(PricingMode::Standard);
+    let stage = runner.stage_run(&b.stage)?;
+    let rates = *stage.rates(b.pricing_mode());
+    let standard = *stage.rates(PricingMode::Standard);
+    let max_attempts = stage.stage.max_attempts;
 
     // Pass 1: where is each line, and which attempt does it answer?
     let file = std::fs::File::open(path).map_err(io_err)?;
@@ -235,7 +237,7 @@ pub(super) async fn apply_file<S: Store, P: BatchProvider>(
                     } else if let Some(att) = attempts.get(&custom_id) {
                         if seen.insert(custom_id.clone()) {
                             Ok(judge_line(
-                                &runner.validator,
+                                &stage.validator,
                                 &rates,
                                 &standard,
                                 att,
@@ -271,17 +273,13 @@ pub(super) async fn apply_file<S: Store, P: BatchProvider>(
             }
         }
         if outcomes.len() >= APPLY_CHUNK {
-            stats += store
-                .apply_results(b, &outcomes, ctx.pipeline.max_attempts)
-                .await?;
+            stats += store.apply_results(b, &outcomes, max_attempts).await?;
             outcomes.clear();
             crate::failpoint!("apply.after_chunk");
         }
     }
     if !outcomes.is_empty() {
-        stats += store
-            .apply_results(b, &outcomes, ctx.pipeline.max_attempts)
-            .await?;
+        stats += store.apply_results(b, &outcomes, max_attempts).await?;
         crate::failpoint!("apply.after_chunk");
     }
     Ok(stats)

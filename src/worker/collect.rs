@@ -172,7 +172,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 b,
                 verdict,
                 &error,
-                ctx.pipeline.max_attempts,
+                self.stage_run(&b.stage)?.stage.max_attempts,
                 self.collector(),
             )
             .await?;
@@ -226,7 +226,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 b,
                 AttemptVerdict::Cancelled,
                 why,
-                self.ctx.pipeline.max_attempts,
+                self.stage_run(&b.stage)?.stage.max_attempts,
                 self.collector(),
             )
             .await?;
@@ -276,7 +276,8 @@ pub async fn cancel<S: Store, P: BatchProvider>(
         let what = match b.state {
             _ if b.mode == BatchMode::Online => {
                 // Online requests are ours to stop: what was answered is already recorded.
-                let lost = store.lose_dispatched(&b, ctx.pipeline.max_attempts).await?;
+                let cap = runner.stage_run(&b.stage)?.stage.max_attempts;
+                let lost = store.lose_dispatched(&b, cap).await?;
                 runner
                     .close_unsent(&b, "cancelled before it was sent", true)
                     .await?;

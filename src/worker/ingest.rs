@@ -3,10 +3,10 @@
 
 use tokio::sync::mpsc;
 
+use super::stages::StageRun;
 use super::{Event, RunContext, RunError};
-use crate::cost::tokens::PromptCounter;
 use crate::provider::BatchProvider;
-use crate::request::{PreparedRecord, RequestShape, prepare};
+use crate::request::{PreparedRecord, prepare};
 use crate::source::{Quarantined, SourceError, SourceEvent, SourceReader};
 use crate::store::{IngestTarget, Store};
 
@@ -29,20 +29,46 @@ impl Chunk {
 pub(super) async fn ingest<S: Store, P: BatchProvider>(
     ctx: &RunContext<'_, S, P>,
     run_id: &str,
-    shape: &RequestShape,
+    first: &StageRun,
     shape_id: i64,
-    counter: PromptCounter,
 ) -> Result<bool, RunError> {
     let p = ctx.pipeline;
     let reader = SourceReader::open(&p.source)?;
     let (tx, mut rx) = mpsc::channel::<Result<Chunk, SourceError>>(1);
-    let template = p.prompt.user.clone();
-    let shape = shape.clone();
+    let template = first.stage.prompt.user.clone();
+    let shape = first.shape.clone();
+    let counter = first.counter;
+    // A multi-stage pipeline keeps each record's fields and links it to all its items.
+    let multi = p.is_multi_stage().then(|| first.renderer());
     let producer = tokio::task::spawn_blocking(move || {
         let mut chunk = Chunk::default();
         let mut scratch = String::new();
         for ev in reader {
             match ev {
+                Ok(SourceEvent::Record(r)) if multi.is_some() => {
+                    let renderer = multi.as_ref().expect("checked");
+                    match renderer.render(&r.value, &mut scratch) {
+                        Ok(items) => {
+                            let mut items = items.into_iter();
+                            let first = items.next().expect("at least one item");
+                            chunk.records.push(PreparedRecord {
+                                line: r.line,
+                                record_id: r.id,
+                                key: first.key,
+                                input_tokens: first.input_tokens,
+                                user_json: first.user_json,
+                                body_bytes: first.body_bytes,
+                                data: Some(r.value.to_string()),
+                                more: items.collect(),
+                            });
+                        }
+                        Err(e) => chunk.quarantined.push(Quarantined {
+                            line: r.line,
+                            field: e.field,
+                            reason: e.reason,
+                        }),
+                    }
+                }
                 Ok(SourceEvent::Record(r)) => {
                     match prepare(
                         &shape,
@@ -101,9 +127,10 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
                 &IngestTarget {
                     run_id,
                     pipeline: &p.name,
-                    stage: p.stage(),
+                    stage: &first.stage.name,
                     shape_id,
                     source: &source,
+                    links: p.is_multi_stage(),
                 },
                 &chunk.records,
                 &chunk.quarantined,

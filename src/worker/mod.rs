@@ -29,20 +29,18 @@ mod output;
 mod planning;
 mod prepare;
 mod settle;
+mod stages;
 mod submit;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::cost::{PricingMode, Rates};
 use crate::provider::BatchProvider;
-use crate::request::RequestShape;
 use crate::store::{
     BatchMode, BatchRow, BatchState, Claim, NewRun, RunStatus, Store, StoreError, now_ms,
 };
 use crate::util::fs as fsutil;
-use crate::validate::OutputValidator;
 
 use backoff::jitter;
 use options::{batches_dir, downloads_dir};
@@ -55,9 +53,11 @@ pub use errors::{
     EXIT_CONFIG, EXIT_ERROR, EXIT_FAILED_ITEMS, EXIT_RESUMABLE, ExitStatus, RunError,
 };
 pub use events::{Event, LogObserver, Observer};
-pub use options::{RunContext, Shutdown, schema_name, spec};
+pub use options::{RunContext, Shutdown, schema_name, spec, stage_schema_name};
 pub use output::OutputFormat;
 pub use settle::KEEP_RECORDS_OF_RUNS;
+use stages::StageRun;
+pub use stages::in_sample;
 
 /// What a finished (or stopped) run did.
 #[derive(Clone, Debug)]
@@ -111,9 +111,10 @@ pub(crate) struct Runner<'a, S: Store, P: BatchProvider> {
     own_run: bool,
     /// Whether this run wrote its results file.
     wrote_output: bool,
-    validator: OutputValidator,
-    batch_rates: Rates,
-    standard_rates: Rates,
+    /// Each stage's shape, validator and prices, in the pipeline's order.
+    stages: Vec<StageRun>,
+    /// Results were stored since the later stages last advanced.
+    advance_due: bool,
     polls: HashMap<String, PollClock>,
     requests_sent: u64,
     times: PhaseTimes,
@@ -135,26 +136,17 @@ pub(crate) struct Runner<'a, S: Store, P: BatchProvider> {
     budget: crate::config::Budget,
     /// The cap refused an item: from then on the run only retries what it sent (no creep).
     budget_hit: bool,
+    /// The first stage whose items the cap kept from being planned.
+    budget_stage: Option<String>,
     /// Nothing new is planned (the source could not be read): open batches are collected.
     collect_only: bool,
 }
 
 impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
     fn new(ctx: &'a RunContext<'a, S, P>) -> Result<Self, RunError> {
-        let p = ctx.pipeline;
-        let validator = OutputValidator::load(&p.output.schema).map_err(RunError::Config)?;
-        let mode = p.provider.pricing_mode();
-        let batch_rates = match (mode, ctx.price.batch) {
-            (_, Some(b)) => b,
-            // Online only: batch prices are never needed.
-            (PricingMode::Standard, None) => ctx.price.standard,
-            (PricingMode::Batch, None) => {
-                return Err(RunError::Config(format!(
-                    "model `{}` has no batch price",
-                    p.provider.model
-                )));
-            }
-        };
+        let stages = (0..ctx.pipeline.stages.len())
+            .map(|i| StageRun::new(ctx, i))
+            .collect::<Result<Vec<_>, _>>()?;
         for dir in [batches_dir(&ctx.work_dir), downloads_dir(&ctx.work_dir)] {
             fsutil::create_private_dir_all(&dir).map_err(|source| RunError::Output {
                 path: dir.clone(),
@@ -167,9 +159,8 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
             run_id: String::new(),
             own_run: false,
             wrote_output: false,
-            validator,
-            batch_rates,
-            standard_rates: ctx.price.standard,
+            stages,
+            advance_due: true,
             polls: HashMap::new(),
             requests_sent: 0,
             times: PhaseTimes::default(),
@@ -181,6 +172,7 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
             waiting: false,
             budget: ctx.budget,
             budget_hit: false,
+            budget_stage: None,
             collect_only: false,
         })
     }
@@ -197,6 +189,16 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
         let since = b.creating_at.unwrap_or(b.created_at);
         let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
         now_ms().saturating_sub(since) < grace_ms
+    }
+
+    /// Items of every stage waiting for an attempt.
+    async fn plannable_count(&self) -> Result<u64, RunError> {
+        let p = self.ctx.pipeline;
+        let mut n = 0;
+        for s in &p.stages {
+            n += self.ctx.store.plannable_count(&p.name, &s.name).await?;
+        }
+        Ok(n)
     }
 
     fn lease_ms(&self) -> i64 {
@@ -225,11 +227,18 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
         Ok((now.lease_token == b.lease_token).then_some(now))
     }
 
-    pub(crate) fn rates(&self, mode: PricingMode) -> &Rates {
-        match mode {
-            PricingMode::Batch => &self.batch_rates,
-            PricingMode::Standard => &self.standard_rates,
-        }
+    /// The stage a batch (or item) of `name` belongs to.
+    pub(crate) fn stage_run(&self, name: &str) -> Result<&StageRun, RunError> {
+        self.stages
+            .iter()
+            .find(|s| s.stage.name == name)
+            .ok_or_else(|| {
+                RunError::Config(format!(
+                    "the store holds work of stage `{name}`, which {} no longer has (stages: {}); restore the stage to collect it",
+                    self.ctx.pipeline.file.display(),
+                    self.ctx.pipeline.stage_list()
+                ))
+            })
     }
 }
 
@@ -239,20 +248,19 @@ pub async fn run<S: Store, P: BatchProvider>(
 ) -> Result<RunOutcome, RunError> {
     let p = ctx.pipeline;
     let mut runner = Runner::new(ctx)?;
-    let shape = runner.shape()?;
     let run_id = uuid::Uuid::now_v7().hyphenated().to_string();
     ctx.store
         .create_run(&NewRun {
             id: run_id.clone(),
             pipeline: p.name.clone(),
-            stage: p.stage().to_string(),
+            stage: p.stage_list(),
             pipeline_file: p.file.display().to_string(),
             source_path: p.source.path.display().to_string(),
             output_path: ctx.output_path.display().to_string(),
             provider: ctx.provider.kind().to_string(),
             model: p.provider.model.clone(),
             pricing_mode: ctx.pipeline.provider.pricing_mode(),
-            max_attempts: p.max_attempts,
+            max_attempts: p.first_stage().max_attempts,
             host: crate::util::host::hostname(),
             pid: std::process::id(),
             budget: ctx.budget.max,
@@ -262,7 +270,7 @@ pub async fn run<S: Store, P: BatchProvider>(
         .await?;
     runner.run_id = run_id.clone();
     runner.own_run = true;
-    let result = runner.run_all(&shape).await;
+    let result = runner.run_all().await;
     let (status, exit_code, message) = match &result {
         Ok((status, code, msg)) => (*status, *code, msg.clone()),
         Err(e) => (RunStatus::Error, e.exit_code(), Some(e.to_string())),
@@ -304,10 +312,7 @@ pub async fn serve<S: Store, P: BatchProvider>(ctx: &RunContext<'_, S, P>) -> Re
 }
 
 impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
-    async fn run_all(
-        &mut self,
-        shape: &RequestShape,
-    ) -> Result<(RunStatus, i32, Option<String>), RunError> {
+    async fn run_all(&mut self) -> Result<(RunStatus, i32, Option<String>), RunError> {
         let ctx = self.ctx;
         let p = ctx.pipeline;
         // Collecting what is in flight needs no source: when it cannot be read, the batches
@@ -319,29 +324,35 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             );
             return self.collect_then_stop(why, EXIT_CONFIG).await;
         }
-        let shape_id = ctx.store.ensure_shape(shape).await?;
+        let first = &self.stages[0];
+        let shape_id = ctx.store.ensure_shape(&first.shape).await?;
         let t = Instant::now();
-        let counter = self.counter();
-        let complete = ingest::ingest(ctx, &self.run_id, shape, shape_id, counter).await?;
+        let complete = ingest::ingest(ctx, &self.run_id, first, shape_id).await?;
         self.times.prepare += t.elapsed();
         if complete && let Some(why) = self.bad_input().await? {
             return self.collect_then_stop(why, EXIT_ERROR).await;
         }
-        let revived = ctx
-            .store
-            .revive_exhausted(&p.name, p.stage(), p.max_attempts)
-            .await?;
-        if revived > 0 {
-            ctx.observer.event(&Event::Note(format!(
-                "{revived} item(s) that failed under a lower attempt cap get another attempt (max_attempts = {})",
-                p.max_attempts
-            )));
+        for s in &p.stages {
+            let revived = ctx
+                .store
+                .revive_exhausted(&p.name, &s.name, s.max_attempts)
+                .await?;
+            if revived > 0 {
+                ctx.observer.event(&Event::Note(format!(
+                    "{revived} item(s) of stage `{}` that failed under a lower attempt cap get another attempt (max_attempts = {})",
+                    s.name, s.max_attempts
+                )));
+            }
+        }
+        if complete && !ctx.ingest_only {
+            self.advance().await?;
+            self.advance_due = false;
         }
 
         if complete {
-            self.record_plan(counter.is_exact()).await?;
+            self.record_plan(self.stages[0].counter.is_exact()).await?;
         }
-        let pending = ctx.store.plannable_count(&p.name, p.stage()).await?;
+        let pending = self.plannable_count().await?;
         let open = ctx.store.open_batches(Some(&p.name)).await?;
         if !open.is_empty() {
             ctx.observer.event(&Event::Note(format!(
@@ -398,7 +409,12 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                         1,
                         Some(format!(
                             "{} item(s) failed for good (attempt cap {}); see `nightshift report --items`",
-                            f.exhausted, p.max_attempts
+                            f.exhausted,
+                            p.stages
+                                .iter()
+                                .map(|s| s.max_attempts.to_string())
+                                .collect::<Vec<_>>()
+                                .join("/")
                         )),
                     ))
                 } else {
@@ -457,6 +473,11 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 ctx.shutdown.sleep_until(Instant::now() + idle).await;
                 continue;
             }
+            // Later stages' items for the records whose earlier items succeeded.
+            if self.advance_due && !self.collect_only {
+                self.advance_due = false;
+                self.advance().await?;
+            }
             // New batches (first attempts and retries) for whatever is plannable.
             let planning = if self.collect_only {
                 Planning::Nothing
@@ -471,7 +492,13 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 if self.collect_only && !held_elsewhere {
                     return Ok(Stop::Done);
                 }
-                let plannable = ctx.store.plannable_count(&p.name, p.stage()).await?;
+                let mut plannable = self.plannable_count().await?;
+                if plannable == 0 && !held_elsewhere && p.is_multi_stage() {
+                    // Another worker may have stored the last results: the records they
+                    // complete go on to their next stage before the run may end.
+                    self.advance().await?;
+                    plannable = self.plannable_count().await?;
+                }
                 let stop = if held_elsewhere {
                     // Other workers hold what is open: wait for them, or for their leases
                     // to run out.
@@ -563,6 +590,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 let t = Instant::now();
                 self.run_online(&b).await?;
                 self.times.results += t.elapsed();
+                self.advance_due = true;
             }
             (
                 BatchState::Planned
@@ -589,6 +617,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 let t = Instant::now();
                 self.ingest_batch(&b).await?;
                 self.times.results += t.elapsed();
+                self.advance_due = true;
             }
             _ => {}
         }

@@ -97,15 +97,17 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         let ctx = self.ctx;
         let p = ctx.pipeline;
         let store = ctx.store;
-        let mut stats = store.lose_dispatched(b, p.max_attempts).await?;
+        let stage = self.stage_run(&b.stage)?;
+        let max_attempts = stage.stage.max_attempts;
+        let max_out = stage.stage.prompt.max_output_tokens as u64;
+        let rates = *stage.rates(PricingMode::Standard);
+        let mut stats = store.lose_dispatched(b, max_attempts).await?;
         let limiter = Limiter::new(
             p.provider.online.requests_per_minute,
             p.provider.online.tokens_per_minute,
         );
-        let rates = *self.rates(PricingMode::Standard);
         let standard = rates;
         let mut shapes: HashMap<i64, RequestShape> = HashMap::new();
-        let max_out = p.prompt.max_output_tokens as u64;
         loop {
             if ctx.shutdown.is_set() {
                 return Ok(());
@@ -184,14 +186,14 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                     }
                 };
                 outcomes.push(judge_line(
-                    &self.validator,
+                    &self.stage_run(&b.stage)?.validator,
                     &rates,
                     &standard,
                     &attempt,
                     outcome,
                 ));
             }
-            stats += store.apply_results(b, &outcomes, p.max_attempts).await?;
+            stats += store.apply_results(b, &outcomes, max_attempts).await?;
             crate::failpoint!("online.after_apply");
         }
         let rest = store
@@ -199,7 +201,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 b,
                 AttemptVerdict::Missing,
                 "not answered online",
-                p.max_attempts,
+                max_attempts,
                 self.collector(),
             )
             .await?;

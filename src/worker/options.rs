@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::Observer;
-use crate::config::Pipeline;
+use crate::config::{Pipeline, Stage};
 use crate::cost::ModelPrice;
 use crate::provider::{BatchProvider, RequestSpec};
 use crate::store::Store;
@@ -18,7 +18,8 @@ pub struct RunContext<'a, S: Store, P: BatchProvider> {
     pub store: &'a S,
     pub provider: &'a P,
     pub pipeline: &'a Pipeline,
-    pub price: &'a ModelPrice,
+    /// The price of each stage's model, in the order of `pipeline.stages`.
+    pub prices: &'a [ModelPrice],
     pub observer: &'a dyn Observer,
     /// Folder for batch files and downloads (`.nightshift/` beside the pipeline file).
     pub work_dir: PathBuf,
@@ -93,13 +94,24 @@ pub fn schema_name(pipeline: &str) -> String {
     if s.is_empty() { "output".into() } else { s }
 }
 
-/// What the provider is asked for, from the pipeline.
-pub fn spec<'a>(p: &'a Pipeline, schema: &'a serde_json::Value, name: &'a str) -> RequestSpec<'a> {
+/// The schema name a stage's requests carry: the pipeline's name for the one stage of a
+/// one-stage file (as in the first releases, so its item keys stay), `<pipeline>_<stage>`
+/// otherwise.
+pub fn stage_schema_name(p: &Pipeline, stage: &Stage) -> String {
+    if stage.name == crate::config::DEFAULT_STAGE {
+        schema_name(&p.name)
+    } else {
+        schema_name(&format!("{}_{}", p.name, stage.name))
+    }
+}
+
+/// What the provider is asked for by one stage.
+pub fn spec<'a>(stage: &'a Stage, schema: &'a serde_json::Value, name: &'a str) -> RequestSpec<'a> {
     RequestSpec {
-        model: &p.provider.model,
-        system: p.prompt.system.as_deref(),
-        max_output_tokens: p.prompt.max_output_tokens,
-        temperature: p.prompt.temperature,
+        model: &stage.model,
+        system: stage.prompt.system.as_deref(),
+        max_output_tokens: stage.prompt.max_output_tokens,
+        temperature: stage.prompt.temperature,
         schema,
         schema_name: name,
     }

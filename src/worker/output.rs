@@ -5,13 +5,16 @@ use std::path::Path;
 
 use super::{RunError, Runner};
 use crate::provider::BatchProvider;
-use crate::store::{ItemState, Store};
+use crate::store::{ItemState, LinkRow, Store};
 use crate::util::fs::AtomicFile;
 
 impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
     /// Writes one result line per source record of this run, in source order (JSON lines,
     /// or CSV when the path ends in `.csv`), atomically.
     pub(super) async fn write_output(&self) -> Result<(), RunError> {
+        if self.ctx.pipeline.is_multi_stage() {
+            return self.write_staged_output().await;
+        }
         use std::io::Write;
         let ctx = self.ctx;
         let path = &ctx.output_path;
@@ -101,6 +104,207 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         }
         file.commit().map_err(err)
     }
+}
+
+impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
+    /// The results file of a multi-stage pipeline: one line per source record with each
+    /// stage's result under the stage's name (a chunk stage's as an array in chunk order),
+    /// the record's status, its review verdict and what this run spent on its items.
+    async fn write_staged_output(&self) -> Result<(), RunError> {
+        use std::io::Write;
+        let ctx = self.ctx;
+        let p = ctx.pipeline;
+        let path = &ctx.output_path;
+        let err = |source| RunError::Output {
+            path: path.clone(),
+            source,
+        };
+        let format = OutputFormat::for_path(path).map_err(RunError::Config)?;
+        let mut file = AtomicFile::create(path).map_err(err)?;
+        {
+            let (mut csv, mut raw) = match format {
+                OutputFormat::Csv => {
+                    let mut w = csv::Writer::from_writer(&mut file);
+                    let mut head = vec!["id", "line", "status", "review", "cost_usd", "attempts"];
+                    head.extend(p.stages.iter().map(|s| s.name.as_str()));
+                    head.push("error");
+                    w.write_record(&head)
+                        .map_err(|e| err(std::io::Error::other(e)))?;
+                    (Some(w), None)
+                }
+                OutputFormat::Jsonl => (None, Some(&mut file)),
+            };
+            let mut json = Vec::with_capacity(1 << 16);
+            let mut after = 0i64;
+            loop {
+                let rows = ctx.store.run_records(&self.run_id, after, 2_000).await?;
+                let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+                    break;
+                };
+                let links = ctx
+                    .store
+                    .links_between(&self.run_id, first.line, last.line)
+                    .await?;
+                json.clear();
+                for r in &rows {
+                    after = r.line;
+                    let mine: Vec<&LinkRow> = links.iter().filter(|l| l.line == r.line).collect();
+                    let chain = RecordChain::of(p, &mine);
+                    match &mut csv {
+                        Some(w) => {
+                            let mut row = vec![
+                                crate::plan::guard(&r.record_id),
+                                r.line.to_string(),
+                                chain.status.to_string(),
+                                chain.review.unwrap_or("").to_string(),
+                                chain.cost.to_string(),
+                                chain.attempts.to_string(),
+                            ];
+                            for s in &p.stages {
+                                let v = chain.results.get(&s.name).filter(|v| !v.is_null());
+                                row.push(crate::plan::guard(
+                                    &v.map(|v| v.to_string()).unwrap_or_default(),
+                                ));
+                            }
+                            row.push(crate::plan::guard(chain.error.as_deref().unwrap_or("")));
+                            w.write_record(&row)
+                                .map_err(|e| err(std::io::Error::other(e)))?;
+                        }
+                        None => {
+                            let line = StagedLine {
+                                id: &r.record_id,
+                                line: r.line,
+                                status: chain.status,
+                                review: chain.review,
+                                cost_usd: chain.cost.to_string(),
+                                attempts: chain.attempts,
+                                stages: &chain.results,
+                                error: chain.error.as_deref(),
+                            };
+                            serde_json::to_writer(&mut json, &line).map_err(|e| err(e.into()))?;
+                            json.push(b'\n');
+                        }
+                    }
+                }
+                if let Some(w) = &mut csv {
+                    w.flush().map_err(err)?;
+                }
+                if let Some(f) = &mut raw {
+                    f.write_all(&json).map_err(err)?;
+                }
+                crate::failpoint!("output.mid_write");
+            }
+        }
+        file.commit().map_err(err)
+    }
+}
+
+/// What became of one record across the stages.
+pub(crate) struct RecordChain {
+    /// `succeeded`, `failed` or `pending`.
+    pub(crate) status: &'static str,
+    /// Each stage's result (a chunk stage's as an array; null: none, or not run).
+    pub(crate) results: serde_json::Map<String, serde_json::Value>,
+    /// `pass` or `fail` when a reviewing stage (`on_fail`) ran for the record.
+    pub(crate) review: Option<&'static str>,
+    /// What this run's attempts of the record's items cost (a shared item counts in full).
+    pub(crate) cost: crate::cost::Usd,
+    pub(crate) attempts: i64,
+    /// Why the record failed: the stage, and its item's last error or why it has none.
+    pub(crate) error: Option<String>,
+}
+
+impl RecordChain {
+    pub(crate) fn of(p: &crate::config::Pipeline, links: &[&LinkRow]) -> RecordChain {
+        use serde_json::Value;
+        let mut results = serde_json::Map::new();
+        let mut status = "succeeded";
+        let mut error = None;
+        let mut review = None;
+        let mut cost = 0i64;
+        let mut attempts = 0i64;
+        let mut seen = std::collections::HashSet::new();
+        for s in &p.stages {
+            let mine: Vec<&&LinkRow> = links.iter().filter(|l| l.stage == s.name).collect();
+            if mine.is_empty() && status == "succeeded" {
+                status = "pending";
+            }
+            let mut values = Vec::new();
+            for l in &mine {
+                if let Some(id) = l.item_id
+                    && seen.insert(id)
+                {
+                    cost += l.cost_pico;
+                    attempts += l.attempts.unwrap_or(0);
+                }
+                if let Some(why) = &l.error {
+                    status = "failed";
+                    error.get_or_insert_with(|| format!("{}: {why}", s.name));
+                }
+                match l.state {
+                    Some(ItemState::Succeeded) => values.push(
+                        l.result
+                            .as_deref()
+                            .and_then(|t| serde_json::from_str(t).ok())
+                            .unwrap_or(Value::Null),
+                    ),
+                    Some(ItemState::Exhausted) => {
+                        status = "failed";
+                        error.get_or_insert_with(|| {
+                            format!(
+                                "{}: {}",
+                                s.name,
+                                l.last_error.as_deref().unwrap_or("failed for good")
+                            )
+                        });
+                        values.push(Value::Null);
+                    }
+                    Some(_) => {
+                        if status == "succeeded" {
+                            status = "pending";
+                        }
+                        values.push(Value::Null);
+                    }
+                    None => values.push(Value::Null),
+                }
+            }
+            if s.on_fail.is_some()
+                && let Some(v) = values.first()
+                && let Some(pass) = v.get("pass").and_then(Value::as_bool)
+            {
+                review = Some(if pass { "pass" } else { "fail" });
+            }
+            let v = if s.is_chunked() {
+                Value::Array(values)
+            } else {
+                values.into_iter().next().unwrap_or(Value::Null)
+            };
+            results.insert(s.name.clone(), v);
+        }
+        RecordChain {
+            status,
+            results,
+            review,
+            cost: crate::cost::Usd::from_pico(cost as i128),
+            attempts,
+            error,
+        }
+    }
+}
+
+/// One line of a multi-stage pipeline's results file.
+#[derive(serde::Serialize)]
+struct StagedLine<'a> {
+    id: &'a str,
+    line: i64,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    review: Option<&'static str>,
+    cost_usd: String,
+    attempts: i64,
+    stages: &'a serde_json::Map<String, serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
 }
 
 /// How the results file is written, by its extension.

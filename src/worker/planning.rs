@@ -22,11 +22,35 @@ pub(super) enum Planning {
 }
 
 impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
-    /// Plans batches until nothing more fits; says how planning ended.
+    /// Plans batches of every stage, earlier stages first, until nothing more fits; says
+    /// how planning ended.
     pub(super) async fn plan_round(&mut self) -> Result<Planning, RunError> {
+        let mut outcome = Planning::Nothing;
+        for i in 0..self.stages.len() {
+            let name = self.stages[i].stage.name.clone();
+            match self.plan_stage(&name).await? {
+                Planning::Planned => outcome = Planning::Planned,
+                Planning::Blocked => {
+                    if outcome == Planning::Nothing {
+                        outcome = Planning::Blocked;
+                    }
+                    self.budget_stage.get_or_insert(name);
+                }
+                Planning::Nothing => {}
+            }
+            if self.ctx.shutdown.is_set() {
+                break;
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Plans batches of one stage until nothing more fits.
+    async fn plan_stage(&mut self, stage: &str) -> Result<Planning, RunError> {
         let ctx = self.ctx;
         let p = ctx.pipeline;
-        let mode = self.plan_mode().await?;
+        let model = self.stage_run(stage)?.stage.model.clone();
+        let mode = self.plan_mode(stage).await?;
         let pricing_mode = if mode == BatchMode::Online {
             PricingMode::Standard
         } else {
@@ -36,13 +60,13 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         let t = Instant::now();
         let mut outcome = Planning::Nothing;
         while !ctx.shutdown.is_set() {
-            let budget = self.budget_check(pricing_mode).await?;
+            let budget = self.budget_check(stage, pricing_mode).await?;
             let req = PlanRequest {
                 run_id: &self.run_id,
                 pipeline: &p.name,
-                stage: p.stage(),
+                stage,
                 provider: ctx.provider.kind(),
-                model: &p.provider.model,
+                model: &model,
                 pricing_mode,
                 max_requests: p.batch.max_requests,
                 max_bytes: p.batch.max_bytes,
@@ -77,7 +101,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                     // could lock: another one is planning the same items. Under a cap that
                     // refused an item, what is left waits for a bigger budget.
                     if outcome == Planning::Nothing
-                        && (self.budget_hit || self.refused_by_item_cap(budget).await?)
+                        && (self.budget_hit || self.refused_by_item_cap(stage, budget).await?)
                     {
                         outcome = Planning::Blocked;
                     }
@@ -99,6 +123,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
     /// Whether every plannable item is over the per-item cap.
     async fn refused_by_item_cap(
         &self,
+        stage: &str,
         budget: Option<crate::store::BudgetCheck>,
     ) -> Result<bool, RunError> {
         let Some(limit) = budget.and_then(|b| b.max_item_input_tokens) else {
@@ -106,21 +131,21 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         };
         let p = self.ctx.pipeline;
         let store = self.ctx.store;
-        let over = store.plannable_over(&p.name, p.stage(), limit).await?;
-        Ok(over > 0 && over == store.plannable_count(&p.name, p.stage()).await?)
+        let over = store.plannable_over(&p.name, stage, limit).await?;
+        Ok(over > 0 && over == store.plannable_count(&p.name, stage).await?)
     }
 
     /// How the next batch is sent: `online` for an online pipeline, or for a retry round
     /// smaller than `retry_online_below`; `batch` otherwise.
-    pub(super) async fn plan_mode(&self) -> Result<BatchMode, RunError> {
+    pub(super) async fn plan_mode(&self, stage: &str) -> Result<BatchMode, RunError> {
         let p = self.ctx.pipeline;
         if p.provider.mode == crate::config::Mode::Online {
             return Ok(BatchMode::Online);
         }
         if let Some(below) = p.provider.retry_online_below {
             let store = self.ctx.store;
-            let pending = store.plannable_count(&p.name, p.stage()).await?;
-            let retries = store.plannable_retries(&p.name, p.stage()).await?;
+            let pending = store.plannable_count(&p.name, stage).await?;
+            let retries = store.plannable_retries(&p.name, stage).await?;
             if pending > 0 && pending == retries && pending < below {
                 return Ok(BatchMode::Online);
             }
@@ -131,6 +156,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
     /// The budget this planning round must fit in (`None`: no limits).
     async fn budget_check(
         &self,
+        stage: &str,
         mode: PricingMode,
     ) -> Result<Option<crate::store::BudgetCheck>, RunError> {
         let b = self.budget;
@@ -141,8 +167,9 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             Some(cap) => cap - self.ctx.store.run_commitment(&self.run_id).await?,
             None => crate::cost::Usd::from_pico(i64::MAX as i128),
         };
-        let max_out = self.ctx.pipeline.prompt.max_output_tokens as u64;
-        let rates = *self.rates(mode);
+        let sr = self.stage_run(stage)?;
+        let max_out = sr.stage.prompt.max_output_tokens as u64;
+        let rates = *sr.rates(mode);
         Ok(Some(crate::store::BudgetCheck {
             available,
             input_price: rates.input,
@@ -177,16 +204,27 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         Ok(true)
     }
 
-    /// What stopped a capped run and what the rest would take.
+    /// What stopped a capped run and what the rest would take (per stage, naming the one
+    /// the cap stopped first).
     pub(super) async fn budget_message(&self) -> Result<String, RunError> {
         let ctx = self.ctx;
         let p = ctx.pipeline;
         let store = ctx.store;
         let spent = store.run_commitment(&self.run_id).await?;
-        let (left, tokens) = store.plannable_totals(&p.name, p.stage()).await?;
-        let rates = *self.rates(p.provider.pricing_mode());
-        let max_out = p.prompt.max_output_tokens as u64;
-        let rest = rates.input.cost(tokens) + rates.output.cost(max_out.saturating_mul(left));
+        let mut left = 0u64;
+        let mut rest = crate::cost::Usd::ZERO;
+        let mut refused = 0u64;
+        for sr in &self.stages {
+            let (n, tokens) = store.plannable_totals(&p.name, &sr.stage.name).await?;
+            let rates = *sr.rates(p.provider.pricing_mode());
+            let max_out = sr.stage.prompt.max_output_tokens as u64;
+            left += n;
+            rest = rest + rates.input.cost(tokens) + rates.output.cost(max_out.saturating_mul(n));
+            if let Some(max_item) = self.budget.max_item {
+                let limit = max_item_input_tokens(max_item, &rates, max_out);
+                refused += store.plannable_over(&p.name, &sr.stage.name, limit).await?;
+            }
+        }
         let mut why = Vec::new();
         if let Some(cap) = self.budget.max {
             why.push(format!(
@@ -197,15 +235,20 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 rest.display_rounded(6)
             ));
         }
-        if let Some(max_item) = self.budget.max_item {
-            let limit = max_item_input_tokens(max_item, &rates, max_out);
-            let refused = store.plannable_over(&p.name, p.stage(), limit).await?;
-            if refused > 0 {
-                why.push(format!(
-                    "{refused} item(s) refused: their worst case alone is above max_item_usd {}",
-                    max_item.display_rounded(6)
-                ));
-            }
+        if let Some(max_item) = self.budget.max_item
+            && refused > 0
+        {
+            why.push(format!(
+                "{refused} item(s) refused: their worst case alone is above max_item_usd {}",
+                max_item.display_rounded(6)
+            ));
+        }
+        if p.is_multi_stage()
+            && let Some(stage) = &self.budget_stage
+        {
+            why.push(format!(
+                "stage `{stage}` was the first the cap stopped; the records waiting on it stay pending"
+            ));
         }
         Ok(format!(
             "budget: {}; raise --budget-usd (or [budget]) and run again to send the rest",

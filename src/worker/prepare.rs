@@ -1,33 +1,12 @@
-//! Preparing a run: the request shape and prompt counter the source is rendered with, the
-//! check that what was read is usable (not empty, not mostly quarantined: docs/design.md,
+//! Preparing a run: the check that what was read is usable (not empty, not mostly quarantined: docs/design.md,
 //! invariant 5), and the worksheet stored for `reconcile`. Reading and storing the records
 //! themselves is `ingest.rs`.
 
-use super::{RunError, Runner, schema_name, spec};
+use super::{RunError, Runner};
 use crate::provider::BatchProvider;
-use crate::request::RequestShape;
 use crate::store::{Store, StoreError};
 
 impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
-    pub(super) fn shape(&self) -> Result<RequestShape, RunError> {
-        let p = self.ctx.pipeline;
-        let name = schema_name(&p.name);
-        self.ctx
-            .provider
-            .codec()
-            .request_shape(&spec(p, self.validator.schema(), &name))
-            .map_err(RunError::Config)
-    }
-
-    pub(super) fn counter(&self) -> crate::cost::tokens::PromptCounter {
-        let p = self.ctx.pipeline;
-        let name = schema_name(&p.name);
-        self.ctx
-            .provider
-            .codec()
-            .prompt_counter(&spec(p, self.validator.schema(), &name))
-    }
-
     /// Whether the source as read is unusable: empty, or mostly quarantined (a template
     /// field no record has, the wrong id field, the wrong file). Such a run sends nothing.
     pub(super) async fn bad_input(&self) -> Result<Option<String>, RunError> {
@@ -78,18 +57,20 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         let f = store.run_figures(&self.run_id).await?;
         let ws = crate::plan::Worksheet::compute(crate::plan::PlanInputs {
             pipeline: p,
-            price: ctx.price,
+            price: &ctx.prices[0],
             mode: ctx.pipeline.provider.pricing_mode(),
             exact_tokens,
             records_read: run.records_read as u64,
             quarantined: run.records_quarantined as u64,
             unique_items: f.unique_items,
             already_done: f.succeeded,
-            todo_tokens: store.plannable_tokens(&p.name, p.stage()).await?,
+            todo_tokens: store
+                .plannable_tokens(&p.name, &p.first_stage().name)
+                .await?,
             todo_records: f.records_valid.saturating_sub(f.records_done),
             job_tokens: store.run_item_tokens(&self.run_id).await?,
             job_records: f.records_valid,
-            history: store.history(&p.name, p.stage()).await?,
+            history: store.history(&p.name, &p.first_stage().name).await?,
             monthly_items: None,
             backfill_items: None,
         });

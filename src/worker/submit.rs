@@ -390,7 +390,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 b,
                 AttemptVerdict::BatchRejected,
                 &error,
-                self.ctx.pipeline.max_attempts,
+                self.stage_run(&b.stage)?.stage.max_attempts,
                 self.collector(),
             )
             .await?;

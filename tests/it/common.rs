@@ -172,14 +172,14 @@ pub async fn run_against(
     let p = Pipeline::load(pipeline_file).unwrap();
     let store = SqlStore::open_sqlite(db).await.unwrap();
     let prices = PriceTable::builtin();
-    let price = prices.lookup("openai", &p.provider.model).unwrap().clone();
+    let price = p.stage_prices(&prices).unwrap();
     let c = client(sim);
     let observer = Recorder::default();
     let ctx = RunContext {
         store: &store,
         provider: &c,
         pipeline: &p,
-        price: &price,
+        prices: &price,
         observer: &observer,
         work_dir: db.parent().unwrap().to_path_buf(),
         output_path: p.output.path.clone(),

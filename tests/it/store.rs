@@ -97,6 +97,8 @@ fn records(shape: &RequestShape, n: usize, distinct: usize, tokens: u64) -> Vec<
                 key: shape.key(&user),
                 body_bytes: shape.body_len(&user),
                 user_json: user,
+                data: None,
+                more: Vec::new(),
             }
         })
         .collect()
@@ -112,6 +114,7 @@ async fn ingest(s: &SqlStore, run: &str, recs: &[PreparedRecord]) -> u64 {
             stage: "main",
             shape_id,
             source: "in.jsonl",
+            links: false,
         },
         recs,
         &[],
@@ -334,6 +337,8 @@ async fn seeded_more(s: &SqlStore, run: &str) -> u64 {
                 key: shape.key(&user),
                 body_bytes: shape.body_len(&user),
                 user_json: user,
+                data: None,
+                more: Vec::new(),
             }
         })
         .collect();

@@ -41,7 +41,7 @@ pub(crate) async fn run(a: CancelArgs) -> Result<i32, Exit> {
         store: &pre.store,
         provider: &pre.client,
         pipeline: p,
-        price: &pre.price,
+        prices: &pre.prices,
         observer: &LineObserver,
         work_dir: pre.work_dir.clone(),
         output_path: p.output.path.clone(),

@@ -12,16 +12,17 @@ pub(crate) async fn run(a: PlanArgs) -> Result<i32, Exit> {
     let pricing_file = a.pricing.clone().or(p.pricing_file.clone());
     let prices =
         PriceTable::builtin_with(pricing_file.as_deref()).map_err(|e| exit(EXIT_CONFIG, e))?;
+    let first = p.first_stage();
     let price = prices
-        .lookup(p.provider.kind.as_str(), &p.provider.model)
+        .lookup(p.provider.kind.as_str(), &first.model)
         .map_err(|e| exit(EXIT_CONFIG, e))?
         .clone();
-    let validator = crate::validate::OutputValidator::load(&p.output.schema)
+    let validator = crate::validate::OutputValidator::load(&first.schema)
         .map_err(|e| exit(EXIT_CONFIG, anyhow::anyhow!(e)))?;
     // Only the request shape and the token counter are needed: no key, no connection.
     let codec = crate::provider::Codec::for_config(&p.provider);
-    let name = worker::schema_name(&p.name);
-    let spec = worker::spec(&p, validator.schema(), &name);
+    let name = worker::stage_schema_name(&p, first);
+    let spec = worker::spec(first, validator.schema(), &name);
     let shape = codec
         .request_shape(&spec)
         .map_err(|e| exit(EXIT_CONFIG, anyhow::anyhow!(e)))?;
@@ -37,11 +38,11 @@ pub(crate) async fn run(a: PlanArgs) -> Result<i32, Exit> {
         let store = open_store(&loc, Some(&a.file), None).await?.store;
         let keys: Vec<[u8; 32]> = scan.items.keys().copied().collect();
         let done: std::collections::HashSet<[u8; 32]> = store
-            .succeeded_among(&p.name, p.stage(), &keys)
+            .succeeded_among(&p.name, &first.name, &keys)
             .await?
             .into_iter()
             .collect();
-        let history = store.history(&p.name, p.stage()).await?;
+        let history = store.history(&p.name, &first.name).await?;
         store.close().await;
         (done, history)
     } else {

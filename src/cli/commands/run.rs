@@ -70,7 +70,7 @@ pub(crate) async fn run(a: RunArgs, json_logs: bool) -> Result<i32, Exit> {
         store: &pre.store,
         provider: &pre.client,
         pipeline: p,
-        price: &pre.price,
+        prices: &pre.prices,
         observer: observer.as_ref(),
         work_dir: pre.work_dir.clone(),
         output_path,

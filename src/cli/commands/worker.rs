@@ -95,7 +95,7 @@ pub(crate) async fn run(a: WorkerArgs, json_logs: bool) -> Result<i32, Exit> {
             store: &store,
             provider: client,
             pipeline: p,
-            price,
+            prices: price,
             observer: observer.as_ref(),
             work_dir: pipeline_dir(Some(file)).join(".nightshift"),
             output_path: p.output.path.clone(),

@@ -70,6 +70,7 @@ pub(super) async fn ingest(
         stage,
         shape_id,
         source,
+        links,
     } = *target;
     let now = now_ms();
     let mut stats = IngestStats {
@@ -104,6 +105,9 @@ pub(super) async fn ingest(
             recs.push(&r.key[..]);
         }
         tx.execute(recs).await?;
+    }
+    if links {
+        stats.new_items += super::stages::ingest_links(&mut tx, target, now, records).await?;
     }
     for chunk in quarantined.chunks(ROWS_PER_STATEMENT) {
         let mut qq = q(format!(

@@ -21,6 +21,7 @@ mod planning;
 mod reports;
 mod results;
 mod runs;
+mod stages;
 
 use std::collections::HashSet;
 use std::sync::OnceLock;
@@ -229,6 +230,24 @@ impl Store for SqlStore {
         quarantined: &[Quarantined],
     ) -> Result<IngestStats> {
         ingest::ingest(self, target, records, quarantined).await
+    }
+
+    async fn ready_records(
+        &self,
+        run_id: &str,
+        stage: &str,
+        needs: &[String],
+        limit: u32,
+    ) -> Result<Vec<ReadyRecord>> {
+        stages::ready_records(self, run_id, stage, needs, limit).await
+    }
+
+    async fn add_links(&self, target: &IngestTarget<'_>, links: &[NewLinks]) -> Result<u64> {
+        stages::add_links(self, target, links).await
+    }
+
+    async fn links_between(&self, run_id: &str, first: i64, last: i64) -> Result<Vec<LinkRow>> {
+        stages::links_between(self, run_id, first, last).await
     }
 
     async fn plannable_count(&self, pipeline: &str, stage: &str) -> Result<u64> {

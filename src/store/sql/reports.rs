@@ -132,6 +132,7 @@ pub(super) async fn run_figures(store: &SqlStore, run_id: &str) -> Result<RunFig
     f.collected.batches = count(batches);
     f.collected.results = count(results);
     f.collected.cost = Usd::from_pico(cost as i128);
+    stage_figures(store, run_id, &mut f).await?;
     f.collected.runs = db
         .all::<(String,)>(
             q(
@@ -253,4 +254,178 @@ pub(super) async fn ledger_totals(
         cost: Usd::from_pico(r.6 as i128),
         standard_cost: Usd::from_pico(r.7 as i128),
     })
+}
+
+/// A multi-stage run (one with record → item links): its item and record counts over every
+/// stage, and its figures per stage. A record counts as done once each stage has its links
+/// and every linked item succeeded (a skipped stage counts as done).
+async fn stage_figures(store: &SqlStore, run_id: &str, f: &mut RunFigures) -> Result<()> {
+    let db = &store.db;
+    let stages: Vec<(String,)> = db
+        .all(q("SELECT stage FROM runs WHERE id = $1").bind(run_id))
+        .await?;
+    let names: Vec<String> = stages
+        .first()
+        .map(|(s,)| s.split(',').map(str::to_string).collect())
+        .unwrap_or_default();
+    let linked: i64 = db
+        .scalar(q("SELECT COUNT(*) FROM record_items WHERE run_id = $1").bind(run_id))
+        .await?;
+    if names.len() < 2 || linked == 0 {
+        return Ok(());
+    }
+    // Items: every item linked to the run's records, at any stage.
+    let states: Vec<(ItemState, i64)> = db
+        .all(
+            q("SELECT i.state, COUNT(*) FROM items i \
+               WHERE i.id IN (SELECT item_id FROM record_items WHERE run_id = $1) GROUP BY i.state")
+            .bind(run_id),
+        )
+        .await?;
+    (f.unique_items, f.succeeded, f.exhausted, f.unfinished) = (0, 0, 0, 0);
+    for (state, n) in states {
+        let n = count(n);
+        f.unique_items += n;
+        match state {
+            ItemState::Succeeded => f.succeeded += n,
+            ItemState::Exhausted => f.exhausted += n,
+            _ => f.unfinished += n,
+        }
+    }
+    f.reused = count(
+        db.scalar(
+            q("SELECT COUNT(*) FROM items i WHERE i.state = 'succeeded' \
+               AND i.id IN (SELECT item_id FROM record_items WHERE run_id = $1) \
+               AND EXISTS (SELECT 1 FROM attempts a WHERE a.item_id = i.id \
+                           AND a.state = 'succeeded' AND a.completed_at < \
+                           (SELECT started_at FROM runs WHERE id = $1))")
+            .bind(run_id),
+        )
+        .await?,
+    );
+    // Records: done when every stage is linked and nothing linked is unfinished or failed.
+    let done_sql = "(SELECT COUNT(DISTINCT x.stage) FROM record_items x WHERE x.run_id = r.run_id AND x.line = r.line) = $2 \
+         AND NOT EXISTS (SELECT 1 FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
+           WHERE x.run_id = r.run_id AND x.line = r.line \
+           AND (x.error IS NOT NULL OR (x.item_id IS NOT NULL AND i.state <> 'succeeded')))";
+    f.records_done = count(
+        db.scalar(
+            q(format!(
+                "SELECT COUNT(*) FROM records r WHERE r.run_id = $1 AND {done_sql}"
+            ))
+            .bind(run_id)
+            .bind(names.len() as i64),
+        )
+        .await?,
+    );
+    f.processed_records = count(
+        db.scalar(
+            q(format!(
+                "SELECT COUNT(*) FROM records r WHERE r.run_id = $1 AND {done_sql} \
+                 AND EXISTS (SELECT 1 FROM record_items x JOIN attempts a ON a.item_id = x.item_id \
+                   JOIN batches b ON b.id = a.batch_id \
+                   WHERE x.run_id = r.run_id AND x.line = r.line AND a.state = 'succeeded' AND b.run_id = r.run_id)"
+            ))
+            .bind(run_id)
+            .bind(names.len() as i64),
+        )
+        .await?,
+    );
+    type Links = (String, i64, i64, i64, i64, i64, i64);
+    let links: Vec<Links> = db
+        .all(
+            q("SELECT x.stage, COUNT(DISTINCT x.item_id), COUNT(DISTINCT x.line), \
+                 COUNT(DISTINCT CASE WHEN x.item_id IS NULL AND x.error IS NULL THEN x.line END), \
+                 COUNT(DISTINCT CASE WHEN x.error IS NOT NULL OR i.state = 'exhausted' THEN x.line END), \
+                 COUNT(DISTINCT CASE WHEN i.state = 'succeeded' THEN x.item_id END), \
+                 COUNT(DISTINCT CASE WHEN i.state = 'exhausted' THEN x.item_id END) \
+               FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
+               WHERE x.run_id = $1 GROUP BY x.stage")
+            .bind(run_id),
+        )
+        .await?;
+    type Sent = (
+        String,
+        String,
+        String,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+    );
+    let sent: Vec<Sent> = db
+        .all(
+            q("SELECT b.stage, b.model, b.pricing_mode, COUNT(a.id), COUNT(DISTINCT a.item_id), \
+                 CAST(COALESCE(SUM(l.input_tokens), 0) AS BIGINT), \
+                 CAST(COALESCE(SUM(l.cached_input_tokens), 0) AS BIGINT), \
+                 CAST(COALESCE(SUM(l.cache_write_tokens), 0) AS BIGINT), \
+                 CAST(COALESCE(SUM(l.output_tokens), 0) AS BIGINT), \
+                 CAST(COALESCE(SUM(l.reasoning_tokens), 0) AS BIGINT), \
+                 CAST(COALESCE(SUM(l.cost_pico), 0) AS BIGINT), \
+                 CAST(COALESCE(SUM(l.standard_cost_pico), 0) AS BIGINT) \
+               FROM attempts a JOIN batches b ON b.id = a.batch_id LEFT JOIN ledger l ON l.attempt_id = a.id \
+               WHERE b.run_id = $1 GROUP BY b.stage, b.model, b.pricing_mode ORDER BY b.stage, b.model")
+            .bind(run_id),
+        )
+        .await?;
+    let reviews: Vec<(String, String)> = db
+        .all(
+            q(
+                "SELECT x.stage, i.result FROM record_items x JOIN items i ON i.id = x.item_id \
+               WHERE x.run_id = $1 AND i.state = 'succeeded' AND i.result LIKE '%\"pass\"%'",
+            )
+            .bind(run_id),
+        )
+        .await?;
+    f.stages = names
+        .iter()
+        .map(|name| {
+            let mut s = StageFigures {
+                stage: name.clone(),
+                ..Default::default()
+            };
+            if let Some(l) = links.iter().find(|l| &l.0 == name) {
+                s.items = count(l.1);
+                s.records = count(l.2) - count(l.3);
+                s.skipped = count(l.3);
+                s.failed_records = count(l.4);
+                s.succeeded = count(l.5);
+                s.exhausted = count(l.6);
+            }
+            for x in sent.iter().filter(|x| &x.0 == name) {
+                s.attempts += count(x.3);
+                s.items_attempted += count(x.4);
+                s.usage.input_tokens += count(x.5);
+                s.usage.cached_input_tokens += count(x.6);
+                s.usage.cache_write_tokens += count(x.7);
+                s.usage.output_tokens += count(x.8);
+                s.usage.reasoning_tokens += count(x.9);
+                s.cost += Usd::from_pico(x.10 as i128);
+                s.standard_cost += Usd::from_pico(x.11 as i128);
+                if !s.models.contains(&x.1) {
+                    s.models.push(x.1.clone());
+                }
+                if !s.pricing_modes.contains(&x.2) {
+                    s.pricing_modes.push(x.2.clone());
+                }
+            }
+            for (_, result) in reviews.iter().filter(|r| &r.0 == name) {
+                match serde_json::from_str::<serde_json::Value>(result)
+                    .ok()
+                    .and_then(|v| v.get("pass").and_then(serde_json::Value::as_bool))
+                {
+                    Some(true) => s.review_pass += 1,
+                    Some(false) => s.review_fail += 1,
+                    None => {}
+                }
+            }
+            s
+        })
+        .collect();
+    Ok(())
 }

@@ -198,6 +198,10 @@ pub(super) async fn prune_records(store: &SqlStore, pipeline: &str, keep: u32) -
         .await?;
     let mut n = 0;
     for (id,) in old {
+        store
+            .db
+            .execute(q("DELETE FROM record_items WHERE run_id = $1").bind(&id))
+            .await?;
         n += store
             .db
             .execute(q("DELETE FROM records WHERE run_id = $1").bind(&id))

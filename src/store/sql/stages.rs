@@ -1,0 +1,231 @@
+//! Stages: a multi-stage pipeline's record → item links. The first stage's links are written
+//! at ingest (with the record's fields, which later stages render from); a later stage's
+//! links are written as the items it needs succeed ([`ready_records`] finds the records,
+//! [`add_links`] stores what the runner rendered). Every write is an insert-or-ignore on a
+//! key (the item's dedupe key, the link's (run, line, stage, chunk)), so doing it twice —
+//! after a kill, or from two workers at once — changes nothing.
+
+use super::ingest::insert_items_sql;
+use super::*;
+use crate::request::PreparedItem;
+
+/// Binds: run_id, pipeline, stage; then per row line, chunk, key.
+fn insert_links_sql(rows: usize) -> String {
+    format!(
+        "WITH c(r, p, s) AS (SELECT ?, ?, ?) \
+         INSERT INTO record_items (run_id, line, stage, chunk, item_id) \
+         SELECT (SELECT r FROM c), v.column1, (SELECT s FROM c), v.column2, \
+           (SELECT i.id FROM items i, c WHERE i.pipeline = c.p AND i.stage = c.s AND i.dedupe_key = v.column3) \
+         FROM (VALUES {}) AS v \
+         WHERE true ON CONFLICT (run_id, line, stage, chunk) DO NOTHING",
+        values_sql(rows, 3)
+    )
+}
+
+/// Inserts `items` of the target's stage (new ones `pending`) and links `(line, chunk, key)`.
+async fn insert_items_and_links(
+    tx: &mut Tx,
+    t: &IngestTarget<'_>,
+    now: i64,
+    items: &[(i64, i64, &PreparedItem)],
+) -> Result<u64> {
+    let mut new_items = 0;
+    for chunk in items.chunks(ROWS_PER_STATEMENT) {
+        let mut ins = q(insert_items_sql(chunk.len()))
+            .bind(t.pipeline)
+            .bind(t.stage)
+            .bind(t.shape_id)
+            .bind(t.run_id)
+            .bind(now);
+        for (_, _, it) in chunk {
+            ins.push(&it.key[..]);
+            ins.push(it.user_json.as_str());
+            ins.push(it.body_bytes as i64);
+            ins.push(i64_of(it.input_tokens));
+        }
+        new_items += tx.execute(ins).await?;
+        let mut links = q(insert_links_sql(chunk.len()))
+            .bind(t.run_id)
+            .bind(t.pipeline)
+            .bind(t.stage);
+        for (line, c, it) in chunk {
+            links.push(*line);
+            links.push(*c);
+            links.push(&it.key[..]);
+        }
+        tx.execute(links).await?;
+    }
+    Ok(new_items)
+}
+
+/// At ingest (inside its transaction): the first stage's links of every record, chunk 0
+/// included, and each record's fields.
+pub(super) async fn ingest_links(
+    tx: &mut Tx,
+    t: &IngestTarget<'_>,
+    now: i64,
+    records: &[crate::request::PreparedRecord],
+) -> Result<u64> {
+    let firsts: Vec<PreparedItem> = records
+        .iter()
+        .map(|r| PreparedItem {
+            key: r.key,
+            input_tokens: r.input_tokens,
+            user_json: r.user_json.clone(),
+            body_bytes: r.body_bytes,
+        })
+        .collect();
+    let mut rows: Vec<(i64, i64, &PreparedItem)> = Vec::new();
+    for (r, first) in records.iter().zip(&firsts) {
+        rows.push((r.line as i64, 0, first));
+        for (i, more) in r.more.iter().enumerate() {
+            rows.push((r.line as i64, i as i64 + 1, more));
+        }
+    }
+    let new_items = insert_items_and_links(tx, t, now, &rows).await?;
+    for r in records {
+        if let Some(data) = &r.data {
+            tx.execute(
+                q("UPDATE records SET data = $1 WHERE run_id = $2 AND line = $3")
+                    .bind(data.as_str())
+                    .bind(t.run_id)
+                    .bind(r.line as i64),
+            )
+            .await?;
+        }
+    }
+    Ok(new_items)
+}
+
+/// Up to `limit` records of the run that have no link at `stage` yet and whose every link at
+/// each of `needs` is final: its item succeeded, or the stage was skipped for the record.
+/// Records with a failed needed item are never ready (they failed). In line order, with their
+/// links at `needs`.
+pub(super) async fn ready_records(
+    store: &SqlStore,
+    run_id: &str,
+    stage: &str,
+    needs: &[String],
+    limit: u32,
+) -> Result<Vec<ReadyRecord>> {
+    let mut sql = String::from(
+        "SELECT r.line, r.record_id, COALESCE(r.data, '{}') FROM records r WHERE r.run_id = $1 \
+         AND NOT EXISTS (SELECT 1 FROM record_items x WHERE x.run_id = r.run_id AND x.line = r.line AND x.stage = $2)",
+    );
+    let mut n = 3;
+    for _ in needs {
+        sql.push_str(&format!(
+            " AND EXISTS (SELECT 1 FROM record_items x WHERE x.run_id = r.run_id AND x.line = r.line AND x.stage = ${n}) \
+              AND NOT EXISTS (SELECT 1 FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
+                WHERE x.run_id = r.run_id AND x.line = r.line AND x.stage = ${n} \
+                AND (x.error IS NOT NULL OR (x.item_id IS NOT NULL AND i.state <> 'succeeded')))"
+        ));
+        n += 1;
+    }
+    sql.push_str(&format!(" ORDER BY r.line LIMIT ${n}"));
+    let mut query = q(sql).bind(run_id).bind(stage);
+    for s in needs {
+        query = query.bind(s.as_str());
+    }
+    let rows: Vec<(i64, String, String)> = store.db.all(query.bind(limit as i64)).await?;
+    let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+        return Ok(Vec::new());
+    };
+    let mut links = links_between(store, run_id, first.0, last.0).await?;
+    links.retain(|l| needs.contains(&l.stage));
+    let mut out = Vec::with_capacity(rows.len());
+    for (line, record_id, data) in rows {
+        let inputs = links.iter().filter(|l| l.line == line).cloned().collect();
+        out.push(ReadyRecord {
+            line,
+            record_id,
+            data,
+            inputs,
+        });
+    }
+    Ok(out)
+}
+
+/// Every link of the run's records from `first` to `last` (lines), with its item's state,
+/// result, this run's cost of it and how many of the run's records share it.
+pub(super) async fn links_between(
+    store: &SqlStore,
+    run_id: &str,
+    first: i64,
+    last: i64,
+) -> Result<Vec<LinkRow>> {
+    store
+        .db
+        .all(
+            q("SELECT x.line, x.stage, x.chunk, x.item_id, i.state, i.attempts, i.result, i.last_error, x.error, \
+                 CAST(COALESCE((SELECT SUM(l.cost_pico) FROM ledger l JOIN attempts a ON a.id = l.attempt_id \
+                   JOIN batches b ON b.id = a.batch_id WHERE a.item_id = x.item_id AND b.run_id = x.run_id), 0) AS BIGINT) AS cost_pico, \
+                 CAST((SELECT COUNT(*) FROM record_items y WHERE y.run_id = x.run_id AND y.item_id = x.item_id) AS BIGINT) AS sharers \
+               FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
+               WHERE x.run_id = $1 AND x.line BETWEEN $2 AND $3 \
+               ORDER BY x.line, x.stage, x.chunk")
+            .bind(run_id)
+            .bind(first)
+            .bind(last),
+        )
+        .await
+}
+
+/// Stores what a later stage became for each record: its items (new ones `pending`) and
+/// links, the items they were rendered from, or a link saying it was skipped or failed.
+/// Returns how many new items were created.
+pub(super) async fn add_links(
+    store: &SqlStore,
+    t: &IngestTarget<'_>,
+    links: &[NewLinks],
+) -> Result<u64> {
+    let now = now_ms();
+    let mut tx = store.db.begin().await?;
+    let mut rows: Vec<(i64, i64, &PreparedItem)> = Vec::new();
+    for l in links {
+        match &l.link {
+            StageLink::Items { items, .. } => {
+                for (c, it) in items.iter().enumerate() {
+                    rows.push((l.line, c as i64, it));
+                }
+            }
+            StageLink::Skipped | StageLink::Failed(_) => {
+                let error = match &l.link {
+                    StageLink::Failed(why) => Some(why.as_str()),
+                    _ => None,
+                };
+                tx.execute(
+                    q("INSERT INTO record_items (run_id, line, stage, chunk, item_id, error) \
+                       VALUES ($1, $2, $3, 0, NULL, $4) ON CONFLICT (run_id, line, stage, chunk) DO NOTHING")
+                    .bind(t.run_id)
+                    .bind(l.line)
+                    .bind(t.stage)
+                    .bind(error),
+                )
+                .await?;
+            }
+        }
+    }
+    let new_items = insert_items_and_links(&mut tx, t, now, &rows).await?;
+    for l in links {
+        let StageLink::Items { items, parents } = &l.link else {
+            continue;
+        };
+        for it in items {
+            for parent in parents {
+                tx.execute(
+                    q("INSERT INTO item_parents (item_id, parent_id) \
+                       SELECT i.id, $1 FROM items i WHERE i.pipeline = $2 AND i.stage = $3 AND i.dedupe_key = $4 \
+                       ON CONFLICT (item_id, parent_id) DO NOTHING")
+                    .bind(*parent)
+                    .bind(t.pipeline)
+                    .bind(t.stage)
+                    .bind(&it.key[..]),
+                )
+                .await?;
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(new_items)
+}

@@ -1,0 +1,415 @@
+//! The stages of a run: what each one needs at run time ([`StageRun`]: its request shape,
+//! validator, prices, prompt counter and tokenizer), rendering a record's items for a stage
+//! (chunks included), and advancing records: once every item a record needs at the earlier
+//! stages has succeeded, its items of the next stage are rendered from the record and those
+//! results and stored (insert-or-ignore, so a repeat after a kill or by another worker
+//! changes nothing). A needed item that failed for good leaves the record failed: its later
+//! stages are never created, so never sent nor paid for.
+
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use super::{Event, RunContext, RunError, Runner, spec, stage_schema_name};
+use crate::config::{ForEach, Stage};
+use crate::cost::tokens::{PromptCounter, Tokenizer};
+use crate::cost::{PricingMode, Rates};
+use crate::provider::BatchProvider;
+use crate::request::{PreparedItem, RequestShape};
+use crate::store::{IngestTarget, LinkRow, NewLinks, ReadyRecord, StageLink, Store};
+use crate::validate::OutputValidator;
+
+/// Records advanced per store transaction.
+const ADVANCE_PAGE: u32 = 500;
+
+/// What one stage needs at run time.
+pub(crate) struct StageRun {
+    pub(crate) stage: Stage,
+    pub(crate) validator: OutputValidator,
+    pub(crate) shape: RequestShape,
+    pub(crate) counter: PromptCounter,
+    pub(crate) tokenizer: Tokenizer,
+    pub(crate) batch_rates: Rates,
+    pub(crate) standard_rates: Rates,
+}
+
+impl StageRun {
+    pub(crate) fn new<S: Store, P: BatchProvider>(
+        ctx: &RunContext<'_, S, P>,
+        index: usize,
+    ) -> Result<StageRun, RunError> {
+        let p = ctx.pipeline;
+        let stage = &p.stages[index];
+        let validator = OutputValidator::load(&stage.schema).map_err(RunError::Config)?;
+        let price = ctx.prices.get(index).ok_or_else(|| {
+            RunError::Config(format!("no price given for stage `{}`", stage.name))
+        })?;
+        let mode = p.provider.pricing_mode();
+        let batch_rates = match (mode, price.batch) {
+            (_, Some(b)) => b,
+            // Online only: batch prices are never needed.
+            (PricingMode::Standard, None) => price.standard,
+            (PricingMode::Batch, None) => {
+                return Err(RunError::Config(format!(
+                    "model `{}` has no batch price",
+                    stage.model
+                )));
+            }
+        };
+        let name = stage_schema_name(p, stage);
+        let codec = ctx.provider.codec();
+        let s = spec(stage, validator.schema(), &name);
+        let shape = codec.request_shape(&s).map_err(RunError::Config)?;
+        let counter = codec.prompt_counter(&s);
+        Ok(StageRun {
+            stage: stage.clone(),
+            validator,
+            shape,
+            counter,
+            tokenizer: Tokenizer::for_model(&stage.model),
+            batch_rates,
+            standard_rates: price.standard,
+        })
+    }
+
+    pub(crate) fn rates(&self, mode: PricingMode) -> &Rates {
+        match mode {
+            PricingMode::Batch => &self.batch_rates,
+            PricingMode::Standard => &self.standard_rates,
+        }
+    }
+
+    /// What rendering the stage needs, to be moved to a blocking thread.
+    pub(crate) fn renderer(&self) -> Renderer {
+        Renderer {
+            stage: self.stage.clone(),
+            shape: self.shape.clone(),
+            counter: self.counter,
+            tokenizer: self.tokenizer,
+        }
+    }
+
+    /// Whether the stage runs for a record: in its sample (by a hash of the stage and the
+    /// record id, the same on every machine), or its `when` holds. A stage with neither runs
+    /// for every record.
+    pub(crate) fn selects(&self, record_id: &str, context: &Value) -> Result<bool, String> {
+        let s = &self.stage;
+        if s.for_every_record() {
+            return Ok(true);
+        }
+        if let Some(share) = s.sample
+            && in_sample(&s.name, record_id, share)
+        {
+            return Ok(true);
+        }
+        match &s.when {
+            Some(w) => w
+                .render(context)
+                .map(|out| out == "true")
+                .map_err(|e| format!("when `{}`: {e}", s.when_text.as_deref().unwrap_or(""))),
+            None => Ok(false),
+        }
+    }
+}
+
+/// Renders one stage's items for a record: one, or one per chunk of its split field.
+#[derive(Clone)]
+pub(crate) struct Renderer {
+    stage: Stage,
+    shape: RequestShape,
+    counter: PromptCounter,
+    tokenizer: Tokenizer,
+}
+
+impl Renderer {
+    /// `context` is the record's fields plus the results of the needed stages.
+    pub(crate) fn render(
+        &self,
+        context: &Value,
+        scratch: &mut String,
+    ) -> Result<Vec<PreparedItem>, RenderFailure> {
+        let template = &self.stage.prompt.user;
+        match &self.stage.for_each {
+            ForEach::Record => {
+                PreparedItem::render(&self.shape, template, Some(&self.counter), context, scratch)
+                    .map(|it| vec![it])
+                    .map_err(|e| RenderFailure {
+                        field: e.field().map(str::to_string),
+                        reason: e.to_string(),
+                    })
+            }
+            ForEach::Chunk(split) => {
+                let text = match context.get(&split.field) {
+                    Some(Value::String(s)) => s.as_str(),
+                    Some(Value::Null) | None => "",
+                    Some(_) => {
+                        return Err(RenderFailure {
+                            field: Some(split.field.clone()),
+                            reason: format!(
+                                "field `{}` is not text: nothing to split",
+                                split.field
+                            ),
+                        });
+                    }
+                };
+                let chunks = crate::split::split(
+                    text,
+                    crate::split::SplitSpec {
+                        max_tokens: split.max_tokens,
+                        overlap_tokens: split.overlap_tokens,
+                    },
+                    &self.tokenizer,
+                );
+                if chunks.is_empty() {
+                    return Err(RenderFailure {
+                        field: Some(split.field.clone()),
+                        reason: format!(
+                            "field `{}` is empty or missing: nothing to split",
+                            split.field
+                        ),
+                    });
+                }
+                let count = chunks.len();
+                let mut ctx = match context {
+                    Value::Object(m) => m.clone(),
+                    _ => Map::new(),
+                };
+                let mut items = Vec::with_capacity(count);
+                for (index, text) in chunks.into_iter().enumerate() {
+                    ctx.insert(
+                        crate::config::CHUNK_VAR.into(),
+                        serde_json::json!({"index": index, "count": count, "text": text}),
+                    );
+                    let v = Value::Object(std::mem::take(&mut ctx));
+                    let r = PreparedItem::render(
+                        &self.shape,
+                        template,
+                        Some(&self.counter),
+                        &v,
+                        scratch,
+                    );
+                    if let Value::Object(m) = v {
+                        ctx = m;
+                    }
+                    items.push(r.map_err(|e| RenderFailure {
+                        field: e.field().map(str::to_string),
+                        reason: format!("chunk {} of {count}: {e}", index + 1),
+                    })?);
+                }
+                Ok(items)
+            }
+        }
+    }
+}
+
+/// Why a record's items could not be rendered.
+#[derive(Clone, Debug)]
+pub(crate) struct RenderFailure {
+    pub(crate) field: Option<String>,
+    pub(crate) reason: String,
+}
+
+/// Whether `record_id` falls in a stage's `share` of records: the first 8 bytes of
+/// sha256(stage, NUL, id) as a fraction of 2^64, below the share.
+pub fn in_sample(stage: &str, record_id: &str, share: rust_decimal::Decimal) -> bool {
+    let mut h = Sha256::new();
+    h.update(stage.as_bytes());
+    h.update([0u8]);
+    h.update(record_id.as_bytes());
+    let d: [u8; 32] = h.finalize().into();
+    let x = u64::from_be_bytes(d[..8].try_into().expect("8 bytes"));
+    // x / 2^64 < share  ⇔  x < share · 2^64, in exact decimal arithmetic on the top 32 bits.
+    let top = rust_decimal::Decimal::from(x >> 32);
+    top < share * rust_decimal::Decimal::from(1u64 << 32)
+}
+
+/// The template context of a record at a later stage: its fields, and under each needed
+/// stage's name that stage's result (a chunk stage's as an array in chunk order).
+pub(crate) fn context_of(
+    data: &str,
+    needs: &[String],
+    chunked: impl Fn(&str) -> bool,
+    inputs: &[LinkRow],
+) -> Result<Value, String> {
+    let mut ctx = match serde_json::from_str::<Value>(data) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => Map::new(),
+        Err(e) => return Err(format!("the stored record is not JSON: {e}")),
+    };
+    for need in needs {
+        let mut results = Vec::new();
+        for l in inputs.iter().filter(|l| &l.stage == need) {
+            let v = match &l.result {
+                Some(text) => serde_json::from_str(text)
+                    .map_err(|e| format!("the result of `{need}` is not JSON: {e}"))?,
+                None => Value::Null,
+            };
+            results.push(v);
+        }
+        let v = if chunked(need) {
+            Value::Array(results)
+        } else {
+            results.into_iter().next().unwrap_or(Value::Null)
+        };
+        ctx.insert(need.clone(), v);
+    }
+    Ok(Value::Object(ctx))
+}
+
+impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
+    /// Creates the items of every later stage for the records whose needed items have all
+    /// succeeded; returns how many items are new.
+    pub(super) async fn advance(&mut self) -> Result<u64, RunError> {
+        let ctx = self.ctx;
+        let p = ctx.pipeline;
+        if !p.is_multi_stage() || self.run_id.is_empty() {
+            return Ok(0);
+        }
+        let mut created = 0;
+        for index in 1..self.stages.len() {
+            let shape_id = ctx.store.ensure_shape(&self.stages[index].shape).await?;
+            loop {
+                if ctx.shutdown.is_set() {
+                    return Ok(created);
+                }
+                let sr = &self.stages[index];
+                let ready = ctx
+                    .store
+                    .ready_records(&self.run_id, &sr.stage.name, &sr.stage.needs, ADVANCE_PAGE)
+                    .await?;
+                if ready.is_empty() {
+                    break;
+                }
+                let links = self.links_for(index, &ready);
+                let target = IngestTarget {
+                    run_id: &self.run_id,
+                    pipeline: &p.name,
+                    stage: &self.stages[index].stage.name,
+                    shape_id,
+                    source: "",
+                    links: true,
+                };
+                let new = ctx.store.add_links(&target, &links).await?;
+                crate::failpoint!("advance.after_commit");
+                created += new;
+                let failed = links
+                    .iter()
+                    .filter(|l| matches!(l.link, StageLink::Failed(_)))
+                    .count();
+                if failed > 0 {
+                    ctx.observer.event(&Event::Note(format!(
+                        "{failed} record(s) cannot go on to stage `{}`: see `nightshift report --items`",
+                        self.stages[index].stage.name
+                    )));
+                }
+            }
+        }
+        Ok(created)
+    }
+
+    /// What stage `index` becomes for each ready record.
+    fn links_for(&self, index: usize, ready: &[ReadyRecord]) -> Vec<NewLinks> {
+        let sr = &self.stages[index];
+        let stages = &self.stages;
+        let chunked = |name: &str| {
+            stages
+                .iter()
+                .any(|s| s.stage.name == name && s.stage.is_chunked())
+        };
+        let renderer = sr.renderer();
+        let mut scratch = String::new();
+        ready
+            .iter()
+            .map(|r| {
+                let link = if r.inputs.iter().any(|l| l.item_id.is_none()) {
+                    // A needed stage did not run for the record: neither does this one.
+                    StageLink::Skipped
+                } else {
+                    match context_of(&r.data, &sr.stage.needs, chunked, &r.inputs) {
+                        Err(why) => StageLink::Failed(why),
+                        Ok(context) => match sr.selects(&r.record_id, &context) {
+                            Err(why) => StageLink::Failed(why),
+                            Ok(false) => StageLink::Skipped,
+                            Ok(true) => match renderer.render(&context, &mut scratch) {
+                                Ok(items) => StageLink::Items {
+                                    items,
+                                    parents: {
+                                        let mut ids: Vec<i64> =
+                                            r.inputs.iter().filter_map(|l| l.item_id).collect();
+                                        ids.sort_unstable();
+                                        ids.dedup();
+                                        ids
+                                    },
+                                },
+                                Err(f) => StageLink::Failed(f.reason),
+                            },
+                        },
+                    }
+                };
+                NewLinks { line: r.line, link }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rust_decimal::Decimal;
+
+    #[test]
+    fn the_sample_is_a_stable_share_of_the_records() {
+        let share = Decimal::new(5, 2);
+        let picked: Vec<String> = (0..10_000)
+            .map(|i| format!("sku-{i}"))
+            .filter(|id| in_sample("review", id, share))
+            .collect();
+        // 5 % of 10,000, within a few standard deviations (σ ≈ 22).
+        assert!((400..=600).contains(&picked.len()), "{}", picked.len());
+        // The same ids every time, and another stage samples other records.
+        let again: Vec<String> = (0..10_000)
+            .map(|i| format!("sku-{i}"))
+            .filter(|id| in_sample("review", id, share))
+            .collect();
+        assert_eq!(picked, again);
+        let other = (0..10_000)
+            .map(|i| format!("sku-{i}"))
+            .filter(|id| in_sample("audit", id, share))
+            .filter(|id| picked.contains(id))
+            .count();
+        assert!(other < 100, "{other}");
+        assert!(in_sample("review", "x", Decimal::ONE));
+    }
+
+    #[test]
+    fn a_chunk_stage_result_is_an_array_in_chunk_order() {
+        let link = |stage: &str, chunk: i64, result: &str| LinkRow {
+            line: 1,
+            stage: stage.into(),
+            chunk,
+            item_id: Some(chunk + 10),
+            state: None,
+            attempts: None,
+            result: Some(result.into()),
+            last_error: None,
+            error: None,
+            cost_pico: 0,
+            sharers: 1,
+        };
+        let inputs = vec![
+            link("notes", 0, r#"{"p":1}"#),
+            link("notes", 1, r#"{"p":2}"#),
+            link("summary", 0, r#"{"s":"x"}"#),
+        ];
+        let v = context_of(
+            r#"{"id":"d1","title":"T"}"#,
+            &["notes".into(), "summary".into()],
+            |n| n == "notes",
+            &inputs,
+        )
+        .unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"id":"d1","title":"T","notes":[{"p":1},{"p":2}],"summary":{"s":"x"}})
+        );
+    }
+}
