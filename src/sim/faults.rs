@@ -90,7 +90,16 @@ impl Sim {
         if draw(s.seed, "fail", key) < s.fail_rate {
             return (Reply::Error, Outcome::Error);
         }
-        let mut rng = answer::Rng::new(u64::from_le_bytes(body_hash[..8].try_into().expect("8")));
+        // The first answer to a body is generated from the body alone (the same in every
+        // fresh state); a resend (a retry, a regeneration after a failed review) gets another
+        // answer, as a model sampling at temperature > 0 would.
+        let seed = if key.ends_with("#0") {
+            u64::from_le_bytes(body_hash[..8].try_into().expect("8"))
+        } else {
+            let d = Sha256::digest(key.as_bytes());
+            u64::from_le_bytes(d[..8].try_into().expect("8"))
+        };
+        let mut rng = answer::Rng::new(seed);
         let value = answer::generate(&n.schema, &n.schema, &mut rng);
         let mut content = value.to_string();
         let invalid = draw(s.seed, "invalid", key) < s.invalid_json_rate;

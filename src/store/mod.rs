@@ -149,6 +149,25 @@ pub trait Store: Send + Sync + 'static {
         last: i64,
     ) -> impl Future<Output = Result<Vec<LinkRow>>> + Send;
 
+    /// Items of stage `reviewed` whose review at stage `review` failed for a record of the
+    /// run and that were never regenerated, with the review's result.
+    fn failed_reviews(
+        &self,
+        run_id: &str,
+        review: &str,
+        reviewed: &str,
+    ) -> impl Future<Output = Result<Vec<(i64, String)>>> + Send;
+    /// Sends an item again once because its review failed (see `on_fail = "regenerate"`):
+    /// `failed` again, and the run's links at `later_stages` of the records it serves
+    /// removed. False when it was regenerated already.
+    fn regenerate(
+        &self,
+        run_id: &str,
+        item_id: i64,
+        later_stages: &[String],
+        reason: &str,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
     // --- planning -------------------------------------------------------------------------
     /// Items waiting for an attempt (`pending`, or `failed` under the cap).
     fn plannable_count(

@@ -176,6 +176,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                                 line: r.line,
                                 status: chain.status,
                                 review: chain.review,
+                                flagged: chain.review == Some("fail"),
                                 cost_usd: chain.cost.to_string(),
                                 attempts: chain.attempts,
                                 stages: &chain.results,
@@ -300,6 +301,9 @@ struct StagedLine<'a> {
     status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     review: Option<&'static str>,
+    /// The (last) review failed: someone should look at the record.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    flagged: bool,
     cost_usd: String,
     attempts: i64,
     stages: &'a serde_json::Map<String, serde_json::Value>,

@@ -264,6 +264,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         if !p.is_multi_stage() || self.run_id.is_empty() {
             return Ok(0);
         }
+        self.regenerate_failed_reviews().await?;
         let mut created = 0;
         for index in 1..self.stages.len() {
             let shape_id = ctx.store.ensure_shape(&self.stages[index].shape).await?;
@@ -304,6 +305,62 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             }
         }
         Ok(created)
+    }
+
+    /// `on_fail = "regenerate"`: each item whose review failed is sent again, once, as
+    /// another attempt of its stage; the stages after it are rendered again from its new
+    /// result (a second failed review only flags the record).
+    async fn regenerate_failed_reviews(&mut self) -> Result<(), RunError> {
+        let ctx = self.ctx;
+        let p = ctx.pipeline;
+        for s in &p.stages {
+            if s.on_fail != Some(crate::config::OnFail::Regenerate) {
+                continue;
+            }
+            let Some(reviewed) = s.needs.first() else {
+                continue;
+            };
+            let failed = ctx
+                .store
+                .failed_reviews(&self.run_id, &s.name, reviewed)
+                .await?;
+            if failed.is_empty() {
+                continue;
+            }
+            let later = later_stages(p, reviewed);
+            let mut sent_again = 0;
+            for (item_id, review) in failed {
+                let v: Value = serde_json::from_str(&review).unwrap_or(Value::Null);
+                if v.get("pass").and_then(Value::as_bool) != Some(false) {
+                    continue;
+                }
+                let issues = v
+                    .get("issues")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(Value::as_str)
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    })
+                    .unwrap_or_default();
+                let reason = format!("review `{}` failed: {issues}", s.name);
+                if ctx
+                    .store
+                    .regenerate(&self.run_id, item_id, &later, &reason)
+                    .await?
+                {
+                    sent_again += 1;
+                }
+            }
+            if sent_again > 0 {
+                ctx.observer.event(&Event::Note(format!(
+                    "{sent_again} item(s) of stage `{reviewed}` failed review `{}` and go again (once)",
+                    s.name
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// What stage `index` becomes for each ready record.
@@ -349,6 +406,17 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             })
             .collect()
     }
+}
+
+/// The stages that need `stage`, directly or through another stage, in pipeline order.
+pub(crate) fn later_stages(p: &crate::config::Pipeline, stage: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for s in &p.stages {
+        if s.needs.iter().any(|n| n == stage || out.contains(n)) {
+            out.push(s.name.clone());
+        }
+    }
+    out
 }
 
 #[cfg(test)]

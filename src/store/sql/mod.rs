@@ -250,6 +250,25 @@ impl Store for SqlStore {
         stages::links_between(self, run_id, first, last).await
     }
 
+    async fn failed_reviews(
+        &self,
+        run_id: &str,
+        review: &str,
+        reviewed: &str,
+    ) -> Result<Vec<(i64, String)>> {
+        stages::failed_reviews(self, run_id, review, reviewed).await
+    }
+
+    async fn regenerate(
+        &self,
+        run_id: &str,
+        item_id: i64,
+        later_stages: &[String],
+        reason: &str,
+    ) -> Result<bool> {
+        stages::regenerate(self, run_id, item_id, later_stages, reason).await
+    }
+
     async fn plannable_count(&self, pipeline: &str, stage: &str) -> Result<u64> {
         planning::plannable_count(self, pipeline, stage).await
     }

@@ -229,3 +229,72 @@ pub(super) async fn add_links(
     tx.commit().await?;
     Ok(new_items)
 }
+
+/// Items of stage `reviewed` that a review at stage `review` failed (`"pass": false`) for a
+/// record of the run, and that were never sent again for a failed review: with the failing
+/// review's result.
+pub(super) async fn failed_reviews(
+    store: &SqlStore,
+    run_id: &str,
+    review: &str,
+    reviewed: &str,
+) -> Result<Vec<(i64, String)>> {
+    store
+        .db
+        .all(
+            q("SELECT DISTINCT t.item_id, ri.result FROM record_items x \
+               JOIN items ri ON ri.id = x.item_id \
+               JOIN record_items t ON t.run_id = x.run_id AND t.line = x.line AND t.stage = $3 \
+               JOIN items ti ON ti.id = t.item_id \
+               WHERE x.run_id = $1 AND x.stage = $2 AND ri.state = 'succeeded' \
+               AND ti.state = 'succeeded' AND ti.regenerations = 0 \
+               AND ri.result LIKE '%\"pass\":false%'")
+            .bind(run_id)
+            .bind(review)
+            .bind(reviewed),
+        )
+        .await
+}
+
+/// Sends an item again because its review failed: it becomes `failed` (so it is planned as
+/// another attempt of its stage) and counts a regeneration; the links of the stages after it
+/// are removed for every record of the run it serves, so they are rendered again from its new
+/// result. Only once per item: returns false when it was regenerated already (or is no
+/// longer succeeded), and then changes nothing.
+pub(super) async fn regenerate(
+    store: &SqlStore,
+    run_id: &str,
+    item_id: i64,
+    later_stages: &[String],
+    reason: &str,
+) -> Result<bool> {
+    let mut tx = store.db.begin().await?;
+    let changed = tx
+        .execute(
+            q(
+                "UPDATE items SET state = 'failed', regenerations = regenerations + 1, \
+               last_error = $2, updated_at = $3 \
+               WHERE id = $1 AND state = 'succeeded' AND regenerations = 0",
+            )
+            .bind(item_id)
+            .bind(reason)
+            .bind(now_ms()),
+        )
+        .await?;
+    if changed == 1 {
+        for stage in later_stages {
+            tx.execute(
+                q(
+                    "DELETE FROM record_items WHERE run_id = $1 AND stage = $2 AND line IN \
+                   (SELECT line FROM record_items WHERE run_id = $1 AND item_id = $3)",
+                )
+                .bind(run_id)
+                .bind(stage.as_str())
+                .bind(item_id),
+            )
+            .await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(changed == 1)
+}
