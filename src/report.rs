@@ -10,7 +10,9 @@ use rust_decimal::Decimal;
 use serde_json::{Value, json};
 
 use crate::cost::{Usage, Usd};
-use crate::store::{AuditRow, RunFigures, RunRow, RunStatus, StageFigures, Store, StoreError};
+use crate::store::{
+    AuditRow, ItemState, LinkRow, RunFigures, RunRow, RunStatus, StageFigures, Store, StoreError,
+};
 use crate::util::text::{duration_ms, n, plural, printable};
 use crate::util::time::rfc3339;
 
@@ -511,6 +513,7 @@ pub fn audit_json(rows: &[AuditRow]) -> Value {
                     "item_id": r.item_id,
                     "dedupe_key": hex::encode(&r.dedupe_key),
                     "item_state": r.item_state,
+                    "stage": r.stage,
                     "record_ids": r.record_ids.split(',').filter(|s| !s.is_empty()).collect::<Vec<_>>(),
                     "attempt": r.attempt_no,
                     "custom_id": r.custom_id,
@@ -573,6 +576,115 @@ pub fn audit_text(rows: &[AuditRow], width: Option<u16>) -> String {
     }
     align_right(&mut t, &[0, 2, 6, 7, 8]);
     render(&t)
+}
+
+/// One record of a multi-stage run and the items it caused, stage by stage.
+pub struct Chain<'a> {
+    pub record_id: &'a str,
+    pub line: i64,
+    pub links: Vec<&'a LinkRow>,
+}
+
+/// A record's status across `stages` from its links: failed (an item failed for good, or a
+/// stage could not be rendered), succeeded (every stage linked, everything linked
+/// succeeded or skipped), else pending.
+pub fn chain_status(stages: &[String], links: &[&LinkRow]) -> &'static str {
+    let failed = links
+        .iter()
+        .any(|l| l.error.is_some() || l.state == Some(ItemState::Exhausted));
+    if failed {
+        return "failed";
+    }
+    let done = stages.iter().all(|s| links.iter().any(|l| &l.stage == s))
+        && links
+            .iter()
+            .all(|l| l.item_id.is_none() || l.state == Some(ItemState::Succeeded));
+    if done { "succeeded" } else { "pending" }
+}
+
+fn link_state(l: &LinkRow) -> String {
+    match (l.item_id, &l.error, l.state) {
+        (None, Some(_), _) => "failed".into(),
+        (None, None, _) => "skipped".into(),
+        (Some(_), _, Some(s)) => s.to_string(),
+        (Some(_), _, None) => "-".into(),
+    }
+}
+
+/// `report --items` of a multi-stage run, as JSON: each record's chain of items.
+pub fn chains_json(stages: &[String], chains: &[Chain<'_>]) -> Value {
+    Value::Array(
+        chains
+            .iter()
+            .map(|c| {
+                let cost: i64 = c.links.iter().map(|l| l.cost_pico).sum();
+                json!({
+                    "id": c.record_id,
+                    "line": c.line,
+                    "status": chain_status(stages, &c.links),
+                    "cost_usd": Usd::from_pico(cost as i128).to_decimal_string(),
+                    "items": c.links.iter().map(|l| json!({
+                        "stage": l.stage,
+                        "chunk": l.chunk,
+                        "item_id": l.item_id,
+                        "state": link_state(l),
+                        "attempts": l.attempts,
+                        "shared_with_records": (l.sharers - 1).max(0),
+                        "error": l.error.as_deref().or(if l.state == Some(ItemState::Exhausted) { l.last_error.as_deref() } else { None }),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect(),
+    )
+}
+
+/// `report --items` of a multi-stage run, as text: one line per record, then one per item
+/// it caused (stage, chunk, state, attempts, and how many other records share the item).
+pub fn chains_text(stages: &[String], chains: &[Chain<'_>]) -> String {
+    let mut s = String::new();
+    for c in chains {
+        let cost: i64 = c.links.iter().map(|l| l.cost_pico).sum();
+        let _ = writeln!(
+            s,
+            "{} (line {})  {}  {}",
+            printable(c.record_id),
+            c.line,
+            chain_status(stages, &c.links),
+            Usd::from_pico(cost as i128).display_rounded(6)
+        );
+        for l in &c.links {
+            let at = if l.chunk > 0 || c.links.iter().any(|m| m.stage == l.stage && m.chunk > 0) {
+                format!("{}[{}]", l.stage, l.chunk)
+            } else {
+                l.stage.clone()
+            };
+            let shared = if l.sharers > 1 {
+                format!("  shared with {} other record(s)", l.sharers - 1)
+            } else {
+                String::new()
+            };
+            let why = l
+                .error
+                .as_deref()
+                .or(if l.state == Some(ItemState::Exhausted) {
+                    l.last_error.as_deref()
+                } else {
+                    None
+                })
+                .map(|e| format!("  {}", printable(&crate::util::text::preview(e, 100))))
+                .unwrap_or_default();
+            let _ = writeln!(
+                s,
+                "  {at:<14} {:<10} item {:<8} {} attempt(s){shared}{why}",
+                link_state(l),
+                l.item_id
+                    .map(|i| i.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                l.attempts.unwrap_or(0),
+            );
+        }
+    }
+    s
 }
 
 /// A table as text, without the padding its last column would add at each line's end.

@@ -456,6 +456,7 @@ pub struct AuditRow {
     pub dedupe_key: Vec<u8>,
     pub item_state: ItemState,
     pub record_ids: String,
+    pub stage: String,
     pub attempt_no: i64,
     pub custom_id: String,
     pub batch_id: String,

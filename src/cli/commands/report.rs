@@ -15,6 +15,33 @@ pub(crate) async fn run(a: ReportArgs) -> Result<i32, Exit> {
         // The attempts of this run's batches (each attempt belongs to exactly one run).
         let rows = store.audit(&run.id).await?;
         let q = store.quarantine(&run.id).await?;
+        // A multi-stage run: each record's chain of items too.
+        let stages: Vec<String> = run.stage.split(',').map(str::to_string).collect();
+        let (records, links) = if stages.len() > 1 {
+            let mut records = Vec::new();
+            let mut after = 0;
+            loop {
+                let page = store.run_records(&run.id, after, 10_000).await?;
+                let Some(last) = page.last() else { break };
+                after = last.line;
+                records.extend(page);
+            }
+            let links = match (records.first(), records.last()) {
+                (Some(a), Some(b)) => store.links_between(&run.id, a.line, b.line).await?,
+                _ => Vec::new(),
+            };
+            (records, links)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let chains: Vec<report::Chain<'_>> = records
+            .iter()
+            .map(|r| report::Chain {
+                record_id: &r.record_id,
+                line: r.line,
+                links: links.iter().filter(|l| l.line == r.line).collect(),
+            })
+            .collect();
         if a.json {
             let quarantine: Vec<_> = q
                 .iter()
@@ -22,13 +49,18 @@ pub(crate) async fn run(a: ReportArgs) -> Result<i32, Exit> {
                 .collect();
             println!(
                 "{}",
-                serde_json::json!({"run_id": run.id, "attempts": report::audit_json(&rows), "quarantined": quarantine})
+                serde_json::json!({"run_id": run.id, "attempts": report::audit_json(&rows), "quarantined": quarantine,
+                    "records": (!chains.is_empty()).then(|| report::chains_json(&stages, &chains))})
             );
         } else {
             if rows.is_empty() {
                 println!("run {}: no attempt (nothing was sent by this run)", run.id);
             } else {
                 print!("{}", report::audit_text(&rows, report::terminal_width()));
+            }
+            if !chains.is_empty() {
+                println!();
+                print!("{}", report::chains_text(&stages, &chains));
             }
             for r in q {
                 println!(

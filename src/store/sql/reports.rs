@@ -160,8 +160,12 @@ pub(super) async fn audit(store: &SqlStore, run_id: &str) -> Result<Vec<AuditRow
     store.db
         .all(
             q("SELECT b.run_id, i.id AS item_id, i.dedupe_key, i.state AS item_state, \
-                 COALESCE((SELECT string_agg(record_id, ',') FROM records r \
-                           WHERE r.run_id = b.run_id AND r.item_id = i.id), '') AS record_ids, \
+                 COALESCE((SELECT string_agg(record_id, ',') FROM \
+                           (SELECT r.record_id FROM records r WHERE r.run_id = b.run_id AND r.item_id = i.id \
+                            UNION SELECT r.record_id FROM record_items x JOIN records r \
+                              ON r.run_id = x.run_id AND r.line = x.line \
+                            WHERE x.run_id = b.run_id AND x.item_id = i.id) AS ids), '') AS record_ids, \
+                 i.stage, \
                  a.attempt_no, a.custom_id, a.batch_id, b.provider_batch_id, a.state AS attempt_state, \
                  a.verdict, a.error, COALESCE(l.model, a.model) AS model, \
                  l.input_tokens, l.cached_input_tokens, l.cache_write_tokens, l.output_tokens, \
