@@ -82,6 +82,7 @@ impl Pipeline {
                     problems.extend(misses.into_iter().map(|m| Problem::new(at.clone(), m)))
                 }
             }
+            problems.extend(check_later_stage_fields(self));
         }
         for stage in &self.stages {
             // The one stage of a one-stage file takes its schema from `output.schema`.
@@ -215,7 +216,7 @@ pub fn check_template_fields(p: &Pipeline) -> Result<Vec<String>, String> {
                     .map(|h| (h.clone(), Value::String(String::new())))
                     .collect(),
             ));
-            let misses = template.check_sample(std::slice::from_ref(&row));
+            let misses = record_misses(p, template.check_sample(std::slice::from_ref(&row)));
             let mut problems: Vec<String> = misses
                 .iter()
                 .map(|m| miss_message(m, &Sample::CsvHeader))
@@ -245,8 +246,7 @@ pub fn check_template_fields(p: &Pipeline) -> Result<Vec<String>, String> {
             }
             let described = Sample::Records(sample.len(), &p.source.path);
             let sample: Vec<Value> = sample.into_iter().map(with_chunk).collect();
-            let mut problems: Vec<String> = template
-                .check_sample(&sample)
+            let mut problems: Vec<String> = record_misses(p, template.check_sample(&sample))
                 .iter()
                 .map(|m| miss_message(m, &described))
                 .collect();
@@ -256,6 +256,75 @@ pub fn check_template_fields(p: &Pipeline) -> Result<Vec<String>, String> {
             Ok(problems)
         }
     }
+}
+
+/// The misses that are record fields: a stage's results (a cross-stage mistake, reported by
+/// the checks across stages) and `chunk` are not, and `chunk` is no field the records have.
+fn record_misses(p: &Pipeline, misses: Vec<FieldMiss>) -> Vec<FieldMiss> {
+    misses
+        .into_iter()
+        .filter(|m| {
+            let root = m.field.split('.').next().unwrap_or(&m.field);
+            !p.stages.iter().any(|s| s.name == root)
+        })
+        .map(|mut m| {
+            m.known.retain(|k| k != crate::config::CHUNK_VAR);
+            m
+        })
+        .collect()
+}
+
+/// The record fields the later stages' templates and conditions print, against the same
+/// sample as the first stage's (results of needed stages and `chunk` aside: they are not
+/// record fields). Problems at `stage.<name>.prompt.user` / `.when`.
+fn check_later_stage_fields(p: &Pipeline) -> Vec<Problem> {
+    if p.stages.len() < 2 {
+        return Vec::new();
+    }
+    let Ok(reader) = SourceReader::open(&p.source) else {
+        return Vec::new();
+    };
+    let (sample, described) = match reader {
+        SourceReader::Csv(reader) => {
+            let row = Value::Object(
+                reader
+                    .headers()
+                    .iter()
+                    .map(|h| (h.clone(), Value::String(String::new())))
+                    .collect(),
+            );
+            (vec![row], Sample::CsvHeader)
+        }
+        reader @ SourceReader::Jsonl(_) => match first_records(reader) {
+            Ok((sample, _, _)) if !sample.is_empty() => {
+                let n = sample.len();
+                (sample, Sample::Records(n, &p.source.path))
+            }
+            _ => return Vec::new(),
+        },
+    };
+    let not_a_field = |field: &str| {
+        let root = field.split('.').next().unwrap_or(field);
+        root == crate::config::CHUNK_VAR || p.stages.iter().any(|s| s.name == root)
+    };
+    let mut problems = Vec::new();
+    for stage in &p.stages[1..] {
+        let mut checks = vec![("prompt.user", &stage.prompt.user)];
+        if let Some(w) = &stage.when {
+            checks.push(("when", w));
+        }
+        for (at, template) in checks {
+            for m in template.check_sample(&sample) {
+                if !not_a_field(&m.field) {
+                    problems.push(Problem::new(
+                        format!("stage.{}.{at}", stage.name),
+                        miss_message(&m, &described),
+                    ));
+                }
+            }
+        }
+    }
+    problems
 }
 
 /// The first usable records of a source (at most [`TEMPLATE_SAMPLE_RECORDS`], looking at
