@@ -69,8 +69,9 @@ const HARD_CUT_BYTES_PER_TOKEN: usize = 32;
 ///
 /// An edit that keeps its paragraph's token count changes only the chunk that holds the
 /// paragraph; with an overlap, the next chunk changes too if the edit lies in the tail the
-/// next chunk repeats. A paragraph that grows or shrinks may move the boundaries of every
-/// chunk after it.
+/// next chunk repeats. An edit that makes its paragraph grow or shrink does the same as long
+/// as that chunk's paragraphs still fit it and the next paragraph still does not; otherwise
+/// the boundaries of the chunks after it may move.
 pub fn split(text: &str, spec: SplitSpec, tok: &Tokenizer) -> Vec<String> {
     split_chunks(text, spec, tok)
         .into_iter()
@@ -82,6 +83,10 @@ pub fn split(text: &str, spec: SplitSpec, tok: &Tokenizer) -> Vec<String> {
 #[derive(Debug)]
 struct Chunk {
     text: String,
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "the tests check overlaps with it")
+    )]
     own_start: usize,
 }
 
