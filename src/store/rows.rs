@@ -370,6 +370,9 @@ pub struct RunFigures {
     pub processed_records: u64,
     /// Records of this run whose item has succeeded, in this run or before.
     pub records_done: u64,
+    /// Multi-stage: records of this run that failed (an item failed for good, or a stage
+    /// could not be rendered for them).
+    pub records_failed: u64,
     /// Attempts in this run's batches.
     pub attempts: u64,
     /// Distinct items that this run's batches carried.

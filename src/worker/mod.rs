@@ -403,18 +403,23 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             )),
             Stop::Done => {
                 let f = ctx.store.run_figures(&self.run_id).await?;
-                if f.exhausted > 0 {
+                if f.exhausted > 0 && !p.is_multi_stage() {
                     Ok((
                         RunStatus::Failed,
                         1,
                         Some(format!(
                             "{} item(s) failed for good (attempt cap {}); see `nightshift report --items`",
                             f.exhausted,
-                            p.stages
-                                .iter()
-                                .map(|s| s.max_attempts.to_string())
-                                .collect::<Vec<_>>()
-                                .join("/")
+                            p.first_stage().max_attempts
+                        )),
+                    ))
+                } else if f.exhausted > 0 || f.records_failed > 0 {
+                    Ok((
+                        RunStatus::Failed,
+                        1,
+                        Some(format!(
+                            "{} record(s) failed ({} item(s) failed for good); their later stages were not sent; see `nightshift report --items`",
+                            f.records_failed, f.exhausted
                         )),
                     ))
                 } else {

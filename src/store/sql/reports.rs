@@ -335,6 +335,14 @@ async fn stage_figures(store: &SqlStore, run_id: &str, f: &mut RunFigures) -> Re
         )
         .await?,
     );
+    f.records_failed = count(
+        db.scalar(
+            q("SELECT COUNT(DISTINCT x.line) FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
+               WHERE x.run_id = $1 AND (x.error IS NOT NULL OR i.state = 'exhausted')")
+            .bind(run_id),
+        )
+        .await?,
+    );
     type Links = (String, i64, i64, i64, i64, i64, i64);
     let links: Vec<Links> = db
         .all(
