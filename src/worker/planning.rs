@@ -93,6 +93,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                         // (what ingested batches give back of their reservations must not
                         // dribble out as ever smaller batches).
                         self.budget_hit = true;
+                        self.budget_stage.get_or_insert_with(|| stage.to_string());
                         break;
                     }
                 }
@@ -109,6 +110,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 }
                 PlanOutcome::OverBudget { .. } => {
                     self.budget_hit = true;
+                    self.budget_stage.get_or_insert_with(|| stage.to_string());
                     if outcome == Planning::Nothing {
                         outcome = Planning::Blocked;
                     }
