@@ -125,13 +125,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<IngestStats>> + Send;
 
     // --- stages ---------------------------------------------------------------------------
-    /// Records of the run ready for `stage`: no link there yet, every link at each of
-    /// `needs` final (succeeded, or skipped); up to `limit`, in line order.
+    /// Records of the run after line `after_line` ready for `stage`: no link there yet,
+    /// every link at each of `needs` final (succeeded, or skipped); up to `limit`, in line
+    /// order.
     fn ready_records(
         &self,
         run_id: &str,
         stage: &str,
         needs: &[String],
+        after_line: i64,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<ReadyRecord>>> + Send;
     /// Stores a later stage's items and links for some records (insert-or-ignore: safe to

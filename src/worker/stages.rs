@@ -268,6 +268,8 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         let mut created = 0;
         for index in 1..self.stages.len() {
             let shape_id = ctx.store.ensure_shape(&self.stages[index].shape).await?;
+            // One pass in line order: a record passed over is not ready in this pass.
+            let mut after = 0;
             loop {
                 if ctx.shutdown.is_set() {
                     return Ok(created);
@@ -275,11 +277,18 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 let sr = &self.stages[index];
                 let ready = ctx
                     .store
-                    .ready_records(&self.run_id, &sr.stage.name, &sr.stage.needs, ADVANCE_PAGE)
+                    .ready_records(
+                        &self.run_id,
+                        &sr.stage.name,
+                        &sr.stage.needs,
+                        after,
+                        ADVANCE_PAGE,
+                    )
                     .await?;
-                if ready.is_empty() {
+                let Some(last) = ready.last() else {
                     break;
-                }
+                };
+                after = last.line;
                 let links = self.links_for(index, &ready);
                 let target = IngestTarget {
                     run_id: &self.run_id,

@@ -237,9 +237,10 @@ impl Store for SqlStore {
         run_id: &str,
         stage: &str,
         needs: &[String],
+        after_line: i64,
         limit: u32,
     ) -> Result<Vec<ReadyRecord>> {
-        stages::ready_records(self, run_id, stage, needs, limit).await
+        stages::ready_records(self, run_id, stage, needs, after_line, limit).await
     }
 
     async fn add_links(&self, target: &IngestTarget<'_>, links: &[NewLinks]) -> Result<u64> {

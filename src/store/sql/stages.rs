@@ -97,7 +97,8 @@ pub(super) async fn ingest_links(
     Ok(new_items)
 }
 
-/// Up to `limit` records of the run that have no link at `stage` yet and whose every link at
+/// Up to `limit` records of the run after line `after_line` that have no link at `stage` yet
+/// and whose every link at
 /// each of `needs` is final: its item succeeded, or the stage was skipped for the record.
 /// Records with a failed needed item are never ready (they failed). In line order, with their
 /// links at `needs`.
@@ -106,13 +107,15 @@ pub(super) async fn ready_records(
     run_id: &str,
     stage: &str,
     needs: &[String],
+    after_line: i64,
     limit: u32,
 ) -> Result<Vec<ReadyRecord>> {
     let mut sql = String::from(
         "SELECT r.line, r.record_id, COALESCE(r.data, '{}') FROM records r WHERE r.run_id = $1 \
+         AND r.line > $3 \
          AND NOT EXISTS (SELECT 1 FROM record_items x WHERE x.run_id = r.run_id AND x.line = r.line AND x.stage = $2)",
     );
-    let mut n = 3;
+    let mut n = 4;
     for _ in needs {
         sql.push_str(&format!(
             " AND EXISTS (SELECT 1 FROM record_items x WHERE x.run_id = r.run_id AND x.line = r.line AND x.stage = ${n}) \
@@ -123,7 +126,7 @@ pub(super) async fn ready_records(
         n += 1;
     }
     sql.push_str(&format!(" ORDER BY r.line LIMIT ${n}"));
-    let mut query = q(sql).bind(run_id).bind(stage);
+    let mut query = q(sql).bind(run_id).bind(stage).bind(after_line);
     for s in needs {
         query = query.bind(s.as_str());
     }
