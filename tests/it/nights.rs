@@ -940,3 +940,83 @@ async fn a_refused_key_exits_78_and_the_run_records_78() {
     assert_eq!(code, 78);
     store.close().await;
 }
+
+/// The ticket-tagging example (a tagging stage, then a review of the uncertain tickets by a
+/// dearer model), copied into `dir`.
+fn staged_tickets(dir: &Path) -> PathBuf {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples");
+    for sub in ["data", "schemas"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+        for e in std::fs::read_dir(examples.join(sub)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dir.join(sub).join(e.file_name())).unwrap();
+        }
+    }
+    let file = dir.join("ticket-tagging.toml");
+    std::fs::copy(examples.join("ticket-tagging.toml"), &file).unwrap();
+    file
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cap_that_stops_a_later_stage_names_it_leaves_its_records_pending_and_a_rerun_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = staged_tickets(dir.path());
+    // The first stage's worst case, one attempt each, from the worksheet of the file without
+    // its review stage: a quarter more than that lets the tagging through, not all reviews.
+    let text = std::fs::read_to_string(&file).unwrap();
+    let (head, rest) = text.split_once("[[stage]]\nname = \"review\"").unwrap();
+    let first_only = dir.path().join("first-only.toml");
+    std::fs::write(
+        &first_only,
+        format!("{head}{}", &rest[rest.find("[output]").unwrap()..]),
+    )
+    .unwrap();
+    let plan = ran(bin().args(["plan", "--json"]).arg(&first_only));
+    assert_eq!(plan.code, Some(0), "{}", plan.show());
+    let ws: Value = serde_json::from_str(&plan.stdout).unwrap();
+    let first_stage_once = usd(&ws["worst_case_cost_usd"]).pico() / 3;
+    let cap = Usd::from_pico(first_stage_once * 5 / 4);
+    let capped = run(&file, &["--budget-usd", &cap.to_decimal_string()]);
+    assert_eq!(capped.code, Some(1), "{}", capped.show());
+    let r = report_json(&file, None);
+    assert_eq!(r["status"], "budget", "{r}");
+    assert!(usd(&r["cost_usd"]) <= cap, "never above the cap: {r}");
+    let message = r["message"].as_str().unwrap();
+    assert!(
+        message.contains("stage `review`"),
+        "names the stage the cap stopped: {message}"
+    );
+    let stages = r["stages"].as_array().unwrap();
+    assert_eq!(stages[0]["stage"], "main");
+    assert_eq!(stages[0]["failed"], 0, "{r}");
+    // Records whose review was not sent are pending in the output, not failed.
+    let out = dir.path().join("out/tickets.labels.jsonl");
+    let lines: Vec<Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let pending = lines.iter().filter(|l| l["status"] == "pending").count();
+    assert!(pending > 0, "some reviews wait for a bigger budget");
+    assert!(lines.iter().all(|l| l["status"] != "failed"));
+
+    let rerun = run(&file, &[]);
+    assert_eq!(rerun.code, Some(0), "{}", rerun.show());
+    let r2 = report_json(&file, None);
+    assert_eq!(r2["status"], "completed", "{r2}");
+    let lines: Vec<Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.iter().all(|l| l["status"] == "succeeded"));
+    let record = builtin_sim_record(&dir.path().join(".nightshift"));
+    assert!(sent_twice(&record).is_empty());
+    let ledger = ledger_total(&dir.path().join(".nightshift/state.db")).await;
+    assert_eq!(ledger, usd(&record["bill"]["totals"]["cost_usd"]));
+    assert_eq!(
+        usd(&r["cost_usd"]) + usd(&r2["cost_usd"]),
+        ledger,
+        "the two nights add up to the ledger"
+    );
+}
