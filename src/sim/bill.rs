@@ -135,6 +135,7 @@ impl Sim {
                     "flavor": b.flavor,
                     "status": b.status.as_str(),
                     "local_id": b.local_id(),
+                    "model": b.model,
                     "requests": b.requests,
                 })
             })

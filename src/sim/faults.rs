@@ -78,16 +78,22 @@ impl Sim {
     }
 
     /// Answers one request: the reply and its outcome. Its faults are drawn on `key`
-    /// (`Inner::draw_key`), its answer is generated from the body (its SHA-256, `body_hash`).
+    /// (`Inner::draw_key`), its answer is generated from the body (its SHA-256, `body_hash`);
+    /// a body holding `fail_when_contains` always gets an error line.
     pub(super) fn answer(
         &self,
         s: &SimSettings,
         flavor: ProviderKind,
         key: &str,
         body_hash: &[u8; 32],
+        body: &Value,
         n: &Neutral,
     ) -> (Reply, Outcome) {
-        if draw(s.seed, "fail", key) < s.fail_rate {
+        if draw(s.seed, "fail", key) < s.fail_rate
+            || s.fail_when_contains
+                .as_deref()
+                .is_some_and(|text| !text.is_empty() && mentions(body, text))
+        {
             return (Reply::Error, Outcome::Error);
         }
         // The first answer to a body is generated from the body alone (the same in every
@@ -172,6 +178,16 @@ impl Sim {
         let seq = inner.seq;
         inner.log.write(seq, &[Put::Refused(&entry)]);
         inner.refused.push(entry);
+    }
+}
+
+/// Whether any string in `v` (keys excluded) contains `text`.
+fn mentions(v: &Value, text: &str) -> bool {
+    match v {
+        Value::String(s) => s.contains(text),
+        Value::Array(a) => a.iter().any(|x| mentions(x, text)),
+        Value::Object(m) => m.values().any(|x| mentions(x, text)),
+        _ => false,
     }
 }
 

@@ -255,7 +255,7 @@ impl Sim {
                     outcomes.push(Outcome::Missing);
                     continue;
                 }
-                let (reply, outcome) = self.answer(&s, flavor, &key, &body_hash, &n);
+                let (reply, outcome) = self.answer(&s, flavor, &key, &body_hash, &body, &n);
                 if let Reply::Answer { usage, .. } = &reply {
                     usage_total.add(usage);
                     bill.push(self.bill(
@@ -446,7 +446,7 @@ impl Sim {
         // Drawn and counted under the lock, like a batch's requests: the count of earlier
         // answers to this body is the one the recorded entries give back on replay.
         let draw_key = inner.draw_key(&body_hash);
-        let (reply, outcome) = self.answer(&self.settings, flavor, &draw_key, &body_hash, &n);
+        let (reply, outcome) = self.answer(&self.settings, flavor, &draw_key, &body_hash, body, &n);
         let id = short(&key);
         let entry = json!({"custom_id": custom_id, "flavor": flavor, "at_ms": now_ms(),
             "prompt_tokens": n.prompt_tokens, "outcome": outcome,

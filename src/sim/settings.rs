@@ -65,6 +65,11 @@ pub struct SimSettings {
     /// reasoning: the worst case a budget cap must hold against.
     #[arg(long, default_value_t = false)]
     pub answer_at_max_tokens: bool,
+    /// Every request with this text in any string of its body (a message, the system
+    /// prompt, the schema) is answered with an error line, every time: one deterministic
+    /// request that never succeeds, for tests of what a failed item does.
+    #[arg(long)]
+    pub fail_when_contains: Option<String>,
 }
 
 impl Default for SimSettings {
@@ -86,6 +91,7 @@ impl Default for SimSettings {
             missing_line_rate: 0.0,
             unknown_lines: 0,
             answer_at_max_tokens: false,
+            fail_when_contains: None,
         }
     }
 }
@@ -114,6 +120,12 @@ impl SimSettings {
             out.push((
                 "http_429_rate",
                 "http_429_rate + http_500_rate above 0.95 would starve every client".into(),
+            ));
+        }
+        if self.fail_when_contains.as_deref() == Some("") {
+            out.push((
+                "fail_when_contains",
+                "must not be empty: every request would fail".into(),
             ));
         }
         if !(self.batch_seconds.is_finite() && self.batch_seconds >= 0.0) {

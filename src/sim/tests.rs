@@ -235,6 +235,48 @@ fn weather() -> SimSettings {
 }
 
 #[test]
+fn a_request_holding_the_fail_text_fails_every_time_and_no_other_does() {
+    let sim = Sim::new(
+        SimSettings {
+            fail_when_contains: Some("ticket 7".into()),
+            ..settings(0.0)
+        },
+        PriceTable::builtin(),
+    )
+    .unwrap();
+    let requests: Vec<(String, Value)> = (0..5)
+        .map(|i| (format!("b1-{i}-1"), ticket(&(i + 5).to_string())))
+        .collect();
+    for round in 0..3 {
+        let got = run_batch(&sim, &requests);
+        let failed: Vec<usize> = (0..got.len())
+            .filter(|&i| got[i].0 == Outcome::Error)
+            .collect();
+        assert_eq!(failed, vec![2], "round {round}: {got:?}");
+        assert!(
+            got.iter()
+                .all(|r| matches!(r.0, Outcome::Ok | Outcome::Error))
+        );
+    }
+    let rec = sim.record();
+    assert_eq!(rec["batches"][0]["model"], "gpt-4o-mini", "{rec}");
+    assert_eq!(
+        rec["bill"]["totals"]["requests"], 12,
+        "error lines are not billed"
+    );
+    let empty = SimSettings {
+        fail_when_contains: Some(String::new()),
+        ..settings(0.0)
+    };
+    assert!(
+        empty
+            .problems()
+            .iter()
+            .any(|(f, _)| *f == "fail_when_contains")
+    );
+}
+
+#[test]
 fn faults_follow_the_body_not_the_custom_id() {
     let a = Sim::new(weather(), PriceTable::builtin()).unwrap();
     let b = Sim::new(weather(), PriceTable::builtin()).unwrap();
