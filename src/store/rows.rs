@@ -101,7 +101,7 @@ pub struct LinkRow {
     pub last_error: Option<String>,
     /// Why the record has no item at this stage when that is a failure.
     pub error: Option<String>,
-    /// What this run's attempts of the item cost.
+    /// What the item's attempts cost, in whichever run (as `attempts` counts them).
     pub cost_pico: i64,
     /// Records of the run linked to the same item (1: not shared).
     pub sharers: i64,

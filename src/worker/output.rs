@@ -109,7 +109,9 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
 impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
     /// The results file of a multi-stage pipeline: one line per source record with each
     /// stage's result under the stage's name (a chunk stage's as an array in chunk order),
-    /// the record's status, its review verdict and what this run spent on its items.
+    /// the record's status, its review verdict and what its items cost. Cost and attempts
+    /// count every attempt of the items, in whichever run, so a record whose items did not
+    /// change gets the same line night after night.
     async fn write_staged_output(&self) -> Result<(), RunError> {
         use std::io::Write;
         let ctx = self.ctx;
@@ -208,7 +210,8 @@ pub(crate) struct RecordChain {
     pub(crate) results: serde_json::Map<String, serde_json::Value>,
     /// `pass` or `fail` when a reviewing stage (`on_fail`) ran for the record.
     pub(crate) review: Option<&'static str>,
-    /// What this run's attempts of the record's items cost (a shared item counts in full).
+    /// What the attempts of the record's items cost, in any run (a shared item counts in
+    /// full), as `attempts` counts them.
     pub(crate) cost: crate::cost::Usd,
     pub(crate) attempts: i64,
     /// Why the record failed: the stage, and its item's last error or why it has none.

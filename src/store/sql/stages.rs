@@ -150,7 +150,8 @@ pub(super) async fn ready_records(
 }
 
 /// Every link of the run's records from `first` to `last` (lines), with its item's state,
-/// result, this run's cost of it and how many of the run's records share it.
+/// result, what its attempts cost (in any run, as its attempt count counts them) and how many
+/// of the run's records share it.
 pub(super) async fn links_between(
     store: &SqlStore,
     run_id: &str,
@@ -162,7 +163,7 @@ pub(super) async fn links_between(
         .all(
             q("SELECT x.line, x.stage, x.chunk, x.item_id, i.state, i.attempts, i.result, i.last_error, x.error, \
                  CAST(COALESCE((SELECT SUM(l.cost_pico) FROM ledger l JOIN attempts a ON a.id = l.attempt_id \
-                   JOIN batches b ON b.id = a.batch_id WHERE a.item_id = x.item_id AND b.run_id = x.run_id), 0) AS BIGINT) AS cost_pico, \
+                   WHERE a.item_id = x.item_id), 0) AS BIGINT) AS cost_pico, \
                  CAST((SELECT COUNT(*) FROM record_items y WHERE y.run_id = x.run_id AND y.item_id = x.item_id) AS BIGINT) AS sharers \
                FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
                WHERE x.run_id = $1 AND x.line BETWEEN $2 AND $3 \
