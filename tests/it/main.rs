@@ -12,5 +12,6 @@ mod pipeline;
 mod providers;
 mod secrets;
 mod sim;
+mod stages;
 mod store;
 mod workers;
