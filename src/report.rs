@@ -39,10 +39,18 @@ impl RunReport {
         })
     }
 
+    /// Requests not sent because an identical one is another record's (or chunk's) item.
     pub fn duplicates(&self) -> u64 {
-        self.figures
-            .records_valid
-            .saturating_sub(self.figures.unique_items)
+        let f = &self.figures;
+        if f.stages.is_empty() {
+            f.records_valid.saturating_sub(f.unique_items)
+        } else {
+            f.stages
+                .iter()
+                .map(|s| s.links)
+                .sum::<u64>()
+                .saturating_sub(f.unique_items)
+        }
     }
 
     pub fn retries(&self) -> u64 {
@@ -277,22 +285,31 @@ impl RunReport {
         } else {
             let _ = writeln!(
                 s,
-                "  items      unique {} over {} stages  ·  already done in earlier runs {}  ·  records done {}",
+                "  items      unique {} over {} stages  ·  duplicates reused {}  ·  already done in earlier runs {}",
                 n(f.unique_items),
                 f.stages.len(),
-                n(f.reused),
-                n(f.records_done)
+                n(self.duplicates()),
+                n(f.reused)
             );
         }
         let _ = writeln!(
             s,
-            "  outcome    succeeded {}  ·  failed {}{}",
+            "  outcome    succeeded {}  ·  failed {}{}{}",
             n(f.succeeded),
             n(f.exhausted),
             if f.unfinished > 0 {
                 format!("  ·  unfinished {}", n(f.unfinished))
             } else {
                 String::new()
+            },
+            if f.stages.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "  (items)  ·  records done {}  ·  records failed {}",
+                    n(f.records_done),
+                    n(f.records_failed)
+                )
             }
         );
         let _ = writeln!(

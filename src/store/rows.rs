@@ -399,6 +399,9 @@ pub struct StageFigures {
     pub stage: String,
     /// Distinct items of the stage linked to the run's records.
     pub items: u64,
+    /// Links of the run's records to items of the stage (an item shared by records, or by
+    /// chunks, counts once per link).
+    pub links: u64,
     /// Records the stage runs for (chunk stages: records, not chunks).
     pub records: u64,
     /// Records the stage was skipped for (not in its sample, `when` false).

@@ -268,8 +268,10 @@ async fn three_nights(external: bool) {
     assert_ne!(run1, run2);
     let a2 = items_json(&file, &run2);
     let attempts2 = a2["attempts"].as_array().unwrap();
+    // The example reviews a 5 % sample: night two's reviews are of new and changed records.
     let items2: BTreeSet<i64> = attempts2
         .iter()
+        .filter(|a| a["stage"] == "main")
         .map(|a| a["item_id"].as_i64().unwrap())
         .collect();
     assert_eq!(
@@ -277,6 +279,20 @@ async fn three_nights(external: bool) {
         new_items,
         "night two sends exactly the new and changed items: {a2}"
     );
+    let changed: BTreeSet<&str> = attempts2
+        .iter()
+        .filter(|a| a["stage"] == "main")
+        .flat_map(|a| a["record_ids"].as_array().unwrap())
+        .map(|id| id.as_str().unwrap())
+        .collect();
+    for a in attempts2.iter().filter(|a| a["stage"] == "review") {
+        for id in a["record_ids"].as_array().unwrap() {
+            assert!(
+                changed.contains(id.as_str().unwrap()),
+                "a review on night two is of a new or changed record: {a}"
+            );
+        }
+    }
     assert!(attempts2.iter().all(|a| a["run_id"] == run2.as_str()));
     assert_eq!(attempts2.len() as u64, r2["attempts"].as_u64().unwrap());
     let output = std::fs::read_to_string(ex.join("out/products.enriched.jsonl")).unwrap();
@@ -944,6 +960,11 @@ async fn a_refused_key_exits_78_and_the_run_records_78() {
 /// The ticket-tagging example (a tagging stage, then a review of the uncertain tickets by a
 /// dearer model), copied into `dir`.
 fn staged_tickets(dir: &Path) -> PathBuf {
+    staged_example(dir, "ticket-tagging.toml")
+}
+
+/// An example pipeline file with its data and schemas, copied into `dir`.
+fn staged_example(dir: &Path, name: &str) -> PathBuf {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples");
     for sub in ["data", "schemas"] {
         std::fs::create_dir_all(dir.join(sub)).unwrap();
@@ -952,9 +973,130 @@ fn staged_tickets(dir: &Path) -> PathBuf {
             std::fs::copy(e.path(), dir.join(sub).join(e.file_name())).unwrap();
         }
     }
-    let file = dir.join("ticket-tagging.toml");
-    std::fs::copy(examples.join("ticket-tagging.toml"), &file).unwrap();
+    let file = dir.join(name);
+    std::fs::copy(examples.join(name), &file).unwrap();
     file
+}
+
+fn output_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_review_sends_its_item_again_once_and_flags_the_record_when_it_fails_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = staged_example(dir.path(), "ticket-tagging.toml");
+    let first = run(&file, &[]);
+    assert_eq!(first.code, Some(0), "{}", first.show());
+    let db = dir.path().join(".nightshift/state.db");
+    let store = nightshift::store::SqlStore::open_sqlite(&db).await.unwrap();
+    let regenerated = store
+        .count_where("SELECT COUNT(*) FROM items WHERE stage = 'main' AND regenerations > 0")
+        .await
+        .unwrap();
+    assert!(
+        regenerated > 0,
+        "some reviews failed and sent their item again"
+    );
+    let more_than_once = store
+        .count_where("SELECT COUNT(*) FROM items WHERE regenerations > 1 OR (stage <> 'main' AND regenerations > 0)")
+        .await
+        .unwrap();
+    assert_eq!(more_than_once, 0, "once, and only the reviewed stage");
+    // Sent again as another attempt of the item: two answers came back for each.
+    let answered_once = store
+        .count_where(
+            "SELECT COUNT(*) FROM items i WHERE i.regenerations > 0 AND \
+             (SELECT COUNT(*) FROM attempts a WHERE a.item_id = i.id AND a.state = 'succeeded') < 2",
+        )
+        .await
+        .unwrap();
+    assert_eq!(answered_once, 0);
+    // A flagged record is one whose item was sent again and whose second review failed too.
+    let flagged_ids: BTreeSet<String> = output_lines(&dir.path().join("out/tickets.labels.jsonl"))
+        .iter()
+        .filter(|l| {
+            assert_eq!(l["flagged"] == true, l["review"] == "fail", "{l}");
+            l["flagged"] == true
+        })
+        .map(|l| l["id"].as_str().unwrap().to_string())
+        .collect();
+    let regenerated_ids: BTreeSet<String> = crate::common::all::<(String,)>(
+        &store,
+        "SELECT r.record_id FROM records r JOIN record_items x \
+         ON x.run_id = r.run_id AND x.line = r.line AND x.stage = 'main' \
+         JOIN items i ON i.id = x.item_id WHERE i.regenerations > 0",
+    )
+    .await
+    .into_iter()
+    .map(|(id,)| id)
+    .collect();
+    assert!(!flagged_ids.is_empty(), "some second reviews fail too");
+    assert!(
+        flagged_ids.is_subset(&regenerated_ids),
+        "no record is flagged after a single failed review"
+    );
+    let r = report_json(&file, None);
+    let review = r["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == "review")
+        .unwrap();
+    assert_eq!(review["review"]["fail"], flagged_ids.len() as u64, "{r}");
+    let main = &r["stages"][0];
+    assert!(
+        main["retries"].as_u64().unwrap() >= regenerated as u64,
+        "a regeneration counts in its stage's retries: {main}"
+    );
+    store.close().await;
+
+    let again = run(&file, &[]);
+    assert_eq!(again.code, Some(0), "{}", again.show());
+    assert_eq!(
+        report_json(&file, None)["attempts"],
+        0,
+        "nothing is reviewed twice"
+    );
+    let record = builtin_sim_record(&dir.path().join(".nightshift"));
+    assert_eq!(
+        ledger_total(&db).await,
+        usd(&record["bill"]["totals"]["cost_usd"])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_review_with_on_fail_flag_flags_the_record_and_sends_nothing_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = staged_example(dir.path(), "catalog-enrichment.toml");
+    let first = run(&file, &[]);
+    assert_eq!(first.code, Some(0), "{}", first.show());
+    let lines = output_lines(&dir.path().join("out/products.enriched.jsonl"));
+    let reviewed = lines.iter().filter(|l| l.get("review").is_some()).count();
+    let flagged = lines.iter().filter(|l| l["flagged"] == true).count();
+    // A 5 % sample of 306 valid records.
+    assert!((5..=30).contains(&reviewed), "{reviewed}");
+    assert!(flagged > 0 && flagged < reviewed, "{flagged} of {reviewed}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| (l["flagged"] == true) == (l["review"] == "fail"))
+    );
+    let store = nightshift::store::SqlStore::open_sqlite(&dir.path().join(".nightshift/state.db"))
+        .await
+        .unwrap();
+    let regenerated = store
+        .count_where("SELECT COUNT(*) FROM items WHERE regenerations > 0")
+        .await
+        .unwrap();
+    store.close().await;
+    assert_eq!(regenerated, 0, "flag sends nothing again");
+    let r = report_json(&file, None);
+    assert_eq!(r["stages"][1]["review"]["fail"], flagged as u64, "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -343,14 +343,15 @@ async fn stage_figures(store: &SqlStore, run_id: &str, f: &mut RunFigures) -> Re
         )
         .await?,
     );
-    type Links = (String, i64, i64, i64, i64, i64, i64);
+    type Links = (String, i64, i64, i64, i64, i64, i64, i64);
     let links: Vec<Links> = db
         .all(
             q("SELECT x.stage, COUNT(DISTINCT x.item_id), COUNT(DISTINCT x.line), \
                  COUNT(DISTINCT CASE WHEN x.item_id IS NULL AND x.error IS NULL THEN x.line END), \
                  COUNT(DISTINCT CASE WHEN x.error IS NOT NULL OR i.state = 'exhausted' THEN x.line END), \
                  COUNT(DISTINCT CASE WHEN i.state = 'succeeded' THEN x.item_id END), \
-                 COUNT(DISTINCT CASE WHEN i.state = 'exhausted' THEN x.item_id END) \
+                 COUNT(DISTINCT CASE WHEN i.state = 'exhausted' THEN x.item_id END), \
+                 COUNT(x.item_id) \
                FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
                WHERE x.run_id = $1 GROUP BY x.stage")
             .bind(run_id),
@@ -408,6 +409,7 @@ async fn stage_figures(store: &SqlStore, run_id: &str, f: &mut RunFigures) -> Re
                 s.failed_records = count(l.4);
                 s.succeeded = count(l.5);
                 s.exhausted = count(l.6);
+                s.links = count(l.7);
             }
             for x in sent.iter().filter(|x| &x.0 == name) {
                 s.attempts += count(x.3);
