@@ -5,7 +5,8 @@
 //!
 //! The map (see docs/design.md), bottom up: `util` (files, time, text) and `cost` (exact
 //! money, prices, tokens) import nothing of the rest; `prompt` renders templates and
-//! `request` turns a rendered record into a request and its item key; `source` reads
+//! `request` turns a rendered record into a request and its item key; `split` cuts long
+//! texts and `stage` renders a stage's items for a record; `source` reads
 //! records; `provider` holds each provider's encoding (`codec`) and HTTP client; `config`
 //! reads the pipeline file, `preflight` checks what it points at; `store` holds the state;
 //! `validate` judges answers; `worker` drives the pipeline; `plan`, `report` and `reconcile`
@@ -27,6 +28,7 @@ pub mod request;
 pub mod sim;
 pub mod source;
 pub mod split;
+pub mod stage;
 pub mod store;
 pub mod util;
 pub mod validate;

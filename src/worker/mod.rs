@@ -46,6 +46,7 @@ use backoff::jitter;
 use options::{batches_dir, downloads_dir};
 use planning::Planning;
 
+pub use crate::stage::in_sample;
 pub use apply::judge_line;
 pub use build::upload_name;
 pub use collect::{CancelReport, cancel};
@@ -57,7 +58,6 @@ pub use options::{RunContext, Shutdown, schema_name, spec, stage_schema_name};
 pub use output::OutputFormat;
 pub use settle::KEEP_RECORDS_OF_RUNS;
 use stages::StageRun;
-pub use stages::in_sample;
 
 /// What a finished (or stopped) run did.
 #[derive(Clone, Debug)]
