@@ -169,6 +169,28 @@ pub trait Store: Send + Sync + 'static {
         later_stages: &[String],
         reason: &str,
     ) -> impl Future<Output = Result<bool>> + Send;
+    /// Ids of the run's records whose work at `stage` is done: linked there, and every link
+    /// an item that succeeded or a skip (no error).
+    fn stage_done_records(
+        &self,
+        run_id: &str,
+        stage: &str,
+    ) -> impl Future<Output = Result<Vec<String>>> + Send;
+    /// The run's items of `stage`: its links (a record's chunks, shared items once per
+    /// record) and each distinct item's prompt tokens.
+    fn run_stage_items(
+        &self,
+        run_id: &str,
+        stage: &str,
+    ) -> impl Future<Output = Result<StageItems>> + Send;
+    /// Up to `limit` of the run's records after line `after_line`, in line order: (line,
+    /// record id, fields as JSON; `{}` where the run kept none, as a one-stage run).
+    fn run_record_data(
+        &self,
+        run_id: &str,
+        after_line: i64,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<(i64, String, String)>>> + Send;
 
     // --- planning -------------------------------------------------------------------------
     /// Items waiting for an attempt (`pending`, or `failed` under the cap).

@@ -88,6 +88,18 @@ pub struct ReadyRecord {
     pub inputs: Vec<LinkRow>,
 }
 
+/// A run's items of one stage.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StageItems {
+    /// Links of the run's records to the stage's items (each record's chunks; an item
+    /// shared by records once per record).
+    pub links: u64,
+    /// Prompt tokens of each distinct item.
+    pub tokens: Vec<u64>,
+    /// Distinct items that succeeded.
+    pub succeeded: u64,
+}
+
 /// One link of a record to an item (or to none: skipped, or failed before an item).
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct LinkRow {
@@ -413,6 +425,9 @@ pub struct StageFigures {
     /// Attempts of the stage in this run's batches, and the distinct items they carried.
     pub attempts: u64,
     pub items_attempted: u64,
+    /// Attempts of the stage in this run's batches that came back with an answer (output
+    /// tokens billed).
+    pub answered: u64,
     pub usage: Usage,
     pub cost: Usd,
     pub standard_cost: Usd,

@@ -270,6 +270,23 @@ impl Store for SqlStore {
         stages::regenerate(self, run_id, item_id, later_stages, reason).await
     }
 
+    async fn stage_done_records(&self, run_id: &str, stage: &str) -> Result<Vec<String>> {
+        stages::stage_done_records(self, run_id, stage).await
+    }
+
+    async fn run_stage_items(&self, run_id: &str, stage: &str) -> Result<StageItems> {
+        stages::run_stage_items(self, run_id, stage).await
+    }
+
+    async fn run_record_data(
+        &self,
+        run_id: &str,
+        after_line: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, String, String)>> {
+        stages::run_record_data(self, run_id, after_line, limit).await
+    }
+
     async fn plannable_count(&self, pipeline: &str, stage: &str) -> Result<u64> {
         planning::plannable_count(self, pipeline, stage).await
     }

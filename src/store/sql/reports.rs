@@ -370,6 +370,7 @@ async fn stage_figures(store: &SqlStore, run_id: &str, f: &mut RunFigures) -> Re
         i64,
         i64,
         i64,
+        i64,
     );
     let sent: Vec<Sent> = db
         .all(
@@ -380,7 +381,8 @@ async fn stage_figures(store: &SqlStore, run_id: &str, f: &mut RunFigures) -> Re
                  CAST(COALESCE(SUM(l.output_tokens), 0) AS BIGINT), \
                  CAST(COALESCE(SUM(l.reasoning_tokens), 0) AS BIGINT), \
                  CAST(COALESCE(SUM(l.cost_pico), 0) AS BIGINT), \
-                 CAST(COALESCE(SUM(l.standard_cost_pico), 0) AS BIGINT) \
+                 CAST(COALESCE(SUM(l.standard_cost_pico), 0) AS BIGINT), \
+                 CAST(COALESCE(SUM(CASE WHEN l.output_tokens > 0 THEN 1 ELSE 0 END), 0) AS BIGINT) \
                FROM attempts a JOIN batches b ON b.id = a.batch_id LEFT JOIN ledger l ON l.attempt_id = a.id \
                WHERE b.run_id = $1 GROUP BY b.stage, b.model, b.pricing_mode ORDER BY b.stage, b.model")
             .bind(run_id),
@@ -421,6 +423,7 @@ async fn stage_figures(store: &SqlStore, run_id: &str, f: &mut RunFigures) -> Re
                 s.usage.reasoning_tokens += count(x.9);
                 s.cost += Usd::from_pico(x.10 as i128);
                 s.standard_cost += Usd::from_pico(x.11 as i128);
+                s.answered += count(x.12);
                 if !s.models.contains(&x.1) {
                     s.models.push(x.1.clone());
                 }

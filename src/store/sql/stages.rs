@@ -149,6 +149,79 @@ pub(super) async fn ready_records(
     Ok(out)
 }
 
+/// Ids of the run's records whose every link at `stage` succeeded or is a skip.
+pub(super) async fn stage_done_records(
+    store: &SqlStore,
+    run_id: &str,
+    stage: &str,
+) -> Result<Vec<String>> {
+    let rows: Vec<(String,)> = store
+        .db
+        .all(
+            q("SELECT r.record_id FROM records r WHERE r.run_id = $1 \
+               AND EXISTS (SELECT 1 FROM record_items x WHERE x.run_id = r.run_id AND x.line = r.line AND x.stage = $2) \
+               AND NOT EXISTS (SELECT 1 FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
+                 WHERE x.run_id = r.run_id AND x.line = r.line AND x.stage = $2 \
+                 AND (x.error IS NOT NULL OR (x.item_id IS NOT NULL AND i.state <> 'succeeded')))")
+            .bind(run_id)
+            .bind(stage),
+        )
+        .await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
+}
+
+/// The run's links at `stage` and its distinct items there (prompt tokens, how many succeeded).
+pub(super) async fn run_stage_items(
+    store: &SqlStore,
+    run_id: &str,
+    stage: &str,
+) -> Result<StageItems> {
+    let links: i64 = store
+        .db
+        .scalar(
+            q("SELECT COUNT(*) FROM record_items WHERE run_id = $1 AND stage = $2 AND item_id IS NOT NULL")
+                .bind(run_id)
+                .bind(stage),
+        )
+        .await?;
+    let items: Vec<(i64, ItemState)> = store
+        .db
+        .all(
+            q("SELECT i.input_tokens, i.state FROM items i WHERE i.id IN \
+               (SELECT item_id FROM record_items WHERE run_id = $1 AND stage = $2)")
+            .bind(run_id)
+            .bind(stage),
+        )
+        .await?;
+    Ok(StageItems {
+        links: count(links),
+        succeeded: items
+            .iter()
+            .filter(|(_, s)| *s == ItemState::Succeeded)
+            .count() as u64,
+        tokens: items.into_iter().map(|(t, _)| count(t)).collect(),
+    })
+}
+
+/// A page of the run's records with their stored fields.
+pub(super) async fn run_record_data(
+    store: &SqlStore,
+    run_id: &str,
+    after_line: i64,
+    limit: u32,
+) -> Result<Vec<(i64, String, String)>> {
+    store
+        .db
+        .all(
+            q("SELECT line, record_id, COALESCE(data, '{}') FROM records \
+               WHERE run_id = $1 AND line > $2 ORDER BY line LIMIT $3")
+            .bind(run_id)
+            .bind(after_line)
+            .bind(limit as i64),
+        )
+        .await
+}
+
 /// Every link of the run's records from `first` to `last` (lines), with its item's state,
 /// result, what its attempts cost (in any run, as its attempt count counts them) and how many
 /// of the run's records share it.
