@@ -3,6 +3,9 @@
 //! themselves is `ingest.rs`.
 
 use super::{RunError, Runner};
+
+/// Stored records read per query when a multi-stage run scans them for its worksheet.
+const RECORD_PAGE: u32 = 5_000;
 use crate::provider::BatchProvider;
 use crate::store::{Store, StoreError};
 
@@ -55,7 +58,8 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             .await?
             .ok_or_else(|| StoreError::Invalid("the run row vanished".into()))?;
         let f = store.run_figures(&self.run_id).await?;
-        let ws = crate::plan::Worksheet::compute(crate::plan::PlanInputs {
+        let first = &p.first_stage().name;
+        let mut inputs = crate::plan::PlanInputs {
             pipeline: p,
             price: &ctx.prices[0],
             mode: ctx.pipeline.provider.pricing_mode(),
@@ -64,19 +68,80 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             quarantined: run.records_quarantined as u64,
             unique_items: f.unique_items,
             already_done: f.succeeded,
-            todo_tokens: store
-                .plannable_tokens(&p.name, &p.first_stage().name)
-                .await?,
+            todo_tokens: store.plannable_tokens(&p.name, first).await?,
             todo_records: f.records_valid.saturating_sub(f.records_done),
-            job_tokens: store.run_item_tokens(&self.run_id).await?,
+            job_tokens: Vec::new(),
             job_records: f.records_valid,
-            history: store.history(&p.name, &p.first_stage().name).await?,
+            history: store.history(&p.name, first).await?,
             monthly_items: None,
             backfill_items: None,
-        });
+            stages: None,
+        };
+        if p.is_multi_stage() {
+            // The first stage's figures are its own items' (the run's figures count every
+            // stage); the later stages' come from the records the run stored.
+            let items = store.run_stage_items(&self.run_id, first).await?;
+            inputs.unique_items = items.tokens.len() as u64;
+            inputs.already_done = items.succeeded;
+            inputs.job_tokens = items.tokens;
+            let done_first = store.stage_done_records(&self.run_id, first).await?.len() as u64;
+            inputs.todo_records = f.records_valid.saturating_sub(done_first);
+            inputs.stages = Some(self.later_facts(items.links).await?);
+        } else {
+            inputs.job_tokens = store.run_item_tokens(&self.run_id).await?;
+        }
+        let ws = crate::plan::Worksheet::compute(inputs);
         store
             .set_run_plan(&self.run_id, &ws.to_json().to_string())
             .await?;
         Ok(())
+    }
+
+    /// What the worksheet of a multi-stage run knows of its stages after the first: the
+    /// records the run stored, scanned as `plan` scans the source (samples, chunks, the
+    /// fields each template inserts); the records whose work at each stage is done (this
+    /// run's links, after the first advance); each stage's history.
+    async fn later_facts(
+        &self,
+        first_links: u64,
+    ) -> Result<crate::plan::StagesFacts<'_>, RunError> {
+        let ctx = self.ctx;
+        let p = ctx.pipeline;
+        let store = ctx.store;
+        let mut scanner = crate::plan::LaterScanner::new(p);
+        let mut after = 0i64;
+        loop {
+            let page = store
+                .run_record_data(&self.run_id, after, RECORD_PAGE)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = last.0;
+            for (_, id, data) in &page {
+                let value: serde_json::Value =
+                    serde_json::from_str(data).unwrap_or(serde_json::Value::Null);
+                scanner.observe(id, &value);
+            }
+        }
+        let scans = scanner.finish();
+        let history = crate::plan::later_history(store, p, Some(&self.run_id)).await?;
+        let mut later = Vec::new();
+        for (k, sr) in self.stages[1..].iter().enumerate() {
+            let done = store
+                .stage_done_records(&self.run_id, &sr.stage.name)
+                .await?
+                .len() as u64;
+            later.push(crate::plan::StageFacts {
+                price: &ctx.prices[k + 1],
+                exact_tokens: sr.counter.is_exact(),
+                fixed_tokens: sr.counter.fixed,
+                scan: scans[k].clone(),
+                records_done: done,
+                done_source: "this run's links: the stage's items for them succeeded, or skipped"
+                    .into(),
+                history: history[k].0,
+                ran: history[k].1,
+            });
+        }
+        Ok(crate::plan::StagesFacts { first_links, later })
     }
 }
