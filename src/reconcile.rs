@@ -2,7 +2,8 @@
 //! provider's own numbers?
 //!
 //! Plan vs actual compares the worksheet stored when the run started with what the store
-//! shows now. Ledger vs provider compares, batch by batch, the sum of our ledger rows with
+//! shows now; for a multi-stage run, also stage by stage (calls per record, calls sent,
+//! tokens per call, retry rate, cost). Ledger vs provider compares, batch by batch, the sum of our ledger rows with
 //! the provider's batch usage (OpenAI reports it) and with its bill when we have one (the
 //! simulator's, recorded at the end of a simulated run or read live from a simulator).
 //! Differences are shown, never hidden.
@@ -13,7 +14,9 @@ use rust_decimal::{Decimal, RoundingStrategy};
 use serde_json::{Value, json};
 
 use crate::cost::{Usage, Usd};
-use crate::store::{BatchMode, LedgerTotals, ProviderBill, RunRow, Store, StoreError};
+use crate::store::{
+    BatchMode, LedgerTotals, ProviderBill, RunFigures, RunRow, StageFigures, Store, StoreError,
+};
 
 /// One line of plan vs actual.
 #[derive(Clone, Debug, PartialEq)]
@@ -55,11 +58,20 @@ impl BatchCheck {
     }
 }
 
+/// One line of a stage's plan vs actual (a multi-stage run).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StageLine {
+    pub stage: String,
+    pub line: Line,
+}
+
 #[derive(Clone, Debug)]
 pub struct Reconciliation {
     pub run_id: String,
     pub pipeline: String,
     pub lines: Vec<Line>,
+    /// A multi-stage run: each stage's plan vs actual, stage by stage (empty for one stage).
+    pub stages: Vec<StageLine>,
     pub batches: Vec<BatchCheck>,
 }
 
@@ -148,14 +160,46 @@ pub async fn reconcile<S: Store>(
             Decimal::from(total) / Decimal::from(n)
         }
     };
-    let items_to_send = plan.items_to_send.map(Decimal::from);
-    let retry_plan = plan.retry_rate;
+    // A multi-stage plan's figures for the whole run add its stages up: calls to send,
+    // and the per-call figures weighted by each stage's calls.
+    let multi = !plan.stages.is_empty();
+    let calls: Option<Decimal> = multi
+        .then(|| {
+            plan.stages
+                .iter()
+                .map(|s| s.calls_to_send)
+                .sum::<Option<Decimal>>()
+        })
+        .flatten();
+    let weighted = |get: fn(&crate::plan::StoredStage) -> Option<Decimal>| -> Option<Decimal> {
+        let total = calls.filter(|c| !c.is_zero())?;
+        let mut sum = Decimal::ZERO;
+        for s in &plan.stages {
+            sum += s.calls_to_send? * get(s)?;
+        }
+        Some(sum / total)
+    };
+    let (items_to_send, retry_plan, input_plan, output_plan) = if multi {
+        (
+            calls,
+            weighted(|s| s.retry_rate),
+            weighted(|s| s.input_tokens_per_call),
+            weighted(|s| s.output_tokens_per_call),
+        )
+    } else {
+        (
+            plan.items_to_send.map(Decimal::from),
+            plan.retry_rate,
+            plan.input_tokens_mean,
+            plan.output_tokens_per_call,
+        )
+    };
     let retries = f.attempts.saturating_sub(f.items_attempted);
     let duplicate_submissions = live.map(duplicates_in_record).unwrap_or(0);
     let mut lines = vec![
         Line {
             figure: "items sent",
-            plan: items_to_send.map(|d| d.to_string()).unwrap_or("-".into()),
+            plan: items_to_send.map(|d| fmt(d, 1)).unwrap_or("-".into()),
             actual: f.items_attempted.to_string(),
             difference: diff(items_to_send, Decimal::from(f.items_attempted), 0),
         },
@@ -174,25 +218,15 @@ pub async fn reconcile<S: Store>(
         },
         Line {
             figure: "input tokens per call (mean)",
-            plan: plan
-                .input_tokens_mean
-                .map(|d| fmt(d, 1))
-                .unwrap_or("-".into()),
+            plan: input_plan.map(|d| fmt(d, 1)).unwrap_or("-".into()),
             actual: fmt(per(u.input_tokens, f.answered), 1),
-            difference: diff(plan.input_tokens_mean, per(u.input_tokens, f.answered), 1),
+            difference: diff(input_plan, per(u.input_tokens, f.answered), 1),
         },
         Line {
             figure: "output tokens per call (mean)",
-            plan: plan
-                .output_tokens_per_call
-                .map(|d| fmt(d, 1))
-                .unwrap_or("-".into()),
+            plan: output_plan.map(|d| fmt(d, 1)).unwrap_or("-".into()),
             actual: fmt(per(u.output_tokens, f.answered), 1),
-            difference: diff(
-                plan.output_tokens_per_call,
-                per(u.output_tokens, f.answered),
-                1,
-            ),
+            difference: diff(output_plan, per(u.output_tokens, f.answered), 1),
         },
         Line {
             figure: "validation calls (answers checked)",
@@ -280,6 +314,7 @@ pub async fn reconcile<S: Store>(
             difference: diff(Some(cap), f.ledger.cost.to_decimal(), 6),
         });
     }
+    let stages = stage_lines(&plan, &f);
     let live_bills = live.map(bills_from_record).unwrap_or_default();
     let mut batches = Vec::new();
     for b in store.run_batches(&run.id).await? {
@@ -316,8 +351,88 @@ pub async fn reconcile<S: Store>(
         run_id: run.id.clone(),
         pipeline: run.pipeline.clone(),
         lines,
+        stages,
         batches,
     })
+}
+
+/// Each stage's plan (the stored worksheet's row) against what the run did at that stage:
+/// calls per record (first attempts: the stage's distinct items over the run's records),
+/// calls sent, tokens per answered call, retry rate and cost (the report's per-stage cost).
+fn stage_lines(plan: &crate::plan::StoredPlan, f: &RunFigures) -> Vec<StageLine> {
+    let mut names: Vec<&str> = plan.stages.iter().map(|s| s.stage.as_str()).collect();
+    for st in &f.stages {
+        if !names.contains(&st.stage.as_str()) {
+            names.push(&st.stage);
+        }
+    }
+    let hundred = Decimal::from(100);
+    let ratio = |a: u64, b: u64| {
+        if b == 0 {
+            Decimal::ZERO
+        } else {
+            Decimal::from(a) / Decimal::from(b)
+        }
+    };
+    let mut out = Vec::new();
+    for name in names {
+        let p = plan.stages.iter().find(|s| s.stage == name);
+        let zero = StageFigures::default();
+        let st = f.stages.iter().find(|s| s.stage == name).unwrap_or(&zero);
+        let get = |g: fn(&crate::plan::StoredStage) -> Option<Decimal>| p.and_then(g);
+        let rows: [(&'static str, Option<Decimal>, Decimal, u32); 6] = [
+            (
+                "calls per record",
+                get(|s| s.calls_per_record),
+                ratio(st.items, f.records_valid),
+                2,
+            ),
+            (
+                "calls sent",
+                get(|s| s.calls_to_send),
+                Decimal::from(st.items_attempted),
+                1,
+            ),
+            (
+                "input tokens per call (mean)",
+                get(|s| s.input_tokens_per_call),
+                ratio(st.usage.input_tokens, st.answered),
+                1,
+            ),
+            (
+                "output tokens per call (mean)",
+                get(|s| s.output_tokens_per_call),
+                ratio(st.usage.output_tokens, st.answered),
+                1,
+            ),
+            (
+                "retry rate (%)",
+                get(|s| s.retry_rate).map(|r| r * hundred),
+                ratio(st.retries(), st.items_attempted) * hundred,
+                2,
+            ),
+            (
+                "cost (USD)",
+                get(|s| s.expected_cost),
+                st.cost.to_decimal(),
+                6,
+            ),
+        ];
+        for (figure, planned, actual, places) in rows {
+            // The actual cost is the ledger's, exact: the report's figure for the stage.
+            let actual_places = if figure == "cost (USD)" { 12 } else { places };
+            out.push(StageLine {
+                stage: name.to_string(),
+                line: Line {
+                    figure,
+                    plan: planned.map(|d| fmt(d, places)).unwrap_or("-".into()),
+                    actual: fmt(actual, actual_places),
+                    difference: diff(planned, actual, places),
+                },
+            });
+        }
+    }
+    out
 }
 
 impl Reconciliation {
@@ -346,6 +461,28 @@ impl Reconciliation {
         }
         crate::report::align_right(&mut t, &[1, 2]);
         s.push_str(&crate::report::render(&t));
+        if !self.stages.is_empty() {
+            let _ = writeln!(s, "\nplan vs actual, per stage");
+            let mut t =
+                crate::report::table(&["stage", "figure", "plan", "actual", "difference"], width);
+            let mut last = "";
+            for l in &self.stages {
+                t.add_row(vec![
+                    if l.stage == last {
+                        String::new()
+                    } else {
+                        l.stage.clone()
+                    },
+                    l.line.figure.to_string(),
+                    l.line.plan.clone(),
+                    l.line.actual.clone(),
+                    l.line.difference.clone(),
+                ]);
+                last = &l.stage;
+            }
+            crate::report::align_right(&mut t, &[2, 3]);
+            s.push_str(&crate::report::render(&t));
+        }
         let _ = writeln!(s, "\nledger vs provider, per batch");
         let mut t = crate::report::table(
             &[
@@ -429,7 +566,7 @@ impl Reconciliation {
     }
 
     pub fn to_json(&self) -> Value {
-        json!({
+        let mut v = json!({
             "run_id": self.run_id,
             "pipeline": self.pipeline,
             "plan_vs_actual": self.lines.iter().map(|l| json!({
@@ -448,6 +585,17 @@ impl Reconciliation {
                 "bill_matches": b.bill_matches(),
             })).collect::<Vec<_>>(),
             "mismatches": self.mismatches(),
-        })
+        });
+        if !self.stages.is_empty() {
+            v["plan_vs_actual_per_stage"] = self
+                .stages
+                .iter()
+                .map(|l| {
+                    json!({"stage": l.stage, "figure": l.line.figure, "plan": l.line.plan,
+                        "actual": l.line.actual, "difference": l.line.difference})
+                })
+                .collect();
+        }
+        v
     }
 }
