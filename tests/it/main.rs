@@ -13,5 +13,6 @@ mod providers;
 mod secrets;
 mod sim;
 mod stages;
+mod stages_plan;
 mod store;
 mod workers;
