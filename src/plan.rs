@@ -576,37 +576,60 @@ fn later_stage(
             None => format!("one per record it runs for × {}", pct(runs_for.value)),
         },
     };
-    // Output: this stage's own history, else an assumption.
-    let output = if f.history.answered > 0 {
-        Sourced {
-            value: ratio(f.history.output_tokens, f.history.answered).min(Decimal::from(max_out)),
-            source: format!(
-                "mean of {} earlier answers of this stage",
-                f.history.answered
-            ),
-        }
-    } else {
-        Sourced {
+    // As for the first stage, what the file states comes first (the forecast is then the
+    // same on every night), what the stage's earlier runs measured next (shown beside a
+    // stated figure), else an assumption.
+    let h = &f.history;
+    let measured_output =
+        (h.answered > 0).then(|| ratio(h.output_tokens, h.answered).min(Decimal::from(max_out)));
+    let output = match (s.expected_output_tokens, measured_output) {
+        (Some(t), m) => Sourced {
+            value: Decimal::from(t),
+            source: match m {
+                Some(m) => format!(
+                    "stage.{}.expected_output_tokens (measured {} over {} answers)",
+                    s.name,
+                    round(m, 1),
+                    h.answered
+                ),
+                None => format!("stage.{}.expected_output_tokens", s.name),
+            },
+        },
+        (None, Some(m)) => Sourced {
+            value: m,
+            source: format!("mean of {} earlier answers of this stage", h.answered),
+        },
+        (None, None) => Sourced {
             value: Decimal::from(max_out) / Decimal::from(2),
             source: "assumption: half of max_output_tokens (no earlier answers of this stage)"
                 .into(),
-        }
+        },
     };
-    let retry = if f.history.items_attempted > 0 {
-        Sourced {
-            value: ratio(
-                f.history.attempts.saturating_sub(f.history.items_attempted),
-                f.history.items_attempted,
-            ),
-            source: format!(
-                "{} earlier attempts on {} items of this stage",
-                f.history.attempts, f.history.items_attempted
-            ),
-        }
-    } else if let Some(r) = p.plan.retry_rate {
+    let measured_retry = (h.items_attempted > 0).then(|| {
+        ratio(
+            h.attempts.saturating_sub(h.items_attempted),
+            h.items_attempted,
+        )
+    });
+    let retry = if let Some(r) = p.plan.retry_rate {
         Sourced {
             value: r,
-            source: "plan.retry_rate (no history for this stage)".into(),
+            source: match measured_retry {
+                Some(m) => format!(
+                    "plan.retry_rate (measured {} over {} items of this stage)",
+                    pct(m),
+                    h.items_attempted
+                ),
+                None => "plan.retry_rate".into(),
+            },
+        }
+    } else if let Some(m) = measured_retry {
+        Sourced {
+            value: m,
+            source: format!(
+                "{} earlier attempts on {} items of this stage",
+                h.attempts, h.items_attempted
+            ),
         }
     } else {
         Sourced {

@@ -393,6 +393,7 @@ pub(super) fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> (Pipeline, 
             when: None,
             when_text: None,
             on_fail: None,
+            expected_output_tokens: None,
         }]
     };
     let stages = if stages.is_empty() {
@@ -408,6 +409,7 @@ pub(super) fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> (Pipeline, 
             when: None,
             when_text: None,
             on_fail: None,
+            expected_output_tokens: None,
         }]
     } else {
         stages
@@ -511,6 +513,12 @@ pub(super) fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> (Pipeline, 
         p.push(Problem::new(
             "plan.expected_output_tokens",
             "cannot exceed prompt.max_output_tokens",
+        ));
+    }
+    if pl.expected_output_tokens.is_some() && stages[0].expected_output_tokens.is_some() {
+        p.push(Problem::new(
+            format!("stage.{}.expected_output_tokens", stages[0].name),
+            "plan.expected_output_tokens already states the first stage's: keep one",
         ));
     }
     let plan = PlanSettings {
@@ -804,6 +812,15 @@ fn stage(path: &str, rs: RawStage, d: &StageDefaults<'_>, p: &mut Vec<Problem>) 
             None
         }
     };
+    if let Some(t) = rs.expected_output_tokens
+        && t > prompt.max_output_tokens
+        && prompt.max_output_tokens > 0
+    {
+        p.push(Problem::new(
+            format!("{path}.expected_output_tokens"),
+            "cannot exceed prompt.max_output_tokens",
+        ));
+    }
     Stage {
         name,
         for_each,
@@ -816,6 +833,7 @@ fn stage(path: &str, rs: RawStage, d: &StageDefaults<'_>, p: &mut Vec<Problem>) 
         when,
         when_text: rs.when,
         on_fail,
+        expected_output_tokens: rs.expected_output_tokens,
     }
 }
 

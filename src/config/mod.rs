@@ -162,6 +162,9 @@ pub struct Stage {
     pub when_text: Option<String>,
     /// Set on a review stage: what a failed review does.
     pub on_fail: Option<OnFail>,
+    /// What `nightshift plan` assumes the stage's answers count (output tokens per call);
+    /// `None`: its history, else an assumption (the first stage: `[plan]`'s).
+    pub expected_output_tokens: Option<u32>,
 }
 
 impl Stage {

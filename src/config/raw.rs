@@ -88,6 +88,7 @@ pub(super) struct RawStage {
     pub(super) sample: Option<DecimalText>,
     pub(super) when: Option<String>,
     pub(super) on_fail: Option<String>,
+    pub(super) expected_output_tokens: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]

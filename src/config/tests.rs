@@ -247,3 +247,51 @@ fn loopback_urls_are_recognised() {
     assert!(!is_loopback_url("http://127.0.0.1.evil.com/v1"));
     assert!(!is_loopback_url("ftp://localhost"));
 }
+
+const STAGED: &str = r#"
+name = "t"
+[source]
+kind = "jsonl"
+path = "in.jsonl"
+id_field = "id"
+[provider]
+kind = "openai"
+model = "gpt-5.4-mini"
+simulate = true
+[[stage]]
+name = "main"
+schema = "s.json"
+prompt.user = "Tag: {{text}}"
+prompt.max_output_tokens = 100
+[[stage]]
+name = "review"
+needs = ["main"]
+schema = "r.json"
+prompt.user = "Check: {{text}} {{ main }}"
+prompt.max_output_tokens = 50
+expected_output_tokens = 30
+[output]
+path = "out/r.jsonl"
+"#;
+
+#[test]
+fn a_stage_states_what_plan_assumes_its_answers_count() {
+    let p = Pipeline::from_str(STAGED, Path::new("/x/t.toml")).unwrap();
+    assert_eq!(p.stages[0].expected_output_tokens, None);
+    assert_eq!(p.stages[1].expected_output_tokens, Some(30));
+
+    let over = STAGED.replace("expected_output_tokens = 30", "expected_output_tokens = 80");
+    let e = Pipeline::from_str(&over, Path::new("/x/t.toml")).unwrap_err();
+    assert_eq!(e.problems.len(), 1, "{e}");
+    assert_eq!(e.problems[0].path, "stage.review.expected_output_tokens");
+    assert!(e.problems[0].message.contains("max_output_tokens"), "{e}");
+
+    // The first stage's may be stated in [plan] or in its table, not in both.
+    let both = STAGED.replace(
+        "prompt.max_output_tokens = 100",
+        "prompt.max_output_tokens = 100\nexpected_output_tokens = 40",
+    ) + "[plan]\nexpected_output_tokens = 40\n";
+    let e = Pipeline::from_str(&both, Path::new("/x/t.toml")).unwrap_err();
+    assert_eq!(e.problems.len(), 1, "{e}");
+    assert_eq!(e.problems[0].path, "stage.main.expected_output_tokens");
+}
