@@ -4,8 +4,8 @@
 //! must agree: no custom_id in two created batches, every item final, ledger = bill,
 //! `integrity_check` ok, no orphan provider batch.
 
-use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use nightshift::cost::Usd;
 use nightshift::sim::{SimHandle, SimSettings};
 use nightshift::store::SqlStore;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::process::Command;
 
 use crate::common::*;
@@ -40,8 +40,171 @@ pub const FAILPOINTS: &[&str] = &[
 
 pub const MAX_ATTEMPTS: u32 = 4;
 
+/// What a scenario's pipeline does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// The one-stage form: a label per ticket.
+    OneStage,
+    /// Three stages (`STAGED_PIPELINE`): notes on each chunk of a ticket's body, a summary
+    /// from the notes, a review of 30 % of the summaries by a cheaper model.
+    Stages,
+}
+
+impl Shape {
+    fn write_source(self, dir: &Path, records: usize) -> Source {
+        match self {
+            Shape::OneStage => write_source(dir, records, 5, 2),
+            Shape::Stages => write_staged_source(dir, records),
+        }
+    }
+}
+
+/// The chunk stage's budget. Every paragraph of a staged source counts more than half of it
+/// and at most all of it, so a chunk is one paragraph, and a paragraph several tickets share
+/// is one item.
+pub const CHUNK_TOKENS: u32 = 60;
+/// The model of the review stage (cheaper than the pipeline's).
+pub const REVIEW_MODEL: &str = "gpt-5.4-nano";
+
+/// The multi-stage pipeline of `Shape::Stages` (`@MAX_ATTEMPTS@`, `@MAX_REQUESTS@` and
+/// `@CHUNK_TOKENS@` filled in). The judge renders the same templates to check each item
+/// was made from its own record and its own earlier results.
+const STAGED_PIPELINE: &str = r#"name = "it"
+[source]
+kind = "jsonl"
+path = "records.jsonl"
+id_field = "id"
+
+[provider]
+kind = "openai"
+model = "gpt-5.4-mini"
+simulate = true
+poll_min_seconds = 0.02
+poll_max_seconds = 0.2
+
+[[stage]]
+name = "notes"
+for_each = "chunk"
+split = { field = "body", max_tokens = @CHUNK_TOKENS@ }
+schema = "schema.json"
+prompt.system = "Take notes on this part of a support ticket."
+prompt.user = "{{ chunk.text }}"
+prompt.max_output_tokens = 300
+
+[[stage]]
+name = "summary"
+needs = ["notes"]
+schema = "schema.json"
+prompt.system = "Summarise the support ticket from the notes on its parts."
+prompt.user = "Ticket: {{ title }}\n{% for n in notes %}- {{ n.summary }}\n{% endfor %}"
+prompt.max_output_tokens = 300
+
+[[stage]]
+name = "review"
+needs = ["summary"]
+sample = 0.3
+provider = { model = "gpt-5.4-nano" }
+schema = "schema.json"
+prompt.system = "Check the summary of a support ticket."
+prompt.user = "{{ title }}: {{ summary.summary }} ({{ summary.label }})"
+prompt.max_output_tokens = 200
+
+[output]
+path = "out/results.jsonl"
+
+[retry]
+max_attempts = @MAX_ATTEMPTS@
+
+[batch]
+max_requests = @MAX_REQUESTS@
+"#;
+
+fn write_staged_pipeline(dir: &Path, max_requests: u32) -> PathBuf {
+    std::fs::write(dir.join("schema.json"), SCHEMA).unwrap();
+    let text = STAGED_PIPELINE
+        .replace("@CHUNK_TOKENS@", &CHUNK_TOKENS.to_string())
+        .replace("@MAX_ATTEMPTS@", &MAX_ATTEMPTS.to_string())
+        .replace("@MAX_REQUESTS@", &max_requests.to_string());
+    let path = dir.join("pipeline.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Paragraphs many tickets share (a preamble, a closing): their chunks are one item each.
+const SHARED_PARAGRAPHS: [&str; 4] = [
+    "Before we start: calls and chats with our support team are recorded for quality and training purposes, and the personal data they contain is handled under our published privacy policy.",
+    "Reminder: refunds are paid back to the card or account used for the purchase, usually within five to ten working days of the moment our billing team approved the refund.",
+    "You can reach the billing team Monday to Friday from nine to five by phone, on the number printed at the top of every invoice, or simply by replying to this message.",
+    "If this answer did not solve your problem, reply within fourteen days and the same agent will pick up the conversation where it stopped, without you having to explain it again.",
+];
+
+/// Writes `n` ticket lines with a long `body` (one to three paragraphs of their own, a
+/// quarter of them after a shared preamble, a fifth followed by a shared closing): ~5 %
+/// exact duplicates (same title and body, other id), ~2 % malformed.
+pub fn write_staged_source(dir: &Path, n: usize) -> Source {
+    let tok = nightshift::cost::tokens::Tokenizer::for_model("gpt-5.4-mini");
+    let fits = |p: &str| {
+        let t = tok.count(p);
+        assert!(
+            t > u64::from(CHUNK_TOKENS) / 2 && t <= u64::from(CHUNK_TOKENS),
+            "a paragraph of {t} tokens does not make one chunk of its own: {p}"
+        );
+    };
+    for p in SHARED_PARAGRAPHS {
+        fits(p);
+    }
+    let mut lines = Vec::with_capacity(n);
+    let (mut valid, mut unique, mut malformed) = (0, 0, 0);
+    let mut tickets: Vec<(String, String)> = Vec::new();
+    for i in 0..n {
+        if i % 50 == 7 {
+            malformed += 1;
+            if i % 2 == 0 {
+                lines.push(format!("{{\"id\": \"r{i}\", \"body\": \"unterminated"));
+            } else {
+                lines.push(format!("{{\"body\": \"ticket {i} without an id\"}}"));
+            }
+            continue;
+        }
+        valid += 1;
+        let (title, body) = if i % 20 == 3 && !tickets.is_empty() {
+            tickets[i % tickets.len()].clone()
+        } else {
+            unique += 1;
+            let mut paragraphs: Vec<String> = Vec::new();
+            if i % 4 == 0 {
+                paragraphs.push(SHARED_PARAGRAPHS[(i / 4) % 2].to_string());
+            }
+            for k in 0..1 + i % 3 {
+                let p = format!(
+                    "Part {k} of ticket {i}: the invoice for order {} was charged twice on day {}, and the refund the agent promised on the phone has still not reached the account.",
+                    i * 7919 % 100_003,
+                    (i + k) % 28 + 1
+                );
+                fits(&p);
+                paragraphs.push(p);
+            }
+            if i % 5 == 1 {
+                paragraphs.push(SHARED_PARAGRAPHS[2 + i % 2].to_string());
+            }
+            let t = (format!("Invoice query {i}"), paragraphs.join("\n\n"));
+            tickets.push(t.clone());
+            t
+        };
+        lines
+            .push(json!({"id": format!("r{i}"), "title": title, "body": body, "n": i}).to_string());
+    }
+    std::fs::write(dir.join("records.jsonl"), lines.join("\n") + "\n").unwrap();
+    Source {
+        valid,
+        unique,
+        malformed,
+    }
+}
+
 /// One pipeline, its folder, its store and the simulator it talks to.
 pub struct Scenario {
+    pub shape: Shape,
     pub dir: tempfile::TempDir,
     pub pipeline: PathBuf,
     pub db: PathBuf,
@@ -120,10 +283,35 @@ pub async fn scenario_for(
     per_batch: u32,
     settings: SimSettings,
 ) -> Scenario {
+    scenario_with(Shape::OneStage, provider, records, per_batch, settings).await
+}
+
+/// A scenario of the multi-stage pipeline (`Shape::Stages`) on OpenAI batches.
+pub async fn staged_scenario(records: usize, per_batch: u32, settings: SimSettings) -> Scenario {
+    scenario_with(
+        Shape::Stages,
+        Provider::OpenAi,
+        records,
+        per_batch,
+        settings,
+    )
+    .await
+}
+
+pub async fn scenario_with(
+    shape: Shape,
+    provider: Provider,
+    records: usize,
+    per_batch: u32,
+    settings: SimSettings,
+) -> Scenario {
     let dir = tempfile::tempdir().unwrap();
-    let src = write_source(dir.path(), records, 5, 2);
+    let src = shape.write_source(dir.path(), records);
     let sim = start_sim(settings).await;
-    let pipeline = write_pipeline(dir.path(), MAX_ATTEMPTS, per_batch, "");
+    let pipeline = match shape {
+        Shape::OneStage => write_pipeline(dir.path(), MAX_ATTEMPTS, per_batch, ""),
+        Shape::Stages => write_staged_pipeline(dir.path(), per_batch),
+    };
     // Point the pipeline at the test's simulator, as at a real provider.
     let text = std::fs::read_to_string(&pipeline).unwrap().replace(
         "kind = \"openai\"\nmodel = \"gpt-5.4-mini\"\nsimulate = true\n",
@@ -132,6 +320,7 @@ pub async fn scenario_for(
     std::fs::write(&pipeline, text).unwrap();
     let db = dir.path().join(".nightshift/state.db");
     Scenario {
+        shape,
         dir,
         pipeline,
         db,
@@ -145,7 +334,7 @@ impl Scenario {
     /// New records arrive (the source grows; earlier lines stay as they were).
     pub fn grow(&self, more: usize) {
         let n = self.records.fetch_add(more, Ordering::SeqCst) + more;
-        let src = write_source(self.dir.path(), n, 5, 2);
+        let src = self.shape.write_source(self.dir.path(), n);
         self.valid_records.store(src.valid, Ordering::SeqCst);
     }
 
@@ -188,11 +377,24 @@ impl Scenario {
 /// The oracle's verdict.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Verdict {
+    /// Requests the provider got twice: a custom_id in two batches (or answered online
+    /// twice), or one attempt of one item sent under two custom_ids.
     pub duplicate_submissions: u64,
     pub lost: u64,
     pub ledger_delta_tokens: u64,
     pub ledger_delta_usd: Usd,
     pub orphan_batches: u64,
+    /// Multi-stage: items of a stage made twice (two items of one stage rendered to the same
+    /// request, or more items at the chunk stage than the sources have distinct chunks).
+    pub duplicate_items: u64,
+    /// Multi-stage: records of the last run whose links are not exactly one per (record,
+    /// stage, chunk) as the source, the earlier results and the sample say.
+    pub bad_links: u64,
+    /// Multi-stage: ledger vs bill per stage and model, in tokens and pico-dollars.
+    pub stage_ledger_delta_tokens: u64,
+    pub stage_ledger_delta_usd: Usd,
+    /// Multi-stage: answers billed for another model than their stage's.
+    pub wrong_model: u64,
 }
 
 pub async fn judge(sc: &Scenario) -> Verdict {
@@ -207,13 +409,26 @@ pub async fn judge_store(sc: &Scenario, store: &SqlStore) -> Verdict {
     let rec = record(&sc.sim).await;
     assert_eq!(store.integrity_check().await.unwrap(), "ok");
 
-    // 1. custom_ids in more than one created batch (or answered online more than once).
+    // 1. custom_ids in more than one created batch (or answered online more than once),
+    // and one attempt of one item under two custom_ids (`b<batch>-<item>-<attempt>`).
     let by_cid = requests_by_custom_id(&rec);
     let mut duplicate_submissions: u64 = by_cid.values().map(|v| v.len() as u64 - 1).sum();
     let mut online_seen = HashSet::new();
     for o in rec["online"].as_array().unwrap() {
         let cid = o["custom_id"].as_str().unwrap();
         if !online_seen.insert(cid.to_string()) || by_cid.contains_key(cid) {
+            duplicate_submissions += 1;
+        }
+    }
+    let cids: HashSet<&String> = by_cid.keys().chain(online_seen.iter()).collect();
+    let mut item_attempts = HashSet::new();
+    for cid in cids {
+        let mut parts = cid.rsplitn(3, '-');
+        let (Some(attempt), Some(item)) = (parts.next(), parts.next()) else {
+            panic!("custom_id {cid} is not b<batch>-<item>-<attempt>");
+        };
+        if !item_attempts.insert((item.to_string(), attempt.to_string())) {
+            eprintln!("item {item} attempt {attempt} was sent under two custom_ids");
             duplicate_submissions += 1;
         }
     }
@@ -327,13 +542,400 @@ pub async fn judge_store(sc: &Scenario, store: &SqlStore) -> Verdict {
             );
         }
     }
-    Verdict {
+    let mut v = Verdict {
         duplicate_submissions,
         lost: lost as u64 + missing_records.max(0) as u64 + pending_lines as u64,
         ledger_delta_tokens: delta_tokens,
         ledger_delta_usd: Usd::from_pico(delta_pico),
         orphan_batches,
+        ..Verdict::default()
+    };
+    if sc.shape == Shape::Stages {
+        judge_stages(sc, store, &rec, &last, &out, &mut v).await;
     }
+    v
+}
+
+/// One link of a record of the last run, with its item.
+struct Link {
+    chunk: i64,
+    item_id: Option<i64>,
+    error: Option<String>,
+    user_json: Option<String>,
+    state: Option<String>,
+    result: Option<Value>,
+}
+
+impl Link {
+    fn succeeded(&self) -> bool {
+        self.state.as_deref() == Some("succeeded")
+    }
+}
+
+/// What became of a record, stage by stage, as the judge sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fate {
+    /// Every stage it should get succeeded.
+    Succeeded,
+    /// An item it needs failed for good (attempt cap): its later stages are never made.
+    FailedForGood,
+    /// Something is missing or wrong (a bad link).
+    Broken,
+}
+
+/// A record's links at `notes`, `summary` and `review` against what they should be, each
+/// stage rendered from the one before: one `notes` link per chunk of its body, in order, to
+/// the item of that chunk; one `summary` rendered from its title and those notes' results
+/// (and their child in `item_parents`); a `review` of that summary when the record is in the
+/// sample, else a link with no item. A record whose needed item failed for good has no
+/// later links.
+fn fate_of(
+    title: &str,
+    chunks: &[String],
+    in_sample: bool,
+    [notes, summary, review]: [&[Link]; 3],
+    parents: &HashMap<i64, BTreeSet<i64>>,
+) -> Result<Fate, String> {
+    let quoted = |s: &str| serde_json::to_string(s).unwrap();
+    let made_from = |l: &Link, want: &str, from: &BTreeSet<i64>| {
+        l.chunk == 0
+            && l.error.is_none()
+            && l.user_json.as_deref() == Some(quoted(want).as_str())
+            && l.item_id.and_then(|i| parents.get(&i)) == Some(from)
+    };
+    // `None` once every item of `links` succeeded.
+    let unfinished = |links: &[Link], later: usize| -> Option<Result<Fate, String>> {
+        if links.iter().all(Link::succeeded) {
+            None
+        } else if later == 0
+            && links
+                .iter()
+                .any(|l| l.state.as_deref() == Some("exhausted"))
+        {
+            Some(Ok(Fate::FailedForGood))
+        } else {
+            let states: Vec<_> = links.iter().map(|l| l.state.clone()).collect();
+            Some(Err(format!("items {states:?}, {later} later link(s)")))
+        }
+    };
+
+    let got: Vec<(i64, Option<&str>)> = notes
+        .iter()
+        .map(|l| (l.chunk, l.user_json.as_deref()))
+        .collect();
+    let want: Vec<String> = chunks.iter().map(|c| quoted(c)).collect();
+    let want: Vec<(i64, Option<&str>)> = (0..).zip(want.iter().map(|w| Some(w.as_str()))).collect();
+    if got != want || notes.iter().any(|l| l.error.is_some()) {
+        return Err(format!("notes links {got:?}, expected {want:?}"));
+    }
+    if let Some(f) = unfinished(notes, summary.len() + review.len()) {
+        return f.map_err(|e| format!("notes: {e}"));
+    }
+
+    let mut text = format!("Ticket: {title}\n");
+    for n in notes {
+        let note = &n.result.as_ref().unwrap()["summary"];
+        text.push_str(&format!("- {}\n", note.as_str().unwrap()));
+    }
+    let from: BTreeSet<i64> = notes.iter().filter_map(|l| l.item_id).collect();
+    if !matches!(summary, [s] if made_from(s, &text, &from)) {
+        let got: Vec<_> = summary
+            .iter()
+            .map(|l| {
+                (
+                    l.chunk,
+                    &l.user_json,
+                    l.item_id.and_then(|i| parents.get(&i)),
+                )
+            })
+            .collect();
+        return Err(format!(
+            "summary links {got:?}, expected {text:?} from {from:?}"
+        ));
+    }
+    if let Some(f) = unfinished(summary, review.len()) {
+        return f.map_err(|e| format!("summary: {e}"));
+    }
+
+    let s = summary[0].result.as_ref().unwrap();
+    let text = format!(
+        "{title}: {} ({})",
+        s["summary"].as_str().unwrap(),
+        s["label"].as_str().unwrap()
+    );
+    let from = BTreeSet::from([summary[0].item_id.unwrap()]);
+    match (review, in_sample) {
+        ([r], true) if made_from(r, &text, &from) => match unfinished(review, 0) {
+            None => Ok(Fate::Succeeded),
+            Some(f) => f.map_err(|e| format!("review: {e}")),
+        },
+        ([r], false) if r.chunk == 0 && r.item_id.is_none() && r.error.is_none() => {
+            Ok(Fate::Succeeded)
+        }
+        _ => {
+            let got: Vec<_> = review.iter().map(|l| (l.chunk, l.item_id)).collect();
+            Err(format!("review links {got:?} (in the sample: {in_sample})"))
+        }
+    }
+}
+
+/// The multi-stage half of the oracle (`Shape::Stages`): every record of the last run has
+/// one link per chunk of its body at `notes` (items rendered from those chunks), one
+/// `summary` rendered from its title and its notes' results, and a `review` of that summary
+/// exactly when it is in the stage's sample; the results file says so; no item was made
+/// twice; and the ledger equals the bill stage by stage, each stage billed at its model.
+async fn judge_stages(
+    sc: &Scenario,
+    store: &SqlStore,
+    rec: &Value,
+    last: &str,
+    out: &str,
+    v: &mut Verdict,
+) {
+    let p = nightshift::config::Pipeline::load(&sc.pipeline).unwrap();
+    let names: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["notes", "summary", "review"]);
+    let review_share = p.stages[2].sample.unwrap();
+    let tok = nightshift::cost::tokens::Tokenizer::for_model(&p.stages[0].model);
+    let spec = nightshift::split::SplitSpec {
+        max_tokens: CHUNK_TOKENS,
+        overlap_tokens: 0,
+    };
+
+    // The source as it is now (it only grew): each valid record's title and chunks.
+    let text = std::fs::read_to_string(sc.dir.path().join("records.jsonl")).unwrap();
+    let mut tickets: HashMap<String, (String, Vec<String>)> = HashMap::new();
+    let mut distinct_chunks = HashSet::new();
+    for line in text.lines() {
+        let Ok(r) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let Some(id) = r["id"].as_str() else { continue };
+        let chunks = nightshift::split::split(r["body"].as_str().unwrap(), spec, &tok);
+        distinct_chunks.extend(chunks.iter().cloned());
+        let title = r["title"].as_str().unwrap().to_string();
+        tickets.insert(id.to_string(), (title, chunks));
+    }
+
+    // The last run's records and their links.
+    let records: Vec<(i64, String)> = all(
+        store,
+        &format!("SELECT line, record_id FROM records WHERE run_id = '{last}' ORDER BY line"),
+    )
+    .await;
+    type LinkRow = (
+        i64,
+        String,
+        i64,
+        Option<i64>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    );
+    let rows: Vec<LinkRow> = all(
+        store,
+        &format!(
+            "SELECT x.line, x.stage, x.chunk, x.item_id, x.error, i.user_json, i.state, i.result \
+             FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
+             WHERE x.run_id = '{last}' ORDER BY x.line, x.stage, x.chunk"
+        ),
+    )
+    .await;
+    let mut links: HashMap<(i64, String), Vec<Link>> = HashMap::new();
+    for (line, stage, chunk, item_id, error, user_json, state, result) in rows {
+        links.entry((line, stage)).or_default().push(Link {
+            chunk,
+            item_id,
+            error,
+            user_json,
+            state,
+            result: result.map(|r| serde_json::from_str(&r).unwrap()),
+        });
+    }
+    let mut parents: HashMap<i64, BTreeSet<i64>> = HashMap::new();
+    for (item, parent) in
+        all::<(i64, i64)>(store, "SELECT item_id, parent_id FROM item_parents").await
+    {
+        parents.entry(item).or_default().insert(parent);
+    }
+    let lines: HashMap<String, Value> = out
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (v["id"].as_str().unwrap().to_string(), v)
+        })
+        .collect();
+
+    let (mut succeeded, mut failed_for_good, mut sampled, mut chunks_seen) = (0, 0, 0, 0);
+    let mut problems: Vec<String> = Vec::new();
+    for (line, id) in &records {
+        let Some((title, chunks)) = tickets.get(id) else {
+            problems.push(format!("{id}: a record the source does not have"));
+            v.bad_links += 1;
+            continue;
+        };
+        let at = |stage: &str| -> &[Link] {
+            links
+                .get(&(*line, stage.to_string()))
+                .map_or(&[], Vec::as_slice)
+        };
+        let in_sample = nightshift::worker::in_sample("review", id, review_share);
+        sampled += in_sample as u64;
+        chunks_seen += chunks.len();
+        let fate = fate_of(
+            title,
+            chunks,
+            in_sample,
+            [at("notes"), at("summary"), at("review")],
+            &parents,
+        )
+        .unwrap_or_else(|why| {
+            problems.push(format!("{id} (line {line}): {why}"));
+            Fate::Broken
+        });
+        // The results file agrees.
+        let file_ok = lines.get(id).is_some_and(|l| {
+            let st = &l["stages"];
+            let status = l["status"].as_str();
+            match fate {
+                Fate::Succeeded => {
+                    status == Some("succeeded")
+                        && st["notes"].as_array().is_some_and(|n| {
+                            n.len() == chunks.len() && n.iter().all(Value::is_object)
+                        })
+                        && st["summary"].is_object()
+                        && st["review"].is_object() == in_sample
+                        && (in_sample || st["review"].is_null())
+                }
+                Fate::FailedForGood => status == Some("failed"),
+                Fate::Broken => false,
+            }
+        });
+        match fate {
+            Fate::Succeeded => succeeded += 1,
+            Fate::FailedForGood => failed_for_good += 1,
+            Fate::Broken => v.bad_links += 1,
+        }
+        if !file_ok {
+            v.lost += 1;
+            problems.push(format!("{id}: results line {:?}", lines.get(id)));
+        }
+    }
+    if lines.len() != records.len() {
+        problems.push(format!(
+            "{} results lines for {} records",
+            lines.len(),
+            records.len()
+        ));
+        v.lost += lines.len().abs_diff(records.len()) as u64;
+    }
+    for p in problems.iter().take(10) {
+        eprintln!("stages: {p}");
+    }
+
+    // No item made twice: within a stage no two items render the same request, and the
+    // chunk stage has one item per distinct chunk of the source.
+    let twice: Vec<(String, i64)> = all(
+        store,
+        "SELECT stage, COUNT(*) FROM items GROUP BY stage, user_json HAVING COUNT(*) > 1",
+    )
+    .await;
+    v.duplicate_items += twice.iter().map(|(_, n)| *n as u64 - 1).sum::<u64>();
+    let per_stage: Vec<(String, i64)> =
+        all(store, "SELECT stage, COUNT(*) FROM items GROUP BY stage").await;
+    let items: BTreeMap<String, i64> = per_stage.into_iter().collect();
+    let notes_items = items.get("notes").copied().unwrap_or(0) as usize;
+    if notes_items != distinct_chunks.len() {
+        eprintln!(
+            "stages: {notes_items} notes items for {} distinct chunks",
+            distinct_chunks.len()
+        );
+        v.duplicate_items += notes_items.abs_diff(distinct_chunks.len()) as u64;
+    }
+
+    // Ledger vs bill per stage and model; the stage of a billed custom_id is its item's.
+    let stage_of: HashMap<String, String> = all::<(String, String)>(
+        store,
+        "SELECT a.custom_id, i.stage FROM attempts a JOIN items i ON i.id = a.item_id",
+    )
+    .await
+    .into_iter()
+    .collect();
+    let model_of: HashMap<&str, &str> = p
+        .stages
+        .iter()
+        .map(|s| (s.name.as_str(), s.model.as_str()))
+        .collect();
+    assert_eq!(model_of["review"], REVIEW_MODEL);
+    type Sums = [i64; 5];
+    let mut bill: BTreeMap<(String, String), Sums> = BTreeMap::new();
+    for e in rec["bill"]["per_custom_id"].as_array().unwrap() {
+        let cid = e["custom_id"].as_str().unwrap();
+        let stage = stage_of.get(cid).cloned().unwrap_or_else(|| "?".into());
+        let model = e["model"].as_str().unwrap().to_string();
+        if model_of.get(stage.as_str()) != Some(&model.as_str()) {
+            v.wrong_model += 1;
+        }
+        let slot = bill.entry((stage, model)).or_default();
+        for (k, f) in [
+            "input_tokens",
+            "cached_input_tokens",
+            "output_tokens",
+            "reasoning_tokens",
+        ]
+        .iter()
+        .enumerate()
+        {
+            slot[k] += e[f].as_i64().unwrap();
+        }
+        slot[4] += Usd::parse(e["cost_usd"].as_str().unwrap()).unwrap().pico() as i64;
+    }
+    let ledger: Vec<(String, String, i64, i64, i64, i64, i64)> = all(
+        store,
+        "SELECT stage, model, CAST(SUM(input_tokens) AS BIGINT), CAST(SUM(cached_input_tokens) AS BIGINT), \
+         CAST(SUM(output_tokens) AS BIGINT), CAST(SUM(reasoning_tokens) AS BIGINT), CAST(SUM(cost_pico) AS BIGINT) \
+         FROM ledger GROUP BY stage, model",
+    )
+    .await;
+    let ledger: BTreeMap<(String, String), Sums> = ledger
+        .into_iter()
+        .map(|(s, m, a, b, c, d, e)| ((s, m), [a, b, c, d, e]))
+        .collect();
+    for key in bill.keys().chain(ledger.keys()).collect::<BTreeSet<_>>() {
+        let b = bill.get(key).copied().unwrap_or_default();
+        let l = ledger.get(key).copied().unwrap_or_default();
+        for k in 0..4 {
+            v.stage_ledger_delta_tokens += (l[k] - b[k]).unsigned_abs();
+        }
+        v.stage_ledger_delta_usd += Usd::from_pico((l[4] - b[4]).abs().into());
+    }
+    for s in ["notes", "summary", "review"] {
+        assert!(
+            bill.keys().any(|(stage, _)| stage == s),
+            "stage {s} was never billed: the scenario does not exercise it"
+        );
+    }
+    let billed: Vec<String> = bill
+        .iter()
+        .map(|((s, m), t)| {
+            format!(
+                "{s}/{m} ${}",
+                Usd::from_pico(t[4].into()).to_decimal_string()
+            )
+        })
+        .collect();
+    eprintln!(
+        "stages: {} records ({succeeded} succeeded, {failed_for_good} failed for good), {chunks_seen} chunks, \
+         {} distinct, {sampled} sampled for review; items {items:?}; billed {}",
+        records.len(),
+        distinct_chunks.len(),
+        billed.join(", ")
+    );
+    assert!(
+        chunks_seen > distinct_chunks.len() && chunks_seen > records.len(),
+        "the source should give several chunks per record, some shared"
+    );
 }
 
 fn assert_clean(v: &Verdict, what: &str) {
@@ -381,9 +983,9 @@ pub async fn random_kills(sc: &Scenario, kills: u32, seed: u64, window_ms: u64) 
     done
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn random_sigkills_never_double_submit_or_lose_anything() {
-    let seed = std::env::var("NIGHTSHIFT_CRASH_SEED")
+/// `NIGHTSHIFT_CRASH_SEED`, or the clock.
+fn crash_seed() -> u64 {
+    std::env::var("NIGHTSHIFT_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| {
@@ -391,14 +993,35 @@ async fn random_sigkills_never_double_submit_or_lose_anything() {
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
                 .as_nanos() as u64
-        });
-    eprintln!("random kills: seed {seed} (NIGHTSHIFT_CRASH_SEED={seed} repeats it)");
-    let sc = scenario(2000, 250, stormy()).await;
-    let kills = random_kills(&sc, 25, seed, 2500).await;
-    sc.run_until_done().await;
-    let v = judge(&sc).await;
-    eprintln!("kills={kills} {v:?}");
+        })
+}
+
+/// 25 random SIGKILLs of `nightshift run`, then runs until done, then the judge.
+async fn random_sigkills(sc: &Scenario) {
+    let seed = crash_seed();
+    eprintln!(
+        "random kills ({:?}): seed {seed} (NIGHTSHIFT_CRASH_SEED={seed} repeats it)",
+        sc.shape
+    );
+    let kills = random_kills(sc, 25, seed, 2500).await;
+    let runs = sc.run_until_done().await;
+    let v = judge(sc).await;
+    let sent = record(&sc.sim).await["bill"]["totals"]["requests"].clone();
+    eprintln!("kills={kills} recovery runs={runs} requests billed={sent} {v:?}");
     assert_clean(&v, &format!("seed {seed}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_sigkills_never_double_submit_or_lose_anything() {
+    random_sigkills(&scenario(2000, 250, stormy()).await).await;
+}
+
+/// The same with three stages: chunks of each ticket (some shared between tickets), a
+/// summary once every chunk has its notes, a review of 30 % of the summaries by a cheaper
+/// model. The kills land while later stages' items are being made from earlier results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_sigkills_of_a_staged_pipeline_never_double_submit_or_lose_anything() {
+    random_sigkills(&staged_scenario(600, 250, stormy()).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
