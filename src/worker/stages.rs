@@ -179,6 +179,9 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 };
                 after = last.line;
                 let links = self.links_for(index, &ready);
+                // Results are stored, the next stage's items not yet: a crash here leaves
+                // the records ready for whichever process advances next.
+                crate::failpoint!("advance.before_links");
                 let target = IngestTarget {
                     run_id: &self.run_id,
                     pipeline: &p.name,
