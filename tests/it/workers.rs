@@ -12,7 +12,7 @@ use nightshift::store::Store;
 use tokio::process::{Child, Command};
 
 use crate::common::*;
-use crate::crash::{Provider, Scenario, Verdict, judge_store, scenario_for, stormy};
+use crate::crash::{Provider, Scenario, Shape, Verdict, judge_store, scenario_with, stormy};
 
 const WORKERS: usize = 4;
 /// Short leases so a killed worker's batches are adopted within seconds.
@@ -20,7 +20,11 @@ const LEASE_SECONDS: &str = "3";
 
 /// A scenario whose pipeline answers quickly enough for a 3-second lease.
 async fn shared_scenario(records: usize, per_batch: u32, weather: SimSettings) -> Scenario {
-    let sc = scenario_for(Provider::OpenAi, records, per_batch, weather).await;
+    shared(Shape::OneStage, records, per_batch, weather).await
+}
+
+async fn shared(shape: Shape, records: usize, per_batch: u32, weather: SimSettings) -> Scenario {
+    let sc = scenario_with(shape, Provider::OpenAi, records, per_batch, weather).await;
     let text = std::fs::read_to_string(&sc.pipeline).unwrap().replace(
         "reconcile_grace_seconds = 0\n",
         "reconcile_grace_seconds = 0\nrequest_timeout_seconds = 1\n",
@@ -119,13 +123,38 @@ async fn until_zero(db: &TestDb, sql: &str) {
 async fn four_workers_killed_one_by_one_never_double_submit_or_lose_anything() {
     let db = TestDb::postgres("four_workers").await;
     // ~5,000 distinct items (5 % duplicates and 2 % malformed lines on top).
-    // Batches that take a second at the provider: long enough for kills to land while
-    // workers hold work in every state.
-    let weather = SimSettings {
+    let sc = shared(Shape::OneStage, 5_400, 100, kill_weather()).await;
+    four_workers_killed_one_by_one(db, sc).await;
+}
+
+/// The same with three stages: every worker advances the latest run's records to their
+/// next stages as the results they need come in, so several make the same later items at
+/// once, and kills land in between. ~1,200 tickets: ~2,900 chunks (~2,200 distinct), a
+/// summary each, 30 % reviewed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(pg_tests),
+    ignore = "NIGHTSHIFT_TEST_PG_URL is not set: PostgreSQL tests skipped (CI sets it)"
+)]
+async fn four_workers_killed_one_by_one_on_a_staged_pipeline_never_double_submit_or_lose_anything()
+{
+    let db = TestDb::postgres("four_workers_staged").await;
+    let sc = shared(Shape::Stages, 1_200, 100, kill_weather()).await;
+    four_workers_killed_one_by_one(db, sc).await;
+}
+
+/// Batches that take a second at the provider: long enough for kills to land while workers
+/// hold work in every state.
+fn kill_weather() -> SimSettings {
+    SimSettings {
         batch_seconds: 1.0,
         ..stormy()
-    };
-    let sc = shared_scenario(5_400, 100, weather).await;
+    }
+}
+
+/// Four workers and a run share the scenario's pipeline on `db`; one worker after another
+/// is killed until the run completes; then the judge.
+async fn four_workers_killed_one_by_one(db: TestDb, sc: Scenario) {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -188,8 +217,10 @@ async fn four_workers_killed_one_by_one_never_double_submit_or_lose_anything() {
         .anomalies_of_kind("duplicate_submission")
         .await
         .unwrap();
+    let sent = crate::common::record(&sc.sim).await["bill"]["totals"]["requests"].clone();
     println!(
-        "workers={WORKERS} kills={kills} duplicate_submissions={} lost={} ledger_delta_usd={}",
+        "{:?}: workers={WORKERS} kills={kills} requests billed={sent} duplicate_submissions={} lost={} ledger_delta_usd={}",
+        sc.shape,
         v.duplicate_submissions,
         v.lost,
         v.ledger_delta_usd.to_decimal_string()
