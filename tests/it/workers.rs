@@ -12,7 +12,9 @@ use nightshift::store::Store;
 use tokio::process::{Child, Command};
 
 use crate::common::*;
-use crate::crash::{Provider, Scenario, Shape, Verdict, judge_store, scenario_with, stormy};
+use crate::crash::{
+    Provider, STAGE_FAILPOINTS, Scenario, Shape, Verdict, judge_store, scenario_with, stormy,
+};
 
 const WORKERS: usize = 4;
 /// Short leases so a killed worker's batches are adopted within seconds.
@@ -58,6 +60,50 @@ fn worker(sc: &Scenario, url: &str, i: usize) -> Child {
         .arg(&sc.pipeline)
         .spawn()
         .unwrap()
+}
+
+/// For a worker started now: a crash point of advancing to abort at, one time in three on a
+/// staged pipeline.
+fn arm(staged: bool, next: &mut impl FnMut() -> u64) -> Option<String> {
+    if !staged || !next().is_multiple_of(3) {
+        return None;
+    }
+    let fp = STAGE_FAILPOINTS[(next() % STAGE_FAILPOINTS.len() as u64) as usize];
+    Some(format!("{fp}={}", 1 + next() % 3))
+}
+
+/// A worker process, and the crash point it was started to abort at, if any.
+struct Worker {
+    child: Child,
+    armed: Option<String>,
+}
+
+impl Worker {
+    fn start(sc: &Scenario, url: &str, i: usize, failpoint: Option<String>) -> Worker {
+        let mut c = command(sc, url, &format!("worker-{i}.log"));
+        if let Some(fp) = &failpoint {
+            c.env("NIGHTSHIFT_FAILPOINTS", fp);
+        }
+        Worker {
+            child: c.arg("worker").arg(&sc.pipeline).spawn().unwrap(),
+            armed: failpoint,
+        }
+    }
+
+    /// Whether the worker ended by itself, which it may only do at its crash point.
+    fn aborted(&mut self, sc: &Scenario) -> bool {
+        use std::os::unix::process::ExitStatusExt;
+        let Some(status) = self.child.try_wait().unwrap() else {
+            return false;
+        };
+        assert!(
+            self.armed.is_some() && status.signal() == Some(libc::SIGABRT),
+            "a worker ended by itself ({status:?}, failpoint {:?})\n{}",
+            self.armed,
+            logs(sc)
+        );
+        true
+    }
 }
 
 fn runner(sc: &Scenario, url: &str) -> Child {
@@ -168,9 +214,14 @@ async fn four_workers_killed_one_by_one(db: TestDb, sc: Scenario) {
         rng
     };
 
-    let mut workers: Vec<Child> = (0..WORKERS).map(|i| worker(&sc, &db.url, i)).collect();
+    // On a staged pipeline, a third of the restarted workers abort at a crash point of
+    // advancing (its first, second or third hit) while the others advance the same records.
+    let staged = sc.shape == Shape::Stages && cfg!(feature = "failpoints");
+    let mut workers: Vec<Worker> = (0..WORKERS)
+        .map(|i| Worker::start(&sc, &db.url, i, None))
+        .collect();
     let mut run = runner(&sc, &db.url);
-    let mut kills = 0u32;
+    let (mut kills, mut tripped) = (0u32, 0u32);
     let started = std::time::Instant::now();
     loop {
         assert!(
@@ -189,22 +240,34 @@ async fn four_workers_killed_one_by_one(db: TestDb, sc: Scenario) {
                 }
             }
             _ = tokio::time::sleep(pause) => {
+                for (i, w) in workers.iter_mut().enumerate() {
+                    if w.aborted(&sc) {
+                        tripped += 1;
+                        *w = Worker::start(&sc, &db.url, i, arm(staged, &mut next));
+                    }
+                }
                 let i = (next() % WORKERS as u64) as usize;
-                workers[i].start_kill().unwrap();
-                let _ = workers[i].wait().await;
+                workers[i].child.start_kill().unwrap();
+                let _ = workers[i].child.wait().await;
                 kills += 1;
-                workers[i] = worker(&sc, &db.url, i);
+                workers[i] = Worker::start(&sc, &db.url, i, arm(staged, &mut next));
             }
         }
     }
     // A clean stop: every worker finishes its step, hands its leases back, exits 0. (A
     // moment first, so a worker restarted just now is up.)
     tokio::time::sleep(Duration::from_secs(1)).await;
-    for w in &workers {
-        sigterm(w);
-    }
+    let mut alive = Vec::new();
     for w in &mut workers {
-        let status = tokio::time::timeout(Duration::from_secs(60), w.wait())
+        if w.aborted(&sc) {
+            tripped += 1;
+        } else {
+            sigterm(&w.child);
+            alive.push(w);
+        }
+    }
+    for w in alive {
+        let status = tokio::time::timeout(Duration::from_secs(60), w.child.wait())
             .await
             .expect("a worker did not stop within 60 s of SIGTERM")
             .unwrap();
@@ -219,7 +282,7 @@ async fn four_workers_killed_one_by_one(db: TestDb, sc: Scenario) {
         .unwrap();
     let sent = crate::common::record(&sc.sim).await["bill"]["totals"]["requests"].clone();
     println!(
-        "{:?}: workers={WORKERS} kills={kills} requests billed={sent} duplicate_submissions={} lost={} ledger_delta_usd={}",
+        "{:?}: workers={WORKERS} kills={kills} aborted at a crash point={tripped} requests billed={sent} duplicate_submissions={} lost={} ledger_delta_usd={}",
         sc.shape,
         v.duplicate_submissions,
         v.lost,
