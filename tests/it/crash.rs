@@ -70,9 +70,9 @@ pub const CHUNK_TOKENS: u32 = 60;
 /// The model of the review stage (cheaper than the pipeline's).
 pub const REVIEW_MODEL: &str = "gpt-5.4-nano";
 
-/// The multi-stage pipeline of `Shape::Stages` (`@MAX_ATTEMPTS@`, `@MAX_REQUESTS@` and
-/// `@CHUNK_TOKENS@` filled in). The judge renders the same templates to check each item
-/// was made from its own record and its own earlier results.
+/// The multi-stage pipeline of `Shape::Stages` (the `@…@` names filled in). The judge
+/// renders the same templates to check each item was made from its own record and its own
+/// earlier results.
 const STAGED_PIPELINE: &str = r#"name = "it"
 [source]
 kind = "jsonl"
@@ -107,7 +107,7 @@ prompt.max_output_tokens = 300
 name = "review"
 needs = ["summary"]
 sample = 0.3
-provider = { model = "gpt-5.4-nano" }
+provider = { model = "@REVIEW_MODEL@" }
 schema = "schema.json"
 prompt.system = "Check the summary of a support ticket."
 prompt.user = "{{ title }}: {{ summary.summary }} ({{ summary.label }})"
@@ -127,6 +127,7 @@ fn write_staged_pipeline(dir: &Path, max_requests: u32) -> PathBuf {
     std::fs::write(dir.join("schema.json"), SCHEMA).unwrap();
     let text = STAGED_PIPELINE
         .replace("@CHUNK_TOKENS@", &CHUNK_TOKENS.to_string())
+        .replace("@REVIEW_MODEL@", REVIEW_MODEL)
         .replace("@MAX_ATTEMPTS@", &MAX_ATTEMPTS.to_string())
         .replace("@MAX_REQUESTS@", &max_requests.to_string());
     let path = dir.join("pipeline.toml");
