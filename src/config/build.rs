@@ -524,7 +524,9 @@ pub(super) fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> (Pipeline, 
     let plan = PlanSettings {
         timing,
         unit: pl.unit.unwrap_or_else(|| "record".into()),
-        expected_output_tokens: pl.expected_output_tokens,
+        expected_output_tokens: pl
+            .expected_output_tokens
+            .or(stages[0].expected_output_tokens),
         retry_rate: retry_rate_given.then_some(retry_rate),
         safety_margin,
     };

@@ -294,4 +294,11 @@ fn a_stage_states_what_plan_assumes_its_answers_count() {
     let e = Pipeline::from_str(&both, Path::new("/x/t.toml")).unwrap_err();
     assert_eq!(e.problems.len(), 1, "{e}");
     assert_eq!(e.problems[0].path, "stage.main.expected_output_tokens");
+    // Stated in the first stage's table, it is what the worksheet assumes for that stage.
+    let in_table = STAGED.replace(
+        "prompt.max_output_tokens = 100",
+        "prompt.max_output_tokens = 100\nexpected_output_tokens = 40",
+    );
+    let p = Pipeline::from_str(&in_table, Path::new("/x/t.toml")).unwrap();
+    assert_eq!(p.plan.expected_output_tokens, Some(40));
 }
