@@ -127,9 +127,13 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             let (mut csv, mut raw) = match format {
                 OutputFormat::Csv => {
                     let mut w = csv::Writer::from_writer(&mut file);
-                    let mut head = vec!["id", "line", "status", "review", "cost_usd", "attempts"];
-                    head.extend(p.stages.iter().map(|s| s.name.as_str()));
-                    head.push("error");
+                    // A stage's column is `stage.<name>`: no stage name can take a fixed one.
+                    let mut head: Vec<String> =
+                        ["id", "line", "status", "review", "cost_usd", "attempts"]
+                            .map(String::from)
+                            .to_vec();
+                    head.extend(p.stages.iter().map(|s| format!("stage.{}", s.name)));
+                    head.push("error".into());
                     w.write_record(&head)
                         .map_err(|e| err(std::io::Error::other(e)))?;
                     (Some(w), None)

@@ -1162,3 +1162,45 @@ async fn a_cap_that_stops_a_later_stage_names_it_leaves_its_records_pending_and_
         "the two nights add up to the ledger"
     );
 }
+
+#[test]
+fn a_staged_run_writes_csv_with_a_column_per_stage_matching_its_json_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = staged_example(dir.path(), "catalog-enrichment.toml");
+    let json_path = dir.path().join("out/products.enriched.jsonl");
+    let first = run(&file, &[]);
+    assert_eq!(first.code, Some(0), "{}", first.show());
+    let csv_path = dir.path().join("results.csv");
+    let again = run(&file, &["--out", csv_path.to_str().unwrap()]);
+    assert_eq!(again.code, Some(0), "{}", again.show());
+    let mut rdr = csv::Reader::from_path(&csv_path).unwrap();
+    assert_eq!(
+        rdr.headers().unwrap(),
+        vec![
+            "id",
+            "line",
+            "status",
+            "review",
+            "cost_usd",
+            "attempts",
+            "stage.main",
+            "stage.review",
+            "error"
+        ]
+    );
+    let rows: Vec<csv::StringRecord> = rdr.records().map(Result::unwrap).collect();
+    let lines = output_lines(&json_path);
+    assert_eq!(rows.len(), lines.len());
+    for (row, line) in rows.iter().zip(&lines) {
+        assert_eq!(&row[0], line["id"].as_str().unwrap());
+        assert_eq!(&row[2], line["status"].as_str().unwrap());
+        assert_eq!(&row[3], line["review"].as_str().unwrap_or(""));
+        assert_eq!(&row[4], line["cost_usd"].as_str().unwrap());
+        let main: Value = serde_json::from_str(&row[6]).unwrap();
+        assert_eq!(main, line["stages"]["main"]);
+        match &line["stages"]["review"] {
+            Value::Null => assert_eq!(&row[7], ""),
+            review => assert_eq!(&serde_json::from_str::<Value>(&row[7]).unwrap(), review),
+        }
+    }
+}
