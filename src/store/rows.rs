@@ -122,10 +122,9 @@ pub struct LinkRow {
 /// What a record gets at a later stage.
 #[derive(Clone, Debug)]
 pub enum StageLink {
-    /// Its items (one, or one per chunk), rendered from the items in `parents`.
+    /// Its items (one, or one per chunk).
     Items {
         items: Vec<crate::request::PreparedItem>,
-        parents: Vec<i64>,
     },
     /// The stage does not run for the record (not sampled, `when` false, a needed stage
     /// skipped).
@@ -139,6 +138,9 @@ pub enum StageLink {
 pub struct NewLinks {
     pub line: i64,
     pub link: StageLink,
+    /// The items of the needed stages the link was decided from (rendered, sampled, or
+    /// judged by `when`): the link is stored only if they are all still succeeded.
+    pub parents: Vec<i64>,
 }
 
 /// What one ingest chunk did.

@@ -288,22 +288,20 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                             Err(why) => StageLink::Failed(why),
                             Ok(false) => StageLink::Skipped,
                             Ok(true) => match renderer.render(&context, &mut scratch) {
-                                Ok(items) => StageLink::Items {
-                                    items,
-                                    parents: {
-                                        let mut ids: Vec<i64> =
-                                            r.inputs.iter().filter_map(|l| l.item_id).collect();
-                                        ids.sort_unstable();
-                                        ids.dedup();
-                                        ids
-                                    },
-                                },
+                                Ok(items) => StageLink::Items { items },
                                 Err(f) => StageLink::Failed(f.reason),
                             },
                         },
                     }
                 };
-                NewLinks { line: r.line, link }
+                let mut parents: Vec<i64> = r.inputs.iter().filter_map(|l| l.item_id).collect();
+                parents.sort_unstable();
+                parents.dedup();
+                NewLinks {
+                    line: r.line,
+                    link,
+                    parents,
+                }
             })
             .collect()
     }

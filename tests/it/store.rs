@@ -57,6 +57,7 @@ conformance!(
     leases_run_out_and_are_released,
     reports_sum_money_exactly,
     stale_runs_are_marked_interrupted,
+    a_later_stage_link_decided_from_an_item_sent_again_is_not_stored,
 );
 
 fn planned(o: PlanOutcome) -> Option<BatchRow> {
@@ -677,4 +678,89 @@ async fn stale_runs_are_marked_interrupted(db: &TestDb) {
         s.last_run(Some("p")).await.unwrap().unwrap().id,
         "run-b-alive"
     );
+}
+
+/// A record advanced from an item that is no longer succeeded (a failed review sent it again,
+/// perhaps from another worker, since the record was read) gets no link, nor item, at the
+/// next stage; once the item succeeds again, the same advance stores them; repeating it
+/// changes nothing.
+async fn a_later_stage_link_decided_from_an_item_sent_again_is_not_stored(db: &TestDb) {
+    use nightshift::request::PreparedItem;
+    use nightshift::store::{NewLinks, StageLink};
+    let s = &db.store;
+    s.create_run(&new_run("run1")).await.unwrap();
+    let shape = RequestShape::new("{\"m\":".into(), "}".into());
+    let shape_id = s.ensure_shape(&shape).await.unwrap();
+    let mut recs = records(&shape, 1, 1, 10);
+    recs[0].data = Some("{\"id\":\"r0\"}".into());
+    let target = |stage| IngestTarget {
+        run_id: "run1",
+        pipeline: "p",
+        stage,
+        shape_id,
+        source: "in.jsonl",
+        links: true,
+    };
+    s.ingest(&target("main"), &recs, &[]).await.unwrap();
+    let (parent,): (i64,) =
+        crate::common::one(s, "SELECT id FROM items WHERE stage = 'main'").await;
+    let user = "\"review r0\"".to_string();
+    let link = NewLinks {
+        line: 1,
+        link: StageLink::Items {
+            items: vec![PreparedItem {
+                key: shape.key(&user),
+                input_tokens: 5,
+                body_bytes: shape.body_len(&user),
+                user_json: user,
+            }],
+        },
+        parents: vec![parent],
+    };
+    let count = |sql: &'static str| async move { s.count_where(sql).await.unwrap() };
+    // The parent is pending (never succeeded, or sent again): nothing is stored.
+    assert_eq!(
+        s.add_links(&target("review"), std::slice::from_ref(&link))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        count("SELECT COUNT(*) FROM record_items WHERE stage = 'review'").await,
+        0
+    );
+    assert_eq!(
+        count("SELECT COUNT(*) FROM items WHERE stage = 'review'").await,
+        0
+    );
+    // Succeeded: the link, the item and its parent are stored, once.
+    match (s.sqlite_pool(), s.pg_pool()) {
+        (Some(p), _) => {
+            sqlx::query("UPDATE items SET state = 'succeeded', result = '{}' WHERE stage = 'main'")
+                .execute(p)
+                .await
+                .unwrap();
+        }
+        (_, Some(p)) => {
+            sqlx::query("UPDATE items SET state = 'succeeded', result = '{}' WHERE stage = 'main'")
+                .execute(p)
+                .await
+                .unwrap();
+        }
+        _ => unreachable!(),
+    }
+    for _ in 0..2 {
+        s.add_links(&target("review"), std::slice::from_ref(&link))
+            .await
+            .unwrap();
+        assert_eq!(
+            count("SELECT COUNT(*) FROM record_items WHERE stage = 'review'").await,
+            1
+        );
+        assert_eq!(
+            count("SELECT COUNT(*) FROM items WHERE stage = 'review'").await,
+            1
+        );
+        assert_eq!(count("SELECT COUNT(*) FROM item_parents").await, 1);
+    }
 }

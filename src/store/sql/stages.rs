@@ -293,10 +293,11 @@ pub(super) async fn add_links(
 ) -> Result<u64> {
     let now = now_ms();
     let mut tx = store.db.begin().await?;
+    let links = still_decided(&mut tx, links).await?;
     let mut rows: Vec<(i64, i64, &PreparedItem)> = Vec::new();
-    for l in links {
+    for l in &links {
         match &l.link {
-            StageLink::Items { items, .. } => {
+            StageLink::Items { items } => {
                 for (c, it) in items.iter().enumerate() {
                     rows.push((l.line, c as i64, it));
                 }
@@ -319,12 +320,12 @@ pub(super) async fn add_links(
         }
     }
     let new_items = insert_items_and_links(&mut tx, t, now, &rows).await?;
-    for l in links {
-        let StageLink::Items { items, parents } = &l.link else {
+    for l in &links {
+        let StageLink::Items { items } = &l.link else {
             continue;
         };
         for it in items {
-            for parent in parents {
+            for parent in &l.parents {
                 tx.execute(
                     q("INSERT INTO item_parents (item_id, parent_id) \
                        SELECT i.id, $1 FROM items i WHERE i.pipeline = $2 AND i.stage = $3 AND i.dedupe_key = $4 \
@@ -340,6 +341,49 @@ pub(super) async fn add_links(
     }
     tx.commit().await?;
     Ok(new_items)
+}
+
+/// The links whose parents are all still succeeded. An item a failed review sent again
+/// (`regenerate`, maybe by another worker since the records were read) is not, and links
+/// decided from its old answer are left out: the record is advanced again once it succeeds.
+/// Inside the write transaction: SQLite's writer lock (`BEGIN IMMEDIATE`) covers it, and
+/// PostgreSQL locks the parents, so a regeneration waits for this transaction and then
+/// removes what it stored.
+async fn still_decided<'a>(tx: &mut Tx, links: &'a [NewLinks]) -> Result<Vec<&'a NewLinks>> {
+    let mut parents: Vec<i64> = links
+        .iter()
+        .flat_map(|l| l.parents.iter().copied())
+        .collect();
+    parents.sort_unstable();
+    parents.dedup();
+    let lock = match tx.engine() {
+        Engine::Postgres => " FOR SHARE",
+        Engine::Sqlite => "",
+    };
+    let mut stale: HashSet<i64> = HashSet::new();
+    for chunk in parents.chunks(ROWS_PER_STATEMENT) {
+        let placeholders = (1..=chunk.len())
+            .map(|i| format!("${i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut query = q(format!(
+            "SELECT id, state FROM items WHERE id IN ({placeholders}) ORDER BY id{lock}"
+        ));
+        for id in chunk {
+            query = query.bind(*id);
+        }
+        let states: Vec<(i64, ItemState)> = tx.all(query).await?;
+        stale.extend(
+            states
+                .into_iter()
+                .filter(|(_, s)| *s != ItemState::Succeeded)
+                .map(|(id, _)| id),
+        );
+    }
+    Ok(links
+        .iter()
+        .filter(|l| !l.parents.iter().any(|p| stale.contains(p)))
+        .collect())
 }
 
 /// Items of stage `reviewed` that a review at stage `review` failed (`"pass": false`) for a
