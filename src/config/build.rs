@@ -381,36 +381,13 @@ pub(super) fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> (Pipeline, 
             ));
         }
         let (prompt, _) = prompt_config("prompt", raw.prompt.unwrap_or_default(), &mut p);
-        vec![Stage {
-            name: DEFAULT_STAGE.into(),
-            for_each: ForEach::Record,
-            needs: Vec::new(),
-            prompt,
-            schema: resolve(dir, out.schema.as_deref().unwrap_or_default()),
-            model: model.clone(),
-            max_attempts,
-            sample: None,
-            when: None,
-            when_text: None,
-            on_fail: None,
-            expected_output_tokens: None,
-        }]
+        let schema = resolve(dir, out.schema.as_deref().unwrap_or_default());
+        vec![main_stage(prompt, schema, &model, max_attempts)]
     };
     let stages = if stages.is_empty() {
-        vec![Stage {
-            name: DEFAULT_STAGE.into(),
-            for_each: ForEach::Record,
-            needs: Vec::new(),
-            prompt: prompt_config("prompt", RawPrompt::default(), &mut Vec::new()).0,
-            schema: PathBuf::new(),
-            model: model.clone(),
-            max_attempts,
-            sample: None,
-            when: None,
-            when_text: None,
-            on_fail: None,
-            expected_output_tokens: None,
-        }]
+        // Nothing to build from (problems say why): a stand-in, so the rest can be checked.
+        let prompt = prompt_config("prompt", RawPrompt::default(), &mut Vec::new()).0;
+        vec![main_stage(prompt, PathBuf::new(), &model, max_attempts)]
     } else {
         stages
     };
@@ -582,6 +559,24 @@ pub(super) fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> (Pipeline, 
         plan,
     };
     (pipeline, p)
+}
+
+/// The one stage of a file in the one-stage form (top-level `[prompt]`, `output.schema`).
+fn main_stage(prompt: PromptConfig, schema: PathBuf, model: &str, max_attempts: u32) -> Stage {
+    Stage {
+        name: DEFAULT_STAGE.into(),
+        for_each: ForEach::Record,
+        needs: Vec::new(),
+        prompt,
+        schema,
+        model: model.to_string(),
+        max_attempts,
+        sample: None,
+        when: None,
+        when_text: None,
+        on_fail: None,
+        expected_output_tokens: None,
+    }
 }
 
 /// What a stage takes from the rest of the file when it does not say.

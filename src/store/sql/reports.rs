@@ -23,9 +23,14 @@ pub(super) async fn run_records(
 
 pub(super) async fn run_figures(store: &SqlStore, run_id: &str) -> Result<RunFigures> {
     let db = &store.db;
-    let started: i64 = db
-        .scalar(q("SELECT started_at FROM runs WHERE id = $1").bind(run_id))
+    let (started, stage_list): (i64, String) = db
+        .one(q("SELECT started_at, stage FROM runs WHERE id = $1").bind(run_id))
         .await?;
+    // A multi-stage run links its records to items in `record_items`; a one-stage run by
+    // `records.item_id`.
+    let stages: Vec<&str> = stage_list.split(',').collect();
+    let staged = stages.len() > 1;
+    let links = if staged { "record_items" } else { "records" };
     let mut f = RunFigures {
         records_valid: count(
             db.scalar(q("SELECT COUNT(*) FROM records WHERE run_id = $1").bind(run_id))
@@ -35,8 +40,10 @@ pub(super) async fn run_figures(store: &SqlStore, run_id: &str) -> Result<RunFig
     };
     let states: Vec<(ItemState, i64)> = db
         .all(
-            q("SELECT i.state, COUNT(*) FROM items i \
-               WHERE i.id IN (SELECT item_id FROM records WHERE run_id = $1) GROUP BY i.state")
+            q(format!(
+                "SELECT i.state, COUNT(*) FROM items i \
+                 WHERE i.id IN (SELECT item_id FROM {links} WHERE run_id = $1) GROUP BY i.state"
+            ))
             .bind(run_id),
         )
         .await?;
@@ -49,29 +56,33 @@ pub(super) async fn run_figures(store: &SqlStore, run_id: &str) -> Result<RunFig
             _ => f.unfinished += n,
         }
     }
-    // Processed by this run: the item's successful attempt is in one of its batches.
-    f.processed_records = count(
-        db.scalar(
-            q(
-                "SELECT COUNT(*) FROM records r JOIN items i ON i.id = r.item_id \
-               WHERE r.run_id = $1 AND i.state = 'succeeded' AND EXISTS \
-                 (SELECT 1 FROM attempts a JOIN batches b ON b.id = a.batch_id \
-                  WHERE a.item_id = i.id AND a.state = 'succeeded' AND b.run_id = $1)",
+    if staged {
+        staged_records(store, run_id, stages.len(), &mut f).await?;
+    } else {
+        // Processed by this run: the item's successful attempt is in one of its batches.
+        f.processed_records = count(
+            db.scalar(
+                q(
+                    "SELECT COUNT(*) FROM records r JOIN items i ON i.id = r.item_id \
+                   WHERE r.run_id = $1 AND i.state = 'succeeded' AND EXISTS \
+                     (SELECT 1 FROM attempts a JOIN batches b ON b.id = a.batch_id \
+                      WHERE a.item_id = i.id AND a.state = 'succeeded' AND b.run_id = $1)",
+                )
+                .bind(run_id),
             )
-            .bind(run_id),
-        )
-        .await?,
-    );
-    f.records_done = count(
-        db.scalar(
-            q(
-                "SELECT COUNT(*) FROM records r JOIN items i ON i.id = r.item_id \
-               WHERE r.run_id = $1 AND i.state = 'succeeded'",
+            .await?,
+        );
+        f.records_done = count(
+            db.scalar(
+                q(
+                    "SELECT COUNT(*) FROM records r JOIN items i ON i.id = r.item_id \
+                   WHERE r.run_id = $1 AND i.state = 'succeeded'",
+                )
+                .bind(run_id),
             )
-            .bind(run_id),
-        )
-        .await?,
-    );
+            .await?,
+        );
+    }
     let (attempts, attempted, sent): (i64, i64, i64) = db
         .one(
             q("SELECT COUNT(a.id), COUNT(DISTINCT a.item_id), \
@@ -91,10 +102,12 @@ pub(super) async fn run_figures(store: &SqlStore, run_id: &str) -> Result<RunFig
     // Already done before this run started: succeeded in an attempt completed earlier.
     f.reused = count(
         db.scalar(
-            q("SELECT COUNT(*) FROM items i WHERE i.state = 'succeeded' \
-               AND i.id IN (SELECT item_id FROM records WHERE run_id = $1) \
-               AND EXISTS (SELECT 1 FROM attempts a WHERE a.item_id = i.id \
-                           AND a.state = 'succeeded' AND a.completed_at < $2)")
+            q(format!(
+                "SELECT COUNT(*) FROM items i WHERE i.state = 'succeeded' \
+                 AND i.id IN (SELECT item_id FROM {links} WHERE run_id = $1) \
+                 AND EXISTS (SELECT 1 FROM attempts a WHERE a.item_id = i.id \
+                             AND a.state = 'succeeded' AND a.completed_at < $2)"
+            ))
             .bind(run_id)
             .bind(started),
         )
@@ -132,7 +145,9 @@ pub(super) async fn run_figures(store: &SqlStore, run_id: &str) -> Result<RunFig
     f.collected.batches = count(batches);
     f.collected.results = count(results);
     f.collected.cost = Usd::from_pico(cost as i128);
-    stage_figures(store, run_id, &mut f).await?;
+    if staged {
+        stage_figures(store, run_id, &stages, &mut f).await?;
+    }
     f.collected.runs = db
         .all::<(String,)>(
             q(
@@ -260,54 +275,17 @@ pub(super) async fn ledger_totals(
     })
 }
 
-/// A multi-stage run (one with record → item links): its item and record counts over every
-/// stage, and its figures per stage. A record counts as done once each stage has its links
-/// and every linked item succeeded (a skipped stage counts as done).
-async fn stage_figures(store: &SqlStore, run_id: &str, f: &mut RunFigures) -> Result<()> {
+/// A multi-stage run's record counts: a record is done once each stage has its links and
+/// every linked item succeeded (a skipped stage counts as done); processed by this run when
+/// one of its items succeeded in this run's batches; failed when an item failed for good or
+/// a stage could not be rendered for it.
+async fn staged_records(
+    store: &SqlStore,
+    run_id: &str,
+    stages: usize,
+    f: &mut RunFigures,
+) -> Result<()> {
     let db = &store.db;
-    let stages: Vec<(String,)> = db
-        .all(q("SELECT stage FROM runs WHERE id = $1").bind(run_id))
-        .await?;
-    let names: Vec<String> = stages
-        .first()
-        .map(|(s,)| s.split(',').map(str::to_string).collect())
-        .unwrap_or_default();
-    let linked: i64 = db
-        .scalar(q("SELECT COUNT(*) FROM record_items WHERE run_id = $1").bind(run_id))
-        .await?;
-    if names.len() < 2 || linked == 0 {
-        return Ok(());
-    }
-    // Items: every item linked to the run's records, at any stage.
-    let states: Vec<(ItemState, i64)> = db
-        .all(
-            q("SELECT i.state, COUNT(*) FROM items i \
-               WHERE i.id IN (SELECT item_id FROM record_items WHERE run_id = $1) GROUP BY i.state")
-            .bind(run_id),
-        )
-        .await?;
-    (f.unique_items, f.succeeded, f.exhausted, f.unfinished) = (0, 0, 0, 0);
-    for (state, n) in states {
-        let n = count(n);
-        f.unique_items += n;
-        match state {
-            ItemState::Succeeded => f.succeeded += n,
-            ItemState::Exhausted => f.exhausted += n,
-            _ => f.unfinished += n,
-        }
-    }
-    f.reused = count(
-        db.scalar(
-            q("SELECT COUNT(*) FROM items i WHERE i.state = 'succeeded' \
-               AND i.id IN (SELECT item_id FROM record_items WHERE run_id = $1) \
-               AND EXISTS (SELECT 1 FROM attempts a WHERE a.item_id = i.id \
-                           AND a.state = 'succeeded' AND a.completed_at < \
-                           (SELECT started_at FROM runs WHERE id = $1))")
-            .bind(run_id),
-        )
-        .await?,
-    );
-    // Records: done when every stage is linked and nothing linked is unfinished or failed.
     let done_sql = "(SELECT COUNT(DISTINCT x.stage) FROM record_items x WHERE x.run_id = r.run_id AND x.line = r.line) = $2 \
          AND NOT EXISTS (SELECT 1 FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
            WHERE x.run_id = r.run_id AND x.line = r.line \
@@ -318,7 +296,7 @@ async fn stage_figures(store: &SqlStore, run_id: &str, f: &mut RunFigures) -> Re
                 "SELECT COUNT(*) FROM records r WHERE r.run_id = $1 AND {done_sql}"
             ))
             .bind(run_id)
-            .bind(names.len() as i64),
+            .bind(stages as i64),
         )
         .await?,
     );
@@ -331,7 +309,7 @@ async fn stage_figures(store: &SqlStore, run_id: &str, f: &mut RunFigures) -> Re
                    WHERE x.run_id = r.run_id AND x.line = r.line AND a.state = 'succeeded' AND b.run_id = r.run_id)"
             ))
             .bind(run_id)
-            .bind(names.len() as i64),
+            .bind(stages as i64),
         )
         .await?,
     );
@@ -343,6 +321,17 @@ async fn stage_figures(store: &SqlStore, run_id: &str, f: &mut RunFigures) -> Re
         )
         .await?,
     );
+    Ok(())
+}
+
+/// A multi-stage run's figures per stage, in the order of `stages`.
+async fn stage_figures(
+    store: &SqlStore,
+    run_id: &str,
+    stages: &[&str],
+    f: &mut RunFigures,
+) -> Result<()> {
+    let db = &store.db;
     type Links = (String, i64, i64, i64, i64, i64, i64, i64);
     let links: Vec<Links> = db
         .all(
@@ -397,14 +386,14 @@ async fn stage_figures(store: &SqlStore, run_id: &str, f: &mut RunFigures) -> Re
             .bind(run_id),
         )
         .await?;
-    f.stages = names
+    f.stages = stages
         .iter()
-        .map(|name| {
+        .map(|&name| {
             let mut s = StageFigures {
-                stage: name.clone(),
+                stage: name.to_string(),
                 ..Default::default()
             };
-            if let Some(l) = links.iter().find(|l| &l.0 == name) {
+            if let Some(l) = links.iter().find(|l| l.0 == name) {
                 s.items = count(l.1);
                 s.records = count(l.2) - count(l.3);
                 s.skipped = count(l.3);
@@ -413,7 +402,7 @@ async fn stage_figures(store: &SqlStore, run_id: &str, f: &mut RunFigures) -> Re
                 s.exhausted = count(l.6);
                 s.links = count(l.7);
             }
-            for x in sent.iter().filter(|x| &x.0 == name) {
+            for x in sent.iter().filter(|x| x.0 == name) {
                 s.attempts += count(x.3);
                 s.items_attempted += count(x.4);
                 s.usage.input_tokens += count(x.5);
@@ -431,7 +420,7 @@ async fn stage_figures(store: &SqlStore, run_id: &str, f: &mut RunFigures) -> Re
                     s.pricing_modes.push(x.2.clone());
                 }
             }
-            for (_, result) in reviews.iter().filter(|r| &r.0 == name) {
+            for (_, result) in reviews.iter().filter(|r| r.0 == name) {
                 match serde_json::from_str::<serde_json::Value>(result)
                     .ok()
                     .and_then(|v| v.get("pass").and_then(serde_json::Value::as_bool))
