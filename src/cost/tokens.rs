@@ -7,6 +7,12 @@
 //! what the simulator bills. Models without a known tokenizer get a conservative estimate
 //! (one token per 3 bytes), flagged as such wherever it shows.
 
+use std::cell::RefCell;
+use std::sync::LazyLock;
+
+use regex_automata::meta::{Cache, Regex};
+use regex_automata::{Anchored, Input};
+use rustc_hash::FxHashMap;
 use tiktoken_rs::CoreBPE;
 
 /// Overhead tokens framing each chat message.
@@ -14,10 +20,272 @@ pub const TOKENS_PER_MESSAGE: u64 = 3;
 /// Tokens that prime the assistant's reply, once per request.
 pub const REPLY_PRIMING: u64 = 3;
 
+/// An OpenAI byte-pair encoding the counter knows exactly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Encoding {
+    O200k,
+    Cl100k,
+}
+
+/// The vocabulary's split pattern with its one look-ahead, `\s+(?!\S)`, rewritten for a
+/// regex engine without look-around: `\s+$` joins the first pattern, and `\s+\s` (a second
+/// pattern) matches one whitespace character too many, which the splitter gives back.
+/// (The same rewrite as the `bpe-openai` crate's, tested there against tiktoken.)
+const O200K_PATTERNS: [&str; 3] = [
+    concat!(
+        "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        "|[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        "|\\p{N}{1,3}",
+        "| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*",
+        "|\\s*[\\r\\n]+",
+        "|\\s+$",
+    ),
+    "\\s+\\s",
+    "\\s+",
+];
+const CL100K_PATTERNS: [&str; 3] = [
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+$",
+    "\\s+\\s",
+    "\\s+",
+];
+/// Which of the patterns above ends in a look-ahead character.
+const LOOKAHEAD: [bool; 3] = [false, true, false];
+
+/// A vocabulary for counting: the split pattern and the merge ranks of every token.
+///
+/// Counting is what the hot path does (every request's prompt, at ingest), so it does not go
+/// through tiktoken-rs's `CoreBPE`: that splits with a backtracking regex whose scratch space
+/// a thread other than its first user takes from a locked pool, and keeps the vocabulary
+/// three times over (encoder, decoder, sorted bytes). Here the split is one multi-pattern
+/// DFA search per piece with a cache owned by the calling thread, a piece that is one token
+/// (most are) costs a hash look-up, and other pieces are merged by tiktoken-rs's own
+/// `byte_pair_split` over the same ranks. The counts are tiktoken's, token for token: the
+/// tests compare them on the example data, on unicode and on random text.
+struct Vocab {
+    encoding: Encoding,
+    /// Built on the first text that is not all ASCII (o200k) or on the first text (cl100k).
+    split: LazyLock<Regex, fn() -> Regex>,
+    ranks: FxHashMap<Vec<u8>, u32>,
+}
+
+impl Vocab {
+    fn load(encoding: Encoding) -> Vocab {
+        let bpe = match encoding {
+            Encoding::O200k => tiktoken_rs::o200k_base(),
+            Encoding::Cl100k => tiktoken_rs::cl100k_base(),
+        };
+        let bpe = bpe.expect("the embedded vocabulary loads");
+        let split: LazyLock<Regex, fn() -> Regex> = match encoding {
+            Encoding::O200k => LazyLock::new(|| {
+                Regex::new_many(&O200K_PATTERNS).expect("the split patterns compile")
+            }),
+            Encoding::Cl100k => LazyLock::new(|| {
+                Regex::new_many(&CL100K_PATTERNS).expect("the split patterns compile")
+            }),
+        };
+        let specials: std::collections::HashSet<&[u8]> = bpe
+            .special_tokens()
+            .into_iter()
+            .map(str::as_bytes)
+            .collect();
+        // Ranks are dense from 0: read each token's bytes back until the vocabulary ends
+        // (special tokens, above it, are never produced by ordinary text).
+        let mut ranks = FxHashMap::default();
+        let mut misses = 0;
+        for rank in 0u32.. {
+            match bpe.decode_bytes(&[rank]) {
+                Ok(bytes) if !specials.contains(bytes.as_slice()) => {
+                    misses = 0;
+                    ranks.insert(bytes, rank);
+                }
+                _ => {
+                    misses += 1;
+                    if misses > 1024 {
+                        break;
+                    }
+                }
+            }
+        }
+        ranks.shrink_to_fit();
+        Vocab {
+            encoding,
+            split,
+            ranks,
+        }
+    }
+
+    /// Tokens in one piece of the split. A piece that is not one token is merged once per
+    /// thread and remembered (words recur: a few thousand make most of a job's text).
+    fn piece(&self, piece: &[u8]) -> u64 {
+        /// Pieces remembered per thread before the memory starts afresh.
+        const MEMO: usize = 1 << 16;
+        thread_local! {
+            static MERGED: RefCell<[FxHashMap<Box<[u8]>, u32>; 2]> = RefCell::default();
+        }
+        if self.ranks.contains_key(piece) {
+            return 1;
+        }
+        MERGED.with(|m| {
+            let m = &mut m.borrow_mut()[self.encoding as usize];
+            if let Some(&n) = m.get(piece) {
+                return u64::from(n);
+            }
+            let n = tiktoken_rs::byte_pair_split(piece, &self.ranks).len() as u32;
+            if m.len() >= MEMO {
+                m.clear();
+            }
+            m.insert(piece.into(), n);
+            u64::from(n)
+        })
+    }
+
+    fn count(&self, encoding: Encoding, text: &str) -> u64 {
+        let s = text.as_bytes();
+        let mut n = 0u64;
+        let mut at = 0;
+        while at < s.len() {
+            // An o200k piece whose every character the splitter looked at is ASCII is the
+            // regex's piece; anything else takes the regex.
+            if encoding == Encoding::O200k && s[at].is_ascii() {
+                let (end, seen) = o200k_ascii_piece(s, at);
+                if s[at..seen.min(s.len())].is_ascii() {
+                    n += self.piece(&s[at..end]);
+                    at = end;
+                    continue;
+                }
+            }
+            let rest = &text[at..];
+            let Some(end) = self.split_at(encoding, rest) else {
+                // Every character starts some piece; should that ever not hold, the
+                // reference tokenizer counts the rest.
+                return n + tiktoken(encoding).encode_ordinary(rest).len() as u64;
+            };
+            n += self.piece(&rest.as_bytes()[..end]);
+            at += end;
+        }
+        n
+    }
+
+    /// The length of the split's first piece of `rest` (never 0), by the regex.
+    fn split_at(&self, encoding: Encoding, rest: &str) -> Option<usize> {
+        thread_local! {
+            static CACHES: RefCell<[Option<Cache>; 2]> = const { RefCell::new([None, None]) };
+        }
+        CACHES.with(|caches| {
+            let mut caches = caches.borrow_mut();
+            let cache = caches[encoding as usize].get_or_insert_with(|| self.split.create_cache());
+            let m = self
+                .split
+                .search_with(cache, &Input::new(rest).anchored(Anchored::Yes))?;
+            let mut end = m.end();
+            if LOOKAHEAD[m.pattern().as_usize()] {
+                end -= rest[..end].chars().next_back().map_or(0, char::len_utf8);
+            }
+            (end > 0).then_some(end)
+        })
+    }
+}
+
+/// The o200k split piece that starts at `i`, taking the text as ASCII: the split pattern's
+/// alternatives in its order, each as the regex matches it, over the ASCII members of its
+/// classes (letters `A-Z` and `a-z`, no marks or other letter kinds; digits `0-9`; whitespace
+/// `\t \n \x0B \x0C \r` and space). Returns the piece's end and how far it looked: when
+/// every byte up to there is ASCII, the piece is the regex's. The tests hold it against
+/// tiktoken.
+fn o200k_ascii_piece(s: &[u8], i: usize) -> (usize, usize) {
+    let ws = |b: u8| matches!(b, b'\t' | b'\n' | 0x0B | 0x0C | b'\r' | b' ');
+    let punct = |b: u8| !ws(b) && !b.is_ascii_alphanumeric();
+    let at = |k: usize| s.get(k).copied();
+    let run = |mut k: usize, f: &dyn Fn(u8) -> bool| {
+        while k < s.len() && f(s[k]) {
+            k += 1;
+        }
+        k
+    };
+    // `(?i:'s|'t|'re|'ve|'m|'ll|'d)?` after a word.
+    let contraction = |k: usize| -> usize {
+        if at(k) != Some(b'\'') {
+            return k;
+        }
+        let lower = |j: usize| at(j).map(|b| b.to_ascii_lowercase());
+        match lower(k + 1) {
+            Some(b's' | b't' | b'm' | b'd') => k + 2,
+            Some(b'r') if lower(k + 2) == Some(b'e') => k + 3,
+            Some(b'v') if lower(k + 2) == Some(b'e') => k + 3,
+            Some(b'l') if lower(k + 2) == Some(b'l') => k + 3,
+            _ => k,
+        }
+    };
+    let c = s[i];
+    // A word: one optional leading character that is not a letter, digit, CR or LF, then
+    // `[A-Z]*[a-z]+` or else `[A-Z]+[a-z]*`, then a contraction.
+    let start = if c.is_ascii_alphabetic() {
+        Some(i)
+    } else if c != b'\r' && c != b'\n' && !c.is_ascii_digit() {
+        at(i + 1).filter(u8::is_ascii_alphabetic).map(|_| i + 1)
+    } else {
+        None
+    };
+    if let Some(w) = start {
+        let upper = run(w, &|b| b.is_ascii_uppercase());
+        let lower = run(upper, &|b| b.is_ascii_lowercase());
+        // Either way the word is the upper-case run then the lower-case run; only its
+        // first letter must be a letter, which `start` checked.
+        return (contraction(lower), lower + 3);
+    }
+    if c.is_ascii_digit() {
+        let end = run(i, &|b| b.is_ascii_digit());
+        return (end.min(i + 3), end + 1);
+    }
+    // ` ?[^\s\p{L}\p{N}]+[\r\n/]*`
+    let p = if c == b' ' && at(i + 1).is_some_and(punct) {
+        i + 1
+    } else {
+        i
+    };
+    if punct(s[p]) {
+        let end = run(p, &punct);
+        let end = run(end, &|b| b == b'\r' || b == b'\n' || b == b'/');
+        return (end, end + 1);
+    }
+    // Whitespace: `\s*[\r\n]+` up to the run's last line break, else the whole run at the
+    // end of the text, else all but its last character, else the one character.
+    let end = run(i, &ws);
+    let seen = end + 1;
+    if let Some(q) = s[i..end].iter().rposition(|&b| b == b'\r' || b == b'\n') {
+        return (i + q + 1, seen);
+    }
+    if end == s.len() || end - i == 1 {
+        (end, seen)
+    } else {
+        (end - 1, seen)
+    }
+}
+
+static O200K: LazyLock<Vocab> = LazyLock::new(|| Vocab::load(Encoding::O200k));
+static CL100K: LazyLock<Vocab> = LazyLock::new(|| Vocab::load(Encoding::Cl100k));
+
+impl Encoding {
+    fn vocab(self) -> &'static Vocab {
+        match self {
+            Encoding::O200k => &O200K,
+            Encoding::Cl100k => &CL100K,
+        }
+    }
+}
+
+/// tiktoken-rs's encoder (truncating an answer in the simulator, and the count's fallback).
+fn tiktoken(encoding: Encoding) -> &'static CoreBPE {
+    match encoding {
+        Encoding::O200k => tiktoken_rs::o200k_base_singleton(),
+        Encoding::Cl100k => tiktoken_rs::cl100k_base_singleton(),
+    }
+}
+
 /// A token counter for one model.
 #[derive(Clone, Copy)]
 pub struct Tokenizer {
-    bpe: Option<&'static CoreBPE>,
+    encoding: Option<Encoding>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -32,35 +300,35 @@ impl Tokenizer {
     /// The exact tokenizer for an OpenAI model, or the estimator for anything else.
     pub fn for_model(model: &str) -> Self {
         use tiktoken_rs::tokenizer::{Tokenizer as T, get_tokenizer};
-        let bpe = match get_tokenizer(model) {
-            Some(t @ (T::O200kBase | T::Cl100kBase | T::O200kHarmony)) => {
-                tiktoken_rs::bpe_for_tokenizer(t).ok()
-            }
+        let encoding = match get_tokenizer(model) {
+            Some(T::O200kBase | T::O200kHarmony) => Some(Encoding::O200k),
+            Some(T::Cl100kBase) => Some(Encoding::Cl100k),
             _ => None,
         };
-        Tokenizer { bpe }
+        Tokenizer { encoding }
     }
 
     /// The conservative estimator, whatever the model.
     pub fn estimator() -> Self {
-        Tokenizer { bpe: None }
+        Tokenizer { encoding: None }
     }
 
     pub fn is_exact(&self) -> bool {
-        self.bpe.is_some()
+        self.encoding.is_some()
     }
 
     pub fn count(&self, text: &str) -> u64 {
-        match self.bpe {
-            Some(bpe) => bpe.count_ordinary(text) as u64,
+        match self.encoding {
+            Some(e) => e.vocab().count(e, text),
             None => (text.len() as u64).div_ceil(3),
         }
     }
 
     /// The first `max_tokens` tokens of `text` (for truncated answers in the simulator).
     pub fn truncate(&self, text: &str, max_tokens: u64) -> String {
-        match self.bpe {
-            Some(bpe) => {
+        match self.encoding {
+            Some(e) => {
+                let bpe = tiktoken(e);
                 let toks = bpe.encode_ordinary(text);
                 if toks.len() as u64 <= max_tokens {
                     return text.to_string();
@@ -152,6 +420,122 @@ mod tests {
             t.chat_prompt_tokens([("user", "hello world")], None),
             3 + 3 + 1 + 2
         );
+    }
+
+    /// The reference count: tiktoken-rs's own encoder.
+    fn reference(t: &Tokenizer, text: &str) -> u64 {
+        tiktoken(t.encoding.expect("an exact tokenizer"))
+            .encode_ordinary(text)
+            .len() as u64
+    }
+
+    fn both_encodings() -> [Tokenizer; 2] {
+        let (o, c) = (
+            Tokenizer::for_model("gpt-4o-mini"),
+            Tokenizer::for_model("gpt-4"),
+        );
+        assert_eq!(o.encoding, Some(Encoding::O200k));
+        assert_eq!(c.encoding, Some(Encoding::Cl100k));
+        [o, c]
+    }
+
+    #[test]
+    fn counts_equal_tiktoken_on_the_example_data() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples/data");
+        let mut texts = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            for line in text.lines() {
+                texts.push(line.to_string());
+                // The fields as a template renders them, one by one.
+                if let Ok(serde_json::Value::Object(m)) = serde_json::from_str(line) {
+                    texts.extend(m.values().filter_map(|v| v.as_str().map(str::to_string)));
+                }
+            }
+            texts.push(text);
+        }
+        assert!(texts.len() > 500, "{} texts", texts.len());
+        for t in both_encodings() {
+            for text in &texts {
+                assert_eq!(t.count(text), reference(&t, text), "{:?}", preview(text));
+            }
+        }
+    }
+
+    fn preview(s: &str) -> String {
+        s.chars().take(120).collect()
+    }
+
+    #[test]
+    fn counts_equal_tiktoken_on_unicode_and_whitespace() {
+        let samples = [
+            "",
+            " ",
+            "   ",
+            "a  b",
+            "a \n b",
+            "x\r\n\r\n  y  ",
+            "tabs\t\tand\u{a0}no-break\u{3000}ideographic\u{2028}line sep",
+            "trailing spaces   ",
+            "\n\n\n",
+            "日本語のテキストと English の混在。",
+            "中文：价格为 ¥1,299.00（含税）",
+            "Ελληνικά και кириллица, עברית ועברית, العربية ١٢٣٤٥",
+            "emoji 😀👍🏽 family 👨‍👩‍👧 flags 🇫🇷🇩🇪",
+            "combining: e\u{301} a\u{308}\u{301} Zalgo z\u{336}\u{337}",
+            "CAPS and MiXeD ǅungla ʰmod İstanbul straße STRASSE",
+            "don't won't I'LL we've they'RE it's O'Neil ’tis",
+            "numbers 1234567 3.14159 1e-9 0xdeadbeef 10/12/2026 ٣٤٥",
+            "path/to/file.rs?x=1&y=2#frag https://example.invalid/a//b",
+            "{\"json\": [1, 2, {\"k\": \"v\\n\"}], \"e\": null}",
+            "    indented code\n\tif x { return y; }\n",
+            "\u{feff}bom and \u{200b}zero width\u{200d}joiner",
+            "ꦲꦏ꧀ꦱꦫ ᠮᠣᠩᠭᠣᠯ ߒߞߏ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𝟙𝟚𝟛",
+        ];
+        for t in both_encodings() {
+            for s in samples {
+                assert_eq!(t.count(s), reference(&t, s), "{s:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn counts_equal_tiktoken_on_random_text() {
+        // Text drawn from characters that sit on the split pattern's edges: cases, marks,
+        // digits of several scripts, apostrophes, every kind of whitespace, slashes.
+        let alphabet: Vec<char> =
+            "aZeé ßx中ｱ😀09٣  \t\n\r\u{a0}\u{3000}\u{85}'’stdlmvr/.!-_,\u{301}İǅʰ\"{}"
+                .chars()
+                .collect();
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        // All-ASCII text takes the o200k counter's own splitter: its edges, densely.
+        let ascii: Vec<char> = "aAzZ09 \t\n\r\u{b}\u{c}'sStTrReEvVmMlLdD/.,!-_\u{0}\u{7f}"
+            .chars()
+            .collect();
+        for t in both_encodings() {
+            for _ in 0..5000 {
+                let len = (next() % 40) as usize;
+                let s: String = (0..len)
+                    .map(|_| ascii[(next() % ascii.len() as u64) as usize])
+                    .collect();
+                assert_eq!(t.count(&s), reference(&t, &s), "{s:?}");
+            }
+        }
+        for t in both_encodings() {
+            for _ in 0..3000 {
+                let len = (next() % 48) as usize;
+                let s: String = (0..len)
+                    .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                    .collect();
+                assert_eq!(t.count(&s), reference(&t, &s), "{s:?}");
+            }
+        }
     }
 
     #[test]
