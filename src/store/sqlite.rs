@@ -42,8 +42,7 @@ impl SqlStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(BUSY)
-            .pragma("cache_size", "-16384")
-            .pragma("temp_store", "memory");
+            .pragma("cache_size", "-16384");
         enable_wal(&opts).await?;
         let store = connect(opts, 2, path.display().to_string()).await?;
         // Stores made before their files were created private.
