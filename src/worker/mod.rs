@@ -140,6 +140,9 @@ pub(crate) struct Runner<'a, S: Store, P: BatchProvider> {
     budget_stage: Option<String>,
     /// Nothing new is planned (the source could not be read): open batches are collected.
     collect_only: bool,
+    /// The figures this run's end status was judged from, frozen as they are when the run
+    /// settles (nothing changes in between: the figures take a pass over every record).
+    final_figures: Option<crate::store::RunFigures>,
 }
 
 impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
@@ -174,6 +177,7 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
             budget_hit: false,
             budget_stage: None,
             collect_only: false,
+            final_figures: None,
         })
     }
 
@@ -402,7 +406,9 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 }),
             )),
             Stop::Done => {
-                let f = ctx.store.run_figures(&self.run_id).await?;
+                let f = self
+                    .final_figures
+                    .insert(ctx.store.run_figures(&self.run_id).await?);
                 if f.exhausted > 0 && !p.is_multi_stage() {
                     Ok((
                         RunStatus::Failed,

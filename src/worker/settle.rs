@@ -75,7 +75,10 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             }
             _ => {}
         }
-        let f = store.run_figures(run_id).await?;
+        let f = match &self.final_figures {
+            Some(f) if run_id == self.run_id => f.clone(),
+            _ => store.run_figures(run_id).await?,
+        };
         store.freeze_figures(run_id, &f.to_json()).await?;
         store
             .prune_records(&run.pipeline, KEEP_RECORDS_OF_RUNS)

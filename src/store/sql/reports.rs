@@ -31,24 +31,25 @@ pub(super) async fn run_figures(store: &SqlStore, run_id: &str) -> Result<RunFig
     let stages: Vec<&str> = stage_list.split(',').collect();
     let staged = stages.len() > 1;
     let links = if staged { "record_items" } else { "records" };
-    let mut f = RunFigures {
-        records_valid: count(
-            db.scalar(q("SELECT COUNT(*) FROM records WHERE run_id = $1").bind(run_id))
-                .await?,
-        ),
-        ..Default::default()
-    };
-    let states: Vec<(ItemState, i64)> = db
+    let mut f = RunFigures::default();
+    // Each item's state, and whether it was already done before this run started
+    // (succeeded in an attempt completed earlier): one pass over the run's items.
+    let states: Vec<(ItemState, i64, i64)> = db
         .all(
             q(format!(
-                "SELECT i.state, COUNT(*) FROM items i \
+                "SELECT i.state, COUNT(*), COALESCE(SUM(CASE WHEN i.state = 'succeeded' AND EXISTS \
+                   (SELECT 1 FROM attempts a WHERE a.item_id = i.id AND a.state = 'succeeded' \
+                    AND a.completed_at < $2) THEN 1 ELSE 0 END), 0) \
+                 FROM items i \
                  WHERE i.id IN (SELECT item_id FROM {links} WHERE run_id = $1) GROUP BY i.state"
             ))
-            .bind(run_id),
+            .bind(run_id)
+            .bind(started),
         )
         .await?;
-    for (state, n) in states {
+    for (state, n, reused) in states {
         let n = count(n);
+        f.reused += count(reused);
         f.unique_items += n;
         match state {
             ItemState::Succeeded => f.succeeded += n,
@@ -57,31 +58,29 @@ pub(super) async fn run_figures(store: &SqlStore, run_id: &str) -> Result<RunFig
         }
     }
     if staged {
+        f.records_valid = count(
+            db.scalar(q("SELECT COUNT(*) FROM records WHERE run_id = $1").bind(run_id))
+                .await?,
+        );
         staged_records(store, run_id, stages.len(), &mut f).await?;
     } else {
-        // Processed by this run: the item's successful attempt is in one of its batches.
-        f.processed_records = count(
-            db.scalar(
-                q(
-                    "SELECT COUNT(*) FROM records r JOIN items i ON i.id = r.item_id \
-                   WHERE r.run_id = $1 AND i.state = 'succeeded' AND EXISTS \
+        // One pass over the run's records: how many, how many done, and how many processed
+        // by this run (the item's successful attempt is in one of its batches).
+        let (valid, done, processed): (i64, i64, i64) = db
+            .one(
+                q("SELECT COUNT(*), \
+                   COALESCE(SUM(CASE WHEN i.state = 'succeeded' THEN 1 ELSE 0 END), 0), \
+                   COALESCE(SUM(CASE WHEN i.state = 'succeeded' AND EXISTS \
                      (SELECT 1 FROM attempts a JOIN batches b ON b.id = a.batch_id \
-                      WHERE a.item_id = i.id AND a.state = 'succeeded' AND b.run_id = $1)",
-                )
+                      WHERE a.item_id = i.id AND a.state = 'succeeded' AND b.run_id = $1) \
+                     THEN 1 ELSE 0 END), 0) \
+                   FROM records r LEFT JOIN items i ON i.id = r.item_id WHERE r.run_id = $1")
                 .bind(run_id),
             )
-            .await?,
-        );
-        f.records_done = count(
-            db.scalar(
-                q(
-                    "SELECT COUNT(*) FROM records r JOIN items i ON i.id = r.item_id \
-                   WHERE r.run_id = $1 AND i.state = 'succeeded'",
-                )
-                .bind(run_id),
-            )
-            .await?,
-        );
+            .await?;
+        f.records_valid = count(valid);
+        f.records_done = count(done);
+        f.processed_records = count(processed);
     }
     let (attempts, attempted, sent): (i64, i64, i64) = db
         .one(
@@ -98,20 +97,6 @@ pub(super) async fn run_figures(store: &SqlStore, run_id: &str) -> Result<RunFig
     f.batches = count(
         db.scalar(q("SELECT COUNT(*) FROM batches WHERE run_id = $1").bind(run_id))
             .await?,
-    );
-    // Already done before this run started: succeeded in an attempt completed earlier.
-    f.reused = count(
-        db.scalar(
-            q(format!(
-                "SELECT COUNT(*) FROM items i WHERE i.state = 'succeeded' \
-                 AND i.id IN (SELECT item_id FROM {links} WHERE run_id = $1) \
-                 AND EXISTS (SELECT 1 FROM attempts a WHERE a.item_id = i.id \
-                             AND a.state = 'succeeded' AND a.completed_at < $2)"
-            ))
-            .bind(run_id)
-            .bind(started),
-        )
-        .await?,
     );
     f.ledger = ledger_totals(store, LedgerScope::Run, run_id).await?;
     f.answered = count(
