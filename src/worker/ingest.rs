@@ -1,5 +1,6 @@
 //! Ingest: stream the source, render and hash each record on a blocking thread, and store
-//! the records in chunks (one transaction each) as the async side receives them.
+//! the records in chunks (one transaction each) as the async side receives them in smaller
+//! hand-offs.
 
 use tokio::sync::mpsc;
 
@@ -13,6 +14,9 @@ use crate::store::{IngestTarget, Store};
 /// Records per store transaction: large, because every transaction rewrites the pages of the
 /// dedupe index it touched, and item keys are random.
 const CHUNK: usize = 20_000;
+/// Records per hand-off from the reading thread: small, so that what is in flight between the
+/// two sides (one hand-off being filled, one queued) is a fraction of a transaction's worth.
+const HANDOFF: usize = 2_000;
 
 #[derive(Default)]
 struct Chunk {
@@ -95,7 +99,7 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
                     return;
                 }
             }
-            if chunk.len() >= CHUNK && tx.blocking_send(Ok(std::mem::take(&mut chunk))).is_err() {
+            if chunk.len() >= HANDOFF && tx.blocking_send(Ok(std::mem::take(&mut chunk))).is_err() {
                 return;
             }
         }
@@ -107,19 +111,34 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
     let source = p.source.path.display().to_string();
     let (mut records, mut quarantined, mut new_items) = (0u64, 0u64, 0u64);
     let mut complete = true;
-    while let Some(msg) = rx.recv().await {
+    let mut chunk = Chunk::default();
+    loop {
+        let msg = rx.recv().await;
         if ctx.shutdown.is_set() {
             complete = false;
             break;
         }
-        let chunk = msg?;
-        for q in &chunk.quarantined {
-            ctx.observer.event(&Event::Quarantined {
-                source: source.clone(),
-                line: q.line,
-                field: q.field.clone(),
-                reason: q.reason.clone(),
-            });
+        let last = msg.is_none();
+        if let Some(msg) = msg {
+            let part = msg?;
+            for q in &part.quarantined {
+                ctx.observer.event(&Event::Quarantined {
+                    source: source.clone(),
+                    line: q.line,
+                    field: q.field.clone(),
+                    reason: q.reason.clone(),
+                });
+            }
+            chunk.records.extend(part.records);
+            chunk.quarantined.extend(part.quarantined);
+        }
+        // A transaction's worth, or what the source's end left.
+        let full = chunk.len() >= CHUNK || (last && chunk.len() > 0);
+        if !full {
+            if last {
+                break;
+            }
+            continue;
         }
         let stats = ctx
             .store
@@ -144,6 +163,11 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
             records: records + quarantined,
             quarantined,
         });
+        chunk.records.clear();
+        chunk.quarantined.clear();
+        if last {
+            break;
+        }
     }
     drop(rx);
     let _ = producer.await;
