@@ -119,6 +119,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                                 && self.within_grace(&b, ctx.pipeline.provider.reconcile_grace)
                             {
                                 // The provider's list may lag the create: look again later.
+                                tracing::debug!(batch = %b.id, "not in the provider's list yet; looking again until the reconcile grace has passed");
                                 self.waiting = true;
                                 return Ok(());
                             }

@@ -872,9 +872,10 @@ fn provider_keys(file: &Path, keys: &str) {
 #[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_caught_in_creating_moves_on_once_its_stored_age_passes_the_grace() {
+    const WAITS: &str = "looking again until the reconcile grace has passed";
     let dir = tempfile::tempdir().unwrap();
     let file = ticket_pipeline(dir.path(), 40, 100, 0.3, "");
-    provider_keys(&file, "reconcile_grace_seconds = 1.5");
+    provider_keys(&file, "reconcile_grace_seconds = 600");
     let db = dir.path().join(".nightshift/state.db");
     // Dies with the batch committed as `creating`, the create never sent.
     let first = ran(bin()
@@ -893,25 +894,69 @@ async fn a_batch_caught_in_creating_moves_on_once_its_stored_age_passes_the_grac
             .count_where("SELECT COUNT(*) FROM batches WHERE state = 'creating'")
             .await
             .unwrap();
+        let at = s
+            .count_where("SELECT creating_at FROM batches WHERE state = 'creating'")
+            .await
+            .unwrap_or(0);
         s.close().await;
-        n
+        (n, at)
     };
-    assert_eq!(creating().await, 1);
-    // Killed every second: no process lives as long as the grace, yet the grace counts
-    // from the stored time the create was sent, so the batch moves on.
-    for _ in 0..4 {
-        let (mut child, _rx) = spawn_run(&file, &[]);
-        std::thread::sleep(Duration::from_millis(1000));
-        signal(&child, libc::SIGKILL);
-        let _ = child.wait();
-    }
+    let (n, sent_at) = creating().await;
+    assert_eq!(n, 1);
+    let with_debug = |c: &mut Command| {
+        c.env("NIGHTSHIFT_LOG", "warn,nightshift::worker=debug")
+            .arg("run")
+            .arg(&file)
+            .stderr(Stdio::piped());
+    };
+    // Within the grace the create may yet show up in the provider's list: a run looks
+    // again and sends nothing. It is killed while it waits.
+    let mut c = bin();
+    with_debug(&mut c);
+    let mut child = c.spawn().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let err = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    wait_for_line(&rx, WAITS, Duration::from_secs(120));
+    signal(&child, libc::SIGKILL);
+    let _ = child.wait();
     assert_eq!(
         creating().await,
-        0,
-        "still caught in creating after the grace"
+        (1, sent_at),
+        "nothing sent within the grace"
     );
-    let last = run(&file, &[]);
+    // The grace counts from the stored time the create was sent, not from a process's
+    // start: once that time is further back than the grace, the next run resends at once.
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        text.replacen(
+            "reconcile_grace_seconds = 600",
+            "reconcile_grace_seconds = 1.5",
+            1,
+        ),
+    )
+    .unwrap();
+    let due = sent_at + 1_600;
+    while nightshift::util::time::now_ms() < due {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut c = bin();
+    with_debug(&mut c);
+    let last = ran(&mut c);
     assert_eq!(last.code, Some(0), "{}", last.show());
+    assert!(
+        !last.stderr.contains(WAITS),
+        "waited although the stored age had passed the grace: {}",
+        last.show()
+    );
+    assert_eq!(creating().await.0, 0);
     let record = builtin_sim_record(&dir.path().join(".nightshift"));
     assert!(sent_twice(&record).is_empty());
 }
