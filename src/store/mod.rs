@@ -60,6 +60,18 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 pub use crate::util::time::now_ms;
 
+/// An open ingest transaction. Dropped without [`IngestTx::commit`], it rolls back.
+pub trait IngestTx: Send {
+    /// Inserts part of a chunk: records (new items as `pending`) and quarantined lines.
+    fn add(
+        &mut self,
+        target: &IngestTarget<'_>,
+        records: &[PreparedRecord],
+        quarantined: &[Quarantined],
+    ) -> impl Future<Output = Result<IngestStats>> + Send;
+    fn commit(self) -> impl Future<Output = Result<()>> + Send;
+}
+
 /// The store contract. Each method is one transaction unless it says otherwise.
 pub trait Store: Send + Sync + 'static {
     // --- runs -----------------------------------------------------------------------------
@@ -123,6 +135,11 @@ pub trait Store: Send + Sync + 'static {
         records: &[PreparedRecord],
         quarantined: &[Quarantined],
     ) -> impl Future<Output = Result<IngestStats>> + Send;
+    /// Opens an ingest transaction: parts of a chunk go in as the source is read, so the
+    /// chunk is never held in memory whole; nothing is visible until it commits.
+    fn begin_ingest(&self) -> impl Future<Output = Result<Self::Ingest>> + Send;
+    /// The store's ingest transaction ([`Store::begin_ingest`]).
+    type Ingest: IngestTx;
 
     // --- stages ---------------------------------------------------------------------------
     /// Records of the run after line `after_line` ready for `stage`: no link there yet,

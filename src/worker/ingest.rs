@@ -1,6 +1,6 @@
 //! Ingest: stream the source, render and hash each record on a blocking thread, and store
-//! the records in chunks (one transaction each) as the async side receives them in smaller
-//! hand-offs.
+//! the records in chunks (one transaction each) that the async side fills with the smaller
+//! hand-offs as it receives them.
 
 use tokio::sync::mpsc;
 
@@ -9,15 +9,17 @@ use super::{Event, RunContext, RunError};
 use crate::provider::BatchProvider;
 use crate::request::{PreparedRecord, prepare};
 use crate::source::{Quarantined, SourceError, SourceEvent, SourceReader};
-use crate::store::{IngestTarget, Store};
+use crate::store::{IngestStats, IngestTarget, IngestTx, Store};
 
 /// Records per store transaction: large, because every transaction rewrites the pages of the
-/// dedupe index it touched, and item keys are random.
+/// dedupe index it touched, and item keys are random. The hand-offs go into the open
+/// transaction as they arrive, so a transaction's worth is never held in memory.
 const CHUNK: usize = 20_000;
 /// Records per hand-off from the reading thread: small, so that what is in flight between the
 /// two sides (one hand-off being filled, one queued) is a fraction of a transaction's worth.
 const HANDOFF: usize = 2_000;
 
+/// One hand-off from the reading thread.
 #[derive(Default)]
 struct Chunk {
     records: Vec<PreparedRecord>,
@@ -109,75 +111,80 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
     });
 
     let source = p.source.path.display().to_string();
-    let (mut records, mut quarantined, mut new_items) = (0u64, 0u64, 0u64);
+    let target = IngestTarget {
+        run_id,
+        pipeline: &p.name,
+        stage: &first.stage.name,
+        shape_id,
+        source: &source,
+        links: p.is_multi_stage(),
+    };
+    let mut done = IngestStats::default();
     let mut complete = true;
-    let mut chunk = Chunk::default();
+    // The open transaction and what it will have stored once committed.
+    let mut open: Option<(S::Ingest, IngestStats)> = None;
     loop {
         let msg = rx.recv().await;
         if ctx.shutdown.is_set() {
+            // The open transaction rolls back: the next run reads those lines again.
             complete = false;
             break;
         }
-        let last = msg.is_none();
-        if let Some(msg) = msg {
-            let part = msg?;
-            for q in &part.quarantined {
-                ctx.observer.event(&Event::Quarantined {
-                    source: source.clone(),
-                    line: q.line,
-                    field: q.field.clone(),
-                    reason: q.reason.clone(),
-                });
-            }
-            chunk.records.extend(part.records);
-            chunk.quarantined.extend(part.quarantined);
+        let Some(msg) = msg else { break };
+        let part = msg?;
+        for q in &part.quarantined {
+            ctx.observer.event(&Event::Quarantined {
+                source: source.clone(),
+                line: q.line,
+                field: q.field.clone(),
+                reason: q.reason.clone(),
+            });
         }
-        // A transaction's worth, or what the source's end left.
-        let full = chunk.len() >= CHUNK || (last && chunk.len() > 0);
-        if !full {
-            if last {
-                break;
-            }
-            continue;
+        let (tx, stats) = match &mut open {
+            Some(o) => o,
+            None => open.insert((ctx.store.begin_ingest().await?, IngestStats::default())),
+        };
+        let added = tx.add(&target, &part.records, &part.quarantined).await?;
+        drop(part);
+        stats.records += added.records;
+        stats.quarantined += added.quarantined;
+        stats.new_items += added.new_items;
+        if stats.records + stats.quarantined >= CHUNK as u64 {
+            let (tx, stats) = open.take().expect("open");
+            commit(ctx, tx, &stats, &mut done).await?;
         }
-        let stats = ctx
-            .store
-            .ingest(
-                &IngestTarget {
-                    run_id,
-                    pipeline: &p.name,
-                    stage: &first.stage.name,
-                    shape_id,
-                    source: &source,
-                    links: p.is_multi_stage(),
-                },
-                &chunk.records,
-                &chunk.quarantined,
-            )
-            .await?;
-        crate::failpoint!("ingest.after_chunk");
-        records += stats.records;
-        quarantined += stats.quarantined;
-        new_items += stats.new_items;
-        ctx.observer.event(&Event::IngestProgress {
-            records: records + quarantined,
-            quarantined,
-        });
-        chunk.records.clear();
-        chunk.quarantined.clear();
-        if last {
-            break;
-        }
+    }
+    if complete && let Some((tx, stats)) = open.take() {
+        commit(ctx, tx, &stats, &mut done).await?;
     }
     drop(rx);
     let _ = producer.await;
     ctx.store
-        .set_run_counts(run_id, records + quarantined, quarantined)
+        .set_run_counts(run_id, done.records + done.quarantined, done.quarantined)
         .await?;
     ctx.observer.event(&Event::IngestDone {
-        records: records + quarantined,
-        quarantined,
-        new_items,
+        records: done.records + done.quarantined,
+        quarantined: done.quarantined,
+        new_items: done.new_items,
     });
     Ok(complete)
+}
+
+/// Commits a chunk's transaction, then adds what it stored to `done` and says so.
+async fn commit<S: Store, P: BatchProvider>(
+    ctx: &RunContext<'_, S, P>,
+    tx: S::Ingest,
+    chunk: &IngestStats,
+    done: &mut IngestStats,
+) -> Result<(), RunError> {
+    tx.commit().await?;
+    crate::failpoint!("ingest.after_chunk");
+    done.records += chunk.records;
+    done.quarantined += chunk.quarantined;
+    done.new_items += chunk.new_items;
+    ctx.observer.event(&Event::IngestProgress {
+        records: done.records + done.quarantined,
+        quarantined: done.quarantined,
+    });
+    Ok(())
 }

@@ -56,8 +56,26 @@ pub(super) async fn shape(store: &SqlStore, id: i64) -> Result<RequestShape> {
     Ok(RequestShape::new(prefix, suffix))
 }
 
-pub(super) async fn ingest(
-    store: &SqlStore,
+/// [`IngestTx`] on either engine: one write transaction.
+pub struct SqlIngest(pub(super) Tx);
+
+impl IngestTx for SqlIngest {
+    async fn add(
+        &mut self,
+        target: &IngestTarget<'_>,
+        records: &[PreparedRecord],
+        quarantined: &[Quarantined],
+    ) -> Result<IngestStats> {
+        add(&mut self.0, target, records, quarantined).await
+    }
+
+    async fn commit(self) -> Result<()> {
+        self.0.commit().await
+    }
+}
+
+async fn add(
+    tx: &mut Tx,
     target: &IngestTarget<'_>,
     records: &[PreparedRecord],
     quarantined: &[Quarantined],
@@ -78,7 +96,6 @@ pub(super) async fn ingest(
         quarantined: quarantined.len() as u64,
         ..Default::default()
     };
-    let mut tx = store.db.begin().await?;
     for chunk in records.chunks(ROWS_PER_STATEMENT) {
         let mut items = q(cached_sql(&ITEMS, chunk.len(), insert_items_sql))
             .bind(pipeline)
@@ -107,7 +124,7 @@ pub(super) async fn ingest(
         tx.execute(recs).await?;
     }
     if links {
-        stats.new_items += super::stages::ingest_links(&mut tx, target, now, records).await?;
+        stats.new_items += super::stages::ingest_links(tx, target, now, records).await?;
     }
     for chunk in quarantined.chunks(ROWS_PER_STATEMENT) {
         let mut qq = q(format!(
@@ -125,6 +142,5 @@ pub(super) async fn ingest(
         }
         tx.execute(qq).await?;
     }
-    tx.commit().await?;
     Ok(stats)
 }

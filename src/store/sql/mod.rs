@@ -23,6 +23,8 @@ mod results;
 mod runs;
 mod stages;
 
+pub use ingest::SqlIngest;
+
 use std::collections::HashSet;
 use std::sync::OnceLock;
 
@@ -229,7 +231,16 @@ impl Store for SqlStore {
         records: &[PreparedRecord],
         quarantined: &[Quarantined],
     ) -> Result<IngestStats> {
-        ingest::ingest(self, target, records, quarantined).await
+        let mut tx = self.begin_ingest().await?;
+        let stats = tx.add(target, records, quarantined).await?;
+        tx.commit().await?;
+        Ok(stats)
+    }
+
+    type Ingest = ingest::SqlIngest;
+
+    async fn begin_ingest(&self) -> Result<ingest::SqlIngest> {
+        Ok(ingest::SqlIngest(self.db.begin().await?))
     }
 
     async fn ready_records(
