@@ -16,19 +16,21 @@ pub(super) fn insert_items_sql(rows: usize) -> String {
     )
 }
 
-/// Binds: run_id, pipeline, stage; then per row line, record_id, key.
+/// Binds: run_id, pipeline, stage; then per row line, record_id, key, data (a multi-stage
+/// pipeline's record fields, else NULL).
 ///
 /// The item is looked up per row by a scalar subquery: written as a join, SQLite's planner
 /// may scan every item of the pipeline for each statement.
 pub(super) fn insert_records_sql(rows: usize) -> String {
     format!(
         "WITH c(r, p, s) AS (SELECT ?, ?, ?) \
-         INSERT INTO records (run_id, line, record_id, item_id) \
+         INSERT INTO records (run_id, line, record_id, item_id, data) \
          SELECT (SELECT r FROM c), v.column1, v.column2, \
-           (SELECT i.id FROM items i, c WHERE i.pipeline = c.p AND i.stage = c.s AND i.dedupe_key = v.column3) \
+           (SELECT i.id FROM items i, c WHERE i.pipeline = c.p AND i.stage = c.s AND i.dedupe_key = v.column3), \
+           v.column4 \
          FROM (VALUES {}) AS v \
          WHERE true ON CONFLICT (run_id, line) DO NOTHING",
-        values_sql(rows, 3)
+        values_sql(rows, 4)
     )
 }
 
@@ -120,6 +122,7 @@ async fn add(
             recs.push(r.line as i64);
             recs.push(r.record_id.as_str());
             recs.push(&r.key[..]);
+            recs.push(r.data.as_deref());
         }
         tx.execute(recs).await?;
     }

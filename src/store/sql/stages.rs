@@ -22,78 +22,98 @@ fn insert_links_sql(rows: usize) -> String {
     )
 }
 
-/// Inserts `items` of the target's stage (new ones `pending`) and links `(line, chunk, key)`.
-async fn insert_items_and_links(
+/// Binds: pipeline, stage; then per row parent id, key.
+fn insert_parents_sql(rows: usize) -> String {
+    format!(
+        "WITH c(p, s) AS (SELECT ?, ?) \
+         INSERT INTO item_parents (item_id, parent_id) \
+         SELECT n.id, n.parent FROM (SELECT \
+           (SELECT i.id FROM items i, c WHERE i.pipeline = c.p AND i.stage = c.s AND i.dedupe_key = v.column2) AS id, \
+           v.column1 AS parent FROM (VALUES {}) AS v) AS n \
+         WHERE n.id IS NOT NULL ON CONFLICT (item_id, parent_id) DO NOTHING",
+        values_sql(rows, 2)
+    )
+}
+
+/// Binds: run_id, stage; then per row line, error.
+fn insert_itemless_links_sql(rows: usize) -> String {
+    format!(
+        "WITH c(r, s) AS (SELECT ?, ?) \
+         INSERT INTO record_items (run_id, line, stage, chunk, item_id, error) \
+         SELECT (SELECT r FROM c), v.column1, (SELECT s FROM c), 0, NULL, v.column2 \
+         FROM (VALUES {}) AS v \
+         WHERE true ON CONFLICT (run_id, line, stage, chunk) DO NOTHING",
+        values_sql(rows, 2)
+    )
+}
+
+/// Inserts `items` of the target's stage (new ones `pending`); returns how many are new.
+async fn insert_items(
     tx: &mut Tx,
     t: &IngestTarget<'_>,
     now: i64,
-    items: &[(i64, i64, &PreparedItem)],
+    items: &[&PreparedItem],
 ) -> Result<u64> {
+    static ITEMS: OnceLock<String> = OnceLock::new();
     let mut new_items = 0;
     for chunk in items.chunks(ROWS_PER_STATEMENT) {
-        let mut ins = q(insert_items_sql(chunk.len()))
+        let mut ins = q(cached_sql(&ITEMS, chunk.len(), insert_items_sql))
             .bind(t.pipeline)
             .bind(t.stage)
             .bind(t.shape_id)
             .bind(t.run_id)
             .bind(now);
-        for (_, _, it) in chunk {
+        for it in chunk {
             ins.push(&it.key[..]);
             ins.push(it.user_json.as_str());
             ins.push(it.body_bytes as i64);
             ins.push(i64_of(it.input_tokens));
         }
         new_items += tx.execute(ins).await?;
-        let mut links = q(insert_links_sql(chunk.len()))
-            .bind(t.run_id)
-            .bind(t.pipeline)
-            .bind(t.stage);
-        for (line, c, it) in chunk {
-            links.push(*line);
-            links.push(*c);
-            links.push(&it.key[..]);
-        }
-        tx.execute(links).await?;
     }
     Ok(new_items)
 }
 
-/// At ingest (inside its transaction): the first stage's links of every record, chunk 0
-/// included, and each record's fields.
+/// Links `(line, chunk, key)` of the target's stage to their (stored) items.
+async fn insert_links(
+    tx: &mut Tx,
+    t: &IngestTarget<'_>,
+    links: &[(i64, i64, &[u8])],
+) -> Result<()> {
+    static LINKS: OnceLock<String> = OnceLock::new();
+    for chunk in links.chunks(ROWS_PER_STATEMENT) {
+        let mut ins = q(cached_sql(&LINKS, chunk.len(), insert_links_sql))
+            .bind(t.run_id)
+            .bind(t.pipeline)
+            .bind(t.stage);
+        for (line, c, key) in chunk {
+            ins.push(*line);
+            ins.push(*c);
+            ins.push(*key);
+        }
+        tx.execute(ins).await?;
+    }
+    Ok(())
+}
+
+/// At ingest (inside its transaction, after the records and their first items): the first
+/// stage's links of every record, and the items of its other chunks.
 pub(super) async fn ingest_links(
     tx: &mut Tx,
     t: &IngestTarget<'_>,
     now: i64,
     records: &[crate::request::PreparedRecord],
 ) -> Result<u64> {
-    let firsts: Vec<PreparedItem> = records
-        .iter()
-        .map(|r| PreparedItem {
-            key: r.key,
-            input_tokens: r.input_tokens,
-            user_json: r.user_json.clone(),
-            body_bytes: r.body_bytes,
-        })
-        .collect();
-    let mut rows: Vec<(i64, i64, &PreparedItem)> = Vec::new();
-    for (r, first) in records.iter().zip(&firsts) {
-        rows.push((r.line as i64, 0, first));
-        for (i, more) in r.more.iter().enumerate() {
-            rows.push((r.line as i64, i as i64 + 1, more));
-        }
-    }
-    let new_items = insert_items_and_links(tx, t, now, &rows).await?;
+    let more: Vec<&PreparedItem> = records.iter().flat_map(|r| &r.more).collect();
+    let new_items = insert_items(tx, t, now, &more).await?;
+    let mut links: Vec<(i64, i64, &[u8])> = Vec::with_capacity(records.len() + more.len());
     for r in records {
-        if let Some(data) = &r.data {
-            tx.execute(
-                q("UPDATE records SET data = $1 WHERE run_id = $2 AND line = $3")
-                    .bind(data.as_str())
-                    .bind(t.run_id)
-                    .bind(r.line as i64),
-            )
-            .await?;
+        links.push((r.line as i64, 0, &r.key[..]));
+        for (i, m) in r.more.iter().enumerate() {
+            links.push((r.line as i64, i as i64 + 1, &m.key[..]));
         }
     }
+    insert_links(tx, t, &links).await?;
     Ok(new_items)
 }
 
@@ -294,50 +314,50 @@ pub(super) async fn add_links(
     let now = now_ms();
     let mut tx = store.db.begin().await?;
     let links = still_decided(&mut tx, links).await?;
-    let mut rows: Vec<(i64, i64, &PreparedItem)> = Vec::new();
+    let mut items: Vec<&PreparedItem> = Vec::new();
+    let mut item_links: Vec<(i64, i64, &[u8])> = Vec::new();
+    let mut itemless: Vec<(i64, Option<&str>)> = Vec::new();
+    let mut parents: Vec<(i64, &[u8])> = Vec::new();
     for l in &links {
         match &l.link {
-            StageLink::Items { items } => {
-                for (c, it) in items.iter().enumerate() {
-                    rows.push((l.line, c as i64, it));
+            StageLink::Items { items: its } => {
+                for (c, it) in its.iter().enumerate() {
+                    items.push(it);
+                    item_links.push((l.line, c as i64, &it.key[..]));
+                    parents.extend(l.parents.iter().map(|&p| (p, &it.key[..])));
                 }
             }
-            StageLink::Skipped | StageLink::Failed(_) => {
-                let error = match &l.link {
-                    StageLink::Failed(why) => Some(why.as_str()),
-                    _ => None,
-                };
-                tx.execute(
-                    q("INSERT INTO record_items (run_id, line, stage, chunk, item_id, error) \
-                       VALUES ($1, $2, $3, 0, NULL, $4) ON CONFLICT (run_id, line, stage, chunk) DO NOTHING")
-                    .bind(t.run_id)
-                    .bind(l.line)
-                    .bind(t.stage)
-                    .bind(error),
-                )
-                .await?;
-            }
+            StageLink::Skipped => itemless.push((l.line, None)),
+            StageLink::Failed(why) => itemless.push((l.line, Some(why.as_str()))),
         }
     }
-    let new_items = insert_items_and_links(&mut tx, t, now, &rows).await?;
-    for l in &links {
-        let StageLink::Items { items } = &l.link else {
-            continue;
-        };
-        for it in items {
-            for parent in &l.parents {
-                tx.execute(
-                    q("INSERT INTO item_parents (item_id, parent_id) \
-                       SELECT i.id, $1 FROM items i WHERE i.pipeline = $2 AND i.stage = $3 AND i.dedupe_key = $4 \
-                       ON CONFLICT (item_id, parent_id) DO NOTHING")
-                    .bind(*parent)
-                    .bind(t.pipeline)
-                    .bind(t.stage)
-                    .bind(&it.key[..]),
-                )
-                .await?;
-            }
+    let new_items = insert_items(&mut tx, t, now, &items).await?;
+    insert_links(&mut tx, t, &item_links).await?;
+    for chunk in itemless.chunks(ROWS_PER_STATEMENT) {
+        static ITEMLESS: OnceLock<String> = OnceLock::new();
+        let mut ins = q(cached_sql(
+            &ITEMLESS,
+            chunk.len(),
+            insert_itemless_links_sql,
+        ))
+        .bind(t.run_id)
+        .bind(t.stage);
+        for (line, error) in chunk {
+            ins.push(*line);
+            ins.push(*error);
         }
+        tx.execute(ins).await?;
+    }
+    for chunk in parents.chunks(ROWS_PER_STATEMENT) {
+        static PARENTS: OnceLock<String> = OnceLock::new();
+        let mut ins = q(cached_sql(&PARENTS, chunk.len(), insert_parents_sql))
+            .bind(t.pipeline)
+            .bind(t.stage);
+        for (parent, key) in chunk {
+            ins.push(*parent);
+            ins.push(*key);
+        }
+        tx.execute(ins).await?;
     }
     tx.commit().await?;
     Ok(new_items)
