@@ -270,42 +270,32 @@ async fn staged_records(
     stages: usize,
     f: &mut RunFigures,
 ) -> Result<()> {
-    let db = &store.db;
-    let done_sql = "(SELECT COUNT(DISTINCT x.stage) FROM record_items x WHERE x.run_id = r.run_id AND x.line = r.line) = $2 \
-         AND NOT EXISTS (SELECT 1 FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
-           WHERE x.run_id = r.run_id AND x.line = r.line \
-           AND (x.error IS NOT NULL OR (x.item_id IS NOT NULL AND i.state <> 'succeeded')))";
-    f.records_done = count(
-        db.scalar(
-            q(format!(
-                "SELECT COUNT(*) FROM records r WHERE r.run_id = $1 AND {done_sql}"
-            ))
+    // One pass over the run's links, grouped by record: how many stages it has links at,
+    // how many links are not (yet) a success, how many failed for good, and how many
+    // items succeeded in this run's batches.
+    let (done, processed, failed): (i64, i64, i64) = store
+        .db
+        .one(
+            q("SELECT \
+                 COALESCE(SUM(CASE WHEN g.stages = $2 AND g.open = 0 THEN 1 ELSE 0 END), 0), \
+                 COALESCE(SUM(CASE WHEN g.stages = $2 AND g.open = 0 AND g.here > 0 THEN 1 ELSE 0 END), 0), \
+                 COALESCE(SUM(CASE WHEN g.failed > 0 THEN 1 ELSE 0 END), 0) \
+               FROM (SELECT x.line, COUNT(DISTINCT x.stage) AS stages, \
+                   SUM(CASE WHEN x.error IS NOT NULL OR (x.item_id IS NOT NULL AND i.state <> 'succeeded') \
+                       THEN 1 ELSE 0 END) AS open, \
+                   SUM(CASE WHEN x.error IS NOT NULL OR i.state = 'exhausted' THEN 1 ELSE 0 END) AS failed, \
+                   SUM(CASE WHEN i.state = 'succeeded' AND EXISTS (SELECT 1 FROM attempts a \
+                       JOIN batches b ON b.id = a.batch_id WHERE a.item_id = x.item_id \
+                       AND a.state = 'succeeded' AND b.run_id = x.run_id) THEN 1 ELSE 0 END) AS here \
+                 FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
+                 WHERE x.run_id = $1 GROUP BY x.line) AS g")
             .bind(run_id)
             .bind(stages as i64),
         )
-        .await?,
-    );
-    f.processed_records = count(
-        db.scalar(
-            q(format!(
-                "SELECT COUNT(*) FROM records r WHERE r.run_id = $1 AND {done_sql} \
-                 AND EXISTS (SELECT 1 FROM record_items x JOIN attempts a ON a.item_id = x.item_id \
-                   JOIN batches b ON b.id = a.batch_id \
-                   WHERE x.run_id = r.run_id AND x.line = r.line AND a.state = 'succeeded' AND b.run_id = r.run_id)"
-            ))
-            .bind(run_id)
-            .bind(stages as i64),
-        )
-        .await?,
-    );
-    f.records_failed = count(
-        db.scalar(
-            q("SELECT COUNT(DISTINCT x.line) FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
-               WHERE x.run_id = $1 AND (x.error IS NOT NULL OR i.state = 'exhausted')")
-            .bind(run_id),
-        )
-        .await?,
-    );
+        .await?;
+    f.records_done = count(done);
+    f.processed_records = count(processed);
+    f.records_failed = count(failed);
     Ok(())
 }
 
