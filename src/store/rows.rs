@@ -119,6 +119,15 @@ pub struct LinkRow {
     pub sharers: i64,
 }
 
+impl LinkRow {
+    /// The links of record `line` among `links` in line order (as the store returns them).
+    pub fn of_line(links: &[LinkRow], line: i64) -> &[LinkRow] {
+        let start = links.partition_point(|l| l.line < line);
+        let len = links[start..].partition_point(|l| l.line == line);
+        &links[start..start + len]
+    }
+}
+
 /// What a record gets at a later stage.
 #[derive(Clone, Debug)]
 pub enum StageLink {

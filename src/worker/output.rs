@@ -154,7 +154,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 json.clear();
                 for r in &rows {
                     after = r.line;
-                    let mine: Vec<&LinkRow> = links.iter().filter(|l| l.line == r.line).collect();
+                    let mine: Vec<&LinkRow> = LinkRow::of_line(&links, r.line).iter().collect();
                     let chain = RecordChain::of(p, &mine);
                     match &mut csv {
                         Some(w) => {

@@ -4,7 +4,7 @@ use crate::cli::args::ReportArgs;
 use crate::cli::exit::{EXIT_OK, Exit};
 use crate::cli::session::{open_existing, pipeline_name, resolve_run};
 use crate::report::{self, RunReport};
-use crate::store::Store;
+use crate::store::{LinkRow, Store};
 use crate::util::text;
 
 pub(crate) async fn run(a: ReportArgs) -> Result<i32, Exit> {
@@ -39,7 +39,7 @@ pub(crate) async fn run(a: ReportArgs) -> Result<i32, Exit> {
             .map(|r| report::Chain {
                 record_id: &r.record_id,
                 line: r.line,
-                links: links.iter().filter(|l| l.line == r.line).collect(),
+                links: LinkRow::of_line(&links, r.line).iter().collect(),
             })
             .collect();
         if a.json {

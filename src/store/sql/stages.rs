@@ -157,7 +157,7 @@ pub(super) async fn ready_records(
     let links = needed_links(store, run_id, first.0, last.0, needs).await?;
     let mut out = Vec::with_capacity(rows.len());
     for (line, record_id, data) in rows {
-        let inputs = links.iter().filter(|l| l.line == line).cloned().collect();
+        let inputs = LinkRow::of_line(&links, line).to_vec();
         out.push(ReadyRecord {
             line,
             record_id,
