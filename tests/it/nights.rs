@@ -398,10 +398,12 @@ fn ticket_pipeline(
 
 /// Runs the binary in the background, its stderr lines coming through a channel.
 fn spawn_run(file: &Path, extra: &[&str]) -> (Child, mpsc::Receiver<String>) {
-    let mut child = bin()
-        .arg("run")
-        .arg(file)
-        .args(extra)
+    spawn_lines(bin().arg("run").arg(file).args(extra))
+}
+
+/// Starts `cmd` with its standard error read line by line into the receiver.
+fn spawn_lines(cmd: &mut Command) -> (Child, mpsc::Receiver<String>) {
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -906,23 +908,13 @@ async fn a_batch_caught_in_creating_moves_on_once_its_stored_age_passes_the_grac
     let with_debug = |c: &mut Command| {
         c.env("NIGHTSHIFT_LOG", "warn,nightshift::worker=debug")
             .arg("run")
-            .arg(&file)
-            .stderr(Stdio::piped());
+            .arg(&file);
     };
     // Within the grace the create may yet show up in the provider's list: a run looks
     // again and sends nothing. It is killed while it waits.
     let mut c = bin();
     with_debug(&mut c);
-    let mut child = c.spawn().unwrap();
-    let (tx, rx) = mpsc::channel();
-    let err = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut child, rx) = spawn_lines(&mut c);
     wait_for_line(&rx, WAITS, Duration::from_secs(120));
     signal(&child, libc::SIGKILL);
     let _ = child.wait();
