@@ -34,7 +34,7 @@ use crate::cost::{ModelPrice, PricingMode, Rates, Usd};
 use crate::request::{RequestShape, prepare};
 use crate::source::{SourceError, SourceEvent, SourceReader};
 use crate::stage::{Renderer, in_sample};
-pub use crate::store::History;
+pub use crate::store::{History, TokenCounts};
 use crate::store::{RunFigures, Store, StoreError};
 
 /// What a source holds, as a run would see it.
@@ -338,13 +338,13 @@ pub struct PlanInputs<'a> {
     pub quarantined: u64,
     pub unique_items: u64,
     pub already_done: u64,
-    /// Prompt tokens of each item still to send.
-    pub todo_tokens: Vec<u64>,
+    /// Prompt tokens of the items still to send.
+    pub todo_tokens: TokenCounts,
     /// Source records whose item is still to send.
     pub todo_records: u64,
     /// Prompt tokens of every item of the job (the source's unique items, done or not):
     /// what the forecasts are made of, whatever is left to send tonight.
-    pub job_tokens: Vec<u64>,
+    pub job_tokens: TokenCounts,
     /// Valid records of the job.
     pub job_records: u64,
     pub history: History,
@@ -711,8 +711,8 @@ impl Worksheet {
         let p = i.pipeline;
         let batch = i.price.rates(i.mode).copied().unwrap_or(i.price.standard);
         let standard = i.price.standard;
-        let n = i.todo_tokens.len() as u64;
-        let total: u64 = i.todo_tokens.iter().sum();
+        let n = i.todo_tokens.len();
+        let total = i.todo_tokens.total();
         // Per-call figures describe what is left to send; with nothing left, the job's own
         // items (whose tokens were counted all the same).
         let stats_of = if i.todo_tokens.is_empty() {
@@ -720,21 +720,13 @@ impl Worksheet {
         } else {
             &i.todo_tokens
         };
-        let mut sorted = stats_of.clone();
-        sorted.sort_unstable();
-        let p95 = if sorted.is_empty() {
-            0
-        } else {
-            // nearest-rank percentile
-            let rank = (sorted.len() * 95).div_ceil(100).max(1);
-            sorted[rank - 1]
-        };
-        let max = sorted.last().copied().unwrap_or(0);
-        let mean_of = |v: &[u64]| {
+        let p95 = stats_of.percentile(95);
+        let max = stats_of.max();
+        let mean_of = |v: &TokenCounts| {
             if v.is_empty() {
                 Decimal::ZERO
             } else {
-                Decimal::from(v.iter().sum::<u64>()) / Decimal::from(v.len() as u64)
+                Decimal::from(v.total()) / Decimal::from(v.len())
             }
         };
         let mean = mean_of(stats_of);
@@ -811,7 +803,7 @@ impl Worksheet {
         let worst = Usd::from_pico(worst_one.pico() * p.first_stage().max_attempts as i128);
         // Per processed item, and the forecasts, come from the whole job: all its unique
         // items over all its records (duplicates ride along for free).
-        let job_n = i.job_tokens.len() as u64;
+        let job_n = i.job_tokens.len();
         let job_mean = mean_of(&i.job_tokens);
         let per_record = |per_call: Decimal| {
             if i.job_records == 0 {

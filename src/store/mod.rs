@@ -258,14 +258,14 @@ pub trait Store: Send + Sync + 'static {
         pipeline: &str,
         stage: &str,
     ) -> impl Future<Output = Result<(u64, u64)>> + Send;
-    /// Prompt tokens of every distinct item of the run's records, done or not (the job).
-    fn run_item_tokens(&self, run_id: &str) -> impl Future<Output = Result<Vec<u64>>> + Send;
-    /// Prompt tokens of every item waiting to be sent.
+    /// Prompt tokens of the distinct items of the run's records, done or not (the job).
+    fn run_item_tokens(&self, run_id: &str) -> impl Future<Output = Result<TokenCounts>> + Send;
+    /// Prompt tokens of the items waiting to be sent.
     fn plannable_tokens(
         &self,
         pipeline: &str,
         stage: &str,
-    ) -> impl Future<Output = Result<Vec<u64>>> + Send;
+    ) -> impl Future<Output = Result<TokenCounts>> + Send;
     /// Records what the provider says it billed for one of its batches.
     fn record_provider_bill(&self, bill: &ProviderBill) -> impl Future<Output = Result<()>> + Send;
     fn provider_bill(

@@ -94,10 +94,76 @@ pub struct StageItems {
     /// Links of the run's records to the stage's items (each record's chunks; an item
     /// shared by records once per record).
     pub links: u64,
-    /// Prompt tokens of each distinct item.
-    pub tokens: Vec<u64>,
+    /// Prompt tokens of the distinct items.
+    pub tokens: TokenCounts,
     /// Distinct items that succeeded.
     pub succeeded: u64,
+}
+
+/// How many items have each prompt-token count: the distribution a worksheet's mean, p95,
+/// max and totals come from, read as a few hundred grouped rows however many items there are.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TokenCounts {
+    /// (prompt tokens, items with that count), ascending by tokens, each count above zero.
+    groups: Vec<(u64, u64)>,
+}
+
+impl TokenCounts {
+    /// From (tokens, items) pairs in any order; equal token counts are merged.
+    pub fn from_groups(groups: impl IntoIterator<Item = (u64, u64)>) -> Self {
+        let mut groups: Vec<(u64, u64)> = groups.into_iter().filter(|g| g.1 > 0).collect();
+        groups.sort_unstable();
+        groups.dedup_by(|b, a| {
+            if a.0 == b.0 {
+                a.1 += b.1;
+                true
+            } else {
+                false
+            }
+        });
+        TokenCounts { groups }
+    }
+
+    /// Items counted.
+    pub fn len(&self) -> u64 {
+        self.groups.iter().map(|g| g.1).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+
+    /// Prompt tokens of all the items together.
+    pub fn total(&self) -> u64 {
+        self.groups.iter().map(|(t, n)| t * n).sum()
+    }
+
+    pub fn max(&self) -> u64 {
+        self.groups.last().map(|g| g.0).unwrap_or(0)
+    }
+
+    /// The nearest-rank percentile `pct` (0–100); 0 with no items.
+    pub fn percentile(&self, pct: u64) -> u64 {
+        let n = self.len();
+        if n == 0 {
+            return 0;
+        }
+        let rank = (n * pct).div_ceil(100).max(1);
+        let mut seen = 0;
+        for (t, k) in &self.groups {
+            seen += k;
+            if seen >= rank {
+                return *t;
+            }
+        }
+        self.max()
+    }
+}
+
+impl FromIterator<u64> for TokenCounts {
+    fn from_iter<I: IntoIterator<Item = u64>>(iter: I) -> Self {
+        Self::from_groups(iter.into_iter().map(|t| (t, 1)))
+    }
 }
 
 /// One link of a record to an item (or to none: skipped, or failed before an item).
@@ -573,4 +639,30 @@ pub struct History {
     /// Attempts and distinct items attempted, for the retry rate.
     pub attempts: u64,
     pub items_attempted: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TokenCounts;
+
+    #[test]
+    fn token_counts_give_the_figures_of_the_list_they_count() {
+        // Unsorted, with repeats: the grouped form must answer as the sorted list would.
+        let list = [40u64, 7, 7, 300, 12, 12, 12, 40, 5, 99, 7, 1_000];
+        let c: TokenCounts = list.iter().copied().collect();
+        let mut sorted = list.to_vec();
+        sorted.sort_unstable();
+        assert_eq!(c.len(), list.len() as u64);
+        assert_eq!(c.total(), list.iter().sum::<u64>());
+        assert_eq!(c.max(), 1_000);
+        for pct in [1, 25, 50, 90, 95, 100] {
+            let rank = (sorted.len() as u64 * pct).div_ceil(100).max(1) as usize;
+            assert_eq!(c.percentile(pct), sorted[rank - 1], "p{pct}");
+        }
+        // Groups as the store returns them (one row per distinct count) merge alike.
+        let g = TokenCounts::from_groups([(12, 3), (7, 3), (40, 2), (5, 1), (99, 1)]);
+        assert_eq!(g.len(), 10);
+        assert_eq!(g.percentile(50), 12);
+        assert_eq!(TokenCounts::default().percentile(95), 0);
+    }
 }

@@ -70,7 +70,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             already_done: f.succeeded,
             todo_tokens: store.plannable_tokens(&p.name, first).await?,
             todo_records: f.records_valid.saturating_sub(f.records_done),
-            job_tokens: Vec::new(),
+            job_tokens: Default::default(),
             job_records: f.records_valid,
             history: store.history(&p.name, first).await?,
             monthly_items: None,
@@ -81,7 +81,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             // The first stage's figures are its own items' (the run's figures count every
             // stage); the later stages' come from the records the run stored.
             let items = store.run_stage_items(&self.run_id, first).await?;
-            inputs.unique_items = items.tokens.len() as u64;
+            inputs.unique_items = items.tokens.len();
             inputs.already_done = items.succeeded;
             inputs.job_tokens = items.tokens;
             let done_first = store.stage_done_records(&self.run_id, first).await?.len() as u64;

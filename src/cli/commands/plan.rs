@@ -159,7 +159,7 @@ pub(crate) async fn run(a: PlanArgs) -> Result<i32, Exit> {
         quarantined: scan.quarantined,
         unique_items: scan.items.len() as u64,
         already_done: done.len() as u64,
-        todo_tokens,
+        todo_tokens: todo_tokens.into_iter().collect(),
         todo_records,
         job_tokens: scan.items.values().map(|(t, _)| *t).collect(),
         job_records: scan.valid(),

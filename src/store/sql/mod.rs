@@ -345,11 +345,11 @@ impl Store for SqlStore {
         planning::plannable_totals(self, pipeline, stage).await
     }
 
-    async fn run_item_tokens(&self, run_id: &str) -> Result<Vec<u64>> {
+    async fn run_item_tokens(&self, run_id: &str) -> Result<TokenCounts> {
         planning::run_item_tokens(self, run_id).await
     }
 
-    async fn plannable_tokens(&self, pipeline: &str, stage: &str) -> Result<Vec<u64>> {
+    async fn plannable_tokens(&self, pipeline: &str, stage: &str) -> Result<TokenCounts> {
         planning::plannable_tokens(self, pipeline, stage).await
     }
 

@@ -356,32 +356,38 @@ pub(super) async fn plannable_totals(
     Ok((count(n), count(tokens)))
 }
 
-pub(super) async fn run_item_tokens(store: &SqlStore, run_id: &str) -> Result<Vec<u64>> {
-    let v: Vec<(i64,)> = store
+pub(super) async fn run_item_tokens(store: &SqlStore, run_id: &str) -> Result<TokenCounts> {
+    let v: Vec<(i64, i64)> = store
         .db
         .all(
-            q("SELECT input_tokens FROM items WHERE id IN (SELECT item_id FROM records WHERE run_id = $1)")
-                .bind(run_id),
+            q("SELECT input_tokens, COUNT(*) FROM items \
+               WHERE id IN (SELECT item_id FROM records WHERE run_id = $1) GROUP BY input_tokens")
+            .bind(run_id),
         )
         .await?;
-    Ok(v.into_iter().map(|(n,)| count(n)).collect())
+    Ok(token_counts(v))
 }
 
 pub(super) async fn plannable_tokens(
     store: &SqlStore,
     pipeline: &str,
     stage: &str,
-) -> Result<Vec<u64>> {
-    let v: Vec<(i64,)> = store
+) -> Result<TokenCounts> {
+    let v: Vec<(i64, i64)> = store
         .db
         .all(
             q(
-                "SELECT input_tokens FROM items WHERE pipeline = $1 AND stage = $2 \
-               AND state IN ('pending', 'failed')",
+                "SELECT input_tokens, COUNT(*) FROM items WHERE pipeline = $1 AND stage = $2 \
+               AND state IN ('pending', 'failed') GROUP BY input_tokens",
             )
             .bind(pipeline)
             .bind(stage),
         )
         .await?;
-    Ok(v.into_iter().map(|(n,)| count(n)).collect())
+    Ok(token_counts(v))
+}
+
+/// Grouped (tokens, items) rows as the distribution they count.
+pub(super) fn token_counts(rows: Vec<(i64, i64)>) -> TokenCounts {
+    TokenCounts::from_groups(rows.into_iter().map(|(t, n)| (count(t), count(n))))
 }

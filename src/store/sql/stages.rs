@@ -203,22 +203,33 @@ pub(super) async fn run_stage_items(
                 .bind(stage),
         )
         .await?;
-    let items: Vec<(i64, ItemState)> = store
+    let (succeeded,): (i64,) = store
+        .db
+        .one(
+            q(
+                "SELECT COUNT(*) FROM items i WHERE i.state = 'succeeded' AND i.id IN \
+               (SELECT item_id FROM record_items WHERE run_id = $1 AND stage = $2)",
+            )
+            .bind(run_id)
+            .bind(stage),
+        )
+        .await?;
+    let tokens: Vec<(i64, i64)> = store
         .db
         .all(
-            q("SELECT i.input_tokens, i.state FROM items i WHERE i.id IN \
-               (SELECT item_id FROM record_items WHERE run_id = $1 AND stage = $2)")
+            q(
+                "SELECT i.input_tokens, COUNT(*) FROM items i WHERE i.id IN \
+               (SELECT item_id FROM record_items WHERE run_id = $1 AND stage = $2) \
+               GROUP BY i.input_tokens",
+            )
             .bind(run_id)
             .bind(stage),
         )
         .await?;
     Ok(StageItems {
         links: count(links),
-        succeeded: items
-            .iter()
-            .filter(|(_, s)| *s == ItemState::Succeeded)
-            .count() as u64,
-        tokens: items.into_iter().map(|(t, _)| count(t)).collect(),
+        succeeded: count(succeeded),
+        tokens: super::planning::token_counts(tokens),
     })
 }
 
