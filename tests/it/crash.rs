@@ -741,8 +741,10 @@ async fn judge_stages(
     let rows: Vec<LinkRow> = all(
         store,
         &format!(
-            "SELECT x.line, x.stage, x.chunk, x.item_id, x.error, i.user_json, i.state, i.result \
+            "SELECT x.line, x.stage, x.chunk, x.item_id, x.error, ib.user_json, i.state, ir.result \
              FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
+             LEFT JOIN item_bodies ib ON ib.item_id = x.item_id \
+             LEFT JOIN item_results ir ON ir.item_id = x.item_id \
              WHERE x.run_id = '{last}' ORDER BY x.line, x.stage, x.chunk"
         ),
     )
@@ -843,7 +845,8 @@ async fn judge_stages(
     // chunk stage has one item per distinct chunk of the source.
     let twice: Vec<(String, i64)> = all(
         store,
-        "SELECT stage, COUNT(*) FROM items GROUP BY stage, user_json HAVING COUNT(*) > 1",
+        "SELECT i.stage, COUNT(*) FROM items i JOIN item_bodies ib ON ib.item_id = i.id \
+         GROUP BY i.stage, ib.user_json HAVING COUNT(*) > 1",
     )
     .await;
     v.duplicate_items += twice.iter().map(|(_, n)| *n as u64 - 1).sum::<u64>();

@@ -734,20 +734,19 @@ async fn a_later_stage_link_decided_from_an_item_sent_again_is_not_stored(db: &T
         0
     );
     // Succeeded: the link, the item and its parent are stored, once.
-    match (s.sqlite_pool(), s.pg_pool()) {
-        (Some(p), _) => {
-            sqlx::query("UPDATE items SET state = 'succeeded', result = '{}' WHERE stage = 'main'")
-                .execute(p)
-                .await
-                .unwrap();
+    for sql in [
+        "UPDATE items SET state = 'succeeded' WHERE stage = 'main'",
+        "INSERT INTO item_results (item_id, result) SELECT id, '{}' FROM items WHERE stage = 'main'",
+    ] {
+        match (s.sqlite_pool(), s.pg_pool()) {
+            (Some(p), _) => {
+                sqlx::query(sql).execute(p).await.unwrap();
+            }
+            (_, Some(p)) => {
+                sqlx::query(sql).execute(p).await.unwrap();
+            }
+            _ => unreachable!(),
         }
-        (_, Some(p)) => {
-            sqlx::query("UPDATE items SET state = 'succeeded', result = '{}' WHERE stage = 'main'")
-                .execute(p)
-                .await
-                .unwrap();
-        }
-        _ => unreachable!(),
     }
     for _ in 0..2 {
         s.add_links(&target("review"), std::slice::from_ref(&link))
@@ -763,4 +762,64 @@ async fn a_later_stage_link_decided_from_an_item_sent_again_is_not_stored(db: &T
         );
         assert_eq!(count("SELECT COUNT(*) FROM item_parents").await, 1);
     }
+}
+
+/// A store made before prompts and answers left the items table (migration 0005) opens with
+/// every prompt and answer where the new queries read them.
+#[tokio::test]
+async fn a_store_from_before_item_bodies_keeps_its_prompts_and_answers() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let opts = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&path)
+        .create_if_missing(true);
+    let mut conn = sqlx::SqliteConnection::connect_with(&opts).await.unwrap();
+    let all = sqlx::migrate::Migrator::new(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/migrations/sqlite"
+    )))
+    .await
+    .unwrap();
+    let before = sqlx::migrate::Migrator {
+        migrations: all
+            .migrations
+            .iter()
+            .filter(|m| m.version < 5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .into(),
+        ..sqlx::migrate::Migrator::DEFAULT
+    };
+    before.run(&mut conn).await.unwrap();
+    for sql in [
+        "INSERT INTO shapes (id, sha256, prefix, suffix) VALUES (1, x'00', '{', '}')",
+        "INSERT INTO items (id, pipeline, stage, dedupe_key, shape_id, user_json, body_bytes, \
+         state, attempts, result, first_run_id, created_at, updated_at) \
+         VALUES (1, 'p', 'main', x'01', 1, '\"one\"', 5, 'succeeded', 1, '{\"a\":1}', 'r', 0, 0), \
+                (2, 'p', 'main', x'02', 1, '\"two\"', 5, 'pending', 0, NULL, 'r', 0, 0)",
+    ] {
+        sqlx::query(sql).execute(&mut conn).await.unwrap();
+    }
+    conn.close().await.unwrap();
+
+    let s = SqlStore::open_sqlite(&path).await.unwrap();
+    let bodies: Vec<(i64, String)> = crate::common::all(
+        &s,
+        "SELECT item_id, user_json FROM item_bodies ORDER BY item_id",
+    )
+    .await;
+    assert_eq!(bodies, [(1, "\"one\"".into()), (2, "\"two\"".into())]);
+    let results: Vec<(i64, String)> =
+        crate::common::all(&s, "SELECT item_id, result FROM item_results").await;
+    assert_eq!(results, [(1, "{\"a\":1}".into())]);
+    // The item rows themselves are as they were, without the moved columns.
+    let items: Vec<(i64, String, i64)> =
+        crate::common::all(&s, "SELECT id, state, body_bytes FROM items ORDER BY id").await;
+    assert_eq!(
+        items,
+        [(1, "succeeded".into(), 5), (2, "pending".into(), 5)]
+    );
+    assert_eq!(s.integrity_check().await.unwrap(), "ok");
+    s.close().await;
 }

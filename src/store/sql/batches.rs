@@ -49,8 +49,9 @@ pub(super) async fn batch_lines(
         .db
         .all(
             q(
-                "SELECT a.id AS attempt_id, a.custom_id, i.shape_id, i.user_json \
+                "SELECT a.id AS attempt_id, a.custom_id, i.shape_id, ib.user_json \
                FROM attempts a JOIN items i ON i.id = a.item_id \
+               JOIN item_bodies ib ON ib.item_id = a.item_id \
                WHERE a.batch_id = $1 AND a.id > $2 ORDER BY a.id LIMIT $3",
             )
             .bind(batch_id)

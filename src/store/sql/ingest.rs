@@ -3,17 +3,73 @@
 
 use super::*;
 
-/// Binds: pipeline, stage, shape_id, run_id, now; then per row key, user_json, body_bytes,
-/// input_tokens.
+/// Binds: pipeline, stage, shape_id, run_id, now; then per row key, body_bytes, input_tokens.
 pub(super) fn insert_items_sql(rows: usize) -> String {
     format!(
         "INSERT INTO items (pipeline, stage, shape_id, first_run_id, created_at, updated_at, state, attempts, \
-         dedupe_key, user_json, body_bytes, input_tokens) \
-         SELECT c.p, c.s, c.sh, c.r, c.t, c.t, 'pending', 0, v.column1, v.column2, v.column3, v.column4 \
+         dedupe_key, body_bytes, input_tokens) \
+         SELECT c.p, c.s, c.sh, c.r, c.t, c.t, 'pending', 0, v.column1, v.column2, v.column3 \
          FROM (SELECT ? AS p, ? AS s, ? AS sh, ? AS r, ? AS t) AS c, (VALUES {}) AS v \
          WHERE true ON CONFLICT (pipeline, stage, dedupe_key) DO NOTHING",
-        values_sql(rows, 4)
+        values_sql(rows, 3)
     )
+}
+
+/// Binds: pipeline, stage; then per row key, user_json. The prompts of the items just
+/// inserted (an item stored before keeps its own: same key, same prompt).
+///
+/// The item is looked up per row by a scalar subquery, as in [`insert_records_sql`].
+pub(super) fn insert_bodies_sql(rows: usize) -> String {
+    format!(
+        "WITH c(p, s) AS (SELECT ?, ?) \
+         INSERT INTO item_bodies (item_id, user_json) \
+         SELECT (SELECT i.id FROM items i, c WHERE i.pipeline = c.p AND i.stage = c.s AND i.dedupe_key = v.column1), \
+           v.column2 \
+         FROM (VALUES {}) AS v \
+         WHERE true ON CONFLICT (item_id) DO NOTHING",
+        values_sql(rows, 2)
+    )
+}
+
+/// Inserts the items of `rows` (key, prompt, body bytes, prompt tokens) at the target's
+/// stage, new ones `pending`, and their prompts; returns how many items are new.
+pub(super) async fn insert_items<'r>(
+    tx: &mut Tx,
+    t: &IngestTarget<'_>,
+    now: i64,
+    rows: impl IntoIterator<Item = (&'r [u8], &'r str, u64, u64)>,
+) -> Result<u64> {
+    static ITEMS: OnceLock<String> = OnceLock::new();
+    static BODIES: OnceLock<String> = OnceLock::new();
+    let rows: Vec<_> = rows.into_iter().collect();
+    let mut new_items = 0;
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let mut items = q(cached_sql(&ITEMS, chunk.len(), insert_items_sql))
+            .bind(t.pipeline)
+            .bind(t.stage)
+            .bind(t.shape_id)
+            .bind(t.run_id)
+            .bind(now);
+        for (key, _, body_bytes, tokens) in chunk {
+            items.push(*key);
+            items.push(i64_of(*body_bytes));
+            items.push(i64_of(*tokens));
+        }
+        let added = tx.execute(items).await?;
+        new_items += added;
+        if added == 0 {
+            continue;
+        }
+        let mut bodies = q(cached_sql(&BODIES, chunk.len(), insert_bodies_sql))
+            .bind(t.pipeline)
+            .bind(t.stage);
+        for (key, user_json, _, _) in chunk {
+            bodies.push(*key);
+            bodies.push(*user_json);
+        }
+        tx.execute(bodies).await?;
+    }
+    Ok(new_items)
 }
 
 /// Binds: run_id, pipeline, stage; then per row line, record_id, key, data (a multi-stage
@@ -82,15 +138,14 @@ async fn add(
     records: &[PreparedRecord],
     quarantined: &[Quarantined],
 ) -> Result<IngestStats> {
-    static ITEMS: OnceLock<String> = OnceLock::new();
     static RECORDS: OnceLock<String> = OnceLock::new();
     let IngestTarget {
         run_id,
         pipeline,
         stage,
-        shape_id,
         source,
         links,
+        ..
     } = *target;
     let now = now_ms();
     let mut stats = IngestStats {
@@ -99,19 +154,20 @@ async fn add(
         ..Default::default()
     };
     for chunk in records.chunks(ROWS_PER_STATEMENT) {
-        let mut items = q(cached_sql(&ITEMS, chunk.len(), insert_items_sql))
-            .bind(pipeline)
-            .bind(stage)
-            .bind(shape_id)
-            .bind(run_id)
-            .bind(now);
-        for r in chunk {
-            items.push(&r.key[..]);
-            items.push(r.user_json.as_str());
-            items.push(r.body_bytes as i64);
-            items.push(i64_of(r.input_tokens));
-        }
-        stats.new_items += tx.execute(items).await?;
+        stats.new_items += insert_items(
+            tx,
+            target,
+            now,
+            chunk.iter().map(|r| {
+                (
+                    &r.key[..],
+                    r.user_json.as_str(),
+                    r.body_bytes as u64,
+                    r.input_tokens,
+                )
+            }),
+        )
+        .await?;
         crate::failpoint!("ingest.mid_tx");
 
         let mut recs = q(cached_sql(&RECORDS, chunk.len(), insert_records_sql))

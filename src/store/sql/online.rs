@@ -13,7 +13,8 @@ pub(super) async fn online_page(
     store.db
         .all(
             q("SELECT a.id AS attempt_id, a.item_id, a.attempt_no, a.custom_id, a.state, i.shape_id, \
-               i.user_json, i.input_tokens FROM attempts a JOIN items i ON i.id = a.item_id \
+               ib.user_json, i.input_tokens FROM attempts a JOIN items i ON i.id = a.item_id \
+               JOIN item_bodies ib ON ib.item_id = a.item_id \
                WHERE a.batch_id = $1 AND a.state = 'in_flight' AND a.dispatched_at IS NULL \
                ORDER BY a.id LIMIT $2")
             .bind(batch_id)

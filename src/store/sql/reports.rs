@@ -11,8 +11,9 @@ pub(super) async fn run_records(
 ) -> Result<Vec<RecordResult>> {
     store.db
         .all(
-            q("SELECT r.line, r.record_id, r.item_id, i.state, i.attempts, i.result, i.last_error \
+            q("SELECT r.line, r.record_id, r.item_id, i.state, i.attempts, ir.result, i.last_error \
                FROM records r JOIN items i ON i.id = r.item_id \
+               LEFT JOIN item_results ir ON ir.item_id = r.item_id \
                WHERE r.run_id = $1 AND r.line > $2 ORDER BY r.line LIMIT $3")
             .bind(run_id)
             .bind(after_line)
@@ -355,8 +356,9 @@ async fn stage_figures(
     let reviews: Vec<(String, String)> = db
         .all(
             q(
-                "SELECT x.stage, i.result FROM record_items x JOIN items i ON i.id = x.item_id \
-               WHERE x.run_id = $1 AND i.state = 'succeeded' AND i.result LIKE '%\"pass\"%'",
+                "SELECT x.stage, ir.result FROM record_items x JOIN items i ON i.id = x.item_id \
+               JOIN item_results ir ON ir.item_id = x.item_id \
+               WHERE x.run_id = $1 AND i.state = 'succeeded' AND ir.result LIKE '%\"pass\"%'",
             )
             .bind(run_id),
         )

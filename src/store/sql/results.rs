@@ -30,18 +30,25 @@ pub(super) fn update_attempts_sql(rows: usize) -> String {
     )
 }
 
-/// Binds: now, max_attempts; then per row item id, attempt_no, ok, result, error.
+/// Binds: now, the state the items move to; then per row item id, attempt_no, error.
 pub(super) fn update_items_sql(rows: usize) -> String {
     format!(
-        "WITH c(t, m) AS (SELECT ?, ?), v(item_id, attempt_no, ok, result, error) AS (VALUES {}) \
-         UPDATE items SET \
-           state = CASE WHEN v.ok THEN 'succeeded' WHEN v.attempt_no >= (SELECT m FROM c) THEN 'exhausted' ELSE 'failed' END, \
-           result = CASE WHEN v.ok THEN v.result ELSE items.result END, \
-           last_error = CASE WHEN v.ok THEN NULL ELSE v.error END, \
-           updated_at = (SELECT t FROM c) \
-         FROM v WHERE items.id = v.item_id AND items.state = 'in_flight' AND items.attempts = v.attempt_no \
-         RETURNING items.state",
-        values_sql(rows, 5)
+        "WITH c(t, st) AS (SELECT ?, ?), v(item_id, attempt_no, error) AS (VALUES {}) \
+         UPDATE items SET state = (SELECT st FROM c), last_error = v.error, updated_at = (SELECT t FROM c) \
+         FROM v WHERE items.id = v.item_id AND items.state = 'in_flight' AND items.attempts = v.attempt_no",
+        values_sql(rows, 3)
+    )
+}
+
+/// Per row item id, attempt_no, result: the answer of an item whose attempt `attempt_no` is
+/// the one in flight (a replayed chunk finds the item moved on and writes nothing).
+pub(super) fn upsert_results_sql(rows: usize) -> String {
+    format!(
+        "INSERT INTO item_results (item_id, result) \
+         SELECT i.id, v.column3 FROM (VALUES {}) AS v \
+         JOIN items i ON i.id = v.column1 AND i.state = 'in_flight' AND i.attempts = v.column2 \
+         WHERE true ON CONFLICT (item_id) DO UPDATE SET result = excluded.result",
+        values_sql(rows, 3)
     )
 }
 
@@ -68,6 +75,18 @@ pub(super) async fn batch_attempts(store: &SqlStore, batch_id: &str) -> Result<V
         .await
 }
 
+/// The state an outcome moves its item to: succeeded, or failed below the attempt cap and
+/// exhausted at it.
+fn outcome_state(o: &AttemptOutcome, max_attempts: u32) -> ItemState {
+    if o.succeeded {
+        ItemState::Succeeded
+    } else if o.attempt_no >= i64::from(max_attempts) {
+        ItemState::Exhausted
+    } else {
+        ItemState::Failed
+    }
+}
+
 pub(super) async fn apply_results(
     store: &SqlStore,
     batch: &BatchRow,
@@ -77,6 +96,7 @@ pub(super) async fn apply_results(
     static LEDGER: OnceLock<String> = OnceLock::new();
     static ATTEMPTS: OnceLock<String> = OnceLock::new();
     static ITEMS: OnceLock<String> = OnceLock::new();
+    static RESULTS: OnceLock<String> = OnceLock::new();
     let now = now_ms();
     let mut stats = ApplyStats::default();
     let mut tx = store.db.begin().await?;
@@ -120,21 +140,48 @@ pub(super) async fn apply_results(
         stats.applied += applied;
         stats.already_applied += chunk.len() as u64 - applied;
 
-        let mut items = q(cached_sql(&ITEMS, chunk.len(), update_items_sql))
-            .bind(now)
-            .bind(max_attempts as i64);
-        for o in chunk {
-            items.push(o.item_id);
-            items.push(o.attempt_no);
-            items.push(o.succeeded);
-            items.push(o.result.as_deref());
-            items.push(o.error.as_deref().or(Some(o.verdict.as_str())));
+        // The answers first: their guard is the item still in flight at this attempt.
+        let answered: Vec<&AttemptOutcome> = chunk.iter().filter(|o| o.succeeded).collect();
+        if !answered.is_empty() {
+            let mut results = q(cached_sql(&RESULTS, answered.len(), upsert_results_sql));
+            for o in &answered {
+                results.push(o.item_id);
+                results.push(o.attempt_no);
+                results.push(o.result.as_deref());
+            }
+            tx.execute(results).await?;
         }
-        for (state,) in tx.all::<(ItemState,)>(items).await? {
+        // Each item's next state is known here (an answer, or a failure below or at the
+        // cap): one statement per state, counted by the rows it moved.
+        for state in [
+            ItemState::Succeeded,
+            ItemState::Failed,
+            ItemState::Exhausted,
+        ] {
+            let rows: Vec<&AttemptOutcome> = chunk
+                .iter()
+                .filter(|o| outcome_state(o, max_attempts) == state)
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let mut items = q(cached_sql(&ITEMS, rows.len(), update_items_sql))
+                .bind(now)
+                .bind(state);
+            for o in rows {
+                items.push(o.item_id);
+                items.push(o.attempt_no);
+                items.push(if o.succeeded {
+                    None
+                } else {
+                    Some(o.error.as_deref().unwrap_or(o.verdict.as_str()))
+                });
+            }
+            let moved = tx.execute(items).await?;
             match state {
-                ItemState::Succeeded => stats.succeeded += 1,
-                ItemState::Exhausted => stats.exhausted += 1,
-                _ => stats.failed += 1,
+                ItemState::Succeeded => stats.succeeded += moved,
+                ItemState::Exhausted => stats.exhausted += moved,
+                _ => stats.failed += moved,
             }
         }
     }

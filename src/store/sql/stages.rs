@@ -5,7 +5,6 @@
 //! key (the item's dedupe key, the link's (run, line, stage, chunk)), so doing it twice —
 //! after a kill, or from two workers at once — changes nothing.
 
-use super::ingest::insert_items_sql;
 use super::*;
 use crate::request::PreparedItem;
 
@@ -54,24 +53,20 @@ async fn insert_items(
     now: i64,
     items: &[&PreparedItem],
 ) -> Result<u64> {
-    static ITEMS: OnceLock<String> = OnceLock::new();
-    let mut new_items = 0;
-    for chunk in items.chunks(ROWS_PER_STATEMENT) {
-        let mut ins = q(cached_sql(&ITEMS, chunk.len(), insert_items_sql))
-            .bind(t.pipeline)
-            .bind(t.stage)
-            .bind(t.shape_id)
-            .bind(t.run_id)
-            .bind(now);
-        for it in chunk {
-            ins.push(&it.key[..]);
-            ins.push(it.user_json.as_str());
-            ins.push(it.body_bytes as i64);
-            ins.push(i64_of(it.input_tokens));
-        }
-        new_items += tx.execute(ins).await?;
-    }
-    Ok(new_items)
+    super::ingest::insert_items(
+        tx,
+        t,
+        now,
+        items.iter().map(|it| {
+            (
+                &it.key[..],
+                it.user_json.as_str(),
+                it.body_bytes as u64,
+                it.input_tokens,
+            )
+        }),
+    )
+    .await
 }
 
 /// Links `(line, chunk, key)` of the target's stage to their (stored) items.
@@ -268,9 +263,10 @@ async fn needed_links(
     }
     let stages: Vec<String> = (0..needs.len()).map(|k| format!("${}", k + 4)).collect();
     let sql = format!(
-        "SELECT x.line, x.stage, x.chunk, x.item_id, i.state, i.attempts, i.result, i.last_error, x.error, \
+        "SELECT x.line, x.stage, x.chunk, x.item_id, i.state, i.attempts, ir.result, i.last_error, x.error, \
            CAST(0 AS BIGINT) AS cost_pico, CAST(0 AS BIGINT) AS sharers \
          FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
+         LEFT JOIN item_results ir ON ir.item_id = x.item_id \
          WHERE x.run_id = $1 AND x.line BETWEEN $2 AND $3 AND x.stage IN ({}) \
          ORDER BY x.line, x.stage, x.chunk",
         stages.join(", ")
@@ -299,12 +295,13 @@ pub(super) async fn links_between(
     store
         .db
         .all(
-            q("SELECT x.line, x.stage, x.chunk, x.item_id, i.state, i.attempts, i.result, i.last_error, x.error, \
+            q("SELECT x.line, x.stage, x.chunk, x.item_id, i.state, i.attempts, ir.result, i.last_error, x.error, \
                  CAST(COALESCE((SELECT SUM(l.cost_pico) FROM ledger l JOIN attempts a ON a.id = l.attempt_id \
                    WHERE a.item_id = x.item_id), 0) AS BIGINT) AS cost_pico, \
                  CAST((SELECT COUNT(*) FILTER (WHERE y.run_id = x.run_id) FROM record_items y \
                    WHERE y.item_id = x.item_id) AS BIGINT) AS sharers \
                FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
+               LEFT JOIN item_results ir ON ir.item_id = x.item_id \
                WHERE x.run_id = $1 AND x.line BETWEEN $2 AND $3 \
                ORDER BY x.line, x.stage, x.chunk")
             .bind(run_id)
@@ -429,13 +426,14 @@ pub(super) async fn failed_reviews(
     store
         .db
         .all(
-            q("SELECT DISTINCT t.item_id, ri.result FROM record_items x \
+            q("SELECT DISTINCT t.item_id, rr.result FROM record_items x \
                JOIN items ri ON ri.id = x.item_id \
+               JOIN item_results rr ON rr.item_id = x.item_id \
                JOIN record_items t ON t.run_id = x.run_id AND t.line = x.line AND t.stage = $3 \
                JOIN items ti ON ti.id = t.item_id \
                WHERE x.run_id = $1 AND x.stage = $2 AND ri.state = 'succeeded' \
                AND ti.state = 'succeeded' AND ti.regenerations = 0 \
-               AND ri.result LIKE '%\"pass\":false%'")
+               AND rr.result LIKE '%\"pass\":false%'")
             .bind(run_id)
             .bind(review)
             .bind(reviewed),
