@@ -24,6 +24,16 @@ const ERROR_BODY_CAP: usize = 64 * 1024;
 /// The most of an unreadable body that is scrubbed for its preview.
 const PREVIEW_SOURCE_CAP: usize = 16 * 1024;
 
+/// Bytes per read of a file sent as a request body, and per write of a downloaded file.
+/// Each read or write of a `tokio::fs::File` is a hand-off to the blocking pool: at
+/// `ReaderStream`'s default of 4 KB a 60 MB batch file took 15,000 of them.
+pub const FILE_CHUNK: usize = 256 * 1024;
+
+/// A file as a stream of `FILE_CHUNK`-sized pieces, for a request body.
+pub fn file_stream(file: tokio::fs::File) -> tokio_util::io::ReaderStream<tokio::fs::File> {
+    tokio_util::io::ReaderStream::with_capacity(file, FILE_CHUNK)
+}
+
 /// How GETs are retried.
 #[derive(Clone, Debug)]
 pub struct RetryPolicy {
@@ -358,7 +368,10 @@ impl Http {
                 .unwrap_or_default(),
             std::process::id()
         ));
-        let mut file = tokio::fs::File::from_std(crate::util::fs::create_private(&tmp)?);
+        let mut file = tokio::io::BufWriter::with_capacity(
+            FILE_CHUNK,
+            tokio::fs::File::from_std(crate::util::fs::create_private(&tmp)?),
+        );
         let mut stream = resp.bytes_stream();
         let mut total = 0u64;
         let result: Result<(), ProviderError> = async {

@@ -161,7 +161,7 @@ fn inline_body(file: tokio::fs::File) -> reqwest::Body {
 fn inline_stream(
     file: tokio::fs::File,
 ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send {
-    let reader = tokio_util::io::ReaderStream::new(file);
+    let reader = crate::provider::http::file_stream(file);
     let state = (reader, false, false);
     let stream = futures_util::stream::unfold(state, |(mut r, mut held_comma, done)| async move {
         if done {

@@ -222,7 +222,7 @@ impl BatchProvider for GeminiClient {
         }
         // Step 2: the bytes, finalized in one go.
         let file = tokio::fs::File::open(path).await?;
-        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
+        let body = reqwest::Body::wrap_stream(crate::provider::http::file_stream(file));
         let put = self
             .req_url(reqwest::Method::POST, &url)
             .header("X-Goog-Upload-Command", "upload, finalize")

@@ -244,7 +244,7 @@ impl BatchProvider for OpenAiClient {
     async fn upload(&self, filename: &str, path: &Path) -> Result<String, ProviderError> {
         let file = tokio::fs::File::open(path).await?;
         let len = file.metadata().await?.len();
-        let stream = tokio_util::io::ReaderStream::new(file);
+        let stream = crate::provider::http::file_stream(file);
         let part = multipart::Part::stream_with_length(reqwest::Body::wrap_stream(stream), len)
             .file_name(filename.to_string())
             .mime_str("application/jsonl")
