@@ -50,31 +50,34 @@ pub(super) async fn batch_lines(
         JOIN item_bodies ib ON ib.item_id = a.item_id \
         WHERE a.batch_id = $1 AND a.id > $2 ORDER BY a.id LIMIT $3";
     if store.engine() == Engine::Sqlite {
-        // The page as one row: the driver hands each row (and each of its values) from its
-        // database thread to ours, and a page of 5,000 lines was 5,000 hand-offs. The unit
-        // and record separators cannot occur in the fields: the custom id is ours, the
-        // prompt is JSON, whose strings escape every control character. At most 1,000 lines
+        // The page as one row ([`packed_sql`]). At most 1,000 lines
         // a page: the packed page is copied several times on its way (SQLite's aggregate, the
         // driver's copy, the lines), and the caller reads on until a page comes back empty.
         let limit = limit.min(1000);
         let (packed,): (Option<String>,) = store
             .db
             .one(
-                q(format!(
-                    "SELECT group_concat(t.attempt_id || char(31) || t.custom_id || char(31) || \
-                     t.shape_id || char(31) || t.user_json, char(30) ORDER BY t.attempt_id) \
-                     FROM ({PAGE}) AS t"
+                q(packed_sql(
+                    PAGE,
+                    &["attempt_id", "custom_id", "shape_id", "user_json"],
+                    "attempt_id",
                 ))
                 .bind(batch_id)
                 .bind(after_attempt_id)
                 .bind(limit as i64),
             )
             .await?;
-        return packed
-            .as_deref()
-            .map(unpack_lines)
-            .transpose()
-            .map(Option::unwrap_or_default);
+        return unpack::<4>(packed.as_deref())?
+            .into_iter()
+            .map(|[id, custom_id, shape, user_json]| {
+                Ok(BatchLine {
+                    attempt_id: int(id)?,
+                    custom_id: custom_id.to_string(),
+                    shape_id: int(shape)?,
+                    user_json: user_json.to_string(),
+                })
+            })
+            .collect();
     }
     store
         .db
@@ -85,28 +88,6 @@ pub(super) async fn batch_lines(
                 .bind(limit as i64),
         )
         .await
-}
-
-/// The lines of a page packed by [`batch_lines`].
-fn unpack_lines(packed: &str) -> Result<Vec<BatchLine>> {
-    let bad = || StoreError::Invalid("a packed page of batch lines is malformed".into());
-    packed
-        .split('\x1e')
-        .map(|line| {
-            let mut f = line.splitn(4, '\x1f');
-            let (Some(id), Some(custom_id), Some(shape), Some(user_json)) =
-                (f.next(), f.next(), f.next(), f.next())
-            else {
-                return Err(bad());
-            };
-            Ok(BatchLine {
-                attempt_id: id.parse().map_err(|_| bad())?,
-                custom_id: custom_id.to_string(),
-                shape_id: shape.parse().map_err(|_| bad())?,
-                user_json: user_json.to_string(),
-            })
-        })
-        .collect()
 }
 
 pub(super) async fn known_provider_ids(

@@ -97,21 +97,42 @@ pub(super) async fn plan_batch(store: &SqlStore, req: &PlanRequest<'_>) -> Resul
         .and_then(|b| b.max_item_input_tokens)
         .map(|t| t.min(i64::MAX as u64) as i64)
         .unwrap_or(i64::MAX);
-    // PostgreSQL: items another worker is planning right now are skipped, not waited on.
-    let candidates: Vec<(i64, i64, i64, i64)> = tx
-        .all(
-            q(format!(
-                "SELECT id, body_bytes, attempts, input_tokens FROM items WHERE pipeline = $1 AND stage = $2 \
-                 AND state IN {} AND input_tokens <= $4 ORDER BY id LIMIT $3{}",
-                plannable_states(req),
-                store.skip_locked()
-            ))
-            .bind(req.pipeline)
-            .bind(req.stage)
-            .bind(req.max_requests as i64)
-            .bind(max_item),
+    let page = format!(
+        "SELECT id, body_bytes, attempts, input_tokens FROM items WHERE pipeline = $1 AND stage = $2 \
+         AND state IN {} AND input_tokens <= $4 ORDER BY id LIMIT $3{}",
+        plannable_states(req),
+        store.skip_locked()
+    );
+    let candidates: Vec<(i64, i64, i64, i64)> = if store.engine() == Engine::Sqlite {
+        // Up to a batch's worth of rows of four numbers: one packed row ([`packed_sql`]).
+        let (packed,): (Option<String>,) = tx
+            .one(
+                q(packed_sql(
+                    &page,
+                    &["id", "body_bytes", "attempts", "input_tokens"],
+                    "id",
+                ))
+                .bind(req.pipeline)
+                .bind(req.stage)
+                .bind(req.max_requests as i64)
+                .bind(max_item),
+            )
+            .await?;
+        unpack::<4>(packed.as_deref())?
+            .into_iter()
+            .map(|[id, body, tries, tokens]| Ok((int(id)?, int(body)?, int(tries)?, int(tokens)?)))
+            .collect::<Result<_>>()?
+    } else {
+        // PostgreSQL: items another worker is planning right now are skipped, not waited on.
+        tx.all(
+            q(page)
+                .bind(req.pipeline)
+                .bind(req.stage)
+                .bind(req.max_requests as i64)
+                .bind(max_item),
         )
-        .await?;
+        .await?
+    };
     let now = now_ms();
     let mut bytes = 0u64;
     let mut reserved = Usd::ZERO;

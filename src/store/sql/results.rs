@@ -67,12 +67,38 @@ pub(super) fn states_to_stats(applied: u64, states: &[(ItemState,)]) -> ApplySta
 }
 
 pub(super) async fn batch_attempts(store: &SqlStore, batch_id: &str) -> Result<Vec<AttemptRef>> {
-    store.db
-        .all(
-            q("SELECT id, item_id, attempt_no, custom_id, state FROM attempts WHERE batch_id = $1 ORDER BY id")
+    const ALL: &str = "SELECT id, item_id, attempt_no, custom_id, state FROM attempts \
+        WHERE batch_id = $1 ORDER BY id";
+    if store.engine() == Engine::Sqlite {
+        // A batch's attempts (up to its size): one packed row ([`packed_sql`]); the custom
+        // ids are ours and the states are names.
+        let (packed,): (Option<String>,) = store
+            .db
+            .one(
+                q(packed_sql(
+                    ALL,
+                    &["id", "item_id", "attempt_no", "custom_id", "state"],
+                    "id",
+                ))
                 .bind(batch_id),
-        )
-        .await
+            )
+            .await?;
+        return unpack::<5>(packed.as_deref())?
+            .into_iter()
+            .map(|[id, item_id, attempt_no, custom_id, state]| {
+                Ok(AttemptRef {
+                    id: int(id)?,
+                    item_id: int(item_id)?,
+                    attempt_no: int(attempt_no)?,
+                    custom_id: custom_id.to_string(),
+                    state: state
+                        .parse()
+                        .map_err(|e: UnknownValue| StoreError::Invalid(e.to_string()))?,
+                })
+            })
+            .collect();
+    }
+    store.db.all(q(ALL).bind(batch_id)).await
 }
 
 /// The state an outcome moves its item to: succeeded, or failed below the attempt cap and
