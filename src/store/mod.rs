@@ -46,7 +46,7 @@ pub enum StoreError {
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
     #[error("database migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(sqlx::migrate::MigrateError),
     #[error("{0}")]
     Invalid(String),
     #[error("{0}")]
@@ -57,6 +57,21 @@ pub enum StoreError {
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        match e {
+            // A schema step this build does not have: the store was opened by a newer
+            // nightshift (after an upgrade rolled back, say). Said so, not as a failure.
+            sqlx::migrate::MigrateError::VersionMissing(v) => StoreError::Invalid(format!(
+                "this store was written by a newer nightshift (its schema has step {v}, which \
+                 this version does not know); run that version on it, or give this one another \
+                 store with --db"
+            )),
+            e => StoreError::Migrate(e),
+        }
+    }
+}
 
 pub use crate::util::time::now_ms;
 

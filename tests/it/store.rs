@@ -823,3 +823,37 @@ async fn a_store_from_before_item_bodies_keeps_its_prompts_and_answers() {
     assert_eq!(s.integrity_check().await.unwrap(), "ok");
     s.close().await;
 }
+
+/// A store a newer nightshift migrated further is refused with what happened and what to do,
+/// and is left as it was.
+#[tokio::test]
+async fn a_store_from_a_newer_version_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let s = SqlStore::open_sqlite(&path).await.unwrap();
+    let newer = "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+                 VALUES (9999, 'from a newer version', true, x'00', 0)";
+    sqlx::query(newer)
+        .execute(s.sqlite_pool().unwrap())
+        .await
+        .unwrap();
+    s.close().await;
+    let err = SqlStore::open_sqlite(&path).await.unwrap_err().to_string();
+    assert!(
+        err.contains("written by a newer nightshift") && err.contains("step 9999"),
+        "{err}"
+    );
+    assert!(err.contains("--db"), "{err}");
+    // Nothing was changed: the newer step is still recorded.
+    let mut conn = {
+        use sqlx::Connection;
+        sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap()
+    };
+    let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM _sqlx_migrations WHERE version = 9999")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+}
