@@ -4,7 +4,8 @@
 //! - our TOML (`config/pricing.toml`, compiled in as the default), USD per million tokens as
 //!   decimal text;
 //! - LiteLLM's `model_prices_and_context_window.json` as is, USD per token, using its
-//!   explicit `*_batches` and cache fields.
+//!   explicit `*_batches` and cache fields, with Amazon Bedrock's region-specific entries kept
+//!   apart as a last resort (see [`PriceTable::from_litellm_str`]).
 //!
 //! A model is priced per mode: `standard` (real-time) and `batch`. Prices that cannot be held
 //! exactly (finer than a pico-dollar per token) are refused, not rounded.
@@ -100,6 +101,9 @@ pub struct PriceTable {
     models: BTreeMap<String, ModelPrice>,
     /// Models present in a LiteLLM file whose prices could not be held exactly.
     refused: BTreeMap<String, String>,
+    /// Bedrock models LiteLLM prices only per region, as `bedrock/<model id>`: consulted only
+    /// when neither `models` nor `refused` has any candidate name.
+    regional: BTreeMap<String, ModelPrice>,
     sources: Vec<String>,
 }
 
@@ -213,6 +217,21 @@ impl PriceTable {
     /// price (nightshift will not guess one). A batch cache-read price missing from the file
     /// falls back to the batch input price: the cache discount is assumed not to stack with
     /// the batch discount, which can only over-state the cost.
+    ///
+    /// Amazon Bedrock: entries whose `litellm_provider` is `bedrock` or `bedrock_converse` are
+    /// Bedrock's. A pipeline names a Bedrock model by the id it sends (`amazon.nova-lite-v1:0`,
+    /// or an inference profile such as `us.amazon.nova-lite-v1:0`); those are LiteLLM's keys
+    /// without a region and are kept as they are. A `bedrock/<model id>` key has no region
+    /// either and is found first for provider `bedrock`. A `bedrock/<region>/<model id>` key,
+    /// where the region looks like `us-east-1` or `us-gov-west-1`, is that region's price
+    /// (GovCloud's are higher): it is kept under its own key and never stands in for a price
+    /// without a region. Only when no price without a region exists for the model, neither in
+    /// this file nor in any table layered with it, and all its regional entries agree, does
+    /// looking up provider `bedrock` and the bare model id fall back to the regional price;
+    /// when the regions disagree the model stays unpriced and must be given in a pricing file.
+    /// Other `bedrock/...` keys (`bedrock/claude_platform/...`, provisioned-throughput
+    /// commitments, aliases without prices) are treated as any other entry: kept under their
+    /// key, or skipped when they have no token prices.
     pub fn from_litellm_str(text: &str, origin: &str) -> Result<Self, PricingError> {
         let root: serde_json::Value =
             serde_json::from_str(text).map_err(|e| PricingError::Parse {
@@ -227,11 +246,23 @@ impl PriceTable {
             sources: vec![origin.to_string()],
             ..Default::default()
         };
+        // Bedrock model id → its regional entries' prices (`None`: refused).
+        let mut regional: BTreeMap<&str, Vec<Option<ModelPrice>>> = BTreeMap::new();
         for (model, entry) in obj {
             let Some(e) = entry.as_object() else { continue };
             if model == "sample_spec" {
                 continue;
             }
+            let is_bedrock = matches!(
+                e.get("litellm_provider")
+                    .and_then(serde_json::Value::as_str),
+                Some("bedrock" | "bedrock_converse")
+            );
+            let region_of = if is_bedrock {
+                bedrock_regional_model(model)
+            } else {
+                None
+            };
             let num = |k: &str| -> Option<Result<TokenPrice, (String, MoneyError)>> {
                 let v = e.get(k)?;
                 let text = match v {
@@ -286,6 +317,12 @@ impl PriceTable {
                     batch,
                 })
             })();
+            if let Some(bare) = region_of {
+                regional
+                    .entry(bare)
+                    .or_default()
+                    .push(built.as_ref().ok().cloned());
+            }
             match built {
                 Ok(p) => {
                     table.models.insert(model.clone(), p);
@@ -295,6 +332,24 @@ impl PriceTable {
                         .refused
                         .insert(model.clone(), format!("field `{field}`: {err}"));
                 }
+            }
+        }
+        for (bare, prices) in regional {
+            let key = format!("bedrock/{bare}");
+            let has_own = [bare, key.as_str()]
+                .iter()
+                .any(|k| table.models.contains_key(*k) || table.refused.contains_key(*k));
+            if has_own {
+                continue;
+            }
+            let mut prices = prices.into_iter();
+            let Some(Some(first)) = prices.next() else {
+                continue;
+            };
+            let agree = prices
+                .all(|p| p.is_some_and(|p| p.standard == first.standard && p.batch == first.batch));
+            if agree {
+                table.regional.insert(key, first);
             }
         }
         Ok(table)
@@ -310,11 +365,13 @@ impl PriceTable {
             self.models.remove(&k);
             self.refused.insert(k, v);
         }
+        self.regional.extend(other.regional);
         self.sources.extend(other.sources);
     }
 
     /// Looks a model up as `provider/model`, then `model`, then `model` without a trailing
-    /// `-YYYY-MM-DD` snapshot date.
+    /// `-YYYY-MM-DD` snapshot date; a Bedrock model priced only per region last (see
+    /// [`PriceTable::from_litellm_str`]).
     pub fn lookup(&self, provider: &str, model: &str) -> Result<&ModelPrice, LookupError> {
         let undated = strip_date_suffix(model);
         let candidates = [
@@ -333,6 +390,9 @@ impl PriceTable {
                     why: why.clone(),
                 });
             }
+        }
+        if let Some(p) = candidates.iter().find_map(|c| self.regional.get(c)) {
+            return Ok(p);
         }
         Err(LookupError::Unknown {
             model: model.to_string(),
@@ -357,6 +417,29 @@ pub enum LookupError {
     Unknown { model: String, sources: String },
     #[error("the price of model `{model}` cannot be used: {why}")]
     Refused { model: String, why: String },
+}
+
+/// The model id of a LiteLLM key `bedrock/<region>/<model id>`, or `None` for any other key.
+fn bedrock_regional_model(key: &str) -> Option<&str> {
+    let (region, model) = key.strip_prefix("bedrock/")?.split_once('/')?;
+    (looks_like_aws_region(region) && !model.is_empty() && !model.contains('/')).then_some(model)
+}
+
+/// `us-east-1`, `ap-southeast-2`, `us-gov-west-1`: two letters, one or two lowercase words,
+/// a number.
+fn looks_like_aws_region(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    let [country, middle @ .., number] = parts.as_slice() else {
+        return false;
+    };
+    country.len() == 2
+        && country.bytes().all(|b| b.is_ascii_lowercase())
+        && (1..=2).contains(&middle.len())
+        && middle
+            .iter()
+            .all(|w| !w.is_empty() && w.bytes().all(|b| b.is_ascii_lowercase()))
+        && !number.is_empty()
+        && number.bytes().all(|b| b.is_ascii_digit())
 }
 
 fn strip_date_suffix(model: &str) -> &str {
@@ -413,6 +496,161 @@ mod tests {
         // Anthropic cache writes
         let s = t.lookup("anthropic", "claude-sonnet-4-5").unwrap();
         assert_eq!(s.batch.unwrap().cache_write.pico_per_token(), 1_875_000);
+    }
+
+    #[test]
+    fn litellm_snapshot_prices_bedrock_models_exactly() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/litellm_model_prices.json");
+        let t = PriceTable::load(&path).unwrap();
+        // bedrock_converse, with batch and cache prices
+        let haiku = t
+            .lookup("bedrock", "anthropic.claude-haiku-4-5-20251001-v1:0")
+            .unwrap();
+        assert_eq!(haiku.standard.input.pico_per_token(), 1_000_000); // 1e-06
+        assert_eq!(haiku.standard.cached_input.pico_per_token(), 100_000); // 1e-07
+        assert_eq!(haiku.standard.cache_write.pico_per_token(), 1_250_000); // 1.25e-06
+        assert_eq!(haiku.standard.output.pico_per_token(), 5_000_000); // 5e-06
+        let b = haiku.batch.unwrap();
+        assert_eq!(b.input.pico_per_token(), 500_000); // 5e-07
+        assert_eq!(b.output.pico_per_token(), 2_500_000); // 2.5e-06
+        assert_eq!(b.cached_input, b.input);
+        let lite = t.lookup("bedrock", "amazon.nova-lite-v1:0").unwrap();
+        assert_eq!(lite.standard.input.pico_per_token(), 60_000); // 6e-08, not GovCloud's 7.2e-08
+        assert_eq!(lite.standard.cached_input.pico_per_token(), 15_000); // 1.5e-08
+        assert_eq!(lite.standard.output.pico_per_token(), 240_000); // 2.4e-07
+        let b = lite.batch.unwrap();
+        assert_eq!(b.input.pico_per_token(), 30_000); // 3e-08
+        assert_eq!(b.output.pico_per_token(), 120_000); // 1.2e-07
+        // priced only under `bedrock/us-gov-*`: the regional price, for provider bedrock only
+        let gov = t
+            .lookup("bedrock", "anthropic.claude-3-haiku-20240307-v1:0")
+            .unwrap();
+        assert_eq!(gov.standard.input.pico_per_token(), 300_000);
+        assert!(gov.batch.is_none());
+        assert!(
+            t.lookup("anthropic", "anthropic.claude-3-haiku-20240307-v1:0")
+                .is_err()
+        );
+        // `bedrock/claude_platform/claude-haiku-4-5` does not stand in for Anthropic's own
+        let own = t.lookup("anthropic", "claude-haiku-4-5").unwrap();
+        assert_eq!(own.model, "claude-haiku-4-5");
+
+        // The built-in Bedrock prices are the snapshot's, and layering the snapshot on the
+        // built-in table keeps the built-in price of a model LiteLLM prices only per region.
+        let builtin = PriceTable::builtin();
+        for m in [
+            "anthropic.claude-sonnet-4-5-20250929-v1:0",
+            "anthropic.claude-haiku-4-5-20251001-v1:0",
+            "anthropic.claude-3-5-haiku-20241022-v1:0",
+            "amazon.nova-pro-v1:0",
+            "amazon.nova-lite-v1:0",
+            "amazon.nova-micro-v1:0",
+            "meta.llama3-1-8b-instruct-v1:0",
+        ] {
+            let ours = builtin.lookup("bedrock", m).unwrap();
+            let theirs = t.lookup("bedrock", m).unwrap();
+            assert_eq!(ours.standard, theirs.standard, "{m}");
+            assert!(ours.batch.is_some(), "{m}");
+            if theirs.batch.is_some() {
+                assert_eq!(ours.batch, theirs.batch, "{m}");
+            }
+        }
+        let mut layered = PriceTable::builtin();
+        layered.merge(t);
+        let haiku3 = layered
+            .lookup("bedrock", "anthropic.claude-3-haiku-20240307-v1:0")
+            .unwrap();
+        assert_eq!(haiku3.standard.input.pico_per_token(), 250_000);
+        assert_eq!(haiku3.batch.unwrap().input.pico_per_token(), 125_000);
+    }
+
+    #[test]
+    fn litellm_bedrock_regional_keys_are_a_last_resort() {
+        let json = r#"{
+            "amazon.nova-lite-v1:0": {"litellm_provider": "bedrock_converse",
+                "input_cost_per_token": 6e-08, "output_cost_per_token": 2.4e-07},
+            "bedrock/us-gov-west-1/amazon.nova-lite-v1:0": {"litellm_provider": "bedrock",
+                "input_cost_per_token": 7.2e-08, "output_cost_per_token": 2.88e-07},
+            "bedrock/meta.llama-x-v1:0": {"litellm_provider": "bedrock",
+                "input_cost_per_token": 2e-07, "output_cost_per_token": 2e-07},
+            "bedrock/us-east-1/meta.llama-x-v1:0": {"litellm_provider": "bedrock",
+                "input_cost_per_token": 9e-07, "output_cost_per_token": 9e-07},
+            "bedrock/us-gov-east-1/m.gov-only-v1:0": {"litellm_provider": "bedrock",
+                "input_cost_per_token": 3e-07, "output_cost_per_token": 1.5e-06},
+            "bedrock/us-gov-west-1/m.gov-only-v1:0": {"litellm_provider": "bedrock",
+                "input_cost_per_token": 3e-07, "output_cost_per_token": 1.5e-06},
+            "bedrock/us-east-1/m.split-v1:0": {"litellm_provider": "bedrock",
+                "input_cost_per_token": 1e-06, "output_cost_per_token": 1e-06},
+            "bedrock/eu-west-1/m.split-v1:0": {"litellm_provider": "bedrock",
+                "input_cost_per_token": 2e-06, "output_cost_per_token": 2e-06},
+            "bedrock/us-east-1/m.other-v1:0": {"litellm_provider": "someone_else",
+                "input_cost_per_token": 1e-06, "output_cost_per_token": 1e-06},
+            "bedrock/claude_platform/claude-x": {"litellm_provider": "bedrock",
+                "input_cost_per_token": 1e-06, "output_cost_per_token": 5e-06},
+            "bedrock/claude-x-latest": {"alias_of": "global.anthropic.claude-x"},
+            "bedrock/guardrails": {"litellm_provider": "bedrock", "mode": "guardrail"}
+        }"#;
+        let t = PriceTable::from_litellm_str(json, "l.json").unwrap();
+        let pico = |provider: &str, model: &str| {
+            t.lookup(provider, model)
+                .map(|p| p.standard.input.pico_per_token())
+        };
+        // a price without a region wins over a regional one
+        assert_eq!(pico("bedrock", "amazon.nova-lite-v1:0"), Ok(60_000));
+        assert_eq!(pico("bedrock", "meta.llama-x-v1:0"), Ok(200_000));
+        // regional keys stay reachable under their own name
+        assert_eq!(
+            pico("bedrock", "us-gov-west-1/amazon.nova-lite-v1:0"),
+            Ok(72_000)
+        );
+        // only regional, and the regions agree: their price, for provider bedrock
+        assert_eq!(pico("bedrock", "m.gov-only-v1:0"), Ok(300_000));
+        assert!(pico("openai", "m.gov-only-v1:0").is_err());
+        // the regions disagree: no price rather than a guess
+        assert!(matches!(
+            t.lookup("bedrock", "m.split-v1:0"),
+            Err(LookupError::Unknown { .. })
+        ));
+        // not Bedrock's by its provider, or not a region: no fallback
+        assert!(pico("bedrock", "m.other-v1:0").is_err());
+        assert!(pico("bedrock", "claude-x").is_err());
+        assert_eq!(pico("bedrock", "claude_platform/claude-x"), Ok(1_000_000));
+        // a region-free price from another table wins over the regional one
+        let mut layered = PriceTable::from_toml_str(
+            "[models.\"m.gov-only-v1:0\"]\nprovider = \"bedrock\"\nstandard = { input = \"0.25\", output = \"1.25\" }\n",
+            "p.toml",
+        )
+        .unwrap();
+        layered.merge(t);
+        assert_eq!(
+            layered
+                .lookup("bedrock", "m.gov-only-v1:0")
+                .map(|p| p.standard.input.pico_per_token()),
+            Ok(250_000)
+        );
+    }
+
+    #[test]
+    fn aws_regions_are_recognised() {
+        for r in [
+            "us-east-1",
+            "ap-southeast-2",
+            "us-gov-west-1",
+            "eu-central-1",
+        ] {
+            assert!(looks_like_aws_region(r), "{r}");
+        }
+        for s in [
+            "claude_platform",
+            "1024-x-1024",
+            "invoke",
+            "*",
+            "us-east",
+            "US-EAST-1",
+        ] {
+            assert!(!looks_like_aws_region(s), "{s}");
+        }
     }
 
     #[test]
