@@ -9,6 +9,7 @@ use rust_decimal::Decimal;
 
 use super::raw::*;
 use super::*;
+use crate::provider::config::{BEDROCK_MIN_RECORDS, BedrockSettings};
 
 fn resolve(dir: &Path, p: &str) -> PathBuf {
     let path = Path::new(p);
@@ -157,10 +158,13 @@ pub(super) fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> (Pipeline, 
         Some("azure") => ProviderKind::Azure,
         Some("anthropic") => ProviderKind::Anthropic,
         Some("gemini") => ProviderKind::Gemini,
+        Some("bedrock") => ProviderKind::Bedrock,
         Some(other) => {
             p.push(Problem::new(
                 "provider.kind",
-                format!("unknown provider `{other}` (supported: openai, azure, anthropic, gemini)"),
+                format!(
+                    "unknown provider `{other}` (supported: openai, azure, anthropic, gemini, bedrock)"
+                ),
             ));
             ProviderKind::OpenAi
         }
@@ -228,6 +232,7 @@ pub(super) fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> (Pipeline, 
         _ => {}
     }
     let simulate = prov.simulate.unwrap_or(false);
+    let bedrock = bedrock_settings(&prov, pkind, simulate, &mut p);
     if let Some(url) = &prov.base_url {
         let https = url.starts_with("https://");
         if !https && !is_loopback_url(url) {
@@ -263,7 +268,7 @@ pub(super) fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> (Pipeline, 
         }
         (None, None) => KeySource::Env(pkind.default_key_env().into()),
     };
-    let simulator = prov.simulator.unwrap_or_default();
+    let simulator = prov.simulator.clone().unwrap_or_default();
     for (field, msg) in simulator.problems() {
         p.push(Problem::new(format!("provider.simulator.{field}"), msg));
     }
@@ -544,6 +549,7 @@ pub(super) fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> (Pipeline, 
             unreachable_timeout,
             reconcile_grace,
             max_download_bytes,
+            bedrock,
         },
         simulator,
         stages,
@@ -977,4 +983,155 @@ fn check_stages(stages: &mut [Stage], p: &mut Vec<Problem>) {
             ));
         }
     }
+}
+
+/// The region a simulated Bedrock pipeline signs for when it names none.
+const DEFAULT_SIM_REGION: &str = "us-east-1";
+
+/// The Bedrock keys of `[provider]`: required for `kind = "bedrock"` (but for a simulated run,
+/// which has defaults), refused for the other providers.
+fn bedrock_settings(
+    prov: &RawProvider,
+    kind: ProviderKind,
+    simulate: bool,
+    p: &mut Vec<Problem>,
+) -> Option<BedrockSettings> {
+    let given: [(&str, bool); 8] = [
+        ("region", prov.region.is_some()),
+        ("role_arn", prov.role_arn.is_some()),
+        ("input_s3_uri", prov.input_s3_uri.is_some()),
+        ("output_s3_uri", prov.output_s3_uri.is_some()),
+        ("endpoint_url", prov.endpoint_url.is_some()),
+        ("s3_endpoint_url", prov.s3_endpoint_url.is_some()),
+        ("profile", prov.profile.is_some()),
+        ("min_batch_records", prov.min_batch_records.is_some()),
+    ];
+    if kind != ProviderKind::Bedrock {
+        for (field, _) in given.iter().filter(|(_, g)| *g) {
+            p.push(Problem::new(
+                format!("provider.{field}"),
+                "applies only to `kind = \"bedrock\"`",
+            ));
+        }
+        return None;
+    }
+    if prov.base_url.is_some() {
+        p.push(Problem::new(
+            "provider.base_url",
+            "does not apply to Bedrock: use `endpoint_url` (both services) or `s3_endpoint_url`",
+        ));
+    }
+    if prov.api_key_env.is_some() || prov.api_key_file.is_some() {
+        p.push(Problem::new(
+            "provider.api_key_env",
+            "does not apply to Bedrock: credentials come from the AWS chain (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE or `profile`, web identity, or the instance role)",
+        ));
+    }
+    let required = |field: &str, v: &Option<String>, example: &str, p: &mut Vec<Problem>| match v {
+        Some(s) if !s.trim().is_empty() => s.trim().to_string(),
+        _ if simulate => String::new(),
+        _ => {
+            p.push(Problem::new(
+                format!("provider.{field}"),
+                format!("is required for Bedrock, e.g. {example}"),
+            ));
+            String::new()
+        }
+    };
+    let region = required("region", &prov.region, "\"us-east-1\"", p);
+    let role_arn = required(
+        "role_arn",
+        &prov.role_arn,
+        "\"arn:aws:iam::123456789012:role/BedrockBatch\"",
+        p,
+    );
+    let is_role = role_arn.starts_with("arn:aws") && role_arn.contains(":role/");
+    if !role_arn.is_empty() && !is_role {
+        p.push(Problem::new(
+            "provider.role_arn",
+            format!("`{role_arn}` is not an IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME)"),
+        ));
+    }
+    let prefix = |field: &str, v: &Option<String>, default: &str, p: &mut Vec<Problem>| {
+        let uri = required(field, v, "\"s3://my-bucket/nightshift/\"", p);
+        let uri = if uri.is_empty() && simulate {
+            default.to_string()
+        } else {
+            uri
+        };
+        if !uri.is_empty() {
+            let ok = uri
+                .strip_prefix("s3://")
+                .and_then(|rest| rest.split_once('/').map(|(b, _)| b))
+                .is_some_and(|b| !b.is_empty());
+            if !ok {
+                p.push(Problem::new(
+                    format!("provider.{field}"),
+                    format!("`{uri}` is not an S3 folder URI like \"s3://my-bucket/nightshift/\""),
+                ));
+            }
+        }
+        // A folder: objects go under it.
+        if uri.ends_with('/') || uri.is_empty() {
+            uri
+        } else {
+            format!("{uri}/")
+        }
+    };
+    let input_s3_uri = prefix(
+        "input_s3_uri",
+        &prov.input_s3_uri,
+        "s3://nightshift-simulated/input/",
+        p,
+    );
+    let output_s3_uri = prefix(
+        "output_s3_uri",
+        &prov.output_s3_uri,
+        "s3://nightshift-simulated/output/",
+        p,
+    );
+    for (field, url) in [
+        ("endpoint_url", &prov.endpoint_url),
+        ("s3_endpoint_url", &prov.s3_endpoint_url),
+    ] {
+        if let Some(u) = url {
+            if !u.starts_with("https://") && !is_loopback_url(u) {
+                p.push(Problem::new(
+                    format!("provider.{field}"),
+                    "must be an https:// URL (plain http is accepted only for a loopback address)",
+                ));
+            }
+            if simulate {
+                p.push(Problem::new(
+                    format!("provider.{field}"),
+                    "cannot be combined with `simulate = true` (the simulator runs on loopback)",
+                ));
+            }
+        }
+    }
+    let min_records = prov.min_batch_records.unwrap_or(BEDROCK_MIN_RECORDS);
+    if min_records == 0 {
+        p.push(Problem::new(
+            "provider.min_batch_records",
+            "must be at least 1",
+        ));
+    }
+    Some(BedrockSettings {
+        region: if region.is_empty() {
+            DEFAULT_SIM_REGION.into()
+        } else {
+            region
+        },
+        role_arn: if role_arn.is_empty() {
+            "arn:aws:iam::123456789012:role/NightshiftSimulated".into()
+        } else {
+            role_arn
+        },
+        input_s3_uri,
+        output_s3_uri,
+        endpoint_url: prov.endpoint_url.clone(),
+        s3_endpoint_url: prov.s3_endpoint_url.clone(),
+        profile: prov.profile.clone(),
+        min_records,
+    })
 }

@@ -44,6 +44,14 @@ pub(super) struct RawProvider {
     pub(super) unreachable_timeout_seconds: Option<f64>,
     pub(super) reconcile_grace_seconds: Option<f64>,
     pub(super) max_download_bytes: Option<u64>,
+    pub(super) region: Option<String>,
+    pub(super) role_arn: Option<String>,
+    pub(super) input_s3_uri: Option<String>,
+    pub(super) output_s3_uri: Option<String>,
+    pub(super) endpoint_url: Option<String>,
+    pub(super) s3_endpoint_url: Option<String>,
+    pub(super) profile: Option<String>,
+    pub(super) min_batch_records: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

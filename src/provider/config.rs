@@ -18,6 +18,7 @@ pub enum ProviderKind {
     Azure,
     Anthropic,
     Gemini,
+    Bedrock,
 }
 
 impl ProviderKind {
@@ -27,6 +28,7 @@ impl ProviderKind {
             ProviderKind::Azure => "azure",
             ProviderKind::Anthropic => "anthropic",
             ProviderKind::Gemini => "gemini",
+            ProviderKind::Bedrock => "bedrock",
         }
     }
 
@@ -36,6 +38,7 @@ impl ProviderKind {
             ProviderKind::Azure => "AZURE_OPENAI_API_KEY",
             ProviderKind::Anthropic => "ANTHROPIC_API_KEY",
             ProviderKind::Gemini => "GEMINI_API_KEY",
+            ProviderKind::Bedrock => "AWS_ACCESS_KEY_ID",
         }
     }
 
@@ -47,6 +50,8 @@ impl ProviderKind {
             ProviderKind::Anthropic => (100_000, 256 * 1000 * 1000),
             // No documented request cap; files up to 2 GB.
             ProviderKind::Gemini => (100_000, 2 * 1000 * 1000 * 1000),
+            // Default quotas: records per job, bytes per input file.
+            ProviderKind::Bedrock => (50_000, 1000 * 1000 * 1000),
         }
     }
 }
@@ -96,7 +101,36 @@ pub struct ProviderConfig {
     /// How long after an ambiguous create the provider's list is trusted to show the batch.
     pub reconcile_grace: Duration,
     pub max_download_bytes: u64,
+    /// Amazon Bedrock: where jobs run and where their records go (`kind = "bedrock"` only).
+    pub bedrock: Option<BedrockSettings>,
 }
+
+/// The `[provider]` settings of Amazon Bedrock batch inference. Credentials are not here: they
+/// come from the standard AWS chain (environment, shared profile, web identity, container or
+/// instance role).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BedrockSettings {
+    pub region: String,
+    /// The IAM service role Bedrock assumes to read the input and write the output in S3.
+    pub role_arn: String,
+    /// `s3://bucket/prefix/`: where batch input files are uploaded.
+    pub input_s3_uri: String,
+    /// `s3://bucket/prefix/`: where jobs write their output (a folder per job).
+    pub output_s3_uri: String,
+    /// Overrides the endpoint of both services (Bedrock control plane and S3), e.g. a
+    /// simulator or an S3-compatible store.
+    pub endpoint_url: Option<String>,
+    /// Overrides the S3 endpoint alone.
+    pub s3_endpoint_url: Option<String>,
+    /// The shared-config profile to take credentials and settings from (else `AWS_PROFILE`).
+    pub profile: Option<String>,
+    /// The model's minimum number of records per job (a service quota; 100 by default).
+    /// Rounds with fewer requests go online (Converse or InvokeModel at on-demand prices).
+    pub min_records: u64,
+}
+
+/// Bedrock's default minimum number of records per batch inference job.
+pub const BEDROCK_MIN_RECORDS: u64 = 100;
 
 impl ProviderConfig {
     pub fn pricing_mode(&self) -> PricingMode {

@@ -16,6 +16,7 @@
 //! same redactor before the worker sees them.
 
 pub mod anthropic;
+pub mod bedrock;
 pub mod config;
 pub mod gemini;
 pub mod http;
@@ -199,6 +200,12 @@ pub trait BatchProvider: Send + Sync + 'static {
     fn uploads(&self, _bytes: u64) -> bool {
         true
     }
+    /// Whether a job that ended in `raw_status` surely never ran any of its requests (Bedrock's
+    /// `Expired`: it timed out while still scheduled): its attempts are taken back, not
+    /// charged against `max_attempts`.
+    fn never_started(&self, _raw_status: &str) -> bool {
+        false
+    }
     /// Uploads a batch input file under `filename`; returns the provider's file id.
     fn upload(
         &self,
@@ -316,6 +323,7 @@ pub enum Codec {
     OpenAi(openai::codec::OpenAiCodec),
     Anthropic(anthropic::codec::AnthropicCodec),
     Gemini(gemini::codec::GeminiCodec),
+    Bedrock(bedrock::codec::BedrockCodec),
 }
 
 macro_rules! each_codec {
@@ -324,6 +332,7 @@ macro_rules! each_codec {
             Codec::OpenAi($c) => $e,
             Codec::Anthropic($c) => $e,
             Codec::Gemini($c) => $e,
+            Codec::Bedrock($c) => $e,
         }
     };
 }
@@ -339,6 +348,9 @@ impl Codec {
             }),
             ProviderKind::Anthropic => Codec::Anthropic(anthropic::codec::AnthropicCodec),
             ProviderKind::Gemini => Codec::Gemini(gemini::codec::GeminiCodec),
+            ProviderKind::Bedrock => {
+                Codec::Bedrock(bedrock::codec::BedrockCodec::for_model(&cfg.model))
+            }
         }
     }
 
@@ -347,6 +359,7 @@ impl Codec {
             Codec::OpenAi(c) => c.kind(),
             Codec::Anthropic(_) => "anthropic",
             Codec::Gemini(_) => "gemini",
+            Codec::Bedrock(_) => "bedrock",
         }
     }
 
@@ -388,6 +401,7 @@ impl Codec {
             Codec::OpenAi(c) => c.parse_line(line, redactor),
             Codec::Anthropic(c) => c.parse_line(line),
             Codec::Gemini(c) => c.parse_line(line),
+            Codec::Bedrock(c) => c.parse_line(line),
         }
     }
 }
@@ -398,6 +412,7 @@ pub enum AnyProvider {
     OpenAi(openai::OpenAiClient),
     Anthropic(anthropic::AnthropicClient),
     Gemini(gemini::GeminiClient),
+    Bedrock(Box<bedrock::BedrockClient>),
 }
 
 macro_rules! each {
@@ -406,6 +421,7 @@ macro_rules! each {
             AnyProvider::OpenAi($c) => $e,
             AnyProvider::Anthropic($c) => $e,
             AnyProvider::Gemini($c) => $e,
+            AnyProvider::Bedrock($c) => $e,
         }
     };
 }
@@ -465,6 +481,20 @@ impl AnyProvider {
                 policy,
                 &cfg.model,
             )?),
+            ProviderKind::Bedrock => {
+                let settings = cfg.bedrock.clone().ok_or_else(|| {
+                    ProviderError::Protocol("a Bedrock pipeline without its settings".into())
+                })?;
+                let target = match simulator {
+                    Some(root) => bedrock::client::Target::Simulator {
+                        root: root.to_string(),
+                    },
+                    None => bedrock::client::Target::Aws,
+                };
+                AnyProvider::Bedrock(Box::new(bedrock::BedrockClient::new(
+                    settings, &cfg.model, target, t, policy,
+                )?))
+            }
         })
     }
 }
@@ -481,6 +511,9 @@ impl BatchProvider for AnyProvider {
     }
     fn uploads(&self, bytes: u64) -> bool {
         each!(self, c => c.uploads(bytes))
+    }
+    fn never_started(&self, raw_status: &str) -> bool {
+        each!(self, c => c.never_started(raw_status))
     }
     async fn upload(&self, filename: &str, path: &Path) -> Result<String, ProviderError> {
         each!(self, c => c.upload(filename, path).await)

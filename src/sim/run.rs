@@ -310,7 +310,7 @@ impl Sim {
                     .then(|| self.write_output(inner, flavor, &batch_id, "error", &err_lines));
                 (out, err, None)
             }
-            ProviderKind::Anthropic => {
+            ProviderKind::Anthropic | ProviderKind::Bedrock => {
                 let mut all = out_lines;
                 all.append(&mut err_lines);
                 shuffle(&mut all, seed);

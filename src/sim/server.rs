@@ -115,7 +115,7 @@ async fn auth(State(flavor): State<ProviderKind>, req: Request, next: Next) -> R
     let refused = match flavor {
         ProviderKind::OpenAi => openai::refuse_key(h),
         ProviderKind::Azure => openai::refuse_azure_key(h, query),
-        ProviderKind::Anthropic => anthropic::refuse_key(h),
+        ProviderKind::Anthropic | ProviderKind::Bedrock => anthropic::refuse_key(h),
         ProviderKind::Gemini => gemini::refuse_key(h, query),
     };
     if let Some((status, message)) = refused {

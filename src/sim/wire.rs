@@ -18,7 +18,7 @@ use super::{anthropic, gemini, openai};
 pub fn neutral(flavor: ProviderKind, body: &Value, model: Option<&str>) -> Neutral {
     match flavor {
         ProviderKind::OpenAi | ProviderKind::Azure => openai::neutral(body),
-        ProviderKind::Anthropic => anthropic::neutral(body),
+        ProviderKind::Anthropic | ProviderKind::Bedrock => anthropic::neutral(body),
         ProviderKind::Gemini => gemini::neutral(body, model),
     }
 }
@@ -28,7 +28,7 @@ pub fn neutral(flavor: ProviderKind, body: &Value, model: Option<&str>) -> Neutr
 pub(super) fn input_line(flavor: ProviderKind, v: &Value) -> (String, Value) {
     let (id, body) = match flavor {
         ProviderKind::Gemini => ("key", "request"),
-        ProviderKind::Anthropic => ("custom_id", "params"),
+        ProviderKind::Anthropic | ProviderKind::Bedrock => ("custom_id", "params"),
         ProviderKind::OpenAi | ProviderKind::Azure => ("custom_id", "body"),
     };
     (
@@ -62,7 +62,7 @@ pub fn answer_body(
         ProviderKind::OpenAi | ProviderKind::Azure => {
             openai::answer_body(id, model, content, *truncated, usage)
         }
-        ProviderKind::Anthropic => {
+        ProviderKind::Anthropic | ProviderKind::Bedrock => {
             anthropic::answer_body(id, model, tool, content, *truncated, usage)
         }
         ProviderKind::Gemini => gemini::answer_body(id, model, content, *truncated, usage),
@@ -82,7 +82,9 @@ pub fn result_line(
         ProviderKind::OpenAi | ProviderKind::Azure => {
             openai::result_line(custom_id, id, model, reply)
         }
-        ProviderKind::Anthropic => anthropic::result_line(custom_id, id, model, tool, reply),
+        ProviderKind::Anthropic | ProviderKind::Bedrock => {
+            anthropic::result_line(custom_id, id, model, tool, reply)
+        }
         ProviderKind::Gemini => gemini::result_line(custom_id, id, model, reply),
     }
 }
@@ -90,7 +92,7 @@ pub fn result_line(
 /// The body of an online request that failed on the server.
 pub(super) fn server_error(flavor: ProviderKind) -> Value {
     match flavor {
-        ProviderKind::Anthropic => anthropic::server_error(),
+        ProviderKind::Anthropic | ProviderKind::Bedrock => anthropic::server_error(),
         _ => openai::server_error(),
     }
 }
@@ -105,7 +107,7 @@ pub(super) fn line_errors(
 ) -> Vec<(&'static str, String)> {
     match flavor {
         ProviderKind::OpenAi | ProviderKind::Azure => openai::line_errors(n, v, endpoint),
-        ProviderKind::Anthropic | ProviderKind::Gemini => Vec::new(),
+        ProviderKind::Anthropic | ProviderKind::Gemini | ProviderKind::Bedrock => Vec::new(),
     }
 }
 
@@ -142,7 +144,7 @@ pub(super) fn file_list(
 pub(super) fn batch_json(b: &mut SimBatch, base: &str) -> Value {
     match b.flavor {
         ProviderKind::OpenAi | ProviderKind::Azure => openai::batch_json(b),
-        ProviderKind::Anthropic => anthropic::batch_json(b, base),
+        ProviderKind::Anthropic | ProviderKind::Bedrock => anthropic::batch_json(b, base),
         ProviderKind::Gemini => gemini::batch_json(b),
     }
 }
@@ -157,7 +159,9 @@ pub(super) fn batch_list(
 ) -> Value {
     match flavor {
         ProviderKind::Gemini => gemini::batch_list(page, has_more, last),
-        ProviderKind::Anthropic => anthropic::batch_list(page, has_more, first, last),
+        ProviderKind::Anthropic | ProviderKind::Bedrock => {
+            anthropic::batch_list(page, has_more, first, last)
+        }
         ProviderKind::OpenAi | ProviderKind::Azure => {
             openai::batch_list(page, has_more, first, last)
         }
@@ -168,7 +172,7 @@ impl SimError {
     /// The error's body in `flavor`'s shape.
     pub(super) fn body(&self, flavor: ProviderKind) -> Value {
         match flavor {
-            ProviderKind::Anthropic => anthropic::error_body(self),
+            ProviderKind::Anthropic | ProviderKind::Bedrock => anthropic::error_body(self),
             ProviderKind::Gemini => gemini::error_body(self),
             ProviderKind::OpenAi | ProviderKind::Azure => openai::error_body(self),
         }

@@ -133,6 +133,19 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
     pub(super) async fn ingest_batch(&mut self, b: &BatchRow) -> Result<(), RunError> {
         let ctx = self.ctx;
         let mut stats = ApplyStats::default();
+        if b.end_state == Some(EndState::Expired)
+            && b.provider_status
+                .as_deref()
+                .is_some_and(|s| ctx.provider.never_started(s))
+        {
+            // Nothing ran and nothing was billed: the requests go back to the queue with
+            // their attempts taken back.
+            let n = ctx
+                .store
+                .return_unsent(b, "the job expired before it started")
+                .await?;
+            tracing::info!(batch = %b.id, requests = n, "the provider job expired before it started; its requests go back to the queue");
+        }
         let mut files = Vec::new();
         for (kind, id) in [("output", &b.output_file_id), ("error", &b.error_file_id)] {
             let Some(file_id) = id else { continue };

@@ -144,6 +144,14 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         if p.provider.mode == crate::config::Mode::Online {
             return Ok(BatchMode::Online);
         }
+        if let Some(bedrock) = &p.provider.bedrock {
+            // A Bedrock job needs the model's minimum of records: a smaller round (a first
+            // night of a few records, or the last retries) goes online.
+            let pending = self.ctx.store.plannable_count(&p.name, stage).await?;
+            if pending > 0 && pending < bedrock.min_records {
+                return Ok(BatchMode::Online);
+            }
+        }
         if let Some(below) = p.provider.retry_online_below {
             let store = self.ctx.store;
             let pending = store.plannable_count(&p.name, stage).await?;

@@ -64,7 +64,7 @@ impl AnthropicCodec {
 }
 
 /// What a message says, as a result-line outcome: the forced tool's input is the answer.
-pub(super) fn message_outcome(m: super::types::Message) -> LineOutcome {
+pub(crate) fn message_outcome(m: super::types::Message) -> LineOutcome {
     let usage = m.usage.map(|u| u.normalised()).unwrap_or_default();
     let tool = m
         .content
