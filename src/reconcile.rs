@@ -41,12 +41,16 @@ pub struct BatchCheck {
 }
 
 impl BatchCheck {
-    /// Whether our ledger equals the provider's batch usage (`None`: no usage reported).
+    /// Whether our ledger equals the provider's batch usage (`None`: no usage reported). The
+    /// cached share of the prompt is compared when the provider reports one: a job's own
+    /// totals without it (Bedrock's `manifest.json.out`) are compared on prompt and answer
+    /// tokens.
     pub fn usage_matches(&self) -> Option<bool> {
         self.provider_usage.map(|u| {
             u.input_tokens == self.ledger.usage.input_tokens
                 && u.output_tokens == self.ledger.usage.output_tokens
-                && u.cached_input_tokens == self.ledger.usage.cached_input_tokens
+                && (u.cached_input_tokens == 0
+                    || u.cached_input_tokens == self.ledger.usage.cached_input_tokens)
         })
     }
 

@@ -302,3 +302,64 @@ fn a_stage_states_what_plan_assumes_its_answers_count() {
     let p = Pipeline::from_str(&in_table, Path::new("/x/t.toml")).unwrap();
     assert_eq!(p.plan.expected_output_tokens, Some(40));
 }
+
+fn bedrock(provider: &str) -> String {
+    GOOD.replace(
+        "kind = \"openai\"\nmodel = \"gpt-5.4-mini\"\nsimulate = true\n",
+        provider,
+    )
+}
+
+#[test]
+fn a_bedrock_pipeline_names_what_it_lacks_and_takes_folders() {
+    let err = Pipeline::from_str(
+        &bedrock(
+            "kind = \"bedrock\"\nmodel = \"amazon.nova-lite-v1:0\"\nrole_arn = \"my-role\"\ninput_s3_uri = \"my-bucket/in\"\napi_key_env = \"AWS_KEY\"\nmin_batch_records = 0\n",
+        ),
+        Path::new("b.toml"),
+    )
+    .unwrap_err();
+    let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+    for expected in [
+        "provider.region",
+        "provider.role_arn",
+        "provider.input_s3_uri",
+        "provider.output_s3_uri",
+        "provider.api_key_env",
+        "provider.min_batch_records",
+    ] {
+        assert!(paths.contains(&expected), "missing {expected} in {paths:?}");
+    }
+
+    let p = Pipeline::from_str(
+        &bedrock(
+            "kind = \"bedrock\"\nmodel = \"amazon.nova-lite-v1:0\"\nregion = \"eu-west-1\"\nrole_arn = \"arn:aws:iam::123456789012:role/Batch\"\ninput_s3_uri = \"s3://b/in\"\noutput_s3_uri = \"s3://b/out/\"\n",
+        ),
+        Path::new("b.toml"),
+    )
+    .unwrap();
+    let b = p.provider.bedrock.unwrap();
+    assert_eq!(
+        (b.input_s3_uri.as_str(), b.output_s3_uri.as_str()),
+        ("s3://b/in/", "s3://b/out/")
+    );
+    assert_eq!(b.min_records, crate::provider::config::BEDROCK_MIN_RECORDS);
+    assert_eq!(p.batch.max_requests, 50_000);
+
+    // Simulated, the AWS settings have stand-ins; other providers refuse them.
+    let p = Pipeline::from_str(
+        &bedrock("kind = \"bedrock\"\nmodel = \"amazon.nova-lite-v1:0\"\nsimulate = true\n"),
+        Path::new("b.toml"),
+    )
+    .unwrap();
+    assert!(p.provider.bedrock.is_some());
+    let err = Pipeline::from_str(
+        &with_source_line("").replace(
+            "simulate = true\n",
+            "simulate = true\nregion = \"us-east-1\"\n",
+        ),
+        Path::new("o.toml"),
+    )
+    .unwrap_err();
+    assert_eq!(err.problems[0].path, "provider.region", "{err}");
+}
