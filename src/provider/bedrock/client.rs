@@ -867,6 +867,80 @@ mod tests {
         ));
     }
 
+    /// A control plane answering with the job description of docs/providers.md §5.4, fields
+    /// this SDK version does not know (record counts, `modelInvocationType`, a new one) and a
+    /// status no version knows: the job reads, as still running.
+    #[tokio::test]
+    async fn job_descriptions_with_unknown_fields_and_an_unknown_status_parse() {
+        use axum::routing::get;
+        let arn = "arn:aws:bedrock:us-east-1:123456789012:model-invocation-job/abc123def456";
+        let body = serde_json::json!({
+            "jobArn": arn,
+            "jobName": "nightshift-0192f3a4-7b1c-7def-8123-456789abcdef",
+            "modelId": "anthropic.claude-3-haiku-20240307-v1:0",
+            "clientRequestToken": "0192f3a4-7b1c-7def-8123-456789abcdef",
+            "roleArn": "arn:aws:iam::123456789012:role/Batch",
+            "status": "Hibernating",
+            "submitTime": "2026-12-05T01:02:03Z",
+            "lastModifiedTime": "2026-12-05T01:05:00.123Z",
+            "inputDataConfig": {"s3InputDataConfig": {"s3Uri": "s3://b/in/x.jsonl", "s3InputFormat": "JSONL"}},
+            "outputDataConfig": {"s3OutputDataConfig": {"s3Uri": "s3://b/out/"}},
+            "timeoutDurationInHours": 24,
+            "jobExpirationTime": "2026-12-06T01:02:03Z",
+            "modelInvocationType": "Converse",
+            "totalRecordCount": 120,
+            "processedRecordCount": 60,
+            "successRecordCount": 59,
+            "errorRecordCount": 1,
+            "somethingNew": {"nested": [1, 2]},
+        });
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let s2 = seen.clone();
+        let app = axum::Router::new().route(
+            "/model-invocation-job/{id}",
+            get(
+                move |axum::extract::Path(id): axum::extract::Path<String>| {
+                    let body = body.clone();
+                    *s2.lock().unwrap() = id;
+                    async move { axum::Json(body) }
+                },
+            ),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let root = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let settings = BedrockSettings {
+            region: "us-east-1".into(),
+            role_arn: "arn:aws:iam::123456789012:role/Batch".into(),
+            input_s3_uri: "s3://b/in/".into(),
+            output_s3_uri: "s3://b/out/".into(),
+            endpoint_url: None,
+            s3_endpoint_url: None,
+            profile: None,
+            min_records: 100,
+        };
+        let c = BedrockClient::new(
+            settings,
+            "anthropic.claude-3-haiku-20240307-v1:0",
+            Target::Simulator { root },
+            Duration::from_secs(5),
+            RetryPolicy::default(),
+        )
+        .unwrap();
+        let r = c.get(arn).await.unwrap();
+        assert_eq!(r.status, RemoteStatus::Unknown);
+        assert_eq!(r.raw_status, "Hibernating");
+        assert_eq!(r.id, arn);
+        assert_eq!(r.created_at, Some(1_796_432_523));
+        assert_eq!(
+            r.local_id.as_deref(),
+            Some("0192f3a4-7b1c-7def-8123-456789abcdef")
+        );
+        assert!(r.output_file_id.is_none(), "not over yet");
+        // The ARN travels as one path segment.
+        assert_eq!(*seen.lock().unwrap(), arn);
+    }
+
     #[test]
     fn s3_uris_split_and_job_folders_are_under_the_output_prefix() {
         assert_eq!(split_s3("s3://b/in/x.jsonl").unwrap(), ("b", "in/x.jsonl"));
