@@ -157,6 +157,7 @@ pub(super) fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> (Pipeline, 
         Some("azure") => ProviderKind::Azure,
         Some("anthropic") => ProviderKind::Anthropic,
         Some("gemini") => ProviderKind::Gemini,
+        Some("bedrock") => ProviderKind::Bedrock,
         Some(other) => {
             p.push(Problem::new(
                 "provider.kind",

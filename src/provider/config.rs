@@ -18,6 +18,7 @@ pub enum ProviderKind {
     Azure,
     Anthropic,
     Gemini,
+    Bedrock,
 }
 
 impl ProviderKind {
@@ -27,6 +28,7 @@ impl ProviderKind {
             ProviderKind::Azure => "azure",
             ProviderKind::Anthropic => "anthropic",
             ProviderKind::Gemini => "gemini",
+            ProviderKind::Bedrock => "bedrock",
         }
     }
 
@@ -36,6 +38,7 @@ impl ProviderKind {
             ProviderKind::Azure => "AZURE_OPENAI_API_KEY",
             ProviderKind::Anthropic => "ANTHROPIC_API_KEY",
             ProviderKind::Gemini => "GEMINI_API_KEY",
+            ProviderKind::Bedrock => "AWS_ACCESS_KEY_ID",
         }
     }
 
@@ -47,6 +50,8 @@ impl ProviderKind {
             ProviderKind::Anthropic => (100_000, 256 * 1000 * 1000),
             // No documented request cap; files up to 2 GB.
             ProviderKind::Gemini => (100_000, 2 * 1000 * 1000 * 1000),
+            // Default quotas: records per job, bytes per input file.
+            ProviderKind::Bedrock => (50_000, 1000 * 1000 * 1000),
         }
     }
 }

@@ -339,6 +339,8 @@ impl Codec {
             }),
             ProviderKind::Anthropic => Codec::Anthropic(anthropic::codec::AnthropicCodec),
             ProviderKind::Gemini => Codec::Gemini(gemini::codec::GeminiCodec),
+            // replaced by the Bedrock codec
+            ProviderKind::Bedrock => Codec::OpenAi(openai::codec::OpenAiCodec { deployment: None }),
         }
     }
 
@@ -465,6 +467,13 @@ impl AnyProvider {
                 policy,
                 &cfg.model,
             )?),
+            ProviderKind::Bedrock => {
+                return Err(ProviderError::Permanent {
+                    status: None,
+                    code: None,
+                    message: "Bedrock client not built yet".into(),
+                });
+            }
         })
     }
 }

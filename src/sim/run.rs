@@ -299,7 +299,7 @@ impl Sim {
         let failed = outcomes.len() as u64 - completed;
         let seed = s.seed ^ 0x5eed;
         let (out_id, err_id, inline_output) = match flavor {
-            ProviderKind::OpenAi | ProviderKind::Azure => {
+            ProviderKind::OpenAi | ProviderKind::Azure | ProviderKind::Bedrock => {
                 // Lines come back in no particular order.
                 shuffle(&mut out_lines, seed);
                 shuffle(&mut err_lines, seed.rotate_left(7));

@@ -113,7 +113,7 @@ async fn auth(State(flavor): State<ProviderKind>, req: Request, next: Next) -> R
     let h = req.headers();
     let query = req.uri().query().unwrap_or("");
     let refused = match flavor {
-        ProviderKind::OpenAi => openai::refuse_key(h),
+        ProviderKind::OpenAi | ProviderKind::Bedrock => openai::refuse_key(h),
         ProviderKind::Azure => openai::refuse_azure_key(h, query),
         ProviderKind::Anthropic => anthropic::refuse_key(h),
         ProviderKind::Gemini => gemini::refuse_key(h, query),

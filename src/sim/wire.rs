@@ -17,7 +17,7 @@ use super::{anthropic, gemini, openai};
 /// that provider: framing, system and user message, plus the output-format JSON.
 pub fn neutral(flavor: ProviderKind, body: &Value, model: Option<&str>) -> Neutral {
     match flavor {
-        ProviderKind::OpenAi | ProviderKind::Azure => openai::neutral(body),
+        ProviderKind::OpenAi | ProviderKind::Azure | ProviderKind::Bedrock => openai::neutral(body),
         ProviderKind::Anthropic => anthropic::neutral(body),
         ProviderKind::Gemini => gemini::neutral(body, model),
     }
@@ -29,7 +29,7 @@ pub(super) fn input_line(flavor: ProviderKind, v: &Value) -> (String, Value) {
     let (id, body) = match flavor {
         ProviderKind::Gemini => ("key", "request"),
         ProviderKind::Anthropic => ("custom_id", "params"),
-        ProviderKind::OpenAi | ProviderKind::Azure => ("custom_id", "body"),
+        ProviderKind::OpenAi | ProviderKind::Azure | ProviderKind::Bedrock => ("custom_id", "body"),
     };
     (
         v.get(id).and_then(Value::as_str).unwrap_or("").to_string(),
@@ -59,7 +59,7 @@ pub fn answer_body(
         return Value::Null;
     };
     match flavor {
-        ProviderKind::OpenAi | ProviderKind::Azure => {
+        ProviderKind::OpenAi | ProviderKind::Azure | ProviderKind::Bedrock => {
             openai::answer_body(id, model, content, *truncated, usage)
         }
         ProviderKind::Anthropic => {
@@ -79,7 +79,7 @@ pub fn result_line(
     reply: &Reply,
 ) -> Value {
     match flavor {
-        ProviderKind::OpenAi | ProviderKind::Azure => {
+        ProviderKind::OpenAi | ProviderKind::Azure | ProviderKind::Bedrock => {
             openai::result_line(custom_id, id, model, reply)
         }
         ProviderKind::Anthropic => anthropic::result_line(custom_id, id, model, tool, reply),
@@ -104,7 +104,9 @@ pub(super) fn line_errors(
     endpoint: &str,
 ) -> Vec<(&'static str, String)> {
     match flavor {
-        ProviderKind::OpenAi | ProviderKind::Azure => openai::line_errors(n, v, endpoint),
+        ProviderKind::OpenAi | ProviderKind::Azure | ProviderKind::Bedrock => {
+            openai::line_errors(n, v, endpoint)
+        }
         ProviderKind::Anthropic | ProviderKind::Gemini => Vec::new(),
     }
 }
@@ -141,7 +143,7 @@ pub(super) fn file_list(
 /// Rendering can change it (Gemini's lagging output reference counts down).
 pub(super) fn batch_json(b: &mut SimBatch, base: &str) -> Value {
     match b.flavor {
-        ProviderKind::OpenAi | ProviderKind::Azure => openai::batch_json(b),
+        ProviderKind::OpenAi | ProviderKind::Azure | ProviderKind::Bedrock => openai::batch_json(b),
         ProviderKind::Anthropic => anthropic::batch_json(b, base),
         ProviderKind::Gemini => gemini::batch_json(b),
     }
@@ -158,7 +160,7 @@ pub(super) fn batch_list(
     match flavor {
         ProviderKind::Gemini => gemini::batch_list(page, has_more, last),
         ProviderKind::Anthropic => anthropic::batch_list(page, has_more, first, last),
-        ProviderKind::OpenAi | ProviderKind::Azure => {
+        ProviderKind::OpenAi | ProviderKind::Azure | ProviderKind::Bedrock => {
             openai::batch_list(page, has_more, first, last)
         }
     }
@@ -170,7 +172,9 @@ impl SimError {
         match flavor {
             ProviderKind::Anthropic => anthropic::error_body(self),
             ProviderKind::Gemini => gemini::error_body(self),
-            ProviderKind::OpenAi | ProviderKind::Azure => openai::error_body(self),
+            ProviderKind::OpenAi | ProviderKind::Azure | ProviderKind::Bedrock => {
+                openai::error_body(self)
+            }
         }
     }
 }
