@@ -1,8 +1,8 @@
-//! The data the simulator holds, below its state and its journal: a file (`SimFile`), a
-//! batch (`SimBatch`) with its neutral status (`Status`), and each request of a batch with
-//! what became of it (`RecordedRequest`, `Outcome`). How they look on the wire is the
-//! providers' (`openai`, `anthropic`, `gemini`, through `wire`); how a batch moves along its
-//! timeline is `batch`.
+//! The data the simulator holds, below its state and its journal: a file (`SimFile`, also
+//! an S3 object, named by its `s3://` URI), a batch (`SimBatch`) with its neutral status
+//! (`Status`), and each request of a batch with what became of it (`RecordedRequest`,
+//! `Outcome`). How they look on the wire is the providers' (`openai`, `anthropic`, `gemini`,
+//! through `wire`; `s3`); how a batch moves along its timeline is `batch`.
 
 use std::collections::BTreeMap;
 
@@ -22,6 +22,39 @@ pub(super) struct SimFile {
     pub(super) created_at: i64,
     /// The content's file name in the simulator's files folder.
     pub(super) name: String,
+}
+
+/// The `purpose` of an S3 object a client put.
+pub(super) const OBJECT_PUT: &str = "s3_put";
+
+impl SimFile {
+    /// Whether it is an S3 object (its id is its `s3://bucket/key` URI).
+    pub(super) fn is_object(&self) -> bool {
+        self.id.starts_with("s3://")
+    }
+
+    /// Its ETag as S3 gives it (quoted): one per version of an object, as each version has
+    /// its own content file.
+    pub(super) fn etag(&self) -> String {
+        let h = <sha2::Sha256 as sha2::Digest>::digest(self.name.as_bytes());
+        format!("\"{}\"", hex::encode(&h[..16]))
+    }
+}
+
+/// The id of the S3 object `key` in `bucket`: its URI.
+pub(super) fn object_id(bucket: &str, key: &str) -> String {
+    format!("s3://{bucket}/{key}")
+}
+
+/// The bucket and key (possibly empty, or a prefix) of an `s3://bucket/key` URI.
+pub(super) fn split_s3_uri(uri: &str) -> Option<(&str, &str)> {
+    let rest = uri.strip_prefix("s3://")?;
+    let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+    let ok = (3..=63).contains(&bucket.len())
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    ok.then_some((bucket, key))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,8 +1,9 @@
 //! The provider simulator.
 //!
-//! A local server that speaks the batch APIs of OpenAI, Azure OpenAI, Anthropic and Gemini,
-//! and the real-time chat-completions and messages endpoints, on loopback, so the real client
-//! code talks real HTTP without an API key (docs/providers.md §7). One provider-neutral core
+//! A local server that speaks the batch APIs of OpenAI, Azure OpenAI, Anthropic and Gemini
+//! (and the S3 subset a Bedrock client uses), and the real-time chat-completions and messages
+//! endpoints, on loopback, so the real client code talks real
+//! HTTP without an API key (docs/providers.md §7). One provider-neutral core
 //! sits behind one wire adapter per provider. Its modules are listed here in layers, each
 //! importing only modules listed before it (`tests/it/layers.rs` checks there is no cycle;
 //! the methods of `Sim`, spread over these files, still call one another across layers):
@@ -15,7 +16,7 @@
 //!    and how that is journaled), `faults` (every draw);
 //! 4. the providers' wire formats: `http` (what their routes share), then `openai` (OpenAI
 //!    and Azure), `anthropic`, `gemini`, each with its JSON, its batch creation and its HTTP
-//!    routes; `wire`, the one dispatch on provider kind to them;
+//!    routes, and `s3` (objects); `wire`, the one dispatch on provider kind to them;
 //! 5. the neutral core that speaks through `wire`: `files`, `batch` (a batch's timeline),
 //!    `run` (validating a batch, answering its requests, writing its results; online
 //!    requests);
@@ -61,6 +62,7 @@ mod http;
 mod journal;
 mod openai;
 mod run;
+mod s3;
 mod server;
 pub mod settings;
 mod state;
@@ -236,5 +238,9 @@ impl Sim {
     }
 }
 
+#[cfg(test)]
+mod aws_test;
+#[cfg(test)]
+mod bedrock_tests;
 #[cfg(test)]
 mod tests;
