@@ -1,15 +1,17 @@
 //! Handling the files the simulator holds (uploads, inline batch inputs, result files and S3
 //! objects): adding, reading, listing and deleting them, their contents in the simulator's
 //! files folder, and the Gemini resumable-upload sessions. An S3 object is a file whose id is
-//! its `s3://bucket/key` URI; a put replaces the object under its key. The file itself is
-//! `data`'s; how it looks on the wire is its provider's (`openai`, `gemini`, `s3`).
+//! its `s3://bucket/key` URI, put by a client or written by the simulator (a Bedrock job's
+//! output); a put replaces the object under its key. The file itself is `data`'s; how it
+//! looks on the wire is its provider's (`openai`, `gemini`, `s3`).
 
 use std::path::PathBuf;
 
 use serde_json::{Value, json};
 
-use super::data::{OBJECT_PUT, SimFile, object_id};
+use super::data::{OBJECT_PUT, OBJECT_WRITTEN, SimFile, object_id};
 use super::journal::Put;
+use super::state::Inner;
 use super::types::{ProviderKind, SimError};
 use super::{Sim, wire};
 use crate::util::time::unix_now;
@@ -256,5 +258,29 @@ impl Sim {
             }
         }
         Ok(page)
+    }
+
+    /// Writes an S3 object from the simulator's side (a Bedrock job's output): `lines`, each
+    /// followed by a newline, at `id` (an `s3://` URI), replacing any object there. Saved
+    /// with the batch that wrote it; the id.
+    pub(super) fn write_object(&self, inner: &mut Inner, id: String, lines: &[String]) -> String {
+        let (name, bytes) = self.write_lines(inner, lines);
+        let key = id
+            .strip_prefix("s3://")
+            .and_then(|r| r.split_once('/'))
+            .map(|(_, k)| k.to_string())
+            .unwrap_or_default();
+        inner.files.insert(
+            id.clone(),
+            SimFile {
+                id: id.clone(),
+                filename: key,
+                purpose: OBJECT_WRITTEN.into(),
+                bytes,
+                created_at: unix_now(),
+                name,
+            },
+        );
+        id
     }
 }

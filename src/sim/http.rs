@@ -2,7 +2,7 @@
 //! provider's shape, running state changes on a blocking thread (the state lives behind a
 //! mutex and materialising a batch reads and writes files), the create and download faults
 //! (docs/providers.md §7.3), receiving an upload, reading an AWS SigV4 credential scope
-//! (S3), and the handlers that only differ by provider (get, cancel, list a
+//! (Bedrock and S3), and the handlers that only differ by provider (get, cancel, list a
 //! batch; online requests).
 
 use std::sync::Arc;
@@ -28,8 +28,15 @@ pub(super) struct AppState {
 
 impl SimError {
     pub(super) fn into_flavored(self, flavor: ProviderKind) -> Response {
-        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::BAD_REQUEST);
-        (status, Json(self.body(flavor))).into_response()
+        let status =
+            StatusCode::from_u16(self.wire_status(flavor)).unwrap_or(StatusCode::BAD_REQUEST);
+        let mut resp = (status, Json(self.body(flavor))).into_response();
+        if let Some((name, value)) = self.wire_header(flavor)
+            && let Ok(v) = HeaderValue::from_str(&value)
+        {
+            resp.headers_mut().insert(name, v);
+        }
+        resp
     }
 }
 
@@ -92,6 +99,7 @@ pub(super) fn created(st: &AppState, batch: Value, flavor: ProviderKind) -> Resp
     let id = batch
         .get("id")
         .or_else(|| batch.get("name"))
+        .or_else(|| batch.get("jobArn"))
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();

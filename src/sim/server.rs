@@ -2,8 +2,9 @@
 //! group per provider wire format (`openai`: OpenAI `/v1/files`, `/v1/batches`,
 //! `/v1/chat/completions` and Azure `/openai/...`; `anthropic`: `/v1/messages/batches`,
 //! `/v1/messages`; `gemini`: `/v1beta/...`, `/upload/v1beta/files`,
-//! `/download/v1beta/files`; `s3`: `/s3/{bucket}/{key}`) plus `/_sim/record`. Each group
-//! checks its provider's credentials (for S3, the SigV4 credential scope) and injects HTTP
+//! `/download/v1beta/files`; `bedrock`: `/model-invocation-job...`, `/model/{id}/invoke`
+//! and `/converse`; `s3`: `/s3/{bucket}/{key}`) plus `/_sim/record`. Each group checks its
+//! provider's credentials (for Bedrock and S3, the SigV4 credential scope) and injects HTTP
 //! faults in its provider's error shape (docs/providers.md §7.3).
 
 use std::net::SocketAddr;
@@ -21,7 +22,7 @@ use serde_json::Value;
 use super::faults::draw;
 use super::http::{AppState, blocking, client_request_id};
 use super::types::{ProviderKind, SimError};
-use super::{Sim, anthropic, gemini, openai, s3};
+use super::{Sim, anthropic, bedrock, gemini, openai, s3};
 
 /// Largest upload accepted (OpenAI: 512 MB per file; Anthropic: 256 MB per create).
 const MAX_UPLOAD: usize = 512 * 1024 * 1024;
@@ -129,6 +130,11 @@ fn router(sim: Arc<Sim>) -> Router {
             provider(ProviderKind::Gemini),
             gemini::routes(),
         ))
+        .merge(group(
+            &state,
+            provider(ProviderKind::Bedrock),
+            bedrock::routes(),
+        ))
         .merge(group(&state, Api::S3, s3::routes()))
         .route("/_sim/record", get(record))
         .fallback(unrouted)
@@ -136,8 +142,8 @@ fn router(sim: Arc<Sim>) -> Router {
 }
 
 /// Each provider's credentials: any non-empty key is accepted; a missing one gets the
-/// provider's own refusal. S3 takes any SigV4 signature whose credential scope names its
-/// service and the simulator's region.
+/// provider's own refusal. Bedrock and S3 take any SigV4 signature whose credential scope
+/// names their service and the simulator's region.
 async fn auth(State((st, api)): State<(AppState, Api)>, req: Request, next: Next) -> Response {
     let h = req.headers();
     let query = req.uri().query().unwrap_or("");
@@ -147,13 +153,18 @@ async fn auth(State((st, api)): State<(AppState, Api)>, req: Request, next: Next
             Some(refusal) => return refusal,
             None => return next.run(req).await,
         },
+        Api::Provider(ProviderKind::Bedrock) => match bedrock::refuse(h, region) {
+            Some(refusal) => return refusal,
+            None => return next.run(req).await,
+        },
         Api::Provider(flavor) => flavor,
     };
     let refused = match flavor {
-        ProviderKind::OpenAi | ProviderKind::Bedrock => openai::refuse_key(h),
+        ProviderKind::OpenAi => openai::refuse_key(h),
         ProviderKind::Azure => openai::refuse_azure_key(h, query),
         ProviderKind::Anthropic => anthropic::refuse_key(h),
         ProviderKind::Gemini => gemini::refuse_key(h, query),
+        ProviderKind::Bedrock => None,
     };
     if let Some((status, message)) = refused {
         return SimError {
@@ -201,7 +212,8 @@ async fn faults(State((st, api)): State<(AppState, Api)>, req: Request, next: Ne
                 }
                 .into_flavored(flavor),
             };
-            if flavor != ProviderKind::Gemini {
+            // Gemini says when in its body; AWS says nothing.
+            if !matches!(flavor, ProviderKind::Gemini | ProviderKind::Bedrock) {
                 let h = resp.headers_mut();
                 h.insert("retry-after-ms", HeaderValue::from(ms));
                 h.insert("retry-after", HeaderValue::from(ms.div_ceil(1000)));

@@ -9,6 +9,7 @@ const DEFAULT_SEED: u64 = 42;
 const DEFAULT_BATCH_SECONDS: f64 = 2.0;
 const DEFAULT_RETRY_AFTER_MS: u64 = 200;
 const DEFAULT_AWS_REGION: &str = "us-east-1";
+const DEFAULT_BEDROCK_MIN_RECORDS: u64 = 100;
 
 /// Fault and timing settings of the provider simulator. Every rate is a probability in
 /// `[0, 1]`, drawn deterministically from `seed`: per request (on its body and how many times
@@ -75,6 +76,15 @@ pub struct SimSettings {
     /// (and the region of the job ARNs handed out).
     #[arg(long, default_value = DEFAULT_AWS_REGION)]
     pub aws_region: String,
+    /// Amazon Bedrock: the first N jobs of this state expire without ever starting
+    /// (`Expired`: no output, nothing billed), where `expire_first` and `expire_rate` give
+    /// `PartiallyCompleted`.
+    #[arg(long, default_value_t = 0)]
+    pub unstarted_first: u32,
+    /// Amazon Bedrock: a job with fewer records fails validation (the service quota "minimum
+    /// number of records per batch inference job").
+    #[arg(long, default_value_t = DEFAULT_BEDROCK_MIN_RECORDS)]
+    pub bedrock_min_records: u64,
 }
 
 impl Default for SimSettings {
@@ -98,6 +108,8 @@ impl Default for SimSettings {
             answer_at_max_tokens: false,
             fail_when_contains: None,
             aws_region: DEFAULT_AWS_REGION.to_string(),
+            unstarted_first: 0,
+            bedrock_min_records: DEFAULT_BEDROCK_MIN_RECORDS,
         }
     }
 }
