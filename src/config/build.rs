@@ -268,7 +268,11 @@ pub(super) fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> (Pipeline, 
         }
         (None, None) => KeySource::Env(pkind.default_key_env().into()),
     };
-    let simulator = prov.simulator.clone().unwrap_or_default();
+    let mut simulator = prov.simulator.clone().unwrap_or_default();
+    if let Some(b) = &bedrock {
+        // Requests are signed for the pipeline's region: the simulator expects that one.
+        simulator.aws_region = b.region.clone();
+    }
     for (field, msg) in simulator.problems() {
         p.push(Problem::new(format!("provider.simulator.{field}"), msg));
     }

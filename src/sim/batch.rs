@@ -1,8 +1,9 @@
 //! A batch's life, provider-neutral: a new batch and its creation number, its timeline by the
 //! wall clock (validating → in_progress → finalizing → completed, or failed, expired,
-//! cancelled), and polling, cancelling and listing it (docs/providers.md §7.1). The batch
-//! itself is `data`'s; its wire object is rendered by its provider's module (`openai`,
-//! `anthropic`, `gemini`); running its requests is `run`.
+//! cancelled; a Bedrock job that never starts expires with nothing run), and polling,
+//! cancelling and listing it (docs/providers.md §7.1). The batch itself is `data`'s; its wire
+//! object is rendered by its provider's module (`openai`, `anthropic`, `gemini`, `bedrock`);
+//! running its requests is `run`.
 
 use std::collections::BTreeMap;
 
@@ -71,6 +72,7 @@ impl Sim {
             errors: Vec::new(),
             usage: Usage::default(),
             settings: self.settings.clone(),
+            bedrock: None,
         }
     }
 
@@ -118,7 +120,11 @@ impl Sim {
             }
             _ => {
                 let now = now_ms();
-                b.done_fraction = progress(&b.settings, elapsed(b.started_ms, now));
+                b.done_fraction = if b.unstarted() {
+                    0.0
+                } else {
+                    progress(&b.settings, elapsed(b.started_ms, now))
+                };
                 b.status = Status::Cancelling;
                 b.stamps.insert("cancelling_at".into(), unix_now());
                 b.cancel_ms = Some(now);
@@ -188,7 +194,10 @@ impl Sim {
             let Some(next) = next else {
                 // Progress is read off the clock, not saved: it changes on every poll.
                 let b = &mut inner.batches[idx];
-                if b.status == Status::InProgress && b.flavor != ProviderKind::Anthropic {
+                if b.status == Status::InProgress
+                    && b.flavor != ProviderKind::Anthropic
+                    && !b.unstarted()
+                {
                     let total = b.counts.0;
                     let done = (total as f64 * progress(&b.settings, elapsed)) as u64;
                     b.counts.1 = done.min(total);
@@ -201,7 +210,9 @@ impl Sim {
                     inner.save_batch(idx, true);
                 }
                 Status::Expired => {
-                    inner.batches[idx].done_fraction = 0.5;
+                    // Half-way, or (a Bedrock job that never started) nothing.
+                    let b = &mut inner.batches[idx];
+                    b.done_fraction = if b.unstarted() { 0.0 } else { 0.5 };
                     self.materialize(inner, idx, Status::Expired, "expired_at");
                 }
                 Status::Completed => {

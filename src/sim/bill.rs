@@ -1,6 +1,7 @@
 //! The simulator's bill and record (docs/providers.md §7.1): one entry per answer, priced
 //! exactly at the batch or standard rate, summed per provider batch, and the record of
-//! everything accepted and billed that `GET /_sim/record` returns.
+//! everything accepted and billed that `GET /_sim/record` returns (with the S3 objects that
+//! exist and who wrote each).
 
 use std::collections::BTreeMap;
 
@@ -8,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::Sim;
+use super::data::{OBJECT_PUT, split_s3_uri};
 use super::types::ProviderKind;
 use crate::cost::{PricingMode, Usage, Usd};
 
@@ -172,8 +174,21 @@ impl Sim {
                 json!({"model": m, "pricing_mode": mode, "requests": n, "tokens": usage_json(u), "cost_usd": c.to_decimal_string()})
             })
             .collect();
+        // Every S3 object there is now, in URI order, and who wrote it: a client (PutObject)
+        // or the simulator (a Bedrock job's output).
+        let objects: Vec<Value> = inner
+            .files
+            .values()
+            .filter(|f| f.is_object())
+            .map(|f| {
+                let bucket = split_s3_uri(&f.id).map(|(b, _)| b).unwrap_or_default();
+                let by = if f.purpose == OBJECT_PUT { "client" } else { "simulator" };
+                json!({"uri": f.id, "bucket": bucket, "key": f.filename, "bytes": f.bytes, "written_by": by})
+            })
+            .collect();
         json!({
             "batches": batches,
+            "s3_objects": objects,
             "online": inner.online,
             "refused": inner.refused,
             "uploads": inner.uploads,

@@ -1,8 +1,9 @@
-//! The data the simulator holds, below its state and its journal: a file (`SimFile`), a
-//! batch (`SimBatch`) with its neutral status (`Status`), and each request of a batch with
-//! what became of it (`RecordedRequest`, `Outcome`). How they look on the wire is the
-//! providers' (`openai`, `anthropic`, `gemini`, through `wire`); how a batch moves along its
-//! timeline is `batch`.
+//! The data the simulator holds, below its state and its journal: a file (`SimFile`, also
+//! an S3 object, named by its `s3://` URI), a batch (`SimBatch`, with what only a Bedrock
+//! job has in `BedrockJob`) and its neutral status (`Status`), and each request of a batch
+//! with what became of it (`RecordedRequest`, `Outcome`). How they look on the wire is the
+//! providers' (`openai`, `anthropic`, `gemini`, `bedrock`, `s3`, through `wire`); how a batch
+//! moves along its timeline is `batch`.
 
 use std::collections::BTreeMap;
 
@@ -22,6 +23,41 @@ pub(super) struct SimFile {
     pub(super) created_at: i64,
     /// The content's file name in the simulator's files folder.
     pub(super) name: String,
+}
+
+/// The `purpose` of an S3 object a client put.
+pub(super) const OBJECT_PUT: &str = "s3_put";
+/// The `purpose` of an S3 object the simulator wrote (a Bedrock job's output).
+pub(super) const OBJECT_WRITTEN: &str = "s3_output";
+
+impl SimFile {
+    /// Whether it is an S3 object (its id is its `s3://bucket/key` URI).
+    pub(super) fn is_object(&self) -> bool {
+        self.id.starts_with("s3://")
+    }
+
+    /// Its ETag as S3 gives it (quoted): one per version of an object, as each version has
+    /// its own content file.
+    pub(super) fn etag(&self) -> String {
+        let h = <sha2::Sha256 as sha2::Digest>::digest(self.name.as_bytes());
+        format!("\"{}\"", hex::encode(&h[..16]))
+    }
+}
+
+/// The id of the S3 object `key` in `bucket`: its URI.
+pub(super) fn object_id(bucket: &str, key: &str) -> String {
+    format!("s3://{bucket}/{key}")
+}
+
+/// The bucket and key (possibly empty, or a prefix) of an `s3://bucket/key` URI.
+pub(super) fn split_s3_uri(uri: &str) -> Option<(&str, &str)> {
+    let rest = uri.strip_prefix("s3://")?;
+    let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+    let ok = (3..=63).contains(&bucket.len())
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    ok.then_some((bucket, key))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,9 +139,40 @@ pub(super) struct SimBatch {
     /// The settings in force when it was created: its timeline and the faults of its results
     /// follow them, whatever a later process runs with.
     pub(super) settings: SimSettings,
+    /// What only an Amazon Bedrock job has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) bedrock: Option<BedrockJob>,
+}
+
+/// What an Amazon Bedrock model invocation job has beyond a batch: its name is the batch's
+/// `display_name`, its model the batch's `url_model`, its ARN the batch's id.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(super) struct BedrockJob {
+    pub(super) role_arn: String,
+    pub(super) client_request_token: Option<String>,
+    /// `inputDataConfig` and `outputDataConfig` as the create gave them.
+    pub(super) input_config: Value,
+    pub(super) output_config: Value,
+    /// Where the output goes: the output URI, ending with `/`.
+    pub(super) output_uri: String,
+    pub(super) timeout_hours: u32,
+    pub(super) invocation_type: Option<String>,
+    /// The input objects read at create, in order: the last segment of each key and how many
+    /// non-blank lines it held (the batch's input is their concatenation). Empty when the
+    /// input URI named no object.
+    pub(super) parts: Vec<(String, u64)>,
+    /// Expires without ever starting (`Expired` rather than `PartiallyCompleted`).
+    pub(super) unstarted: bool,
+    /// The output objects written when it ended (ids, `s3://` URIs).
+    pub(super) outputs: Vec<String>,
 }
 
 impl SimBatch {
+    /// Whether it is a Bedrock job that never starts (it expires from `Scheduled`).
+    pub(super) fn unstarted(&self) -> bool {
+        self.bedrock.as_ref().is_some_and(|j| j.unstarted)
+    }
+
     pub(super) fn local_id(&self) -> Option<String> {
         self.metadata
             .as_ref()

@@ -1,8 +1,9 @@
 //! What the providers' HTTP routes share (axum): the server state, errors answered in a
 //! provider's shape, running state changes on a blocking thread (the state lives behind a
 //! mutex and materialising a batch reads and writes files), the create and download faults
-//! (docs/providers.md §7.3), receiving an upload, and the handlers that only differ by
-//! provider (get, cancel, list a batch; online requests).
+//! (docs/providers.md §7.3), receiving an upload, reading an AWS SigV4 credential scope
+//! (Bedrock and S3), and the handlers that only differ by provider (get, cancel, list a
+//! batch; online requests).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,8 +28,15 @@ pub(super) struct AppState {
 
 impl SimError {
     pub(super) fn into_flavored(self, flavor: ProviderKind) -> Response {
-        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::BAD_REQUEST);
-        (status, Json(self.body(flavor))).into_response()
+        let status =
+            StatusCode::from_u16(self.wire_status(flavor)).unwrap_or(StatusCode::BAD_REQUEST);
+        let mut resp = (status, Json(self.body(flavor))).into_response();
+        if let Some((name, value)) = self.wire_header(flavor)
+            && let Ok(v) = HeaderValue::from_str(&value)
+        {
+            resp.headers_mut().insert(name, v);
+        }
+        resp
     }
 }
 
@@ -91,6 +99,7 @@ pub(super) fn created(st: &AppState, batch: Value, flavor: ProviderKind) -> Resp
     let id = batch
         .get("id")
         .or_else(|| batch.get("name"))
+        .or_else(|| batch.get("jobArn"))
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();
@@ -207,6 +216,86 @@ pub(super) async fn list_any(
     let limit = q.limit.or(q.page_size).unwrap_or(20).clamp(1, 1000);
     let after = q.after.or(q.after_id).or(q.page_token);
     blocking(move || sim.list_batches(flavor, limit, after.as_deref()).map(Json)).await
+}
+
+/// The credential scope of an AWS Signature Version 4 `Authorization` header (the signature
+/// itself is not checked: the simulator has no secret).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct SigV4Scope {
+    pub(super) access_key: String,
+    pub(super) date: String,
+    pub(super) region: String,
+    pub(super) service: String,
+}
+
+/// Why a request carries no usable SigV4 signature.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum SigV4Refusal {
+    /// No `Authorization` header at all.
+    Missing,
+    /// There is one, but it is not a SigV4 signature as AWS writes them (or `x-amz-date`
+    /// is missing).
+    Malformed(String),
+}
+
+/// Reads the SigV4 credential scope of a request: `Authorization: AWS4-HMAC-SHA256
+/// Credential=<akid>/<yyyymmdd>/<region>/<service>/aws4_request, SignedHeaders=...,
+/// Signature=<hex>` and an `x-amz-date` header.
+pub(super) fn sigv4_scope(h: &HeaderMap) -> Result<SigV4Scope, SigV4Refusal> {
+    let Some(auth) = h.get("authorization") else {
+        return Err(SigV4Refusal::Missing);
+    };
+    let bad = |why: &str| SigV4Refusal::Malformed(why.to_string());
+    let auth = auth
+        .to_str()
+        .map_err(|_| bad("the Authorization header is not text"))?;
+    let fields = auth.strip_prefix("AWS4-HMAC-SHA256 ").ok_or_else(|| {
+        bad("the Authorization header does not start with the algorithm AWS4-HMAC-SHA256")
+    })?;
+    let mut credential = None;
+    let mut signed_headers = None;
+    let mut signature = None;
+    for part in fields.split(',') {
+        match part.trim().split_once('=') {
+            Some(("Credential", v)) => credential = Some(v),
+            Some(("SignedHeaders", v)) => signed_headers = Some(v),
+            Some(("Signature", v)) => signature = Some(v),
+            _ => {}
+        }
+    }
+    let credential = credential.ok_or_else(|| bad("the Authorization header has no Credential"))?;
+    if signed_headers.is_none_or(str::is_empty) {
+        return Err(bad("the Authorization header has no SignedHeaders"));
+    }
+    if !signature.is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit())) {
+        return Err(bad("the Authorization header has no hexadecimal Signature"));
+    }
+    let parts: Vec<&str> = credential.split('/').collect();
+    let [akid, date, region, service, terminator] = parts[..] else {
+        return Err(bad(
+            "the Credential is not <access key>/<yyyymmdd>/<region>/<service>/aws4_request",
+        ));
+    };
+    if akid.is_empty()
+        || date.len() != 8
+        || !date.bytes().all(|b| b.is_ascii_digit())
+        || region.is_empty()
+        || service.is_empty()
+        || terminator != "aws4_request"
+    {
+        return Err(bad(
+            "the Credential is not <access key>/<yyyymmdd>/<region>/<service>/aws4_request",
+        ));
+    }
+    if !has_header(h, "x-amz-date") {
+        return Err(bad("the request has no x-amz-date header"));
+    }
+    Ok(SigV4Scope {
+        access_key: akid.to_string(),
+        date: date.to_string(),
+        region: region.to_string(),
+        service: service.to_string(),
+    })
 }
 
 pub(super) fn client_request_id(h: &HeaderMap) -> String {

@@ -1,8 +1,9 @@
 //! The provider simulator.
 //!
-//! A local server that speaks the batch APIs of OpenAI, Azure OpenAI, Anthropic and Gemini,
-//! and the real-time chat-completions and messages endpoints, on loopback, so the real client
-//! code talks real HTTP without an API key (docs/providers.md §7). One provider-neutral core
+//! A local server that speaks the batch APIs of OpenAI, Azure OpenAI, Anthropic, Gemini and
+//! Amazon Bedrock (with the S3 subset its client uses), and the real-time chat-completions,
+//! messages and Bedrock runtime endpoints, on loopback, so the real client code talks real
+//! HTTP without an API key (docs/providers.md §7). One provider-neutral core
 //! sits behind one wire adapter per provider. Its modules are listed here in layers, each
 //! importing only modules listed before it (`tests/it/layers.rs` checks there is no cycle;
 //! the methods of `Sim`, spread over these files, still call one another across layers):
@@ -14,8 +15,9 @@
 //! 3. keeping it: `journal` (the state folder and its journal), `state` (what one `Sim` holds
 //!    and how that is journaled), `faults` (every draw);
 //! 4. the providers' wire formats: `http` (what their routes share), then `openai` (OpenAI
-//!    and Azure), `anthropic`, `gemini`, each with its JSON, its batch creation and its HTTP
-//!    routes; `wire`, the one dispatch on provider kind to them;
+//!    and Azure), `anthropic`, `gemini`, `bedrock`, each with its JSON, its batch creation and
+//!    its HTTP routes, and `s3` (the objects Bedrock jobs read and write); `wire`, the one
+//!    dispatch on provider kind to them;
 //! 5. the neutral core that speaks through `wire`: `files`, `batch` (a batch's timeline),
 //!    `run` (validating a batch, answering its requests, writing its results; online
 //!    requests);
@@ -37,9 +39,10 @@
 //! (tokens and exact cost per custom_id, per model and pricing mode, and totals). Tests judge
 //! "never sent twice" and "ledger = bill" from that record.
 //!
-//! Every id it hands out (files, batches, result files, content file names, upload sessions)
-//! carries a nonce drawn afresh by each `Sim`, so two simulators with the same seed, in two
-//! processes or one after the other on the same state, never hand out the same id. Everything
+//! Every id it hands out (files, batches and Bedrock job ARNs, result files, content file
+//! names, upload sessions) carries a nonce drawn afresh by each `Sim`, so two simulators with
+//! the same seed, in two processes or one after the other on the same state, never hand out
+//! the same id. Everything
 //! else (answers, faults, expiry, the order of result lines) is drawn from the seed and the
 //! request, never from an id.
 //!
@@ -52,6 +55,7 @@
 pub mod answer;
 mod anthropic;
 mod batch;
+mod bedrock;
 mod bill;
 mod data;
 mod faults;
@@ -61,6 +65,7 @@ mod http;
 mod journal;
 mod openai;
 mod run;
+mod s3;
 mod server;
 pub mod settings;
 mod state;
@@ -204,6 +209,18 @@ impl Sim {
             }
             "msgbatch" => format!("msgbatch_01{}", &hex::encode(&h[..12])),
             "gemini-batch" => format!("batches/{}", &hex::encode(&h[..8])),
+            "bedrock-job" => {
+                const ALPHABET: &[u8; 36] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+                let id: String = h[..12]
+                    .iter()
+                    .map(|b| ALPHABET[usize::from(*b) % 36] as char)
+                    .collect();
+                format!(
+                    "arn:aws:bedrock:{}:{}:model-invocation-job/{id}",
+                    self.settings.aws_region,
+                    bedrock::ACCOUNT
+                )
+            }
             _ => format!("{prefix}_{}", &hex::encode(&h[..12])),
         }
     }
@@ -236,5 +253,9 @@ impl Sim {
     }
 }
 
+#[cfg(test)]
+mod aws_test;
+#[cfg(test)]
+mod bedrock_tests;
 #[cfg(test)]
 mod tests;

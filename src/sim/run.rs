@@ -1,7 +1,8 @@
 //! Running a batch, provider-neutral: validating its input as the provider would, answering
-//! the requests that got to run, writing its result files and saving it all with the bill in
-//! one journal line; and answering an online request (docs/providers.md §7.1, §7.3). The
-//! lines themselves are written by the provider's module, through `wire`.
+//! the requests that got to run, writing its result files (a Bedrock job's: S3 objects, one
+//! per input object, and its manifest) and saving it all with the bill in one journal line;
+//! and answering an online request (docs/providers.md §7.1, §7.3). The lines themselves are
+//! written by the provider's module, through `wire`.
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
@@ -36,7 +37,7 @@ impl Sim {
             }
         };
         let limit = match flavor {
-            ProviderKind::OpenAi => 50_000,
+            ProviderKind::OpenAi | ProviderKind::Bedrock => 50_000,
             _ => 100_000,
         };
         match std::fs::File::open(&path) {
@@ -82,7 +83,7 @@ impl Sim {
                         push(
                             &mut errors,
                             "invalid_request",
-                            format!("Line {n} has no custom_id."),
+                            format!("Line {n} has no {}.", wire::id_field(flavor)),
                             Some(n),
                         );
                         continue;
@@ -99,7 +100,9 @@ impl Sim {
                         push(&mut errors, code, msg, Some(n));
                     }
                     let m = match flavor {
-                        ProviderKind::Gemini => url_model.clone().unwrap_or_default(),
+                        ProviderKind::Gemini | ProviderKind::Bedrock => {
+                            url_model.clone().unwrap_or_default()
+                        }
                         _ => body
                             .get("model")
                             .and_then(Value::as_str)
@@ -134,7 +137,19 @@ impl Sim {
                 }
             }
         }
-        if requests.is_empty() && errors.is_empty() {
+        let no_input_object = inner.batches[idx]
+            .bedrock
+            .as_ref()
+            .filter(|j| j.parts.is_empty())
+            .map(|j| j.input_config["s3InputDataConfig"]["s3Uri"].clone());
+        if let Some(uri) = no_input_object {
+            push(
+                &mut errors,
+                "invalid_request",
+                format!("No .jsonl input object was found at {uri}."),
+                None,
+            );
+        } else if requests.is_empty() && errors.is_empty() {
             push(
                 &mut errors,
                 "empty_file",
@@ -142,14 +157,34 @@ impl Sim {
                 None,
             );
         }
+        let min = inner.batches[idx].settings.bedrock_min_records;
+        if flavor == ProviderKind::Bedrock && !requests.is_empty() && (requests.len() as u64) < min
+        {
+            push(
+                &mut errors,
+                "too_few_records",
+                format!(
+                    "The job has {} records, fewer than the quota 'Minimum number of records per batch inference job' ({min}).",
+                    requests.len()
+                ),
+                None,
+            );
+        }
         if requests.len() > limit {
             push(
                 &mut errors,
                 "too_many_tasks",
-                format!(
-                    "The batch has {} requests; the limit is {limit}.",
-                    requests.len()
-                ),
+                if flavor == ProviderKind::Bedrock {
+                    format!(
+                        "The job has {} records, more than the quota 'Records per batch inference job' ({limit}).",
+                        requests.len()
+                    )
+                } else {
+                    format!(
+                        "The batch has {} requests; the limit is {limit}.",
+                        requests.len()
+                    )
+                },
                 None,
             );
         }
@@ -191,6 +226,19 @@ impl Sim {
             b.ordinal,
         );
         let s = b.settings.clone();
+        // Bedrock: where each input object's lines end (the last object takes the rest).
+        let part_ends: Vec<u64> = b
+            .bedrock
+            .iter()
+            .flat_map(|j| &j.parts)
+            .scan(0, |end, p| {
+                *end += p.1;
+                Some(*end)
+            })
+            .collect();
+        // Gemini expiry, and a Bedrock job that expired without starting, have no results.
+        let no_results =
+            status == Status::Expired && (flavor == ProviderKind::Gemini || b.unstarted());
         // Cancelled before it was validated: the request list is read here, so the counts
         // still say how many requests the batch held.
         let unlisted = b.requests.is_empty();
@@ -204,17 +252,23 @@ impl Sim {
         let done_n = ((total as f64) * done_fraction).floor() as usize;
         let mut out_lines: Vec<String> = Vec::new();
         let mut err_lines: Vec<String> = Vec::new();
+        // Bedrock: the result lines of each input object.
+        let mut part_lines: Vec<Vec<String>> = vec![Vec::new(); part_ends.len().max(1)];
         let mut usage_total = Usage::default();
         let mut bill = Vec::new();
         let mut outcomes = Vec::with_capacity(total);
-        // Gemini expiry has no results at all.
-        let gemini_expired = flavor == ProviderKind::Gemini && status == Status::Expired;
         if let Ok(f) = std::fs::File::open(&input) {
             let mut i = 0usize;
+            let mut nonblank = 0u64;
             for line in BufReader::new(f).split(b'\n').map_while(Result::ok) {
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
+                let part = part_ends
+                    .iter()
+                    .position(|&end| nonblank < end)
+                    .unwrap_or(part_lines.len() - 1);
+                nonblank += 1;
                 let Ok(v) = serde_json::from_slice::<Value>(&line) else {
                     continue;
                 };
@@ -229,22 +283,24 @@ impl Sim {
                 }
                 let ran = i < done_n;
                 i += 1;
-                if gemini_expired {
+                if no_results {
                     outcomes.push(Outcome::Expired);
                     continue;
                 }
                 let id = short(&cid);
                 let n = wire::neutral(flavor, &body, url_model.as_deref());
-                let tool = wire::anthropic_tool(&body);
                 if !ran {
                     let (reply, outcome) = if status == Status::Cancelled {
                         (Reply::Cancelled, Outcome::Cancelled)
                     } else {
                         (Reply::Expired, Outcome::Expired)
                     };
-                    err_lines.push(
-                        wire::result_line(flavor, &cid, &id, &n.model, &tool, &reply).to_string(),
-                    );
+                    if wire::writes_unrun_lines(flavor) {
+                        err_lines.push(
+                            wire::result_line(flavor, &cid, &id, &n.model, &body, &reply)
+                                .to_string(),
+                        );
+                    }
                     outcomes.push(outcome);
                     continue;
                 }
@@ -267,10 +323,13 @@ impl Sim {
                         usage,
                     ));
                 }
-                let line =
-                    wire::result_line(flavor, &cid, &id, &n.model, &tool, &reply).to_string();
+                let mut line = wire::result_line(flavor, &cid, &id, &n.model, &body, &reply);
+                wire::with_quirks(flavor, &mut line, draw(s.seed, "quirk", &key));
+                let line = line.to_string();
                 let twice = draw(s.seed, "duplicate", &key) < s.duplicate_line_rate;
-                let lines = if outcome == Outcome::Error
+                let lines = if flavor == ProviderKind::Bedrock {
+                    &mut part_lines[part]
+                } else if outcome == Outcome::Error
                     && matches!(flavor, ProviderKind::OpenAi | ProviderKind::Azure)
                 {
                     &mut err_lines
@@ -288,9 +347,13 @@ impl Sim {
         let stray = short(&format!("{}:{ordinal}", s.seed));
         for n in 0..s.unknown_lines {
             let cid = format!("unknown-{stray}-{n}");
-            let line =
-                wire::result_line(flavor, &cid, &short(&cid), "", "", &Reply::Error).to_string();
-            err_lines.push(line);
+            let mut line =
+                wire::result_line(flavor, &cid, &short(&cid), "", &Value::Null, &Reply::Error);
+            wire::with_quirks(flavor, &mut line, draw(s.seed, "quirk", &cid));
+            match flavor {
+                ProviderKind::Bedrock => part_lines[0].push(line.to_string()),
+                _ => err_lines.push(line.to_string()),
+            }
         }
         let completed = outcomes
             .iter()
@@ -298,6 +361,7 @@ impl Sim {
             .count() as u64;
         let failed = outcomes.len() as u64 - completed;
         let seed = s.seed ^ 0x5eed;
+        let mut objects = Vec::new();
         let (out_id, err_id, inline_output) = match flavor {
             ProviderKind::OpenAi | ProviderKind::Azure => {
                 // Lines come back in no particular order.
@@ -310,7 +374,7 @@ impl Sim {
                     .then(|| self.write_output(inner, flavor, &batch_id, "error", &err_lines));
                 (out, err, None)
             }
-            ProviderKind::Anthropic | ProviderKind::Bedrock => {
+            ProviderKind::Anthropic => {
                 let mut all = out_lines;
                 all.append(&mut err_lines);
                 shuffle(&mut all, seed);
@@ -320,7 +384,7 @@ impl Sim {
                     None,
                 )
             }
-            ProviderKind::Gemini if gemini_expired => (None, None, None),
+            ProviderKind::Gemini | ProviderKind::Bedrock if no_results => (None, None, None),
             ProviderKind::Gemini => {
                 // Input order (expired or cancelled lines, then stray ones, at the end).
                 let mut all = out_lines;
@@ -335,6 +399,32 @@ impl Sim {
                     )
                 }
             }
+            ProviderKind::Bedrock => {
+                // One `.out` object per input object, lines in no particular order, and the
+                // manifest, under `{output URI}{job id}/`.
+                let job = inner.batches[idx].bedrock.clone().unwrap_or_default();
+                let job_id = batch_id.rsplit('/').next().unwrap_or(&batch_id);
+                let dir = format!("{}{job_id}/", job.output_uri);
+                for (k, (name, _)) in job.parts.iter().enumerate() {
+                    let lines = &mut part_lines[k];
+                    shuffle(lines, seed.rotate_left(k as u32));
+                    objects.push(self.write_object(inner, format!("{dir}{name}.out"), lines));
+                }
+                let count = |o: &[Outcome]| outcomes.iter().filter(|x| o.contains(x)).count();
+                let manifest = wire::bedrock_manifest(
+                    outcomes.len(),
+                    count(&[Outcome::Ok, Outcome::InvalidJson]),
+                    count(&[Outcome::Error]),
+                    &usage_total,
+                );
+                let manifest = [manifest.to_string()];
+                objects.push(self.write_object(
+                    inner,
+                    format!("{dir}manifest.json.out"),
+                    &manifest,
+                ));
+                (None, None, None)
+            }
         };
         let b = &mut inner.batches[idx];
         if unlisted {
@@ -348,6 +438,9 @@ impl Sim {
         b.output_file_id = out_id;
         b.error_file_id = err_id;
         b.inline_output = inline_output;
+        if let Some(j) = &mut b.bedrock {
+            j.outputs = objects;
+        }
         if flavor == ProviderKind::Gemini && status == Status::Completed {
             b.output_lag = 1;
         }
@@ -357,7 +450,11 @@ impl Sim {
         inner.bill.extend(bill);
         let b = &inner.batches[idx];
         let mut ops = Vec::with_capacity(billed + 5);
-        for id in [&b.output_file_id, &b.error_file_id].into_iter().flatten() {
+        let written = [&b.output_file_id, &b.error_file_id]
+            .into_iter()
+            .flatten()
+            .chain(b.bedrock.iter().flat_map(|j| &j.outputs));
+        for id in written {
             if let Some(f) = inner.files.get(id) {
                 ops.push(Put::File(f));
             }
@@ -378,14 +475,10 @@ impl Sim {
         inner.log.write(inner.seq, &ops);
     }
 
-    fn write_output(
-        &self,
-        inner: &mut Inner,
-        flavor: ProviderKind,
-        batch_id: &str,
-        kind: &str,
-        lines: &[String],
-    ) -> String {
+    /// Writes `lines` (each followed by a newline) to a new content file, private to its
+    /// owner: its name and size. A failed write breaks the state (every later call is
+    /// refused) rather than leave a result file short.
+    pub(super) fn write_lines(&self, inner: &mut Inner, lines: &[String]) -> (String, u64) {
         let (name, path) = self.new_content(inner);
         let mut bytes = 0u64;
         let written = crate::util::fs::create_private(&path).and_then(|f| {
@@ -403,6 +496,18 @@ impl Sim {
                 path.display()
             ));
         }
+        (name, bytes)
+    }
+
+    fn write_output(
+        &self,
+        inner: &mut Inner,
+        flavor: ProviderKind,
+        batch_id: &str,
+        kind: &str,
+        lines: &[String],
+    ) -> String {
+        let (name, bytes) = self.write_lines(inner, lines);
         let id = match flavor {
             ProviderKind::Gemini => format!(
                 "files/batch-{}-{kind}",
@@ -433,7 +538,19 @@ impl Sim {
         custom_id: &str,
         body: &Value,
     ) -> Result<OnlineReply, SimError> {
-        let n = wire::neutral(flavor, body, None);
+        self.online_model(flavor, custom_id, body, None)
+    }
+
+    /// The same, for a provider that names the model in the URL (Bedrock's
+    /// `/model/{modelId}/invoke` and `/converse`).
+    pub(crate) fn online_model(
+        &self,
+        flavor: ProviderKind,
+        custom_id: &str,
+        body: &Value,
+        model: Option<&str>,
+    ) -> Result<OnlineReply, SimError> {
+        let n = wire::neutral(flavor, body, model);
         let body_hash: [u8; 32] = Sha256::digest(body.to_string().as_bytes()).into();
         let body_sha256 = hex::encode(body_hash);
         // Billed and named under the client's request id, or the body's hash without one.
@@ -470,13 +587,10 @@ impl Sim {
         inner.bill.extend(billed);
         Self::saved(&inner, ())?;
         Ok(match &reply {
-            Reply::Answer { .. } => {
-                let tool = wire::anthropic_tool(body);
-                OnlineReply {
-                    status: 200,
-                    body: wire::answer_body(flavor, &id, &n.model, &tool, &reply),
-                }
-            }
+            Reply::Answer { .. } => OnlineReply {
+                status: 200,
+                body: wire::answer_body(flavor, &id, &n.model, body, &reply),
+            },
             _ => OnlineReply {
                 status: 500,
                 body: wire::server_error(flavor),

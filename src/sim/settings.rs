@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 const DEFAULT_SEED: u64 = 42;
 const DEFAULT_BATCH_SECONDS: f64 = 2.0;
 const DEFAULT_RETRY_AFTER_MS: u64 = 200;
+const DEFAULT_AWS_REGION: &str = "us-east-1";
+const DEFAULT_BEDROCK_MIN_RECORDS: u64 = 100;
 
 /// Fault and timing settings of the provider simulator. Every rate is a probability in
 /// `[0, 1]`, drawn deterministically from `seed`: per request (on its body and how many times
@@ -70,6 +72,19 @@ pub struct SimSettings {
     /// request that never succeeds, for tests of what a failed item does.
     #[arg(long)]
     pub fail_when_contains: Option<String>,
+    /// Amazon Bedrock and S3: the region every request's SigV4 credential scope must name
+    /// (and the region of the job ARNs handed out).
+    #[arg(long, default_value = DEFAULT_AWS_REGION)]
+    pub aws_region: String,
+    /// Amazon Bedrock: the first N jobs of this state expire without ever starting
+    /// (`Expired`: no output, nothing billed), where `expire_first` and `expire_rate` give
+    /// `PartiallyCompleted`.
+    #[arg(long, default_value_t = 0)]
+    pub unstarted_first: u32,
+    /// Amazon Bedrock: a job with fewer records fails validation (the service quota "minimum
+    /// number of records per batch inference job").
+    #[arg(long, default_value_t = DEFAULT_BEDROCK_MIN_RECORDS)]
+    pub bedrock_min_records: u64,
 }
 
 impl Default for SimSettings {
@@ -92,6 +107,9 @@ impl Default for SimSettings {
             unknown_lines: 0,
             answer_at_max_tokens: false,
             fail_when_contains: None,
+            aws_region: DEFAULT_AWS_REGION.to_string(),
+            unstarted_first: 0,
+            bedrock_min_records: DEFAULT_BEDROCK_MIN_RECORDS,
         }
     }
 }
@@ -126,6 +144,20 @@ impl SimSettings {
             out.push((
                 "fail_when_contains",
                 "must not be empty: every request would fail".into(),
+            ));
+        }
+        let region_ok = !self.aws_region.is_empty()
+            && self
+                .aws_region
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !region_ok {
+            out.push((
+                "aws_region",
+                format!(
+                    "must be an AWS region name such as \"us-east-1\", got {:?}",
+                    self.aws_region
+                ),
             ));
         }
         if !(self.batch_seconds.is_finite() && self.batch_seconds >= 0.0) {

@@ -85,6 +85,22 @@ fn split_s3(uri: &str) -> Result<(&str, &str), ProviderError> {
         .ok_or_else(|| ProviderError::Protocol(format!("`{uri}` is not an s3:// URI")))
 }
 
+/// An S3 endpoint as the SDK needs it: one with a path (`https://host/s3`) must end with `/`,
+/// or path-style requests glue the bucket onto its last segment (`/s3bucket/key`).
+fn s3_endpoint(url: &str) -> String {
+    let path = url
+        .split_once("://")
+        .map(|(_, rest)| rest)
+        .and_then(|rest| rest.split_once('/'))
+        .map(|(_, p)| p)
+        .unwrap_or("");
+    if path.is_empty() || url.ends_with('/') {
+        url.to_string()
+    } else {
+        format!("{url}/")
+    }
+}
+
 /// The job id: the last segment of its ARN.
 fn job_id(arn: &str) -> &str {
     arn.rsplit('/').next().unwrap_or(arn)
@@ -223,7 +239,7 @@ impl BedrockClient {
                                 "nightshift-simulator",
                             ),
                         );
-                        (Some(root.to_string()), Some(format!("{root}/s3")))
+                        (Some(root.to_string()), Some(format!("{root}/s3/")))
                     }
                     Target::Aws => {
                         if let Some(p) = &self.settings.profile {
@@ -259,7 +275,7 @@ impl BedrockClient {
                         aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
                     );
                 if let Some(u) = s3_url {
-                    s = s.endpoint_url(u);
+                    s = s.endpoint_url(s3_endpoint(&u));
                 }
                 Ok(Clients {
                     bedrock: aws_sdk_bedrock::Client::from_conf(b.build()),
@@ -956,5 +972,8 @@ mod tests {
             "s3://b/out/abc123def456/"
         );
         assert!(job_name("0192f3a4-7b1c-7def-8123-456789abcdef").len() <= 63);
+        assert_eq!(s3_endpoint("https://s3.example.com"), "https://s3.example.com");
+        assert_eq!(s3_endpoint("http://127.0.0.1:9/s3"), "http://127.0.0.1:9/s3/");
+        assert_eq!(s3_endpoint("http://127.0.0.1:9/s3/"), "http://127.0.0.1:9/s3/");
     }
 }
