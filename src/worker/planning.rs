@@ -60,6 +60,18 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         let t = Instant::now();
         let mut outcome = Planning::Nothing;
         while !ctx.shutdown.is_set() {
+            let mut max_requests = p.batch.max_requests;
+            if let (Some(bedrock), BatchMode::Batch) = (&p.provider.bedrock, mode) {
+                // Every Bedrock job must hold the model's minimum: the items are spread evenly
+                // over as few jobs as the cap allows (290 under a cap of 200: 145 and 145, not
+                // 200 and a 90 that would fail), and a remainder below the minimum waits for
+                // the next round, which sends it online.
+                let pending = ctx.store.plannable_count(&p.name, stage).await?;
+                if pending < bedrock.min_records {
+                    break;
+                }
+                max_requests = even_share(pending, max_requests);
+            }
             let budget = self.budget_check(stage, pricing_mode).await?;
             let req = PlanRequest {
                 run_id: &self.run_id,
@@ -68,7 +80,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 provider: ctx.provider.kind(),
                 model: &model,
                 pricing_mode,
-                max_requests: p.batch.max_requests,
+                max_requests,
                 max_bytes: p.batch.max_bytes,
                 line_overhead: ctx.provider.codec().line_overhead(),
                 budget,
@@ -276,5 +288,28 @@ fn max_item_input_tokens(max_item: crate::cost::Usd, rates: &Rates, max_out: u64
     match rates.input.pico_per_token() {
         0 => u64::MAX,
         p => (room / p as i128).min(u64::MAX as i128) as u64,
+    }
+}
+
+/// The size of each of the fewest batches of at most `cap` that hold `pending` items, as
+/// even as can be.
+fn even_share(pending: u64, cap: usize) -> usize {
+    let cap = cap.max(1) as u64;
+    let batches = pending.div_ceil(cap).max(1);
+    pending.div_ceil(batches).min(cap) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::even_share;
+
+    #[test]
+    fn items_are_spread_evenly_over_the_fewest_batches() {
+        assert_eq!(even_share(290, 200), 145);
+        assert_eq!(even_share(201, 200), 101);
+        assert_eq!(even_share(200, 200), 200);
+        assert_eq!(even_share(120, 200), 120);
+        assert_eq!(even_share(100_001, 50_000), 33_334);
+        assert_eq!(even_share(0, 200), 0);
     }
 }
