@@ -31,7 +31,16 @@ fn main() {
             } else {
                 "nightshift=warn"
             })
-        });
+        })
+        // At trace level the AWS signer logs each canonical request and the SDK each request
+        // it sends, session token included: those two never log below debug, whatever the
+        // filter asks (a test runs everything at trace and looks for the credentials).
+        .add_directive("aws_sigv4=debug".parse().expect("a valid directive"))
+        .add_directive(
+            "aws_smithy_runtime=debug"
+                .parse()
+                .expect("a valid directive"),
+        );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -10,7 +10,8 @@
 //! - the configured key itself, and any piece of it of [`FRAGMENT`] bytes or more (what a
 //!   server that truncates its echo leaves behind);
 //! - credential shapes, whatever the key: `Bearer <token>`, `Authorization:`, `api-key:`,
-//!   `x-api-key:`, `x-goog-api-key:` header echoes, `key=`/`token=`/`sig=` query values,
+//!   `x-api-key:`, `x-goog-api-key:`, `x-amz-security-token:` header echoes,
+//!   `key=`/`token=`/`sig=` and AWS presigned-URL (`X-Amz-Security-Token=`, …) query values,
 //!   `user:password@` in URLs, `sk-…` (OpenAI, Anthropic) and `AIza…` (Google) tokens.
 //!
 //! Model answers are data: only the key (and its pieces) is masked in them, never shapes.
@@ -50,14 +51,16 @@ static SHAPES: LazyLock<Vec<(Regex, &'static str)>> = LazyLock::new(|| {
         // `x-api-key=…`, `['x-goog-api-key': '…']`.
         (
             r(
-                r"(?i)\b((?:proxy-)?authorization|x-goog-api-key|x-api-key|api[-_]?key)([\\\x22']*\s*[:=][\s\[\\\x22']*)((?:bearer|basic|token)\s+)?[^\s\\\x22',;&}<>\]]+",
+                r"(?i)\b((?:proxy-)?authorization|x-goog-api-key|x-api-key|x-amz-security-token|api[-_]?key)([\\\x22']*\s*[:=][\s\[\\\x22']*)((?:bearer|basic|token|aws4-hmac-sha256)\s+)?[^\s\\\x22',;&}<>\]]+",
             ),
             "${1}${2}${3}***",
         ),
         (r(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]{8,}"), "${1} ***"),
         // Credentials in a query string.
         (
-            r(r"(?i)([?&;](?:key|api[-_]?key|access_token|token|sig|signature)=)[^&\s#\\\x22'<>]+"),
+            r(
+                r"(?i)([?&;](?:key|api[-_]?key|access_token|token|sig|signature|x-amz-security-token|x-amz-signature|x-amz-credential)=)[^&\s#\\\x22'<>]+",
+            ),
             "${1}***",
         ),
         // Provider key shapes: OpenAI `sk-…`, `sk-proj-…`, Anthropic `sk-ant-…`, Google `AIza…`.
@@ -391,6 +394,19 @@ mod tests {
             ("sk-ant-api03-ZYXWVUTSRQPONMLK_ji", "ZYXWVUTS"),
             ("AIzaSyDdI0hCZtE6vySjMm-WEfRq3CPzqKqqsHI", "DdI0hCZ"),
             ("https://user:hunter2@proxy.example:8080/v1", "hunter2"),
+            // AWS: an echoed session token, a SigV4 header, a presigned URL.
+            (
+                "headers: x-amz-security-token: IQoJb3JpZ2luX2VjEJr//////////wEaCXVz",
+                "IQoJb3JpZ2lu",
+            ),
+            (
+                "authorization: AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20261205/us-east-1/s3/aws4_request",
+                "AKIDEXAMPLE",
+            ),
+            (
+                "GET https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIDX%2F2026&X-Amz-Security-Token=FwoGZXIvYXdz&X-Amz-Signature=abcdef0123",
+                "FwoGZXIvYXdz",
+            ),
         ] {
             let s = r.scrub(text).into_owned();
             assert!(!s.contains(gone), "{text} -> {s}");

@@ -487,3 +487,70 @@ async fn bedrock_recovers_from_crashes_by_job_name() {
         }
     }
 }
+
+/// The AWS credentials a Bedrock run signs with — the secret key and a session token —
+/// reach no log line (every crate at trace level, the SDK's included), no store, no report
+/// and no output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bedrock_credentials_reach_no_log_store_or_report() {
+    const SECRET: &str = "NEVERSHOWNsecretKEY0123456789abcdefghijkl";
+    const TOKEN: &str = "NEVERSHOWNsessionTOKEN9876543210zyxwvuts";
+    let sc = scenario_for(Provider::BedrockConverse, 150, 100, faults()).await;
+    let out = sc
+        .child(None)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET)
+        .env("AWS_SESSION_TOKEN", TOKEN)
+        .env("NIGHTSHIFT_LOG", "trace")
+        .env("NIGHTSHIFT_LOG_FORMAT", "json")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        &stderr[stderr.len().saturating_sub(4000)..]
+    );
+    assert!(stderr.lines().count() > 100, "trace logging was on");
+    let report = std::process::Command::new(env!("CARGO_BIN_EXE_nightshift"))
+        .args(["report", "--json"])
+        .arg(&sc.pipeline)
+        .output()
+        .unwrap();
+    let mut places: Vec<(String, Vec<u8>)> = vec![
+        ("stderr".into(), out.stderr.clone()),
+        ("report".into(), report.stdout),
+    ];
+    for entry in walk(sc.dir.path()) {
+        places.push((entry.display().to_string(), std::fs::read(&entry).unwrap()));
+    }
+    for (place, bytes) in &places {
+        for needle in [SECRET, TOKEN] {
+            // Any 12-byte piece of either.
+            for piece in needle.as_bytes().windows(12) {
+                if let Some(at) = bytes.windows(12).position(|w| w == piece) {
+                    let around = &bytes[at.saturating_sub(200)..(at + 100).min(bytes.len())];
+                    panic!(
+                        "a piece of a credential in {place}: …{}…",
+                        String::from_utf8_lossy(around)
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
