@@ -3,6 +3,9 @@
 use clap::Parser;
 use nightshift::cli::{Cli, LogFormat};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 fn main() {
     limit_malloc_arenas();
@@ -31,23 +34,21 @@ fn main() {
             } else {
                 "nightshift=warn"
             })
-        })
-        // At trace level the AWS signer logs each canonical request and the SDK each request
-        // it sends, session token included: those two never log below debug, whatever the
-        // filter asks (a test runs everything at trace and looks for the credentials).
-        .add_directive("aws_sigv4=debug".parse().expect("a valid directive"))
-        .add_directive(
-            "aws_smithy_runtime=debug"
-                .parse()
-                .expect("a valid directive"),
-        );
+        });
+    // At trace level the AWS signer logs each canonical request and the SDK each request it
+    // sends, session token included: those two never log below debug, whatever the filter
+    // asks (a test runs everything at trace and looks for the credentials).
+    let cap = Targets::new()
+        .with_default(LevelFilter::TRACE)
+        .with_target("aws_sigv4", LevelFilter::DEBUG)
+        .with_target("aws_smithy_runtime", LevelFilter::DEBUG);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     if cli.log_format == LogFormat::Json {
-        builder.json().init();
+        builder.json().finish().with(cap).init();
     } else {
-        builder.with_target(false).init();
+        builder.with_target(false).finish().with(cap).init();
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

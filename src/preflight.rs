@@ -140,6 +140,8 @@ impl Pipeline {
                         problems.push(Problem::new("provider.api_key_file", e));
                     }
                 }
+                // Environment, profile, web identity or instance role: only a call can tell.
+                KeySource::AwsChain => {}
             }
         }
         let owned;

@@ -266,6 +266,7 @@ pub(super) fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> (Pipeline, 
             }
             KeySource::Env(v.clone())
         }
+        (None, None) if pkind == ProviderKind::Bedrock => KeySource::AwsChain,
         (None, None) => KeySource::Env(pkind.default_key_env().into()),
     };
     let mut simulator = prov.simulator.clone().unwrap_or_default();

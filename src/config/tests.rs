@@ -344,6 +344,8 @@ fn a_bedrock_pipeline_names_what_it_lacks_and_takes_folders() {
         ("s3://b/in/", "s3://b/out/")
     );
     assert_eq!(b.min_records, crate::provider::config::BEDROCK_MIN_RECORDS);
+    // No key of ours: the AWS chain, which `check` cannot judge without a call.
+    assert_eq!(p.provider.key, KeySource::AwsChain);
     assert_eq!(p.batch.max_requests, 50_000);
 
     // Simulated, the AWS settings have stand-ins; other providers refuse them.

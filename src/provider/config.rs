@@ -38,6 +38,7 @@ impl ProviderKind {
             ProviderKind::Azure => "AZURE_OPENAI_API_KEY",
             ProviderKind::Anthropic => "ANTHROPIC_API_KEY",
             ProviderKind::Gemini => "GEMINI_API_KEY",
+            // Not read as a key: Bedrock takes the AWS credential chain (`KeySource::AwsChain`).
             ProviderKind::Bedrock => "AWS_ACCESS_KEY_ID",
         }
     }
@@ -74,6 +75,8 @@ pub struct OnlineLimits {
 pub enum KeySource {
     Env(String),
     File(PathBuf),
+    /// No key: the AWS SDK's credential chain (Bedrock), resolved when the client first calls.
+    AwsChain,
 }
 
 #[derive(Clone, Debug)]

@@ -160,8 +160,11 @@ pub enum ProviderError {
         code: Option<String>,
         message: String,
     },
-    /// The API key was refused.
-    #[error("the provider refused the API key (HTTP {status}): {message}")]
+    /// The API key was refused, or (`status` 0) no credentials could be found.
+    #[error("{}", match status {
+        0 => message.clone(),
+        s => format!("the provider refused the API key (HTTP {s}): {message}"),
+    })]
     Auth { status: u16, message: String },
     #[error("download over the cap of {cap} bytes")]
     TooLarge { cap: u64 },
@@ -307,6 +310,8 @@ pub fn resolve_key(
             _ => Err(format!("environment variable {var} is not set")),
         },
         KeySource::File(p) => read_key_file(p),
+        // The SDK finds the credentials; the client holds no key of ours.
+        KeySource::AwsChain => Ok(SecretString::from("nightshift-aws-chain".to_string())),
     }
 }
 

@@ -554,3 +554,27 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// No AWS credentials anywhere: the run stops with a configuration error (exit 78) that says
+/// where credentials come from, rather than waiting out a "network fault" (exit 75);
+/// nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bedrock_run_without_credentials_says_so_at_once() {
+    let sc = scenario_for(Provider::Bedrock, 150, 100, SimSettings::default()).await;
+    let out = sc
+        .child(None)
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains("no AWS credentials found") && err.contains("AWS_PROFILE"),
+        "{err}"
+    );
+    // With credentials, the same store finishes the job.
+    sc.run_until_done().await;
+    assert_eq!(judge(&sc).await, Verdict::default());
+}

@@ -373,6 +373,10 @@ impl BedrockClient {
                 ));
                 classify(status, &code, message, effectful)
             }
+            ref other if missing_credentials(other) => ProviderError::Auth {
+                status: 0,
+                message: format!("{what}: {NO_CREDENTIALS}"),
+            },
             SdkError::ConstructionFailure(_) => ProviderError::Protocol(scrub(format!(
                 "{what}: the request could not be built: {}",
                 aws_smithy_types::error::display::DisplayErrorContext(&e)
@@ -409,7 +413,7 @@ impl BedrockClient {
             .await
             .map_err(|e| ProviderError::Auth {
                 status: 0,
-                message: format!("no AWS credentials: {e}"),
+                message: format!("{NO_CREDENTIALS} ({e})"),
             })?;
         let op = match self.family {
             Family::Anthropic => "invoke",
@@ -453,6 +457,28 @@ impl BedrockClient {
         }
         self.http.send_once(req.body(body), true).await
     }
+}
+
+/// What a user with no AWS credentials is told.
+const NO_CREDENTIALS: &str = "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE (or `profile` in [provider]) for a profile in ~/.aws, or run with a web identity, container or instance role";
+
+/// Whether a call failed because the credential chain found nothing (or could not load it):
+/// a setup problem to report at once, not a network fault to wait out.
+fn missing_credentials<E, R>(e: &SdkError<E, R>) -> bool
+where
+    E: std::error::Error + 'static,
+    R: std::fmt::Debug + 'static,
+{
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<aws_credential_types::provider::error::CredentialsError>()
+            .is_some()
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// A service error's class, from its HTTP status and error code (docs/providers.md §5.6).
@@ -972,8 +998,17 @@ mod tests {
             "s3://b/out/abc123def456/"
         );
         assert!(job_name("0192f3a4-7b1c-7def-8123-456789abcdef").len() <= 63);
-        assert_eq!(s3_endpoint("https://s3.example.com"), "https://s3.example.com");
-        assert_eq!(s3_endpoint("http://127.0.0.1:9/s3"), "http://127.0.0.1:9/s3/");
-        assert_eq!(s3_endpoint("http://127.0.0.1:9/s3/"), "http://127.0.0.1:9/s3/");
+        assert_eq!(
+            s3_endpoint("https://s3.example.com"),
+            "https://s3.example.com"
+        );
+        assert_eq!(
+            s3_endpoint("http://127.0.0.1:9/s3"),
+            "http://127.0.0.1:9/s3/"
+        );
+        assert_eq!(
+            s3_endpoint("http://127.0.0.1:9/s3/"),
+            "http://127.0.0.1:9/s3/"
+        );
     }
 }
