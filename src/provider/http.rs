@@ -353,12 +353,40 @@ impl Http {
         what: &str,
     ) -> Result<u64, ProviderError> {
         use futures_util::StreamExt;
-        use tokio::io::AsyncWriteExt;
         if let Some(len) = resp.content_length()
             && len > cap
         {
             return Err(ProviderError::TooLarge { cap });
         }
+        let mut part = PartFile::create(dest, cap)?;
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| ProviderError::Transient {
+                status: None,
+                retry_after: None,
+                message: self
+                    .redactor
+                    .scrub_string(format!("download of {what} interrupted: {e}")),
+            })?;
+            part.write(&chunk).await?;
+        }
+        part.commit().await
+    }
+}
+
+/// A download being written: a private temporary file beside `dest`, renamed onto it once
+/// complete and removed if dropped before, its bytes counted against a cap. Downloads are
+/// never reused across a crash, so no fsync.
+pub struct PartFile {
+    tmp: std::path::PathBuf,
+    dest: std::path::PathBuf,
+    file: Option<tokio::io::BufWriter<tokio::fs::File>>,
+    total: u64,
+    cap: u64,
+}
+
+impl PartFile {
+    pub fn create(dest: &std::path::Path, cap: u64) -> Result<PartFile, ProviderError> {
         let dir = dest.parent().unwrap_or(std::path::Path::new("."));
         crate::util::fs::create_private_dir_all(dir)?;
         let tmp = dir.join(format!(
@@ -368,39 +396,49 @@ impl Http {
                 .unwrap_or_default(),
             std::process::id()
         ));
-        let mut file = tokio::io::BufWriter::with_capacity(
+        let file = tokio::io::BufWriter::with_capacity(
             FILE_CHUNK,
             tokio::fs::File::from_std(crate::util::fs::create_private(&tmp)?),
         );
-        let mut stream = resp.bytes_stream();
-        let mut total = 0u64;
-        let result: Result<(), ProviderError> = async {
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(|e| ProviderError::Transient {
-                    status: None,
-                    retry_after: None,
-                    message: self
-                        .redactor
-                        .scrub_string(format!("download of {what} interrupted: {e}")),
-                })?;
-                total += chunk.len() as u64;
-                if total > cap {
-                    return Err(ProviderError::TooLarge { cap });
-                }
-                crate::failpoint!("download.mid");
-                file.write_all(&chunk).await?;
-            }
-            file.flush().await?;
-            Ok(())
+        Ok(PartFile {
+            tmp,
+            dest: dest.to_path_buf(),
+            file: Some(file),
+            total: 0,
+            cap,
+        })
+    }
+
+    /// Appends `bytes`, refusing to go over the cap.
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), ProviderError> {
+        use tokio::io::AsyncWriteExt;
+        self.total += bytes.len() as u64;
+        if self.total > self.cap {
+            return Err(ProviderError::TooLarge { cap: self.cap });
         }
-        .await;
-        drop(file);
-        if let Err(e) = result {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
+        crate::failpoint!("download.mid");
+        if let Some(f) = &mut self.file {
+            f.write_all(bytes).await?;
         }
-        std::fs::rename(&tmp, dest)?;
-        Ok(total)
+        Ok(())
+    }
+
+    /// Flushes and moves the file into place; the bytes written.
+    pub async fn commit(mut self) -> Result<u64, ProviderError> {
+        use tokio::io::AsyncWriteExt;
+        if let Some(mut f) = self.file.take() {
+            f.flush().await?;
+        }
+        std::fs::rename(&self.tmp, &self.dest)?;
+        Ok(self.total)
+    }
+}
+
+impl Drop for PartFile {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
     }
 }
 

@@ -128,22 +128,25 @@ async fn online_anthropic_messages_end_exactly_billed() {
     end_to_end(Provider::AnthropicOnline, "standard").await;
 }
 
-/// Anthropic batches carry no metadata: a batch created just before a crash is found by its
-/// request count, creation time and custom_id prefix, and adopted — never created twice.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn anthropic_recovers_from_crashes_without_batch_metadata() {
+/// Random kills, then a crash right after the create is sent (at the first three creates):
+/// each scenario ends exact, and every batch the provider holds is one the store adopted.
+async fn recovers_from_crashes<F, Fut>(label: &str, scenario: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Scenario>,
+{
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64;
-    eprintln!("anthropic random kills: seed {seed}");
-    let sc = scenario_for(Provider::Anthropic, 1000, 200, faults()).await;
+    eprintln!("{label} random kills: seed {seed}");
+    let sc = scenario().await;
     random_kills(&sc, 10, seed, 2500).await;
     sc.run_until_done().await;
     assert_eq!(judge(&sc).await, Verdict::default(), "seed {seed}");
     if cfg!(feature = "failpoints") {
         for hit in 1..=3 {
-            let sc = scenario_for(Provider::Anthropic, 1000, 200, faults()).await;
+            let sc = scenario().await;
             let out = sc
                 .child(Some(&format!("create.after_send={hit}")))
                 .output()
@@ -165,6 +168,16 @@ async fn anthropic_recovers_from_crashes_without_batch_metadata() {
             store.close().await;
         }
     }
+}
+
+/// Anthropic batches carry no metadata: a batch created just before a crash is found by its
+/// request count, creation time and custom_id prefix, and adopted — never created twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_recovers_from_crashes_without_batch_metadata() {
+    recovers_from_crashes("anthropic", || {
+        scenario_for(Provider::Anthropic, 1000, 200, faults())
+    })
+    .await;
 }
 
 fn pipeline_with(sc: &Scenario, extra: &str) {
@@ -453,39 +466,7 @@ async fn bedrock_jobs_only() -> Scenario {
 /// clientRequestToken, and adopted — never created twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bedrock_recovers_from_crashes_by_job_name() {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("bedrock random kills: seed {seed}");
-    let sc = bedrock_jobs_only().await;
-    random_kills(&sc, 10, seed, 2500).await;
-    sc.run_until_done().await;
-    assert_eq!(judge(&sc).await, Verdict::default(), "seed {seed}");
-    if cfg!(feature = "failpoints") {
-        for hit in 1..=3 {
-            let sc = bedrock_jobs_only().await;
-            let out = sc
-                .child(Some(&format!("create.after_send={hit}")))
-                .output()
-                .await
-                .unwrap();
-            assert!(out.status.code().is_none(), "the crash point fired");
-            sc.run_until_done().await;
-            let v = judge(&sc).await;
-            assert_eq!(v, Verdict::default(), "create.after_send={hit}");
-            let store = SqlStore::open_sqlite(&sc.db).await.unwrap();
-            let adopted: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM batches WHERE provider_batch_id IS NOT NULL",
-            )
-            .fetch_one(store.sqlite_pool().unwrap())
-            .await
-            .unwrap();
-            let rec = record(&sc.sim).await;
-            assert_eq!(rec["batches"].as_array().unwrap().len() as i64, adopted);
-            store.close().await;
-        }
-    }
+    recovers_from_crashes("bedrock", bedrock_jobs_only).await;
 }
 
 /// The AWS credentials a Bedrock run signs with — the secret key and a session token —

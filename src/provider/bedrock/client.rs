@@ -20,14 +20,13 @@ use aws_sdk_bedrock::types::{
 };
 use aws_sdk_s3::primitives::ByteStream;
 use secrecy::SecretString;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::OnceCell;
 
 use super::codec::{BedrockCodec, Family};
 use super::types::Manifest;
 use crate::cost::Usage;
 use crate::provider::config::BedrockSettings;
-use crate::provider::http::{FILE_CHUNK, Http, RetryPolicy};
+use crate::provider::http::{Http, PartFile, RetryPolicy};
 use crate::provider::{
     BatchMeta, BatchProvider, Codec, CreateInput, LineOutcome, ProviderError, RemoteBatch,
     RemoteStatus, RequestCounts, ResultLine,
@@ -749,63 +748,34 @@ impl BatchProvider for BedrockClient {
             }
         }
         keys.sort();
-        let dir = dest.parent().unwrap_or(Path::new("."));
-        crate::util::fs::create_private_dir_all(dir)?;
-        let tmp = dir.join(format!(
-            ".{}.part-{}",
-            dest.file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default(),
-            std::process::id()
-        ));
-        let mut file = tokio::io::BufWriter::with_capacity(
-            FILE_CHUNK,
-            tokio::fs::File::from_std(crate::util::fs::create_private(&tmp)?),
-        );
-        let mut total = 0u64;
-        let result: Result<(), ProviderError> = async {
-            for key in &keys {
-                let obj =
-                    c.s3.get_object()
-                        .bucket(bucket)
-                        .key(key)
-                        .send()
-                        .await
-                        .map_err(|e| self.sdk_error("download the job's output", e, false))?;
-                let mut body = obj.body;
-                let mut last = b'\n';
-                while let Some(chunk) = body.next().await {
-                    let chunk = chunk.map_err(|e| ProviderError::Transient {
-                        status: None,
-                        retry_after: None,
-                        message: format!("download of {key} interrupted: {e}"),
-                    })?;
-                    total += chunk.len() as u64;
-                    if total > cap {
-                        return Err(ProviderError::TooLarge { cap });
-                    }
-                    if let Some(&l) = chunk.last() {
-                        last = l;
-                    }
-                    crate::failpoint!("download.mid");
-                    file.write_all(&chunk).await?;
+        let mut part = PartFile::create(dest, cap)?;
+        for key in &keys {
+            let obj =
+                c.s3.get_object()
+                    .bucket(bucket)
+                    .key(key)
+                    .send()
+                    .await
+                    .map_err(|e| self.sdk_error("download the job's output", e, false))?;
+            let mut body = obj.body;
+            let mut last = b'\n';
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| ProviderError::Transient {
+                    status: None,
+                    retry_after: None,
+                    message: format!("download of {key} interrupted: {e}"),
+                })?;
+                if let Some(&l) = chunk.last() {
+                    last = l;
                 }
-                // Files are joined line by line.
-                if last != b'\n' {
-                    file.write_all(b"\n").await?;
-                }
+                part.write(&chunk).await?;
             }
-            file.flush().await?;
-            Ok(())
+            // Files are joined line by line.
+            if last != b'\n' {
+                part.write(b"\n").await?;
+            }
         }
-        .await;
-        drop(file);
-        if let Err(e) = result {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        std::fs::rename(&tmp, dest)?;
-        Ok(total)
+        part.commit().await
     }
 
     fn parse_result_line(&self, line: &[u8]) -> Result<ResultLine, String> {
