@@ -63,6 +63,11 @@ pub(crate) fn bedrock(root: &str, region: &str) -> aws_sdk_bedrock::Client {
     aws_sdk_bedrock::Client::from_conf(config)
 }
 
+/// Both clients for the simulator at `root`, signing for `region`: S3, then Bedrock.
+pub(crate) fn clients(root: &str, region: &str) -> (aws_sdk_s3::Client, aws_sdk_bedrock::Client) {
+    (s3(root, region), bedrock(root, region))
+}
+
 /// A request with an `Authorization` header shaped like a SigV4 signature for `service` in
 /// `region` (the simulator checks the shape and the scope, not the signature).
 pub(crate) fn signed(

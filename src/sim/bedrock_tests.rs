@@ -50,9 +50,33 @@ fn fast() -> SimSettings {
     }
 }
 
-async fn start_sim(settings: SimSettings) -> SimHandle {
-    let sim = Sim::new(settings, prices()).unwrap();
+/// Serves `sim` on a free local port.
+async fn serve(sim: std::sync::Arc<Sim>) -> SimHandle {
     start(sim, "127.0.0.1:0".parse().unwrap()).await.unwrap()
+}
+
+async fn start_sim(settings: SimSettings) -> SimHandle {
+    serve(Sim::new(settings, prices()).unwrap()).await
+}
+
+/// A running simulator, its root URL, and the S3 and Bedrock clients pointed at it.
+type Served = (
+    SimHandle,
+    String,
+    aws_sdk_s3::Client,
+    aws_sdk_bedrock::Client,
+);
+
+/// `h` with its root URL and the clients for it (signing for `us-east-1`).
+fn with_clients(h: SimHandle) -> Served {
+    let root = h.root_url();
+    let (s3, br) = aws_test::clients(&root, "us-east-1");
+    (h, root, s3, br)
+}
+
+/// A simulator started with `settings`, with its root URL and the clients for it.
+async fn start_with_clients(settings: SimSettings) -> Served {
+    with_clients(start_sim(settings).await)
 }
 
 fn system() -> String {
@@ -73,13 +97,12 @@ fn converse_input(i: usize) -> Value {
         "system": [{"text": system()}]})
 }
 
-/// `n` records made by `input`, as a JSONL text.
-fn records(n: usize, input: fn(usize) -> Value) -> String {
-    (0..n)
-        .map(|i| {
-            json!({"recordId": format!("REC{i:07}"), "modelInput": input(i)}).to_string() + "\n"
-        })
-        .collect()
+/// The records numbered `ids`, made by `input`, as a JSONL text.
+fn records(ids: std::ops::Range<usize>, input: fn(usize) -> Value) -> String {
+    ids.map(|i| {
+        json!({"recordId": format!("REC{i:07}"), "modelInput": input(i)}).to_string() + "\n"
+    })
+    .collect()
 }
 
 async fn put(s3: &aws_sdk_s3::Client, key: &str, text: String) -> String {
@@ -93,6 +116,15 @@ async fn put(s3: &aws_sdk_s3::Client, key: &str, text: String) -> String {
         .e_tag()
         .unwrap()
         .to_string()
+}
+
+async fn delete(s3: &aws_sdk_s3::Client, key: &str) {
+    s3.delete_object()
+        .bucket(BUCKET)
+        .key(key)
+        .send()
+        .await
+        .unwrap();
 }
 
 async fn read(s3: &aws_sdk_s3::Client, key: &str) -> String {
@@ -121,14 +153,23 @@ async fn keys(s3: &aws_sdk_s3::Client, prefix: &str) -> Vec<String> {
         .collect()
 }
 
+/// `s3://BUCKET/key`.
+fn s3_uri(key: &str) -> String {
+    format!("s3://{BUCKET}/{key}")
+}
+
+type Create =
+    aws_sdk_bedrock::operation::create_model_invocation_job::builders::CreateModelInvocationJobFluentBuilder;
+type Job = aws_sdk_bedrock::operation::get_model_invocation_job::GetModelInvocationJobOutput;
+
+/// A create of the job `name` running `model` over the `input` URI, writing under `output`.
 fn create(
     br: &aws_sdk_bedrock::Client,
     name: &str,
     model: &str,
     input: &str,
     output: &str,
-) -> aws_sdk_bedrock::operation::create_model_invocation_job::builders::CreateModelInvocationJobFluentBuilder
-{
+) -> Create {
     let input = ModelInvocationJobInputDataConfig::S3InputDataConfig(
         ModelInvocationJobS3InputDataConfig::builder()
             .s3_uri(input)
@@ -161,13 +202,7 @@ fn terminal(s: &ModelInvocationJobStatus) -> bool {
 }
 
 /// Polls a job until it ends: its last description and every status seen on the way.
-async fn wait(
-    br: &aws_sdk_bedrock::Client,
-    arn: &str,
-) -> (
-    aws_sdk_bedrock::operation::get_model_invocation_job::GetModelInvocationJobOutput,
-    BTreeSet<String>,
-) {
+async fn wait(br: &aws_sdk_bedrock::Client, arn: &str) -> (Job, BTreeSet<String>) {
     let mut seen = BTreeSet::new();
     for _ in 0..500 {
         let job = br
@@ -186,8 +221,47 @@ async fn wait(
     panic!("job {arn} never ended");
 }
 
+/// Sends a create, which must be accepted: the job's ARN.
+async fn submit(create: Create) -> String {
+    create.send().await.unwrap().job_arn().to_string()
+}
+
+/// Creates a job as `create` does and waits for it to end: its ARN, its last description
+/// and every status seen on the way.
+async fn run(
+    br: &aws_sdk_bedrock::Client,
+    name: &str,
+    model: &str,
+    input: &str,
+    output: &str,
+) -> (String, Job, BTreeSet<String>) {
+    let arn = submit(create(br, name, model, input, output)).await;
+    let (job, seen) = wait(br, &arn).await;
+    (arn, job, seen)
+}
+
 fn job_id(arn: &str) -> &str {
     arn.rsplit('/').next().unwrap()
+}
+
+/// Where a job whose output URI is `s3://BUCKET/out/` writes: `out/` and its id.
+fn out_dir(arn: &str) -> String {
+    format!("out/{}/", job_id(arn))
+}
+
+/// The `.out` object a job wrote for its input object `file` (or its manifest), as text.
+async fn out_text(s3: &aws_sdk_s3::Client, arn: &str, file: &str) -> String {
+    read(s3, &format!("{}{file}.out", out_dir(arn))).await
+}
+
+/// What the job's `.out` object for `file` says.
+async fn out_lines(s3: &aws_sdk_s3::Client, arn: &str, file: &str) -> Lines {
+    read_lines(&out_text(s3, arn, file).await)
+}
+
+/// The job's `manifest.json.out`.
+async fn manifest(s3: &aws_sdk_s3::Client, arn: &str) -> Value {
+    serde_json::from_str(&out_text(s3, arn, "manifest.json").await).unwrap()
 }
 
 /// The job description as it is on the wire (fields this SDK version does not read).
@@ -439,12 +513,7 @@ async fn s3_objects_round_trip_through_the_sdk_under_the_s3_prefix() {
         .unwrap();
     assert_eq!(head.e_tag(), Some(tags["a/1.jsonl"].as_str()));
 
-    s3.delete_object()
-        .bucket(BUCKET)
-        .key("a/1.jsonl")
-        .send()
-        .await
-        .unwrap();
+    delete(&s3, "a/1.jsonl").await;
     let err = s3
         .get_object()
         .bucket(BUCKET)
@@ -455,12 +524,7 @@ async fn s3_objects_round_trip_through_the_sdk_under_the_s3_prefix() {
         .into_service_error();
     assert!(err.is_no_such_key(), "{err:?}");
     // Deleting what is not there is no error.
-    s3.delete_object()
-        .bucket(BUCKET)
-        .key("a/1.jsonl")
-        .send()
-        .await
-        .unwrap();
+    delete(&s3, "a/1.jsonl").await;
 
     // The SDK's default checksums send the upload aws-chunked, with a checksum trailer.
     let chunked = aws_test::s3_checksums(
@@ -514,35 +578,21 @@ async fn s3_objects_round_trip_through_the_sdk_under_the_s3_prefix() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn converse_and_anthropic_jobs_write_every_record_once_and_the_manifest_matches_the_bill() {
-    let h = start_sim(SimSettings {
+    let (h, root, s3, br) = start_with_clients(SimSettings {
         cache_rate: 0.3,
         ..fast()
     })
     .await;
-    let root = h.root_url();
-    let (s3, br) = (
-        aws_test::s3(&root, "us-east-1"),
-        aws_test::bedrock(&root, "us-east-1"),
-    );
     type Case = (&'static str, &'static str, fn(usize) -> Value);
     let cases: [Case; 2] = [
         ("nightshift-conv-0001.jsonl", NOVA, converse_input),
         ("nightshift-anth-0001.jsonl", HAIKU, anthropic_input),
     ];
     for (file, model, input) in cases {
-        put(&s3, &format!("in/{file}"), records(120, input)).await;
-        let arn = create(
-            &br,
-            &format!("ns-{}", &file[11..15]),
-            model,
-            &format!("s3://{BUCKET}/in/{file}"),
-            &format!("s3://{BUCKET}/out/"),
-        )
-        .send()
-        .await
-        .unwrap()
-        .job_arn()
-        .to_string();
+        put(&s3, &format!("in/{file}"), records(0..120, input)).await;
+        let name = format!("ns-{}", &file[11..15]);
+        let input_uri = s3_uri(&format!("in/{file}"));
+        let arn = submit(create(&br, &name, model, &input_uri, &s3_uri("out/"))).await;
         let id = job_id(&arn);
         assert_eq!(id.len(), 12);
         assert!(arn.starts_with("arn:aws:bedrock:us-east-1:123456789012:model-invocation-job/"));
@@ -567,7 +617,7 @@ async fn converse_and_anthropic_jobs_write_every_record_once_and_the_manifest_ma
             "{raw}"
         );
 
-        let dir = format!("out/{id}/");
+        let dir = out_dir(&arn);
         assert_eq!(
             keys(&s3, &dir).await,
             [
@@ -575,7 +625,7 @@ async fn converse_and_anthropic_jobs_write_every_record_once_and_the_manifest_ma
                 format!("{dir}{file}.out")
             ]
         );
-        let lines = read_lines(&read(&s3, &format!("{dir}{file}.out")).await);
+        let lines = out_lines(&s3, &arn, file).await;
         assert_eq!(lines.count, 120);
         assert!(lines.errors.is_empty());
         let expected: BTreeSet<String> = (0..120).map(|i| format!("REC{i:07}")).collect();
@@ -591,10 +641,8 @@ async fn converse_and_anthropic_jobs_write_every_record_once_and_the_manifest_ma
         }
         let total = sum(&lines);
         assert!(total.cached_input_tokens > 0, "some cache hits");
-        let manifest: Value =
-            serde_json::from_str(&read(&s3, &format!("{dir}manifest.json.out")).await).unwrap();
         assert_eq!(
-            manifest,
+            manifest(&s3, &arn).await,
             json!({"totalRecordCount": 120, "processedRecordCount": 120, "successRecordCount": 120,
                 "errorRecordCount": 0, "inputTokenCount": total.input_tokens,
                 "outputTokenCount": total.output_tokens})
@@ -628,33 +676,15 @@ async fn converse_and_anthropic_jobs_write_every_record_once_and_the_manifest_ma
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_records_get_error_lines_whose_code_is_now_a_number_now_a_string() {
-    let h = start_sim(SimSettings {
+    let (h, root, s3, br) = start_with_clients(SimSettings {
         fail_rate: 0.4,
         ..fast()
     })
     .await;
-    let root = h.root_url();
-    let (s3, br) = (
-        aws_test::s3(&root, "us-east-1"),
-        aws_test::bedrock(&root, "us-east-1"),
-    );
-    put(&s3, "in/f.jsonl", records(200, anthropic_input)).await;
-    let arn = create(
-        &br,
-        "faulty",
-        HAIKU,
-        &format!("s3://{BUCKET}/in/f.jsonl"),
-        &format!("s3://{BUCKET}/out/"),
-    )
-    .send()
-    .await
-    .unwrap()
-    .job_arn()
-    .to_string();
-    let (job, _) = wait(&br, &arn).await;
+    put(&s3, "in/f.jsonl", records(0..200, anthropic_input)).await;
+    let (arn, job, _) = run(&br, "faulty", HAIKU, &s3_uri("in/f.jsonl"), &s3_uri("out/")).await;
     assert_eq!(job.status(), Some(&ModelInvocationJobStatus::Completed));
-    let dir = format!("out/{}/", job_id(&arn));
-    let text = read(&s3, &format!("{dir}f.jsonl.out")).await;
+    let text = out_text(&s3, &arn, "f.jsonl").await;
     let (mut numbers, mut strings) = (0, 0);
     for l in text.lines() {
         let v: Value = serde_json::from_str(l).unwrap();
@@ -677,8 +707,7 @@ async fn failed_records_get_error_lines_whose_code_is_now_a_number_now_a_string(
     assert!(numbers > strings && strings > 0, "{numbers} {strings}");
     let lines = read_lines(&text);
     assert_eq!(lines.errors.len(), numbers + strings);
-    let manifest: Value =
-        serde_json::from_str(&read(&s3, &format!("{dir}manifest.json.out")).await).unwrap();
+    let manifest = manifest(&s3, &arn).await;
     assert_eq!(manifest["errorRecordCount"], numbers + strings);
     assert_eq!(manifest["successRecordCount"], lines.answers.len());
     assert_eq!(manifest["processedRecordCount"], 200);
@@ -693,40 +722,20 @@ async fn failed_records_get_error_lines_whose_code_is_now_a_number_now_a_string(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_create_makes_no_second_job_and_a_stopped_job_cannot_be_stopped_again() {
-    let h = start_sim(SimSettings {
+    let (h, root, s3, br) = start_with_clients(SimSettings {
         batch_seconds: 10.0,
         ..Default::default()
     })
     .await;
-    let root = h.root_url();
-    let (s3, br) = (
-        aws_test::s3(&root, "us-east-1"),
-        aws_test::bedrock(&root, "us-east-1"),
-    );
-    put(&s3, "in/a.jsonl", records(120, converse_input)).await;
-    let input = format!("s3://{BUCKET}/in/a.jsonl");
-    let output = format!("s3://{BUCKET}/out/");
+    put(&s3, "in/a.jsonl", records(0..120, converse_input)).await;
+    let (input, output) = (s3_uri("in/a.jsonl"), s3_uri("out/"));
     let make = |name: &str, token: &str| {
-        create(&br, name, NOVA, &input, &output)
-            .client_request_token(token)
-            .send()
+        submit(create(&br, name, NOVA, &input, &output).client_request_token(token))
     };
-    let first = make("alpha-1", "token-1")
-        .await
-        .unwrap()
-        .job_arn()
-        .to_string();
-    let again = make("alpha-1", "token-1")
-        .await
-        .unwrap()
-        .job_arn()
-        .to_string();
+    let first = make("alpha-1", "token-1").await;
+    let again = make("alpha-1", "token-1").await;
     assert_eq!(first, again);
-    let second = make("beta-2", "token-2")
-        .await
-        .unwrap()
-        .job_arn()
-        .to_string();
+    let second = make("beta-2", "token-2").await;
     assert_ne!(first, second);
     assert_eq!(record(&root).await["batches"].as_array().unwrap().len(), 2);
 
@@ -797,27 +806,15 @@ async fn a_replayed_create_makes_no_second_job_and_a_stopped_job_cannot_be_stopp
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_that_never_starts_expires_empty_and_one_cut_short_bills_what_ran() {
     // The first job never starts; the second runs.
-    let h = start_sim(SimSettings {
+    let (h, root, s3, br) = start_with_clients(SimSettings {
         batch_seconds: 1.0,
         unstarted_first: 1,
         ..Default::default()
     })
     .await;
-    let root = h.root_url();
-    let (s3, br) = (
-        aws_test::s3(&root, "us-east-1"),
-        aws_test::bedrock(&root, "us-east-1"),
-    );
-    put(&s3, "in/a.jsonl", records(120, anthropic_input)).await;
-    let input = format!("s3://{BUCKET}/in/a.jsonl");
-    let output = format!("s3://{BUCKET}/out/");
-    let arn = create(&br, "never", HAIKU, &input, &output)
-        .send()
-        .await
-        .unwrap()
-        .job_arn()
-        .to_string();
-    let (job, seen) = wait(&br, &arn).await;
+    put(&s3, "in/a.jsonl", records(0..120, anthropic_input)).await;
+    let (input, output) = (s3_uri("in/a.jsonl"), s3_uri("out/"));
+    let (_, job, seen) = run(&br, "never", HAIKU, &input, &output).await;
     assert_eq!(job.status(), Some(&ModelInvocationJobStatus::Expired));
     assert!(
         seen.contains("Scheduled") && !seen.contains("InProgress"),
@@ -826,44 +823,25 @@ async fn a_job_that_never_starts_expires_empty_and_one_cut_short_bills_what_ran(
     assert!(keys(&s3, "out/").await.is_empty(), "no output at all");
     let rec = record(&root).await;
     assert_eq!(rec["bill"]["totals"]["requests"], 0);
-    let arn = create(&br, "runs", HAIKU, &input, &output)
-        .send()
-        .await
-        .unwrap()
-        .job_arn()
-        .to_string();
-    let (job, _) = wait(&br, &arn).await;
+    let (_, job, _) = run(&br, "runs", HAIKU, &input, &output).await;
     assert_eq!(job.status(), Some(&ModelInvocationJobStatus::Completed));
     h.stop().await;
 
     // The first job times out half-way.
-    let h = start_sim(SimSettings {
+    let (h, root, s3, br) = start_with_clients(SimSettings {
         expire_first: 1,
         ..fast()
     })
     .await;
-    let root = h.root_url();
-    let (s3, br) = (
-        aws_test::s3(&root, "us-east-1"),
-        aws_test::bedrock(&root, "us-east-1"),
-    );
-    put(&s3, "in/a.jsonl", records(120, anthropic_input)).await;
-    let arn = create(&br, "partly", HAIKU, &input, &output)
-        .send()
-        .await
-        .unwrap()
-        .job_arn()
-        .to_string();
-    let (job, _) = wait(&br, &arn).await;
+    put(&s3, "in/a.jsonl", records(0..120, anthropic_input)).await;
+    let (arn, job, _) = run(&br, "partly", HAIKU, &input, &output).await;
     assert_eq!(
         job.status(),
         Some(&ModelInvocationJobStatus::PartiallyCompleted)
     );
-    let dir = format!("out/{}/", job_id(&arn));
-    let lines = read_lines(&read(&s3, &format!("{dir}a.jsonl.out")).await);
+    let lines = out_lines(&s3, &arn, "a.jsonl").await;
     assert_eq!((lines.count, lines.answers.len()), (60, 60));
-    let manifest: Value =
-        serde_json::from_str(&read(&s3, &format!("{dir}manifest.json.out")).await).unwrap();
+    let manifest = manifest(&s3, &arn).await;
     assert_eq!(manifest["totalRecordCount"], 120);
     assert_eq!(manifest["processedRecordCount"], 60);
     let raw = raw_job(&root, &arn).await;
@@ -881,27 +859,10 @@ async fn a_job_that_never_starts_expires_empty_and_one_cut_short_bills_what_ran(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_jobs_fail_with_a_message_and_bad_creates_are_refused() {
-    let h = start_sim(fast()).await;
-    let root = h.root_url();
-    let (s3, br) = (
-        aws_test::s3(&root, "us-east-1"),
-        aws_test::bedrock(&root, "us-east-1"),
-    );
-    let output = format!("s3://{BUCKET}/out/");
-    put(&s3, "in/small.jsonl", records(50, converse_input)).await;
-    let arn = create(
-        &br,
-        "small",
-        NOVA,
-        &format!("s3://{BUCKET}/in/small.jsonl"),
-        &output,
-    )
-    .send()
-    .await
-    .unwrap()
-    .job_arn()
-    .to_string();
-    let (job, _) = wait(&br, &arn).await;
+    let (h, _, s3, br) = start_with_clients(fast()).await;
+    let output = s3_uri("out/");
+    put(&s3, "in/small.jsonl", records(0..50, converse_input)).await;
+    let (_, job, _) = run(&br, "small", NOVA, &s3_uri("in/small.jsonl"), &output).await;
     assert_eq!(job.status(), Some(&ModelInvocationJobStatus::Failed));
     let message = job.message().unwrap();
     assert!(
@@ -911,57 +872,26 @@ async fn bad_jobs_fail_with_a_message_and_bad_creates_are_refused() {
         "{message}"
     );
 
-    let mut text = records(120, converse_input);
+    let mut text = records(0..120, converse_input);
     text.push_str("{\"recordId\": \"REC-no-input\"}\n");
     put(&s3, "in/broken.jsonl", text).await;
-    let arn = create(
-        &br,
-        "broken",
-        NOVA,
-        &format!("s3://{BUCKET}/in/broken.jsonl"),
-        &output,
-    )
-    .send()
-    .await
-    .unwrap()
-    .job_arn()
-    .to_string();
-    let (job, _) = wait(&br, &arn).await;
+    let (_, job, _) = run(&br, "broken", NOVA, &s3_uri("in/broken.jsonl"), &output).await;
     assert_eq!(job.status(), Some(&ModelInvocationJobStatus::Failed));
     assert!(job.message().unwrap().contains("Line 121"), "{job:?}");
 
     // A prefix: every .jsonl object under it, one .out for each.
-    put(&s3, "in/many/one.jsonl", records(60, converse_input)).await;
+    put(&s3, "in/many/one.jsonl", records(0..60, converse_input)).await;
     put(&s3, "in/many/notes.txt", "not records".into()).await;
-    let more: String = (60..130)
-        .map(|i| {
-            json!({"recordId": format!("REC{i:07}"), "modelInput": converse_input(i)}).to_string()
-                + "\n"
-        })
-        .collect();
-    put(&s3, "in/many/two.jsonl", more).await;
-    let arn = create(
-        &br,
-        "many",
-        NOVA,
-        &format!("s3://{BUCKET}/in/many/"),
-        &output,
-    )
-    .send()
-    .await
-    .unwrap()
-    .job_arn()
-    .to_string();
-    let (job, _) = wait(&br, &arn).await;
+    put(&s3, "in/many/two.jsonl", records(60..130, converse_input)).await;
+    let (arn, job, _) = run(&br, "many", NOVA, &s3_uri("in/many/"), &output).await;
     assert_eq!(job.status(), Some(&ModelInvocationJobStatus::Completed));
-    let dir = format!("out/{}/", job_id(&arn));
-    let one = read_lines(&read(&s3, &format!("{dir}one.jsonl.out")).await);
-    let two = read_lines(&read(&s3, &format!("{dir}two.jsonl.out")).await);
+    let one = out_lines(&s3, &arn, "one.jsonl").await;
+    let two = out_lines(&s3, &arn, "two.jsonl").await;
     assert_eq!((one.count, two.count), (60, 70));
     assert!(one.answers.contains_key("REC0000059") && two.answers.contains_key("REC0000060"));
 
     // Refused at once.
-    let input = format!("s3://{BUCKET}/in/small.jsonl");
+    let input = s3_uri("in/small.jsonl");
     let refused = [
         create(&br, "bad name!", NOVA, &input, &output),
         create(&br, "timeout", NOVA, &input, &output).timeout_duration_in_hours(12),
@@ -1180,20 +1110,16 @@ async fn http_faults_answer_in_aws_shapes_and_a_lost_create_still_makes_its_job(
     }
     h.stop().await;
 
-    let h = start_sim(SimSettings {
+    let (h, root, s3, br) = start_with_clients(SimSettings {
         drop_create_rate: 1.0,
         ..fast()
     })
     .await;
-    let root = h.root_url();
-    let (s3, br) = (
-        aws_test::s3(&root, "us-east-1"),
-        aws_test::bedrock(&root, "us-east-1"),
-    );
-    put(&s3, "in/a.jsonl", records(120, converse_input)).await;
+    put(&s3, "in/a.jsonl", records(0..120, converse_input)).await;
+    let (input, output) = (s3_uri("in/a.jsonl"), s3_uri("out/"));
     let body = json!({"jobName": "lost", "roleArn": ROLE, "modelId": NOVA, "clientRequestToken": "lost-1",
-        "inputDataConfig": {"s3InputDataConfig": {"s3Uri": format!("s3://{BUCKET}/in/a.jsonl")}},
-        "outputDataConfig": {"s3OutputDataConfig": {"s3Uri": format!("s3://{BUCKET}/out/")}}});
+        "inputDataConfig": {"s3InputDataConfig": {"s3Uri": input}},
+        "outputDataConfig": {"s3OutputDataConfig": {"s3Uri": output}}});
     let r = aws_test::signed(
         reqwest::Method::POST,
         &format!("{root}/model-invocation-job"),
@@ -1212,18 +1138,9 @@ async fn http_faults_answer_in_aws_shapes_and_a_lost_create_still_makes_its_job(
     assert_eq!(jobs.invocation_job_summaries().len(), 1, "the job exists");
     let arn = jobs.invocation_job_summaries()[0].job_arn().to_string();
     // A replay with the same token learns its ARN, whole.
-    let again = create(
-        &br,
-        "lost",
-        NOVA,
-        &format!("s3://{BUCKET}/in/a.jsonl"),
-        &format!("s3://{BUCKET}/out/"),
-    )
-    .client_request_token("lost-1")
-    .send()
-    .await
-    .unwrap();
-    assert_eq!(again.job_arn(), arn);
+    let again =
+        submit(create(&br, "lost", NOVA, &input, &output).client_request_token("lost-1")).await;
+    assert_eq!(again, arn);
     h.stop().await;
 }
 
@@ -1231,48 +1148,20 @@ async fn http_faults_answer_in_aws_shapes_and_a_lost_create_still_makes_its_job(
 async fn objects_and_jobs_survive_a_reopened_state() {
     let dir = tempfile::tempdir().unwrap();
     let open = || Sim::persistent(dir.path(), fast(), prices()).unwrap();
-    let h = start(open(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let root = h.root_url();
-    let (s3, br) = (
-        aws_test::s3(&root, "us-east-1"),
-        aws_test::bedrock(&root, "us-east-1"),
-    );
-    put(&s3, "in/a.jsonl", records(100, converse_input)).await;
-    let arn = create(
-        &br,
-        "kept",
-        NOVA,
-        &format!("s3://{BUCKET}/in/a.jsonl"),
-        &format!("s3://{BUCKET}/out"),
-    )
-    .send()
-    .await
-    .unwrap()
-    .job_arn()
-    .to_string();
-    let (job, _) = wait(&br, &arn).await;
+    let (h, root, s3, br) = with_clients(serve(open()).await);
+    put(&s3, "in/a.jsonl", records(0..100, converse_input)).await;
+    let (arn, job, _) = run(&br, "kept", NOVA, &s3_uri("in/a.jsonl"), &s3_uri("out")).await;
     assert_eq!(job.status(), Some(&ModelInvocationJobStatus::Completed));
     // The client cleans up its input: the job's output stays.
-    s3.delete_object()
-        .bucket(BUCKET)
-        .key("in/a.jsonl")
-        .send()
-        .await
-        .unwrap();
+    delete(&s3, "in/a.jsonl").await;
     let before = record(&root).await;
     h.stop().await;
 
-    let h = start(open(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let root = h.root_url();
-    let (s3, br) = (
-        aws_test::s3(&root, "us-east-1"),
-        aws_test::bedrock(&root, "us-east-1"),
-    );
+    let (h, root, s3, br) = with_clients(serve(open()).await);
     let after = record(&root).await;
     assert_eq!(before["s3_objects"], after["s3_objects"]);
     assert_eq!(before["bill"], after["bill"]);
-    let out = format!("out/{}/a.jsonl.out", job_id(&arn));
-    assert_eq!(read_lines(&read(&s3, &out).await).count, 100);
+    assert_eq!(out_lines(&s3, &arn, "a.jsonl").await.count, 100);
     let job = br
         .get_model_invocation_job()
         .job_identifier(&arn)
