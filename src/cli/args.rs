@@ -34,6 +34,14 @@ pub enum LogFormat {
 pub enum Command {
     /// Run a pipeline: ingest the source, send what is new, retry what failed, report.
     Run(RunArgs),
+    /// Write a starting pipeline (commented), its schema and a sample source into DIR; it runs
+    /// offline at once. Files already there are kept.
+    #[command(after_help = "Example:\n  nightshift init demo && nightshift run demo/pipeline.toml")]
+    Init {
+        /// The folder to write into (created if need be).
+        #[arg(default_value = "nightshift-pipeline")]
+        dir: PathBuf,
+    },
     /// Check a pipeline file and its environment; list every problem.
     Validate {
         /// The pipeline file.

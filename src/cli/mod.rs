@@ -46,6 +46,7 @@ pub async fn main(cli: Cli) -> i32 {
     JSON_LOGS.store(json_logs, std::sync::atomic::Ordering::Relaxed);
     let result = match cli.command {
         Command::Run(a) => commands::run::run(a, json_logs).await,
+        Command::Init { dir } => commands::init::run(&dir),
         Command::Validate { file } => commands::validate::run(&file),
         Command::Report(a) => commands::report::run(a).await,
         Command::Runs(a) => commands::runs::run(a).await,

@@ -491,3 +491,56 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// `init` gives a newcomer a pipeline of their own that runs offline at once; running it
+/// again keeps what they have edited.
+#[test]
+fn init_writes_a_pipeline_that_runs_offline_and_a_second_init_keeps_edits() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().join("demo");
+    let out = bin().arg("init").arg(&demo).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = bin()
+        .args(["run", "--no-progress"])
+        .arg(demo.join("pipeline.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records = std::fs::read_to_string(demo.join("data/tickets.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
+    let results = std::fs::read_to_string(demo.join("out/tickets.jsonl")).unwrap();
+    assert_eq!(results.lines().count(), records);
+    assert!(
+        results
+            .lines()
+            .all(|l| serde_json::from_str::<Value>(l).unwrap()["status"] == "succeeded"),
+        "{results}"
+    );
+
+    let edited = std::fs::read_to_string(demo.join("pipeline.toml"))
+        .unwrap()
+        .replace("name = \"ticket-labels\"", "name = \"my-tickets\"");
+    std::fs::write(demo.join("pipeline.toml"), &edited).unwrap();
+    std::fs::remove_file(demo.join("schemas/ticket.json")).unwrap();
+    let out = bin().arg("init").arg(&demo).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("kept") && said.contains("created"), "{said}");
+    assert_eq!(
+        std::fs::read_to_string(demo.join("pipeline.toml")).unwrap(),
+        edited
+    );
+    assert!(demo.join("schemas/ticket.json").exists());
+}
