@@ -42,6 +42,17 @@ pub enum Command {
         #[arg(default_value = "nightshift-pipeline")]
         dir: PathBuf,
     },
+    /// Print a shell completion script on stdout.
+    #[command(
+        after_help = "Example:\n  nightshift completions bash > ~/.local/share/bash-completion/completions/nightshift\n  nightshift completions zsh > \"${fpath[1]}/_nightshift\""
+    )]
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout.
+    #[command(after_help = "Example:\n  nightshift man > ~/.local/share/man/man1/nightshift.1")]
+    Man,
     /// Check a pipeline file and its environment; list every problem.
     Validate {
         /// The pipeline file.
@@ -119,6 +130,8 @@ impl Command {
                 | Command::Status(_)
                 | Command::Plan(_)
                 | Command::Reconcile(_)
+                | Command::Completions { .. }
+                | Command::Man
         )
     }
 }

@@ -47,6 +47,8 @@ pub async fn main(cli: Cli) -> i32 {
     let result = match cli.command {
         Command::Run(a) => commands::run::run(a, json_logs).await,
         Command::Init { dir } => commands::init::run(&dir),
+        Command::Completions { shell } => commands::shell::completions(shell),
+        Command::Man => commands::shell::man(),
         Command::Validate { file } => commands::validate::run(&file),
         Command::Report(a) => commands::report::run(a).await,
         Command::Runs(a) => commands::runs::run(a).await,

@@ -544,3 +544,54 @@ fn init_writes_a_pipeline_that_runs_offline_and_a_second_init_keeps_edits() {
     );
     assert!(demo.join("schemas/ticket.json").exists());
 }
+
+/// Completions and the man page come from the command line itself: every command is in
+/// them, and bash accepts the script.
+#[test]
+fn completions_and_the_man_page_cover_every_command() {
+    let commands = [
+        "run",
+        "init",
+        "validate",
+        "report",
+        "runs",
+        "status",
+        "cancel",
+        "plan",
+        "reconcile",
+        "worker",
+    ];
+    let bash = bin().args(["completions", "bash"]).output().unwrap();
+    assert_eq!(bash.status.code(), Some(0));
+    let script = String::from_utf8(bash.stdout).unwrap();
+    for c in commands {
+        assert!(script.contains(c), "bash completions lack {c}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nightshift.bash");
+    std::fs::write(&path, &script).unwrap();
+    let check = Command::new("bash").arg("-n").arg(&path).output().unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    for shell in ["zsh", "fish"] {
+        let out = bin().args(["completions", shell]).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{shell}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("reconcile"),
+            "{shell}"
+        );
+    }
+    let man = bin().arg("man").output().unwrap();
+    assert_eq!(man.status.code(), Some(0));
+    let page = String::from_utf8(man.stdout).unwrap();
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH nightshift 1"),
+        "{page}"
+    );
+    for c in commands {
+        assert!(page.contains(c), "the man page lacks {c}");
+    }
+}

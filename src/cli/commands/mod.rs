@@ -7,6 +7,7 @@ pub(crate) mod reconcile;
 pub(crate) mod report;
 pub(crate) mod run;
 pub(crate) mod runs;
+pub(crate) mod shell;
 pub(crate) mod simulate;
 pub(crate) mod status;
 pub(crate) mod validate;
