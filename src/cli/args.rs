@@ -33,6 +33,9 @@ pub enum LogFormat {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run a pipeline: ingest the source, send what is new, retry what failed, report.
+    #[command(
+        after_help = "Examples:\n  nightshift run pipeline.toml                    send what is new, wait, write the results\n  nightshift run pipeline.toml --detach           send and leave; a later run collects\n  nightshift run pipeline.toml --budget-usd 20    never commit more than $20 this run"
+    )]
     Run(RunArgs),
     /// Write a starting pipeline (commented), its schema and a sample source into DIR; it runs
     /// offline at once. Files already there are kept.
@@ -54,27 +57,49 @@ pub enum Command {
     #[command(after_help = "Example:\n  nightshift man > ~/.local/share/man/man1/nightshift.1")]
     Man,
     /// Check a pipeline file and its environment; list every problem.
+    #[command(after_help = "Example:\n  nightshift validate pipeline.toml")]
     Validate {
         /// The pipeline file.
         file: PathBuf,
     },
     /// Show a run's figures (the latest run by default).
+    #[command(
+        after_help = "Examples:\n  nightshift report pipeline.toml\n  nightshift report pipeline.toml --json | jq .cost_per_processed_item_usd\n  nightshift report pipeline.toml --items      every attempt, its tokens, cost and verdict"
+    )]
     Report(ReportArgs),
     /// List runs: start, duration, status, records, items sent, cost, cost per processed item.
+    #[command(
+        after_help = "Example:\n  nightshift runs pipeline.toml --limit 14      the last two weeks of nights"
+    )]
     Runs(RunsArgs),
     /// Show batches still in flight.
+    #[command(after_help = "Example:\n  nightshift status pipeline.toml")]
     Status(StatusArgs),
     /// Cancel the batches in flight and record what they were billed.
+    #[command(
+        after_help = "Example:\n  nightshift cancel pipeline.toml               stop what is in flight, keep what was billed"
+    )]
     Cancel(CancelArgs),
     /// Serve the provider simulator (OpenAI Files + Batches wire format).
+    #[command(
+        after_help = "Example:\n  nightshift simulate --listen 127.0.0.1:8080 --fail-rate 0.05 --batch-seconds 5"
+    )]
     Simulate(SimulateArgs),
     /// Measure end-to-end throughput on synthetic records against the simulator.
+    #[command(after_help = "Example:\n  nightshift bench --items 100000")]
     Bench(BenchArgs),
     /// The cost worksheet of a pipeline, before anything is spent.
+    #[command(
+        after_help = "Examples:\n  nightshift plan pipeline.toml\n  nightshift plan pipeline.toml --monthly-items 300000 --markdown"
+    )]
     Plan(PlanArgs),
     /// Plan vs actual for a run, and the ledger vs the provider's own figures.
+    #[command(after_help = "Example:\n  nightshift reconcile pipeline.toml --run 01a2")]
     Reconcile(ReconcileArgs),
     /// Work on pipelines alongside other workers sharing a PostgreSQL store, until stopped.
+    #[command(
+        after_help = "Example:\n  nightshift worker pipeline.toml --db postgres://nightshift@db.internal/nightshift"
+    )]
     Worker(WorkerArgs),
 }
 

@@ -595,3 +595,27 @@ fn completions_and_the_man_page_cover_every_command() {
         assert!(page.contains(c), "the man page lacks {c}");
     }
 }
+
+/// Every command's `--help` ends with an example of its use.
+#[test]
+fn every_command_help_shows_an_example() {
+    let top = bin().arg("--help").output().unwrap();
+    let text = String::from_utf8(top.stdout).unwrap();
+    let commands: Vec<String> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .filter(|c| c != "help")
+        .collect();
+    assert!(commands.len() >= 14, "{commands:?}");
+    for c in &commands {
+        let out = bin().arg(c).arg("--help").output().unwrap();
+        let help = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            help.contains("Example") && help.contains(&format!("nightshift {c}")),
+            "`nightshift {c} --help` shows no example:\n{help}"
+        );
+    }
+}
