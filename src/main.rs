@@ -44,6 +44,7 @@ fn main() {
         .with_target("aws_smithy_runtime", LevelFilter::DEBUG);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(cli.log_format == LogFormat::Text && cli.color.for_stderr())
         .with_writer(std::io::stderr);
     if cli.log_format == LogFormat::Json {
         builder.json().finish().with(cap).init();

@@ -10,7 +10,7 @@ pub mod exit;
 pub(crate) mod progress;
 pub(crate) mod session;
 
-pub use args::{Cli, Command, LogFormat};
+pub use args::{Cli, ColorChoice, Command, LogFormat};
 pub use exit::{EXIT_CONFIG, EXIT_ERROR, EXIT_FAILED_ITEMS, EXIT_OK, EXIT_TEMPFAIL, Exit};
 
 /// Whether messages for people go out as JSON log records (`--log-format json`).
@@ -19,6 +19,24 @@ pub(crate) static JSON_LOGS: std::sync::atomic::AtomicBool =
 
 pub(crate) fn json_logs() -> bool {
     JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether `error:` and `warning:` are coloured (`--color`, `NO_COLOR`, a terminal).
+static COLOR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `error:`, `warning:` or `hint:`, in bold red, yellow or cyan when stderr takes colour.
+pub(crate) fn label(kind: &str) -> String {
+    use anstyle::{AnsiColor, Style};
+    if !COLOR.load(std::sync::atomic::Ordering::Relaxed) {
+        return format!("{kind}:");
+    }
+    let colour = match kind {
+        "error" => AnsiColor::Red,
+        "warning" => AnsiColor::Yellow,
+        _ => AnsiColor::Cyan,
+    };
+    let style = Style::new().bold().fg_color(Some(colour.into()));
+    format!("{style}{kind}:{style:#}")
 }
 
 /// A message for the person running the command, on stderr (with `--log-format json`, a
@@ -36,7 +54,7 @@ pub(crate) fn warn(msg: impl std::fmt::Display) {
     if json_logs() {
         tracing::warn!("{msg}");
     } else {
-        eprintln!("warning: {msg}");
+        eprintln!("{} {msg}", label("warning"));
     }
 }
 
@@ -44,6 +62,7 @@ pub(crate) fn warn(msg: impl std::fmt::Display) {
 pub async fn main(cli: Cli) -> i32 {
     let json_logs = cli.log_format == LogFormat::Json;
     JSON_LOGS.store(json_logs, std::sync::atomic::Ordering::Relaxed);
+    COLOR.store(cli.color.for_stderr(), std::sync::atomic::Ordering::Relaxed);
     let result = match cli.command {
         Command::Run(a) => commands::run::run(a, json_logs).await,
         Command::Init { dir } => commands::init::run(&dir),
@@ -86,7 +105,7 @@ pub async fn main(cli: Cli) -> i32 {
             if json_logs {
                 tracing::error!(exit_code = code, causes = %causes.join("; "), "{error}");
             } else {
-                eprintln!("error: {error}");
+                eprintln!("{} {error}", label("error"));
                 for c in causes {
                     eprintln!("  Caused by: {c}");
                 }

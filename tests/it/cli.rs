@@ -619,3 +619,49 @@ fn every_command_help_shows_an_example() {
         );
     }
 }
+
+/// `error:` and log lines carry colour only on a terminal (auto) or when asked for; a pipe,
+/// `--color never` and `NO_COLOR` get plain text.
+#[test]
+fn colour_goes_to_terminals_or_on_request_only() {
+    let plain = bin()
+        .args(["validate", "/nonexistent/pipeline.toml"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8(plain.stderr).unwrap();
+    assert!(
+        err.starts_with("error: ") && !err.contains('\x1b'),
+        "{err:?}"
+    );
+    let coloured = bin()
+        .args([
+            "--color",
+            "always",
+            "validate",
+            "/nonexistent/pipeline.toml",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8(coloured.stderr).unwrap();
+    assert!(err.starts_with('\x1b') && err.contains("error:"), "{err:?}");
+    // Debug logs of a whole run, through a pipe: no escape codes.
+    let dir = tempfile::tempdir().unwrap();
+    assert!(
+        bin()
+            .arg("init")
+            .arg(dir.path())
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+    let run = bin()
+        .args(["run", "--no-progress"])
+        .arg(dir.path().join("pipeline.toml"))
+        .env("NIGHTSHIFT_LOG", "nightshift=debug")
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8(run.stderr).unwrap();
+    assert!(err.lines().count() > 5 && !err.contains('\x1b'), "{err}");
+}

@@ -115,7 +115,7 @@ pub(crate) async fn run(a: RunArgs, json_logs: bool) -> Result<i32, Exit> {
         if json_logs {
             tracing::error!(exit_code = outcome.exit_code, "{m}");
         } else {
-            eprintln!("error: {m}");
+            eprintln!("{} {m}", crate::cli::label("error"));
         }
     }
     store.close().await;
