@@ -343,16 +343,7 @@ async fn small_retry_rounds_go_online() {
             .all(|o| !o["custom_id"].as_str().unwrap().ends_with("-1")),
         "only retries go online"
     );
-    let modes: Vec<&str> = rec["bill"]["per_model"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["pricing_mode"].as_str().unwrap())
-        .collect();
-    assert!(
-        modes.contains(&"batch") && modes.contains(&"standard"),
-        "{modes:?}"
-    );
+    assert_billed_at_batch_and_standard_prices(&rec);
 }
 
 /// Bedrock with its two kinds of expiry: the first job never starts (`Expired`: its requests
@@ -419,16 +410,7 @@ async fn bedrock_jobs_end_exactly_billed_through_unstarted_and_partial_jobs() {
     store.close().await;
     // The last, small retry rounds went to the runtime, at on-demand prices.
     assert!(!rec["online"].as_array().unwrap().is_empty());
-    let modes: Vec<&str> = rec["bill"]["per_model"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["pricing_mode"].as_str().unwrap())
-        .collect();
-    assert!(
-        modes.contains(&"batch") && modes.contains(&"standard"),
-        "{modes:?}"
-    );
+    assert_billed_at_batch_and_standard_prices(&rec);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -558,4 +540,18 @@ async fn a_bedrock_run_without_credentials_says_so_at_once() {
     // With credentials, the same store finishes the job.
     sc.run_until_done().await;
     assert_eq!(judge(&sc).await, Verdict::default());
+}
+
+/// The simulator billed both batch requests and online ones.
+fn assert_billed_at_batch_and_standard_prices(rec: &Value) {
+    let modes: Vec<&str> = rec["bill"]["per_model"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["pricing_mode"].as_str().unwrap())
+        .collect();
+    assert!(
+        modes.contains(&"batch") && modes.contains(&"standard"),
+        "{modes:?}"
+    );
 }
