@@ -91,7 +91,7 @@ pub enum Command {
     },
     /// Show a run's figures (the latest run by default).
     #[command(
-        after_help = "Examples:\n  nightshift report pipeline.toml\n  nightshift report pipeline.toml --json | jq .cost_per_processed_item_usd\n  nightshift report pipeline.toml --items      every attempt, its tokens, cost and verdict"
+        after_help = "Examples:\n  nightshift report pipeline.toml\n  nightshift report pipeline.toml --json | jq .cost_per_processed_item_usd\n  nightshift report pipeline.toml --items      every attempt, its tokens, cost and verdict\n  nightshift report pipeline.toml --html night.html   one page to open in a browser"
     )]
     Report(ReportArgs),
     /// List runs: start, duration, status, records, items sent, cost, cost per processed item.
@@ -336,6 +336,10 @@ pub struct ReportArgs {
     /// The per-item audit: every attempt, its batch, tokens, cost and verdict.
     #[arg(long)]
     pub items: bool,
+    /// Also write the report as one self-contained HTML page (charts, batches, plan vs
+    /// actual, recent runs) to FILE.
+    #[arg(long, value_name = "FILE", conflicts_with = "items")]
+    pub html: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

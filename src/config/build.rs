@@ -568,6 +568,13 @@ pub(super) fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> (Pipeline, 
         pricing_file,
         budget,
         plan,
+        report: ReportConfig {
+            html: raw
+                .report
+                .and_then(|r| r.html)
+                .filter(|h| !h.is_empty())
+                .map(|h| resolve(dir, &h)),
+        },
     };
     (pipeline, p)
 }

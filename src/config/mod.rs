@@ -110,6 +110,13 @@ pub struct OutputConfig {
     pub path: PathBuf,
 }
 
+/// `[report]`: what a run writes besides its summary.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ReportConfig {
+    /// `html`: the HTML report, rewritten at the end of every run.
+    pub html: Option<PathBuf>,
+}
+
 /// The name under which a chunk stage's template sees its chunk (`index`, `count`, `text`).
 pub const CHUNK_VAR: &str = "chunk";
 
@@ -246,6 +253,7 @@ pub struct Pipeline {
     pub pricing_file: Option<PathBuf>,
     pub budget: Budget,
     pub plan: PlanSettings,
+    pub report: ReportConfig,
 }
 
 /// The name of the one stage of a file in the one-stage form (top-level `[prompt]`): the

@@ -142,6 +142,12 @@ pub(super) struct RawPlan {
     pub(super) safety_margin: Option<DecimalText>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawReport {
+    pub(super) html: Option<String>,
+}
+
 #[derive(Debug, Default)]
 pub(super) struct RawPipeline {
     pub(super) name: Option<String>,
@@ -155,6 +161,7 @@ pub(super) struct RawPipeline {
     pub(super) pricing: Option<RawPricing>,
     pub(super) budget: Option<RawBudget>,
     pub(super) plan: Option<RawPlan>,
+    pub(super) report: Option<RawReport>,
     /// `[[stage]]` tables, in file order, each with the TOML path its problems are named by
     /// (`stage.<name>`, or `stage.<n>` for one without a name; n counts from 1).
     pub(super) stages: Vec<(String, RawStage)>,
@@ -177,6 +184,7 @@ const TOP_LEVEL: &[&str] = &[
     "pricing",
     "budget",
     "plan",
+    "report",
     "stage",
 ];
 
@@ -215,6 +223,7 @@ pub(super) fn parse(text: &str) -> (Option<RawPipeline>, Vec<Problem>) {
             "pricing" => raw.pricing = section(&key, value, p, f),
             "budget" => raw.budget = section(&key, value, p, f),
             "plan" => raw.plan = section(&key, value, p, f),
+            "report" => raw.report = section(&key, value, p, f),
             "stage" => {
                 raw.staged = true;
                 raw.stages = stages(value, p, f);

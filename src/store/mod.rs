@@ -440,6 +440,10 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> impl Future<Output = Result<Vec<(Option<String>, String, u64)>>> + Send;
     fn anomaly_count(&self, run_id: &str) -> impl Future<Output = Result<u64>> + Send;
+    /// The run's ledger by stage, model and pricing mode (ordered by them).
+    fn run_costs(&self, run_id: &str) -> impl Future<Output = Result<Vec<CostGroup>>> + Send;
+    /// The run's attempts by stage and verdict (ordered by them).
+    fn run_outcomes(&self, run_id: &str) -> impl Future<Output = Result<Vec<OutcomeGroup>>> + Send;
 }
 
 /// Where a pipeline keeps its state by default: `.nightshift/state.db` beside the file.

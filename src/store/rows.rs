@@ -546,6 +546,24 @@ impl RunFigures {
     }
 }
 
+/// What one (stage, model, pricing mode) of a run's ledger came to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CostGroup {
+    pub stage: String,
+    pub model: String,
+    pub pricing_mode: String,
+    pub totals: LedgerTotals,
+}
+
+/// How many of a stage's attempts in a run ended with one verdict (`pending` for attempts
+/// not judged yet).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutcomeGroup {
+    pub stage: String,
+    pub verdict: String,
+    pub attempts: u64,
+}
+
 /// One attempt in the per-item audit.
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct AuditRow {

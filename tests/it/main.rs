@@ -10,6 +10,7 @@ mod layers;
 mod nights;
 mod pipeline;
 mod providers;
+mod report;
 mod secrets;
 mod sim;
 mod stages;

@@ -1,7 +1,7 @@
 //! `nightshift report`: one run's figures, or its per-item audit.
 
 use crate::cli::args::ReportArgs;
-use crate::cli::exit::{EXIT_OK, Exit};
+use crate::cli::exit::{EXIT_ERROR, EXIT_OK, Exit, exit};
 use crate::cli::session::{open_existing, pipeline_name, resolve_run};
 use crate::report::{self, RunReport};
 use crate::store::{LinkRow, Store};
@@ -77,8 +77,17 @@ pub(crate) async fn run(a: ReportArgs) -> Result<i32, Exit> {
         return Ok(EXIT_OK);
     }
     let rep = RunReport::load(&store, run).await?;
+    if let Some(path) = &a.html {
+        report::write_html(&store, &rep, path)
+            .await
+            .map_err(|e| exit(EXIT_ERROR, e))?;
+        if !a.json {
+            eprintln!("wrote {}", path.display());
+        }
+    }
     if a.json {
-        println!("{}", rep.to_json());
+        let details = report::Details::load(&store, &rep).await?;
+        println!("{}", report::full_json(&rep, &details));
     } else {
         print!("{}", rep.to_text());
     }

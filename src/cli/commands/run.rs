@@ -105,6 +105,19 @@ pub(crate) async fn run(a: RunArgs, json_logs: bool) -> Result<i32, Exit> {
             outcome.output_path.display()
         );
     }
+    // The HTML report is a view: a failure to write it is said, never the run's outcome.
+    if let Some(path) = &p.report.html {
+        match crate::report::write_html(store, &rep, path).await {
+            Ok(()) => println!("  report     {}", path.display()),
+            Err(e) => {
+                if json_logs {
+                    tracing::warn!(path = %path.display(), "{e:#}");
+                } else {
+                    eprintln!("{} {e:#}", crate::cli::label("warning"));
+                }
+            }
+        }
+    }
     if outcome.status == crate::store::RunStatus::Detached {
         println!("detached {}", outcome.run_id);
     }

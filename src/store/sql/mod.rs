@@ -527,6 +527,14 @@ impl Store for SqlStore {
         reports::ledger_totals_for_batch(self, batch_id).await
     }
 
+    async fn run_costs(&self, run_id: &str) -> Result<Vec<CostGroup>> {
+        reports::run_costs(self, run_id).await
+    }
+
+    async fn run_outcomes(&self, run_id: &str) -> Result<Vec<OutcomeGroup>> {
+        reports::run_outcomes(self, run_id).await
+    }
+
     async fn audit(&self, run_id: &str) -> Result<Vec<AuditRow>> {
         reports::audit(self, run_id).await
     }

@@ -180,6 +180,80 @@ pub(super) async fn audit(store: &SqlStore, run_id: &str) -> Result<Vec<AuditRow
         .await
 }
 
+pub(super) async fn run_costs(store: &SqlStore, run_id: &str) -> Result<Vec<CostGroup>> {
+    type Row = (
+        String,
+        String,
+        String,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+    );
+    let rows: Vec<Row> = store
+        .db
+        .all(
+            q("SELECT stage, model, pricing_mode, COUNT(*), \
+                 CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT), \
+                 CAST(COALESCE(SUM(cached_input_tokens), 0) AS BIGINT), \
+                 CAST(COALESCE(SUM(cache_write_tokens), 0) AS BIGINT), \
+                 CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT), \
+                 CAST(COALESCE(SUM(reasoning_tokens), 0) AS BIGINT), \
+                 CAST(COALESCE(SUM(cost_pico), 0) AS BIGINT), \
+                 CAST(COALESCE(SUM(standard_cost_pico), 0) AS BIGINT) \
+               FROM ledger WHERE batch_id IN (SELECT id FROM batches WHERE run_id = $1) \
+               GROUP BY stage, model, pricing_mode ORDER BY stage, model, pricing_mode")
+            .bind(run_id),
+        )
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| CostGroup {
+            stage: r.0,
+            model: r.1,
+            pricing_mode: r.2,
+            totals: LedgerTotals {
+                rows: count(r.3),
+                usage: Usage {
+                    input_tokens: count(r.4),
+                    cached_input_tokens: count(r.5),
+                    cache_write_tokens: count(r.6),
+                    output_tokens: count(r.7),
+                    reasoning_tokens: count(r.8),
+                },
+                cost: Usd::from_pico(r.9 as i128),
+                standard_cost: Usd::from_pico(r.10 as i128),
+            },
+        })
+        .collect())
+}
+
+pub(super) async fn run_outcomes(store: &SqlStore, run_id: &str) -> Result<Vec<OutcomeGroup>> {
+    let rows: Vec<(String, String, i64)> = store
+        .db
+        .all(
+            q(
+                "SELECT b.stage, COALESCE(a.verdict, 'pending') AS verdict, COUNT(*) \
+               FROM attempts a JOIN batches b ON b.id = a.batch_id WHERE b.run_id = $1 \
+               GROUP BY b.stage, COALESCE(a.verdict, 'pending') ORDER BY 1, 2",
+            )
+            .bind(run_id),
+        )
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(stage, verdict, n)| OutcomeGroup {
+            stage,
+            verdict,
+            attempts: count(n),
+        })
+        .collect())
+}
+
 pub(super) async fn quarantine(store: &SqlStore, run_id: &str) -> Result<Vec<QuarantineRow>> {
     store
         .db

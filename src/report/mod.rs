@@ -1,4 +1,5 @@
-//! Run reports: the summary a run ends with, `report --json`, and the per-item audit.
+//! Run reports: the summary a run ends with, `report --json` (with [`details`]), the HTML
+//! page ([`html`]) and the per-item audit.
 //!
 //! Everything rolls up to the *processed item* — a source record whose item succeeded —
 //! never the API request: cost per processed item is the run's ledger cost divided by the
@@ -15,6 +16,27 @@ use crate::store::{
 };
 use crate::util::text::{duration_ms, n, plural, printable};
 use crate::util::time::rfc3339;
+
+pub mod details;
+pub mod html;
+
+pub use details::{Details, full_json};
+
+/// Writes the HTML report of `rep` to `path` (atomically): the page of its `report --json`.
+pub async fn write_html<S: Store>(
+    store: &S,
+    rep: &RunReport,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let details = Details::load(store, rep).await?;
+    let page = html::render(&full_json(rep, &details)).context("drawing the HTML report")?;
+    let mut file = crate::util::fs::AtomicFile::create(path)
+        .with_context(|| format!("writing the HTML report {}", path.display()))?;
+    std::io::Write::write_all(&mut file, page.as_bytes())
+        .and_then(|_| file.commit())
+        .with_context(|| format!("writing the HTML report {}", path.display()))
+}
 
 /// The figures of one run, ready to print.
 #[derive(Clone, Debug)]
