@@ -358,11 +358,11 @@ fn timeline(batches: &Value) -> Value {
         .max(t0 + 1);
     let span = (t1 - t0) as f64;
     let shown = &list[..list.len().min(TIMELINE_ROWS)];
-    let (left, right, row_h, top) = (200.0, 700.0, 20.0, 8.0);
+    let (left, right, row_h, top) = (240.0, 985.0, 22.0, 8.0);
     let x = |t: i64| left + (right - left) * ((t - t0) as f64 / span);
     let height = top + row_h * shown.len() as f64 + 30.0;
     let mut svg = format!(
-        "<svg class=\"timeline\" viewBox=\"0 0 720 {height}\" role=\"img\" aria-label=\"batches over time\">"
+        "<svg class=\"timeline\" viewBox=\"0 0 1000 {height}\" role=\"img\" aria-label=\"batches over time\">"
     );
     for (i, b) in shown.iter().enumerate() {
         let y = top + row_h * i as f64;
@@ -380,7 +380,7 @@ fn timeline(batches: &Value) -> Value {
         let mode = b["mode"].as_str().unwrap_or_default();
         svg.push_str(&format!(
             "<text x=\"4\" y=\"{:.1}\" class=\"lbl\">{} · {} {}</text>",
-            y + 13.0,
+            y + 15.0,
             esc(&short),
             n(u(&b["requests"])),
             if mode == "online" { "online" } else { "req" }
@@ -429,7 +429,7 @@ fn timeline(batches: &Value) -> Value {
         svg.push_str(&format!(
             "<text x=\"{:.1}\" y=\"{:.1}\" class=\"lbl\" text-anchor=\"{anchor}\">+{}</text>",
             x(t),
-            axis_y + 16.0,
+            axis_y + 18.0,
             duration_ms(t - t0)
         ));
     }
@@ -508,11 +508,11 @@ fn history(r: &Value) -> Value {
         .copied()
         .max()
         .unwrap_or(Decimal::ZERO);
-    let (left, right, base, height) = (60.0, 710.0, 170.0, 150.0);
+    let (left, right, base, height) = (90.0, 990.0, 170.0, 150.0);
     let slot = (right - left) / runs.len() as f64;
     let bar = (slot * 0.7).min(40.0);
     let mut svg = String::from(
-        "<svg class=\"history\" viewBox=\"0 0 720 210\" role=\"img\" aria-label=\"cost per processed item by run\">",
+        "<svg class=\"history\" viewBox=\"0 0 1000 200\" role=\"img\" aria-label=\"cost per processed item by run\">",
     );
     svg.push_str(&format!(
         "<line x1=\"{left}\" x2=\"{right}\" y1=\"{base}\" y2=\"{base}\" class=\"axis\"/>"
@@ -563,7 +563,7 @@ fn history(r: &Value) -> Value {
                 .unwrap_or("");
             svg.push_str(&format!(
                 "<text x=\"{cx:.1}\" y=\"{:.1}\" class=\"lbl\" text-anchor=\"middle\">{}</text>",
-                base + 16.0,
+                base + 18.0,
                 esc(day)
             ));
         }
