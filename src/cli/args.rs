@@ -268,7 +268,7 @@ pub struct RunArgs {
     #[command(flatten)]
     pub db: DbArg,
     /// Write the per-record results here instead of the pipeline's `output.path`: JSON
-    /// lines for `.jsonl`/`.ndjson`, CSV for `.csv`.
+    /// lines for `.jsonl`/`.ndjson`, CSV for `.csv`, Parquet for `.parquet`.
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// A pricing file (TOML, or LiteLLM's JSON) layered over the built-in prices.

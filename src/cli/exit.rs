@@ -18,6 +18,16 @@ pub const EXIT_CONFIG: i32 = worker::EXIT_CONFIG;
 pub struct Exit {
     pub code: i32,
     pub error: anyhow::Error,
+    /// What to do about it, printed after the error as `hint:`.
+    pub hint: Option<String>,
+}
+
+impl Exit {
+    /// The same error, with what to do about it.
+    pub(crate) fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
 }
 
 impl<E: Into<anyhow::Error>> From<E> for Exit {
@@ -25,6 +35,7 @@ impl<E: Into<anyhow::Error>> From<E> for Exit {
         Exit {
             code: EXIT_ERROR,
             error: e.into(),
+            hint: None,
         }
     }
 }
@@ -33,6 +44,7 @@ pub(crate) fn exit(code: i32, error: impl Into<anyhow::Error>) -> Exit {
     Exit {
         code,
         error: error.into(),
+        hint: None,
     }
 }
 

@@ -90,7 +90,7 @@ pub async fn main(cli: Cli) -> i32 {
     };
     match result {
         Ok(code) => code,
-        Err(Exit { code, error }) => {
+        Err(Exit { code, error, hint }) => {
             // Each cause once: an error whose text already quotes its cause does not print
             // it again.
             let mut shown = error.to_string();
@@ -103,11 +103,14 @@ pub async fn main(cli: Cli) -> i32 {
                 }
             }
             if json_logs {
-                tracing::error!(exit_code = code, causes = %causes.join("; "), "{error}");
+                tracing::error!(exit_code = code, causes = %causes.join("; "), hint = hint.as_deref(), "{error}");
             } else {
                 eprintln!("{} {error}", label("error"));
                 for c in causes {
                     eprintln!("  Caused by: {c}");
+                }
+                if let Some(h) = hint {
+                    eprintln!("{} {h}", label("hint"));
                 }
             }
             code

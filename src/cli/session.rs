@@ -71,7 +71,9 @@ pub(crate) async fn open_store(
             let lock = match lock_for {
                 Some(what) => Some(crate::store::RunLock::acquire(db, what).map_err(
                     |e| match e {
-                        crate::store::LockError::Held { .. } => exit(EXIT_TEMPFAIL, e),
+                        crate::store::LockError::Held { .. } => exit(EXIT_TEMPFAIL, e).hint(
+                            "`nightshift status` shows what that run is doing; run again once it ends (a cron job can simply retry on exit 75)",
+                        ),
                         other => exit(EXIT_ERROR, other),
                     },
                 )?),
@@ -162,7 +164,12 @@ impl Membership {
 }
 
 pub(crate) fn load_pipeline(file: &Path) -> Result<Pipeline, Exit> {
-    Pipeline::load(file).map_err(|e| exit(EXIT_CONFIG, e))
+    Pipeline::load(file).map_err(|e| {
+        exit(EXIT_CONFIG, e).hint(format!(
+            "`nightshift validate {}` lists every problem of the file and its environment",
+            file.display()
+        ))
+    })
 }
 
 /// A pipeline ready to run: its prices, its store (locked on SQLite), its provider client.

@@ -644,6 +644,29 @@ fn colour_goes_to_terminals_or_on_request_only() {
         .unwrap();
     let err = String::from_utf8(coloured.stderr).unwrap();
     assert!(err.starts_with('\x1b') && err.contains("error:"), "{err:?}");
+    // A command that cannot load its pipeline says what to do next, on a line of its own.
+    let hinted = bin()
+        .args(["run", "/nonexistent/pipeline.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(hinted.status.code(), Some(78));
+    let err = String::from_utf8(hinted.stderr).unwrap();
+    assert!(
+        err.lines().any(|l| l
+            == "hint: `nightshift validate /nonexistent/pipeline.toml` lists every problem of the file and its environment"),
+        "{err:?}"
+    );
+    let hinted = bin()
+        .args(["--color", "always", "plan", "/nonexistent/pipeline.toml"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8(hinted.stderr).unwrap();
+    assert!(
+        err.lines().any(|l| l.starts_with('\x1b')
+            && l.contains("hint:")
+            && l.contains("nightshift validate")),
+        "{err:?}"
+    );
     // Debug logs of a whole run, through a pipe: no escape codes.
     let dir = tempfile::tempdir().unwrap();
     assert!(
