@@ -134,6 +134,13 @@ pub(super) struct RawBudget {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(super) struct RawCleanup {
+    pub(super) after_run: Option<bool>,
+    pub(super) older_than: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct RawPlan {
     pub(super) timing: Option<String>,
     pub(super) unit: Option<String>,
@@ -155,6 +162,7 @@ pub(super) struct RawPipeline {
     pub(super) pricing: Option<RawPricing>,
     pub(super) budget: Option<RawBudget>,
     pub(super) plan: Option<RawPlan>,
+    pub(super) cleanup: Option<RawCleanup>,
     /// `[[stage]]` tables, in file order, each with the TOML path its problems are named by
     /// (`stage.<name>`, or `stage.<n>` for one without a name; n counts from 1).
     pub(super) stages: Vec<(String, RawStage)>,
@@ -178,6 +186,7 @@ const TOP_LEVEL: &[&str] = &[
     "budget",
     "plan",
     "stage",
+    "cleanup",
 ];
 
 pub(super) fn parse(text: &str) -> (Option<RawPipeline>, Vec<Problem>) {
@@ -215,6 +224,7 @@ pub(super) fn parse(text: &str) -> (Option<RawPipeline>, Vec<Problem>) {
             "pricing" => raw.pricing = section(&key, value, p, f),
             "budget" => raw.budget = section(&key, value, p, f),
             "plan" => raw.plan = section(&key, value, p, f),
+            "cleanup" => raw.cleanup = section(&key, value, p, f),
             "stage" => {
                 raw.staged = true;
                 raw.stages = stages(value, p, f);
