@@ -99,7 +99,15 @@ mod age_tests {
         assert_eq!(age_text(Duration::from_secs(36 * 3_600)), "36h");
         assert_eq!(age_text(Duration::from_secs(7 * 86_400)), "1w");
         assert_eq!(age_text(Duration::ZERO), "0s");
-        for bad in ["", "7", "d", "-1d", "1.5h", "7 days", "99999999999999999999d"] {
+        for bad in [
+            "",
+            "7",
+            "d",
+            "-1d",
+            "1.5h",
+            "7 days",
+            "99999999999999999999d",
+        ] {
             let e = parse_age(bad).unwrap_err();
             assert!(e.contains("is not an age"), "{bad}: {e}");
         }

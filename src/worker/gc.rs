@@ -114,7 +114,9 @@ fn provider_targets(b: &BatchRow, done: &[(String, String)]) -> Vec<(&'static st
         "bedrock" => {
             let s3 = |id: &str| id.starts_with("s3://");
             add("input", &b.input_file_id, &s3);
-            add("output", &b.output_file_id, &|id| s3(id) && id.ends_with('/'));
+            add("output", &b.output_file_id, &|id| {
+                s3(id) && id.ends_with('/')
+            });
         }
         _ => {}
     }
@@ -154,7 +156,8 @@ pub async fn gc<S: Store, P: BatchProvider>(
     work_dir: &Path,
     opts: &GcOptions,
 ) -> Result<GcReport, StoreError> {
-    let horizon = now_ms().saturating_sub(i64::try_from(opts.older_than.as_millis()).unwrap_or(i64::MAX));
+    let horizon =
+        now_ms().saturating_sub(i64::try_from(opts.older_than.as_millis()).unwrap_or(i64::MAX));
     let batches = store.cleanup_candidates(pipeline, horizon).await?;
     let mut rep = GcReport {
         batches: batches.len(),

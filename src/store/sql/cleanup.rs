@@ -45,8 +45,10 @@ pub(super) async fn record_cleaned(
     store
         .db
         .execute(
-            q("INSERT INTO batch_cleanup (batch_id, kind, target, deleted_at) \
-               VALUES ($1, $2, $3, $4) ON CONFLICT (batch_id, kind, target) DO NOTHING")
+            q(
+                "INSERT INTO batch_cleanup (batch_id, kind, target, deleted_at) \
+               VALUES ($1, $2, $3, $4) ON CONFLICT (batch_id, kind, target) DO NOTHING",
+            )
             .bind(batch_id)
             .bind(kind)
             .bind(target)
@@ -60,8 +62,10 @@ pub(super) async fn mark_cleaned(store: &SqlStore, batch_id: &str) -> Result<()>
     store
         .db
         .execute(
-            q("UPDATE batches SET cleaned_at = $2 WHERE id = $1 AND state = 'ingested' \
-               AND cleaned_at IS NULL")
+            q(
+                "UPDATE batches SET cleaned_at = $2 WHERE id = $1 AND state = 'ingested' \
+               AND cleaned_at IS NULL",
+            )
             .bind(batch_id)
             .bind(now_ms()),
         )
