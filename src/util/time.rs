@@ -78,7 +78,7 @@ pub fn parse_age(text: &str) -> Result<std::time::Duration, String> {
 pub fn age_text(d: std::time::Duration) -> String {
     let s = d.as_secs();
     for (unit, secs) in [("w", 604_800), ("d", 86_400), ("h", 3_600), ("m", 60)] {
-        if s > 0 && s % secs == 0 {
+        if s > 0 && s.is_multiple_of(secs) {
             return format!("{}{unit}", s / secs);
         }
     }
