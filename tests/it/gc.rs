@@ -404,3 +404,43 @@ fn the_cleanup_table_is_checked_like_the_others() {
         "{e}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_provider_could_not_delete_is_reported_and_deleted_by_the_next_gc() {
+    let sc = scenario_for(Provider::OpenAi, 60, 20, quiet()).await;
+    sc.run_until_done().await;
+    let expected: BTreeSet<String> = batches(&sc)
+        .await
+        .into_iter()
+        .flat_map(|r| [r.3, r.4])
+        .flatten()
+        .collect();
+    assert!(!expected.is_empty());
+    let before = sim_files(&sc).await;
+    // The provider cannot be reached: every delete fails after its retries.
+    let good = std::fs::read_to_string(&sc.pipeline).unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}/v1", closed.local_addr().unwrap());
+    drop(closed);
+    let bad = good.replace(&sc.sim.base_url(), &dead).replace(
+        "reconcile_grace_seconds = 0\n",
+        "reconcile_grace_seconds = 0\nunreachable_timeout_seconds = 1\n",
+    );
+    assert_ne!(bad, good);
+    std::fs::write(&sc.pipeline, bad).unwrap();
+    let (code, v) = gc_json(&sc, &[]).await;
+    assert_eq!(code, 75, "{v}");
+    assert_eq!(remote_targets(&v, "failed"), expected);
+    assert_eq!(v["failed"], expected.len());
+    assert_eq!(v["deleted"], 0);
+    assert_eq!(sim_files(&sc).await, before);
+    // Reachable again: the next gc deletes what the first could not.
+    std::fs::write(&sc.pipeline, good).unwrap();
+    let (code, v) = gc_json(&sc, &[]).await;
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(remote_targets(&v, "deleted"), expected);
+    assert_eq!(
+        sim_files(&sc).await,
+        before.difference(&expected).cloned().collect()
+    );
+}
