@@ -893,11 +893,11 @@ async fn only_ingested_batches_are_left_to_clean_and_each_deletion_counts_once(d
     let ingested_at = s.batch(&b.id).await.unwrap().unwrap().ingested_at.unwrap();
     assert_eq!(
         ids(s.cleanup_candidates("p", far).await.unwrap()),
-        [b.id.clone()]
+        vec![b.id.clone()]
     );
     assert_eq!(
         ids(s.cleanup_candidates("p", ingested_at).await.unwrap()),
-        [b.id.clone()]
+        vec![b.id.clone()]
     );
     assert!(
         s.cleanup_candidates("p", ingested_at - 1)
