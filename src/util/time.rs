@@ -74,10 +74,10 @@ pub fn parse_age(text: &str) -> Result<std::time::Duration, String> {
     }
 }
 
-/// An age in the largest unit that divides it (`7d`, `36h`, `0s`).
+/// An age in the largest unit up to days that divides it (`7d`, `36h`, `0s`).
 pub fn age_text(d: std::time::Duration) -> String {
     let s = d.as_secs();
-    for (unit, secs) in [("w", 604_800), ("d", 86_400), ("h", 3_600), ("m", 60)] {
+    for (unit, secs) in [("d", 86_400), ("h", 3_600), ("m", 60)] {
         if s > 0 && s.is_multiple_of(secs) {
             return format!("{}{unit}", s / secs);
         }
@@ -97,7 +97,7 @@ mod age_tests {
         assert_eq!(parse_age("0s"), Ok(Duration::ZERO));
         assert_eq!(parse_age("2w"), Ok(Duration::from_secs(14 * 86_400)));
         assert_eq!(age_text(Duration::from_secs(36 * 3_600)), "36h");
-        assert_eq!(age_text(Duration::from_secs(7 * 86_400)), "1w");
+        assert_eq!(age_text(Duration::from_secs(7 * 86_400)), "7d");
         assert_eq!(age_text(Duration::ZERO), "0s");
         for bad in [
             "",

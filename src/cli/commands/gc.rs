@@ -104,12 +104,12 @@ pub(crate) fn to_text(rep: &GcReport, opts: &GcOptions, pipeline: &str) -> Strin
     if opts.dry_run {
         out.push_str(&format!(
             "would delete {} of {batches} ingested {age} ago or more (dry run: nothing deleted)\n",
-            text::plural(n, "thing", "things")
+            text::plural(n, "leftover", "leftovers")
         ));
     } else {
         out.push_str(&format!(
             "deleted {} of {batches} ingested {age} ago or more",
-            text::plural(rep.deleted() as u64, "thing", "things")
+            text::plural(rep.deleted() as u64, "leftover", "leftovers")
         ));
         if rep.failed() > 0 {
             out.push_str(&format!(
