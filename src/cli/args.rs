@@ -107,6 +107,12 @@ pub enum Command {
         after_help = "Example:\n  nightshift cancel pipeline.toml               stop what is in flight, keep what was billed"
     )]
     Cancel(CancelArgs),
+    /// Delete what ingested batches left behind: provider files, result batches, output
+    /// objects, local batch files and downloads. Never a batch in flight.
+    #[command(
+        after_help = "Examples:\n  nightshift gc pipeline.toml --dry-run           list what would be deleted\n  nightshift gc pipeline.toml --older-than 36h    delete what batches ingested 36 hours ago or more left"
+    )]
+    Gc(GcArgs),
     /// Serve the provider simulator (OpenAI Files + Batches wire format).
     #[command(
         after_help = "Example:\n  nightshift simulate --listen 127.0.0.1:8080 --fail-rate 0.05 --batch-seconds 5"
@@ -305,6 +311,25 @@ pub struct CancelArgs {
     /// Ask the provider to cancel and return, without waiting to collect what was billed.
     #[arg(long)]
     pub no_wait: bool,
+    #[command(flatten)]
+    pub lease: LeaseArg,
+}
+
+#[derive(Args, Debug)]
+pub struct GcArgs {
+    /// The pipeline file (default: the one the latest run was started with).
+    pub file: Option<PathBuf>,
+    #[command(flatten)]
+    pub db: DbArg,
+    /// Only batches ingested at least this long ago: a whole number and s, m, h, d or w.
+    #[arg(long, default_value = "7d", value_name = "AGE")]
+    pub older_than: String,
+    /// List what would be deleted; delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// One JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub lease: LeaseArg,
 }

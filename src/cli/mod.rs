@@ -73,6 +73,7 @@ pub async fn main(cli: Cli) -> i32 {
         Command::Runs(a) => commands::runs::run(a).await,
         Command::Status(a) => commands::status::run(a).await,
         Command::Cancel(a) => commands::cancel::run(a).await,
+        Command::Gc(a) => commands::gc::run(a).await,
         Command::Simulate(a) => commands::simulate::run(a).await,
         Command::Plan(a) => commands::plan::run(a).await,
         Command::Reconcile(a) => commands::reconcile::run(a).await,

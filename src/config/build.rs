@@ -458,6 +458,20 @@ pub(super) fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> (Pipeline, 
         max_item: money("max_item_usd", b.max_item_usd),
     };
 
+    // [cleanup]
+    let c = raw.cleanup.unwrap_or_default();
+    let cleanup = Cleanup {
+        after_run: c.after_run.unwrap_or(false),
+        older_than: match c.older_than.as_deref().map(crate::util::time::parse_age) {
+            None => Duration::ZERO,
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                p.push(Problem::new("cleanup.older_than", e));
+                Duration::ZERO
+            }
+        },
+    };
+
     // [plan]
     let pl = raw.plan.unwrap_or_default();
     let timing = match pl.timing.as_deref() {
@@ -575,6 +589,7 @@ pub(super) fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> (Pipeline, 
                 .filter(|h| !h.is_empty())
                 .map(|h| resolve(dir, &h)),
         },
+        cleanup,
     };
     (pipeline, p)
 }

@@ -254,6 +254,18 @@ pub struct Pipeline {
     pub budget: Budget,
     pub plan: PlanSettings,
     pub report: ReportConfig,
+    /// `[cleanup]`: what a run deletes of its leftovers when it is over.
+    pub cleanup: Cleanup,
+}
+
+/// `[cleanup]`: whether a run ends with `nightshift gc`, and of which batches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cleanup {
+    /// A run that finished (completed, failed, budget) deletes what its pipeline's ingested
+    /// batches left behind.
+    pub after_run: bool,
+    /// Only batches ingested at least this long ago (default 0: every ingested batch).
+    pub older_than: std::time::Duration,
 }
 
 /// The name of the one stage of a file in the one-stage form (top-level `[prompt]`): the

@@ -134,6 +134,13 @@ pub(super) struct RawBudget {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(super) struct RawCleanup {
+    pub(super) after_run: Option<bool>,
+    pub(super) older_than: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct RawPlan {
     pub(super) timing: Option<String>,
     pub(super) unit: Option<String>,
@@ -162,6 +169,7 @@ pub(super) struct RawPipeline {
     pub(super) budget: Option<RawBudget>,
     pub(super) plan: Option<RawPlan>,
     pub(super) report: Option<RawReport>,
+    pub(super) cleanup: Option<RawCleanup>,
     /// `[[stage]]` tables, in file order, each with the TOML path its problems are named by
     /// (`stage.<name>`, or `stage.<n>` for one without a name; n counts from 1).
     pub(super) stages: Vec<(String, RawStage)>,
@@ -186,6 +194,7 @@ const TOP_LEVEL: &[&str] = &[
     "plan",
     "report",
     "stage",
+    "cleanup",
 ];
 
 pub(super) fn parse(text: &str) -> (Option<RawPipeline>, Vec<Problem>) {
@@ -224,6 +233,7 @@ pub(super) fn parse(text: &str) -> (Option<RawPipeline>, Vec<Problem>) {
             "budget" => raw.budget = section(&key, value, p, f),
             "plan" => raw.plan = section(&key, value, p, f),
             "report" => raw.report = section(&key, value, p, f),
+            "cleanup" => raw.cleanup = section(&key, value, p, f),
             "stage" => {
                 raw.staged = true;
                 raw.stages = stages(value, p, f);

@@ -223,6 +223,34 @@ pub trait BatchProvider: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<String>, ProviderError>> + Send;
     /// Deletes an uploaded file (best effort by callers).
     fn delete_file(&self, file_id: &str) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    /// Deletes an ended batch job and the results it keeps (Anthropic); a batch already
+    /// gone is not an error. Providers whose jobs hold nothing to delete refuse.
+    fn delete_batch(&self, id: &str) -> impl Future<Output = Result<(), ProviderError>> + Send {
+        let _ = id;
+        async {
+            Err(ProviderError::Permanent {
+                status: None,
+                code: None,
+                message: "this provider keeps no batch to delete".into(),
+            })
+        }
+    }
+    /// The files in a result folder (Bedrock: the objects under a job's `s3://` output
+    /// prefix), each an id [`BatchProvider::delete_file`] takes. Providers whose results are
+    /// single files refuse.
+    fn list_folder(
+        &self,
+        folder: &str,
+    ) -> impl Future<Output = Result<Vec<String>, ProviderError>> + Send {
+        let _ = folder;
+        async {
+            Err(ProviderError::Permanent {
+                status: None,
+                code: None,
+                message: "this provider has no result folders".into(),
+            })
+        }
+    }
     fn create(
         &self,
         input: &CreateInput<'_>,
@@ -528,6 +556,12 @@ impl BatchProvider for AnyProvider {
     }
     async fn delete_file(&self, file_id: &str) -> Result<(), ProviderError> {
         each!(self, c => c.delete_file(file_id).await)
+    }
+    async fn delete_batch(&self, id: &str) -> Result<(), ProviderError> {
+        each!(self, c => c.delete_batch(id).await)
+    }
+    async fn list_folder(&self, folder: &str) -> Result<Vec<String>, ProviderError> {
+        each!(self, c => c.list_folder(folder).await)
     }
     async fn create(
         &self,

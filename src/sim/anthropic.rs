@@ -345,8 +345,13 @@ async fn cancel_anthropic(State(st): State<AppState>, Path(id): Path<String>) ->
     cancel_any(st, ProviderKind::Anthropic, id).await
 }
 
-async fn delete_anthropic(Path(id): Path<String>) -> Response {
-    Json(json!({"id": id, "type": "message_batch_deleted"})).into_response()
+async fn delete_anthropic(State(st): State<AppState>, Path(id): Path<String>) -> Response {
+    let sim = st.sim.clone();
+    let lookup = id.clone();
+    match blocking(move || sim.delete_batch(&lookup)).await {
+        Ok(()) => Json(json!({"id": id, "type": "message_batch_deleted"})).into_response(),
+        Err(e) => e.into_flavored(ProviderKind::Anthropic),
+    }
 }
 
 async fn results_anthropic(State(st): State<AppState>, Path(id): Path<String>) -> Response {

@@ -73,6 +73,7 @@ impl Sim {
             usage: Usage::default(),
             settings: self.settings.clone(),
             bedrock: None,
+            deleted: false,
         }
     }
 
@@ -81,6 +82,7 @@ impl Sim {
             .batch_index
             .get(id)
             .copied()
+            .filter(|&i| !inner.batches[i].deleted)
             .ok_or_else(|| SimError::not_found("batch", id))
     }
 
@@ -136,6 +138,33 @@ impl Sim {
         Self::saved(&inner, v)
     }
 
+    /// Deletes an ended batch and its result files (Anthropic's `DELETE`); one still
+    /// running is refused, as the API does.
+    pub(crate) fn delete_batch(&self, id: &str) -> Result<(), SimError> {
+        let mut inner = self.state()?;
+        let idx = self.index(&inner, id)?;
+        self.advance(&mut inner, idx);
+        if !inner.batches[idx].status.terminal() {
+            return Err(SimError::bad_request(format!(
+                "Batch {id} cannot be deleted while it is processing; cancel it first."
+            )));
+        }
+        inner.batches[idx].deleted = true;
+        inner.save_batch(idx, false);
+        let files = [
+            inner.batches[idx].output_file_id.clone(),
+            inner.batches[idx].error_file_id.clone(),
+        ];
+        for fid in files.into_iter().flatten() {
+            if let Some(f) = inner.files.remove(&fid) {
+                let seq = inner.seq;
+                inner.log.write(seq, &[super::journal::Put::DropFile(&fid)]);
+                let _ = std::fs::remove_file(self.content_path(&f.name));
+            }
+        }
+        Self::saved(&inner, ())
+    }
+
     /// The batches of one wire flavor, newest first, one page after `after`.
     pub(crate) fn list_batches(
         &self,
@@ -149,7 +178,7 @@ impl Sim {
         }
         let order: Vec<usize> = (0..inner.batches.len())
             .rev()
-            .filter(|&i| inner.batches[i].flavor == flavor)
+            .filter(|&i| inner.batches[i].flavor == flavor && !inner.batches[i].deleted)
             .collect();
         let start = after
             .and_then(|a| {

@@ -139,6 +139,7 @@ impl Sim {
                     "local_id": b.local_id(),
                     "model": b.model,
                     "requests": b.requests,
+                    "deleted": b.deleted,
                 })
             })
             .collect();
@@ -186,8 +187,17 @@ impl Sim {
                 json!({"uri": f.id, "bucket": bucket, "key": f.filename, "bytes": f.bytes, "written_by": by})
             })
             .collect();
+        // Every file there is now (uploads, inline inputs, result files; S3 objects are
+        // above), in id order: what a clean-up is checked against.
+        let files: Vec<Value> = inner
+            .files
+            .values()
+            .filter(|f| !f.is_object())
+            .map(|f| json!({"id": f.id, "filename": f.filename, "purpose": f.purpose, "bytes": f.bytes}))
+            .collect();
         json!({
             "batches": batches,
+            "files": files,
             "s3_objects": objects,
             "online": inner.online,
             "refused": inner.refused,

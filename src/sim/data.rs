@@ -142,6 +142,10 @@ pub(super) struct SimBatch {
     /// What only an Amazon Bedrock job has.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) bedrock: Option<BedrockJob>,
+    /// Deleted by its client (Anthropic, once ended): gone from every endpoint, its result
+    /// files with it; kept in the record.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(super) deleted: bool,
 }
 
 /// What an Amazon Bedrock model invocation job has beyond a batch: its name is the batch's

@@ -310,6 +310,30 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<BatchRow>>> + Send;
     fn run_batches(&self, run_id: &str) -> impl Future<Output = Result<Vec<BatchRow>>> + Send;
 
+    // --- clean-up (`nightshift gc`) -------------------------------------------------------
+    /// The pipeline's ingested batches ingested at or before `ingested_before` (ms) that
+    /// still may have something to delete, oldest first.
+    fn cleanup_candidates(
+        &self,
+        pipeline: &str,
+        ingested_before: i64,
+    ) -> impl Future<Output = Result<Vec<BatchRow>>> + Send;
+    /// What of the batch was deleted already: (kind, target) pairs.
+    fn cleaned_targets(
+        &self,
+        batch_id: &str,
+    ) -> impl Future<Output = Result<Vec<(String, String)>>> + Send;
+    /// Records that `target` (a provider file id, batch id or `s3://` URI) of the batch is
+    /// gone (insert-or-ignore: safe to repeat).
+    fn record_cleaned(
+        &self,
+        batch_id: &str,
+        kind: &str,
+        target: &str,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Records that nothing of the (ingested) batch is left to delete.
+    fn mark_cleaned(&self, batch_id: &str) -> impl Future<Output = Result<()>> + Send;
+
     // --- workers and leases ---------------------------------------------------------------
     /// Takes the leases of open batches: those the owner holds (renewed), and those free or
     /// whose lease ran out (a new token each). SQLite, under the run lock, hands out every

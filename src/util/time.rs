@@ -49,3 +49,67 @@ mod tests {
         assert_eq!(rfc3339_micros(60), "1970-01-01T00:01:00.000000Z");
     }
 }
+
+/// An age as people write it: a whole number and a unit, `s`, `m`, `h`, `d` or `w`
+/// (`7d`, `36h`, `0s`).
+pub fn parse_age(text: &str) -> Result<std::time::Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let unit_secs = match unit.trim() {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        "w" => 604_800,
+        _ => 0,
+    };
+    match num.parse::<u64>() {
+        Ok(n) if unit_secs > 0 && n <= u64::MAX / unit_secs / 1000 => {
+            Ok(std::time::Duration::from_secs(n * unit_secs))
+        }
+        _ => Err(format!(
+            "`{text}` is not an age: a whole number and a unit, s, m, h, d or w (e.g. 7d, 36h, 0s)"
+        )),
+    }
+}
+
+/// An age in the largest unit up to days that divides it (`7d`, `36h`, `0s`).
+pub fn age_text(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    for (unit, secs) in [("d", 86_400), ("h", 3_600), ("m", 60)] {
+        if s > 0 && s.is_multiple_of(secs) {
+            return format!("{}{unit}", s / secs);
+        }
+    }
+    format!("{s}s")
+}
+
+#[cfg(test)]
+mod age_tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn ages_read_and_print_in_their_units() {
+        assert_eq!(parse_age("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_age("36h"), Ok(Duration::from_secs(36 * 3_600)));
+        assert_eq!(parse_age("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_age("2w"), Ok(Duration::from_secs(14 * 86_400)));
+        assert_eq!(age_text(Duration::from_secs(36 * 3_600)), "36h");
+        assert_eq!(age_text(Duration::from_secs(7 * 86_400)), "7d");
+        assert_eq!(age_text(Duration::ZERO), "0s");
+        for bad in [
+            "",
+            "7",
+            "d",
+            "-1d",
+            "1.5h",
+            "7 days",
+            "99999999999999999999d",
+        ] {
+            let e = parse_age(bad).unwrap_err();
+            assert!(e.contains("is not an age"), "{bad}: {e}");
+        }
+    }
+}

@@ -199,10 +199,14 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         if let Some(f) = &b.file_path {
             let _ = std::fs::remove_file(f);
         }
-        if let Some(file_id) = &b.input_file_id
-            && let Err(e) = ctx.provider.delete_file(file_id).await
-        {
-            tracing::info!(file = %file_id, error = %e, "could not delete the uploaded input file");
+        if let Some(file_id) = &b.input_file_id {
+            match ctx.provider.delete_file(file_id).await {
+                // Recorded, so `nightshift gc` knows it is gone.
+                Ok(()) => ctx.store.record_cleaned(&b.id, "input", file_id).await?,
+                Err(e) => {
+                    tracing::info!(file = %file_id, error = %e, "could not delete the uploaded input file; `nightshift gc` tries again")
+                }
+            }
         }
         Ok(())
     }
@@ -308,7 +312,9 @@ pub async fn cancel<S: Store, P: BatchProvider>(
             BatchState::Uploading | BatchState::Uploaded => {
                 if let Ok(files) = ctx.provider.find_files(&upload_name(&b.id)).await {
                     for f in files {
-                        let _ = ctx.provider.delete_file(&f).await;
+                        if ctx.provider.delete_file(&f).await.is_ok() {
+                            store.record_cleaned(&b.id, "input", &f).await?;
+                        }
                     }
                 }
                 runner

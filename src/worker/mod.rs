@@ -22,6 +22,7 @@ mod build;
 mod collect;
 mod errors;
 mod events;
+mod gc;
 mod ingest;
 mod online;
 mod options;
@@ -54,6 +55,7 @@ pub use errors::{
     EXIT_CONFIG, EXIT_ERROR, EXIT_FAILED_ITEMS, EXIT_RESUMABLE, ExitStatus, RunError,
 };
 pub use events::{Event, LogObserver, Observer};
+pub use gc::{GcOptions, GcOutcome, GcReport, GcTarget, gc};
 pub use options::{RunContext, Shutdown, schema_name, spec, stage_schema_name};
 pub use output::OutputFormat;
 pub use settle::KEEP_RECORDS_OF_RUNS;

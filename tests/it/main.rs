@@ -6,6 +6,7 @@ mod common;
 mod cost;
 mod crash;
 mod faults;
+mod gc;
 mod layers;
 mod nights;
 mod pipeline;

@@ -58,6 +58,7 @@ conformance!(
     reports_sum_money_exactly,
     stale_runs_are_marked_interrupted,
     a_later_stage_link_decided_from_an_item_sent_again_is_not_stored,
+    only_ingested_batches_are_left_to_clean_and_each_deletion_counts_once,
 );
 
 fn planned(o: PlanOutcome) -> Option<BatchRow> {
@@ -856,4 +857,67 @@ async fn a_store_from_a_newer_version_is_refused_with_the_reason() {
         .await
         .unwrap();
     assert_eq!(n, 1);
+}
+
+/// `nightshift gc`'s bookkeeping: a batch is a candidate only once ingested, and only past
+/// the horizon; a deletion recorded twice is one; a cleaned batch is no candidate any more.
+async fn only_ingested_batches_are_left_to_clean_and_each_deletion_counts_once(db: &TestDb) {
+    let s = &db.store;
+    let run = seeded(s, 5).await;
+    let b = planned(s.plan_batch(&plan(&run, "w1")).await.unwrap()).unwrap();
+    let ids = |v: Vec<BatchRow>| v.into_iter().map(|b| b.id).collect::<Vec<_>>();
+    let far = now_ms() + 60_000;
+    assert!(
+        s.cleanup_candidates("p", far).await.unwrap().is_empty(),
+        "in flight"
+    );
+    let ended = BatchUpdate {
+        state: Some(BatchState::Ended),
+        end_state: Some(EndState::Completed),
+        input_file_id: Some("file-in".into()),
+        output_file_id: Some("file-out".into()),
+        ..Default::default()
+    };
+    assert!(
+        s.update_batch(&b, BatchState::Planned, &ended)
+            .await
+            .unwrap()
+    );
+    assert!(
+        s.cleanup_candidates("p", far).await.unwrap().is_empty(),
+        "ended, its results not applied yet"
+    );
+    s.finish_ingest(&b, AttemptVerdict::Missing, "x", 2, None)
+        .await
+        .unwrap();
+    let ingested_at = s.batch(&b.id).await.unwrap().unwrap().ingested_at.unwrap();
+    assert_eq!(
+        ids(s.cleanup_candidates("p", far).await.unwrap()),
+        vec![b.id.clone()]
+    );
+    assert_eq!(
+        ids(s.cleanup_candidates("p", ingested_at).await.unwrap()),
+        vec![b.id.clone()]
+    );
+    assert!(
+        s.cleanup_candidates("p", ingested_at - 1)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(s.cleanup_candidates("other", far).await.unwrap().is_empty());
+    for _ in 0..2 {
+        s.record_cleaned(&b.id, "output", "file-out").await.unwrap();
+    }
+    s.record_cleaned(&b.id, "input", "file-in").await.unwrap();
+    assert_eq!(
+        s.cleaned_targets(&b.id).await.unwrap(),
+        [
+            ("input".to_string(), "file-in".to_string()),
+            ("output".to_string(), "file-out".to_string())
+        ]
+    );
+    s.mark_cleaned(&b.id).await.unwrap();
+    s.mark_cleaned(&b.id).await.unwrap();
+    assert!(s.cleanup_candidates("p", far).await.unwrap().is_empty());
 }

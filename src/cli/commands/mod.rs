@@ -1,6 +1,7 @@
 //! One module per command; each exposes `run`, called by `cli::main`.
 
 pub(crate) mod cancel;
+pub(crate) mod gc;
 pub(crate) mod init;
 pub(crate) mod plan;
 pub(crate) mod reconcile;

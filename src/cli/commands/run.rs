@@ -84,6 +84,25 @@ pub(crate) async fn run(a: RunArgs, json_logs: bool) -> Result<i32, Exit> {
     let outcome = worker::run(&ctx).await;
     drop(observer);
     let store = &pre.store;
+    // `[cleanup] after_run`: a run that finished deletes what ingested batches left behind.
+    let cleanup_opts = worker::GcOptions {
+        older_than: p.cleanup.older_than,
+        dry_run: false,
+    };
+    let cleanup = match &outcome {
+        Ok(o)
+            if p.cleanup.after_run
+                && matches!(
+                    o.status,
+                    crate::store::RunStatus::Completed
+                        | crate::store::RunStatus::Failed
+                        | crate::store::RunStatus::Budget
+                ) =>
+        {
+            Some(worker::gc(store, &pre.client, &p.name, &pre.work_dir, &cleanup_opts).await)
+        }
+        _ => None,
+    };
     // Whatever is still open (detached, interrupted) goes to whoever works on it next.
     member.leave(store).await;
     if let Some(h) = pre.sim {
@@ -117,6 +136,17 @@ pub(crate) async fn run(a: RunArgs, json_logs: bool) -> Result<i32, Exit> {
                 }
             }
         }
+    }
+    // The clean-up never changes the run's exit code: what it could not delete, the next
+    // clean-up tries again.
+    match cleanup {
+        Some(Ok(rep)) => {
+            for line in crate::cli::commands::gc::to_text(&rep, &cleanup_opts, &p.name).lines() {
+                println!("  cleanup    {line}");
+            }
+        }
+        Some(Err(e)) => eprintln!("{} cleanup: {e}", crate::cli::label("warning")),
+        None => {}
     }
     if outcome.status == crate::store::RunStatus::Detached {
         println!("detached {}", outcome.run_id);

@@ -323,6 +323,22 @@ impl BatchProvider for AnthropicClient {
         Ok(self.remote(b))
     }
 
+    async fn delete_batch(&self, id: &str) -> Result<(), ProviderError> {
+        // Allowed once the batch has ended; its results go with it. Twice is a 404.
+        let path = format!("/v1/messages/batches/{id}");
+        match self
+            .http
+            .send_idempotent("delete batch", || self.req(reqwest::Method::DELETE, &path))
+            .await
+        {
+            Ok(_)
+            | Err(ProviderError::Permanent {
+                status: Some(404), ..
+            }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn cancel(&self, id: &str) -> Result<RemoteBatch, ProviderError> {
         let path = format!("/v1/messages/batches/{id}/cancel");
         let resp = self

@@ -720,6 +720,41 @@ impl BatchProvider for BedrockClient {
         self.describe(id).await
     }
 
+    async fn list_folder(&self, folder: &str) -> Result<Vec<String>, ProviderError> {
+        let c = self.clients().await?;
+        let (bucket, prefix) = split_s3(folder)?;
+        if prefix.is_empty() || !prefix.ends_with('/') {
+            // Never a whole bucket, never a prefix other keys may share.
+            return Err(ProviderError::Protocol(format!(
+                "`{folder}` is not a job's output folder"
+            )));
+        }
+        let mut uris = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut q = c.s3.list_objects_v2().bucket(bucket).prefix(prefix);
+            if let Some(t) = &token {
+                q = q.continuation_token(t);
+            }
+            let page = q
+                .send()
+                .await
+                .map_err(|e| self.sdk_error("list the job's output", e, false))?;
+            uris.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|o| o.key())
+                    .map(|k| format!("s3://{bucket}/{k}")),
+            );
+            token = page.next_continuation_token;
+            if token.is_none() {
+                break;
+            }
+        }
+        uris.sort();
+        Ok(uris)
+    }
+
     async fn download(&self, folder: &str, dest: &Path, cap: u64) -> Result<u64, ProviderError> {
         let c = self.clients().await?;
         let (bucket, prefix) = split_s3(folder)?;

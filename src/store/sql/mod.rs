@@ -11,9 +11,10 @@
 //! This file holds the [`SqlStore`] type, the helpers the SQL files share (multi-row
 //! `VALUES`, lease fencing, number conversions) and the [`Store`] impl, which routes each
 //! operation to the file of its concern: `runs`, `ingest`, `planning`, `batches`, `leases`,
-//! `online`, `results`, `reports`.
+//! `online`, `results`, `reports`, `cleanup`.
 
 mod batches;
+mod cleanup;
 mod ingest;
 mod leases;
 mod online;
@@ -445,6 +446,26 @@ impl Store for SqlStore {
 
     async fn run_batches(&self, run_id: &str) -> Result<Vec<BatchRow>> {
         batches::run_batches(self, run_id).await
+    }
+
+    async fn cleanup_candidates(
+        &self,
+        pipeline: &str,
+        ingested_before: i64,
+    ) -> Result<Vec<BatchRow>> {
+        cleanup::cleanup_candidates(self, pipeline, ingested_before).await
+    }
+
+    async fn cleaned_targets(&self, batch_id: &str) -> Result<Vec<(String, String)>> {
+        cleanup::cleaned_targets(self, batch_id).await
+    }
+
+    async fn record_cleaned(&self, batch_id: &str, kind: &str, target: &str) -> Result<()> {
+        cleanup::record_cleaned(self, batch_id, kind, target).await
+    }
+
+    async fn mark_cleaned(&self, batch_id: &str) -> Result<()> {
+        cleanup::mark_cleaned(self, batch_id).await
     }
 
     async fn online_page(&self, batch_id: &str, limit: u32) -> Result<Vec<OnlineLine>> {
