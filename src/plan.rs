@@ -1291,7 +1291,7 @@ impl Worksheet {
             line(&mut s, r);
         }
         let usd = |d: Decimal| format!("${}", round(d, 6));
-        let mut t = crate::report::table(
+        let mut t = crate::util::table::table(
             &[
                 "stage",
                 "for each",
@@ -1329,9 +1329,9 @@ impl Worksheet {
                 usd(st.expected_cost),
             ]);
         }
-        crate::report::align_right(&mut t, &[3, 4, 5, 6, 7, 8, 9, 10, 11]);
+        crate::util::table::align_right(&mut t, &[3, 4, 5, 6, 7, 8, 9, 10, 11]);
         let _ = writeln!(s, "\nper stage (~ estimate)");
-        s.push_str(&crate::report::render(&t));
+        s.push_str(&crate::util::table::render(&t));
         let _ = writeln!(s, "\nhow the stage figures were made");
         for st in &self.stages {
             let mut notes = vec![

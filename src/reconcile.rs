@@ -454,7 +454,7 @@ impl Reconciliation {
         let mut s = String::new();
         let _ = writeln!(s, "run {}  pipeline {}", self.run_id, self.pipeline);
         let _ = writeln!(s, "\nplan vs actual");
-        let mut t = crate::report::table(&["figure", "plan", "actual", "difference"], width);
+        let mut t = crate::util::table::table(&["figure", "plan", "actual", "difference"], width);
         for l in &self.lines {
             t.add_row(vec![
                 l.figure.to_string(),
@@ -463,12 +463,14 @@ impl Reconciliation {
                 l.difference.clone(),
             ]);
         }
-        crate::report::align_right(&mut t, &[1, 2]);
-        s.push_str(&crate::report::render(&t));
+        crate::util::table::align_right(&mut t, &[1, 2]);
+        s.push_str(&crate::util::table::render(&t));
         if !self.stages.is_empty() {
             let _ = writeln!(s, "\nplan vs actual, per stage");
-            let mut t =
-                crate::report::table(&["stage", "figure", "plan", "actual", "difference"], width);
+            let mut t = crate::util::table::table(
+                &["stage", "figure", "plan", "actual", "difference"],
+                width,
+            );
             let mut last = "";
             for l in &self.stages {
                 t.add_row(vec![
@@ -484,11 +486,11 @@ impl Reconciliation {
                 ]);
                 last = &l.stage;
             }
-            crate::report::align_right(&mut t, &[2, 3]);
-            s.push_str(&crate::report::render(&t));
+            crate::util::table::align_right(&mut t, &[2, 3]);
+            s.push_str(&crate::util::table::render(&t));
         }
         let _ = writeln!(s, "\nledger vs provider, per batch");
-        let mut t = crate::report::table(
+        let mut t = crate::util::table::table(
             &[
                 "provider batch",
                 "in",
@@ -551,8 +553,8 @@ impl Reconciliation {
                 String::new()
             },
         ]);
-        crate::report::align_right(&mut t, &[1, 2, 3]);
-        s.push_str(&crate::report::render(&t));
+        crate::util::table::align_right(&mut t, &[1, 2, 3]);
+        s.push_str(&crate::util::table::render(&t));
         let m = self.mismatches();
         let _ = writeln!(
             s,
