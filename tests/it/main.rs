@@ -7,6 +7,7 @@ mod cost;
 mod crash;
 mod faults;
 mod layers;
+mod metrics;
 mod nights;
 mod pipeline;
 mod providers;
