@@ -18,6 +18,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod cost;
+pub mod metrics;
 pub mod plan;
 pub mod preflight;
 pub mod prompt;

@@ -148,6 +148,10 @@ pub struct WorkerArgs {
     pub pricing: Option<PathBuf>,
     #[command(flatten)]
     pub lease: LeaseArg,
+    /// Serve Prometheus metrics on http://ADDR/metrics while the worker runs (port 0: any
+    /// free port; the address is printed).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args, Debug, Clone, Copy)]
@@ -297,6 +301,15 @@ pub struct RunArgs {
     pub budget_usd: Option<String>,
     #[command(flatten)]
     pub lease: LeaseArg,
+    /// Write Prometheus metrics to this file (textfile-collector format, e.g.
+    /// `/var/lib/node_exporter/textfile/nightshift.prom`), replaced atomically as the run
+    /// goes and at its end.
+    #[arg(long, value_name = "PATH")]
+    pub metrics_textfile: Option<PathBuf>,
+    /// Push the run's Prometheus metrics to this Pushgateway once it ends (a failed push is
+    /// a warning, not a failed run).
+    #[arg(long, value_name = "URL")]
+    pub metrics_push: Option<String>,
 }
 
 #[derive(Args, Debug)]

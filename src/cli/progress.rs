@@ -45,6 +45,7 @@ impl Observer for LineObserver {
                 batch_id,
                 stats,
                 cost,
+                ..
             } => eprintln!(
                 "collected batch {batch_id}: {} succeeded, {} to retry, {} failed for good ({})",
                 stats.succeeded,
@@ -177,6 +178,7 @@ impl Observer for BarObserver {
                 batch_id,
                 stats,
                 cost,
+                ..
             } => {
                 st.in_flight.remove(batch_id);
                 st.done += stats.succeeded + stats.exhausted;

@@ -96,6 +96,19 @@ impl AtomicFile {
         })
     }
 
+    /// Makes the file readable by everyone (mode 0644) before it is in place: for files
+    /// another user's process reads, such as a metrics textfile.
+    pub fn readable_by_all(&self) -> io::Result<()> {
+        let file = self.writer.as_ref().expect("not committed yet").get_ref();
+        #[cfg(unix)]
+        {
+            file.set_permissions(fs::Permissions::from_mode(0o644))?;
+        }
+        #[cfg(not(unix))]
+        let _ = file;
+        Ok(())
+    }
+
     pub fn writer(&mut self) -> &mut BufWriter<File> {
         self.writer.as_mut().expect("not committed yet")
     }

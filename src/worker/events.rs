@@ -47,6 +47,23 @@ pub enum Event {
         stats: ApplyStats,
         /// What the batch's results cost (ledger).
         cost: crate::cost::Usd,
+        /// The batch's stage, model and prices (`batch` or `standard`).
+        stage: String,
+        model: String,
+        pricing_mode: String,
+        /// The tokens of the batch's results (ledger).
+        usage: crate::cost::Usage,
+    },
+    /// A batch this process held was taken over by another worker (its lease ran out).
+    LeaseLost {
+        batch_id: String,
+    },
+    /// A run's end status was recorded: by its own process, or (a detached run) by the
+    /// process that ingested its last batch.
+    RunEnded {
+        run_id: String,
+        status: crate::store::RunStatus,
+        exit_code: i32,
     },
     /// What this run has to carry to the end: items waiting and items in open batches.
     Work {
@@ -63,6 +80,17 @@ pub trait Observer: Send + Sync {
     fn event(&self, event: &Event);
 }
 
+/// Several observers, each given every event in turn (progress for people and metrics, say).
+pub struct Observers<'a>(pub Vec<&'a dyn Observer>);
+
+impl Observer for Observers<'_> {
+    fn event(&self, e: &Event) {
+        for o in &self.0 {
+            o.event(e);
+        }
+    }
+}
+
 /// An observer that logs through `tracing`, one record per event with named fields (what
 /// `--log-format json` turns into one JSON object per line).
 pub struct LogObserver;
@@ -70,7 +98,11 @@ pub struct LogObserver;
 impl Observer for LogObserver {
     fn event(&self, e: &Event) {
         match e {
-            Event::IngestProgress { .. } | Event::Waiting { .. } => {}
+            // A lost lease is logged where it is found; a run's end is the command's to report.
+            Event::IngestProgress { .. }
+            | Event::Waiting { .. }
+            | Event::LeaseLost { .. }
+            | Event::RunEnded { .. } => {}
             Event::IngestDone {
                 records,
                 quarantined,
@@ -137,6 +169,7 @@ impl Observer for LogObserver {
                 batch_id,
                 stats,
                 cost,
+                ..
             } => tracing::info!(
                 event = "collected",
                 batch_id = %batch_id,

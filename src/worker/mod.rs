@@ -54,7 +54,7 @@ pub use collect::{CancelReport, cancel};
 pub use errors::{
     EXIT_CONFIG, EXIT_ERROR, EXIT_FAILED_ITEMS, EXIT_RESUMABLE, ExitStatus, RunError,
 };
-pub use events::{Event, LogObserver, Observer};
+pub use events::{Event, LogObserver, Observer, Observers};
 pub use gc::{GcOptions, GcOutcome, GcReport, GcTarget, gc};
 pub use options::{RunContext, Shutdown, schema_name, spec, stage_schema_name};
 pub use output::OutputFormat;
@@ -285,6 +285,13 @@ pub async fn run<S: Store, P: BatchProvider>(
         .store
         .finish_run(&run_id, status, exit_code, message.as_deref())
         .await;
+    if recorded.is_ok() {
+        ctx.observer.event(&Event::RunEnded {
+            run_id: run_id.clone(),
+            status,
+            exit_code,
+        });
+    }
     if let Err(e) = result {
         // The run's own error is the one to report (a full disk, say); the store may not
         // take the run's end either, and saying so must not hide the cause.
@@ -548,6 +555,9 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                         // Another worker took it over (this one was too slow to renew):
                         // nothing was written; it is theirs now.
                         tracing::warn!(batch = %id, "lease lost; leaving the batch to its new holder");
+                        ctx.observer.event(&Event::LeaseLost {
+                            batch_id: id.clone(),
+                        });
                         self.polls.remove(&id);
                     }
                     r => r?,

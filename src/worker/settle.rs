@@ -14,11 +14,15 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
     /// A batch was closed: reports it (with what its results cost) and, when it was the
     /// last open batch of its run, settles that run.
     pub(super) async fn ingested(&self, b: &BatchRow, stats: ApplyStats) -> Result<(), RunError> {
-        let cost = self.ctx.store.ledger_totals_for_batch(&b.id).await?.cost;
+        let totals = self.ctx.store.ledger_totals_for_batch(&b.id).await?;
         self.ctx.observer.event(&Event::Ingested {
             batch_id: b.id.clone(),
             stats,
-            cost,
+            cost: totals.cost,
+            stage: b.stage.clone(),
+            model: b.model.clone(),
+            pricing_mode: b.pricing_mode.clone(),
+            usage: totals.usage,
         });
         self.settle(&b.run_id).await
     }
@@ -72,6 +76,11 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 store
                     .finish_run(run_id, status, code, Some(&message))
                     .await?;
+                self.ctx.observer.event(&Event::RunEnded {
+                    run_id: run_id.to_string(),
+                    status,
+                    exit_code: code,
+                });
             }
             _ => {}
         }

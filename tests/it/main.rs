@@ -8,6 +8,7 @@ mod crash;
 mod faults;
 mod gc;
 mod layers;
+mod metrics;
 mod nights;
 mod pipeline;
 mod providers;

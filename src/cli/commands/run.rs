@@ -35,6 +35,17 @@ pub(crate) async fn run(a: RunArgs, json_logs: bool) -> Result<i32, Exit> {
         crate::worker::OutputFormat::for_path(out)
             .map_err(|e| exit(EXIT_CONFIG, anyhow::anyhow!("--out: {e}")))?;
     }
+    if let Some(path) = &a.metrics_textfile
+        && path.is_dir()
+    {
+        return Err(exit(
+            EXIT_CONFIG,
+            anyhow::anyhow!(
+                "--metrics-textfile: {} is a folder; name a file (e.g. nightshift.prom)",
+                path.display()
+            ),
+        ));
+    }
     let what = format!("nightshift run {}", a.file.display());
     let pre = prepare(&a.file, &a.db, a.pricing.as_deref(), &what, lease).await?;
     let p = &pre.pipeline;
@@ -63,6 +74,15 @@ pub(crate) async fn run(a: RunArgs, json_logs: bool) -> Result<i32, Exit> {
     } else {
         Box::new(LineObserver)
     };
+    let metrics = match (&a.metrics_textfile, &a.metrics_push) {
+        (None, None) => None,
+        _ => Some(start_metrics(&a, &p.name)?),
+    };
+    let observers = crate::worker::Observers(
+        std::iter::once(observer.as_ref())
+            .chain(metrics.as_ref().map(|m| &m.observer as &dyn Observer))
+            .collect(),
+    );
     let shutdown = worker::Shutdown::default();
     watch_signals(shutdown.clone());
     let member = Membership::join(&pre.store, "run", p.name.clone(), lease).await?;
@@ -71,7 +91,7 @@ pub(crate) async fn run(a: RunArgs, json_logs: bool) -> Result<i32, Exit> {
         provider: &pre.client,
         pipeline: p,
         prices: &pre.prices,
-        observer: observer.as_ref(),
+        observer: &observers,
         work_dir: pre.work_dir.clone(),
         output_path,
         shutdown,
@@ -82,7 +102,14 @@ pub(crate) async fn run(a: RunArgs, json_logs: bool) -> Result<i32, Exit> {
         lease: member.lease,
     };
     let outcome = worker::run(&ctx).await;
+    drop(observers);
     drop(observer);
+    if let Some(m) = &metrics {
+        let succeeded = outcome
+            .as_ref()
+            .is_ok_and(|o| o.status == crate::store::RunStatus::Completed);
+        m.finish(succeeded).await;
+    }
     let store = &pre.store;
     // `[cleanup] after_run`: a run that finished deletes what ingested batches left behind.
     let cleanup_opts = worker::GcOptions {
@@ -163,4 +190,54 @@ pub(crate) async fn run(a: RunArgs, json_logs: bool) -> Result<i32, Exit> {
     }
     store.close().await;
     Ok(outcome.exit_code)
+}
+
+/// The run's metrics: the observer that feeds them, where they go when the run ends.
+struct RunMetrics {
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    observer: crate::metrics::MetricsObserver,
+    push: Option<url::Url>,
+}
+
+/// Checks the metrics flags and writes a first textfile, so a path that cannot be written
+/// stops the run before anything is spent.
+fn start_metrics(a: &RunArgs, pipeline: &str) -> Result<RunMetrics, Exit> {
+    let push = match &a.metrics_push {
+        Some(u) => Some(
+            crate::metrics::push_url(u, pipeline)
+                .map_err(|e| exit(EXIT_CONFIG, anyhow::anyhow!("--metrics-push: {e}")))?,
+        ),
+        None => None,
+    };
+    let metrics = crate::metrics::Metrics::new();
+    if let Some(path) = &a.metrics_textfile {
+        metrics.carry_last_success(pipeline, path);
+    }
+    let observer = metrics.observer(pipeline, a.metrics_textfile.clone());
+    if let (Some(path), Err(e)) = (&a.metrics_textfile, observer.write_textfile()) {
+        return Err(exit(
+            EXIT_CONFIG,
+            anyhow::anyhow!("--metrics-textfile: cannot write {}: {e}", path.display()),
+        ));
+    }
+    Ok(RunMetrics {
+        metrics,
+        observer,
+        push,
+    })
+}
+
+impl RunMetrics {
+    /// The run ended: the textfile gets its final figures and the Pushgateway its one push.
+    /// Neither failing fails the run: the work is done and paid for.
+    async fn finish(&self, succeeded: bool) {
+        if let Err(e) = self.observer.write_textfile() {
+            crate::cli::warn(format!("--metrics-textfile: {e}"));
+        }
+        if let Some(url) = &self.push
+            && let Err(e) = crate::metrics::push(url, self.metrics.render(), succeeded).await
+        {
+            crate::cli::warn(format!("--metrics-push: {e}"));
+        }
+    }
 }

@@ -73,6 +73,22 @@ pub(crate) async fn run(a: WorkerArgs, json_logs: bool) -> Result<i32, Exit> {
         );
     }
     let names: Vec<&str> = loaded.iter().map(|(_, p, _, _)| p.name.as_str()).collect();
+    // One set of metrics for the process, fed by an observer per pipeline.
+    let metrics = crate::metrics::Metrics::new();
+    let listener = match a.metrics_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                exit(
+                    EXIT_CONFIG,
+                    anyhow::anyhow!("--metrics-listen: cannot listen on {addr}: {e}"),
+                )
+            })?;
+            let bound = l.local_addr().map_err(|e| exit(EXIT_CONFIG, e))?;
+            say(format!("metrics on http://{bound}/metrics"));
+            Some(crate::metrics::serve(l, metrics.clone()))
+        }
+        None => None,
+    };
     let member = Membership::join(&store, "worker", names.join(","), lease).await?;
     say(format!(
         "worker {} ({}, pid {}) on {}: serving {}; lease {}s",
@@ -88,15 +104,30 @@ pub(crate) async fn run(a: WorkerArgs, json_logs: bool) -> Result<i32, Exit> {
     } else {
         Box::new(LineObserver)
     };
+    let metric_observers: Vec<_> = loaded
+        .iter()
+        .map(|(_, p, _, _)| metrics.observer(&p.name, None))
+        .collect();
+    let observers: Vec<worker::Observers<'_>> = metric_observers
+        .iter()
+        .map(|m| {
+            worker::Observers(if a.metrics_listen.is_some() {
+                vec![observer.as_ref(), m]
+            } else {
+                vec![observer.as_ref()]
+            })
+        })
+        .collect();
     let ctxs: Vec<RunContext<'_, SqlStore, crate::provider::AnyProvider>> = loaded
         .iter()
         .zip(&clients)
-        .map(|((file, p, price, _), client)| RunContext {
+        .zip(&observers)
+        .map(|(((file, p, price, _), client), observer)| RunContext {
             store: &store,
             provider: client,
             pipeline: p,
             prices: price,
-            observer: observer.as_ref(),
+            observer,
             work_dir: pipeline_dir(Some(file)).join(".nightshift"),
             output_path: p.output.path.clone(),
             shutdown: shutdown.clone(),
@@ -119,6 +150,9 @@ pub(crate) async fn run(a: WorkerArgs, json_logs: bool) -> Result<i32, Exit> {
     .await;
     member.leave(&store).await;
     store.close().await;
+    if let Some(l) = listener {
+        l.abort();
+    }
     for r in results {
         r.map_err(run_error_exit)?;
     }
