@@ -8,6 +8,7 @@ mod crash;
 mod faults;
 mod layers;
 mod nights;
+mod outputs;
 mod pipeline;
 mod providers;
 mod secrets;
