@@ -148,16 +148,16 @@ fn rebuild(row: &[(String, Value)]) -> Value {
     out
 }
 
+/// A row of a table file: (column, value), in column order.
+type Row = Vec<(String, Value)>;
+
 /// The columns holding JSON text: `_extra`, and those named.
 fn is_json(name: &str, json_columns: &[&str]) -> bool {
     name.ends_with("._extra") || json_columns.contains(&name)
 }
 
 /// The Parquet file: its column names and types, and its rows as (column, value).
-fn parquet_rows(
-    path: &Path,
-    json_columns: &[&str],
-) -> (Vec<(String, DataType)>, Vec<Vec<(String, Value)>>) {
+fn parquet_rows(path: &Path, json_columns: &[&str]) -> (Vec<(String, DataType)>, Vec<Row>) {
     let builder =
         ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(path).unwrap()).unwrap();
     let schema = builder.schema().clone();
@@ -209,7 +209,7 @@ fn csv_rows(
     path: &Path,
     types: &[(String, DataType)],
     json_columns: &[&str],
-) -> (Vec<String>, Vec<Vec<(String, Value)>>) {
+) -> (Vec<String>, Vec<Row>) {
     let mut rdr = csv::Reader::from_path(path).unwrap();
     let header: Vec<String> = rdr.headers().unwrap().iter().map(String::from).collect();
     let mut rows = Vec::new();
