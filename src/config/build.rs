@@ -574,6 +574,7 @@ pub(super) fn validate(raw: RawPipeline, file: &Path, dir: &Path) -> (Pipeline, 
         stages,
         output: OutputConfig {
             path: resolve(dir, out.path.as_deref().unwrap_or_default()),
+            include_source: out.include_source.unwrap_or(false),
         },
         batch: BatchLimits {
             max_requests: max_requests as usize,

@@ -108,6 +108,9 @@ pub struct PromptConfig {
 #[derive(Clone, Debug)]
 pub struct OutputConfig {
     pub path: PathBuf,
+    /// Each line of the results also carries the record's source fields (kept in the store
+    /// from ingest on for that).
+    pub include_source: bool,
 }
 
 /// `[report]`: what a run writes besides its summary.

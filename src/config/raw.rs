@@ -104,6 +104,7 @@ pub(super) struct RawStage {
 pub(super) struct RawOutput {
     pub(super) schema: Option<String>,
     pub(super) path: Option<String>,
+    pub(super) include_source: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

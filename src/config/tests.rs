@@ -365,3 +365,27 @@ fn a_bedrock_pipeline_names_what_it_lacks_and_takes_folders() {
     .unwrap_err();
     assert_eq!(err.problems[0].path, "provider.region", "{err}");
 }
+
+#[test]
+fn output_include_source_is_off_by_default_and_must_be_a_boolean() {
+    let p = Pipeline::from_str(GOOD, Path::new("t.toml")).unwrap();
+    assert!(!p.output.include_source);
+    let on = GOOD.replace(
+        "path = \"out/r.jsonl\"",
+        "path = \"out/r.jsonl\"\ninclude_source = true",
+    );
+    let p = Pipeline::from_str(&on, Path::new("t.toml")).unwrap();
+    assert!(p.output.include_source);
+    for (line, path) in [
+        ("include_source = \"yes\"", "output.include_source"),
+        ("include_sources = true", "output.include_sources"),
+    ] {
+        let bad = GOOD.replace(
+            "path = \"out/r.jsonl\"",
+            &format!("path = \"out/r.jsonl\"\n{line}"),
+        );
+        let err = Pipeline::from_str(&bad, Path::new("t.toml")).unwrap_err();
+        let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, [path], "{err}");
+    }
+}

@@ -46,6 +46,8 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
     let counter = first.counter;
     // A multi-stage pipeline keeps each record's fields and links it to all its items.
     let multi = p.is_multi_stage().then(|| first.renderer());
+    // A one-stage pipeline keeps them only for the results file (`output.include_source`).
+    let keep_fields = p.output.include_source;
     let producer = tokio::task::spawn_blocking(move || {
         let mut chunk = Chunk::default();
         let mut scratch = String::new();
@@ -85,7 +87,12 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
                         &r.value,
                         &mut scratch,
                     ) {
-                        Ok(prepared) => chunk.records.push(prepared),
+                        Ok(mut prepared) => {
+                            if keep_fields {
+                                prepared.data = Some(r.value.to_string());
+                            }
+                            chunk.records.push(prepared)
+                        }
                         Err(e) => {
                             chunk.quarantined.push(Quarantined {
                                 line: r.line,

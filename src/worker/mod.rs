@@ -27,11 +27,13 @@ mod ingest;
 mod online;
 mod options;
 mod output;
+mod parquet_file;
 mod planning;
 mod prepare;
 mod settle;
 mod stages;
 mod submit;
+mod table;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;

@@ -10,6 +10,7 @@ mod gc;
 mod layers;
 mod metrics;
 mod nights;
+mod outputs;
 mod pipeline;
 mod providers;
 mod report;
