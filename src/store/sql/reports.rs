@@ -197,16 +197,11 @@ pub(super) async fn run_costs(store: &SqlStore, run_id: &str) -> Result<Vec<Cost
     let rows: Vec<Row> = store
         .db
         .all(
-            q("SELECT stage, model, pricing_mode, COUNT(*), \
-                 CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT), \
-                 CAST(COALESCE(SUM(cached_input_tokens), 0) AS BIGINT), \
-                 CAST(COALESCE(SUM(cache_write_tokens), 0) AS BIGINT), \
-                 CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT), \
-                 CAST(COALESCE(SUM(reasoning_tokens), 0) AS BIGINT), \
-                 CAST(COALESCE(SUM(cost_pico), 0) AS BIGINT), \
-                 CAST(COALESCE(SUM(standard_cost_pico), 0) AS BIGINT) \
-               FROM ledger WHERE batch_id IN (SELECT id FROM batches WHERE run_id = $1) \
-               GROUP BY stage, model, pricing_mode ORDER BY stage, model, pricing_mode")
+            q(format!(
+                "SELECT stage, model, pricing_mode, {LEDGER_SUMS} FROM ledger \
+                 WHERE batch_id IN (SELECT id FROM batches WHERE run_id = $1) \
+                 GROUP BY stage, model, pricing_mode ORDER BY stage, model, pricing_mode"
+            ))
             .bind(run_id),
         )
         .await?;
@@ -216,18 +211,7 @@ pub(super) async fn run_costs(store: &SqlStore, run_id: &str) -> Result<Vec<Cost
             stage: r.0,
             model: r.1,
             pricing_mode: r.2,
-            totals: LedgerTotals {
-                rows: count(r.3),
-                usage: Usage {
-                    input_tokens: count(r.4),
-                    cached_input_tokens: count(r.5),
-                    cache_write_tokens: count(r.6),
-                    output_tokens: count(r.7),
-                    reasoning_tokens: count(r.8),
-                },
-                cost: Usd::from_pico(r.9 as i128),
-                standard_cost: Usd::from_pico(r.10 as i128),
-            },
+            totals: ledger_sums((r.3, r.4, r.5, r.6, r.7, r.8, r.9, r.10)),
         })
         .collect())
 }
@@ -307,21 +291,31 @@ pub(super) async fn ledger_totals(
     scope: LedgerScope,
     key: &str,
 ) -> Result<LedgerTotals> {
-    const SUMS: &str = "SELECT COUNT(*), \
-         CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT), \
-         CAST(COALESCE(SUM(cached_input_tokens), 0) AS BIGINT), \
-         CAST(COALESCE(SUM(cache_write_tokens), 0) AS BIGINT), \
-         CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT), \
-         CAST(COALESCE(SUM(reasoning_tokens), 0) AS BIGINT), \
-         CAST(COALESCE(SUM(cost_pico), 0) AS BIGINT), \
-         CAST(COALESCE(SUM(standard_cost_pico), 0) AS BIGINT) FROM ledger ";
     let filter = match scope {
         LedgerScope::Run => "WHERE batch_id IN (SELECT id FROM batches WHERE run_id = $1)",
         LedgerScope::Batch => "WHERE batch_id = $1",
     };
-    type Sums = (i64, i64, i64, i64, i64, i64, i64, i64);
-    let r: Sums = store.db.one(q(format!("{SUMS}{filter}")).bind(key)).await?;
-    Ok(LedgerTotals {
+    let r: LedgerSums = store
+        .db
+        .one(q(format!("SELECT {LEDGER_SUMS} FROM ledger {filter}")).bind(key))
+        .await?;
+    Ok(ledger_sums(r))
+}
+
+/// The sums of a set of ledger rows, as [`ledger_sums`] reads them back.
+const LEDGER_SUMS: &str = "COUNT(*), \
+     CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT), \
+     CAST(COALESCE(SUM(cached_input_tokens), 0) AS BIGINT), \
+     CAST(COALESCE(SUM(cache_write_tokens), 0) AS BIGINT), \
+     CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT), \
+     CAST(COALESCE(SUM(reasoning_tokens), 0) AS BIGINT), \
+     CAST(COALESCE(SUM(cost_pico), 0) AS BIGINT), \
+     CAST(COALESCE(SUM(standard_cost_pico), 0) AS BIGINT)";
+
+type LedgerSums = (i64, i64, i64, i64, i64, i64, i64, i64);
+
+fn ledger_sums(r: LedgerSums) -> LedgerTotals {
+    LedgerTotals {
         rows: count(r.0),
         usage: Usage {
             input_tokens: count(r.1),
@@ -332,7 +326,7 @@ pub(super) async fn ledger_totals(
         },
         cost: Usd::from_pico(r.6 as i128),
         standard_cost: Usd::from_pico(r.7 as i128),
-    })
+    }
 }
 
 /// A multi-stage run's record counts: a record is done once each stage has its links and
