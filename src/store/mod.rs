@@ -224,6 +224,16 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> impl Future<Output = Result<Vec<(i64, String, String)>>> + Send;
 
+    /// Whether nothing of the pipeline's work for the run is left, read at one snapshot: no
+    /// open batch, no item waiting for an attempt, no record ready for a later stage, no
+    /// failed review waiting to be sent again. The run ends only on this (separate reads
+    /// race with other workers' plans and advances).
+    fn settled(
+        &self,
+        run_id: &str,
+        work: &PipelineWork<'_>,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
     // --- planning -------------------------------------------------------------------------
     /// Items waiting for an attempt (`pending`, or `failed` under the cap).
     fn plannable_count(

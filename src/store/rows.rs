@@ -77,6 +77,24 @@ pub struct IngestTarget<'a> {
     pub links: bool,
 }
 
+/// What a pipeline's work is made of, for [`Store::settled`](super::Store::settled): its
+/// stages, each later stage with the stages it needs, and each `on_fail = "regenerate"`
+/// review as (review stage, reviewed stage).
+#[derive(Clone, Copy, Debug)]
+pub struct PipelineWork<'a> {
+    pub pipeline: &'a str,
+    pub stages: &'a [&'a str],
+    pub later: &'a [LaterStage<'a>],
+    pub regenerate: &'a [(&'a str, &'a str)],
+}
+
+/// A stage after the first and the stages it needs.
+#[derive(Clone, Copy, Debug)]
+pub struct LaterStage<'a> {
+    pub stage: &'a str,
+    pub needs: &'a [String],
+}
+
 /// A record whose needed stages have all succeeded (or been skipped): ready for the next.
 #[derive(Clone, Debug)]
 pub struct ReadyRecord {

@@ -41,7 +41,8 @@ use std::time::{Duration, Instant};
 
 use crate::provider::BatchProvider;
 use crate::store::{
-    BatchMode, BatchRow, BatchState, Claim, NewRun, RunStatus, Store, StoreError, now_ms,
+    BatchMode, BatchRow, BatchState, Claim, LaterStage, NewRun, PipelineWork, RunStatus, Store,
+    StoreError, now_ms,
 };
 use crate::util::fs as fsutil;
 
@@ -197,6 +198,38 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
         let since = b.creating_at.unwrap_or(b.created_at);
         let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
         now_ms().saturating_sub(since) < grace_ms
+    }
+
+    /// Whether the run's work is done, every worker's included: read at one snapshot
+    /// ([`Store::settled`]), since the separate reads that lead here race with other
+    /// workers planning the last retries or advancing the last records.
+    async fn settled(&self) -> Result<bool, RunError> {
+        let p = self.ctx.pipeline;
+        let stages: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
+        let later: Vec<LaterStage<'_>> = p.stages[1..]
+            .iter()
+            .map(|s| LaterStage {
+                stage: &s.name,
+                needs: &s.needs,
+            })
+            .collect();
+        let regenerate: Vec<(&str, &str)> = p
+            .stages
+            .iter()
+            .filter(|s| s.on_fail == Some(crate::config::OnFail::Regenerate))
+            .filter_map(|s| Some((s.name.as_str(), s.needs.first()?.as_str())))
+            .collect();
+        let work = PipelineWork {
+            pipeline: &p.name,
+            stages: &stages,
+            later: if self.run_id.is_empty() { &[] } else { &later },
+            regenerate: if self.run_id.is_empty() {
+                &[]
+            } else {
+                &regenerate
+            },
+        };
+        Ok(self.ctx.store.settled(&self.run_id, &work).await?)
     }
 
     /// Items of every stage waiting for an attempt.
@@ -525,8 +558,12 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                     // Other workers hold what is open: wait for them, or for their leases
                     // to run out.
                     None
-                } else if plannable == 0 {
+                } else if plannable == 0 && (serve || self.settled().await?) {
                     Some(Stop::Done)
+                } else if plannable == 0 {
+                    // Another worker planned, collected or advanced between the reads
+                    // above: look again.
+                    None
                 } else if planning == Planning::Blocked {
                     // What is left does not fit the budget (or the per-item cap).
                     Some(Stop::Budget)

@@ -59,6 +59,7 @@ conformance!(
     stale_runs_are_marked_interrupted,
     a_later_stage_link_decided_from_an_item_sent_again_is_not_stored,
     only_ingested_batches_are_left_to_clean_and_each_deletion_counts_once,
+    a_pipeline_is_settled_only_when_no_work_is_left_in_any_state,
 );
 
 fn planned(o: PlanOutcome) -> Option<BatchRow> {
@@ -763,6 +764,137 @@ async fn a_later_stage_link_decided_from_an_item_sent_again_is_not_stored(db: &T
         );
         assert_eq!(count("SELECT COUNT(*) FROM item_parents").await, 1);
     }
+}
+
+/// Runs raw SQL on the store's pool (to put rows in a state a test needs).
+async fn exec(s: &SqlStore, sql: &str) {
+    match (s.sqlite_pool(), s.pg_pool()) {
+        (Some(p), _) => {
+            sqlx::query(sql).execute(p).await.unwrap();
+        }
+        (_, Some(p)) => {
+            sqlx::query(sql).execute(p).await.unwrap();
+        }
+        _ => unreachable!(),
+    }
+}
+
+/// The run ends only when `settled` says so: with an item waiting, a record ready for its
+/// next stage, a batch open, or a failed review not yet sent again, there is work left (some
+/// other worker may be about to do it), and only with none of them is the pipeline done.
+async fn a_pipeline_is_settled_only_when_no_work_is_left_in_any_state(db: &TestDb) {
+    use nightshift::request::PreparedItem;
+    use nightshift::store::{LaterStage, NewLinks, PipelineWork, StageLink};
+    let s = &db.store;
+    s.create_run(&new_run("run1")).await.unwrap();
+    let shape = RequestShape::new("{\"m\":".into(), "}".into());
+    let shape_id = s.ensure_shape(&shape).await.unwrap();
+    let mut recs = records(&shape, 1, 1, 10);
+    recs[0].data = Some("{\"id\":\"r0\"}".into());
+    let target = |stage| IngestTarget {
+        run_id: "run1",
+        pipeline: "p",
+        stage,
+        shape_id,
+        source: "in.jsonl",
+        links: true,
+    };
+    let needs = ["main".to_string()];
+    let later = [LaterStage {
+        stage: "review",
+        needs: &needs,
+    }];
+    let work = PipelineWork {
+        pipeline: "p",
+        stages: &["main", "review"],
+        later: &later,
+        regenerate: &[("review", "main")],
+    };
+    let settled = || async { s.settled("run1", &work).await.unwrap() };
+    assert!(settled().await, "an empty pipeline has nothing left");
+
+    s.ingest(&target("main"), &recs, &[]).await.unwrap();
+    assert!(
+        !settled().await,
+        "the first stage's item waits for an attempt"
+    );
+
+    exec(
+        s,
+        "UPDATE items SET state = 'succeeded' WHERE stage = 'main'",
+    )
+    .await;
+    exec(
+        s,
+        "INSERT INTO item_results (item_id, result) SELECT id, '{}' FROM items WHERE stage = 'main'",
+    )
+    .await;
+    assert!(!settled().await, "the record is ready for `review`");
+
+    let (parent,): (i64,) =
+        crate::common::one(s, "SELECT id FROM items WHERE stage = 'main'").await;
+    let user = "\"review r0\"".to_string();
+    let link = NewLinks {
+        line: 1,
+        link: StageLink::Items {
+            items: vec![PreparedItem {
+                key: shape.key(&user),
+                input_tokens: 5,
+                body_bytes: shape.body_len(&user),
+                user_json: user,
+            }],
+        },
+        parents: vec![parent],
+    };
+    assert_eq!(s.add_links(&target("review"), &[link]).await.unwrap(), 1);
+    assert!(!settled().await, "the review item waits for an attempt");
+
+    let mut req = plan("run1", "w1");
+    req.stage = "review";
+    let batch = planned(s.plan_batch(&req).await.unwrap()).expect("the review item is planned");
+    assert_eq!(s.plannable_count("p", "review").await.unwrap(), 0);
+    assert!(
+        !settled().await,
+        "a batch is open (another worker holds it)"
+    );
+
+    exec(
+        s,
+        "UPDATE items SET state = 'succeeded' WHERE stage = 'review'",
+    )
+    .await;
+    exec(
+        s,
+        "INSERT INTO item_results (item_id, result) SELECT id, '{\"pass\":false,\"issues\":[\"too short\"]}' FROM items WHERE stage = 'review'",
+    )
+    .await;
+    exec(
+        s,
+        &format!(
+            "UPDATE batches SET state = 'ingested' WHERE id = '{}'",
+            batch.id
+        ),
+    )
+    .await;
+    assert!(
+        !settled().await,
+        "the failed review sends its item again (on_fail = regenerate)"
+    );
+
+    // Written as text, a passing review only looks like a failed one: it is not.
+    exec(
+        s,
+        "UPDATE item_results SET result = '{\"pass\":true,\"issues\":[\"said \\\"pass\\\":false\"]}' \
+         WHERE item_id IN (SELECT id FROM items WHERE stage = 'review')",
+    )
+    .await;
+    assert!(
+        s.failed_reviews("run1", "review", "main")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(settled().await, "every record is done: the run may end");
 }
 
 /// A store made before prompts and answers left the items table (migration 0005) opens with

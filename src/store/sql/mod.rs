@@ -340,6 +340,10 @@ impl Store for SqlStore {
         stages::run_record_data(self, run_id, after_line, limit).await
     }
 
+    async fn settled(&self, run_id: &str, work: &PipelineWork<'_>) -> Result<bool> {
+        stages::settled(self, run_id, work).await
+    }
+
     async fn plannable_count(&self, pipeline: &str, stage: &str) -> Result<u64> {
         planning::plannable_count(self, pipeline, stage).await
     }

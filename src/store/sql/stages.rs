@@ -125,21 +125,11 @@ pub(super) async fn ready_records(
     after_line: i64,
     limit: u32,
 ) -> Result<Vec<ReadyRecord>> {
-    let mut sql = String::from(
-        "SELECT r.line, r.record_id, COALESCE(r.data, '{}') FROM records r WHERE r.run_id = $1 \
-         AND r.line > $3 \
-         AND NOT EXISTS (SELECT 1 FROM record_items x WHERE x.run_id = r.run_id AND x.line = r.line AND x.stage = $2)",
+    let mut sql = format!(
+        "SELECT r.line, r.record_id, COALESCE(r.data, '{{}}') FROM records r WHERE r.line > $3 AND {}",
+        ready_sql(1, 2, 4, needs.len())
     );
-    let mut n = 4;
-    for _ in needs {
-        sql.push_str(&format!(
-            " AND EXISTS (SELECT 1 FROM record_items x WHERE x.run_id = r.run_id AND x.line = r.line AND x.stage = ${n}) \
-              AND NOT EXISTS (SELECT 1 FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
-                WHERE x.run_id = r.run_id AND x.line = r.line AND x.stage = ${n} \
-                AND (x.error IS NOT NULL OR (x.item_id IS NOT NULL AND i.state <> 'succeeded')))"
-        ));
-        n += 1;
-    }
+    let n = 4 + needs.len();
     sql.push_str(&format!(" ORDER BY r.line LIMIT ${n}"));
     let mut query = q(sql).bind(run_id).bind(stage).bind(after_line);
     for s in needs {
@@ -161,6 +151,86 @@ pub(super) async fn ready_records(
         });
     }
     Ok(out)
+}
+
+/// The condition on a record `r` of being ready for a stage: of run `$run`, no link at stage
+/// `$stage` yet, and every link at each of the `needs` stages (bound from `$first_need` on)
+/// final: its item succeeded, or the stage was skipped for the record.
+fn ready_sql(run: usize, stage: usize, first_need: usize, needs: usize) -> String {
+    let mut sql = format!(
+        "r.run_id = ${run} \
+         AND NOT EXISTS (SELECT 1 FROM record_items x WHERE x.run_id = r.run_id AND x.line = r.line AND x.stage = ${stage})"
+    );
+    for n in first_need..first_need + needs {
+        sql.push_str(&format!(
+            " AND EXISTS (SELECT 1 FROM record_items x WHERE x.run_id = r.run_id AND x.line = r.line AND x.stage = ${n}) \
+              AND NOT EXISTS (SELECT 1 FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
+                WHERE x.run_id = r.run_id AND x.line = r.line AND x.stage = ${n} \
+                AND (x.error IS NOT NULL OR (x.item_id IS NOT NULL AND i.state <> 'succeeded')))"
+        ));
+    }
+    sql
+}
+
+/// Whether the pipeline's work for the run is at rest, read in one statement (one snapshot
+/// on either engine): no batch of the pipeline open, no item of its stages waiting for an
+/// attempt, no record of the run ready for a later stage, and no failed review waiting to
+/// be sent again. Each can change between separate reads while other workers plan, ingest
+/// and advance (the last results coming in and going on to a later stage); at one snapshot
+/// with all four empty nothing is left that could start again, so the run may end.
+pub(super) async fn settled(
+    store: &SqlStore,
+    run_id: &str,
+    work: &PipelineWork<'_>,
+) -> Result<bool> {
+    let mut sql = String::from(
+        "SELECT (SELECT COUNT(*) FROM batches WHERE pipeline = $1 AND state <> 'ingested')",
+    );
+    let mut n = 3;
+    let stage_params: Vec<String> = work
+        .stages
+        .iter()
+        .map(|_| {
+            n += 1;
+            format!("${}", n - 1)
+        })
+        .collect();
+    if !stage_params.is_empty() {
+        sql.push_str(&format!(
+            " + (SELECT COUNT(*) FROM items WHERE pipeline = $1 AND stage IN ({}) \
+               AND state IN ('pending', 'failed'))",
+            stage_params.join(", ")
+        ));
+    }
+    for later in work.later {
+        sql.push_str(&format!(
+            " + (CASE WHEN EXISTS (SELECT 1 FROM records r WHERE {}) THEN 1 ELSE 0 END)",
+            ready_sql(2, n, n + 1, later.needs.len())
+        ));
+        n += 1 + later.needs.len();
+    }
+    for _ in work.regenerate {
+        sql.push_str(&format!(
+            " + (CASE WHEN EXISTS ({}) THEN 1 ELSE 0 END)",
+            failed_reviews_sql(store.engine(), 2, n, n + 1)
+        ));
+        n += 2;
+    }
+    let mut query = q(sql).bind(work.pipeline).bind(run_id);
+    for s in work.stages {
+        query = query.bind(*s);
+    }
+    for later in work.later {
+        query = query.bind(later.stage);
+        for need in later.needs {
+            query = query.bind(need.as_str());
+        }
+    }
+    for (review, reviewed) in work.regenerate {
+        query = query.bind(*review).bind(*reviewed);
+    }
+    let busy: i64 = store.db.scalar(query).await?;
+    Ok(busy == 0)
 }
 
 /// Ids of the run's records whose every link at `stage` succeeded or is a skip.
@@ -426,19 +496,32 @@ pub(super) async fn failed_reviews(
     store
         .db
         .all(
-            q("SELECT DISTINCT t.item_id, rr.result FROM record_items x \
-               JOIN items ri ON ri.id = x.item_id \
-               JOIN item_results rr ON rr.item_id = x.item_id \
-               JOIN record_items t ON t.run_id = x.run_id AND t.line = x.line AND t.stage = $3 \
-               JOIN items ti ON ti.id = t.item_id \
-               WHERE x.run_id = $1 AND x.stage = $2 AND ri.state = 'succeeded' \
-               AND ti.state = 'succeeded' AND ti.regenerations = 0 \
-               AND rr.result LIKE '%\"pass\":false%'")
-            .bind(run_id)
-            .bind(review)
-            .bind(reviewed),
+            q(failed_reviews_sql(store.engine(), 1, 2, 3))
+                .bind(run_id)
+                .bind(review)
+                .bind(reviewed),
         )
         .await
+}
+
+/// The items of stage `$reviewed` whose review at stage `$review` for a record of run `$run`
+/// says `"pass": false` and that were never regenerated, with the review's result. (Results
+/// are stored as compact JSON, so the `LIKE` only narrows; the JSON test decides.)
+fn failed_reviews_sql(engine: Engine, run: usize, review: usize, reviewed: usize) -> String {
+    let pass_false = match engine {
+        Engine::Sqlite => "json_type(rr.result, '$.pass') = 'false'",
+        Engine::Postgres => "(rr.result::jsonb -> 'pass') = 'false'::jsonb",
+    };
+    format!(
+        "SELECT DISTINCT t.item_id, rr.result FROM record_items x \
+         JOIN items ri ON ri.id = x.item_id \
+         JOIN item_results rr ON rr.item_id = x.item_id \
+         JOIN record_items t ON t.run_id = x.run_id AND t.line = x.line AND t.stage = ${reviewed} \
+         JOIN items ti ON ti.id = t.item_id \
+         WHERE x.run_id = ${run} AND x.stage = ${review} AND ri.state = 'succeeded' \
+         AND ti.state = 'succeeded' AND ti.regenerations = 0 \
+         AND rr.result LIKE '%\"pass\":false%' AND {pass_false}"
+    )
 }
 
 /// Sends an item again because its review failed: it becomes `failed` (so it is planned as
