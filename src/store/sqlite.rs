@@ -18,6 +18,25 @@ use super::{Result, SqlStore, StoreError};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
+/// Settings of the SQLite library itself, made once, before the first connection
+/// initializes it (afterwards SQLite refuses them, and they stay as they were).
+///
+/// `SQLITE_CONFIG_MEMSTATUS` off: by default SQLite keeps process-wide allocation statistics,
+/// updated under a global mutex at every allocation it makes; nothing here reads them.
+fn configure_library() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: sqlite3_config takes SQLITE_CONFIG_MEMSTATUS with one int argument; it
+        // changes nothing and returns SQLITE_MISUSE once the library is initialized.
+        let _ = unsafe {
+            libsqlite3_sys::sqlite3_config(
+                libsqlite3_sys::SQLITE_CONFIG_MEMSTATUS,
+                0 as std::ffi::c_int,
+            )
+        };
+    });
+}
+
 /// How long opening waits for other processes to let go of the file.
 const BUSY: Duration = Duration::from_secs(10);
 
@@ -25,6 +44,7 @@ impl SqlStore {
     /// Opens (creating if needed) a SQLite database file and applies migrations. The folder
     /// is created with mode 0700 and the file is private to its owner.
     pub async fn open_sqlite(path: &Path) -> Result<Self> {
+        configure_library();
         if let Some(dir) = path.parent()
             && !dir.as_os_str().is_empty()
             && !dir.exists()
@@ -65,6 +85,7 @@ impl SqlStore {
 
     /// A private in-memory SQLite database (tests).
     pub async fn open_sqlite_in_memory() -> Result<Self> {
+        configure_library();
         let opts = SqliteConnectOptions::from_str("sqlite::memory:")?
             .foreign_keys(true)
             .busy_timeout(BUSY);
