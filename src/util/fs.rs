@@ -1,4 +1,4 @@
-//! Files written safely: private modes, atomic replacement.
+//! Files written safely: private modes, atomic replacement; and reads at an offset.
 //!
 //! Batch input files, downloads and outputs hold prompts and model output (possibly personal
 //! data): they are created with mode 0600 in folders with mode 0700. A file that others read
@@ -52,6 +52,21 @@ pub fn create_private_new(path: &Path) -> io::Result<()> {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+/// Fills `buf` from `file` at `offset`: one positioned read on Unix (no seek, and the file's
+/// own position is left alone), a seek and a read elsewhere.
+pub fn read_exact_at(file: &mut File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+    }
+    #[cfg(not(unix))]
+    {
+        use std::io::{Read, Seek, SeekFrom};
+        file.seek(SeekFrom::Start(offset))?;
+        file.read_exact(buf)
     }
 }
 

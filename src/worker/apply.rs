@@ -155,7 +155,6 @@ pub(super) async fn apply_file<S: Store, P: BatchProvider>(
     path: &Path,
     seen: &mut HashSet<String>,
 ) -> Result<ApplyStats, RunError> {
-    use std::io::{Read, Seek, SeekFrom};
     let ctx = runner.ctx;
     let store = ctx.store;
     let io_err = |source| RunError::Output {
@@ -219,8 +218,7 @@ pub(super) async fn apply_file<S: Store, P: BatchProvider>(
             ))
         } else {
             buf.resize(r.len as usize, 0);
-            file.seek(SeekFrom::Start(r.offset)).map_err(io_err)?;
-            file.read_exact(&mut buf).map_err(io_err)?;
+            crate::util::fs::read_exact_at(&mut file, &mut buf, r.offset).map_err(io_err)?;
             match ctx.provider.parse_result_line(&buf) {
                 Err(e) => Err((
                     "malformed_line",
