@@ -687,38 +687,10 @@ async fn stale_runs_are_marked_interrupted(db: &TestDb) {
 /// next stage; once the item succeeds again, the same advance stores them; repeating it
 /// changes nothing.
 async fn a_later_stage_link_decided_from_an_item_sent_again_is_not_stored(db: &TestDb) {
-    use nightshift::request::PreparedItem;
-    use nightshift::store::{NewLinks, StageLink};
     let s = &db.store;
-    s.create_run(&new_run("run1")).await.unwrap();
-    let shape = RequestShape::new("{\"m\":".into(), "}".into());
-    let shape_id = s.ensure_shape(&shape).await.unwrap();
-    let mut recs = records(&shape, 1, 1, 10);
-    recs[0].data = Some("{\"id\":\"r0\"}".into());
-    let target = |stage| IngestTarget {
-        run_id: "run1",
-        pipeline: "p",
-        stage,
-        shape_id,
-        source: "in.jsonl",
-        links: true,
-    };
-    s.ingest(&target("main"), &recs, &[]).await.unwrap();
-    let (parent,): (i64,) =
-        crate::common::one(s, "SELECT id FROM items WHERE stage = 'main'").await;
-    let user = "\"review r0\"".to_string();
-    let link = NewLinks {
-        line: 1,
-        link: StageLink::Items {
-            items: vec![PreparedItem {
-                key: shape.key(&user),
-                input_tokens: 5,
-                body_bytes: shape.body_len(&user),
-                user_json: user,
-            }],
-        },
-        parents: vec![parent],
-    };
+    let shape_id = one_staged_record(s).await;
+    let link = review_link(s).await;
+    let target = |stage| staged_target(stage, shape_id);
     let count = |sql: &'static str| async move { s.count_where(sql).await.unwrap() };
     // The parent is pending (never succeeded, or sent again): nothing is stored.
     assert_eq!(
@@ -736,20 +708,7 @@ async fn a_later_stage_link_decided_from_an_item_sent_again_is_not_stored(db: &T
         0
     );
     // Succeeded: the link, the item and its parent are stored, once.
-    for sql in [
-        "UPDATE items SET state = 'succeeded' WHERE stage = 'main'",
-        "INSERT INTO item_results (item_id, result) SELECT id, '{}' FROM items WHERE stage = 'main'",
-    ] {
-        match (s.sqlite_pool(), s.pg_pool()) {
-            (Some(p), _) => {
-                sqlx::query(sql).execute(p).await.unwrap();
-            }
-            (_, Some(p)) => {
-                sqlx::query(sql).execute(p).await.unwrap();
-            }
-            _ => unreachable!(),
-        }
-    }
+    main_succeeded(s).await;
     for _ in 0..2 {
         s.add_links(&target("review"), std::slice::from_ref(&link))
             .await
@@ -779,26 +738,74 @@ async fn exec(s: &SqlStore, sql: &str) {
     }
 }
 
-/// The run ends only when `settled` says so: with an item waiting, a record ready for its
-/// next stage, a batch open, or a failed review not yet sent again, there is work left (some
-/// other worker may be about to do it), and only with none of them is the pipeline done.
-async fn a_pipeline_is_settled_only_when_no_work_is_left_in_any_state(db: &TestDb) {
-    use nightshift::request::PreparedItem;
-    use nightshift::store::{LaterStage, NewLinks, PipelineWork, StageLink};
-    let s = &db.store;
-    s.create_run(&new_run("run1")).await.unwrap();
-    let shape = RequestShape::new("{\"m\":".into(), "}".into());
-    let shape_id = s.ensure_shape(&shape).await.unwrap();
-    let mut recs = records(&shape, 1, 1, 10);
-    recs[0].data = Some("{\"id\":\"r0\"}".into());
-    let target = |stage| IngestTarget {
+/// Where a test's two-stage pipeline `p` stores: run `run1`, stage `stage`.
+fn staged_target(stage: &str, shape_id: i64) -> IngestTarget<'_> {
+    IngestTarget {
         run_id: "run1",
         pipeline: "p",
         stage,
         shape_id,
         source: "in.jsonl",
         links: true,
-    };
+    }
+}
+
+/// Run `run1` with one record at stage `main` (its fields kept, its item pending); returns
+/// the shape id.
+async fn one_staged_record(s: &SqlStore) -> i64 {
+    s.create_run(&new_run("run1")).await.unwrap();
+    let shape = RequestShape::new("{\"m\":".into(), "}".into());
+    let shape_id = s.ensure_shape(&shape).await.unwrap();
+    let mut recs = records(&shape, 1, 1, 10);
+    recs[0].data = Some("{\"id\":\"r0\"}".into());
+    s.ingest(&staged_target("main", shape_id), &recs, &[])
+        .await
+        .unwrap();
+    shape_id
+}
+
+/// The `main` item succeeded, with a result.
+async fn main_succeeded(s: &SqlStore) {
+    exec(
+        s,
+        "UPDATE items SET state = 'succeeded' WHERE stage = 'main'",
+    )
+    .await;
+    exec(
+        s,
+        "INSERT INTO item_results (item_id, result) SELECT id, '{}' FROM items WHERE stage = 'main'",
+    )
+    .await;
+}
+
+/// What advancing the record to stage `review` stores: one item, the `main` item its parent.
+async fn review_link(s: &SqlStore) -> nightshift::store::NewLinks {
+    use nightshift::request::PreparedItem;
+    use nightshift::store::{NewLinks, StageLink};
+    let shape = RequestShape::new("{\"m\":".into(), "}".into());
+    let (parent,): (i64,) =
+        crate::common::one(s, "SELECT id FROM items WHERE stage = 'main'").await;
+    let user = "\"review r0\"".to_string();
+    NewLinks {
+        line: 1,
+        link: StageLink::Items {
+            items: vec![PreparedItem {
+                key: shape.key(&user),
+                input_tokens: 5,
+                body_bytes: shape.body_len(&user),
+                user_json: user,
+            }],
+        },
+        parents: vec![parent],
+    }
+}
+
+/// The run ends only when `settled` says so: with an item waiting, a record ready for its
+/// next stage, a batch open, or a failed review not yet sent again, there is work left (some
+/// other worker may be about to do it), and only with none of them is the pipeline done.
+async fn a_pipeline_is_settled_only_when_no_work_is_left_in_any_state(db: &TestDb) {
+    use nightshift::store::{LaterStage, PipelineWork};
+    let s = &db.store;
     let needs = ["main".to_string()];
     let later = [LaterStage {
         stage: "review",
@@ -813,40 +820,22 @@ async fn a_pipeline_is_settled_only_when_no_work_is_left_in_any_state(db: &TestD
     let settled = || async { s.settled("run1", &work).await.unwrap() };
     assert!(settled().await, "an empty pipeline has nothing left");
 
-    s.ingest(&target("main"), &recs, &[]).await.unwrap();
+    let shape_id = one_staged_record(s).await;
     assert!(
         !settled().await,
         "the first stage's item waits for an attempt"
     );
 
-    exec(
-        s,
-        "UPDATE items SET state = 'succeeded' WHERE stage = 'main'",
-    )
-    .await;
-    exec(
-        s,
-        "INSERT INTO item_results (item_id, result) SELECT id, '{}' FROM items WHERE stage = 'main'",
-    )
-    .await;
+    main_succeeded(s).await;
     assert!(!settled().await, "the record is ready for `review`");
 
-    let (parent,): (i64,) =
-        crate::common::one(s, "SELECT id FROM items WHERE stage = 'main'").await;
-    let user = "\"review r0\"".to_string();
-    let link = NewLinks {
-        line: 1,
-        link: StageLink::Items {
-            items: vec![PreparedItem {
-                key: shape.key(&user),
-                input_tokens: 5,
-                body_bytes: shape.body_len(&user),
-                user_json: user,
-            }],
-        },
-        parents: vec![parent],
-    };
-    assert_eq!(s.add_links(&target("review"), &[link]).await.unwrap(), 1);
+    let link = review_link(s).await;
+    assert_eq!(
+        s.add_links(&staged_target("review", shape_id), &[link])
+            .await
+            .unwrap(),
+        1
+    );
     assert!(!settled().await, "the review item waits for an attempt");
 
     let mut req = plan("run1", "w1");
