@@ -206,8 +206,10 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
     async fn settled(&self) -> Result<bool, RunError> {
         let p = self.ctx.pipeline;
         let stages: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
-        let later: Vec<LaterStage<'_>> = p.stages[1..]
+        let later: Vec<LaterStage<'_>> = p
+            .stages
             .iter()
+            .skip(1)
             .map(|s| LaterStage {
                 stage: &s.name,
                 needs: &s.needs,

@@ -505,12 +505,19 @@ pub(super) async fn failed_reviews(
 }
 
 /// The items of stage `$reviewed` whose review at stage `$review` for a record of run `$run`
-/// says `"pass": false` and that were never regenerated, with the review's result. (Results
-/// are stored as compact JSON, so the `LIKE` only narrows; the JSON test decides.)
+/// says `"pass": false` and that were never regenerated, with the review's result. Results
+/// are stored as compact JSON: the `LIKE` narrows, and only what it lets through is parsed
+/// (in a `CASE`, so no other result is ever parsed) to decide.
 fn failed_reviews_sql(engine: Engine, run: usize, review: usize, reviewed: usize) -> String {
     let pass_false = match engine {
-        Engine::Sqlite => "json_type(rr.result, '$.pass') = 'false'",
-        Engine::Postgres => "(rr.result::jsonb -> 'pass') = 'false'::jsonb",
+        Engine::Sqlite => {
+            "CASE WHEN rr.result LIKE '%\"pass\":false%' AND json_valid(rr.result) \
+             THEN json_type(rr.result, '$.pass') = 'false' ELSE 0 END"
+        }
+        Engine::Postgres => {
+            "CASE WHEN rr.result LIKE '%\"pass\":false%' \
+             THEN (rr.result::jsonb -> 'pass') = 'false'::jsonb ELSE false END"
+        }
     };
     format!(
         "SELECT DISTINCT t.item_id, rr.result FROM record_items x \
@@ -519,8 +526,7 @@ fn failed_reviews_sql(engine: Engine, run: usize, review: usize, reviewed: usize
          JOIN record_items t ON t.run_id = x.run_id AND t.line = x.line AND t.stage = ${reviewed} \
          JOIN items ti ON ti.id = t.item_id \
          WHERE x.run_id = ${run} AND x.stage = ${review} AND ri.state = 'succeeded' \
-         AND ti.state = 'succeeded' AND ti.regenerations = 0 \
-         AND rr.result LIKE '%\"pass\":false%' AND {pass_false}"
+         AND ti.state = 'succeeded' AND ti.regenerations = 0 AND {pass_false}"
     )
 }
 
