@@ -186,15 +186,10 @@ pub(super) async fn settled(
     let mut sql = String::from(
         "SELECT (SELECT COUNT(*) FROM batches WHERE pipeline = $1 AND state <> 'ingested')",
     );
-    let mut n = 3;
-    let stage_params: Vec<String> = work
-        .stages
-        .iter()
-        .map(|_| {
-            n += 1;
-            format!("${}", n - 1)
-        })
+    let stage_params: Vec<String> = (3..3 + work.stages.len())
+        .map(|i| format!("${i}"))
         .collect();
+    let mut n = 3 + work.stages.len();
     if !stage_params.is_empty() {
         sql.push_str(&format!(
             " + (SELECT COUNT(*) FROM items WHERE pipeline = $1 AND stage IN ({}) \
