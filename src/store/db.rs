@@ -199,12 +199,20 @@ impl<'a> Query<'a> {
             r.map_err(|e| StoreError::Db(sqlx::Error::Encode(e)))?;
         }
         let sql = match self.sql {
-            Cow::Borrowed(s) if !s.contains('?') => Cow::Borrowed(s),
-            s => Cow::Owned(number_placeholders(&s)),
+            Cow::Borrowed(s) if !s.contains('?') && !s.contains(OR_FAIL) => Cow::Borrowed(s),
+            s => Cow::Owned(number_placeholders(&s.replace(OR_FAIL, " "))),
         };
         Ok((sql, a))
     }
 }
+
+/// SQLite's conflict clause on the store's multi-row writes (`INSERT OR FAIL INTO`,
+/// `UPDATE OR FAIL items`): on a constraint error the statement stops where it is instead
+/// of undoing its own rows, so SQLite need not copy the pages it changes into a statement
+/// journal first (migrations/sqlite/0007_deferred_keys.sql). The transaction around it is
+/// rolled back on any error either way, so nothing of a failed statement is kept.
+/// PostgreSQL has no such clause and needs none; its text drops it.
+pub(crate) const OR_FAIL: &str = " OR FAIL ";
 
 /// Rewrites anonymous `?` parameters as `$1, $2, …` (outside string literals).
 pub(crate) fn number_placeholders(sql: &str) -> String {
@@ -432,5 +440,25 @@ mod tests {
             number_placeholders("SELECT ?, '?', x || '-' || ? FROM (VALUES (?,?))"),
             "SELECT $1, '?', x || '-' || $2 FROM (VALUES ($3,$4))"
         );
+    }
+
+    #[test]
+    fn sqlite_conflict_clauses_are_kept_on_sqlite_and_dropped_for_postgres() {
+        let insert = "INSERT OR FAIL INTO t (a) SELECT v.column1 FROM (VALUES (?)) AS v \
+                      WHERE true ON CONFLICT (a) DO NOTHING";
+        let update = "UPDATE OR FAIL t SET a = ? WHERE b = 'x'";
+        for (sql, pg) in [
+            (
+                insert,
+                "INSERT INTO t (a) SELECT v.column1 FROM (VALUES ($1)) AS v \
+                 WHERE true ON CONFLICT (a) DO NOTHING",
+            ),
+            (update, "UPDATE t SET a = $1 WHERE b = 'x'"),
+        ] {
+            let (text, _) = q(sql).bind(1i64).sqlite().unwrap();
+            assert_eq!(text, sql);
+            let (text, _) = q(sql).bind(1i64).postgres().unwrap();
+            assert_eq!(text, pg);
+        }
     }
 }

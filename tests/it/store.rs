@@ -886,15 +886,12 @@ async fn a_pipeline_is_settled_only_when_no_work_is_left_in_any_state(db: &TestD
     assert!(settled().await, "every record is done: the run may end");
 }
 
-/// A store made before prompts and answers left the items table (migration 0005) opens with
-/// every prompt and answer where the new queries read them.
-#[tokio::test]
-async fn a_store_from_before_item_bodies_keeps_its_prompts_and_answers() {
+/// A SQLite store at `path` with the migrations before `version` applied, as an older
+/// nightshift left it, and a connection to it.
+async fn store_before(path: &std::path::Path, version: i64) -> sqlx::SqliteConnection {
     use sqlx::Connection;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("state.db");
     let opts = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(&path)
+        .filename(path)
         .create_if_missing(true);
     let mut conn = sqlx::SqliteConnection::connect_with(&opts).await.unwrap();
     let all = sqlx::migrate::Migrator::new(std::path::Path::new(concat!(
@@ -907,13 +904,24 @@ async fn a_store_from_before_item_bodies_keeps_its_prompts_and_answers() {
         migrations: all
             .migrations
             .iter()
-            .filter(|m| m.version < 5)
+            .filter(|m| m.version < version)
             .cloned()
             .collect::<Vec<_>>()
             .into(),
         ..sqlx::migrate::Migrator::DEFAULT
     };
     before.run(&mut conn).await.unwrap();
+    conn
+}
+
+/// A store made before prompts and answers left the items table (migration 0005) opens with
+/// every prompt and answer where the new queries read them.
+#[tokio::test]
+async fn a_store_from_before_item_bodies_keeps_its_prompts_and_answers() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let mut conn = store_before(&path, 5).await;
     for sql in [
         "INSERT INTO shapes (id, sha256, prefix, suffix) VALUES (1, x'00', '{', '}')",
         "INSERT INTO items (id, pipeline, stage, dedupe_key, shape_id, user_json, body_bytes, \
@@ -942,6 +950,116 @@ async fn a_store_from_before_item_bodies_keeps_its_prompts_and_answers() {
         items,
         [(1, "succeeded".into(), 5), (2, "pending".into(), 5)]
     );
+    assert_eq!(s.integrity_check().await.unwrap(), "ok");
+    s.close().await;
+}
+
+/// Every row of `table`, each as the SQL literals of its columns in order.
+async fn dump(conn: &mut sqlx::SqliteConnection, table: &str) -> Vec<String> {
+    let cols: Vec<(String,)> = sqlx::query_as("SELECT name FROM pragma_table_info(?) ORDER BY cid")
+        .bind(table)
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+    let row = cols
+        .iter()
+        .map(|(c,)| format!("quote({c})"))
+        .collect::<Vec<_>>()
+        .join(" || ',' || ");
+    let rows: Vec<(String,)> = sqlx::query_as(&format!("SELECT {row} FROM {table} ORDER BY 1"))
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+    rows.into_iter().map(|(r,)| r).collect()
+}
+
+/// A store from before the foreign keys were checked at commit (migration 0007, which
+/// rebuilds the tables written many rows at a time) keeps every row and column of them, and
+/// a reference to a missing row still cannot be committed: the commit is refused and nothing
+/// of its transaction is kept.
+#[tokio::test]
+async fn a_store_from_before_deferred_keys_keeps_its_rows_and_refuses_dangling_ones() {
+    use sqlx::Connection;
+    const REBUILT: [&str; 9] = [
+        "items",
+        "item_bodies",
+        "item_results",
+        "records",
+        "record_items",
+        "item_parents",
+        "attempts",
+        "ledger",
+        "quarantine",
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let mut conn = store_before(&path, 7).await;
+    for sql in [
+        "INSERT INTO runs (id, pipeline, stage, status, pipeline_file, source_path, output_path, \
+         provider, model, pricing_mode, max_attempts, host, pid, started_at) \
+         VALUES ('r', 'p', 'main', 'completed', 'p.toml', 'in.jsonl', 'out.jsonl', 'openai', \
+         'gpt-4o-mini', 'batch', 3, 'h', 1, 0)",
+        "INSERT INTO batches (id, run_id, pipeline, stage, provider, model, pricing_mode, state, \
+         request_count, created_at) \
+         VALUES ('b', 'r', 'p', 'main', 'openai', 'gpt-4o-mini', 'batch', 'ingested', 2, 0)",
+        "INSERT INTO shapes (id, sha256, prefix, suffix) VALUES (1, x'00', '{', '}')",
+        "INSERT INTO items (id, pipeline, stage, dedupe_key, shape_id, body_bytes, input_tokens, \
+         state, attempts, last_error, first_run_id, created_at, updated_at, regenerations) \
+         VALUES (1, 'p', 'main', x'01', 1, 5, 3, 'succeeded', 1, NULL, 'r', 10, 11, 0), \
+                (2, 'p', 'review', x'02', 1, 6, 4, 'failed', 1, 'flagged', 'r', 12, 13, 1)",
+        "INSERT INTO item_bodies VALUES (1, '\"one\"'), (2, '\"two\"')",
+        "INSERT INTO item_results VALUES (1, '{\"a\":1}')",
+        "INSERT INTO records VALUES ('r', 1, 'one', 1, '{\"sku\":\"one\"}')",
+        "INSERT INTO record_items VALUES ('r', 1, 'main', 0, 1, NULL), ('r', 1, 'review', 0, 2, NULL), \
+         ('r', 1, 'summary', 0, NULL, 'template failed')",
+        "INSERT INTO item_parents VALUES (2, 1)",
+        "INSERT INTO attempts (id, item_id, batch_id, attempt_no, custom_id, state, verdict, \
+         error, finish_reason, model, created_at, dispatched_at, completed_at) \
+         VALUES (1, 1, 'b', 1, 'b-1', 'succeeded', 'ok', NULL, 'stop', 'gpt-4o-mini', 20, NULL, 21), \
+                (2, 2, 'b', 1, 'b-2', 'failed', 'schema', 'bad', 'stop', 'gpt-4o-mini', 22, 23, 24)",
+        "INSERT INTO ledger VALUES (1, 'b-1', 'b', 'r', 'p', 'main', 'gpt-4o-mini', 'batch', \
+         10, 2, 1, 20, 3, 7, 14, 30)",
+        "INSERT INTO quarantine (run_id, source, line, field, reason) \
+         VALUES ('r', 'in.jsonl', 2, 'sku', 'missing')",
+    ] {
+        sqlx::query(sql).execute(&mut conn).await.unwrap();
+    }
+    let mut before = Vec::new();
+    for t in REBUILT {
+        before.push(dump(&mut conn, t).await);
+    }
+    conn.close().await.unwrap();
+
+    let s = SqlStore::open_sqlite(&path).await.unwrap();
+    assert_eq!(s.integrity_check().await.unwrap(), "ok");
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    for (t, rows) in REBUILT.iter().zip(&before) {
+        assert!(!rows.is_empty(), "{t}");
+        assert_eq!(&dump(&mut conn, t).await, rows, "{t}");
+    }
+    conn.close().await.unwrap();
+
+    // A record of a missing item, an attempt of a missing batch: each statement goes
+    // through (the keys are checked at commit), the commit does not, and nothing is kept.
+    let pool = s.sqlite_pool().unwrap();
+    for sql in [
+        "INSERT INTO records VALUES ('r', 9, 'nine', 999, NULL)",
+        "INSERT INTO attempts (item_id, batch_id, attempt_no, custom_id, state, created_at) \
+         VALUES (1, 'missing', 2, 'missing-1', 'in_flight', 0)",
+    ] {
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query(sql).execute(&mut *tx).await.unwrap();
+        let err = tx.commit().await.unwrap_err().to_string();
+        assert!(err.contains("FOREIGN KEY"), "{sql}: {err}");
+    }
+    let kept: (i64,) =
+        sqlx::query_as("SELECT (SELECT COUNT(*) FROM records) + (SELECT COUNT(*) FROM attempts)")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(kept.0, 3);
     assert_eq!(s.integrity_check().await.unwrap(), "ok");
     s.close().await;
 }

@@ -6,7 +6,7 @@ use super::*;
 /// Binds: pipeline, stage, shape_id, run_id, now; then per row key, body_bytes, input_tokens.
 pub(super) fn insert_items_sql(rows: usize) -> String {
     format!(
-        "INSERT INTO items (pipeline, stage, shape_id, first_run_id, created_at, updated_at, state, attempts, \
+        "INSERT OR FAIL INTO items (pipeline, stage, shape_id, first_run_id, created_at, updated_at, state, attempts, \
          dedupe_key, body_bytes, input_tokens) \
          SELECT c.p, c.s, c.sh, c.r, c.t, c.t, 'pending', 0, v.column1, v.column2, v.column3 \
          FROM (SELECT ? AS p, ? AS s, ? AS sh, ? AS r, ? AS t) AS c, (VALUES {}) AS v \
@@ -22,7 +22,7 @@ pub(super) fn insert_items_sql(rows: usize) -> String {
 pub(super) fn insert_bodies_sql(rows: usize) -> String {
     format!(
         "WITH c(p, s) AS (SELECT ?, ?) \
-         INSERT INTO item_bodies (item_id, user_json) \
+         INSERT OR FAIL INTO item_bodies (item_id, user_json) \
          SELECT (SELECT i.id FROM items i, c WHERE i.pipeline = c.p AND i.stage = c.s AND i.dedupe_key = v.column1), \
            v.column2 \
          FROM (VALUES {}) AS v \
@@ -80,7 +80,7 @@ pub(super) async fn insert_items<'r>(
 pub(super) fn insert_records_sql(rows: usize) -> String {
     format!(
         "WITH c(r, p, s) AS (SELECT ?, ?, ?) \
-         INSERT INTO records (run_id, line, record_id, item_id, data) \
+         INSERT OR FAIL INTO records (run_id, line, record_id, item_id, data) \
          SELECT (SELECT r FROM c), v.column1, v.column2, \
            (SELECT i.id FROM items i, c WHERE i.pipeline = c.p AND i.stage = c.s AND i.dedupe_key = v.column3), \
            v.column4 \
@@ -187,7 +187,7 @@ async fn add(
     }
     for chunk in quarantined.chunks(ROWS_PER_STATEMENT) {
         let mut qq = q(format!(
-            "INSERT INTO quarantine (run_id, source, line, field, reason) \
+            "INSERT OR FAIL INTO quarantine (run_id, source, line, field, reason) \
              SELECT c.r, c.s, v.column1, v.column2, v.column3 \
              FROM (SELECT ? AS r, ? AS s) AS c, (VALUES {}) AS v",
             values_sql(chunk.len(), 3)

@@ -59,7 +59,7 @@ pub(super) async fn lose_dispatched(
     store.fence(&mut tx, &batch.id, batch.lease_token).await?;
     let states: Vec<(ItemState,)> = tx
         .all(
-            q("UPDATE items SET \
+            q("UPDATE OR FAIL items SET \
                  state = CASE WHEN items.attempts >= $2 THEN 'exhausted' ELSE 'failed' END, \
                  last_error = $3, updated_at = $4 \
                FROM (SELECT item_id, attempt_no FROM attempts WHERE batch_id = $1 AND state = 'in_flight' \
@@ -74,7 +74,7 @@ pub(super) async fn lose_dispatched(
         .await?;
     let n = tx
         .execute(
-            q("UPDATE attempts SET state = 'failed', verdict = 'lost', error = $2, completed_at = $3 \
+            q("UPDATE OR FAIL attempts SET state = 'failed', verdict = 'lost', error = $2, completed_at = $3 \
                WHERE batch_id = $1 AND state = 'in_flight' AND dispatched_at IS NOT NULL")
             .bind(&batch.id)
             .bind(error)

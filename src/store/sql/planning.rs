@@ -80,7 +80,7 @@ pub(super) async fn revive_exhausted(
 ) -> Result<u64> {
     store.db
         .execute(
-            q("UPDATE items SET state = 'failed', updated_at = $4 WHERE pipeline = $1 AND stage = $2 \
+            q("UPDATE OR FAIL items SET state = 'failed', updated_at = $4 WHERE pipeline = $1 AND stage = $2 \
                AND state = 'exhausted' AND attempts > 0 AND attempts < $3")
             .bind(pipeline)
             .bind(stage)
@@ -210,7 +210,7 @@ pub(super) async fn plan_batch(store: &SqlStore, req: &PlanRequest<'_>) -> Resul
     let inserted = tx
         .execute(plan_filter(
             q(format!(
-                "INSERT INTO attempts (item_id, batch_id, attempt_no, custom_id, state, created_at) \
+                "INSERT OR FAIL INTO attempts (item_id, batch_id, attempt_no, custom_id, state, created_at) \
                  SELECT id, $1, attempts + 1, $2 || id || '-' || (attempts + 1), 'in_flight', $3 \
                  FROM items WHERE {} ORDER BY id",
                 plan_filter_sql(store.engine(), 4, req)
@@ -234,7 +234,7 @@ pub(super) async fn plan_batch(store: &SqlStore, req: &PlanRequest<'_>) -> Resul
     let moved = tx
         .execute(plan_filter(
             q(format!(
-                "UPDATE items SET state = 'in_flight', attempts = attempts + 1, updated_at = $1 WHERE {}",
+                "UPDATE OR FAIL items SET state = 'in_flight', attempts = attempts + 1, updated_at = $1 WHERE {}",
                 plan_filter_sql(store.engine(), 2, req)
             ))
             .bind(now),

@@ -8,7 +8,7 @@ use super::*;
 /// attempt_id, model, input, cached input, cache write, output, reasoning, cost, standard cost.
 pub(super) fn insert_ledger_sql(rows: usize) -> String {
     format!(
-        "INSERT INTO ledger (batch_id, run_id, pipeline, stage, pricing_mode, created_at, \
+        "INSERT OR FAIL INTO ledger (batch_id, run_id, pipeline, stage, pricing_mode, created_at, \
          custom_id, attempt_id, model, input_tokens, cached_input_tokens, cache_write_tokens, \
          output_tokens, reasoning_tokens, cost_pico, standard_cost_pico) \
          SELECT c.b, c.r, c.p, c.s, c.m, c.t, v.column1, v.column2, v.column3, v.column4, v.column5, \
@@ -23,7 +23,7 @@ pub(super) fn insert_ledger_sql(rows: usize) -> String {
 pub(super) fn update_attempts_sql(rows: usize) -> String {
     format!(
         "WITH c(t) AS (SELECT ?), v(id, state, verdict, error, finish_reason, model) AS (VALUES {}) \
-         UPDATE attempts SET state = v.state, verdict = v.verdict, error = v.error, \
+         UPDATE OR FAIL attempts SET state = v.state, verdict = v.verdict, error = v.error, \
          finish_reason = v.finish_reason, model = v.model, completed_at = (SELECT t FROM c) \
          FROM v WHERE attempts.id = v.id AND attempts.state = 'in_flight'",
         values_sql(rows, 6)
@@ -34,7 +34,7 @@ pub(super) fn update_attempts_sql(rows: usize) -> String {
 pub(super) fn update_items_sql(rows: usize) -> String {
     format!(
         "WITH c(t, st) AS (SELECT ?, ?), v(item_id, attempt_no, error) AS (VALUES {}) \
-         UPDATE items SET state = (SELECT st FROM c), last_error = v.error, updated_at = (SELECT t FROM c) \
+         UPDATE OR FAIL items SET state = (SELECT st FROM c), last_error = v.error, updated_at = (SELECT t FROM c) \
          FROM v WHERE items.id = v.item_id AND items.state = 'in_flight' AND items.attempts = v.attempt_no",
         values_sql(rows, 3)
     )
@@ -44,7 +44,7 @@ pub(super) fn update_items_sql(rows: usize) -> String {
 /// the one in flight (a replayed chunk finds the item moved on and writes nothing).
 pub(super) fn upsert_results_sql(rows: usize) -> String {
     format!(
-        "INSERT INTO item_results (item_id, result) \
+        "INSERT OR FAIL INTO item_results (item_id, result) \
          SELECT i.id, v.column3 FROM (VALUES {}) AS v \
          JOIN items i ON i.id = v.column1 AND i.state = 'in_flight' AND i.attempts = v.column2 \
          WHERE true ON CONFLICT (item_id) DO UPDATE SET result = excluded.result",
@@ -226,7 +226,7 @@ pub(super) async fn return_unsent(store: &SqlStore, batch: &BatchRow, why: &str)
     let n = tx
         .execute(
             q(format!(
-                "UPDATE items SET attempts = items.attempts - 1, \
+                "UPDATE OR FAIL items SET attempts = items.attempts - 1, \
                    state = CASE WHEN items.attempts > 1 THEN 'failed' ELSE 'pending' END, \
                    updated_at = $2 \
                  FROM ({UNSENT}) AS a \
@@ -272,7 +272,7 @@ pub(super) async fn finish_ingest(
     store.fence(&mut tx, &batch.id, batch.lease_token).await?;
     let states: Vec<(ItemState,)> = tx
         .all(
-            q("UPDATE items SET \
+            q("UPDATE OR FAIL items SET \
                  state = CASE WHEN items.attempts >= $2 THEN 'exhausted' ELSE 'failed' END, \
                  last_error = $3, updated_at = $4 \
                FROM (SELECT item_id, attempt_no FROM attempts WHERE batch_id = $1 AND state = 'in_flight') AS a \
@@ -287,7 +287,7 @@ pub(super) async fn finish_ingest(
     let n = tx
         .execute(
             q(
-                "UPDATE attempts SET state = 'failed', verdict = $2, error = $3, completed_at = $4 \
+                "UPDATE OR FAIL attempts SET state = 'failed', verdict = $2, error = $3, completed_at = $4 \
                WHERE batch_id = $1 AND state = 'in_flight'",
             )
             .bind(&batch.id)

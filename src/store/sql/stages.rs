@@ -12,7 +12,7 @@ use crate::request::PreparedItem;
 fn insert_links_sql(rows: usize) -> String {
     format!(
         "WITH c(r, p, s) AS (SELECT ?, ?, ?) \
-         INSERT INTO record_items (run_id, line, stage, chunk, item_id) \
+         INSERT OR FAIL INTO record_items (run_id, line, stage, chunk, item_id) \
          SELECT (SELECT r FROM c), v.column1, (SELECT s FROM c), v.column2, \
            (SELECT i.id FROM items i, c WHERE i.pipeline = c.p AND i.stage = c.s AND i.dedupe_key = v.column3) \
          FROM (VALUES {}) AS v \
@@ -25,7 +25,7 @@ fn insert_links_sql(rows: usize) -> String {
 fn insert_parents_sql(rows: usize) -> String {
     format!(
         "WITH c(p, s) AS (SELECT ?, ?) \
-         INSERT INTO item_parents (item_id, parent_id) \
+         INSERT OR FAIL INTO item_parents (item_id, parent_id) \
          SELECT n.id, n.parent FROM (SELECT \
            (SELECT i.id FROM items i, c WHERE i.pipeline = c.p AND i.stage = c.s AND i.dedupe_key = v.column2) AS id, \
            v.column1 AS parent FROM (VALUES {}) AS v) AS n \
@@ -38,7 +38,7 @@ fn insert_parents_sql(rows: usize) -> String {
 fn insert_itemless_links_sql(rows: usize) -> String {
     format!(
         "WITH c(r, s) AS (SELECT ?, ?) \
-         INSERT INTO record_items (run_id, line, stage, chunk, item_id, error) \
+         INSERT OR FAIL INTO record_items (run_id, line, stage, chunk, item_id, error) \
          SELECT (SELECT r FROM c), v.column1, (SELECT s FROM c), 0, NULL, v.column2 \
          FROM (VALUES {}) AS v \
          WHERE true ON CONFLICT (run_id, line, stage, chunk) DO NOTHING",
