@@ -206,11 +206,13 @@ impl<'a> Query<'a> {
     }
 }
 
-/// SQLite's conflict clause on the store's multi-row writes (`INSERT OR FAIL INTO`,
-/// `UPDATE OR FAIL items`): on a constraint error the statement stops where it is instead
-/// of undoing its own rows, so SQLite need not copy the pages it changes into a statement
-/// journal first (migrations/sqlite/0007_deferred_keys.sql). The transaction around it is
-/// rolled back on any error either way, so nothing of a failed statement is kept.
+/// SQLite's conflict clause on the store's multi-row writes inside a transaction (`INSERT
+/// OR FAIL INTO`, `UPDATE OR FAIL items`): on a constraint error the statement stops where
+/// it is instead of undoing its own rows, so SQLite need not copy the pages it changes into
+/// a statement journal first (migrations/sqlite/0007_deferred_keys.sql). The transaction
+/// around it is rolled back on any error either way, so nothing of a failed statement is
+/// kept. Not for a statement on its own: outside a transaction SQLite would keep the rows
+/// written before the error (and needs no statement journal there anyway).
 /// PostgreSQL has no such clause and needs none; its text drops it.
 pub(crate) const OR_FAIL: &str = " OR FAIL ";
 

@@ -80,7 +80,7 @@ pub(super) async fn revive_exhausted(
 ) -> Result<u64> {
     store.db
         .execute(
-            q("UPDATE OR FAIL items SET state = 'failed', updated_at = $4 WHERE pipeline = $1 AND stage = $2 \
+            q("UPDATE items SET state = 'failed', updated_at = $4 WHERE pipeline = $1 AND stage = $2 \
                AND state = 'exhausted' AND attempts > 0 AND attempts < $3")
             .bind(pipeline)
             .bind(stage)
