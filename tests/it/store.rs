@@ -377,6 +377,50 @@ async fn ingest_dedupes_within_and_across_runs(db: &TestDb) {
     assert_eq!(page.len(), 10);
     assert_eq!(page[0].record_id, "r0");
     assert!(page.iter().all(|r| r.state == ItemState::Pending));
+
+    // Every record points at the item of its own request, in both runs: records with the
+    // same request share one item, and no two requests share one.
+    let item_of = |run: &'static str| async move {
+        s.run_records(run, 0, 2000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.item_id)
+            .collect::<Vec<_>>()
+    };
+    let (ia, ib) = (item_of("a").await, item_of("b").await);
+    assert_eq!(ia, ib);
+    assert_eq!(ia.len(), 1000);
+    for (i, id) in ia.iter().enumerate() {
+        assert_eq!(*id, ia[i % 700], "record {i}");
+    }
+    let distinct: std::collections::HashSet<_> = ia.iter().collect();
+    assert_eq!(distinct.len(), 700);
+
+    // One chunk that holds a new request twice, beside stored ones.
+    s.create_run(&new_run("c")).await.unwrap();
+    let mixed: Vec<PreparedRecord> = ["\"c0\"", "\"u3\"", "\"c0\"", "\"c1\"", "\"u3\"", "\"c1\""]
+        .iter()
+        .enumerate()
+        .map(|(i, user)| PreparedRecord {
+            input_tokens: 7,
+            line: i as u64 + 1,
+            record_id: format!("c{i}"),
+            key: shape.key(user),
+            body_bytes: shape.body_len(user),
+            user_json: user.to_string(),
+            data: None,
+            more: Vec::new(),
+        })
+        .collect();
+    assert_eq!(ingest(s, "c", &mixed).await, 2);
+    let ic = item_of("c").await;
+    assert_eq!((ic[0], ic[3]), (ic[2], ic[5]));
+    assert_ne!(ic[0], ic[3]);
+    assert_eq!((ic[1], ic[4]), (ia[3], ia[3]));
+    assert!(!ia.contains(&ic[0]) && !ia.contains(&ic[3]));
+    assert_eq!(s.plannable_count("p", "main").await.unwrap(), 702);
+
 }
 
 async fn racing_planners_take_every_item_exactly_once(db: &TestDb) {

@@ -67,6 +67,7 @@ async fn insert_items(
         }),
     )
     .await
+    .map(|(new_items, _)| new_items)
 }
 
 /// Links `(line, chunk, key)` of the target's stage to their (stored) items.
