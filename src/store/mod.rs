@@ -283,8 +283,10 @@ pub trait Store: Send + Sync + 'static {
         pipeline: &str,
         stage: &str,
     ) -> impl Future<Output = Result<(u64, u64)>> + Send;
-    /// Prompt tokens of the distinct items of the run's records, done or not (the job).
-    fn run_item_tokens(&self, run_id: &str) -> impl Future<Output = Result<TokenCounts>> + Send;
+    /// A one-stage run's job as its plan needs it: its records, its distinct items, which
+    /// of them are done, and their prompt tokens. Two passes, where [`Store::run_figures`]
+    /// takes several.
+    fn run_job(&self, run_id: &str) -> impl Future<Output = Result<RunJob>> + Send;
     /// Prompt tokens of the items waiting to be sent.
     fn plannable_tokens(
         &self,

@@ -118,6 +118,21 @@ pub struct StageItems {
     pub succeeded: u64,
 }
 
+/// A one-stage run's job: what its plan starts from ([`super::Store::run_job`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunJob {
+    /// The run's valid records.
+    pub records: u64,
+    /// Records whose item has succeeded (in an earlier run: a plan is made before sending).
+    pub records_done: u64,
+    /// Distinct items of the records.
+    pub items: u64,
+    /// Of those, the items that have succeeded.
+    pub items_done: u64,
+    /// The items' prompt tokens, done or not.
+    pub tokens: TokenCounts,
+}
+
 /// How many items have each prompt-token count: the distribution a worksheet's mean, p95,
 /// max and totals come from, read as a few hundred grouped rows however many items there are.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -57,7 +57,9 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             .run(&self.run_id)
             .await?
             .ok_or_else(|| StoreError::Invalid("the run row vanished".into()))?;
-        let f = store.run_figures(&self.run_id).await?;
+        // A multi-stage run's records link to their items elsewhere: of its job, only the
+        // count of records is read here.
+        let job = store.run_job(&self.run_id).await?;
         let first = &p.first_stage().name;
         let mut inputs = crate::plan::PlanInputs {
             pipeline: p,
@@ -66,29 +68,27 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             exact_tokens,
             records_read: run.records_read as u64,
             quarantined: run.records_quarantined as u64,
-            unique_items: f.unique_items,
-            already_done: f.succeeded,
+            unique_items: job.items,
+            already_done: job.items_done,
             todo_tokens: store.plannable_tokens(&p.name, first).await?,
-            todo_records: f.records_valid.saturating_sub(f.records_done),
-            job_tokens: Default::default(),
-            job_records: f.records_valid,
+            todo_records: job.records.saturating_sub(job.records_done),
+            job_tokens: job.tokens,
+            job_records: job.records,
             history: store.history(&p.name, first).await?,
             monthly_items: None,
             backfill_items: None,
             stages: None,
         };
         if p.is_multi_stage() {
-            // The first stage's figures are its own items' (the run's figures count every
-            // stage); the later stages' come from the records the run stored.
+            // The first stage's figures are its own items'; the later stages' come from the
+            // records the run stored.
             let items = store.run_stage_items(&self.run_id, first).await?;
             inputs.unique_items = items.tokens.len();
             inputs.already_done = items.succeeded;
             inputs.job_tokens = items.tokens;
             let done_first = store.stage_done_records(&self.run_id, first).await?.len() as u64;
-            inputs.todo_records = f.records_valid.saturating_sub(done_first);
+            inputs.todo_records = job.records.saturating_sub(done_first);
             inputs.stages = Some(self.later_facts(items.links).await?);
-        } else {
-            inputs.job_tokens = store.run_item_tokens(&self.run_id).await?;
         }
         let ws = crate::plan::Worksheet::compute(inputs);
         store

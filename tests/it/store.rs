@@ -421,6 +421,13 @@ async fn ingest_dedupes_within_and_across_runs(db: &TestDb) {
     assert!(!ia.contains(&ic[0]) && !ia.contains(&ic[3]));
     assert_eq!(s.plannable_count("p", "main").await.unwrap(), 702);
 
+    // The job a plan starts from, in two passes.
+    let job = s.run_job("c").await.unwrap();
+    assert_eq!(
+        (job.records, job.records_done, job.items, job.items_done),
+        (6, 0, 3, 0)
+    );
+    assert_eq!((job.tokens.len(), job.tokens.total()), (3, 21));
 }
 
 async fn racing_planners_take_every_item_exactly_once(db: &TestDb) {

@@ -391,8 +391,8 @@ impl Store for SqlStore {
         planning::plannable_totals(self, pipeline, stage).await
     }
 
-    async fn run_item_tokens(&self, run_id: &str) -> Result<TokenCounts> {
-        planning::run_item_tokens(self, run_id).await
+    async fn run_job(&self, run_id: &str) -> Result<RunJob> {
+        planning::run_job(self, run_id).await
     }
 
     async fn plannable_tokens(&self, pipeline: &str, stage: &str) -> Result<TokenCounts> {

@@ -377,16 +377,37 @@ pub(super) async fn plannable_totals(
     Ok((count(n), count(tokens)))
 }
 
-pub(super) async fn run_item_tokens(store: &SqlStore, run_id: &str) -> Result<TokenCounts> {
-    let v: Vec<(i64, i64)> = store
+pub(super) async fn run_job(store: &SqlStore, run_id: &str) -> Result<RunJob> {
+    let groups: Vec<(i64, i64, i64)> = store
         .db
         .all(
-            q("SELECT input_tokens, COUNT(*) FROM items \
-               WHERE id IN (SELECT item_id FROM records WHERE run_id = $1) GROUP BY input_tokens")
+            q("SELECT input_tokens, CAST(CASE WHEN state = 'succeeded' THEN 1 ELSE 0 END AS BIGINT), COUNT(*) \
+               FROM items WHERE id IN (SELECT item_id FROM records WHERE run_id = $1) \
+               GROUP BY 1, 2")
             .bind(run_id),
         )
         .await?;
-    Ok(token_counts(v))
+    let (records, records_done): (i64, i64) = store
+        .db
+        .one(
+            q("SELECT COUNT(*), COALESCE(SUM(CASE WHEN i.state = 'succeeded' THEN 1 ELSE 0 END), 0) \
+               FROM records r LEFT JOIN items i ON i.id = r.item_id WHERE r.run_id = $1")
+            .bind(run_id),
+        )
+        .await?;
+    let mut job = RunJob {
+        records: count(records),
+        records_done: count(records_done),
+        ..Default::default()
+    };
+    for (_, done, n) in &groups {
+        job.items += count(*n);
+        if *done == 1 {
+            job.items_done += count(*n);
+        }
+    }
+    job.tokens = token_counts(groups.into_iter().map(|(t, _, n)| (t, n)).collect());
+    Ok(job)
 }
 
 pub(super) async fn plannable_tokens(
