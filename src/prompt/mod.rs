@@ -16,7 +16,8 @@
 //! A missing field is an error, not an empty string (strict undefined), except under the
 //! optional forms and in conditions (`{% if note %}` is false when `note` is absent). A
 //! template is compiled once and rendered per record; each render converts only the
-//! top-level fields the template names.
+//! top-level fields the template names, and an object or array among them is not converted
+//! at all: the template reads it in place, and inserting it writes its JSON directly.
 //!
 //! [`Template::check_sample`] compares the required fields with a sample of records, so a
 //! typo that would quarantine every record is caught before the run (with the closest field
@@ -25,7 +26,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use minijinja::value::{Rest, Value as JValue, ValueKind};
+use minijinja::value::{
+    Enumerator, Object, ObjectExt, ObjectRepr, Rest, Value as JValue, ValueKind,
+};
 use minijinja::{AutoEscape, Environment, Error as JError, ErrorKind, State, UndefinedBehavior};
 use serde_json::Value;
 
@@ -106,7 +109,9 @@ impl RenderError {
     }
 }
 
-/// A record value as a template value.
+/// A record value as a template value. Objects and arrays are not copied into template
+/// values: they are wrapped as they are ([`Json`]), read lazily by the template, and inserted
+/// by serializing the JSON itself.
 fn to_jinja(v: &Value) -> JValue {
     match v {
         Value::Null => JValue::from(()),
@@ -121,12 +126,48 @@ fn to_jinja(v: &Value) -> JValue {
             }
         }
         Value::String(s) => JValue::from(s.as_str()),
-        Value::Array(a) => JValue::from(a.iter().map(to_jinja).collect::<Vec<_>>()),
-        Value::Object(o) => JValue::from(
-            o.iter()
-                .map(|(k, v)| (k.clone(), to_jinja(v)))
-                .collect::<BTreeMap<String, JValue>>(),
-        ),
+        Value::Array(_) | Value::Object(_) => JValue::from_object(Json(v.clone())),
+    }
+}
+
+/// A record's object or array seen by the template: a map (keys in JSON order, which is
+/// sorted) or a sequence, whose members become template values when read.
+#[derive(Debug)]
+struct Json(Value);
+
+impl Object for Json {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        match self.0 {
+            Value::Array(_) => ObjectRepr::Seq,
+            _ => ObjectRepr::Map,
+        }
+    }
+
+    fn get_value(self: &Arc<Self>, key: &JValue) -> Option<JValue> {
+        match &self.0 {
+            Value::Array(a) => a.get(key.as_usize()?).map(to_jinja),
+            Value::Object(o) => o.get(key.as_str()?).map(to_jinja),
+            _ => None,
+        }
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        match &self.0 {
+            Value::Array(a) => Enumerator::Seq(a.len()),
+            Value::Object(_) => self.mapped_enumerator(|this| match &this.0 {
+                Value::Object(o) => Box::new(o.keys().map(|k| JValue::from(k.as_str()))),
+                _ => Box::new(std::iter::empty()),
+            }),
+            _ => Enumerator::Empty,
+        }
+    }
+
+    fn enumerator_len(self: &Arc<Self>) -> Option<usize> {
+        match &self.0 {
+            Value::Array(a) => Some(a.len()),
+            Value::Object(o) => Some(o.len()),
+            _ => Some(0),
+        }
     }
 }
 
@@ -177,6 +218,10 @@ fn format_value(out: &mut minijinja::Output, _: &mut State, v: &JValue) -> Resul
             ErrorKind::InvalidOperation,
             "a null value cannot be inserted",
         ));
+    }
+    // A record's own object or array: its JSON as it is (what `to_json` would rebuild).
+    if let Some(Json(j)) = v.downcast_object_ref::<Json>() {
+        return Ok(out.write_str(&j.to_string())?);
     }
     match to_json(v) {
         Some(j) => Ok(out.write_str(&j.to_string())?),

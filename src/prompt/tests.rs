@@ -201,6 +201,28 @@ fn loops_joins_and_conditions() {
     assert_eq!(t.render(&r).unwrap(), "Aoakash3\nB\n");
 }
 
+/// A record's objects and arrays are read by the template where they stand: indexing,
+/// lengths, iteration in key order, truthiness and nesting behave as for any Jinja value.
+#[test]
+fn record_objects_and_arrays_behave_as_jinja_values() {
+    let r = json!({"tags": ["oak", "ash", 3], "empty": [], "none": {},
+            "dims": {"w": 30, "d": {"x": 1.25, "y": [1, {"z": "deep"}]}, "a": "first"}});
+    let t = Template::parse(
+        "{{ tags[0] }} {{ tags[-1] }} {{ tags | length }} {{ dims | length }}|\
+         {% for k in dims %}{{ k }},{% endfor %}|{% for k, v in dims.d | items %}{{ k }}={{ v }};{% endfor %}|\
+         {% if empty %}E{% endif %}{% if none %}N{% endif %}{% if tags %}T{% endif %}{% if dims %}D{% endif %}|\
+         {{ dims.d.y[1].z }} {{ dims['a'] }} {{ dims.d.y }} {{ tags | first }} {{ 'oak' in tags }} {{ 'w' in dims }}",
+    )
+    .unwrap();
+    assert_eq!(
+        t.render(&r).unwrap(),
+        "oak 3 3 3|a,d,w,|x=1.25;y=[1,{\"z\":\"deep\"}];|TD|deep first [1,{\"z\":\"deep\"}] oak true true"
+    );
+    // A member the object does not have is undefined: an error where it is inserted.
+    let t = Template::parse("{{ dims.q }}").unwrap();
+    assert_eq!(t.render(&r), Err(RenderError::Missing("dims.q".into())));
+}
+
 #[test]
 fn the_optional_form_in_both_spellings() {
     let r = json!({"a": "x", "nil": null, "dims": {"w": 3}, "n": 0});
