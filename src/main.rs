@@ -13,6 +13,13 @@ use tracing_subscriber::util::SubscriberInitExt;
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options, read when it starts. It also serves the C code's `malloc` (SQLite's
+/// page cache and statements) on Linux. Two arenas: with its default of four per core, each
+/// thread's arena kept its own freed pages and the peak RSS rose by 12–15 MB.
+#[cfg(all(not(target_env = "msvc"), target_os = "linux"))]
+#[unsafe(export_name = "malloc_conf")]
+static MALLOC_CONF: &[u8; 10] = b"narenas:2\0";
+
 fn main() {
     // A file-size limit (or a full disk) must surface as a write error, not kill the process.
     #[cfg(unix)]
