@@ -16,6 +16,8 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// jemalloc's options, read when it starts. It also serves the C code's `malloc` (SQLite's
 /// page cache and statements) on Linux. Two arenas: with its default of four per core, each
 /// thread's arena kept its own freed pages and the peak RSS rose by 12–15 MB.
+// SAFETY: jemalloc reads this symbol as its `const char *malloc_conf`; a reference to a byte
+// array is a plain pointer, here to a NUL-terminated string that lives for the whole process.
 #[cfg(all(not(target_env = "msvc"), target_os = "linux"))]
 #[unsafe(export_name = "malloc_conf")]
 static MALLOC_CONF: &[u8; 10] = b"narenas:2\0";
