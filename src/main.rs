@@ -9,7 +9,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 /// jemalloc: per-thread caches and arenas that do not fragment the heap into several times
 /// the memory in use, where glibc's malloc spent a sixth of a run in locks and free lists.
-#[cfg(not(target_env = "msvc"))]
+#[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -18,7 +18,7 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// thread's arena kept its own freed pages and the peak RSS rose by 12–15 MB.
 // SAFETY: jemalloc reads this symbol as its `const char *malloc_conf`; a reference to a byte
 // array is a plain pointer, here to a NUL-terminated string that lives for the whole process.
-#[cfg(all(not(target_env = "msvc"), target_os = "linux"))]
+#[cfg(all(feature = "jemalloc", not(target_env = "msvc"), target_os = "linux"))]
 #[unsafe(export_name = "malloc_conf")]
 static MALLOC_CONF: &[u8; 10] = b"narenas:2\0";
 
