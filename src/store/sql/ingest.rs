@@ -271,6 +271,8 @@ async fn add(
         quarantined: quarantined.len() as u64,
         ..Default::default()
     };
+    // The first item of every record, in order: a multi-stage pipeline links them.
+    let mut first = Vec::with_capacity(if links { records.len() } else { 0 });
     for chunk in records.chunks(ROWS_PER_STATEMENT) {
         let (new_items, ids) = insert_items(
             tx,
@@ -290,16 +292,19 @@ async fn add(
         crate::failpoint!("ingest.mid_tx");
 
         let mut recs = q(cached_sql(&RECORDS, chunk.len(), insert_records_sql)).bind(run_id);
-        for (r, id) in chunk.iter().zip(ids) {
+        for (r, &id) in chunk.iter().zip(&ids) {
             recs.push(r.line as i64);
             recs.push(r.record_id.as_str());
             recs.push(id);
             recs.push(r.data.as_deref());
         }
         tx.execute(recs).await?;
+        if links {
+            first.extend(ids);
+        }
     }
     if links {
-        stats.new_items += super::stages::ingest_links(tx, target, now, records).await?;
+        stats.new_items += super::stages::ingest_links(tx, target, now, records, &first).await?;
     }
     for chunk in quarantined.chunks(ROWS_PER_STATEMENT) {
         let mut qq = q(format!(

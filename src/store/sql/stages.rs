@@ -8,28 +8,22 @@
 use super::*;
 use crate::request::PreparedItem;
 
-/// Binds: run_id, pipeline, stage; then per row line, chunk, key.
+/// Binds: run_id, stage; then per row line, chunk, item id.
 fn insert_links_sql(rows: usize) -> String {
     format!(
-        "WITH c(r, p, s) AS (SELECT ?, ?, ?) \
-         INSERT OR FAIL INTO record_items (run_id, line, stage, chunk, item_id) \
-         SELECT (SELECT r FROM c), v.column1, (SELECT s FROM c), v.column2, \
-           (SELECT i.id FROM items i, c WHERE i.pipeline = c.p AND i.stage = c.s AND i.dedupe_key = v.column3) \
-         FROM (VALUES {}) AS v \
+        "INSERT OR FAIL INTO record_items (run_id, line, stage, chunk, item_id) \
+         SELECT c.r, v.column1, c.s, v.column2, v.column3 \
+         FROM (SELECT ? AS r, ? AS s) AS c, (VALUES {}) AS v \
          WHERE true ON CONFLICT (run_id, line, stage, chunk) DO NOTHING",
         values_sql(rows, 3)
     )
 }
 
-/// Binds: pipeline, stage; then per row parent id, key.
+/// Binds: per row item id, parent id.
 fn insert_parents_sql(rows: usize) -> String {
     format!(
-        "WITH c(p, s) AS (SELECT ?, ?) \
-         INSERT OR FAIL INTO item_parents (item_id, parent_id) \
-         SELECT n.id, n.parent FROM (SELECT \
-           (SELECT i.id FROM items i, c WHERE i.pipeline = c.p AND i.stage = c.s AND i.dedupe_key = v.column2) AS id, \
-           v.column1 AS parent FROM (VALUES {}) AS v) AS n \
-         WHERE n.id IS NOT NULL ON CONFLICT (item_id, parent_id) DO NOTHING",
+        "INSERT OR FAIL INTO item_parents (item_id, parent_id) VALUES {} \
+         ON CONFLICT (item_id, parent_id) DO NOTHING",
         values_sql(rows, 2)
     )
 }
@@ -46,13 +40,14 @@ fn insert_itemless_links_sql(rows: usize) -> String {
     )
 }
 
-/// Inserts `items` of the target's stage (new ones `pending`); returns how many are new.
+/// Inserts `items` of the target's stage (new ones `pending`); returns how many are new and
+/// the item id of each, in order.
 async fn insert_items(
     tx: &mut Tx,
     t: &IngestTarget<'_>,
     now: i64,
     items: &[&PreparedItem],
-) -> Result<u64> {
+) -> Result<(u64, Vec<i64>)> {
     super::ingest::insert_items(
         tx,
         t,
@@ -67,46 +62,46 @@ async fn insert_items(
         }),
     )
     .await
-    .map(|(new_items, _)| new_items)
 }
 
-/// Links `(line, chunk, key)` of the target's stage to their (stored) items.
-async fn insert_links(
-    tx: &mut Tx,
-    t: &IngestTarget<'_>,
-    links: &[(i64, i64, &[u8])],
-) -> Result<()> {
+/// Links `(line, chunk, item id)` of the target's stage.
+async fn insert_links(tx: &mut Tx, t: &IngestTarget<'_>, links: &[(i64, i64, i64)]) -> Result<()> {
     static LINKS: OnceLock<String> = OnceLock::new();
     for chunk in links.chunks(ROWS_PER_STATEMENT) {
         let mut ins = q(cached_sql(&LINKS, chunk.len(), insert_links_sql))
             .bind(t.run_id)
-            .bind(t.pipeline)
             .bind(t.stage);
-        for (line, c, key) in chunk {
+        for (line, c, item) in chunk {
             ins.push(*line);
             ins.push(*c);
-            ins.push(*key);
+            ins.push(*item);
         }
         tx.execute(ins).await?;
     }
     Ok(())
 }
 
-/// At ingest (inside its transaction, after the records and their first items): the first
-/// stage's links of every record, and the items of its other chunks.
+/// At ingest (inside its transaction, after the records and their first items, whose ids
+/// `first` holds in record order): the first stage's links of every record, and the items
+/// of its other chunks.
 pub(super) async fn ingest_links(
     tx: &mut Tx,
     t: &IngestTarget<'_>,
     now: i64,
     records: &[crate::request::PreparedRecord],
+    first: &[i64],
 ) -> Result<u64> {
     let more: Vec<&PreparedItem> = records.iter().flat_map(|r| &r.more).collect();
-    let new_items = insert_items(tx, t, now, &more).await?;
-    let mut links: Vec<(i64, i64, &[u8])> = Vec::with_capacity(records.len() + more.len());
-    for r in records {
-        links.push((r.line as i64, 0, &r.key[..]));
-        for (i, m) in r.more.iter().enumerate() {
-            links.push((r.line as i64, i as i64 + 1, &m.key[..]));
+    let (new_items, more_ids) = insert_items(tx, t, now, &more).await?;
+    let mut more_ids = more_ids.into_iter();
+    let mut links: Vec<(i64, i64, i64)> = Vec::with_capacity(records.len() + more.len());
+    for (r, &id) in records.iter().zip(first) {
+        links.push((r.line as i64, 0, id));
+        for i in 0..r.more.len() {
+            let id = more_ids.next().ok_or_else(|| {
+                StoreError::Invalid("an item of a later chunk has no id".into())
+            })?;
+            links.push((r.line as i64, i as i64 + 1, id));
         }
     }
     insert_links(tx, t, &links).await?;
@@ -389,23 +384,27 @@ pub(super) async fn add_links(
     let mut tx = store.db.begin().await?;
     let links = still_decided(&mut tx, links).await?;
     let mut items: Vec<&PreparedItem> = Vec::new();
-    let mut item_links: Vec<(i64, i64, &[u8])> = Vec::new();
+    // Per item: its record's line and chunk, and the parents it was rendered from.
+    let mut placed: Vec<(i64, i64, &[i64])> = Vec::new();
     let mut itemless: Vec<(i64, Option<&str>)> = Vec::new();
-    let mut parents: Vec<(i64, &[u8])> = Vec::new();
     for l in &links {
         match &l.link {
             StageLink::Items { items: its } => {
                 for (c, it) in its.iter().enumerate() {
                     items.push(it);
-                    item_links.push((l.line, c as i64, &it.key[..]));
-                    parents.extend(l.parents.iter().map(|&p| (p, &it.key[..])));
+                    placed.push((l.line, c as i64, &l.parents));
                 }
             }
             StageLink::Skipped => itemless.push((l.line, None)),
             StageLink::Failed(why) => itemless.push((l.line, Some(why.as_str()))),
         }
     }
-    let new_items = insert_items(&mut tx, t, now, &items).await?;
+    let (new_items, ids) = insert_items(&mut tx, t, now, &items).await?;
+    let item_links: Vec<(i64, i64, i64)> = placed
+        .iter()
+        .zip(&ids)
+        .map(|(&(line, c, _), &id)| (line, c, id))
+        .collect();
     insert_links(&mut tx, t, &item_links).await?;
     for chunk in itemless.chunks(ROWS_PER_STATEMENT) {
         static ITEMLESS: OnceLock<String> = OnceLock::new();
@@ -422,14 +421,17 @@ pub(super) async fn add_links(
         }
         tx.execute(ins).await?;
     }
+    let parents: Vec<(i64, i64)> = placed
+        .iter()
+        .zip(&ids)
+        .flat_map(|(&(_, _, ps), &id)| ps.iter().map(move |&p| (id, p)))
+        .collect();
     for chunk in parents.chunks(ROWS_PER_STATEMENT) {
         static PARENTS: OnceLock<String> = OnceLock::new();
-        let mut ins = q(cached_sql(&PARENTS, chunk.len(), insert_parents_sql))
-            .bind(t.pipeline)
-            .bind(t.stage);
-        for (parent, key) in chunk {
+        let mut ins = q(cached_sql(&PARENTS, chunk.len(), insert_parents_sql));
+        for (item, parent) in chunk {
+            ins.push(*item);
             ins.push(*parent);
-            ins.push(*key);
         }
         tx.execute(ins).await?;
     }
@@ -450,9 +452,11 @@ async fn still_decided<'a>(tx: &mut Tx, links: &'a [NewLinks]) -> Result<Vec<&'a
         .collect();
     parents.sort_unstable();
     parents.dedup();
-    let lock = match tx.engine() {
-        Engine::Postgres => " FOR SHARE",
-        Engine::Sqlite => "",
+    // PostgreSQL locks every parent read, so each is read; on SQLite only the stale ones
+    // (usually none) come back.
+    let (filter, lock) = match tx.engine() {
+        Engine::Postgres => ("", " FOR SHARE"),
+        Engine::Sqlite => (" AND state <> 'succeeded'", ""),
     };
     let mut stale: HashSet<i64> = HashSet::new();
     for chunk in parents.chunks(ROWS_PER_STATEMENT) {
@@ -461,7 +465,7 @@ async fn still_decided<'a>(tx: &mut Tx, links: &'a [NewLinks]) -> Result<Vec<&'a
             .collect::<Vec<_>>()
             .join(", ");
         let mut query = q(format!(
-            "SELECT id, state FROM items WHERE id IN ({placeholders}) ORDER BY id{lock}"
+            "SELECT id, state FROM items WHERE id IN ({placeholders}){filter} ORDER BY id{lock}"
         ));
         for id in chunk {
             query = query.bind(*id);
