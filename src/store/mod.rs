@@ -175,12 +175,15 @@ pub trait Store: Send + Sync + 'static {
         target: &IngestTarget<'_>,
         links: &[NewLinks],
     ) -> impl Future<Output = Result<u64>> + Send;
-    /// Every record → item link of the run's records with lines in `first..=last`.
+    /// Every record → item link of the run's records with lines in `first..=last`; with
+    /// `sharers`, how many of the run's records share each item (else 0: the results file
+    /// does not show it, and counting it is a lookup per link).
     fn links_between(
         &self,
         run_id: &str,
         first: i64,
         last: i64,
+        sharers: bool,
     ) -> impl Future<Output = Result<Vec<LinkRow>>> + Send;
 
     /// Items of stage `reviewed` whose review at stage `review` failed for a record of the
@@ -223,6 +226,14 @@ pub trait Store: Send + Sync + 'static {
         after_line: i64,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<(i64, String, String)>>> + Send;
+    /// Up to `limit` of the run's records after line `after_line`, in line order: (line,
+    /// record id).
+    fn run_record_ids(
+        &self,
+        run_id: &str,
+        after_line: i64,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<(i64, String)>>> + Send;
 
     /// Whether nothing of the pipeline's work for the run is left, read at one snapshot: no
     /// open batch, no item waiting for an attempt, no record ready for a later stage, no

@@ -367,32 +367,32 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         loop {
             let rows = ctx
                 .store
-                .run_records(&self.run_id, after, STAGED_PAGE)
+                .run_record_ids(&self.run_id, after, STAGED_PAGE)
                 .await?;
             let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
                 break;
             };
             let links = ctx
                 .store
-                .links_between(&self.run_id, first.line, last.line)
+                .links_between(&self.run_id, first.0, last.0, false)
                 .await?;
             let mut source = self.source_page(after, STAGED_PAGE).await?;
-            for r in &rows {
-                after = r.line;
-                let mine: Vec<&LinkRow> = LinkRow::of_line(&links, r.line).iter().collect();
+            for (line, record_id) in &rows {
+                after = *line;
+                let mine: Vec<&LinkRow> = LinkRow::of_line(&links, *line).iter().collect();
                 let chain = RecordChain::of(p, &mine);
-                let fields = source.take(r.line);
+                let fields = source.take(*line);
                 match table {
                     Some(t) => {
                         cells.clear();
-                        cells.push(Cell::Text(r.record_id.clone()));
-                        cells.push(Cell::Int(r.line));
+                        cells.push(Cell::Text(record_id.clone()));
+                        cells.push(Cell::Int(*line));
                         cells.push(Cell::Text(chain.status.into()));
                         cells.push(chain.review.map_or(Cell::Null, |v| Cell::Text(v.into())));
                         cells.push(Cell::Usd(chain.cost.pico()));
                         cells.push(Cell::Int(chain.attempts));
-                        for (s, a) in p.stages.iter().zip(&t.answers) {
-                            a.cells(chain.results.get(&s.name), &mut cells);
+                        for (i, a) in t.answers.iter().enumerate() {
+                            a.cells(Some(&chain.value(i)), &mut cells);
                         }
                         cells.push(
                             chain
@@ -405,14 +405,14 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                     }
                     None => {
                         let line = StagedLine {
-                            id: &r.record_id,
-                            line: r.line,
+                            id: record_id,
+                            line: *line,
                             status: chain.status,
                             review: chain.review,
                             flagged: chain.review == Some("fail"),
                             cost_usd: chain.cost.to_string(),
                             attempts: chain.attempts,
-                            stages: &chain.results,
+                            stages: StageResults(&chain.stages),
                             error: chain.error.as_deref(),
                             source: if with_source {
                                 raw_source(fields)
@@ -441,11 +441,12 @@ fn status_of(r: &RecordResult) -> (&'static str, bool) {
 }
 
 /// What became of one record across the stages.
-pub(crate) struct RecordChain {
+pub(crate) struct RecordChain<'a> {
     /// `succeeded`, `failed` or `pending`.
     pub(crate) status: &'static str,
-    /// Each stage's result (a chunk stage's as an array; null: none, or not run).
-    pub(crate) results: serde_json::Map<String, serde_json::Value>,
+    /// Each stage's results, in pipeline order: its name, whether it is a chunk stage, and
+    /// the result of each of its links as stored (none: no result, or not run).
+    pub(crate) stages: Vec<StageResult<'a>>,
     /// `pass` or `fail` when a reviewing stage (`on_fail`) ran for the record.
     pub(crate) review: Option<&'static str>,
     /// What the attempts of the record's items cost, in any run (a shared item counts in
@@ -456,10 +457,61 @@ pub(crate) struct RecordChain {
     pub(crate) error: Option<String>,
 }
 
-impl RecordChain {
-    pub(crate) fn of(p: &crate::config::Pipeline, links: &[&LinkRow]) -> RecordChain {
-        use serde_json::Value;
-        let mut results = serde_json::Map::new();
+/// One stage's results for a record. Results are kept as the stored JSON text: written
+/// to a JSON lines file as they are, parsed only for a table's columns or a review's
+/// verdict.
+pub(crate) struct StageResult<'a> {
+    name: &'a str,
+    chunked: bool,
+    results: Vec<Option<&'a RawValue>>,
+}
+
+impl StageResult<'_> {
+    /// The stage's result as a value: a chunk stage's as an array in chunk order, null
+    /// where there is none.
+    fn value(&self) -> Value {
+        let parse = |r: &Option<&RawValue>| {
+            r.and_then(|r| serde_json::from_str(r.get()).ok())
+                .unwrap_or(Value::Null)
+        };
+        if self.chunked {
+            Value::Array(self.results.iter().map(parse).collect())
+        } else {
+            self.results.first().map_or(Value::Null, parse)
+        }
+    }
+}
+
+impl serde::Serialize for StageResult<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.chunked {
+            self.results.serialize(s)
+        } else {
+            self.results.first().copied().flatten().serialize(s)
+        }
+    }
+}
+
+/// The stages' results of a record as one JSON object, keyed by stage name in name order
+/// (the order a JSON object map keeps).
+struct StageResults<'c, 'a>(&'c [StageResult<'a>]);
+
+impl serde::Serialize for StageResults<'_, '_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut by_name: Vec<&StageResult<'_>> = self.0.iter().collect();
+        by_name.sort_by_key(|r| r.name);
+        let mut map = s.serialize_map(Some(by_name.len()))?;
+        for r in by_name {
+            map.serialize_entry(r.name, r)?;
+        }
+        map.end()
+    }
+}
+
+impl<'a> RecordChain<'a> {
+    pub(crate) fn of(p: &'a crate::config::Pipeline, links: &[&'a LinkRow]) -> RecordChain<'a> {
+        let mut stages = Vec::with_capacity(p.stages.len());
         let mut status = "succeeded";
         let mut error = None;
         let mut review = None;
@@ -471,7 +523,7 @@ impl RecordChain {
             if mine.is_empty() && status == "succeeded" {
                 status = "pending";
             }
-            let mut values = Vec::new();
+            let mut results = Vec::with_capacity(mine.len());
             for l in &mine {
                 if let Some(id) = l.item_id
                     && seen.insert(id)
@@ -484,11 +536,10 @@ impl RecordChain {
                     error.get_or_insert_with(|| format!("{}: {why}", s.name));
                 }
                 match l.state {
-                    Some(ItemState::Succeeded) => values.push(
+                    Some(ItemState::Succeeded) => results.push(
                         l.result
                             .as_deref()
-                            .and_then(|t| serde_json::from_str(t).ok())
-                            .unwrap_or(Value::Null),
+                            .and_then(|t| serde_json::from_str::<&RawValue>(t).ok()),
                     ),
                     Some(ItemState::Exhausted) => {
                         status = "failed";
@@ -499,39 +550,54 @@ impl RecordChain {
                                 l.last_error.as_deref().unwrap_or("failed for good")
                             )
                         });
-                        values.push(Value::Null);
+                        results.push(None);
                     }
                     Some(_) => {
                         if status == "succeeded" {
                             status = "pending";
                         }
-                        values.push(Value::Null);
+                        results.push(None);
                     }
-                    None => values.push(Value::Null),
+                    None => results.push(None),
                 }
             }
             if s.on_fail.is_some()
-                && let Some(v) = values.first()
-                && let Some(pass) = v.get("pass").and_then(Value::as_bool)
+                && let Some(Some(first)) = results.first()
+                && let Some(pass) = verdict_of(first)
             {
                 review = Some(if pass { "pass" } else { "fail" });
             }
-            let v = if s.is_chunked() {
-                Value::Array(values)
-            } else {
-                values.into_iter().next().unwrap_or(Value::Null)
-            };
-            results.insert(s.name.clone(), v);
+            stages.push(StageResult {
+                name: &s.name,
+                chunked: s.is_chunked(),
+                results,
+            });
         }
         RecordChain {
             status,
-            results,
+            stages,
             review,
             cost: crate::cost::Usd::from_pico(cost as i128),
             attempts,
             error,
         }
     }
+
+    /// The result of the `i`th stage as a value (see [`StageResult::value`]).
+    fn value(&self, i: usize) -> Value {
+        self.stages.get(i).map_or(Value::Null, StageResult::value)
+    }
+}
+
+/// A review's verdict: its `pass` member when that is a boolean.
+fn verdict_of(review: &RawValue) -> Option<bool> {
+    #[derive(serde::Deserialize)]
+    struct Verdict {
+        pass: Option<bool>,
+    }
+    serde_json::from_str::<Verdict>(review.get())
+        .ok()
+        .and_then(|v| v.pass)
 }
 
 /// One line of a multi-stage pipeline's results file.
@@ -547,7 +613,7 @@ struct StagedLine<'a> {
     flagged: bool,
     cost_usd: String,
     attempts: i64,
-    stages: &'a serde_json::Map<String, serde_json::Value>,
+    stages: StageResults<'a, 'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'a str>,
     /// The record's source fields (`output.include_source`).

@@ -27,7 +27,7 @@ pub(crate) async fn run(a: ReportArgs) -> Result<i32, Exit> {
                 records.extend(page);
             }
             let links = match (records.first(), records.last()) {
-                (Some(a), Some(b)) => store.links_between(&run.id, a.line, b.line).await?,
+                (Some(a), Some(b)) => store.links_between(&run.id, a.line, b.line, true).await?,
                 _ => Vec::new(),
             };
             (records, links)

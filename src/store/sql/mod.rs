@@ -300,8 +300,14 @@ impl Store for SqlStore {
         stages::add_links(self, target, links).await
     }
 
-    async fn links_between(&self, run_id: &str, first: i64, last: i64) -> Result<Vec<LinkRow>> {
-        stages::links_between(self, run_id, first, last).await
+    async fn links_between(
+        &self,
+        run_id: &str,
+        first: i64,
+        last: i64,
+        sharers: bool,
+    ) -> Result<Vec<LinkRow>> {
+        stages::links_between(self, run_id, first, last, sharers).await
     }
 
     async fn failed_reviews(
@@ -338,6 +344,15 @@ impl Store for SqlStore {
         limit: u32,
     ) -> Result<Vec<(i64, String, String)>> {
         stages::run_record_data(self, run_id, after_line, limit).await
+    }
+
+    async fn run_record_ids(
+        &self,
+        run_id: &str,
+        after_line: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, String)>> {
+        stages::run_record_ids(self, run_id, after_line, limit).await
     }
 
     async fn settled(&self, run_id: &str, work: &PipelineWork<'_>) -> Result<bool> {

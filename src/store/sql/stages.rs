@@ -308,6 +308,25 @@ pub(super) async fn run_record_data(
         .await
 }
 
+/// A page of the run's records: line and id.
+pub(super) async fn run_record_ids(
+    store: &SqlStore,
+    run_id: &str,
+    after_line: i64,
+    limit: u32,
+) -> Result<Vec<(i64, String)>> {
+    store
+        .db
+        .all(
+            q("SELECT line, record_id FROM records \
+               WHERE run_id = $1 AND line > $2 ORDER BY line LIMIT $3")
+            .bind(run_id)
+            .bind(after_line)
+            .bind(limit as i64),
+        )
+        .await
+}
+
 /// The links at `needs` of the run's records from `first` to `last` (lines), with their
 /// items' states and results: what rendering a later stage reads. What each item cost and
 /// how many records share it are not (0): every process advancing after every batch would
@@ -340,8 +359,8 @@ async fn needed_links(
 }
 
 /// Every link of the run's records from `first` to `last` (lines), with its item's state,
-/// result, what its attempts cost (in any run, as its attempt count counts them) and how many
-/// of the run's records share it.
+/// result, what its attempts cost (in any run, as its attempt count counts them) and, with
+/// `sharers`, how many of the run's records share it (else 0).
 ///
 /// The sharers count starts from the item's links and filters the run in the count: a planner
 /// without statistics (a fresh PostgreSQL store: a first night, every test) otherwise ANDs in
@@ -352,19 +371,25 @@ pub(super) async fn links_between(
     run_id: &str,
     first: i64,
     last: i64,
+    sharers: bool,
 ) -> Result<Vec<LinkRow>> {
+    let sharers = if sharers {
+        "CAST((SELECT COUNT(*) FILTER (WHERE y.run_id = x.run_id) FROM record_items y \
+           WHERE y.item_id = x.item_id) AS BIGINT)"
+    } else {
+        "CAST(0 AS BIGINT)"
+    };
     store
         .db
         .all(
-            q("SELECT x.line, x.stage, x.chunk, x.item_id, i.state, i.attempts, ir.result, i.last_error, x.error, \
+            q(format!("SELECT x.line, x.stage, x.chunk, x.item_id, i.state, i.attempts, ir.result, i.last_error, x.error, \
                  CAST(COALESCE((SELECT SUM(l.cost_pico) FROM ledger l JOIN attempts a ON a.id = l.attempt_id \
                    WHERE a.item_id = x.item_id), 0) AS BIGINT) AS cost_pico, \
-                 CAST((SELECT COUNT(*) FILTER (WHERE y.run_id = x.run_id) FROM record_items y \
-                   WHERE y.item_id = x.item_id) AS BIGINT) AS sharers \
+                 {sharers} AS sharers \
                FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
                LEFT JOIN item_results ir ON ir.item_id = x.item_id \
                WHERE x.run_id = $1 AND x.line BETWEEN $2 AND $3 \
-               ORDER BY x.line, x.stage, x.chunk")
+               ORDER BY x.line, x.stage, x.chunk"))
             .bind(run_id)
             .bind(first)
             .bind(last),
