@@ -837,7 +837,7 @@ async fn report_json_has_a_figure_per_stage_that_adds_up(db: &TestDb) {
     let file = write_pipeline(
         dir.path(),
         &Setup {
-            review: Some("0.3"),
+            review: Some("0.6"),
             ..Default::default()
         },
     );
@@ -881,6 +881,15 @@ async fn report_json_has_a_figure_per_stage_that_adds_up(db: &TestDb) {
         reviewed_of(&results(&out)),
         "the review stage's records are the sampled ones: {r}"
     );
+    // The verdicts the report counts (in the store, on either engine) are the results
+    // file's, record by record.
+    let lines = results(&out);
+    let verdicts = |v: &str| lines.values().filter(|l| l["review"] == v).count() as u64;
+    assert!(reviewed > 0, "the sample reviews some documents: {r}");
+    assert_eq!(stages[2]["review"]["pass"], verdicts("pass"), "{r}");
+    assert_eq!(stages[2]["review"]["fail"], verdicts("fail"), "{r}");
+    assert!(verdicts("pass") + verdicts("fail") > 0, "{r}");
+    assert!(stages[0]["review"].is_null() && stages[1]["review"].is_null());
     for s in stages {
         assert_eq!(
             s["calls_per_processed_item"],

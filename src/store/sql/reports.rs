@@ -421,13 +421,29 @@ async fn stage_figures(
             .bind(run_id),
         )
         .await?;
-    let reviews: Vec<(String, String)> = db
+    // The reviews' verdicts, counted where they are stored: results are compact JSON, the
+    // `LIKE` narrows, and only what it lets through is parsed.
+    let (pass, fail) = match store.engine() {
+        Engine::Sqlite => (
+            "CASE WHEN json_valid(ir.result) THEN json_type(ir.result, '$.pass') = 'true' ELSE 0 END",
+            "CASE WHEN json_valid(ir.result) THEN json_type(ir.result, '$.pass') = 'false' ELSE 0 END",
+        ),
+        Engine::Postgres => (
+            "COALESCE((ir.result::jsonb -> 'pass') = 'true'::jsonb, false)",
+            "COALESCE((ir.result::jsonb -> 'pass') = 'false'::jsonb, false)",
+        ),
+    };
+    let reviews: Vec<(String, i64, i64)> = db
         .all(
-            q(
-                "SELECT x.stage, ir.result FROM record_items x JOIN items i ON i.id = x.item_id \
-               JOIN item_results ir ON ir.item_id = x.item_id \
-               WHERE x.run_id = $1 AND i.state = 'succeeded' AND ir.result LIKE '%\"pass\"%'",
-            )
+            q(format!(
+                "SELECT x.stage, \
+                   CAST(COALESCE(SUM(CASE WHEN {pass} THEN 1 ELSE 0 END), 0) AS BIGINT), \
+                   CAST(COALESCE(SUM(CASE WHEN {fail} THEN 1 ELSE 0 END), 0) AS BIGINT) \
+                 FROM record_items x JOIN items i ON i.id = x.item_id \
+                 JOIN item_results ir ON ir.item_id = x.item_id \
+                 WHERE x.run_id = $1 AND i.state = 'succeeded' AND ir.result LIKE '%\"pass\"%' \
+                 GROUP BY x.stage"
+            ))
             .bind(run_id),
         )
         .await?;
@@ -465,15 +481,9 @@ async fn stage_figures(
                     s.pricing_modes.push(x.2.clone());
                 }
             }
-            for (_, result) in reviews.iter().filter(|r| r.0 == name) {
-                match serde_json::from_str::<serde_json::Value>(result)
-                    .ok()
-                    .and_then(|v| v.get("pass").and_then(serde_json::Value::as_bool))
-                {
-                    Some(true) => s.review_pass += 1,
-                    Some(false) => s.review_fail += 1,
-                    None => {}
-                }
+            if let Some(r) = reviews.iter().find(|r| r.0 == name) {
+                s.review_pass = count(r.1);
+                s.review_fail = count(r.2);
             }
             s
         })
