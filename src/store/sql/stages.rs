@@ -98,9 +98,9 @@ pub(super) async fn ingest_links(
     for (r, &id) in records.iter().zip(first) {
         links.push((r.line as i64, 0, id));
         for i in 0..r.more.len() {
-            let id = more_ids.next().ok_or_else(|| {
-                StoreError::Invalid("an item of a later chunk has no id".into())
-            })?;
+            let id = more_ids
+                .next()
+                .ok_or_else(|| StoreError::Invalid("an item of a later chunk has no id".into()))?;
             links.push((r.line as i64, i as i64 + 1, id));
         }
     }
