@@ -113,6 +113,12 @@ pub(super) async fn ingest_links(
 /// each of `needs` is final: its item succeeded, or the stage was skipped for the record.
 /// Records with a failed needed item are never ready (they failed). In line order, with their
 /// links at `needs`.
+///
+/// The records are read a window of [`READY_WINDOW`] lines at a time, until `limit` are
+/// found or the run's last line is passed. Asked for the first `limit` of all the run's
+/// records after a line, PostgreSQL without statistics (the first night) read every one of
+/// them and sorted them for each page: at 100,000 records a page took 0.4 s, and a million
+/// records would have taken hours to advance. A window bounds what one statement reads.
 pub(super) async fn ready_records(
     store: &SqlStore,
     run_id: &str,
@@ -121,17 +127,34 @@ pub(super) async fn ready_records(
     after_line: i64,
     limit: u32,
 ) -> Result<Vec<ReadyRecord>> {
-    let mut sql = format!(
-        "SELECT r.line, r.record_id, COALESCE(r.data, '{{}}') FROM records r WHERE r.line > $3 AND {}",
-        ready_sql(1, 2, 4, needs.len())
+    let last_line: Option<i64> = store
+        .db
+        .scalar(q("SELECT MAX(line) FROM records WHERE run_id = $1").bind(run_id))
+        .await?;
+    let Some(last_line) = last_line else {
+        return Ok(Vec::new());
+    };
+    let sql = format!(
+        "SELECT r.line, r.record_id, COALESCE(r.data, '{{}}') FROM records r \
+         WHERE r.line > $3 AND r.line <= $4 AND {} ORDER BY r.line LIMIT $5",
+        ready_sql(1, 2, 6, needs.len())
     );
-    let n = 4 + needs.len();
-    sql.push_str(&format!(" ORDER BY r.line LIMIT ${n}"));
-    let mut query = q(sql).bind(run_id).bind(stage).bind(after_line);
-    for s in needs {
-        query = query.bind(s.as_str());
+    let mut rows: Vec<(i64, String, String)> = Vec::new();
+    let mut from = after_line;
+    while rows.len() < limit as usize && from < last_line {
+        let to = from.saturating_add(READY_WINDOW);
+        let mut query = q(sql.as_str())
+            .bind(run_id)
+            .bind(stage)
+            .bind(from)
+            .bind(to)
+            .bind((limit as usize - rows.len()) as i64);
+        for s in needs {
+            query = query.bind(s.as_str());
+        }
+        rows.extend(store.db.all::<(i64, String, String)>(query).await?);
+        from = to;
     }
-    let rows: Vec<(i64, String, String)> = store.db.all(query.bind(limit as i64)).await?;
     let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
         return Ok(Vec::new());
     };
@@ -149,20 +172,27 @@ pub(super) async fn ready_records(
     Ok(out)
 }
 
+/// Lines of records one statement of [`ready_records`] reads at most.
+const READY_WINDOW: i64 = 2_000;
+
 /// The condition on a record `r` of being ready for a stage: of run `$run`, no link at stage
 /// `$stage` yet, and every link at each of the `needs` stages (bound from `$first_need` on)
 /// final: its item succeeded, or the stage was skipped for the record.
+///
+/// Each test is a scalar subquery (`… LIMIT 1) IS NULL`), not `[NOT] EXISTS`: PostgreSQL
+/// turns those into joins that read every link of the run's stage, whatever few records
+/// the statement asks about; a scalar subquery stays a lookup per record on either engine.
 fn ready_sql(run: usize, stage: usize, first_need: usize, needs: usize) -> String {
     let mut sql = format!(
         "r.run_id = ${run} \
-         AND NOT EXISTS (SELECT 1 FROM record_items x WHERE x.run_id = r.run_id AND x.line = r.line AND x.stage = ${stage})"
+         AND (SELECT 1 FROM record_items x WHERE x.run_id = r.run_id AND x.line = r.line AND x.stage = ${stage} LIMIT 1) IS NULL"
     );
     for n in first_need..first_need + needs {
         sql.push_str(&format!(
-            " AND EXISTS (SELECT 1 FROM record_items x WHERE x.run_id = r.run_id AND x.line = r.line AND x.stage = ${n}) \
-              AND NOT EXISTS (SELECT 1 FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
+            " AND (SELECT 1 FROM record_items x WHERE x.run_id = r.run_id AND x.line = r.line AND x.stage = ${n} LIMIT 1) IS NOT NULL \
+              AND (SELECT 1 FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
                 WHERE x.run_id = r.run_id AND x.line = r.line AND x.stage = ${n} \
-                AND (x.error IS NOT NULL OR (x.item_id IS NOT NULL AND i.state <> 'succeeded')))"
+                AND (x.error IS NOT NULL OR (x.item_id IS NOT NULL AND i.state <> 'succeeded')) LIMIT 1) IS NULL"
         ));
     }
     sql
@@ -224,7 +254,10 @@ pub(super) async fn settled(
     Ok(busy == 0)
 }
 
-/// Ids of the run's records whose every link at `stage` succeeded or is a skip.
+/// Ids of the run's records whose every link at `stage` succeeded or is a skip. The tests
+/// are scalar subqueries, a lookup per record, for the reason [`ready_sql`] gives: as
+/// `[NOT] EXISTS`, PostgreSQL without statistics compared every record with every link not
+/// yet final (minutes at 100,000 records).
 pub(super) async fn stage_done_records(
     store: &SqlStore,
     run_id: &str,
@@ -234,10 +267,10 @@ pub(super) async fn stage_done_records(
         .db
         .all(
             q("SELECT r.record_id FROM records r WHERE r.run_id = $1 \
-               AND EXISTS (SELECT 1 FROM record_items x WHERE x.run_id = r.run_id AND x.line = r.line AND x.stage = $2) \
-               AND NOT EXISTS (SELECT 1 FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
+               AND (SELECT 1 FROM record_items x WHERE x.run_id = r.run_id AND x.line = r.line AND x.stage = $2 LIMIT 1) IS NOT NULL \
+               AND (SELECT 1 FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
                  WHERE x.run_id = r.run_id AND x.line = r.line AND x.stage = $2 \
-                 AND (x.error IS NOT NULL OR (x.item_id IS NOT NULL AND i.state <> 'succeeded')))")
+                 AND (x.error IS NOT NULL OR (x.item_id IS NOT NULL AND i.state <> 'succeeded')) LIMIT 1) IS NULL")
             .bind(run_id)
             .bind(stage),
         )
