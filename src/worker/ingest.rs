@@ -11,10 +11,13 @@ use crate::request::{PreparedRecord, prepare};
 use crate::source::{Quarantined, SourceError, SourceEvent, SourceReader};
 use crate::store::{IngestStats, IngestTarget, IngestTx, Store};
 
-/// Records per store transaction: large, because every transaction rewrites the pages of the
-/// dedupe index it touched, and item keys are random. The hand-offs go into the open
-/// transaction as they arrive, so a transaction's worth is never held in memory.
-const CHUNK: usize = 20_000;
+/// Records per store transaction: large, because item keys are random, so every transaction
+/// rewrites (and checkpoints) nearly every page of the dedupe index once the index outgrows
+/// the page cache. At a million records, 100,000 a transaction cost 16 % less CPU and 25 %
+/// less wall time than 20,000 (`run --ingest-only`); 250,000 no less than 100,000. The
+/// hand-offs go into the open transaction as they arrive, so a transaction's worth is never
+/// held in memory; an interrupted run reads the uncommitted part again.
+const CHUNK: usize = 100_000;
 /// Records per hand-off from the reading thread: small, so that what is in flight between the
 /// two sides (one hand-off being filled, one queued) is a fraction of a transaction's worth.
 const HANDOFF: usize = 2_000;
@@ -156,13 +159,19 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
         stats.records += added.records;
         stats.quarantined += added.quarantined;
         stats.new_items += added.new_items;
+        // What has been read so far, the open transaction's included (a commit is far
+        // apart at this size).
+        ctx.observer.event(&Event::IngestProgress {
+            records: done.records + done.quarantined + stats.records + stats.quarantined,
+            quarantined: done.quarantined + stats.quarantined,
+        });
         if stats.records + stats.quarantined >= CHUNK as u64 {
             let (tx, stats) = open.take().expect("open");
-            commit(ctx, tx, &stats, &mut done).await?;
+            commit::<S>(tx, &stats, &mut done).await?;
         }
     }
     if complete && let Some((tx, stats)) = open.take() {
-        commit(ctx, tx, &stats, &mut done).await?;
+        commit::<S>(tx, &stats, &mut done).await?;
     }
     drop(rx);
     let _ = producer.await;
@@ -177,9 +186,8 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
     Ok(complete)
 }
 
-/// Commits a chunk's transaction, then adds what it stored to `done` and says so.
-async fn commit<S: Store, P: BatchProvider>(
-    ctx: &RunContext<'_, S, P>,
+/// Commits a chunk's transaction, then adds what it stored to `done`.
+async fn commit<S: Store>(
     tx: S::Ingest,
     chunk: &IngestStats,
     done: &mut IngestStats,
@@ -189,9 +197,5 @@ async fn commit<S: Store, P: BatchProvider>(
     done.records += chunk.records;
     done.quarantined += chunk.quarantined;
     done.new_items += chunk.new_items;
-    ctx.observer.event(&Event::IngestProgress {
-        records: done.records + done.quarantined,
-        quarantined: done.quarantined,
-    });
     Ok(())
 }
