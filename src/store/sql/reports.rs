@@ -109,24 +109,46 @@ pub(super) async fn run_figures(store: &SqlStore, run_id: &str) -> Result<RunFig
         db.scalar(q("SELECT COUNT(*) FROM batches WHERE run_id = $1").bind(run_id))
             .await?,
     );
-    f.ledger = ledger_totals(store, LedgerScope::Run, run_id).await?;
-    f.answered = count(
-        db.scalar(
-            q("SELECT COUNT(*) FROM ledger WHERE output_tokens > 0 \
-               AND batch_id IN (SELECT id FROM batches WHERE run_id = $1)")
+    // The run's ledger in one pass, by model: the totals, the rows that carry an answer,
+    // and the models that were billed (three passes over the run's rows before).
+    type ModelRow = (String, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64);
+    let groups: Vec<ModelRow> = db
+        .all(
+            q(format!(
+                "SELECT model, {LEDGER_SUMS}, \
+                 COALESCE(SUM(CASE WHEN output_tokens > 0 THEN 1 ELSE 0 END), 0), \
+                 COALESCE(SUM(CASE WHEN output_tokens > 0 OR input_tokens > 0 THEN 1 ELSE 0 END), 0) \
+                 FROM ledger WHERE batch_id IN (SELECT id FROM batches WHERE run_id = $1) \
+                 GROUP BY model ORDER BY model"
+            ))
             .bind(run_id),
         )
-        .await?,
-    );
-    f.models = db
-        .all::<(String,)>(
-            q("SELECT DISTINCT model FROM ledger WHERE batch_id IN (SELECT id FROM batches WHERE run_id = $1) \
-               AND (output_tokens > 0 OR input_tokens > 0) ORDER BY model")
-            .bind(run_id),
-        )
-        .await?
+        .await?;
+    let mut sums: LedgerSums = (0, 0, 0, 0, 0, 0, 0, 0);
+    let mut answered = 0i64;
+    for g in &groups {
+        let add = |a: i64, b: i64| {
+            a.checked_add(b)
+                .ok_or_else(|| StoreError::Invalid("the run's ledger sums overflow".into()))
+        };
+        sums = (
+            add(sums.0, g.1)?,
+            add(sums.1, g.2)?,
+            add(sums.2, g.3)?,
+            add(sums.3, g.4)?,
+            add(sums.4, g.5)?,
+            add(sums.5, g.6)?,
+            add(sums.6, g.7)?,
+            add(sums.7, g.8)?,
+        );
+        answered = add(answered, g.9)?;
+    }
+    f.ledger = ledger_sums(sums);
+    f.answered = count(answered);
+    f.models = groups
         .into_iter()
-        .map(|(m,)| m)
+        .filter(|g| g.10 > 0)
+        .map(|g| g.0)
         .collect();
     // Batches of other runs this run's process ingested.
     let (batches, results, cost): (i64, i64, i64) = db
@@ -163,7 +185,16 @@ pub(super) async fn ledger_totals_for_batch(
     store: &SqlStore,
     batch_id: &str,
 ) -> Result<LedgerTotals> {
-    ledger_totals(store, LedgerScope::Batch, batch_id).await
+    let r: LedgerSums = store
+        .db
+        .one(
+            q(format!(
+                "SELECT {LEDGER_SUMS} FROM ledger WHERE batch_id = $1"
+            ))
+            .bind(batch_id),
+        )
+        .await?;
+    Ok(ledger_sums(r))
 }
 
 pub(super) async fn audit(store: &SqlStore, run_id: &str) -> Result<Vec<AuditRow>> {
@@ -288,28 +319,6 @@ pub(super) async fn anomaly_count(store: &SqlStore, run_id: &str) -> Result<u64>
             )
             .await?,
     ))
-}
-
-#[derive(Clone, Copy)]
-pub(super) enum LedgerScope {
-    Run,
-    Batch,
-}
-
-pub(super) async fn ledger_totals(
-    store: &SqlStore,
-    scope: LedgerScope,
-    key: &str,
-) -> Result<LedgerTotals> {
-    let filter = match scope {
-        LedgerScope::Run => "WHERE batch_id IN (SELECT id FROM batches WHERE run_id = $1)",
-        LedgerScope::Batch => "WHERE batch_id = $1",
-    };
-    let r: LedgerSums = store
-        .db
-        .one(q(format!("SELECT {LEDGER_SUMS} FROM ledger {filter}")).bind(key))
-        .await?;
-    Ok(ledger_sums(r))
 }
 
 /// The sums of a set of ledger rows, as [`ledger_sums`] reads them back.
