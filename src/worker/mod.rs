@@ -270,6 +270,16 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
         Ok((now.lease_token == b.lease_token).then_some(now))
     }
 
+    /// Whether new results of `stage` can move records on: a later stage needs it, or it
+    /// reviews with `on_fail = "regenerate"`. Results of a last stage that only flags make
+    /// nothing ready, and an advance pass tests every record of the run.
+    fn results_advance(&self, stage: &str) -> bool {
+        self.ctx.pipeline.stages.iter().any(|s| {
+            s.needs.iter().any(|n| n == stage)
+                || (s.name == stage && s.on_fail == Some(crate::config::OnFail::Regenerate))
+        })
+    }
+
     /// The stage a batch (or item) of `name` belongs to.
     pub(crate) fn stage_run(&self, name: &str) -> Result<&StageRun, RunError> {
         self.stages
@@ -654,7 +664,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 let t = Instant::now();
                 self.run_online(&b).await?;
                 self.times.results += t.elapsed();
-                self.advance_due = true;
+                self.advance_due |= self.results_advance(&b.stage);
             }
             (
                 BatchState::Planned
@@ -681,7 +691,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 let t = Instant::now();
                 self.ingest_batch(&b).await?;
                 self.times.results += t.elapsed();
-                self.advance_due = true;
+                self.advance_due |= self.results_advance(&b.stage);
             }
             _ => {}
         }
