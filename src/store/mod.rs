@@ -168,6 +168,21 @@ pub trait Store: Send + Sync + 'static {
         after_line: i64,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<ReadyRecord>>> + Send;
+    /// Of the run's records at `lines` (ascending; a page's worth), those ready for `stage`,
+    /// as [`Store::ready_records`] judges, in line order.
+    fn ready_records_at(
+        &self,
+        run_id: &str,
+        stage: &str,
+        needs: &[String],
+        lines: &[i64],
+    ) -> impl Future<Output = Result<Vec<ReadyRecord>>> + Send;
+    /// Lines of the run's records linked to an item attempted in the batch, ascending.
+    fn batch_record_lines(
+        &self,
+        run_id: &str,
+        batch_id: &str,
+    ) -> impl Future<Output = Result<Vec<i64>>> + Send;
     /// Stores a later stage's items and links for some records (insert-or-ignore: safe to
     /// repeat); returns how many items are new.
     fn add_links(
@@ -211,6 +226,13 @@ pub trait Store: Send + Sync + 'static {
         run_id: &str,
         stage: &str,
     ) -> impl Future<Output = Result<Vec<String>>> + Send;
+    /// How many of the run's records are done at `stage` ([`Store::stage_done_records`],
+    /// counted where they are stored).
+    fn stage_done_count(
+        &self,
+        run_id: &str,
+        stage: &str,
+    ) -> impl Future<Output = Result<u64>> + Send;
     /// The run's items of `stage`: its links (a record's chunks, shared items once per
     /// record) and each distinct item's prompt tokens.
     fn run_stage_items(

@@ -64,6 +64,10 @@ pub use output::OutputFormat;
 pub use settle::KEEP_RECORDS_OF_RUNS;
 use stages::StageRun;
 
+/// Lines of records an advance tracks from ingested results before it falls back to a pass
+/// over the whole run (8 bytes each: at most a few MB).
+const MAX_ADVANCE_LINES: usize = 250_000;
+
 /// What a finished (or stopped) run did.
 #[derive(Clone, Debug)]
 pub struct RunOutcome {
@@ -118,8 +122,12 @@ pub(crate) struct Runner<'a, S: Store, P: BatchProvider> {
     wrote_output: bool,
     /// Each stage's shape, validator and prices, in the pipeline's order.
     stages: Vec<StageRun>,
-    /// Results were stored since the later stages last advanced.
+    /// A pass over every record of the run is due to advance the later stages (at the
+    /// start, after too many results to track line by line).
     advance_due: bool,
+    /// Lines of the records the results stored since the last advance may have made ready
+    /// (those linked to the ingested batches' items): the next advance tests only these.
+    advance_lines: Vec<i64>,
     polls: HashMap<String, PollClock>,
     requests_sent: u64,
     times: PhaseTimes,
@@ -169,6 +177,7 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
             wrote_output: false,
             stages,
             advance_due: true,
+            advance_lines: Vec::new(),
             polls: HashMap::new(),
             requests_sent: 0,
             times: PhaseTimes::default(),
@@ -270,9 +279,29 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
         Ok((now.lease_token == b.lease_token).then_some(now))
     }
 
+    /// After a batch's results are stored: notes the records they may have made ready for
+    /// a later stage, for the next advance to test (not every record of the run).
+    async fn results_stored(&mut self, b: &BatchRow) -> Result<(), RunError> {
+        if self.advance_due || !self.results_advance(&b.stage) {
+            return Ok(());
+        }
+        let lines = self
+            .ctx
+            .store
+            .batch_record_lines(&self.run_id, &b.id)
+            .await?;
+        self.advance_lines.extend(lines);
+        if self.advance_lines.len() > MAX_ADVANCE_LINES {
+            // A pass over the run costs less than tracking this many.
+            self.advance_lines = Vec::new();
+            self.advance_due = true;
+        }
+        Ok(())
+    }
+
     /// Whether new results of `stage` can move records on: a later stage needs it, or it
     /// reviews with `on_fail = "regenerate"`. Results of a last stage that only flags make
-    /// nothing ready, and an advance pass tests every record of the run.
+    /// nothing ready: their records are not looked at again.
     fn results_advance(&self, stage: &str) -> bool {
         self.ctx.pipeline.stages.iter().any(|s| {
             s.needs.iter().any(|n| n == stage)
@@ -405,7 +434,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             }
         }
         if complete && !ctx.ingest_only {
-            self.advance().await?;
+            self.advance(None).await?;
             self.advance_due = false;
         }
 
@@ -541,9 +570,17 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 continue;
             }
             // Later stages' items for the records whose earlier items succeeded.
-            if self.advance_due && !self.collect_only {
-                self.advance_due = false;
-                self.advance().await?;
+            if !self.collect_only {
+                if self.advance_due {
+                    self.advance_due = false;
+                    self.advance_lines = Vec::new();
+                    self.advance(None).await?;
+                } else if !self.advance_lines.is_empty() {
+                    let mut lines = std::mem::take(&mut self.advance_lines);
+                    lines.sort_unstable();
+                    lines.dedup();
+                    self.advance(Some(&lines)).await?;
+                }
             }
             // New batches (first attempts and retries) for whatever is plannable.
             let planning = if self.collect_only {
@@ -560,17 +597,25 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                     return Ok(Stop::Done);
                 }
                 let mut plannable = self.plannable_count().await?;
+                // The run was found at rest (no need to read it again).
+                let mut at_rest = false;
                 if plannable == 0 && !held_elsewhere && p.is_multi_stage() {
                     // Another worker may have stored the last results: the records they
-                    // complete go on to their next stage before the run may end.
-                    self.advance().await?;
-                    plannable = self.plannable_count().await?;
+                    // complete go on to their next stage before the run may end. When the
+                    // run is settled nothing is ready, and the pass over every record is
+                    // spared.
+                    if self.settled().await? {
+                        at_rest = true;
+                    } else {
+                        self.advance(None).await?;
+                        plannable = self.plannable_count().await?;
+                    }
                 }
                 let stop = if held_elsewhere {
                     // Other workers hold what is open: wait for them, or for their leases
                     // to run out.
                     None
-                } else if plannable == 0 && (serve || self.settled().await?) {
+                } else if plannable == 0 && (serve || at_rest || self.settled().await?) {
                     Some(Stop::Done)
                 } else if plannable == 0 {
                     // Another worker planned, collected or advanced between the reads
@@ -664,7 +709,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 let t = Instant::now();
                 self.run_online(&b).await?;
                 self.times.results += t.elapsed();
-                self.advance_due |= self.results_advance(&b.stage);
+                self.results_stored(&b).await?;
             }
             (
                 BatchState::Planned
@@ -691,7 +736,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 let t = Instant::now();
                 self.ingest_batch(&b).await?;
                 self.times.results += t.elapsed();
-                self.advance_due |= self.results_advance(&b.stage);
+                self.results_stored(&b).await?;
             }
             _ => {}
         }

@@ -213,6 +213,10 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         if run.id != self.run_id {
             tracing::info!(run = %run.id, pipeline = %p.name, "serving run");
             self.budget_hit = false;
+            // Lines noted for the run served before mean nothing in this one: its records
+            // are looked at whole.
+            self.advance_lines = Vec::new();
+            self.advance_due = true;
         }
         self.run_id = run.id;
         self.budget = crate::config::Budget {

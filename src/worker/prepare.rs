@@ -86,7 +86,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             inputs.unique_items = items.tokens.len();
             inputs.already_done = items.succeeded;
             inputs.job_tokens = items.tokens;
-            let done_first = store.stage_done_records(&self.run_id, first).await?.len() as u64;
+            let done_first = store.stage_done_count(&self.run_id, first).await?;
             inputs.todo_records = job.records.saturating_sub(done_first);
             inputs.stages = Some(self.later_facts(items.links).await?);
         }
@@ -126,10 +126,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         let history = crate::plan::later_history(store, p, Some(&self.run_id)).await?;
         let mut later = Vec::new();
         for (k, sr) in self.stages[1..].iter().enumerate() {
-            let done = store
-                .stage_done_records(&self.run_id, &sr.stage.name)
-                .await?
-                .len() as u64;
+            let done = store.stage_done_count(&self.run_id, &sr.stage.name).await?;
             later.push(crate::plan::StageFacts {
                 price: &ctx.prices[k + 1],
                 exact_tokens: sr.counter.is_exact(),

@@ -146,8 +146,9 @@ pub(crate) fn context_of(
 
 impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
     /// Creates the items of every later stage for the records whose needed items have all
-    /// succeeded; returns how many items are new.
-    pub(super) async fn advance(&mut self) -> Result<u64, RunError> {
+    /// succeeded, among the records at `lines` (ascending) or, with `None`, every record of
+    /// the run; returns how many items are new.
+    pub(super) async fn advance(&mut self, lines: Option<&[i64]>) -> Result<u64, RunError> {
         let ctx = self.ctx;
         let p = ctx.pipeline;
         if !p.is_multi_stage() || self.run_id.is_empty() {
@@ -159,25 +160,37 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             let shape_id = ctx.store.ensure_shape(&self.stages[index].shape).await?;
             // One pass in line order: a record passed over is not ready in this pass.
             let mut after = 0;
+            let mut pages = lines.map(|l| l.chunks(ADVANCE_PAGE as usize));
             loop {
                 if ctx.shutdown.is_set() {
                     return Ok(created);
                 }
                 let sr = &self.stages[index];
-                let ready = ctx
-                    .store
-                    .ready_records(
-                        &self.run_id,
-                        &sr.stage.name,
-                        &sr.stage.needs,
-                        after,
-                        ADVANCE_PAGE,
-                    )
-                    .await?;
-                let Some(last) = ready.last() else {
-                    break;
+                let (name, needs) = (&sr.stage.name, &sr.stage.needs);
+                let ready = match &mut pages {
+                    Some(pages) => match pages.next() {
+                        Some(page) => {
+                            ctx.store
+                                .ready_records_at(&self.run_id, name, needs, page)
+                                .await?
+                        }
+                        None => break,
+                    },
+                    None => {
+                        let ready = ctx
+                            .store
+                            .ready_records(&self.run_id, name, needs, after, ADVANCE_PAGE)
+                            .await?;
+                        match ready.last() {
+                            Some(last) => after = last.line,
+                            None => break,
+                        }
+                        ready
+                    }
                 };
-                after = last.line;
+                if ready.is_empty() {
+                    continue;
+                }
                 let links = self.links_for(index, &ready);
                 // Results are stored, the next stage's items not yet: a crash here leaves
                 // the records ready for whichever process advances next.

@@ -60,6 +60,7 @@ conformance!(
     a_later_stage_link_decided_from_an_item_sent_again_is_not_stored,
     only_ingested_batches_are_left_to_clean_and_each_deletion_counts_once,
     a_pipeline_is_settled_only_when_no_work_is_left_in_any_state,
+    a_batch_names_the_records_its_results_may_move_on,
 );
 
 fn planned(o: PlanOutcome) -> Option<BatchRow> {
@@ -773,6 +774,124 @@ async fn a_later_stage_link_decided_from_an_item_sent_again_is_not_stored(db: &T
             1
         );
         assert_eq!(count("SELECT COUNT(*) FROM item_parents").await, 1);
+    }
+}
+
+/// After a batch's results, the runner advances only the records linked to the batch's
+/// items (every record sharing one of them, and no other), and finds among those the same
+/// ready records a pass over the whole run finds.
+async fn a_batch_names_the_records_its_results_may_move_on(db: &TestDb) {
+    let s = &db.store;
+    s.create_run(&new_run("run1")).await.unwrap();
+    let shape = RequestShape::new("{\"m\":".into(), "}".into());
+    let shape_id = s.ensure_shape(&shape).await.unwrap();
+    // Six records over three requests: lines 1 and 4 share an item, 2 and 5, 3 and 6.
+    let mut recs = records(&shape, 6, 3, 10);
+    for r in &mut recs {
+        r.data = Some(format!("{{\"id\":\"{}\"}}", r.record_id));
+    }
+    s.ingest(&staged_target("main", shape_id), &recs, &[])
+        .await
+        .unwrap();
+    let mut req = plan("run1", "w1");
+    req.max_requests = 2;
+    let batch = planned(s.plan_batch(&req).await.unwrap()).expect("two items are planned");
+    assert_eq!(
+        s.batch_record_lines("run1", &batch.id).await.unwrap(),
+        vec![1, 2, 4, 5],
+        "every record linked to the batch's two items, once, in line order"
+    );
+    assert!(
+        s.batch_record_lines("run2", &batch.id)
+            .await
+            .unwrap()
+            .is_empty(),
+        "only the run's own records"
+    );
+    let needs = ["main".to_string()];
+    let all = [1, 2, 3, 4, 5, 6];
+    let lines_of =
+        |r: Vec<nightshift::store::ReadyRecord>| -> Vec<i64> { r.iter().map(|r| r.line).collect() };
+    assert!(
+        s.ready_records_at("run1", "review", &needs, &all)
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing is ready before a result"
+    );
+    exec(
+        s,
+        &format!(
+            "UPDATE items SET state = 'succeeded' WHERE id IN \
+             (SELECT item_id FROM attempts WHERE batch_id = '{}')",
+            batch.id
+        ),
+    )
+    .await;
+    exec(
+        s,
+        "INSERT INTO item_results (item_id, result) \
+         SELECT id, '{\"ok\":1}' FROM items WHERE state = 'succeeded'",
+    )
+    .await;
+    let ready = s
+        .ready_records_at("run1", "review", &needs, &all)
+        .await
+        .unwrap();
+    let whole = s
+        .ready_records("run1", "review", &needs, 0, 100)
+        .await
+        .unwrap();
+    assert_eq!(lines_of(ready.clone()), vec![1, 2, 4, 5]);
+    assert_eq!(
+        lines_of(whole),
+        vec![1, 2, 4, 5],
+        "the same as a whole pass"
+    );
+    for r in &ready {
+        assert_eq!(r.record_id, format!("r{}", r.line - 1));
+        assert_eq!(r.inputs.len(), 1, "the record's one link at `main`");
+        assert_eq!(r.inputs[0].result.as_deref(), Some("{\"ok\":1}"));
+    }
+    assert!(
+        s.ready_records_at("run1", "review", &needs, &[3, 6])
+            .await
+            .unwrap()
+            .is_empty(),
+        "the records of the items still in flight are not"
+    );
+    // Once a record has its `review` link it is no longer ready.
+    let link = review_link_at(1, ready[0].inputs[0].item_id.unwrap());
+    s.add_links(&staged_target("review", shape_id), &[link])
+        .await
+        .unwrap();
+    assert_eq!(
+        lines_of(
+            s.ready_records_at("run1", "review", &needs, &[1, 2])
+                .await
+                .unwrap()
+        ),
+        vec![2]
+    );
+}
+
+/// A `review` item for the record at `line`, rendered from item `parent`.
+fn review_link_at(line: i64, parent: i64) -> nightshift::store::NewLinks {
+    use nightshift::request::PreparedItem;
+    use nightshift::store::{NewLinks, StageLink};
+    let shape = RequestShape::new("{\"m\":".into(), "}".into());
+    let user = format!("\"review {line}\"");
+    NewLinks {
+        line,
+        link: StageLink::Items {
+            items: vec![PreparedItem {
+                key: shape.key(&user),
+                input_tokens: 5,
+                body_bytes: shape.body_len(&user),
+                user_json: user,
+            }],
+        },
+        parents: vec![parent],
     }
 }
 

@@ -296,6 +296,20 @@ impl Store for SqlStore {
         stages::ready_records(self, run_id, stage, needs, after_line, limit).await
     }
 
+    async fn ready_records_at(
+        &self,
+        run_id: &str,
+        stage: &str,
+        needs: &[String],
+        lines: &[i64],
+    ) -> Result<Vec<ReadyRecord>> {
+        stages::ready_records_at(self, run_id, stage, needs, lines).await
+    }
+
+    async fn batch_record_lines(&self, run_id: &str, batch_id: &str) -> Result<Vec<i64>> {
+        stages::batch_record_lines(self, run_id, batch_id).await
+    }
+
     async fn add_links(&self, target: &IngestTarget<'_>, links: &[NewLinks]) -> Result<u64> {
         stages::add_links(self, target, links).await
     }
@@ -331,6 +345,10 @@ impl Store for SqlStore {
 
     async fn stage_done_records(&self, run_id: &str, stage: &str) -> Result<Vec<String>> {
         stages::stage_done_records(self, run_id, stage).await
+    }
+
+    async fn stage_done_count(&self, run_id: &str, stage: &str) -> Result<u64> {
+        stages::stage_done_count(self, run_id, stage).await
     }
 
     async fn run_stage_items(&self, run_id: &str, stage: &str) -> Result<StageItems> {

@@ -155,10 +155,121 @@ pub(super) async fn ready_records(
         rows.extend(store.db.all::<(i64, String, String)>(query).await?);
         from = to;
     }
-    let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+    with_inputs(store, run_id, needs, rows).await
+}
+
+/// Of the run's records at `lines` (ascending, at most a few hundred), those ready for
+/// `stage` (as [`ready_sql`] judges), in line order, with their links at `needs`: the
+/// records an ingested batch's results may have made ready, tested without a pass over the
+/// whole run. Their links at `needs` and at `stage` are read in one statement and judged
+/// here (a record with a link at `stage` already went on; one with a needed link not final
+/// waits), then the fields of those that are ready.
+pub(super) async fn ready_records_at(
+    store: &SqlStore,
+    run_id: &str,
+    stage: &str,
+    needs: &[String],
+    lines: &[i64],
+) -> Result<Vec<ReadyRecord>> {
+    if lines.is_empty() || needs.is_empty() {
         return Ok(Vec::new());
-    };
-    let links = needed_links(store, run_id, first.0, last.0, needs).await?;
+    }
+    let mut with_stage: Vec<String> = needs.to_vec();
+    with_stage.push(stage.to_string());
+    let links = needed_links(store, run_id, lines, &with_stage).await?;
+    let mut ready: Vec<(i64, Vec<LinkRow>)> = Vec::new();
+    let mut rest = &links[..];
+    while let Some(first) = rest.first() {
+        let mine = LinkRow::of_line(rest, first.line);
+        rest = &rest[mine.len()..];
+        let went_on = mine.iter().any(|l| l.stage == stage);
+        let all_final = needs.iter().all(|n| {
+            let mut at = mine.iter().filter(|l| &l.stage == n).peekable();
+            at.peek().is_some()
+                && at.all(|l| {
+                    l.error.is_none()
+                        && (l.item_id.is_none() || l.state == Some(ItemState::Succeeded))
+                })
+        });
+        if !went_on && all_final {
+            let inputs = mine.iter().filter(|l| l.stage != stage).cloned().collect();
+            ready.push((first.line, inputs));
+        }
+    }
+    if ready.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sql = format!(
+        "SELECT line, record_id, COALESCE(data, '{{}}') FROM records \
+         WHERE run_id = ? AND line IN ({}) ORDER BY line",
+        params(ready.len())
+    );
+    let mut query = q(sql).bind(run_id);
+    for (line, _) in &ready {
+        query = query.bind(*line);
+    }
+    let rows: Vec<(i64, String, String)> = store.db.all(query).await?;
+    let mut inputs = ready.into_iter();
+    let mut out = Vec::with_capacity(rows.len());
+    for (line, record_id, data) in rows {
+        let Some((_, mine)) = inputs.by_ref().find(|(l, _)| *l == line) else {
+            continue;
+        };
+        out.push(ReadyRecord {
+            line,
+            record_id,
+            data,
+            inputs: mine,
+        });
+    }
+    Ok(out)
+}
+
+/// Lines of the run's records linked to an item attempted in `batch_id`, ascending: the
+/// records its results may have made ready for a later stage.
+pub(super) async fn batch_record_lines(
+    store: &SqlStore,
+    run_id: &str,
+    batch_id: &str,
+) -> Result<Vec<i64>> {
+    let rows: Vec<(i64,)> = store
+        .db
+        .all(
+            q("SELECT DISTINCT x.line FROM attempts a JOIN record_items x ON x.item_id = a.item_id \
+               WHERE a.batch_id = $1 AND x.run_id = $2 ORDER BY x.line")
+            .bind(batch_id)
+            .bind(run_id),
+        )
+        .await?;
+    Ok(rows.into_iter().map(|(l,)| l).collect())
+}
+
+/// `?, ?, …` for `n` anonymous parameters. A statement with hundreds of parameters takes
+/// them anonymous, in order: SQLite looks a named one (`$n`) up in a list as it is bound,
+/// and binding every one of hundreds that way costs more than the lookups themselves.
+fn params(n: usize) -> String {
+    let mut s = String::with_capacity(n * 3);
+    for i in 0..n {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        s.push('?');
+    }
+    s
+}
+
+/// Ready records (line, id, fields, in line order) with their links at `needs`.
+async fn with_inputs(
+    store: &SqlStore,
+    run_id: &str,
+    needs: &[String],
+    rows: Vec<(i64, String, String)>,
+) -> Result<Vec<ReadyRecord>> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let lines: Vec<i64> = rows.iter().map(|r| r.0).collect();
+    let links = needed_links(store, run_id, &lines, needs).await?;
     let mut out = Vec::with_capacity(rows.len());
     for (line, record_id, data) in rows {
         let inputs = LinkRow::of_line(&links, line).to_vec();
@@ -254,10 +365,18 @@ pub(super) async fn settled(
     Ok(busy == 0)
 }
 
-/// Ids of the run's records whose every link at `stage` succeeded or is a skip. The tests
-/// are scalar subqueries, a lookup per record, for the reason [`ready_sql`] gives: as
-/// `[NOT] EXISTS`, PostgreSQL without statistics compared every record with every link not
-/// yet final (minutes at 100,000 records).
+/// The condition on a record `r` of run `$1` of being done at stage `$2`: linked there, and
+/// every link an item that succeeded or a skip. The tests are scalar subqueries, a lookup
+/// per record, for the reason [`ready_sql`] gives: as `[NOT] EXISTS`, PostgreSQL without
+/// statistics compared every record with every link not yet final (minutes at 100,000
+/// records).
+const STAGE_DONE: &str = "r.run_id = $1 \
+    AND (SELECT 1 FROM record_items x WHERE x.run_id = r.run_id AND x.line = r.line AND x.stage = $2 LIMIT 1) IS NOT NULL \
+    AND (SELECT 1 FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
+      WHERE x.run_id = r.run_id AND x.line = r.line AND x.stage = $2 \
+      AND (x.error IS NOT NULL OR (x.item_id IS NOT NULL AND i.state <> 'succeeded')) LIMIT 1) IS NULL";
+
+/// Ids of the run's records whose every link at `stage` succeeded or is a skip.
 pub(super) async fn stage_done_records(
     store: &SqlStore,
     run_id: &str,
@@ -266,16 +385,27 @@ pub(super) async fn stage_done_records(
     let rows: Vec<(String,)> = store
         .db
         .all(
-            q("SELECT r.record_id FROM records r WHERE r.run_id = $1 \
-               AND (SELECT 1 FROM record_items x WHERE x.run_id = r.run_id AND x.line = r.line AND x.stage = $2 LIMIT 1) IS NOT NULL \
-               AND (SELECT 1 FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
-                 WHERE x.run_id = r.run_id AND x.line = r.line AND x.stage = $2 \
-                 AND (x.error IS NOT NULL OR (x.item_id IS NOT NULL AND i.state <> 'succeeded')) LIMIT 1) IS NULL")
+            q(format!(
+                "SELECT r.record_id FROM records r WHERE {STAGE_DONE}"
+            ))
             .bind(run_id)
             .bind(stage),
         )
         .await?;
     Ok(rows.into_iter().map(|(id,)| id).collect())
+}
+
+/// How many of the run's records are done at `stage` (as [`stage_done_records`] judges).
+pub(super) async fn stage_done_count(store: &SqlStore, run_id: &str, stage: &str) -> Result<u64> {
+    let n: i64 = store
+        .db
+        .scalar(
+            q(format!("SELECT COUNT(*) FROM records r WHERE {STAGE_DONE}"))
+                .bind(run_id)
+                .bind(stage),
+        )
+        .await?;
+    Ok(count(n))
 }
 
 /// The run's links at `stage` and its distinct items there (prompt tokens, how many succeeded).
@@ -360,33 +490,35 @@ pub(super) async fn run_record_ids(
         .await
 }
 
-/// The links at `needs` of the run's records from `first` to `last` (lines), with their
-/// items' states and results: what rendering a later stage reads. What each item cost and
-/// how many records share it are not (0): every process advancing after every batch would
-/// pay for those figures, which only the results file and the reports need.
+/// The links at `needs` of the run's records at `lines` (ascending), with their items' states
+/// and results: what rendering a later stage reads. What each item cost and how many records
+/// share it are not (0): every process advancing after every batch would pay for those
+/// figures, which only the results file and the reports need.
 async fn needed_links(
     store: &SqlStore,
     run_id: &str,
-    first: i64,
-    last: i64,
+    lines: &[i64],
     needs: &[String],
 ) -> Result<Vec<LinkRow>> {
-    if needs.is_empty() {
+    if needs.is_empty() || lines.is_empty() {
         return Ok(Vec::new());
     }
-    let stages: Vec<String> = (0..needs.len()).map(|k| format!("${}", k + 4)).collect();
     let sql = format!(
         "SELECT x.line, x.stage, x.chunk, x.item_id, i.state, i.attempts, ir.result, i.last_error, x.error, \
            CAST(0 AS BIGINT) AS cost_pico, CAST(0 AS BIGINT) AS sharers \
          FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
          LEFT JOIN item_results ir ON ir.item_id = x.item_id \
-         WHERE x.run_id = $1 AND x.line BETWEEN $2 AND $3 AND x.stage IN ({}) \
+         WHERE x.run_id = ? AND x.stage IN ({}) AND x.line IN ({}) \
          ORDER BY x.line, x.stage, x.chunk",
-        stages.join(", ")
+        params(needs.len()),
+        params(lines.len())
     );
-    let mut query = q(sql).bind(run_id).bind(first).bind(last);
+    let mut query = q(sql).bind(run_id);
     for s in needs {
         query = query.bind(s.as_str());
+    }
+    for &line in lines {
+        query = query.bind(line);
     }
     store.db.all(query).await
 }
@@ -518,12 +650,9 @@ async fn still_decided<'a>(tx: &mut Tx, links: &'a [NewLinks]) -> Result<Vec<&'a
     };
     let mut stale: HashSet<i64> = HashSet::new();
     for chunk in parents.chunks(ROWS_PER_STATEMENT) {
-        let placeholders = (1..=chunk.len())
-            .map(|i| format!("${i}"))
-            .collect::<Vec<_>>()
-            .join(", ");
         let mut query = q(format!(
-            "SELECT id, state FROM items WHERE id IN ({placeholders}){filter} ORDER BY id{lock}"
+            "SELECT id, state FROM items WHERE id IN ({}){filter} ORDER BY id{lock}",
+            params(chunk.len())
         ));
         for id in chunk {
             query = query.bind(*id);
