@@ -199,16 +199,20 @@ pub(super) async fn ready_records_at(
     if ready.is_empty() {
         return Ok(Vec::new());
     }
+    let ready_lines: Vec<i64> = ready.iter().map(|(line, _)| *line).collect();
     let sql = format!(
         "SELECT line, record_id, COALESCE(data, '{{}}') FROM records \
-         WHERE run_id = ? AND line IN ({}) ORDER BY line",
-        params(ready.len())
+         WHERE run_id = ? AND line BETWEEN ? AND ? AND {} ORDER BY line",
+        among(store.engine(), "line", ready_lines.len())
     );
-    let mut query = q(sql).bind(run_id);
-    for (line, _) in &ready {
-        query = query.bind(*line);
-    }
-    let rows: Vec<(i64, String, String)> = store.db.all(query).await?;
+    let query = q(sql)
+        .bind(run_id)
+        .bind(ready_lines[0])
+        .bind(ready_lines[ready_lines.len() - 1]);
+    let rows: Vec<(i64, String, String)> = store
+        .db
+        .all(bind_among(query, store.engine(), &ready_lines))
+        .await?;
     let mut inputs = ready.into_iter();
     let mut out = Vec::with_capacity(rows.len());
     for (line, record_id, data) in rows {
@@ -256,6 +260,24 @@ fn params(n: usize) -> String {
         s.push('?');
     }
     s
+}
+
+/// `column` is one of `n` values ([`bind_among`] binds them): on SQLite a list of
+/// anonymous parameters, on PostgreSQL one array (a list of hundreds is slower to plan and
+/// to run there).
+fn among(engine: Engine, column: &str, n: usize) -> String {
+    match engine {
+        Engine::Sqlite => format!("{column} IN ({})", params(n)),
+        Engine::Postgres => format!("{column} = ANY(?)"),
+    }
+}
+
+/// Binds the values of an [`among`].
+fn bind_among<'a>(query: Query<'a>, engine: Engine, values: &'a [i64]) -> Query<'a> {
+    match engine {
+        Engine::Sqlite => values.iter().fold(query, |q, v| q.bind(*v)),
+        Engine::Postgres => query.bind(values),
+    }
 }
 
 /// Ready records (line, id, fields, in line order) with their links at `needs`.
@@ -491,7 +513,10 @@ pub(super) async fn run_record_ids(
 }
 
 /// The links at `needs` of the run's records at `lines` (ascending), with their items' states
-/// and results: what rendering a later stage reads. What each item cost and how many records
+/// and results: what rendering a later stage reads. The range of the lines is given too:
+/// PostgreSQL without statistics (a first night) takes a list of hundreds of lines for a
+/// large share of the run and joins every item and result to it (a quarter of a second a
+/// page at 30,000 records); a range tells it the page is small. What each item cost and how many records
 /// share it are not (0): every process advancing after every batch would pay for those
 /// figures, which only the results file and the reports need.
 async fn needed_links(
@@ -508,19 +533,19 @@ async fn needed_links(
            CAST(0 AS BIGINT) AS cost_pico, CAST(0 AS BIGINT) AS sharers \
          FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
          LEFT JOIN item_results ir ON ir.item_id = x.item_id \
-         WHERE x.run_id = ? AND x.stage IN ({}) AND x.line IN ({}) \
+         WHERE x.run_id = ? AND x.line BETWEEN ? AND ? AND x.stage IN ({}) AND {} \
          ORDER BY x.line, x.stage, x.chunk",
         params(needs.len()),
-        params(lines.len())
+        among(store.engine(), "x.line", lines.len())
     );
-    let mut query = q(sql).bind(run_id);
+    let mut query = q(sql)
+        .bind(run_id)
+        .bind(lines[0])
+        .bind(lines[lines.len() - 1]);
     for s in needs {
         query = query.bind(s.as_str());
     }
-    for &line in lines {
-        query = query.bind(line);
-    }
-    store.db.all(query).await
+    store.db.all(bind_among(query, store.engine(), lines)).await
 }
 
 /// Every link of the run's records from `first` to `last` (lines), with its item's state,
@@ -650,14 +675,11 @@ async fn still_decided<'a>(tx: &mut Tx, links: &'a [NewLinks]) -> Result<Vec<&'a
     };
     let mut stale: HashSet<i64> = HashSet::new();
     for chunk in parents.chunks(ROWS_PER_STATEMENT) {
-        let mut query = q(format!(
-            "SELECT id, state FROM items WHERE id IN ({}){filter} ORDER BY id{lock}",
-            params(chunk.len())
+        let query = q(format!(
+            "SELECT id, state FROM items WHERE {}{filter} ORDER BY id{lock}",
+            among(tx.engine(), "id", chunk.len())
         ));
-        for id in chunk {
-            query = query.bind(*id);
-        }
-        let states: Vec<(i64, ItemState)> = tx.all(query).await?;
+        let states: Vec<(i64, ItemState)> = tx.all(bind_among(query, tx.engine(), chunk)).await?;
         stale.extend(
             states
                 .into_iter()
