@@ -950,24 +950,9 @@ async fn main_succeeded(s: &SqlStore) {
 
 /// What advancing the record to stage `review` stores: one item, the `main` item its parent.
 async fn review_link(s: &SqlStore) -> nightshift::store::NewLinks {
-    use nightshift::request::PreparedItem;
-    use nightshift::store::{NewLinks, StageLink};
-    let shape = RequestShape::new("{\"m\":".into(), "}".into());
     let (parent,): (i64,) =
         crate::common::one(s, "SELECT id FROM items WHERE stage = 'main'").await;
-    let user = "\"review r0\"".to_string();
-    NewLinks {
-        line: 1,
-        link: StageLink::Items {
-            items: vec![PreparedItem {
-                key: shape.key(&user),
-                input_tokens: 5,
-                body_bytes: shape.body_len(&user),
-                user_json: user,
-            }],
-        },
-        parents: vec![parent],
-    }
+    review_link_at(1, parent)
 }
 
 /// The run ends only when `settled` says so: with an item waiting, a record ready for its
