@@ -516,9 +516,9 @@ pub(super) async fn run_record_ids(
 /// and results: what rendering a later stage reads. The range of the lines is given too:
 /// PostgreSQL without statistics (a first night) takes a list of hundreds of lines for a
 /// large share of the run and joins every item and result to it (a quarter of a second a
-/// page at 30,000 records); a range tells it the page is small. What each item cost and how many records
-/// share it are not (0): every process advancing after every batch would pay for those
-/// figures, which only the results file and the reports need.
+/// page at 30,000 records); a range tells it the page is small. What each item cost and
+/// how many records share it are not (0): every process advancing after every batch would
+/// pay for those figures, which only the results file and the reports need.
 async fn needed_links(
     store: &SqlStore,
     run_id: &str,
