@@ -153,7 +153,7 @@ pub(super) async fn apply_file<S: Store, P: BatchProvider>(
     runner: &mut Runner<'_, S, P>,
     b: &BatchRow,
     path: &Path,
-    seen: &mut HashSet<String>,
+    seen: &mut HashSet<i64>,
 ) -> Result<ApplyStats, RunError> {
     let ctx = runner.ctx;
     let store = ctx.store;
@@ -161,12 +161,11 @@ pub(super) async fn apply_file<S: Store, P: BatchProvider>(
         path: path.to_path_buf(),
         source,
     };
-    let attempts: HashMap<String, AttemptRef> = store
-        .batch_attempts(&b.id)
-        .await?
-        .into_iter()
-        .map(|a| (a.custom_id.clone(), a))
-        .collect();
+    // Up to a batch's size (50,000 at OpenAI) of each: the map borrows its keys from the
+    // list, and `seen` holds attempt ids, not custom id strings (~10 MB less at that size).
+    let list = store.batch_attempts(&b.id).await?;
+    let attempts: HashMap<&str, &AttemptRef> =
+        list.iter().map(|a| (a.custom_id.as_str(), a)).collect();
     let stage = runner.stage_run(&b.stage)?;
     let rates = *stage.rates(b.pricing_mode());
     let standard = *stage.rates(PricingMode::Standard);
@@ -232,8 +231,8 @@ pub(super) async fn apply_file<S: Store, P: BatchProvider>(
                             None,
                             format!("{}:{line_no}: custom_id is not one of ours", path.display()),
                         ))
-                    } else if let Some(att) = attempts.get(&custom_id) {
-                        if seen.insert(custom_id.clone()) {
+                    } else if let Some(&att) = attempts.get(custom_id.as_str()) {
+                        if seen.insert(att.id) {
                             Ok(judge_line(
                                 &stage.validator,
                                 &rates,
