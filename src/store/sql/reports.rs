@@ -42,11 +42,14 @@ pub(super) async fn run_figures(store: &SqlStore, run_id: &str) -> Result<RunFig
     let links = if staged { "record_items" } else { "records" };
     let mut f = RunFigures::default();
     // Each item's state, and whether it was already done before this run started
-    // (succeeded in an attempt completed earlier): one pass over the run's items.
+    // (succeeded in an attempt completed earlier): one pass over the run's items. An item
+    // this run created has no attempt from before it, so its attempts are not looked at: on
+    // a first night or a backfill, none are.
     let states: Vec<(ItemState, i64, i64)> = db
         .all(
             q(format!(
-                "SELECT i.state, COUNT(*), COALESCE(SUM(CASE WHEN i.state = 'succeeded' AND EXISTS \
+                "SELECT i.state, COUNT(*), COALESCE(SUM(CASE WHEN i.state = 'succeeded' \
+                   AND i.first_run_id <> $1 AND EXISTS \
                    (SELECT 1 FROM attempts a WHERE a.item_id = i.id AND a.state = 'succeeded' \
                     AND a.completed_at < $2) THEN 1 ELSE 0 END), 0) \
                  FROM items i \
