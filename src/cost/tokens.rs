@@ -117,15 +117,27 @@ impl Vocab {
         }
     }
 
-    /// Tokens in one piece of the split. A piece that is not one token is merged once per
-    /// thread and remembered (words recur: a few thousand make most of a job's text).
-    fn piece(&self, piece: &[u8]) -> u64 {
+    /// Tokens in one piece of the split. Short pieces are looked up first among the ones
+    /// this thread counted last (`recent`); a piece that is not one token is merged once
+    /// per thread and remembered (words recur: a few thousand make most of a job's text).
+    fn piece(&self, recent: &mut Recent, piece: &[u8]) -> u64 {
+        let hash = Ranks::hash(piece);
+        if let Some(n) = recent.get(hash, piece) {
+            return u64::from(n);
+        }
+        let n = self.piece_uncached(hash, piece);
+        recent.put(hash, piece, n);
+        n
+    }
+
+    /// [`Vocab::piece`] without the table of recent pieces; `hash` is the piece's.
+    fn piece_uncached(&self, hash: u64, piece: &[u8]) -> u64 {
         /// Pieces remembered per thread before the memory starts afresh.
         const MEMO: usize = 1 << 16;
         thread_local! {
             static MERGED: RefCell<[FxHashMap<Box<[u8]>, u32>; 2]> = RefCell::default();
         }
-        if self.ranks.get(piece).is_some() {
+        if self.ranks.get_hashed(hash, piece).is_some() {
             return 1;
         }
         MERGED.with(|m| {
@@ -143,6 +155,17 @@ impl Vocab {
     }
 
     fn count(&self, encoding: Encoding, text: &str) -> u64 {
+        thread_local! {
+            static RECENT: RefCell<[Option<Box<Recent>>; 2]> = const { RefCell::new([None, None]) };
+        }
+        RECENT.with(|r| {
+            let mut r = r.borrow_mut();
+            let recent = r[encoding as usize].get_or_insert_with(Recent::new);
+            self.count_with(encoding, recent, text)
+        })
+    }
+
+    fn count_with(&self, encoding: Encoding, recent: &mut Recent, text: &str) -> u64 {
         let s = text.as_bytes();
         let mut n = 0u64;
         let mut at = 0;
@@ -152,7 +175,7 @@ impl Vocab {
             if encoding == Encoding::O200k && s[at].is_ascii() {
                 let (end, seen) = o200k_ascii_piece(s, at);
                 if s[at..seen.min(s.len())].is_ascii() {
-                    n += self.piece(&s[at..end]);
+                    n += self.piece(recent, &s[at..end]);
                     at = end;
                     continue;
                 }
@@ -163,7 +186,7 @@ impl Vocab {
                 // reference tokenizer counts the rest.
                 return n + tiktoken(encoding).encode_ordinary(rest).len() as u64;
             };
-            n += self.piece(&rest.as_bytes()[..end]);
+            n += self.piece(recent, &rest.as_bytes()[..end]);
             at += end;
         }
         n
@@ -187,6 +210,82 @@ impl Vocab {
             (end > 0).then_some(end)
         })
     }
+}
+
+/// The longest piece [`Recent`] keeps.
+const RECENT_LEN: usize = 22;
+
+/// The token counts of the short pieces a thread counted last, one per slot of a small table
+/// indexed by the piece's hash (96 KB, which stays in the processor's cache where the rank
+/// table, 3 MB, does not). A slot holds the piece's bytes and is used only on an exact match,
+/// so a count never comes from another piece; a newer piece takes the slot of an older one.
+/// Text repeats its words, so most pieces are found here.
+struct Recent {
+    slots: Box<[RecentSlot]>,
+}
+
+#[derive(Clone, Copy)]
+struct RecentSlot {
+    /// 0: empty (no piece is empty).
+    len: u8,
+    count: u8,
+    bytes: [u8; RECENT_LEN],
+}
+
+impl Recent {
+    const BITS: u32 = 12;
+
+    fn new() -> Box<Recent> {
+        let empty = RecentSlot {
+            len: 0,
+            count: 0,
+            bytes: [0; RECENT_LEN],
+        };
+        Box::new(Recent {
+            slots: vec![empty; 1 << Self::BITS].into_boxed_slice(),
+        })
+    }
+
+    fn slot(hash: u64) -> usize {
+        // The hash's high bits, mixed: FxHash's low bits vary little across short pieces.
+        (hash.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - Self::BITS)) as usize
+    }
+
+    fn get(&self, hash: u64, piece: &[u8]) -> Option<u8> {
+        let s = &self.slots[Self::slot(hash)];
+        (usize::from(s.len) == piece.len() && same_start(&s.bytes, piece)).then_some(s.count)
+    }
+
+    /// Remembers `piece` (at most [`RECENT_LEN`] bytes, so at most that many tokens).
+    fn put(&mut self, hash: u64, piece: &[u8], count: u64) {
+        if piece.len() > RECENT_LEN {
+            return;
+        }
+        let (Ok(len), Ok(count)) = (u8::try_from(piece.len()), u8::try_from(count)) else {
+            return;
+        };
+        let s = &mut self.slots[Self::slot(hash)];
+        s.len = len;
+        s.count = count;
+        s.bytes[..piece.len()].copy_from_slice(piece);
+    }
+}
+
+/// Whether `bytes` starts with `piece` (at most as long): eight bytes at a time, in line
+/// rather than a library call for every piece.
+fn same_start(bytes: &[u8; RECENT_LEN], piece: &[u8]) -> bool {
+    let word = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("eight bytes"));
+    let mut i = 0;
+    while i + 8 <= piece.len() {
+        if word(&bytes[i..i + 8]) != word(&piece[i..i + 8]) {
+            return false;
+        }
+        i += 8;
+    }
+    bytes[i..piece.len()]
+        .iter()
+        .zip(&piece[i..])
+        .all(|(a, b)| a == b)
 }
 
 /// Every token's bytes in one buffer, in rank order, and a hash table of ranks that finds
@@ -236,9 +335,12 @@ impl Ranks {
     }
 
     fn get(&self, piece: &[u8]) -> Option<u32> {
-        self.table
-            .find(Self::hash(piece), |&r| self.token(r) == piece)
-            .copied()
+        self.get_hashed(Self::hash(piece), piece)
+    }
+
+    /// [`Ranks::get`] with the piece's hash already taken.
+    fn get_hashed(&self, hash: u64, piece: &[u8]) -> Option<u32> {
+        self.table.find(hash, |&r| self.token(r) == piece).copied()
     }
 
     /// Tokens in `piece` (at least two bytes long) after byte-pair merging: tiktoken's
@@ -632,6 +734,23 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_recent_piece_is_found_only_by_its_own_bytes() {
+        let mut r = Recent::new();
+        r.put(7, b"hello", 1);
+        assert_eq!(r.get(7, b"hello"), Some(1));
+        // Same slot, other bytes or another length: not found, never another piece's count.
+        assert_eq!(r.get(7, b"hellp"), None);
+        assert_eq!(r.get(7, b"hell"), None);
+        r.put(7, b" world", 2);
+        assert_eq!(r.get(7, b"hello"), None);
+        assert_eq!(r.get(7, b" world"), Some(2));
+        // Longer than a slot holds: not kept.
+        let long = [b'a'; RECENT_LEN + 1];
+        r.put(9, &long, 3);
+        assert_eq!(r.get(9, &long), None);
     }
 
     #[test]
