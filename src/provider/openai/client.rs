@@ -619,8 +619,8 @@ mod tests {
             })
             .unwrap();
         assert!(
-            shape.prefix.contains("\"model\":\"my-batch-deployment\"")
-                || shape.suffix.contains("\"model\":\"my-batch-deployment\"")
+            shape.prefix().contains("\"model\":\"my-batch-deployment\"")
+                || shape.suffix().contains("\"model\":\"my-batch-deployment\"")
         );
         let req = c.get_req("/batches").build().unwrap();
         assert_eq!(

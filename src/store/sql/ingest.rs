@@ -215,8 +215,8 @@ pub(super) async fn ensure_shape(store: &SqlStore, shape: &RequestShape) -> Resu
     tx.execute(
         q("INSERT INTO shapes (sha256, prefix, suffix) VALUES ($1, $2, $3) ON CONFLICT (sha256) DO NOTHING")
             .bind(&shape.sha256[..])
-            .bind(&shape.prefix)
-            .bind(&shape.suffix),
+            .bind(shape.prefix())
+            .bind(shape.suffix()),
     )
     .await?;
     let id: i64 = tx
