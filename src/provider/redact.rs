@@ -21,7 +21,7 @@ use std::ops::Range;
 use std::sync::LazyLock;
 
 use aho_corasick::AhoCorasick;
-use regex::Regex;
+use regex::{Regex, RegexSet};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::{LineOutcome, ProviderError, RemoteBatch, ResultLine};
@@ -69,6 +69,13 @@ static SHAPES: LazyLock<Vec<(Regex, &'static str)>> = LazyLock::new(|| {
             MASK,
         ),
     ]
+});
+
+/// The patterns of [`SHAPES`] as one set: most texts (a model name, `stop`: two on every
+/// result line) match none, and one pass over the text says so where five searches did.
+/// A text any of them matches goes through all five in order, as before.
+static ANY_SHAPE: LazyLock<RegexSet> = LazyLock::new(|| {
+    RegexSet::new(SHAPES.iter().map(|(re, _)| re.as_str())).expect("valid patterns")
 });
 
 /// Masks the client's key and credential shapes in provider-originated text.
@@ -150,6 +157,9 @@ impl Redactor {
     /// `s` with the key, its pieces and every credential shape masked.
     pub fn scrub<'a>(&self, s: &'a str) -> Cow<'a, str> {
         let mut text = self.scrub_key(s);
+        if !ANY_SHAPE.is_match(&text) {
+            return text;
+        }
         for (re, with) in SHAPES.iter() {
             let replaced = match re.replace_all(&text, *with) {
                 Cow::Owned(o) => Some(o),
