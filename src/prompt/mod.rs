@@ -32,6 +32,8 @@ use minijinja::value::{
 use minijinja::{AutoEscape, Environment, Error as JError, ErrorKind, State, UndefinedBehavior};
 use serde_json::Value;
 
+use crate::util::text::compact_json;
+
 mod compat;
 #[cfg(test)]
 mod tests;
@@ -230,13 +232,6 @@ fn format_value(out: &mut minijinja::Output, _: &mut State, v: &JValue) -> Resul
             format!("a {} cannot be inserted into the prompt", v.kind()),
         )),
     }
-}
-
-/// A value as compact JSON, the text `Display` gives, written straight into a buffer
-/// (`Display` goes through the formatter a piece at a time: 2 % of a run's CPU for a
-/// prompt that inserts an object).
-fn compact_json(v: &Value) -> String {
-    serde_json::to_string(v).expect("a JSON value always serializes")
 }
 
 /// `path[1..]` below `root`, by object key only (as the first engine: no list indexes).

@@ -1,6 +1,13 @@
 //! Text for people and logs: thousands separators, plurals, durations, bounded previews of
 //! untrusted text, and escaping of control characters before text from a source file or a
-//! provider reaches a terminal.
+//! provider reaches a terminal; and a JSON value's compact text.
+
+/// A JSON value as compact JSON: the text its `Display` gives, written by serde_json straight
+/// into the string (`Display` goes through the formatter a piece at a time, a cost that showed
+/// on every record: a prompt's inserted object, a stored record, an answer).
+pub fn compact_json(v: &serde_json::Value) -> String {
+    serde_json::to_string(v).expect("a JSON value always serializes")
+}
 
 /// `1234567` → `1,234,567`.
 pub fn n(v: u64) -> String {

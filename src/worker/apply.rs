@@ -61,7 +61,7 @@ pub fn judge_line(
             out.error = verdict.detail();
             if let Verdict::Valid(v) = verdict {
                 out.succeeded = true;
-                out.result = Some(v.to_string());
+                out.result = Some(crate::util::text::compact_json(&v));
             } else if out.error.is_none() {
                 out.error = Some(match verdict {
                     Verdict::Truncated => "the answer was cut off at max_output_tokens".into(),

@@ -10,6 +10,7 @@ use crate::provider::BatchProvider;
 use crate::request::{PreparedRecord, prepare};
 use crate::source::{Quarantined, SourceError, SourceEvent, SourceReader};
 use crate::store::{IngestStats, IngestTarget, IngestTx, Store};
+use crate::util::text::compact_json;
 
 /// Records per store transaction: large, because item keys are random, so every transaction
 /// rewrites (and checkpoints) nearly every page of the dedupe index once the index outgrows
@@ -69,7 +70,7 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
                                 input_tokens: first.input_tokens,
                                 user_json: first.user_json,
                                 body_bytes: first.body_bytes,
-                                data: Some(r.value.to_string()),
+                                data: Some(compact_json(&r.value)),
                                 more: items.collect(),
                             });
                         }
@@ -92,7 +93,7 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
                     ) {
                         Ok(mut prepared) => {
                             if keep_fields {
-                                prepared.data = Some(r.value.to_string());
+                                prepared.data = Some(compact_json(&r.value));
                             }
                             chunk.records.push(prepared)
                         }

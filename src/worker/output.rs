@@ -92,7 +92,7 @@ impl Answers {
             Answers::Spread(l) => l.cells(answer, out),
             Answers::Whole => out.push(match answer {
                 None | Some(Value::Null) => Cell::Null,
-                Some(v) => Cell::Json(v.to_string()),
+                Some(v) => Cell::Json(crate::util::text::compact_json(v)),
             }),
         }
     }
