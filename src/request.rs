@@ -21,8 +21,8 @@ pub struct RequestShape {
     /// sha256 of the shape itself (prefix, a separator, suffix), to store it once.
     pub sha256: [u8; 32],
     /// The dedupe key's hash with the prefix already in it: the prefix (the model, the
-    /// system prompt) is most of every request body, and hashing it once per record was
-    /// a fifth of the keys' cost.
+    /// system prompt, often a large part of every request body) is hashed once, not for
+    /// every record.
     after_prefix: PrefixHash,
 }
 

@@ -216,8 +216,8 @@ impl Vocab {
 const RECENT_LEN: usize = 22;
 
 /// The token counts of the short pieces a thread counted last, one per slot of a small table
-/// indexed by the piece's hash (96 KB, which stays in the processor's cache where the rank
-/// table, 3 MB, does not). A slot holds the piece's bytes and is used only on an exact match,
+/// indexed by the piece's hash (96 KB: small enough to stay in the processor's caches, where
+/// the 3 MB rank table does not). A slot holds the piece's bytes and is used only on an exact match,
 /// so a count never comes from another piece; a newer piece takes the slot of an older one.
 /// Text repeats its words, so most pieces are found here.
 struct Recent {
