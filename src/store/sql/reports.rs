@@ -30,6 +30,25 @@ pub(super) async fn run_records(
 const SUCCEEDED_IN_RUN: &str =
     "a.state = 'succeeded' AND (SELECT b.run_id FROM batches b WHERE b.id = a.batch_id) = $1";
 
+/// The condition on the item `item` (a column) of having succeeded in a batch of run `$1`.
+///
+/// SQLite reads the items that succeeded in the run's batches once (the run's batches, their
+/// attempts) and tests each item against that set: a lookup of its attempts per record, and
+/// of each attempt's batch, was 1.4 of the 1.6 CPU seconds of the figures' pass over a
+/// million records (0.8 s this way, same counts). PostgreSQL keeps the lookup per item
+/// ([`SUCCEEDED_IN_RUN`]): without statistics it cannot be trusted to hash the set.
+fn succeeded_in_run(engine: Engine, item: &str) -> String {
+    match engine {
+        Engine::Sqlite => format!(
+            "{item} IN (SELECT a.item_id FROM attempts a WHERE a.state = 'succeeded' \
+             AND a.batch_id IN (SELECT id FROM batches WHERE run_id = $1))"
+        ),
+        Engine::Postgres => format!(
+            "EXISTS (SELECT 1 FROM attempts a WHERE a.item_id = {item} AND {SUCCEEDED_IN_RUN})"
+        ),
+    }
+}
+
 pub(super) async fn run_figures(store: &SqlStore, run_id: &str) -> Result<RunFigures> {
     let db = &store.db;
     let (started, stage_list): (i64, String) = db
@@ -78,16 +97,16 @@ pub(super) async fn run_figures(store: &SqlStore, run_id: &str) -> Result<RunFig
     } else {
         // One pass over the run's records: how many, how many done, and how many processed
         // by this run (the item's successful attempt is in one of its batches). See
-        // [`SUCCEEDED_IN_RUN`] for the form of the last.
+        // [`succeeded_in_run`] for the form of the last.
         let (valid, done, processed): (i64, i64, i64) = db
             .one(
                 q(format!(
                     "SELECT COUNT(*), \
                    COALESCE(SUM(CASE WHEN i.state = 'succeeded' THEN 1 ELSE 0 END), 0), \
-                   COALESCE(SUM(CASE WHEN i.state = 'succeeded' AND EXISTS \
-                     (SELECT 1 FROM attempts a WHERE a.item_id = i.id AND {SUCCEEDED_IN_RUN}) \
+                   COALESCE(SUM(CASE WHEN i.state = 'succeeded' AND {} \
                      THEN 1 ELSE 0 END), 0) \
-                   FROM records r LEFT JOIN items i ON i.id = r.item_id WHERE r.run_id = $1"
+                   FROM records r LEFT JOIN items i ON i.id = r.item_id WHERE r.run_id = $1",
+                    succeeded_in_run(store.engine(), "i.id")
                 ))
                 .bind(run_id),
             )
@@ -375,10 +394,10 @@ async fn staged_records(
                    SUM(CASE WHEN x.error IS NOT NULL OR (x.item_id IS NOT NULL AND i.state <> 'succeeded') \
                        THEN 1 ELSE 0 END) AS open, \
                    SUM(CASE WHEN x.error IS NOT NULL OR i.state = 'exhausted' THEN 1 ELSE 0 END) AS failed, \
-                   SUM(CASE WHEN i.state = 'succeeded' AND EXISTS (SELECT 1 FROM attempts a \
-                       WHERE a.item_id = x.item_id AND {SUCCEEDED_IN_RUN}) THEN 1 ELSE 0 END) AS here \
+                   SUM(CASE WHEN i.state = 'succeeded' AND {} THEN 1 ELSE 0 END) AS here \
                  FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
-                 WHERE x.run_id = $1 GROUP BY x.line) AS g"))
+                 WHERE x.run_id = $1 GROUP BY x.line) AS g",
+                succeeded_in_run(store.engine(), "x.item_id")))
             .bind(run_id)
             .bind(stages as i64),
         )
