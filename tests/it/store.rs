@@ -61,6 +61,7 @@ conformance!(
     only_ingested_batches_are_left_to_clean_and_each_deletion_counts_once,
     a_pipeline_is_settled_only_when_no_work_is_left_in_any_state,
     a_batch_names_the_records_its_results_may_move_on,
+    a_page_of_records_keeps_free_text_as_stored,
 );
 
 fn planned(o: PlanOutcome) -> Option<BatchRow> {
@@ -1314,4 +1315,52 @@ async fn only_ingested_batches_are_left_to_clean_and_each_deletion_counts_once(d
     s.mark_cleaned(&b.id).await.unwrap();
     s.mark_cleaned(&b.id).await.unwrap();
     assert!(s.cleanup_candidates("p", far).await.unwrap().is_empty());
+}
+
+/// What the results file reads of each record comes back as stored: record ids and errors
+/// are free text (control characters, other scripts), an answer is the stored JSON, and a
+/// missing answer or error stays missing (not an empty text).
+async fn a_page_of_records_keeps_free_text_as_stored(db: &TestDb) {
+    let s = &db.store;
+    s.create_run(&new_run("run1")).await.unwrap();
+    let shape = RequestShape::new("{\"m\":".into(), "}".into());
+    let mut recs = records(&shape, 3, 3, 10);
+    let ids = ["a\u{1e}b\u{1f}c", "ünïcødé ✓ 商品", "x\ny"];
+    for (r, id) in recs.iter_mut().zip(ids) {
+        r.record_id = id.to_string();
+    }
+    ingest(s, "run1", &recs).await;
+    let b = planned(s.plan_batch(&plan("run1", "w1")).await.unwrap()).unwrap();
+    let attempts = s.batch_attempts(&b.id).await.unwrap();
+    let mut outcomes = outcomes_for(&attempts, |i| i == 0);
+    let answer = r#"{"t":"\u001e\u001f ✓"}"#;
+    outcomes[0].result = Some(answer.to_string());
+    outcomes[1].error = Some("bad \u{1f} line\u{1e} ✗".to_string());
+    outcomes[2].error = Some(String::new());
+    // One attempt allowed: the two failures are final, with their errors.
+    s.apply_results(&b, &outcomes, 1).await.unwrap();
+    let page = s.run_records("run1", 0, 10).await.unwrap();
+    let by_item = |id: i64| page.iter().find(|r| r.item_id == id).unwrap();
+    let ok = by_item(outcomes[0].item_id);
+    assert_eq!(ok.state, ItemState::Succeeded);
+    assert_eq!(
+        (ok.result.as_deref(), ok.last_error.as_deref()),
+        (Some(answer), None)
+    );
+    let failed = by_item(outcomes[1].item_id);
+    assert_eq!(failed.state, ItemState::Exhausted);
+    assert_eq!(failed.result, None);
+    assert_eq!(
+        failed.last_error.as_deref(),
+        Some("bad \u{1f} line\u{1e} ✗")
+    );
+    assert_eq!(by_item(outcomes[2].item_id).last_error.as_deref(), Some(""));
+    let got: Vec<(i64, &str)> = page
+        .iter()
+        .map(|r| (r.line, r.record_id.as_str()))
+        .collect();
+    assert_eq!(got, vec![(1, ids[0]), (2, ids[1]), (3, ids[2])]);
+    // Paging goes on after the given line.
+    let rest = s.run_records("run1", 1, 10).await.unwrap();
+    assert_eq!(rest.iter().map(|r| r.line).collect::<Vec<_>>(), vec![2, 3]);
 }

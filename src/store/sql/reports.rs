@@ -3,12 +3,63 @@
 
 use super::*;
 
+/// A page of the run's records with their items' outcomes, in line order. On SQLite as one
+/// packed row ([`packed_sql`]): the record id and the error are free text, so they come
+/// hex-encoded; a NULL answer or error is an empty field, any other is prefixed with `v`.
 pub(super) async fn run_records(
     store: &SqlStore,
     run_id: &str,
     after_line: i64,
     limit: u32,
 ) -> Result<Vec<RecordResult>> {
+    if store.engine() == Engine::Sqlite {
+        static PACKED: OnceLock<String> = OnceLock::new();
+        let sql = PACKED.get_or_init(|| {
+            packed_sql(
+                "SELECT r.line AS line, hex(r.record_id) AS rid, r.item_id AS item, \
+                 i.state AS st, i.attempts AS att, COALESCE('v' || ir.result, '') AS res, \
+                 CASE WHEN i.last_error IS NULL THEN '' ELSE 'v' || hex(i.last_error) END AS err \
+                 FROM records r JOIN items i ON i.id = r.item_id \
+                 LEFT JOIN item_results ir ON ir.item_id = r.item_id \
+                 WHERE r.run_id = $1 AND r.line > $2 ORDER BY r.line LIMIT $3",
+                &["line", "rid", "item", "st", "att", "res", "err"],
+                "line",
+            )
+        });
+        let (packed,): (Option<String>,) = store
+            .db
+            .one(
+                q(sql.as_str())
+                    .bind(run_id)
+                    .bind(after_line)
+                    .bind(limit as i64),
+            )
+            .await?;
+        let text = |hexed: &str| -> Result<String> {
+            hex::decode(hexed)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(|| {
+                    StoreError::Invalid(format!("a packed row has {hexed:?} for a text"))
+                })
+        };
+        return unpack::<7>(packed.as_deref())?
+            .into_iter()
+            .map(|[line, rid, item, st, att, res, err]| {
+                Ok(RecordResult {
+                    line: int(line)?,
+                    record_id: text(rid)?,
+                    item_id: int(item)?,
+                    state: st
+                        .parse()
+                        .map_err(|e: UnknownValue| StoreError::Invalid(e.to_string()))?,
+                    attempts: int(att)?,
+                    result: res.strip_prefix('v').map(str::to_string),
+                    last_error: err.strip_prefix('v').map(text).transpose()?,
+                })
+            })
+            .collect();
+    }
     store.db
         .all(
             q("SELECT r.line, r.record_id, r.item_id, i.state, i.attempts, ir.result, i.last_error \
