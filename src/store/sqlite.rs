@@ -1,5 +1,5 @@
-//! Opening the SQLite store: one file, WAL mode, `synchronous = FULL`, foreign keys on, the
-//! migrations under `migrations/sqlite`.
+//! Opening the SQLite store: one file, WAL mode, 16 KB pages, `synchronous = FULL`, foreign
+//! keys on, the migrations under `migrations/sqlite`.
 //!
 //! Switching a file into WAL mode takes an exclusive lock that SQLite does not wait for
 //! (the busy timeout does not apply), so it is done once, on a single connection, retried
@@ -62,6 +62,14 @@ impl SqlStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(BUSY)
+            // 16 KB pages for a new store (a store made with SQLite's default 4 KB keeps
+            // them: in WAL mode the page size of an existing file cannot change, and the
+            // pragma is then ignored). A run writes every record's rows as appends to a
+            // handful of tables, and each page is written twice (WAL, then checkpoint) and
+            // often read back: with pages four times as large, a quarter of the system calls
+            // move the same bytes. A million-record run: about 7 % less CPU (README, "Speed
+            // and memory").
+            .page_size(16_384)
             // 4 MB of page cache: at a million items the dedupe index is far larger than
             // any cache a small machine can spare, and the pages a cache would keep are in
             // the system's file cache anyway.

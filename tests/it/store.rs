@@ -1220,6 +1220,56 @@ async fn a_store_from_before_deferred_keys_keeps_its_rows_and_refuses_dangling_o
     s.close().await;
 }
 
+/// The page size of a store's file, read on a connection of its own.
+async fn page_size(path: &std::path::Path) -> i64 {
+    use sqlx::Connection;
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    let (n,): (i64,) = sqlx::query_as("PRAGMA page_size")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    n
+}
+
+/// A new store is made with 16 KB pages; a store an earlier version made with SQLite's
+/// 4 KB pages (in WAL mode the size of an existing file cannot change) keeps them and runs
+/// its nights as before: the first night's records all processed, the second sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_with_the_earlier_page_size_keeps_it_and_runs_its_nights() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let fresh = dir.path().join("fresh.db");
+    SqlStore::open_sqlite(&fresh).await.unwrap().close().await;
+    assert_eq!(page_size(&fresh).await, 16_384);
+
+    let src = crate::common::write_source(dir.path(), 60, 5, 0);
+    let file = crate::common::write_pipeline(dir.path(), 2, 25, "");
+    let db = dir.path().join("state.db");
+    let mut conn = store_before(&db, i64::MAX).await;
+    sqlx::query("PRAGMA journal_mode = WAL")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    assert_eq!(page_size(&db).await, 4096);
+
+    let sim = crate::common::start_sim(crate::common::quiet_sim()).await;
+    let (first, store) = crate::common::run_against(&sim, &file, &db).await;
+    assert_eq!(first.exit_code, 0);
+    let f = store.run_figures(&first.run_id).await.unwrap();
+    assert_eq!(f.processed_records as usize, src.valid);
+    assert_eq!(f.unique_items as usize, src.unique);
+    store.close().await;
+    let (second, store) = crate::common::run_against(&sim, &file, &db).await;
+    assert_eq!((second.exit_code, second.requests_sent), (0, 0));
+    assert_eq!(store.integrity_check().await.unwrap(), "ok");
+    store.close().await;
+    assert_eq!(page_size(&db).await, 4096);
+}
+
 /// A store a newer nightshift migrated further is refused with what happened and what to do,
 /// and is left as it was.
 #[tokio::test]
