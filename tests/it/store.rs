@@ -62,6 +62,7 @@ conformance!(
     a_pipeline_is_settled_only_when_no_work_is_left_in_any_state,
     a_batch_names_the_records_its_results_may_move_on,
     a_page_of_records_keeps_free_text_as_stored,
+    a_page_of_links_keeps_free_text_as_stored,
 );
 
 fn planned(o: PlanOutcome) -> Option<BatchRow> {
@@ -1413,4 +1414,163 @@ async fn a_page_of_records_keeps_free_text_as_stored(db: &TestDb) {
     // Paging goes on after the given line.
     let rest = s.run_records("run1", 1, 10).await.unwrap();
     assert_eq!(rest.iter().map(|r| r.line).collect::<Vec<_>>(), vec![2, 3]);
+}
+
+/// What the multi-stage results file and a later stage's rendering read of each link comes
+/// back as stored: the stage name, the item's error and the link's own error are free text,
+/// an answer is the stored JSON, a missing item, answer or error stays missing, and each
+/// item's cost is what its attempts cost.
+async fn a_page_of_links_keeps_free_text_as_stored(db: &TestDb) {
+    use nightshift::store::{NewLinks, StageLink};
+    let s = &db.store;
+    s.create_run(&new_run("run1")).await.unwrap();
+    let shape = RequestShape::new("{\"m\":".into(), "}".into());
+    let shape_id = s.ensure_shape(&shape).await.unwrap();
+    let mut recs = records(&shape, 3, 3, 10);
+    for r in &mut recs {
+        r.data = Some(format!("{{\"id\":\"{}\"}}", r.record_id));
+    }
+    s.ingest(&staged_target("main", shape_id), &recs, &[])
+        .await
+        .unwrap();
+    let b = planned(s.plan_batch(&plan("run1", "w1")).await.unwrap()).unwrap();
+    let attempts = s.batch_attempts(&b.id).await.unwrap();
+    let mut outcomes = outcomes_for(&attempts, |i| i == 0);
+    let answer = r#"{"t":"\u001e\u001f ✓"}"#;
+    outcomes[0].result = Some(answer.to_string());
+    outcomes[1].error = Some("bad \u{1f} line\u{1e} ✗".to_string());
+    outcomes[2].error = Some(String::new());
+    s.apply_results(&b, &outcomes, 1).await.unwrap();
+    let item_of = |line: i64| outcomes[line as usize - 1].item_id;
+
+    // A later stage whose name is not plain ASCII: line 1 gets an item, line 2 a failure
+    // with separators in its text, line 3 is skipped.
+    let review = "révision ✓";
+    let why = "template \u{1e}failed\u{1f} ✗";
+    let links = [
+        review_link_at(1, item_of(1)),
+        NewLinks {
+            line: 2,
+            link: StageLink::Failed(why.into()),
+            parents: vec![],
+        },
+        NewLinks {
+            line: 3,
+            link: StageLink::Skipped,
+            parents: vec![],
+        },
+    ];
+    s.add_links(&staged_target(review, shape_id), &links)
+        .await
+        .unwrap();
+
+    type Link = (
+        i64,
+        String,
+        i64,
+        Option<i64>,
+        Option<ItemState>,
+        Option<i64>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        i64,
+        i64,
+    );
+    let page: Vec<Link> = s
+        .links_between("run1", 1, 3, true)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| {
+            (
+                l.line,
+                l.stage,
+                l.chunk,
+                l.item_id,
+                l.state,
+                l.attempts,
+                l.result,
+                l.last_error,
+                l.error,
+                l.cost_pico,
+                l.sharers,
+            )
+        })
+        .collect();
+    let (review_item,): (i64,) = crate::common::one(
+        s,
+        "SELECT item_id FROM record_items WHERE line = 1 AND item_id IS NOT NULL AND stage <> 'main'",
+    )
+    .await;
+    let main = |line: i64, state, result: Option<&str>, error: Option<&str>, cost| {
+        (
+            line,
+            "main".to_string(),
+            0,
+            Some(item_of(line)),
+            Some(state),
+            Some(1),
+            result.map(str::to_string),
+            error.map(str::to_string),
+            None,
+            cost,
+            1,
+        )
+    };
+    let expected: Vec<Link> = vec![
+        main(1, ItemState::Succeeded, Some(answer), None, 1_000),
+        (
+            1,
+            review.into(),
+            0,
+            Some(review_item),
+            Some(ItemState::Pending),
+            Some(0),
+            None,
+            None,
+            None,
+            0,
+            1,
+        ),
+        main(
+            2,
+            ItemState::Exhausted,
+            None,
+            Some("bad \u{1f} line\u{1e} ✗"),
+            1_001,
+        ),
+        (
+            2,
+            review.into(),
+            0,
+            None,
+            None,
+            None,
+            None,
+            None,
+            Some(why.into()),
+            0,
+            0,
+        ),
+        main(3, ItemState::Exhausted, None, Some(""), 1_002),
+        (
+            3,
+            review.into(),
+            0,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            0,
+            0,
+        ),
+    ];
+    assert_eq!(page, expected);
+    // Without the sharers count, the same links with 0 in its place.
+    let quick = s.links_between("run1", 2, 3, false).await.unwrap();
+    assert_eq!(quick.len(), 4);
+    assert!(quick.iter().all(|l| l.sharers == 0 && l.line >= 2));
 }

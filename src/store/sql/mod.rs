@@ -186,6 +186,14 @@ fn unpack<const N: usize>(packed: Option<&str>) -> Result<Vec<[&str; N]>> {
         .collect()
 }
 
+/// A free-text field of a packed row, which the query hex-encoded.
+fn unhex(field: &str) -> Result<String> {
+    hex::decode(field)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| StoreError::Invalid(format!("a packed row has {field:?} for a text")))
+}
+
 /// A field of a packed row as a number.
 fn int(field: &str) -> Result<i64> {
     field

@@ -35,27 +35,19 @@ pub(super) async fn run_records(
                     .bind(limit as i64),
             )
             .await?;
-        let text = |hexed: &str| -> Result<String> {
-            hex::decode(hexed)
-                .ok()
-                .and_then(|b| String::from_utf8(b).ok())
-                .ok_or_else(|| {
-                    StoreError::Invalid(format!("a packed row has {hexed:?} for a text"))
-                })
-        };
         return unpack::<7>(packed.as_deref())?
             .into_iter()
             .map(|[line, rid, item, st, att, res, err]| {
                 Ok(RecordResult {
                     line: int(line)?,
-                    record_id: text(rid)?,
+                    record_id: unhex(rid)?,
                     item_id: int(item)?,
                     state: st
                         .parse()
                         .map_err(|e: UnknownValue| StoreError::Invalid(e.to_string()))?,
                     attempts: int(att)?,
                     result: res.strip_prefix('v').map(str::to_string),
-                    last_error: err.strip_prefix('v').map(text).transpose()?,
+                    last_error: err.strip_prefix('v').map(unhex).transpose()?,
                 })
             })
             .collect();

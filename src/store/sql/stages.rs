@@ -528,16 +528,12 @@ async fn needed_links(
     if needs.is_empty() || lines.is_empty() {
         return Ok(Vec::new());
     }
-    let sql = format!(
-        "SELECT x.line, x.stage, x.chunk, x.item_id, i.state, i.attempts, ir.result, i.last_error, x.error, \
-           CAST(0 AS BIGINT) AS cost_pico, CAST(0 AS BIGINT) AS sharers \
-         FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
-         LEFT JOIN item_results ir ON ir.item_id = x.item_id \
-         WHERE x.run_id = ? AND x.line BETWEEN ? AND ? AND x.stage IN ({}) AND {} \
-         ORDER BY x.line, x.stage, x.chunk",
+    let filter = format!(
+        "x.run_id = ? AND x.line BETWEEN ? AND ? AND x.stage IN ({}) AND {}",
         params(needs.len()),
         among(store.engine(), "x.line", lines.len())
     );
+    let sql = links_sql(store.engine(), "0", "0", &filter);
     let mut query = q(sql)
         .bind(run_id)
         .bind(lines[0])
@@ -545,7 +541,91 @@ async fn needed_links(
     for s in needs {
         query = query.bind(s.as_str());
     }
-    store.db.all(bind_among(query, store.engine(), lines)).await
+    read_links(store, bind_among(query, store.engine(), lines)).await
+}
+
+/// A page of links ([`LinkRow`]): `record_items x` with its item `i` and answer `ir`, where
+/// `filter`, in line, stage and chunk order; `cost` and `sharers` are the SQL of those two
+/// columns. On SQLite as one packed row ([`packed_sql`], read by [`read_links`]): a page
+/// is thousands of links, each a hand-off from the driver's database thread as a row of
+/// its own. The stage name and the errors are free text, so they come hex-encoded; a NULL
+/// is an empty field, any other value of a nullable column is prefixed with `v`.
+fn links_sql(engine: Engine, cost: &str, sharers: &str, filter: &str) -> String {
+    const FROM: &str = "FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
+        LEFT JOIN item_results ir ON ir.item_id = x.item_id";
+    match engine {
+        Engine::Sqlite => packed_sql(
+            &format!(
+                "SELECT x.line AS line, hex(x.stage) AS st, x.chunk AS chunk, \
+                 COALESCE('v' || x.item_id, '') AS item, COALESCE('v' || i.state, '') AS state, \
+                 COALESCE('v' || i.attempts, '') AS att, \
+                 CASE WHEN i.last_error IS NULL THEN '' ELSE 'v' || hex(i.last_error) END AS lerr, \
+                 CASE WHEN x.error IS NULL THEN '' ELSE 'v' || hex(x.error) END AS xerr, \
+                 {cost} AS cost, {sharers} AS sharers, COALESCE('v' || ir.result, '') AS res \
+                 {FROM} WHERE {filter}"
+            ),
+            &[
+                "line", "st", "chunk", "item", "state", "att", "lerr", "xerr", "cost", "sharers",
+                "res",
+            ],
+            "line, t.st, t.chunk",
+        ),
+        Engine::Postgres => format!(
+            "SELECT x.line, x.stage, x.chunk, x.item_id, i.state, i.attempts, ir.result, \
+             i.last_error, x.error, CAST({cost} AS BIGINT) AS cost_pico, \
+             CAST({sharers} AS BIGINT) AS sharers \
+             {FROM} WHERE {filter} ORDER BY x.line, x.stage, x.chunk"
+        ),
+    }
+}
+
+/// The links a [`links_sql`] query reads.
+async fn read_links(store: &SqlStore, query: Query<'_>) -> Result<Vec<LinkRow>> {
+    if store.engine() == Engine::Postgres {
+        return store.db.all(query).await;
+    }
+    let (packed,): (Option<String>,) = store.db.one(query).await?;
+    fn opt(field: &str) -> Option<&str> {
+        field.strip_prefix('v')
+    }
+    let opt_int = |f: &str| opt(f).map(int).transpose();
+    unpack::<11>(packed.as_deref())?
+        .into_iter()
+        .map(
+            |[
+                line,
+                stage,
+                chunk,
+                item,
+                state,
+                att,
+                lerr,
+                xerr,
+                cost,
+                sharers,
+                res,
+            ]| {
+                Ok(LinkRow {
+                    line: int(line)?,
+                    stage: unhex(stage)?,
+                    chunk: int(chunk)?,
+                    item_id: opt_int(item)?,
+                    state: opt(state)
+                        .map(|s| {
+                            s.parse()
+                                .map_err(|e: UnknownValue| StoreError::Invalid(e.to_string()))
+                        })
+                        .transpose()?,
+                    attempts: opt_int(att)?,
+                    result: opt(res).map(str::to_string),
+                    last_error: opt(lerr).map(unhex).transpose()?,
+                    error: opt(xerr).map(unhex).transpose()?,
+                    cost_pico: int(cost)?,
+                    sharers: int(sharers)?,
+                })
+            },
+        )
+        .collect()
 }
 
 /// Every link of the run's records from `first` to `last` (lines), with its item's state,
@@ -564,27 +644,20 @@ pub(super) async fn links_between(
     sharers: bool,
 ) -> Result<Vec<LinkRow>> {
     let sharers = if sharers {
-        "CAST((SELECT COUNT(*) FILTER (WHERE y.run_id = x.run_id) FROM record_items y \
-           WHERE y.item_id = x.item_id) AS BIGINT)"
+        "(SELECT COUNT(*) FILTER (WHERE y.run_id = x.run_id) FROM record_items y \
+           WHERE y.item_id = x.item_id)"
     } else {
-        "CAST(0 AS BIGINT)"
+        "0"
     };
-    store
-        .db
-        .all(
-            q(format!("SELECT x.line, x.stage, x.chunk, x.item_id, i.state, i.attempts, ir.result, i.last_error, x.error, \
-                 CAST(COALESCE((SELECT SUM(l.cost_pico) FROM ledger l JOIN attempts a ON a.id = l.attempt_id \
-                   WHERE a.item_id = x.item_id), 0) AS BIGINT) AS cost_pico, \
-                 {sharers} AS sharers \
-               FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
-               LEFT JOIN item_results ir ON ir.item_id = x.item_id \
-               WHERE x.run_id = $1 AND x.line BETWEEN $2 AND $3 \
-               ORDER BY x.line, x.stage, x.chunk"))
-            .bind(run_id)
-            .bind(first)
-            .bind(last),
-        )
-        .await
+    let cost = "COALESCE((SELECT SUM(l.cost_pico) FROM ledger l JOIN attempts a ON a.id = l.attempt_id \
+        WHERE a.item_id = x.item_id), 0)";
+    let sql = links_sql(
+        store.engine(),
+        cost,
+        sharers,
+        "x.run_id = $1 AND x.line BETWEEN $2 AND $3",
+    );
+    read_links(store, q(sql).bind(run_id).bind(first).bind(last)).await
 }
 
 /// Stores what a later stage became for each record: its items (new ones `pending`) and
