@@ -784,17 +784,8 @@ async fn a_later_stage_link_decided_from_an_item_sent_again_is_not_stored(db: &T
 /// ready records a pass over the whole run finds.
 async fn a_batch_names_the_records_its_results_may_move_on(db: &TestDb) {
     let s = &db.store;
-    s.create_run(&new_run("run1")).await.unwrap();
-    let shape = RequestShape::new("{\"m\":".into(), "}".into());
-    let shape_id = s.ensure_shape(&shape).await.unwrap();
     // Six records over three requests: lines 1 and 4 share an item, 2 and 5, 3 and 6.
-    let mut recs = records(&shape, 6, 3, 10);
-    for r in &mut recs {
-        r.data = Some(format!("{{\"id\":\"{}\"}}", r.record_id));
-    }
-    s.ingest(&staged_target("main", shape_id), &recs, &[])
-        .await
-        .unwrap();
+    let shape_id = staged_records(s, 6, 3).await;
     let mut req = plan("run1", "w1");
     req.max_requests = 2;
     let batch = planned(s.plan_batch(&req).await.unwrap()).expect("two items are planned");
@@ -925,11 +916,19 @@ fn staged_target(stage: &str, shape_id: i64) -> IngestTarget<'_> {
 /// Run `run1` with one record at stage `main` (its fields kept, its item pending); returns
 /// the shape id.
 async fn one_staged_record(s: &SqlStore) -> i64 {
+    staged_records(s, 1, 1).await
+}
+
+/// Run `run1` with `n` records over `distinct` requests at stage `main` of a two-stage
+/// pipeline (each record's fields kept, its item pending); returns the shape id.
+async fn staged_records(s: &SqlStore, n: usize, distinct: usize) -> i64 {
     s.create_run(&new_run("run1")).await.unwrap();
     let shape = RequestShape::new("{\"m\":".into(), "}".into());
     let shape_id = s.ensure_shape(&shape).await.unwrap();
-    let mut recs = records(&shape, 1, 1, 10);
-    recs[0].data = Some("{\"id\":\"r0\"}".into());
+    let mut recs = records(&shape, n, distinct, 10);
+    for r in &mut recs {
+        r.data = Some(format!("{{\"id\":\"{}\"}}", r.record_id));
+    }
     s.ingest(&staged_target("main", shape_id), &recs, &[])
         .await
         .unwrap();
@@ -1423,16 +1422,7 @@ async fn a_page_of_records_keeps_free_text_as_stored(db: &TestDb) {
 async fn a_page_of_links_keeps_free_text_as_stored(db: &TestDb) {
     use nightshift::store::{NewLinks, StageLink};
     let s = &db.store;
-    s.create_run(&new_run("run1")).await.unwrap();
-    let shape = RequestShape::new("{\"m\":".into(), "}".into());
-    let shape_id = s.ensure_shape(&shape).await.unwrap();
-    let mut recs = records(&shape, 3, 3, 10);
-    for r in &mut recs {
-        r.data = Some(format!("{{\"id\":\"{}\"}}", r.record_id));
-    }
-    s.ingest(&staged_target("main", shape_id), &recs, &[])
-        .await
-        .unwrap();
+    let shape_id = staged_records(s, 3, 3).await;
     let b = planned(s.plan_batch(&plan("run1", "w1")).await.unwrap()).unwrap();
     let attempts = s.batch_attempts(&b.id).await.unwrap();
     let mut outcomes = outcomes_for(&attempts, |i| i == 0);
