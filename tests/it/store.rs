@@ -1367,6 +1367,25 @@ async fn only_ingested_batches_are_left_to_clean_and_each_deletion_counts_once(d
     assert!(s.cleanup_candidates("p", far).await.unwrap().is_empty());
 }
 
+/// An answer with escaped separators, as a model may write one.
+const ANSWER: &str = r#"{"t":"\u001e\u001f ✓"}"#;
+/// An error with the packing separators in its text.
+const SEPARATED_ERROR: &str = "bad \u{1f} line\u{1e} ✗";
+
+/// Plans the three items of run `run1` and applies their results with one attempt allowed:
+/// the first succeeds with [`ANSWER`], the second fails with [`SEPARATED_ERROR`], the third
+/// with an empty error (the two failures are final). Returns the outcomes, in item order.
+async fn answered_three(s: &SqlStore) -> Vec<AttemptOutcome> {
+    let b = planned(s.plan_batch(&plan("run1", "w1")).await.unwrap()).unwrap();
+    let attempts = s.batch_attempts(&b.id).await.unwrap();
+    let mut outcomes = outcomes_for(&attempts, |i| i == 0);
+    outcomes[0].result = Some(ANSWER.to_string());
+    outcomes[1].error = Some(SEPARATED_ERROR.to_string());
+    outcomes[2].error = Some(String::new());
+    s.apply_results(&b, &outcomes, 1).await.unwrap();
+    outcomes
+}
+
 /// What the results file reads of each record comes back as stored: record ids and errors
 /// are free text (control characters, other scripts), an answer is the stored JSON, and a
 /// missing answer or error stays missing (not an empty text).
@@ -1380,30 +1399,19 @@ async fn a_page_of_records_keeps_free_text_as_stored(db: &TestDb) {
         r.record_id = id.to_string();
     }
     ingest(s, "run1", &recs).await;
-    let b = planned(s.plan_batch(&plan("run1", "w1")).await.unwrap()).unwrap();
-    let attempts = s.batch_attempts(&b.id).await.unwrap();
-    let mut outcomes = outcomes_for(&attempts, |i| i == 0);
-    let answer = r#"{"t":"\u001e\u001f ✓"}"#;
-    outcomes[0].result = Some(answer.to_string());
-    outcomes[1].error = Some("bad \u{1f} line\u{1e} ✗".to_string());
-    outcomes[2].error = Some(String::new());
-    // One attempt allowed: the two failures are final, with their errors.
-    s.apply_results(&b, &outcomes, 1).await.unwrap();
+    let outcomes = answered_three(s).await;
     let page = s.run_records("run1", 0, 10).await.unwrap();
     let by_item = |id: i64| page.iter().find(|r| r.item_id == id).unwrap();
     let ok = by_item(outcomes[0].item_id);
     assert_eq!(ok.state, ItemState::Succeeded);
     assert_eq!(
         (ok.result.as_deref(), ok.last_error.as_deref()),
-        (Some(answer), None)
+        (Some(ANSWER), None)
     );
     let failed = by_item(outcomes[1].item_id);
     assert_eq!(failed.state, ItemState::Exhausted);
     assert_eq!(failed.result, None);
-    assert_eq!(
-        failed.last_error.as_deref(),
-        Some("bad \u{1f} line\u{1e} ✗")
-    );
+    assert_eq!(failed.last_error.as_deref(), Some(SEPARATED_ERROR));
     assert_eq!(by_item(outcomes[2].item_id).last_error.as_deref(), Some(""));
     let got: Vec<(i64, &str)> = page
         .iter()
@@ -1423,14 +1431,7 @@ async fn a_page_of_links_keeps_free_text_as_stored(db: &TestDb) {
     use nightshift::store::{NewLinks, StageLink};
     let s = &db.store;
     let shape_id = staged_records(s, 3, 3).await;
-    let b = planned(s.plan_batch(&plan("run1", "w1")).await.unwrap()).unwrap();
-    let attempts = s.batch_attempts(&b.id).await.unwrap();
-    let mut outcomes = outcomes_for(&attempts, |i| i == 0);
-    let answer = r#"{"t":"\u001e\u001f ✓"}"#;
-    outcomes[0].result = Some(answer.to_string());
-    outcomes[1].error = Some("bad \u{1f} line\u{1e} ✗".to_string());
-    outcomes[2].error = Some(String::new());
-    s.apply_results(&b, &outcomes, 1).await.unwrap();
+    let outcomes = answered_three(s).await;
     let item_of = |line: i64| outcomes[line as usize - 1].item_id;
 
     // A later stage whose name is not plain ASCII: line 1 gets an item, line 2 a failure
@@ -1509,7 +1510,7 @@ async fn a_page_of_links_keeps_free_text_as_stored(db: &TestDb) {
         )
     };
     let expected: Vec<Link> = vec![
-        main(1, ItemState::Succeeded, Some(answer), None, 1_000),
+        main(1, ItemState::Succeeded, Some(ANSWER), None, 1_000),
         (
             1,
             review.into(),
@@ -1523,13 +1524,7 @@ async fn a_page_of_links_keeps_free_text_as_stored(db: &TestDb) {
             0,
             1,
         ),
-        main(
-            2,
-            ItemState::Exhausted,
-            None,
-            Some("bad \u{1f} line\u{1e} ✗"),
-            1_001,
-        ),
+        main(2, ItemState::Exhausted, None, Some(SEPARATED_ERROR), 1_001),
         (
             2,
             review.into(),
