@@ -1509,6 +1509,23 @@ async fn a_page_of_links_keeps_free_text_as_stored(db: &TestDb) {
             1,
         )
     };
+    // A link with no item: failed (with why) or skipped.
+    let itemless = |line: i64, why: Option<&str>| -> Link {
+        let error = why.map(str::to_string);
+        (
+            line,
+            review.into(),
+            0,
+            None,
+            None,
+            None,
+            None,
+            None,
+            error,
+            0,
+            0,
+        )
+    };
     let expected: Vec<Link> = vec![
         main(1, ItemState::Succeeded, Some(ANSWER), None, 1_000),
         (
@@ -1525,33 +1542,9 @@ async fn a_page_of_links_keeps_free_text_as_stored(db: &TestDb) {
             1,
         ),
         main(2, ItemState::Exhausted, None, Some(SEPARATED_ERROR), 1_001),
-        (
-            2,
-            review.into(),
-            0,
-            None,
-            None,
-            None,
-            None,
-            None,
-            Some(why.into()),
-            0,
-            0,
-        ),
+        itemless(2, Some(why)),
         main(3, ItemState::Exhausted, None, Some(""), 1_002),
-        (
-            3,
-            review.into(),
-            0,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            0,
-            0,
-        ),
+        itemless(3, None),
     ];
     assert_eq!(page, expected);
     // Without the sharers count, the same links with 0 in its place.
