@@ -568,6 +568,7 @@ fn links_sql(engine: Engine, cost: &str, sharers: &str, filter: &str) -> String 
                 "line", "st", "chunk", "item", "state", "att", "lerr", "xerr", "cost", "sharers",
                 "res",
             ],
+            // Line, stage, chunk: the stage's hex sorts as its text does (byte by byte).
             "line, t.st, t.chunk",
         ),
         Engine::Postgres => format!(
