@@ -194,6 +194,13 @@ fn unhex(field: &str) -> Result<String> {
         .ok_or_else(|| StoreError::Invalid(format!("a packed row has {field:?} for a text")))
 }
 
+/// A field of a packed row as one of the store's names (a state, a mode).
+fn named<T: std::str::FromStr<Err = UnknownValue>>(field: &str) -> Result<T> {
+    field
+        .parse()
+        .map_err(|e: UnknownValue| StoreError::Invalid(e.to_string()))
+}
+
 /// A field of a packed row as a number.
 fn int(field: &str) -> Result<i64> {
     field

@@ -42,9 +42,7 @@ pub(super) async fn run_records(
                     line: int(line)?,
                     record_id: unhex(rid)?,
                     item_id: int(item)?,
-                    state: st
-                        .parse()
-                        .map_err(|e: UnknownValue| StoreError::Invalid(e.to_string()))?,
+                    state: named(st)?,
                     attempts: int(att)?,
                     result: res.strip_prefix('v').map(str::to_string),
                     last_error: err.strip_prefix('v').map(unhex).transpose()?,

@@ -91,9 +91,7 @@ pub(super) async fn batch_attempts(store: &SqlStore, batch_id: &str) -> Result<V
                     item_id: int(item_id)?,
                     attempt_no: int(attempt_no)?,
                     custom_id: custom_id.to_string(),
-                    state: state
-                        .parse()
-                        .map_err(|e: UnknownValue| StoreError::Invalid(e.to_string()))?,
+                    state: named(state)?,
                 })
             })
             .collect();

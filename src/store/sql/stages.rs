@@ -611,12 +611,7 @@ async fn read_links(store: &SqlStore, query: Query<'_>) -> Result<Vec<LinkRow>> 
                     stage: unhex(stage)?,
                     chunk: int(chunk)?,
                     item_id: opt_int(item)?,
-                    state: opt(state)
-                        .map(|s| {
-                            s.parse()
-                                .map_err(|e: UnknownValue| StoreError::Invalid(e.to_string()))
-                        })
-                        .transpose()?,
+                    state: opt(state).map(named).transpose()?,
                     attempts: opt_int(att)?,
                     result: opt(res).map(str::to_string),
                     last_error: opt(lerr).map(unhex).transpose()?,
