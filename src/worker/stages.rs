@@ -18,8 +18,16 @@ use crate::stage::{Renderer, in_sample};
 use crate::store::{IngestTarget, LinkRow, NewLinks, ReadyRecord, StageLink, Store};
 use crate::validate::OutputValidator;
 
-/// Records advanced per store transaction.
+/// Records read per page when advancing (a page's lines are one statement's list).
 const ADVANCE_PAGE: u32 = 500;
+
+/// Records whose next-stage items are stored per transaction: several pages. A later
+/// stage's items are new keys in the dedupe index, which are random, so each transaction
+/// rewrites (and checkpoints) pages all over that index, however few items it adds. A
+/// two-stage run of 100,000 records wrote 3.2 GB for a 360 MB store at a page (500
+/// records) a transaction, 2.6 GB at 5,000, for about 5 % less CPU; 20,000 saved 1 % more.
+/// What is rendered waits in memory until it is stored: the user prompts of 5,000 records.
+const ADVANCE_TX: usize = 5_000;
 
 /// What one stage needs at run time.
 pub(crate) struct StageRun {
@@ -161,8 +169,11 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             // One pass in line order: a record passed over is not ready in this pass.
             let mut after = 0;
             let mut pages = lines.map(|l| l.chunks(ADVANCE_PAGE as usize));
+            // Rendered, not stored yet: stored every [`ADVANCE_TX`] records and at the end.
+            let mut waiting: Vec<NewLinks> = Vec::new();
             loop {
                 if ctx.shutdown.is_set() {
+                    created += self.store_links(index, shape_id, &mut waiting).await?;
                     return Ok(created);
                 }
                 let sr = &self.stages[index];
@@ -191,34 +202,53 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 if ready.is_empty() {
                     continue;
                 }
-                let links = self.links_for(index, &ready);
-                // Results are stored, the next stage's items not yet: a crash here leaves
-                // the records ready for whichever process advances next.
-                crate::failpoint!("advance.before_links");
-                let target = IngestTarget {
-                    run_id: &self.run_id,
-                    pipeline: &p.name,
-                    stage: &self.stages[index].stage.name,
-                    shape_id,
-                    source: "",
-                    links: true,
-                };
-                let new = ctx.store.add_links(&target, &links).await?;
-                crate::failpoint!("advance.after_commit");
-                created += new;
-                let failed = links
-                    .iter()
-                    .filter(|l| matches!(l.link, StageLink::Failed(_)))
-                    .count();
-                if failed > 0 {
-                    ctx.observer.event(&Event::Note(format!(
-                        "{failed} record(s) cannot go on to stage `{}`: see `nightshift report --items`",
-                        self.stages[index].stage.name
-                    )));
+                waiting.extend(self.links_for(index, &ready));
+                if waiting.len() >= ADVANCE_TX {
+                    created += self.store_links(index, shape_id, &mut waiting).await?;
                 }
             }
+            created += self.store_links(index, shape_id, &mut waiting).await?;
         }
         Ok(created)
+    }
+
+    /// Stores what stage `index` became for the records in `links` (one transaction) and
+    /// empties it; returns how many items are new.
+    async fn store_links(
+        &self,
+        index: usize,
+        shape_id: i64,
+        links: &mut Vec<NewLinks>,
+    ) -> Result<u64, RunError> {
+        if links.is_empty() {
+            return Ok(0);
+        }
+        let ctx = self.ctx;
+        let name = &self.stages[index].stage.name;
+        // Results are stored, the next stage's items not yet: a crash here leaves the
+        // records ready for whichever process advances next.
+        crate::failpoint!("advance.before_links");
+        let target = IngestTarget {
+            run_id: &self.run_id,
+            pipeline: &ctx.pipeline.name,
+            stage: name,
+            shape_id,
+            source: "",
+            links: true,
+        };
+        let new = ctx.store.add_links(&target, links).await?;
+        crate::failpoint!("advance.after_commit");
+        let failed = links
+            .iter()
+            .filter(|l| matches!(l.link, StageLink::Failed(_)))
+            .count();
+        if failed > 0 {
+            ctx.observer.event(&Event::Note(format!(
+                "{failed} record(s) cannot go on to stage `{name}`: see `nightshift report --items`"
+            )));
+        }
+        links.clear();
+        Ok(new)
     }
 
     /// `on_fail = "regenerate"`: each item whose review failed is sent again, once, as
