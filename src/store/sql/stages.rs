@@ -546,15 +546,16 @@ async fn needed_links(
 
 /// A page of links ([`LinkRow`]): `record_items x` with its item `i` and answer `ir`, where
 /// `filter`, in line, stage and chunk order; `cost` and `sharers` are the SQL of those two
-/// columns. On SQLite as one packed row ([`packed_sql`], read by [`read_links`]): a page
-/// is thousands of links, each a hand-off from the driver's database thread as a row of
-/// its own. The stage name and the errors are free text, so they come hex-encoded; a NULL
-/// is an empty field, any other value of a nullable column is prefixed with `v`.
+/// columns. On SQLite as one packed row ([`packed_sql_unordered`], read and put in that
+/// order by [`read_links`]): a page is thousands of links, each a hand-off from the driver's
+/// database thread as a row of its own. The stage name and the errors are free text, so they
+/// come hex-encoded; a NULL is an empty field, any other value of a nullable column is
+/// prefixed with `v`.
 fn links_sql(engine: Engine, cost: &str, sharers: &str, filter: &str) -> String {
     const FROM: &str = "FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
         LEFT JOIN item_results ir ON ir.item_id = x.item_id";
     match engine {
-        Engine::Sqlite => packed_sql(
+        Engine::Sqlite => packed_sql_unordered(
             &format!(
                 "SELECT x.line AS line, hex(x.stage) AS st, x.chunk AS chunk, \
                  COALESCE('v' || x.item_id, '') AS item, COALESCE('v' || i.state, '') AS state, \
@@ -568,8 +569,6 @@ fn links_sql(engine: Engine, cost: &str, sharers: &str, filter: &str) -> String 
                 "line", "st", "chunk", "item", "state", "att", "lerr", "xerr", "cost", "sharers",
                 "res",
             ],
-            // Line, stage, chunk: the stage's hex sorts as its text does (byte by byte).
-            "line, t.st, t.chunk",
         ),
         Engine::Postgres => format!(
             "SELECT x.line, x.stage, x.chunk, x.item_id, i.state, i.attempts, ir.result, \
@@ -580,7 +579,9 @@ fn links_sql(engine: Engine, cost: &str, sharers: &str, filter: &str) -> String 
     }
 }
 
-/// The links a [`links_sql`] query reads.
+/// The links a [`links_sql`] query reads, in line, stage and chunk order (on SQLite sorted
+/// here, stage names byte by byte as SQLite compares them: a range of the primary key reads
+/// them in that order already, and the sort only checks it).
 async fn read_links(store: &SqlStore, query: Query<'_>) -> Result<Vec<LinkRow>> {
     if store.engine() == Engine::Postgres {
         return store.db.all(query).await;
@@ -590,7 +591,7 @@ async fn read_links(store: &SqlStore, query: Query<'_>) -> Result<Vec<LinkRow>> 
         field.strip_prefix('v')
     }
     let opt_int = |f: &str| opt(f).map(int).transpose();
-    unpack::<11>(packed.as_deref())?
+    let mut links = unpack::<11>(packed.as_deref())?
         .into_iter()
         .map(
             |[
@@ -621,7 +622,11 @@ async fn read_links(store: &SqlStore, query: Query<'_>) -> Result<Vec<LinkRow>> 
                 })
             },
         )
-        .collect()
+        .collect::<Result<Vec<LinkRow>>>()?;
+    links.sort_by(|a, b| {
+        (a.line, a.stage.as_bytes(), a.chunk).cmp(&(b.line, b.stage.as_bytes(), b.chunk))
+    });
+    Ok(links)
 }
 
 /// Every link of the run's records from `first` to `last` (lines), with its item's state,
