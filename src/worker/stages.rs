@@ -26,8 +26,13 @@ const ADVANCE_PAGE: u32 = 500;
 /// rewrites (and checkpoints) pages all over that index, however few items it adds. A
 /// two-stage run of 100,000 records wrote 3.2 GB for a 360 MB store at a page (500
 /// records) a transaction, 2.6 GB at 5,000, for about 5 % less CPU; 20,000 saved 1 % more.
-/// What is rendered waits in memory until it is stored: the user prompts of 5,000 records.
+/// What is rendered waits in memory until it is stored: the user prompts of 5,000 records,
+/// or fewer records once their prompts reach [`ADVANCE_TX_BYTES`] (a summary of long
+/// documents renders several KB a record).
 const ADVANCE_TX: usize = 5_000;
+
+/// Bytes of rendered user prompts held before they are stored, whatever the record count.
+const ADVANCE_TX_BYTES: usize = 8 << 20;
 
 /// What one stage needs at run time.
 pub(crate) struct StageRun {
@@ -169,8 +174,10 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             // One pass in line order: a record passed over is not ready in this pass.
             let mut after = 0;
             let mut pages = lines.map(|l| l.chunks(ADVANCE_PAGE as usize));
-            // Rendered, not stored yet: stored every [`ADVANCE_TX`] records and at the end.
+            // Rendered, not stored yet: stored every [`ADVANCE_TX`] records (or
+            // [`ADVANCE_TX_BYTES`] of prompts) and at the end.
             let mut waiting: Vec<NewLinks> = Vec::new();
+            let mut waiting_bytes = 0;
             loop {
                 if ctx.shutdown.is_set() {
                     created += self.store_links(index, shape_id, &mut waiting).await?;
@@ -202,9 +209,12 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 if ready.is_empty() {
                     continue;
                 }
-                waiting.extend(self.links_for(index, &ready));
-                if waiting.len() >= ADVANCE_TX {
+                let links = self.links_for(index, &ready);
+                waiting_bytes += links.iter().map(prompt_bytes).sum::<usize>();
+                waiting.extend(links);
+                if waiting.len() >= ADVANCE_TX || waiting_bytes >= ADVANCE_TX_BYTES {
                     created += self.store_links(index, shape_id, &mut waiting).await?;
+                    waiting_bytes = 0;
                 }
             }
             created += self.store_links(index, shape_id, &mut waiting).await?;
@@ -347,6 +357,14 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                 }
             })
             .collect()
+    }
+}
+
+/// Bytes of the user prompts a record's new links hold.
+fn prompt_bytes(l: &NewLinks) -> usize {
+    match &l.link {
+        StageLink::Items { items } => items.iter().map(|it| it.user_json.len()).sum(),
+        StageLink::Skipped | StageLink::Failed(_) => 0,
     }
 }
 

@@ -165,8 +165,8 @@ fn packed_sql(page: &str, cols: &[&str], order: &str) -> String {
 }
 
 /// [`packed_sql`] with the rows in whatever order SQLite reads them, for a caller that sorts
-/// what it unpacks: SQLite's sorter copies every row of the page once more, a tenth or more
-/// of such a read, where rows that come almost in order cost next to nothing to sort here.
+/// what it unpacks: SQLite's sorter copies every row of the page once more (a fifth of the
+/// links' reads), where rows that come in order already cost next to nothing to sort here.
 fn packed_sql_unordered(page: &str, cols: &[&str]) -> String {
     format!(
         "SELECT group_concat({}, char(30)) FROM ({page}) AS t",

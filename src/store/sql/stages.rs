@@ -581,7 +581,7 @@ fn links_sql(engine: Engine, cost: &str, sharers: &str, filter: &str) -> String 
 
 /// The links a [`links_sql`] query reads, in line, stage and chunk order (on SQLite sorted
 /// here, stage names byte by byte as SQLite compares them: a range of the primary key reads
-/// them in that order already, and the sort only checks it).
+/// them in that order already, so the sort costs next to nothing).
 async fn read_links(store: &SqlStore, query: Query<'_>) -> Result<Vec<LinkRow>> {
     if store.engine() == Engine::Postgres {
         return store.db.all(query).await;
