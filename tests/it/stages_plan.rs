@@ -319,3 +319,24 @@ fn reconcile_holds_each_stage_of_a_run_against_its_row() {
             .contains("earlier answers of this stage")
     );
 }
+
+/// A second run over the same records: its worksheet finds every record done at every stage
+/// (the first stage's items succeeded before, the later stages' links to them are there after
+/// its first advance), so it plans no call for any stage, and sends none.
+#[test]
+fn a_second_run_plans_no_call_at_a_stage_its_records_are_done_at() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_stages(dir.path());
+    ok(bin().arg("run").arg(&file));
+    ok(bin().arg("run").arg(&file));
+    let rec = json_of(bin().args(["reconcile", "--json"]).arg(&file));
+    let lines = rec["plan_vs_actual_per_stage"].as_array().unwrap();
+    for name in ["notes", "summary", "review"] {
+        let sent = lines
+            .iter()
+            .find(|l| l["stage"] == name && l["figure"] == "calls sent")
+            .unwrap_or_else(|| panic!("no {name} calls sent in {rec:#}"));
+        assert_eq!(sent["plan"], "0", "{name}: {sent}");
+        assert_eq!(sent["actual"], "0", "{name}: {sent}");
+    }
+}
