@@ -62,6 +62,7 @@ conformance!(
     a_pipeline_is_settled_only_when_no_work_is_left_in_any_state,
     a_batch_names_the_records_its_results_may_move_on,
     a_page_of_records_keeps_free_text_as_stored,
+    pages_of_records_cross_gaps_in_the_lines,
     a_page_of_links_keeps_free_text_as_stored,
 );
 
@@ -1421,6 +1422,47 @@ async fn a_page_of_records_keeps_free_text_as_stored(db: &TestDb) {
     // Paging goes on after the given line.
     let rest = s.run_records("run1", 1, 10).await.unwrap();
     assert_eq!(rest.iter().map(|r| r.line).collect::<Vec<_>>(), vec![2, 3]);
+}
+
+/// Pages of a run's records go on past lines without a record (quarantined, blank), however
+/// many, and end only after the last record.
+async fn pages_of_records_cross_gaps_in_the_lines(db: &TestDb) {
+    let s = &db.store;
+    s.create_run(&new_run("run1")).await.unwrap();
+    let shape = RequestShape::new("{\"m\":".into(), "}".into());
+    let mut recs = records(&shape, 6, 6, 10);
+    let lines = [1, 2, 3, 1000, 1001, 70000];
+    for (r, line) in recs.iter_mut().zip(lines) {
+        r.line = line;
+    }
+    ingest(s, "run1", &recs).await;
+    let mut after = 0;
+    let mut pages = Vec::new();
+    loop {
+        let ids = s.run_record_ids("run1", after, 2).await.unwrap();
+        let records = s.run_records("run1", after, 2).await.unwrap();
+        let data = s.run_record_data("run1", after, 2).await.unwrap();
+        let Some(last) = ids.last() else {
+            assert!(records.is_empty() && data.is_empty());
+            break;
+        };
+        assert_eq!(
+            records.iter().map(|r| r.line).collect::<Vec<_>>(),
+            ids.iter().map(|r| r.0).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            data.iter().map(|r| r.0).collect::<Vec<_>>(),
+            ids.iter().map(|r| r.0).collect::<Vec<_>>()
+        );
+        after = last.0;
+        pages.push(ids.into_iter().map(|(line, _)| line).collect::<Vec<_>>());
+    }
+    let all: Vec<i64> = pages.iter().flatten().copied().collect();
+    assert_eq!(all, lines.map(|l| l as i64));
+    assert!(
+        pages.iter().all(|p| !p.is_empty() && p.len() <= 2),
+        "{pages:?}"
+    );
 }
 
 /// What the multi-stage results file and a later stage's rendering read of each link comes

@@ -50,17 +50,18 @@ pub(super) async fn run_records(
             })
             .collect();
     }
-    store.db
-        .all(
-            q("SELECT r.line, r.record_id, r.item_id, i.state, i.attempts, ir.result, i.last_error \
-               FROM records r JOIN items i ON i.id = r.item_id \
-               LEFT JOIN item_results ir ON ir.item_id = r.item_id \
-               WHERE r.run_id = $1 AND r.line > $2 ORDER BY r.line LIMIT $3")
-            .bind(run_id)
-            .bind(after_line)
-            .bind(limit as i64),
-        )
-        .await
+    super::stages::records_page(
+        store,
+        "SELECT r.line, r.record_id, r.item_id, i.state, i.attempts, ir.result, i.last_error \
+         FROM records r JOIN items i ON i.id = r.item_id \
+         LEFT JOIN item_results ir ON ir.item_id = r.item_id \
+         WHERE r.run_id = $1 AND r.line > $2",
+        "r.line",
+        run_id,
+        after_line,
+        limit,
+    )
+    .await
 }
 
 /// The condition on an attempt `a` of having succeeded in a batch of run `$1`: the batch's
