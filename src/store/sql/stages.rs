@@ -387,16 +387,16 @@ pub(super) async fn settled(
     Ok(busy == 0)
 }
 
-/// The condition on a record `r` of run `$1` of being done at stage `$2`: linked there, and
-/// every link an item that succeeded or a skip. The tests are scalar subqueries, a lookup
-/// per record, for the reason [`ready_sql`] gives: as `[NOT] EXISTS`, PostgreSQL without
-/// statistics compared every record with every link not yet final (minutes at 100,000
-/// records).
-const STAGE_DONE: &str = "r.run_id = $1 \
-    AND (SELECT 1 FROM record_items x WHERE x.run_id = r.run_id AND x.line = r.line AND x.stage = $2 LIMIT 1) IS NOT NULL \
-    AND (SELECT 1 FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
-      WHERE x.run_id = r.run_id AND x.line = r.line AND x.stage = $2 \
-      AND (x.error IS NOT NULL OR (x.item_id IS NOT NULL AND i.state <> 'succeeded')) LIMIT 1) IS NULL";
+/// The lines of run `$1`'s records done at stage `$2`: linked there, and every link an
+/// item that succeeded or a skip. One pass over the run's links grouped by record (their
+/// key order); it replaced two look-ups into the links per record of the run: at 100,000
+/// records of two stages the worksheet's counts took 0.04 s instead of 0.18 s (SQLite's
+/// statement log), 0.14 s instead of 0.64 s on a fresh PostgreSQL database.
+const STAGE_DONE_LINES: &str = "SELECT x.line FROM record_items x \
+    LEFT JOIN items i ON i.id = x.item_id \
+    WHERE x.run_id = $1 AND x.stage = $2 GROUP BY x.line \
+    HAVING SUM(CASE WHEN x.error IS NOT NULL \
+      OR (x.item_id IS NOT NULL AND i.state <> 'succeeded') THEN 1 ELSE 0 END) = 0";
 
 /// Ids of the run's records whose every link at `stage` succeeded or is a skip.
 pub(super) async fn stage_done_records(
@@ -408,7 +408,8 @@ pub(super) async fn stage_done_records(
         .db
         .all(
             q(format!(
-                "SELECT r.record_id FROM records r WHERE {STAGE_DONE}"
+                "SELECT r.record_id FROM ({STAGE_DONE_LINES}) AS d \
+                 JOIN records r ON r.run_id = $1 AND r.line = d.line"
             ))
             .bind(run_id)
             .bind(stage),
@@ -417,22 +418,15 @@ pub(super) async fn stage_done_records(
     Ok(rows.into_iter().map(|(id,)| id).collect())
 }
 
-/// How many of the run's records are done at `stage` (as [`stage_done_records`] judges),
-/// counted from the stage's links alone: one pass over the run's links, in their key order,
-/// instead of two look-ups in them for every record of the run. The worksheet counts each
-/// stage once at the start of a run: at 100,000 records of two stages, 0.04 s this way
-/// against 0.18 s (statement log).
+/// How many of the run's records are done at `stage` (as [`stage_done_records`] judges).
+/// The worksheet counts each stage once at the start of a run.
 pub(super) async fn stage_done_count(store: &SqlStore, run_id: &str, stage: &str) -> Result<u64> {
     let n: i64 = store
         .db
         .scalar(
-            q("SELECT COUNT(*) FROM (SELECT x.line FROM record_items x \
-                 LEFT JOIN items i ON i.id = x.item_id \
-                 WHERE x.run_id = $1 AND x.stage = $2 GROUP BY x.line \
-                 HAVING SUM(CASE WHEN x.error IS NOT NULL \
-                   OR (x.item_id IS NOT NULL AND i.state <> 'succeeded') THEN 1 ELSE 0 END) = 0) AS d")
-            .bind(run_id)
-            .bind(stage),
+            q(format!("SELECT COUNT(*) FROM ({STAGE_DONE_LINES}) AS d"))
+                .bind(run_id)
+                .bind(stage),
         )
         .await?;
     Ok(count(n))
@@ -543,16 +537,14 @@ pub(super) async fn records_page<T: crate::store::db::Decode>(
             )
             .await;
     }
-    let last: i64 = store
-        .db
-        .scalar(q("SELECT COALESCE(MAX(line), 0) FROM records WHERE run_id = $1").bind(run_id))
-        .await?;
     let sql = format!("{head} AND {line} <= $4 ORDER BY {line} LIMIT $3");
     let mut from = after_line;
     // Twice as wide after each empty window: a run of lines without records (quarantined,
-    // or blank) costs a few statements, not one per `limit` lines.
+    // or blank) costs a few statements, not one per `limit` lines. The run's last line is
+    // read once a window comes back empty.
     let mut window = i64::from(limit.max(1));
-    while from < last {
+    let mut last = None;
+    loop {
         let upto = from.saturating_add(window);
         let rows: Vec<T> = store
             .db
@@ -567,10 +559,26 @@ pub(super) async fn records_page<T: crate::store::db::Decode>(
         if !rows.is_empty() {
             return Ok(rows);
         }
+        let end = match last {
+            Some(end) => end,
+            None => {
+                let end: i64 = store
+                    .db
+                    .scalar(
+                        q("SELECT COALESCE(MAX(line), 0) FROM records WHERE run_id = $1")
+                            .bind(run_id),
+                    )
+                    .await?;
+                last = Some(end);
+                end
+            }
+        };
+        if upto >= end {
+            return Ok(Vec::new());
+        }
         from = upto;
         window = window.saturating_mul(2);
     }
-    Ok(Vec::new())
 }
 
 /// The links at `needs` of the run's records at `lines` (ascending), with their items' states
