@@ -813,6 +813,13 @@ async fn a_batch_names_the_records_its_results_may_move_on(db: &TestDb) {
             .is_empty(),
         "nothing is ready before a result"
     );
+    assert!(
+        s.ready_records("run1", "review", &needs, 0, 100)
+            .await
+            .unwrap()
+            .is_empty(),
+        "nor in a pass over the whole run"
+    );
     exec(
         s,
         &format!(
