@@ -318,7 +318,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(u64, u64)>> + Send;
     /// A one-stage run's job as its plan needs it: its records, its distinct items, which
     /// of them are done, and their prompt tokens. Two passes, where [`Store::run_figures`]
-    /// takes several.
+    /// takes several. Of a multi-stage run, only the count of its records (its items are
+    /// read stage by stage: [`Store::run_stage_items`]).
     fn run_job(&self, run_id: &str) -> impl Future<Output = Result<RunJob>> + Send;
     /// Prompt tokens of the items waiting to be sent.
     fn plannable_tokens(

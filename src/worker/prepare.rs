@@ -58,7 +58,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             .await?
             .ok_or_else(|| StoreError::Invalid("the run row vanished".into()))?;
         // A multi-stage run's records link to their items elsewhere: of its job, only the
-        // count of records is read here.
+        // count of records is read (the store reads no more of it).
         let job = store.run_job(&self.run_id).await?;
         let first = &p.first_stage().name;
         let mut inputs = crate::plan::PlanInputs {
