@@ -890,6 +890,21 @@ async fn report_json_has_a_figure_per_stage_that_adds_up(db: &TestDb) {
     assert_eq!(stages[2]["review"]["fail"], verdicts("fail"), "{r}");
     assert!(verdicts("pass") + verdicts("fail") > 0, "{r}");
     assert!(stages[0]["review"].is_null() && stages[1]["review"].is_null());
+    // Every record has its links at every stage: run, or skipped (not in the review's
+    // sample). A record counts once at a stage however many chunks it has there.
+    for s in stages {
+        let (records, skipped) = (
+            s["records"].as_u64().unwrap(),
+            s["skipped_records"].as_u64().unwrap(),
+        );
+        assert_eq!(records + skipped, docs.len() as u64, "{s}");
+    }
+    assert_eq!(stages[0]["records"], docs.len(), "{r}");
+    assert!(
+        stages[0]["items"].as_u64().unwrap() > docs.len() as u64,
+        "several chunks per document: {r}"
+    );
+    assert_eq!(stages[2]["skipped_records"], docs.len() as u64 - reviewed);
     for s in stages {
         assert_eq!(
             s["calls_per_processed_item"],

@@ -425,7 +425,10 @@ async fn staged_records(
 ) -> Result<()> {
     // One pass over the run's links, grouped by record: how many stages it has links at,
     // how many links are not (yet) a success, how many failed for good, and how many
-    // items succeeded in this run's batches.
+    // items succeeded in this run's batches. A record's links at a stage are written and
+    // removed together, numbered by chunk from 0 (an itemless link is chunk 0): its stages
+    // are its links of chunk 0, counted without the distinct set `COUNT(DISTINCT x.stage)`
+    // builds per record (0.38 → 0.33 s at 100,000 records through two stages).
     let (done, processed, failed): (i64, i64, i64) = store
         .db
         .one(
@@ -433,7 +436,7 @@ async fn staged_records(
                  COALESCE(SUM(CASE WHEN g.stages = $2 AND g.open = 0 THEN 1 ELSE 0 END), 0), \
                  COALESCE(SUM(CASE WHEN g.stages = $2 AND g.open = 0 AND g.here > 0 THEN 1 ELSE 0 END), 0), \
                  COALESCE(SUM(CASE WHEN g.failed > 0 THEN 1 ELSE 0 END), 0) \
-               FROM (SELECT x.line, COUNT(DISTINCT x.stage) AS stages, \
+               FROM (SELECT x.line, SUM(CASE WHEN x.chunk = 0 THEN 1 ELSE 0 END) AS stages, \
                    SUM(CASE WHEN x.error IS NOT NULL OR (x.item_id IS NOT NULL AND i.state <> 'succeeded') \
                        THEN 1 ELSE 0 END) AS open, \
                    SUM(CASE WHEN x.error IS NOT NULL OR i.state = 'exhausted' THEN 1 ELSE 0 END) AS failed, \
@@ -459,20 +462,47 @@ async fn stage_figures(
     f: &mut RunFigures,
 ) -> Result<()> {
     let db = &store.db;
+    // One statement per stage rather than one grouped by stage: grouped, every link of
+    // the run was sorted by stage first (0.27–0.31 s against 0.21 s for two stages at
+    // 100,000 records). Records and skipped ones are counted from their links of chunk 0
+    // (see [`staged_records`]); items and failed records need their distinct sets.
     type Links = (String, i64, i64, i64, i64, i64, i64, i64);
-    let links: Vec<Links> = db
-        .all(
-            q("SELECT x.stage, COUNT(DISTINCT x.item_id), COUNT(DISTINCT x.line), \
-                 COUNT(DISTINCT CASE WHEN x.item_id IS NULL AND x.error IS NULL THEN x.line END), \
-                 COUNT(DISTINCT CASE WHEN x.error IS NOT NULL OR i.state = 'exhausted' THEN x.line END), \
-                 COUNT(DISTINCT CASE WHEN i.state = 'succeeded' THEN x.item_id END), \
-                 COUNT(DISTINCT CASE WHEN i.state = 'exhausted' THEN x.item_id END), \
-                 COUNT(x.item_id) \
-               FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
-               WHERE x.run_id = $1 GROUP BY x.stage")
-            .bind(run_id),
-        )
-        .await?;
+    let mut links: Vec<Links> = Vec::with_capacity(stages.len());
+    for &stage in stages {
+        let (items, records, skipped, failed, succeeded, exhausted, linked): (
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+        ) = db
+            .one(
+                q("SELECT COUNT(DISTINCT x.item_id), \
+                     COALESCE(SUM(CASE WHEN x.chunk = 0 THEN 1 ELSE 0 END), 0), \
+                     COALESCE(SUM(CASE WHEN x.item_id IS NULL AND x.error IS NULL THEN 1 ELSE 0 END), 0), \
+                     COUNT(DISTINCT CASE WHEN x.error IS NOT NULL OR i.state = 'exhausted' THEN x.line END), \
+                     COUNT(DISTINCT CASE WHEN i.state = 'succeeded' THEN x.item_id END), \
+                     COUNT(DISTINCT CASE WHEN i.state = 'exhausted' THEN x.item_id END), \
+                     COUNT(x.item_id) \
+                   FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
+                   WHERE x.run_id = $1 AND x.stage = $2")
+                .bind(run_id)
+                .bind(stage),
+            )
+            .await?;
+        links.push((
+            stage.to_string(),
+            items,
+            records,
+            skipped,
+            failed,
+            succeeded,
+            exhausted,
+            linked,
+        ));
+    }
     type Sent = (
         String,
         String,
@@ -505,7 +535,9 @@ async fn stage_figures(
         )
         .await?;
     // The reviews' verdicts, counted where they are stored: results are compact JSON, the
-    // `LIKE` narrows, and only what it lets through is parsed.
+    // `LIKE` narrows, and only what it lets through is parsed. The first stage reviews
+    // nothing (the pipeline's check refuses `on_fail` there), so its answers — often the
+    // longest — are not read (0.35 → 0.21 s at 100,000 records through two stages).
     let (pass, fail) = match store.engine() {
         Engine::Sqlite => (
             "CASE WHEN json_valid(ir.result) THEN json_type(ir.result, '$.pass') = 'true' ELSE 0 END",
@@ -524,10 +556,12 @@ async fn stage_figures(
                    CAST(COALESCE(SUM(CASE WHEN {fail} THEN 1 ELSE 0 END), 0) AS BIGINT) \
                  FROM record_items x JOIN items i ON i.id = x.item_id \
                  JOIN item_results ir ON ir.item_id = x.item_id \
-                 WHERE x.run_id = $1 AND i.state = 'succeeded' AND ir.result LIKE '%\"pass\"%' \
+                 WHERE x.run_id = $1 AND x.stage <> $2 AND i.state = 'succeeded' \
+                   AND ir.result LIKE '%\"pass\"%' \
                  GROUP BY x.stage"
             ))
-            .bind(run_id),
+            .bind(run_id)
+            .bind(stages.first().copied().unwrap_or_default()),
         )
         .await?;
     f.stages = stages
