@@ -134,6 +134,61 @@ fn scan_custom_id(line: &[u8]) -> Option<&str> {
     std::str::from_utf8(&rest[..end]).ok()
 }
 
+/// Lines judged between two chances for the chunk being written to move on.
+const JUDGE_YIELD: usize = 32;
+
+/// Why a result line is not applied: the anomaly's kind, the line's custom id (when it has
+/// one of ours) and the detail recorded.
+type Refused = (&'static str, Option<String>, String);
+
+/// Matches one result line to its attempt and judges it with `judge`, or says why it
+/// cannot be applied.
+fn judge_ref<'c, P: BatchProvider>(
+    line: &[u8],
+    line_no: u64,
+    path: &Path,
+    provider: &P,
+    attempts: &HashMap<&str, &'c AttemptRef>,
+    seen: &mut HashSet<i64>,
+    judge: impl FnOnce(&'c AttemptRef, LineOutcome) -> AttemptOutcome,
+) -> Result<AttemptOutcome, Refused> {
+    match provider.parse_result_line(line) {
+        Err(e) => Err((
+            "malformed_line",
+            None,
+            format!("{}:{line_no}: {}", path.display(), preview(&e, 200)),
+        )),
+        Ok(ResultLine { custom_id, outcome }) => {
+            if !is_our_custom_id(&custom_id) {
+                Err((
+                    "unknown_custom_id",
+                    None,
+                    format!("{}:{line_no}: custom_id is not one of ours", path.display()),
+                ))
+            } else if let Some(&att) = attempts.get(custom_id.as_str()) {
+                if seen.insert(att.id) {
+                    Ok(judge(att, outcome))
+                } else {
+                    Err((
+                        "duplicate_line",
+                        Some(custom_id),
+                        format!(
+                            "{}:{line_no}: second result for this custom_id ignored",
+                            path.display()
+                        ),
+                    ))
+                }
+            } else {
+                Err((
+                    "unknown_custom_id",
+                    Some(custom_id),
+                    format!("{}:{line_no}: not a request of this batch", path.display()),
+                ))
+            }
+        }
+    }
+}
+
 /// Where a result line sits in the downloaded file.
 struct LineRef {
     /// The attempt it answers, or `i64::MAX` when it cannot be matched cheaply.
@@ -197,87 +252,87 @@ pub(super) async fn apply_file<S: Store, P: BatchProvider>(
     }
     refs.sort_by_key(|r| (r.attempt_id, r.line_no));
 
-    // Pass 2: judge and apply in attempt order.
+    // Pass 2: judge and apply in attempt order, a chunk of lines at a time. A chunk's
+    // verdicts are written while the next chunk is judged: the writes run on the store's
+    // own thread, the judging (parse, validate, price) on this one, so on two cores the
+    // two overlap. The judging yields every few lines to let the writes move on.
     let mut file = reader.into_inner();
-    let mut outcomes = Vec::with_capacity(APPLY_CHUNK);
     let mut stats = ApplyStats::default();
-    for r in &refs {
-        let line_no = r.line_no;
-        let judged: Result<AttemptOutcome, (&str, Option<String>, String)> = if r.len as usize
-            > MAX_RESULT_LINE
-        {
-            Err((
-                "oversized_line",
-                None,
-                format!(
-                    "{}:{line_no}: line of {} bytes refused",
-                    path.display(),
-                    r.len
-                ),
-            ))
-        } else {
-            buf.resize(r.len as usize, 0);
-            crate::util::fs::read_exact_at(&mut file, &mut buf, r.offset).map_err(io_err)?;
-            match ctx.provider.parse_result_line(&buf) {
-                Err(e) => Err((
-                    "malformed_line",
-                    None,
-                    format!("{}:{line_no}: {}", path.display(), preview(&e, 200)),
-                )),
-                Ok(ResultLine { custom_id, outcome }) => {
-                    if !is_our_custom_id(&custom_id) {
-                        Err((
-                            "unknown_custom_id",
-                            None,
-                            format!("{}:{line_no}: custom_id is not one of ours", path.display()),
-                        ))
-                    } else if let Some(&att) = attempts.get(custom_id.as_str()) {
-                        if seen.insert(att.id) {
-                            Ok(judge_line(
-                                &stage.validator,
-                                &rates,
-                                &standard,
-                                att,
-                                outcome,
-                            ))
-                        } else {
-                            Err((
-                                "duplicate_line",
-                                Some(custom_id),
-                                format!(
-                                    "{}:{line_no}: second result for this custom_id ignored",
-                                    path.display()
-                                ),
-                            ))
-                        }
-                    } else {
-                        Err((
-                            "unknown_custom_id",
-                            Some(custom_id),
-                            format!("{}:{line_no}: not a request of this batch", path.display()),
-                        ))
+    let mut writing: Vec<AttemptOutcome> = Vec::new();
+    let mut judged: Vec<AttemptOutcome> = Vec::with_capacity(APPLY_CHUNK);
+    let mut groups = refs.chunks(APPLY_CHUNK);
+    loop {
+        let group = groups.next();
+        if group.is_none() && writing.is_empty() {
+            break;
+        }
+        let write = async {
+            if writing.is_empty() {
+                return Ok(None);
+            }
+            store
+                .apply_results(b, &writing, max_attempts)
+                .await
+                .map(Some)
+        };
+        let judge = async {
+            for (n, r) in group.unwrap_or_default().iter().enumerate() {
+                if n % JUDGE_YIELD == JUDGE_YIELD - 1 {
+                    tokio::task::yield_now().await;
+                }
+                let line_no = r.line_no;
+                let outcome: Result<AttemptOutcome, Refused> = if r.len as usize > MAX_RESULT_LINE {
+                    Err((
+                        "oversized_line",
+                        None,
+                        format!(
+                            "{}:{line_no}: line of {} bytes refused",
+                            path.display(),
+                            r.len
+                        ),
+                    ))
+                } else {
+                    buf.resize(r.len as usize, 0);
+                    crate::util::fs::read_exact_at(&mut file, &mut buf, r.offset)
+                        .map_err(io_err)?;
+                    judge_ref(
+                        &buf,
+                        line_no,
+                        path,
+                        ctx.provider,
+                        &attempts,
+                        seen,
+                        |att, outcome| {
+                            judge_line(&stage.validator, &rates, &standard, att, outcome)
+                        },
+                    )
+                };
+                match outcome {
+                    Ok(o) => judged.push(o),
+                    Err((kind, cid, detail)) => {
+                        tracing::warn!(batch = %b.id, kind, %detail, "result line not applied");
+                        store
+                            .record_anomaly(
+                                Some(&b.run_id),
+                                Some(&b.id),
+                                kind,
+                                cid.as_deref(),
+                                &detail,
+                            )
+                            .await?;
                     }
                 }
             }
+            Ok::<_, RunError>(())
         };
-        match judged {
-            Ok(o) => outcomes.push(o),
-            Err((kind, cid, detail)) => {
-                tracing::warn!(batch = %b.id, kind, %detail, "result line not applied");
-                store
-                    .record_anomaly(Some(&b.run_id), Some(&b.id), kind, cid.as_deref(), &detail)
-                    .await?;
-            }
-        }
-        if outcomes.len() >= APPLY_CHUNK {
-            stats += store.apply_results(b, &outcomes, max_attempts).await?;
-            outcomes.clear();
+        let (written, judging) = tokio::join!(write, judge);
+        if let Some(s) = written? {
+            stats += s;
             crate::failpoint!("apply.after_chunk");
         }
-    }
-    if !outcomes.is_empty() {
-        stats += store.apply_results(b, &outcomes, max_attempts).await?;
-        crate::failpoint!("apply.after_chunk");
+        judging?;
+        writing.clear();
+        std::mem::swap(&mut writing, &mut judged);
     }
     Ok(stats)
 }
