@@ -132,7 +132,9 @@ pub(super) async fn stream_file(
         .await
         .map_err(|_| SimError::not_found("file", id))?;
     let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
-    let stream = tokio_util::io::ReaderStream::new(file);
+    // Each read of an async file is a hand-off to a blocking thread: 256 KB a read, not the
+    // stream's default 4 KB (a 46 MB result file: 0.29 s of the simulator's CPU to serve).
+    let stream = tokio_util::io::ReaderStream::with_capacity(file, FILE_PIECE);
     let mut resp = Response::new(Body::from_stream(stream));
     resp.headers_mut().insert(
         "content-type",
@@ -143,9 +145,13 @@ pub(super) async fn stream_file(
     Ok(resp)
 }
 
-/// A file being received: bytes counted and hashed as they are written.
+/// Bytes read or written at a time by the simulator's file transfers.
+const FILE_PIECE: usize = 256 << 10;
+
+/// A file being received: bytes counted and hashed as they are written (through a buffer:
+/// each write of an async file is a hand-off to a blocking thread).
 pub(super) struct Sink {
-    f: tokio::fs::File,
+    f: tokio::io::BufWriter<tokio::fs::File>,
     n: u64,
     hasher: sha2::Sha256,
 }
@@ -156,7 +162,7 @@ impl Sink {
         let f = crate::util::fs::create_private(path)
             .map_err(|e| SimError::bad_request(e.to_string()))?;
         Ok(Sink {
-            f: tokio::fs::File::from_std(f),
+            f: tokio::io::BufWriter::with_capacity(FILE_PIECE, tokio::fs::File::from_std(f)),
             n: 0,
             hasher: <sha2::Sha256 as sha2::Digest>::new(),
         })
