@@ -129,8 +129,19 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
     }
 
     /// Downloads and applies an ended batch's results, then closes it. Downloads are never
-    /// trusted across a crash: each ingest fetches the files afresh.
-    pub(super) async fn ingest_batch(&mut self, b: &BatchRow) -> Result<(), RunError> {
+    /// trusted across a crash: each ingest fetches the files afresh (a file fetched ahead by
+    /// this process is used once, by its batch's ingest).
+    ///
+    /// While the results are applied, the output file of `next` (the ended batch this
+    /// process takes up after this one) is downloaded beside them: on a provider the
+    /// download is mostly waiting, and it overlaps the local work instead of following it.
+    /// A download ahead that fails is forgotten; the batch's own ingest downloads again,
+    /// with the usual handling of what went wrong.
+    pub(super) async fn ingest_batch(
+        &mut self,
+        b: &BatchRow,
+        next: Option<&BatchRow>,
+    ) -> Result<(), RunError> {
         let ctx = self.ctx;
         let mut stats = ApplyStats::default();
         if b.end_state == Some(EndState::Expired)
@@ -150,6 +161,13 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         for (kind, id) in [("output", &b.output_file_id), ("error", &b.error_file_id)] {
             let Some(file_id) = id else { continue };
             let dest = crate::provider::download_path(&downloads_dir(&ctx.work_dir), &b.id, kind);
+            if kind == "output"
+                && self.fetched_ahead.remove(&b.id).as_ref() == Some(file_id)
+                && dest.is_file()
+            {
+                files.push(dest);
+                continue;
+            }
             let _ = std::fs::remove_file(&dest);
             let r = ctx
                 .provider
@@ -173,10 +191,38 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             }
             files.push(dest);
         }
-        let mut seen = std::collections::HashSet::new();
-        for path in &files {
-            stats += apply::apply_file(self, b, path, &mut seen).await?;
+        let ahead = next
+            .filter(|n| n.id != b.id && !self.fetched_ahead.contains_key(&n.id))
+            .and_then(|n| Some((n.id.clone(), n.output_file_id.clone()?)));
+        let fetch = async {
+            let (id, file_id) = ahead?;
+            let dest = crate::provider::download_path(&downloads_dir(&ctx.work_dir), &id, "output");
+            let _ = std::fs::remove_file(&dest);
+            match ctx
+                .provider
+                .download(&file_id, &dest, ctx.pipeline.provider.max_download_bytes)
+                .await
+            {
+                Ok(_) => Some((id, file_id)),
+                Err(e) => {
+                    tracing::debug!(batch = %id, error = %e, "fetching results ahead failed; the batch's ingest downloads them");
+                    None
+                }
+            }
+        };
+        let apply = async {
+            let mut stats = ApplyStats::default();
+            let mut seen = std::collections::HashSet::new();
+            for path in &files {
+                stats += apply::apply_file(self, b, path, &mut seen).await?;
+            }
+            Ok::<_, RunError>(stats)
+        };
+        let (applied, fetched) = tokio::join!(apply, fetch);
+        if let Some((id, file_id)) = fetched {
+            self.fetched_ahead.insert(id, file_id);
         }
+        stats += applied?;
         let (verdict, error) = leftover_verdict(b);
         crate::failpoint!("finish.before_commit");
         let rest = ctx
@@ -386,7 +432,7 @@ pub async fn cancel<S: Store, P: BatchProvider>(
                     waiting += 1;
                     runner.poll(b).await?;
                 }
-                BatchState::Ended => runner.ingest_batch(b).await?,
+                BatchState::Ended => runner.ingest_batch(b, None).await?,
                 _ => {}
             }
         }

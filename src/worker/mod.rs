@@ -156,6 +156,9 @@ pub(crate) struct Runner<'a, S: Store, P: BatchProvider> {
     /// The figures this run's end status was judged from, frozen as they are when the run
     /// settles (nothing changes in between: the figures take a pass over every record).
     final_figures: Option<crate::store::RunFigures>,
+    /// Output files fetched ahead, while the batch before them was being applied: batch id
+    /// and the provider's file id, at the batch's download path.
+    fetched_ahead: HashMap<String, String>,
 }
 
 impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
@@ -192,6 +195,7 @@ impl<'a, S: Store, P: BatchProvider> Runner<'a, S, P> {
             budget_stage: None,
             collect_only: false,
             final_figures: None,
+            fetched_ahead: HashMap::new(),
         })
     }
 
@@ -641,12 +645,19 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             let mut in_flight = 0;
             let mut unsent = 0;
             self.waiting = false;
-            for b in open {
+            for (i, b) in open.iter().enumerate() {
                 if ctx.shutdown.is_set() {
                     return Ok(Stop::Interrupted);
                 }
+                // The next ended batch's results can be fetched while these are applied.
+                let next = open[i + 1..]
+                    .iter()
+                    .find(|n| n.state == BatchState::Ended && n.mode != BatchMode::Online);
                 let id = b.id.clone();
-                match self.step(b, &mut in_flight, &mut unsent).await {
+                match self
+                    .step(b.clone(), next, &mut in_flight, &mut unsent)
+                    .await
+                {
                     Err(RunError::Store(StoreError::LeaseLost { .. })) => {
                         // Another worker took it over (this one was too slow to renew):
                         // nothing was written; it is theirs now.
@@ -700,6 +711,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
     async fn step(
         &mut self,
         b: BatchRow,
+        next: Option<&BatchRow>,
         in_flight: &mut usize,
         unsent: &mut usize,
     ) -> Result<(), RunError> {
@@ -734,7 +746,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             }
             (BatchState::Ended, _) => {
                 let t = Instant::now();
-                self.ingest_batch(&b).await?;
+                self.ingest_batch(&b, next).await?;
                 self.times.results += t.elapsed();
                 self.results_stored(&b).await?;
             }
