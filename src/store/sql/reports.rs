@@ -469,15 +469,10 @@ async fn stage_figures(
     type Links = (String, i64, i64, i64, i64, i64, i64, i64);
     let mut links: Vec<Links> = Vec::with_capacity(stages.len());
     for &stage in stages {
-        let (items, records, skipped, failed, succeeded, exhausted, linked): (
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-        ) = db
+        // Distinct items, records, skipped, failed records, distinct succeeded and
+        // exhausted items, links with an item.
+        type Counts = (i64, i64, i64, i64, i64, i64, i64);
+        let c: Counts = db
             .one(
                 q("SELECT COUNT(DISTINCT x.item_id), \
                      COALESCE(SUM(CASE WHEN x.chunk = 0 THEN 1 ELSE 0 END), 0), \
@@ -492,16 +487,7 @@ async fn stage_figures(
                 .bind(stage),
             )
             .await?;
-        links.push((
-            stage.to_string(),
-            items,
-            records,
-            skipped,
-            failed,
-            succeeded,
-            exhausted,
-            linked,
-        ));
+        links.push((stage.to_string(), c.0, c.1, c.2, c.3, c.4, c.5, c.6));
     }
     type Sent = (
         String,
