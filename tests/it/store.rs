@@ -400,6 +400,9 @@ async fn ingest_dedupes_within_and_across_runs(db: &TestDb) {
     }
     let distinct: std::collections::HashSet<_> = ia.iter().collect();
     assert_eq!(distinct.len(), 700);
+    // New items take their ids in the order their records come (the store may write their
+    // keys in another order): batches are cut in the source's order.
+    assert!(ia[..700].windows(2).all(|w| w[0] < w[1]));
 
     // One chunk that holds a new request twice, beside stored ones.
     s.create_run(&new_run("c")).await.unwrap();
@@ -432,6 +435,34 @@ async fn ingest_dedupes_within_and_across_runs(db: &TestDb) {
         (6, 0, 3, 0)
     );
     assert_eq!((job.tokens.len(), job.tokens.total()), (3, 21));
+
+    // Every item's request is its own record's: the batch file's lines, by item id.
+    let mut want: std::collections::HashMap<i64, &str> = std::collections::HashMap::new();
+    for (r, id) in recs.iter().zip(&ia).chain(mixed.iter().zip(&ic)) {
+        assert_eq!(*want.entry(*id).or_insert(&r.user_json), r.user_json);
+    }
+    let batch = planned(s.plan_batch(&plan("c", "w")).await.unwrap()).unwrap();
+    assert_eq!(batch.request_count, 702);
+    let mut lines: Vec<nightshift::store::BatchLine> = Vec::new();
+    loop {
+        let after = lines.last().map_or(0, |l| l.attempt_id);
+        let page = s.batch_lines(&batch.id, after, 5000).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        lines.extend(page);
+    }
+    assert_eq!(lines.len(), 702);
+    for l in &lines {
+        // custom_id: b<batch>-<item id>-<attempt>
+        let id: i64 = l.custom_id.rsplit('-').nth(1).unwrap().parse().unwrap();
+        assert_eq!(
+            Some(&l.user_json.as_str()),
+            want.get(&id),
+            "{}",
+            l.custom_id
+        );
+    }
 }
 
 async fn racing_planners_take_every_item_exactly_once(db: &TestDb) {

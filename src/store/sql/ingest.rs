@@ -5,22 +5,16 @@ use std::collections::HashMap;
 
 use super::*;
 
-/// Binds: pipeline, stage, shape_id, run_id, now; then per row key, body_bytes, input_tokens.
-/// PostgreSQL's returns the id and key of each item it inserted (not those already stored);
-/// SQLite's nothing (see [`insert_items`]).
-fn insert_items_sql(rows: usize, returning: bool) -> String {
+/// PostgreSQL. Binds: pipeline, stage, shape_id, run_id, now; then per row key, body_bytes,
+/// input_tokens. Returns the id and key of each item it inserted (not those already stored).
+fn insert_items_sql(rows: usize) -> String {
     format!(
         "INSERT OR FAIL INTO items (pipeline, stage, shape_id, first_run_id, created_at, updated_at, state, attempts, \
          dedupe_key, body_bytes, input_tokens) \
          SELECT c.p, c.s, c.sh, c.r, c.t, c.t, 'pending', 0, v.column1, v.column2, v.column3 \
          FROM (SELECT ? AS p, ? AS s, ? AS sh, ? AS r, ? AS t) AS c, (VALUES {}) AS v \
-         WHERE true ON CONFLICT (pipeline, stage, dedupe_key) DO NOTHING{}",
-        values_sql(rows, 3),
-        if returning {
-            " RETURNING id, dedupe_key"
-        } else {
-            ""
-        }
+         WHERE true ON CONFLICT (pipeline, stage, dedupe_key) DO NOTHING RETURNING id, dedupe_key",
+        values_sql(rows, 3)
     )
 }
 
@@ -101,62 +95,179 @@ async fn id_keys(tx: &mut Tx, query: Query<'_>) -> Result<Vec<(i64, Vec<u8>)>> {
 /// Inserts the items of `rows` (key, prompt, body bytes, prompt tokens) at the target's
 /// stage, new ones `pending`, and their prompts. Returns how many items are new, and the
 /// item id of each row, in order.
-///
-/// Each key is looked up in the items' unique index once, by the insert; then the new
-/// items are read back by id, and only the keys stored before are looked up again. On
-/// SQLite the new items are those above the largest id before the insert: the transaction
-/// is the only writer, and a statement's new rows take ids above every stored one. (Rows
-/// returned one by one would each cross from the driver's database thread; the packed
-/// read is one row.) PostgreSQL's insert returns them.
 pub(super) async fn insert_items<'r>(
     tx: &mut Tx,
     t: &IngestTarget<'_>,
     now: i64,
     rows: impl IntoIterator<Item = (&'r [u8], &'r str, u64, u64)>,
 ) -> Result<(u64, Vec<i64>)> {
-    static ITEMS_SQLITE: OnceLock<String> = OnceLock::new();
-    static ITEMS_PG: OnceLock<String> = OnceLock::new();
-    static BODIES: OnceLock<String> = OnceLock::new();
-    static STORED_SQLITE: OnceLock<String> = OnceLock::new();
-    static STORED_PG: OnceLock<String> = OnceLock::new();
-    let engine = tx.engine();
-    let sqlite = engine == Engine::Sqlite;
     let rows: Vec<_> = rows.into_iter().collect();
+    match tx.engine() {
+        Engine::Sqlite => insert_items_sqlite(tx, t, now, &rows).await,
+        Engine::Postgres => insert_items_pg(tx, t, now, &rows).await,
+    }
+}
+
+/// One row of [`insert_items`]: key, prompt, body bytes, prompt tokens.
+type ItemRow<'r> = (&'r [u8], &'r str, u64, u64);
+
+/// Binds: pipeline, stage, shape_id, run_id, now; then per row id, key, body_bytes,
+/// input_tokens.
+fn insert_items_with_ids_sql(rows: usize) -> String {
+    format!(
+        "INSERT OR FAIL INTO items (id, pipeline, stage, shape_id, first_run_id, created_at, updated_at, state, \
+         attempts, dedupe_key, body_bytes, input_tokens) \
+         SELECT v.column1, c.p, c.s, c.sh, c.r, c.t, c.t, 'pending', 0, v.column2, v.column3, v.column4 \
+         FROM (SELECT ? AS p, ? AS s, ? AS sh, ? AS r, ? AS t) AS c, (VALUES {}) AS v \
+         WHERE true ON CONFLICT (pipeline, stage, dedupe_key) DO NOTHING",
+        values_sql(rows, 4)
+    )
+}
+
+/// SQLite: the rows go into the items' unique index in the order of their keys. The keys
+/// are hashes: in the order they come, each lands on a random page of the index, which
+/// once the index outgrows the page cache is read, changed and written back for that one
+/// key (at a million items, that was most of the ingest's time in the kernel, copying
+/// pages). In key order, the keys that share a page are written to it together.
+///
+/// Each row is given its id before the insert, in the order the rows come (the
+/// transaction is the only writer, and a statement's new rows take ids above every stored
+/// one): item ids still follow the source's order, so batches are cut in that order. A
+/// row whose key is already stored (or came earlier in `rows`) leaves its id unused. The
+/// ids present afterwards are the new items; only the other keys are looked up again.
+async fn insert_items_sqlite(
+    tx: &mut Tx,
+    t: &IngestTarget<'_>,
+    now: i64,
+    rows: &[ItemRow<'_>],
+) -> Result<(u64, Vec<i64>)> {
+    static ITEMS: OnceLock<String> = OnceLock::new();
+    static BODIES: OnceLock<String> = OnceLock::new();
+    static STORED: OnceLock<String> = OnceLock::new();
+    if rows.is_empty() {
+        return Ok((0, Vec::new()));
+    }
+    let before: i64 = tx
+        .scalar(q("SELECT COALESCE(MAX(id), 0) FROM items"))
+        .await?;
+    // By key, and a key's first row first: that one is inserted, the others find it.
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.sort_unstable_by(|&a, &b| rows[a].0.cmp(rows[b].0).then(a.cmp(&b)));
+    let mut inserted = 0;
+    for chunk in order.chunks(ROWS_PER_STATEMENT) {
+        let mut items = q(cached_sql(&ITEMS, chunk.len(), insert_items_with_ids_sql))
+            .bind(t.pipeline)
+            .bind(t.stage)
+            .bind(t.shape_id)
+            .bind(t.run_id)
+            .bind(now);
+        for &i in chunk {
+            let (key, _, body_bytes, tokens) = rows[i];
+            items.push(before + 1 + i as i64);
+            items.push(key);
+            items.push(i64_of(body_bytes));
+            items.push(i64_of(tokens));
+        }
+        inserted += tx.execute(items).await?;
+    }
+
+    // Which rows were inserted: the ids present above `before`.
+    let mut new_row = vec![false; rows.len()];
+    if inserted > 0 {
+        let present = packed_sql("SELECT id FROM items WHERE id > $1", &["id"], "id");
+        let (packed,): (Option<String>,) = tx.one(q(present).bind(before)).await?;
+        for [id] in unpack::<1>(packed.as_deref())? {
+            let slot = usize::try_from(int(id)? - before - 1)
+                .ok()
+                .and_then(|i| new_row.get_mut(i))
+                .ok_or_else(|| {
+                    StoreError::Invalid(format!("item {id} was not given by this insert"))
+                })?;
+            *slot = true;
+        }
+    }
+    let mut by_key: HashMap<&[u8], i64> = HashMap::with_capacity(rows.len());
+    let mut new_items = 0u64;
+    for (i, row) in rows.iter().enumerate() {
+        if new_row[i] {
+            by_key.insert(row.0, before + 1 + i as i64);
+            new_items += 1;
+        }
+    }
+
+    // The prompts of the new items, in id order.
+    let new: Vec<usize> = (0..rows.len()).filter(|&i| new_row[i]).collect();
+    for chunk in new.chunks(ROWS_PER_STATEMENT) {
+        let mut bodies = q(cached_sql(&BODIES, chunk.len(), insert_bodies_sql));
+        for &i in chunk {
+            bodies.push(before + 1 + i as i64);
+            bodies.push(rows[i].1);
+        }
+        tx.execute(bodies).await?;
+    }
+
+    // The keys stored before (in key order, once each).
+    let mut stored: Vec<&[u8]> = Vec::new();
+    for &i in &order {
+        let key = rows[i].0;
+        if !by_key.contains_key(key) && stored.last() != Some(&key) {
+            stored.push(key);
+        }
+    }
+    for chunk in stored.chunks(ROWS_PER_STATEMENT) {
+        let sql = cached_sql(&STORED, chunk.len(), |n| stored_ids_sql(n, Engine::Sqlite));
+        let mut find = q(sql).bind(t.pipeline).bind(t.stage);
+        for key in chunk {
+            find.push(*key);
+        }
+        for (id, key) in id_keys(tx, find).await? {
+            if let Ok(i) = chunk.binary_search(&&key[..]) {
+                by_key.insert(chunk[i], id);
+            }
+        }
+    }
+    let ids = rows
+        .iter()
+        .map(|(key, ..)| {
+            by_key.get(key).copied().ok_or_else(|| {
+                StoreError::Invalid(format!(
+                    "item {} of {}/{} was neither inserted nor found",
+                    hex::encode(key),
+                    t.pipeline,
+                    t.stage
+                ))
+            })
+        })
+        .collect::<Result<Vec<i64>>>()?;
+    Ok((new_items, ids))
+}
+
+/// PostgreSQL: each key is looked up in the items' unique index once, by the insert, which
+/// returns the new items; only the keys stored before are looked up again.
+async fn insert_items_pg(
+    tx: &mut Tx,
+    t: &IngestTarget<'_>,
+    now: i64,
+    rows: &[ItemRow<'_>],
+) -> Result<(u64, Vec<i64>)> {
+    static ITEMS: OnceLock<String> = OnceLock::new();
+    static BODIES: OnceLock<String> = OnceLock::new();
+    static STORED: OnceLock<String> = OnceLock::new();
     let mut new_items = 0;
     let mut ids = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-        let mut items = if sqlite {
-            q(cached_sql(&ITEMS_SQLITE, chunk.len(), |n| {
-                insert_items_sql(n, false)
-            }))
-        } else {
-            q(cached_sql(&ITEMS_PG, chunk.len(), |n| {
-                insert_items_sql(n, true)
-            }))
-        }
-        .bind(t.pipeline)
-        .bind(t.stage)
-        .bind(t.shape_id)
-        .bind(t.run_id)
-        .bind(now);
+        let mut items = q(cached_sql(&ITEMS, chunk.len(), insert_items_sql))
+            .bind(t.pipeline)
+            .bind(t.stage)
+            .bind(t.shape_id)
+            .bind(t.run_id)
+            .bind(now);
         for (key, _, body_bytes, tokens) in chunk {
             items.push(*key);
             items.push(i64_of(*body_bytes));
             items.push(i64_of(*tokens));
         }
-        let added: Vec<(i64, Vec<u8>)> = if sqlite {
-            let before: i64 = tx
-                .scalar(q("SELECT COALESCE(MAX(id), 0) FROM items"))
-                .await?;
-            if tx.execute(items).await? == 0 {
-                Vec::new()
-            } else {
-                let new = q(id_key_sql(engine, "id > $1")).bind(before);
-                id_keys(tx, new).await?
-            }
-        } else {
-            tx.all(items).await?
-        };
+        let added: Vec<(i64, Vec<u8>)> = tx.all(items).await?;
         new_items += added.len() as u64;
         let mut by_key: HashMap<&[u8], (i64, bool)> = added
             .iter()
@@ -187,11 +298,9 @@ pub(super) async fn insert_items<'r>(
         } else {
             stored.sort_unstable();
             stored.dedup();
-            let sql = if sqlite {
-                cached_sql(&STORED_SQLITE, stored.len(), |n| stored_ids_sql(n, engine))
-            } else {
-                cached_sql(&STORED_PG, stored.len(), |n| stored_ids_sql(n, engine))
-            };
+            let sql = cached_sql(&STORED, stored.len(), |n| {
+                stored_ids_sql(n, Engine::Postgres)
+            });
             let mut find = q(sql).bind(t.pipeline).bind(t.stage);
             for key in &stored {
                 find.push(*key);
@@ -291,40 +400,38 @@ async fn add(
         quarantined: quarantined.len() as u64,
         ..Default::default()
     };
-    // The first item of every record, in order: a multi-stage pipeline links them.
-    let mut first = Vec::with_capacity(if links { records.len() } else { 0 });
-    for chunk in records.chunks(ROWS_PER_STATEMENT) {
-        let (new_items, ids) = insert_items(
-            tx,
-            target,
-            now,
-            chunk.iter().map(|r| {
-                (
-                    &r.key[..],
-                    r.user_json.as_str(),
-                    r.body_bytes as u64,
-                    r.input_tokens,
-                )
-            }),
-        )
-        .await?;
-        stats.new_items += new_items;
-        crate::failpoint!("ingest.mid_tx");
-
+    // Every item of the hand-off at once: the store writes their keys in key order.
+    let (new_items, ids) = insert_items(
+        tx,
+        target,
+        now,
+        records.iter().map(|r| {
+            (
+                &r.key[..],
+                r.user_json.as_str(),
+                r.body_bytes as u64,
+                r.input_tokens,
+            )
+        }),
+    )
+    .await?;
+    stats.new_items += new_items;
+    crate::failpoint!("ingest.mid_tx");
+    for (chunk, ids) in records
+        .chunks(ROWS_PER_STATEMENT)
+        .zip(ids.chunks(ROWS_PER_STATEMENT))
+    {
         let mut recs = q(cached_sql(&RECORDS, chunk.len(), insert_records_sql)).bind(run_id);
-        for (r, &id) in chunk.iter().zip(&ids) {
+        for (r, &id) in chunk.iter().zip(ids) {
             recs.push(r.line as i64);
             recs.push(r.record_id.as_str());
             recs.push(id);
             recs.push(r.data.as_deref());
         }
         tx.execute(recs).await?;
-        if links {
-            first.extend(ids);
-        }
     }
     if links {
-        stats.new_items += super::stages::ingest_links(tx, target, now, records, &first).await?;
+        stats.new_items += super::stages::ingest_links(tx, target, now, records, &ids).await?;
     }
     for chunk in quarantined.chunks(ROWS_PER_STATEMENT) {
         let mut qq = q(format!(
