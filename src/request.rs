@@ -153,7 +153,7 @@ impl PreparedItem {
     ) -> Result<PreparedItem, RenderError> {
         scratch.clear();
         template.render_into(context, scratch)?;
-        let user_json = serde_json::to_string(scratch.as_str()).expect("a string serialises");
+        let user_json = json_string(scratch);
         Ok(PreparedItem {
             input_tokens: counter.map(|c| c.count(scratch)).unwrap_or(0),
             key: shape.key(&user_json),
@@ -174,6 +174,15 @@ impl From<PreparedRecord> for PreparedItem {
     }
 }
 
+/// `text` as a JSON string literal, in a buffer about its own size: a record's prompt is held
+/// until the store has written it (thousands at a time), and the doubling growth of
+/// `serde_json::to_string` left up to half of each buffer unused.
+fn json_string(text: &str) -> String {
+    let mut out = Vec::with_capacity(text.len() + text.len() / 16 + 8);
+    serde_json::to_writer(&mut out, text).expect("a string serialises");
+    String::from_utf8(out).expect("JSON text is UTF-8")
+}
+
 /// Renders a record's user message and computes its item key.
 pub fn prepare(
     shape: &RequestShape,
@@ -186,7 +195,7 @@ pub fn prepare(
 ) -> Result<PreparedRecord, RenderError> {
     scratch.clear();
     template.render_into(record, scratch)?;
-    let user_json = serde_json::to_string(scratch.as_str()).expect("a string serialises");
+    let user_json = json_string(scratch);
     Ok(PreparedRecord {
         line,
         record_id,
