@@ -21,7 +21,7 @@ use crate::util::text::compact_json;
 const CHUNK: usize = 100_000;
 /// Records per hand-off from the reading thread, and per call to the store, which writes a
 /// call's keys to the dedupe index in key order: the larger the hand-off, the more keys share
-/// each page the index writes. What is in flight (one hand-off stored, one queued, one being
+/// each page the index writes. What is in flight (one hand-off being stored, the next being
 /// filled) stays a fraction of a transaction's worth. At a million records (`run
 /// --ingest-only`): 22.5–23 s with 2,000 a hand-off and keys in the order read, 12.8–14.2 s
 /// with 10,000 in key order; 20,000 gave no more and held 15 MB more.
@@ -49,6 +49,9 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
     let p = ctx.pipeline;
     let reader = SourceReader::open(&p.source)?;
     let (tx, mut rx) = mpsc::channel::<Result<Chunk, SourceError>>(1);
+    // The store says when it has taken a hand-off: the reading thread fills the next one only
+    // then, so two are held at most (one being stored, one being filled or waiting).
+    let (taken_tx, taken) = std::sync::mpsc::channel::<()>();
     let template = first.stage.prompt.user.clone();
     let shape = first.shape.clone();
     let counter = first.counter;
@@ -116,7 +119,10 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
                     return;
                 }
             }
-            if chunk.len() >= HANDOFF && tx.blocking_send(Ok(std::mem::take(&mut chunk))).is_err() {
+            if chunk.len() >= HANDOFF
+                && (tx.blocking_send(Ok(std::mem::take(&mut chunk))).is_err()
+                    || taken.recv().is_err())
+            {
                 return;
             }
         }
@@ -146,6 +152,7 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
             break;
         }
         let Some(msg) = msg else { break };
+        let _ = taken_tx.send(());
         let part = msg?;
         for q in &part.quarantined {
             ctx.observer.event(&Event::Quarantined {
@@ -179,6 +186,7 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
         commit::<S>(tx, &stats, &mut done).await?;
     }
     drop(rx);
+    drop(taken_tx);
     let _ = producer.await;
     ctx.store
         .set_run_counts(run_id, done.records + done.quarantined, done.quarantined)
