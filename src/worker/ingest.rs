@@ -26,17 +26,35 @@ const CHUNK: usize = 100_000;
 /// --ingest-only`): 22.5–23 s with 2,000 a hand-off and keys in the order read, 12.8–14.2 s
 /// with 10,000 in key order; 20,000 gave no more and held 15 MB more.
 const HANDOFF: usize = 10_000;
+/// A hand-off also ends at this much text: a multi-stage pipeline's records carry their
+/// fields beside their prompts (twice the bytes), and many chunks make a record large.
+const HANDOFF_BYTES: usize = 6 << 20;
 
 /// One hand-off from the reading thread.
 #[derive(Default)]
 struct Chunk {
     records: Vec<PreparedRecord>,
     quarantined: Vec<Quarantined>,
+    /// The text the records hold (prompts, and fields kept for later stages).
+    bytes: usize,
 }
 
 impl Chunk {
     fn len(&self) -> usize {
         self.records.len() + self.quarantined.len()
+    }
+
+    fn push(&mut self, r: PreparedRecord) {
+        self.bytes += r.record_id.len()
+            + r.user_json.len()
+            + r.data.as_ref().map_or(0, String::len)
+            + r.more.iter().map(|m| m.user_json.len()).sum::<usize>();
+        self.records.push(r);
+    }
+
+    /// Whether it is a hand-off's worth.
+    fn full(&self) -> bool {
+        self.len() >= HANDOFF || self.bytes >= HANDOFF_BYTES
     }
 }
 
@@ -70,7 +88,7 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
                         Ok(items) => {
                             let mut items = items.into_iter();
                             let first = items.next().expect("at least one item");
-                            chunk.records.push(PreparedRecord {
+                            chunk.push(PreparedRecord {
                                 line: r.line,
                                 record_id: r.id,
                                 key: first.key,
@@ -102,7 +120,7 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
                             if keep_fields {
                                 prepared.data = Some(compact_json(&r.value));
                             }
-                            chunk.records.push(prepared)
+                            chunk.push(prepared)
                         }
                         Err(e) => {
                             chunk.quarantined.push(Quarantined {
@@ -119,7 +137,7 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
                     return;
                 }
             }
-            if chunk.len() >= HANDOFF
+            if chunk.full()
                 && (tx.blocking_send(Ok(std::mem::take(&mut chunk))).is_err()
                     || taken.recv().is_err())
             {
