@@ -130,9 +130,9 @@ fn insert_items_with_ids_sql(rows: usize) -> String {
 /// key (at a million items, that was most of the ingest's time in the kernel, copying
 /// pages). In key order, the keys that share a page are written to it together.
 ///
-/// Each row is given its id before the insert, in the order the rows come (the
-/// transaction is the only writer, and a statement's new rows take ids above every stored
-/// one): item ids still follow the source's order, so batches are cut in that order. A
+/// Each row is given its id before the insert, in the order the rows come, above every
+/// stored one (the transaction is the only writer: no other row can take those ids
+/// meanwhile): item ids still follow the source's order, so batches are cut in that order. A
 /// row whose key is already stored (or came earlier in `rows`) leaves its id unused. The
 /// ids present afterwards are the new items; only the other keys are looked up again.
 async fn insert_items_sqlite(
@@ -228,18 +228,19 @@ async fn insert_items_sqlite(
     }
     let ids = rows
         .iter()
-        .map(|(key, ..)| {
-            by_key.get(key).copied().ok_or_else(|| {
-                StoreError::Invalid(format!(
-                    "item {} of {}/{} was neither inserted nor found",
-                    hex::encode(key),
-                    t.pipeline,
-                    t.stage
-                ))
-            })
-        })
+        .map(|(key, ..)| by_key.get(key).copied().ok_or_else(|| not_found(key, t)))
         .collect::<Result<Vec<i64>>>()?;
     Ok((new_items, ids))
+}
+
+/// A row of [`insert_items`] whose item is neither new nor stored: a broken invariant.
+fn not_found(key: &[u8], t: &IngestTarget<'_>) -> StoreError {
+    StoreError::Invalid(format!(
+        "item {} of {}/{} was neither inserted nor found",
+        hex::encode(key),
+        t.pipeline,
+        t.stage
+    ))
 }
 
 /// PostgreSQL: each key is looked up in the items' unique index once, by the insert, which
@@ -313,14 +314,7 @@ async fn insert_items_pg(
             }
         }
         for (key, ..) in chunk {
-            let (id, _) = by_key.get(key).ok_or_else(|| {
-                StoreError::Invalid(format!(
-                    "item {} of {}/{} was neither inserted nor found",
-                    hex::encode(key),
-                    t.pipeline,
-                    t.stage
-                ))
-            })?;
+            let (id, _) = by_key.get(key).ok_or_else(|| not_found(key, t))?;
             ids.push(*id);
         }
     }
