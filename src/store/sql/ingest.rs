@@ -43,9 +43,14 @@ fn stored_ids_sql(rows: usize, engine: Engine) -> String {
             for i in 0..rows {
                 keys.push_str(if i == 0 { "?" } else { ",?" });
             }
-            id_key_sql(
-                engine,
-                &format!("pipeline = ? AND stage = ? AND dedupe_key IN ({keys})"),
+            // As one packed row (ids, keys in hex), read by [`id_keys`].
+            packed_sql(
+                &format!(
+                    "SELECT id, hex(dedupe_key) AS k FROM items \
+                     WHERE pipeline = ? AND stage = ? AND dedupe_key IN ({keys})"
+                ),
+                &["id", "k"],
+                "id",
             )
         }
         Engine::Postgres => {
@@ -60,20 +65,7 @@ fn stored_ids_sql(rows: usize, engine: Engine) -> String {
     }
 }
 
-/// The id and key of the items `filter` selects: on SQLite as one packed row (ids, keys in
-/// hex), read by [`id_keys`].
-fn id_key_sql(engine: Engine, filter: &str) -> String {
-    match engine {
-        Engine::Sqlite => packed_sql(
-            &format!("SELECT id, hex(dedupe_key) AS k FROM items WHERE {filter}"),
-            &["id", "k"],
-            "id",
-        ),
-        Engine::Postgres => format!("SELECT id, dedupe_key FROM items WHERE {filter}"),
-    }
-}
-
-/// The (id, key) rows of an [`id_key_sql`] query.
+/// The (id, key) rows of a [`stored_ids_sql`] query.
 async fn id_keys(tx: &mut Tx, query: Query<'_>) -> Result<Vec<(i64, Vec<u8>)>> {
     match tx.engine() {
         Engine::Postgres => tx.all(query).await,
