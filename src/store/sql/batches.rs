@@ -60,14 +60,13 @@ pub(super) async fn batch_lines(
                 q(packed_sql(
                     PAGE,
                     &["attempt_id", "custom_id", "shape_id", "user_json"],
-                    "attempt_id",
                 ))
                 .bind(batch_id)
                 .bind(after_attempt_id)
                 .bind(limit as i64),
             )
             .await?;
-        return unpack::<4>(packed.as_deref())?
+        let mut lines = unpack::<4>(packed.as_deref())?
             .into_iter()
             .map(|[id, custom_id, shape, user_json]| {
                 Ok(BatchLine {
@@ -77,7 +76,9 @@ pub(super) async fn batch_lines(
                     user_json: user_json.to_string(),
                 })
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
+        lines.sort_unstable_by_key(|l| l.attempt_id);
+        return Ok(lines);
     }
     store
         .db

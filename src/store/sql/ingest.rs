@@ -50,7 +50,6 @@ fn stored_ids_sql(rows: usize, engine: Engine) -> String {
                      WHERE pipeline = ? AND stage = ? AND dedupe_key IN ({keys})"
                 ),
                 &["id", "k"],
-                "id",
             )
         }
         Engine::Postgres => {
@@ -166,7 +165,7 @@ async fn insert_items_sqlite(
     // Which rows were inserted: the ids present above `before`.
     let mut new_row = vec![false; rows.len()];
     if inserted > 0 {
-        let present = packed_sql("SELECT id FROM items WHERE id > $1", &["id"], "id");
+        let present = packed_sql("SELECT id FROM items WHERE id > $1", &["id"]);
         let (packed,): (Option<String>,) = tx.one(q(present).bind(before)).await?;
         for [id] in unpack::<1>(packed.as_deref())? {
             let slot = usize::try_from(int(id)? - before - 1)

@@ -153,21 +153,16 @@ const BATCH_COLUMNS: &str = "id, run_id, pipeline, stage, provider, model, prici
     ingested_by_run";
 
 /// SQLite: the rows of `page` as one row of text, `cols` joined by the unit separator and
-/// rows by the record separator, in `order`. The driver hands every row, and a copy of each
-/// of its values, from its database thread to ours; a read of thousands of rows was as many
+/// rows by the record separator. The driver hands every row, and a copy of each of its
+/// values, from its database thread to ours; a read of thousands of rows was as many
 /// hand-offs. Only for columns that cannot hold the separators: integers, our own ids and
 /// state names, JSON (whose strings escape every control character).
-fn packed_sql(page: &str, cols: &[&str], order: &str) -> String {
-    format!(
-        "SELECT group_concat({}, char(30) ORDER BY t.{order}) FROM ({page}) AS t",
-        packed_fields(cols)
-    )
-}
-
-/// [`packed_sql`] with the rows in whatever order SQLite reads them, for a caller that sorts
-/// what it unpacks: SQLite's sorter copies every row of the page once more (a fifth of the
-/// links' reads), where rows that come in order already cost next to nothing to sort here.
-fn packed_sql_unordered(page: &str, cols: &[&str]) -> String {
+///
+/// The rows come in whatever order SQLite reads them: a caller that needs an order sorts
+/// what it unpacks. An `ORDER BY` inside the aggregate runs SQLite's sorter over every row
+/// of the page (a page of prompts or answers is megabytes), where rows that come in order
+/// already cost next to nothing to sort here.
+fn packed_sql(page: &str, cols: &[&str]) -> String {
     format!(
         "SELECT group_concat({}, char(30)) FROM ({page}) AS t",
         packed_fields(cols)

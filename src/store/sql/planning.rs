@@ -104,13 +104,13 @@ pub(super) async fn plan_batch(store: &SqlStore, req: &PlanRequest<'_>) -> Resul
         store.skip_locked()
     );
     let candidates: Vec<(i64, i64, i64, i64)> = if store.engine() == Engine::Sqlite {
-        // Up to a batch's worth of rows of four numbers: one packed row ([`packed_sql`]).
+        // Up to a batch's worth of rows of four numbers: one packed row ([`packed_sql`]),
+        // put back in id order here.
         let (packed,): (Option<String>,) = tx
             .one(
                 q(packed_sql(
                     &page,
                     &["id", "body_bytes", "attempts", "input_tokens"],
-                    "id",
                 ))
                 .bind(req.pipeline)
                 .bind(req.stage)
@@ -118,10 +118,12 @@ pub(super) async fn plan_batch(store: &SqlStore, req: &PlanRequest<'_>) -> Resul
                 .bind(max_item),
             )
             .await?;
-        unpack::<4>(packed.as_deref())?
+        let mut rows = unpack::<4>(packed.as_deref())?
             .into_iter()
             .map(|[id, body, tries, tokens]| Ok((int(id)?, int(body)?, int(tries)?, int(tokens)?)))
-            .collect::<Result<_>>()?
+            .collect::<Result<Vec<_>>>()?;
+        rows.sort_unstable_by_key(|r| r.0);
+        rows
     } else {
         // PostgreSQL: items another worker is planning right now are skipped, not waited on.
         tx.all(

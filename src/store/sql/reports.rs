@@ -23,7 +23,6 @@ pub(super) async fn run_records(
                  LEFT JOIN item_results ir ON ir.item_id = r.item_id \
                  WHERE r.run_id = $1 AND r.line > $2 ORDER BY r.line LIMIT $3",
                 &["line", "rid", "item", "st", "att", "res", "err"],
-                "line",
             )
         });
         let (packed,): (Option<String>,) = store
@@ -35,7 +34,7 @@ pub(super) async fn run_records(
                     .bind(limit as i64),
             )
             .await?;
-        return unpack::<7>(packed.as_deref())?
+        let mut rows = unpack::<7>(packed.as_deref())?
             .into_iter()
             .map(|[line, rid, item, st, att, res, err]| {
                 Ok(RecordResult {
@@ -48,7 +47,9 @@ pub(super) async fn run_records(
                     last_error: err.strip_prefix('v').map(unhex).transpose()?,
                 })
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
+        rows.sort_unstable_by_key(|r| r.line);
+        return Ok(rows);
     }
     super::stages::records_page(
         store,

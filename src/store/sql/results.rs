@@ -78,12 +78,11 @@ pub(super) async fn batch_attempts(store: &SqlStore, batch_id: &str) -> Result<V
                 q(packed_sql(
                     ALL,
                     &["id", "item_id", "attempt_no", "custom_id", "state"],
-                    "id",
                 ))
                 .bind(batch_id),
             )
             .await?;
-        return unpack::<5>(packed.as_deref())?
+        let mut attempts = unpack::<5>(packed.as_deref())?
             .into_iter()
             .map(|[id, item_id, attempt_no, custom_id, state]| {
                 Ok(AttemptRef {
@@ -94,7 +93,9 @@ pub(super) async fn batch_attempts(store: &SqlStore, batch_id: &str) -> Result<V
                     state: named(state)?,
                 })
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
+        attempts.sort_unstable_by_key(|a| a.id);
+        return Ok(attempts);
     }
     store.db.all(q(ALL).bind(batch_id)).await
 }

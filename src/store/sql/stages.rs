@@ -639,7 +639,7 @@ async fn needed_links(
 
 /// A page of links ([`LinkRow`]): `record_items x` with its item `i` and answer `ir`, where
 /// `filter`, in line, stage and chunk order; `cost` and `sharers` are the SQL of those two
-/// columns. On SQLite as one packed row ([`packed_sql_unordered`], read and put in that
+/// columns. On SQLite as one packed row ([`packed_sql`], read and put in that
 /// order by [`read_links`]): a page is thousands of links, each a hand-off from the driver's
 /// database thread as a row of its own. The stage name and the errors are free text, so they
 /// come hex-encoded; a NULL is an empty field, any other value of a nullable column is
@@ -648,7 +648,7 @@ fn links_sql(engine: Engine, cost: &str, sharers: &str, filter: &str) -> String 
     const FROM: &str = "FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
         LEFT JOIN item_results ir ON ir.item_id = x.item_id";
     match engine {
-        Engine::Sqlite => packed_sql_unordered(
+        Engine::Sqlite => packed_sql(
             &format!(
                 "SELECT x.line AS line, hex(x.stage) AS st, x.chunk AS chunk, \
                  COALESCE('v' || x.item_id, '') AS item, COALESCE('v' || i.state, '') AS state, \
