@@ -116,6 +116,24 @@ fn response_format(spec: &RequestSpec<'_>) -> Value {
 /// A line of an output or error file. Only the error preview is scrubbed here (before it is
 /// cut); the caller scrubs the rest.
 fn parse_line(line: &[u8], redactor: &Redactor) -> Result<ResultLine, String> {
+    // Most lines are answers: one pass over the line, the body read as it goes. Whatever
+    // that pass does not take (another status, no body, a body that is not a chat
+    // completion, a malformed line) is read as before, so it ends the same way.
+    if let Ok(types::AnsweredLine {
+        custom_id,
+        response:
+            Some(types::AnsweredResponse {
+                status_code: 200,
+                body: Some(c),
+            }),
+        ..
+    }) = serde_json::from_slice(line)
+    {
+        return Ok(ResultLine {
+            custom_id: custom_id.into_owned(),
+            outcome: chat_outcome(c),
+        });
+    }
     let l: OutputLine<'_> = serde_json::from_slice(line).map_err(|e| e.to_string())?;
     let outcome = match (l.response, l.error) {
         (Some(resp), _) if resp.status_code == 200 => {

@@ -129,6 +129,26 @@ pub struct LineResponse<'a> {
     pub body: Option<&'a serde_json::value::RawValue>,
 }
 
+/// [`OutputLine`] read in one pass for the common case, an answered request: the body typed
+/// as a chat completion while the line is read. Any other line (another status, a body that
+/// is not a chat completion) is read again as an [`OutputLine`].
+#[derive(Debug, Deserialize)]
+pub struct AnsweredLine<'a> {
+    #[serde(borrow)]
+    pub custom_id: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    pub response: Option<AnsweredResponse>,
+    #[serde(default)]
+    pub error: Option<LineError>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct AnsweredResponse {
+    pub status_code: u16,
+    #[serde(default)]
+    pub body: Option<ChatCompletion>,
+}
+
 #[derive(Clone, Debug, Deserialize)]
 pub struct LineError {
     #[serde(default)]
