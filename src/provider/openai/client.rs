@@ -515,6 +515,29 @@ mod tests {
     }
 
     #[test]
+    fn only_an_answered_line_is_read_as_an_answer() {
+        let c = client();
+        // A 200 whose body is not a chat completion, or is null: refused, saying why.
+        for body in [r#"{"choices":"nope"}"#, "null"] {
+            let line = format!(
+                r#"{{"custom_id":"b1-1-1","response":{{"status_code":200,"body":{body}}},"error":null}}"#
+            );
+            let e = c.parse_result_line(line.as_bytes()).unwrap_err();
+            assert!(e.contains("response body is not a chat completion"), "{e}");
+        }
+        // Another status whose body would read as a chat completion is the provider's
+        // error for this request, with the usage it reports.
+        let line = br#"{"custom_id":"b1-1-2","response":{"status_code":500,"body":{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":0}}},"error":null}"#;
+        let l = c.parse_result_line(line).unwrap();
+        assert_eq!(l.custom_id, "b1-1-2");
+        let LineOutcome::Error { status, usage, .. } = l.outcome else {
+            panic!("{:?}", l.outcome)
+        };
+        assert_eq!(status, Some(500));
+        assert_eq!(usage.input_tokens, 7);
+    }
+
+    #[test]
     fn parses_the_documented_line_kinds() {
         let c = client();
         let ok = br#"{"id":"batch_req_123","custom_id":"request-2","response":{"status_code":200,"request_id":"req_123","body":{"id":"chatcmpl-123","object":"chat.completion","created":1711652795,"model":"gpt-3.5-turbo-0125","choices":[{"index":0,"message":{"role":"assistant","content":"Hello."},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":22,"completion_tokens":2,"total_tokens":24,"prompt_tokens_details":{"cached_tokens":10},"completion_tokens_details":{"reasoning_tokens":1}},"system_fingerprint":"fp_123","brand_new_field":{"x":1}}},"error":null}"#;
