@@ -1,6 +1,8 @@
 //! Reports: a run's records with their outcomes, its figures, ledger totals, the per-item
 //! audit, quarantine and anomaly counts. Read-only.
 
+use std::collections::{BTreeSet, HashMap};
+
 use super::*;
 
 /// A page of the run's records with their items' outcomes, in line order. On SQLite as one
@@ -159,63 +161,23 @@ pub(super) async fn run_figures(store: &SqlStore, run_id: &str) -> Result<RunFig
         f.records_done = count(done);
         f.processed_records = count(processed);
     }
-    let (attempts, attempted, sent): (i64, i64, i64) = db
-        .one(
-            q("SELECT COUNT(a.id), COUNT(DISTINCT a.item_id), \
-               COALESCE(SUM(CASE WHEN b.provider_batch_id IS NOT NULL OR a.dispatched_at IS NOT NULL \
-                            THEN 1 ELSE 0 END), 0) \
-               FROM attempts a JOIN batches b ON b.id = a.batch_id WHERE b.run_id = $1")
-            .bind(run_id),
-        )
-        .await?;
-    f.attempts = count(attempts);
-    f.items_attempted = count(attempted);
-    f.requests_sent = count(sent);
-    f.batches = count(
-        db.scalar(q("SELECT COUNT(*) FROM batches WHERE run_id = $1").bind(run_id))
-            .await?,
-    );
-    // The run's ledger in one pass, by model: the totals, the rows that carry an answer,
-    // and the models that were billed (three passes over the run's rows before).
-    type ModelRow = (String, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64);
-    let groups: Vec<ModelRow> = db
-        .all(
-            q(format!(
-                "SELECT model, {LEDGER_SUMS}, \
-                 COALESCE(SUM(CASE WHEN output_tokens > 0 THEN 1 ELSE 0 END), 0), \
-                 COALESCE(SUM(CASE WHEN output_tokens > 0 OR input_tokens > 0 THEN 1 ELSE 0 END), 0) \
-                 FROM ledger WHERE batch_id IN (SELECT id FROM batches WHERE run_id = $1) \
-                 GROUP BY model ORDER BY model"
-            ))
-            .bind(run_id),
-        )
-        .await?;
+    // The run's attempts and ledger, summed batch by batch in one pass (see [`batch_sums`]).
+    let by_batch = batch_sums(store, run_id).await?;
+    f.batches = by_batch.len() as u64;
     let mut sums: LedgerSums = (0, 0, 0, 0, 0, 0, 0, 0);
     let mut answered = 0i64;
-    for g in &groups {
-        let add = |a: i64, b: i64| {
-            a.checked_add(b)
-                .ok_or_else(|| StoreError::Invalid("the run's ledger sums overflow".into()))
-        };
-        sums = (
-            add(sums.0, g.1)?,
-            add(sums.1, g.2)?,
-            add(sums.2, g.3)?,
-            add(sums.3, g.4)?,
-            add(sums.4, g.5)?,
-            add(sums.5, g.6)?,
-            add(sums.6, g.7)?,
-            add(sums.7, g.8)?,
-        );
-        answered = add(answered, g.9)?;
+    let mut models: BTreeSet<String> = BTreeSet::new();
+    for b in &by_batch {
+        f.attempts += count(b.attempts);
+        f.items_attempted += count(b.attempts - b.repeats);
+        f.requests_sent += count(b.sent);
+        sums = add_sums(sums, b.ledger)?;
+        answered = add(answered, b.answered)?;
+        models.extend(b.billed_models.iter().cloned());
     }
     f.ledger = ledger_sums(sums);
     f.answered = count(answered);
-    f.models = groups
-        .into_iter()
-        .filter(|g| g.10 > 0)
-        .map(|g| g.0)
-        .collect();
+    f.models = models.into_iter().collect();
     // Batches of other runs this run's process ingested.
     let (batches, results, cost): (i64, i64, i64) = db
         .one(
@@ -230,7 +192,7 @@ pub(super) async fn run_figures(store: &SqlStore, run_id: &str) -> Result<RunFig
     f.collected.results = count(results);
     f.collected.cost = Usd::from_pico(cost as i128);
     if staged {
-        stage_figures(store, run_id, &stages, &mut f).await?;
+        stage_figures(store, run_id, &stages, &by_batch, &mut f).await?;
     }
     f.collected.runs = db
         .all::<(String,)>(
@@ -245,6 +207,147 @@ pub(super) async fn run_figures(store: &SqlStore, run_id: &str) -> Result<RunFig
         .map(|(r,)| r)
         .collect();
     Ok(f)
+}
+
+/// One batch of a run, with what its attempts and their ledger rows add up to.
+struct BatchSums {
+    stage: String,
+    model: String,
+    pricing_mode: String,
+    attempts: i64,
+    /// Attempts of an item that had an earlier attempt in the run's batches: the distinct
+    /// items a set of the run's batches carried are its attempts less these.
+    repeats: i64,
+    /// Attempts that reached the provider (the batch was created there, or each was
+    /// dispatched online).
+    sent: i64,
+    ledger: LedgerSums,
+    /// Ledger rows with an answer (output tokens billed).
+    answered: i64,
+    /// The models of its ledger rows that billed tokens.
+    billed_models: Vec<String>,
+}
+
+/// The run's batches, each with the sums of its attempts and their ledger rows: one pass
+/// over the run's attempts, batch by batch in the order of their index (no sort), with each
+/// attempt's ledger row. Before, the run's figures made three passes (the attempts with
+/// their batches, the ledger by model, and the attempts by stage, model and pricing mode
+/// counting distinct items): 0.66 s against 0.33 s for this one at 100,000 records through
+/// two stages (SQLite). A ledger row is its attempt's: [`super::results::apply_results`]
+/// writes one per attempt of the batch it applies, so a batch's rows are those of its
+/// attempts. An item's attempts count once however many of the run's batches carried it: a
+/// retry whose item had an earlier attempt in the run is a repeat (looked up for retries
+/// only). A batch's ledger rows are nearly always of one model; when the smallest and
+/// largest differ, that batch's models are read on their own.
+async fn batch_sums(store: &SqlStore, run_id: &str) -> Result<Vec<BatchSums>> {
+    let db = &store.db;
+    let batches: Vec<(String, String, String, String, i64)> = db
+        .all(
+            q("SELECT id, stage, model, pricing_mode, \
+               CAST(CASE WHEN provider_batch_id IS NULL THEN 0 ELSE 1 END AS BIGINT) \
+               FROM batches WHERE run_id = $1 ORDER BY id")
+            .bind(run_id),
+        )
+        .await?;
+    type Row = (
+        String,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        Option<String>,
+        Option<String>,
+    );
+    let rows: Vec<Row> = db
+        .all(
+            q("SELECT a.batch_id, COUNT(*), \
+                 CAST(COALESCE(SUM(CASE WHEN a.dispatched_at IS NOT NULL THEN 1 ELSE 0 END), 0) AS BIGINT), \
+                 CAST(COALESCE(SUM(CASE WHEN a.attempt_no > 1 AND EXISTS (SELECT 1 FROM attempts p \
+                   WHERE p.item_id = a.item_id AND p.attempt_no < a.attempt_no \
+                   AND (SELECT pb.run_id FROM batches pb WHERE pb.id = p.batch_id) = $1) \
+                   THEN 1 ELSE 0 END), 0) AS BIGINT), \
+                 COUNT(l.attempt_id), \
+                 CAST(COALESCE(SUM(l.input_tokens), 0) AS BIGINT), \
+                 CAST(COALESCE(SUM(l.cached_input_tokens), 0) AS BIGINT), \
+                 CAST(COALESCE(SUM(l.cache_write_tokens), 0) AS BIGINT), \
+                 CAST(COALESCE(SUM(l.output_tokens), 0) AS BIGINT), \
+                 CAST(COALESCE(SUM(l.reasoning_tokens), 0) AS BIGINT), \
+                 CAST(COALESCE(SUM(l.cost_pico), 0) AS BIGINT), \
+                 CAST(COALESCE(SUM(l.standard_cost_pico), 0) AS BIGINT), \
+                 CAST(COALESCE(SUM(CASE WHEN l.output_tokens > 0 THEN 1 ELSE 0 END), 0) AS BIGINT), \
+                 MIN(CASE WHEN l.output_tokens > 0 OR l.input_tokens > 0 THEN l.model END), \
+                 MAX(CASE WHEN l.output_tokens > 0 OR l.input_tokens > 0 THEN l.model END) \
+               FROM attempts a LEFT JOIN ledger l ON l.attempt_id = a.id \
+               WHERE a.batch_id IN (SELECT id FROM batches WHERE run_id = $1) \
+               GROUP BY a.batch_id")
+            .bind(run_id),
+        )
+        .await?;
+    let mut by_batch: HashMap<String, Row> = rows.into_iter().map(|r| (r.0.clone(), r)).collect();
+    let mut out = Vec::with_capacity(batches.len());
+    for (id, stage, model, pricing_mode, created) in batches {
+        let mut b = BatchSums {
+            stage,
+            model,
+            pricing_mode,
+            attempts: 0,
+            repeats: 0,
+            sent: 0,
+            ledger: (0, 0, 0, 0, 0, 0, 0, 0),
+            answered: 0,
+            billed_models: Vec::new(),
+        };
+        if let Some(r) = by_batch.remove(&id) {
+            b.attempts = r.1;
+            b.sent = if created == 1 { r.1 } else { r.2 };
+            b.repeats = r.3;
+            b.ledger = (r.4, r.5, r.6, r.7, r.8, r.9, r.10, r.11);
+            b.answered = r.12;
+            b.billed_models = match (r.13, r.14) {
+                (Some(lo), Some(hi)) if lo != hi => db
+                    .all::<(String,)>(
+                        q("SELECT DISTINCT model FROM ledger WHERE batch_id = $1 \
+                           AND (output_tokens > 0 OR input_tokens > 0) ORDER BY model")
+                        .bind(&id),
+                    )
+                    .await?
+                    .into_iter()
+                    .map(|(m,)| m)
+                    .collect(),
+                (Some(m), _) => vec![m],
+                (None, _) => Vec::new(),
+            };
+        }
+        out.push(b);
+    }
+    Ok(out)
+}
+
+/// `a + b`, or an error naming the run's sums.
+fn add(a: i64, b: i64) -> Result<i64> {
+    a.checked_add(b)
+        .ok_or_else(|| StoreError::Invalid("the run's ledger sums overflow".into()))
+}
+
+fn add_sums(a: LedgerSums, b: LedgerSums) -> Result<LedgerSums> {
+    Ok((
+        add(a.0, b.0)?,
+        add(a.1, b.1)?,
+        add(a.2, b.2)?,
+        add(a.3, b.3)?,
+        add(a.4, b.4)?,
+        add(a.5, b.5)?,
+        add(a.6, b.6)?,
+        add(a.7, b.7)?,
+    ))
 }
 
 pub(super) async fn ledger_totals_for_batch(
@@ -460,6 +563,7 @@ async fn stage_figures(
     store: &SqlStore,
     run_id: &str,
     stages: &[&str],
+    batches: &[BatchSums],
     f: &mut RunFigures,
 ) -> Result<()> {
     let db = &store.db;
@@ -490,62 +594,28 @@ async fn stage_figures(
             .await?;
         links.push((stage.to_string(), c.0, c.1, c.2, c.3, c.4, c.5, c.6));
     }
-    type Sent = (
-        String,
-        String,
-        String,
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-    );
-    let sent: Vec<Sent> = db
-        .all(
-            q("SELECT b.stage, b.model, b.pricing_mode, COUNT(a.id), COUNT(DISTINCT a.item_id), \
-                 CAST(COALESCE(SUM(l.input_tokens), 0) AS BIGINT), \
-                 CAST(COALESCE(SUM(l.cached_input_tokens), 0) AS BIGINT), \
-                 CAST(COALESCE(SUM(l.cache_write_tokens), 0) AS BIGINT), \
-                 CAST(COALESCE(SUM(l.output_tokens), 0) AS BIGINT), \
-                 CAST(COALESCE(SUM(l.reasoning_tokens), 0) AS BIGINT), \
-                 CAST(COALESCE(SUM(l.cost_pico), 0) AS BIGINT), \
-                 CAST(COALESCE(SUM(l.standard_cost_pico), 0) AS BIGINT), \
-                 CAST(COALESCE(SUM(CASE WHEN l.output_tokens > 0 THEN 1 ELSE 0 END), 0) AS BIGINT) \
-               FROM attempts a JOIN batches b ON b.id = a.batch_id LEFT JOIN ledger l ON l.attempt_id = a.id \
-               WHERE b.run_id = $1 GROUP BY b.stage, b.model, b.pricing_mode ORDER BY b.stage, b.model")
-            .bind(run_id),
-        )
-        .await?;
     // The reviews' verdicts, counted where they are stored: results are compact JSON, the
-    // `LIKE` narrows, and only what it lets through is parsed. The first stage reviews
-    // nothing (the pipeline's check refuses `on_fail` there), so its answers — often the
-    // longest — are not read (0.35 → 0.21 s at 100,000 records through two stages).
-    let (pass, fail) = match store.engine() {
-        Engine::Sqlite => (
-            "CASE WHEN json_valid(ir.result) THEN json_type(ir.result, '$.pass') = 'true' ELSE 0 END",
-            "CASE WHEN json_valid(ir.result) THEN json_type(ir.result, '$.pass') = 'false' ELSE 0 END",
-        ),
-        Engine::Postgres => (
-            "COALESCE((ir.result::jsonb -> 'pass') = 'true'::jsonb, false)",
-            "COALESCE((ir.result::jsonb -> 'pass') = 'false'::jsonb, false)",
-        ),
+    // `LIKE` narrows, and only what it lets through is parsed, once, for its `pass` (as
+    // JSON: `true`, `false`, or anything else), then counted. The first stage
+    // reviews nothing (the pipeline's check refuses `on_fail` there), so its answers —
+    // often the longest — are not read (0.35 → 0.21 s at 100,000 records through two
+    // stages; one parse instead of two per verdict: 0.41 → 0.34 s by the SQLite shell).
+    let verdict = match store.engine() {
+        Engine::Sqlite => "CASE WHEN json_valid(ir.result) THEN json_type(ir.result, '$.pass') END",
+        Engine::Postgres => "CAST(ir.result::jsonb -> 'pass' AS TEXT)",
     };
     let reviews: Vec<(String, i64, i64)> = db
         .all(
             q(format!(
-                "SELECT x.stage, \
-                   CAST(COALESCE(SUM(CASE WHEN {pass} THEN 1 ELSE 0 END), 0) AS BIGINT), \
-                   CAST(COALESCE(SUM(CASE WHEN {fail} THEN 1 ELSE 0 END), 0) AS BIGINT) \
-                 FROM record_items x JOIN items i ON i.id = x.item_id \
-                 JOIN item_results ir ON ir.item_id = x.item_id \
-                 WHERE x.run_id = $1 AND x.stage <> $2 AND i.state = 'succeeded' \
-                   AND ir.result LIKE '%\"pass\"%' \
-                 GROUP BY x.stage"
+                "SELECT g.stage, \
+                   CAST(COALESCE(SUM(CASE WHEN g.v = 'true' THEN 1 ELSE 0 END), 0) AS BIGINT), \
+                   CAST(COALESCE(SUM(CASE WHEN g.v = 'false' THEN 1 ELSE 0 END), 0) AS BIGINT) \
+                 FROM (SELECT x.stage AS stage, {verdict} AS v \
+                   FROM record_items x JOIN items i ON i.id = x.item_id \
+                   JOIN item_results ir ON ir.item_id = x.item_id \
+                   WHERE x.run_id = $1 AND x.stage <> $2 AND i.state = 'succeeded' \
+                     AND ir.result LIKE '%\"pass\"%') AS g \
+                 GROUP BY g.stage"
             ))
             .bind(run_id)
             .bind(stages.first().copied().unwrap_or_default()),
@@ -567,22 +637,29 @@ async fn stage_figures(
                 s.exhausted = count(l.6);
                 s.links = count(l.7);
             }
-            for x in sent.iter().filter(|x| x.0 == name) {
-                s.attempts += count(x.3);
-                s.items_attempted += count(x.4);
-                s.usage.input_tokens += count(x.5);
-                s.usage.cached_input_tokens += count(x.6);
-                s.usage.cache_write_tokens += count(x.7);
-                s.usage.output_tokens += count(x.8);
-                s.usage.reasoning_tokens += count(x.9);
-                s.cost += Usd::from_pico(x.10 as i128);
-                s.standard_cost += Usd::from_pico(x.11 as i128);
-                s.answered += count(x.12);
-                if !s.models.contains(&x.1) {
-                    s.models.push(x.1.clone());
+            // In (stage, model, pricing mode) order, as the groups were listed before.
+            let mut mine: Vec<&BatchSums> = batches.iter().filter(|b| b.stage == name).collect();
+            mine.sort_by(|a, b| (&a.model, &a.pricing_mode).cmp(&(&b.model, &b.pricing_mode)));
+            for b in mine {
+                if b.attempts == 0 {
+                    continue;
                 }
-                if !s.pricing_modes.contains(&x.2) {
-                    s.pricing_modes.push(x.2.clone());
+                s.attempts += count(b.attempts);
+                s.items_attempted += count(b.attempts - b.repeats);
+                let l = ledger_sums(b.ledger);
+                s.usage.input_tokens += l.usage.input_tokens;
+                s.usage.cached_input_tokens += l.usage.cached_input_tokens;
+                s.usage.cache_write_tokens += l.usage.cache_write_tokens;
+                s.usage.output_tokens += l.usage.output_tokens;
+                s.usage.reasoning_tokens += l.usage.reasoning_tokens;
+                s.cost += l.cost;
+                s.standard_cost += l.standard_cost;
+                s.answered += count(b.answered);
+                if !s.models.contains(&b.model) {
+                    s.models.push(b.model.clone());
+                }
+                if !s.pricing_modes.contains(&b.pricing_mode) {
+                    s.pricing_modes.push(b.pricing_mode.clone());
                 }
             }
             if let Some(r) = reviews.iter().find(|r| r.0 == name) {
