@@ -254,12 +254,33 @@ pub(super) async fn ready_records_at(
 }
 
 /// Lines of the run's records linked to an item attempted in `batch_id`, ascending: the
-/// records its results may have made ready for a later stage.
+/// records its results may have made ready for a later stage. On SQLite the lines come as
+/// one packed row ([`packed_sql`]), sorted and made distinct here: a batch is tens of
+/// thousands of lines, each a row handed over from the driver's database thread, and
+/// `DISTINCT … ORDER BY` ran SQLite's sorter over all of them (0.19 s for the two batches
+/// of 50,000 at 100,000 records through two stages).
 pub(super) async fn batch_record_lines(
     store: &SqlStore,
     run_id: &str,
     batch_id: &str,
 ) -> Result<Vec<i64>> {
+    const LINES: &str = "SELECT x.line AS line FROM attempts a \
+        JOIN record_items x ON x.item_id = a.item_id WHERE a.batch_id = $1 AND x.run_id = $2";
+    if store.engine() == Engine::Sqlite {
+        static PACKED: OnceLock<String> = OnceLock::new();
+        let sql = PACKED.get_or_init(|| packed_sql(LINES, &["line"]));
+        let (packed,): (Option<String>,) = store
+            .db
+            .one(q(sql.as_str()).bind(batch_id).bind(run_id))
+            .await?;
+        let mut lines = unpack::<1>(packed.as_deref())?
+            .into_iter()
+            .map(|[line]| int(line))
+            .collect::<Result<Vec<i64>>>()?;
+        lines.sort_unstable();
+        lines.dedup();
+        return Ok(lines);
+    }
     let rows: Vec<(i64,)> = store
         .db
         .all(
