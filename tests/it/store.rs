@@ -56,6 +56,7 @@ conformance!(
     a_lost_lease_fences_every_write,
     leases_run_out_and_are_released,
     reports_sum_money_exactly,
+    figures_count_each_item_once_across_retries_and_models,
     stale_runs_are_marked_interrupted,
     a_later_stage_link_decided_from_an_item_sent_again_is_not_stored,
     only_ingested_batches_are_left_to_clean_and_each_deletion_counts_once,
@@ -658,6 +659,68 @@ async fn leases_run_out_and_are_released(db: &TestDb) {
     let free = s.claim_batches(&claim("w3", false, 60_000)).await.unwrap();
     assert_eq!(free.len(), 1);
     assert_eq!(free[0].lease_owner.as_deref(), Some("w3"));
+}
+
+async fn figures_count_each_item_once_across_retries_and_models(db: &TestDb) {
+    let s = &db.store;
+    let run = seeded(s, 5).await;
+    // First batch: the four items; two answers, from two models, and two failures.
+    let b1 = planned(s.plan_batch(&plan(&run, "w1")).await.unwrap()).unwrap();
+    let attempts = s.batch_attempts(&b1.id).await.unwrap();
+    assert_eq!(attempts.len(), 4);
+    let mut outcomes = outcomes_for(&attempts, |i| i < 2);
+    outcomes[1].model = Some("m-2024".into());
+    s.apply_results(&b1, &outcomes, 2).await.unwrap();
+    // Second batch of the same run: one of the two failed items again, answered.
+    let b2 = planned(
+        s.plan_batch(&PlanRequest {
+            max_requests: 1,
+            ..plan(&run, "w1")
+        })
+        .await
+        .unwrap(),
+    )
+    .unwrap();
+    let retried = s.batch_attempts(&b2.id).await.unwrap();
+    assert_eq!((retried.len(), retried[0].attempt_no), (1, 2));
+    s.apply_results(&b2, &outcomes_for(&retried, |_| true), 2)
+        .await
+        .unwrap();
+    let f = s.run_figures(&run).await.unwrap();
+    assert_eq!(
+        (f.batches, f.attempts, f.items_attempted, f.answered),
+        (2, 5, 4, 5),
+        "five attempts carried four items"
+    );
+    assert_eq!(f.models, vec!["m".to_string(), "m-2024".to_string()]);
+    assert_eq!(f.ledger.rows, 5);
+    assert_eq!(
+        f.ledger.cost.pico(),
+        outcomes.iter().map(|o| o.cost.pico()).sum::<i128>() + 1_000
+    );
+    // The next run takes the last failed item: its first attempt was the earlier run's,
+    // so here it is one attempt of one item.
+    s.create_run(&new_run("run2")).await.unwrap();
+    let shape = RequestShape::new("{\"m\":".into(), "}".into());
+    ingest(s, "run2", &records(&shape, 5, 4, 10)).await;
+    let b3 = planned(s.plan_batch(&plan("run2", "w1")).await.unwrap()).unwrap();
+    let last = s.batch_attempts(&b3.id).await.unwrap();
+    assert_eq!((last.len(), last[0].attempt_no), (1, 2));
+    s.apply_results(&b3, &outcomes_for(&last, |_| true), 2)
+        .await
+        .unwrap();
+    let f2 = s.run_figures("run2").await.unwrap();
+    assert_eq!(
+        (f2.batches, f2.attempts, f2.items_attempted, f2.ledger.rows),
+        (1, 1, 1, 1)
+    );
+    assert_eq!(f2.models, vec!["m".to_string()]);
+    let f1 = s.run_figures(&run).await.unwrap();
+    assert_eq!(
+        (f1.attempts, f1.items_attempted),
+        (5, 4),
+        "run1 is unchanged"
+    );
 }
 
 async fn reports_sum_money_exactly(db: &TestDb) {
