@@ -647,11 +647,7 @@ async fn stage_figures(
                 s.attempts += count(b.attempts);
                 s.items_attempted += count(b.attempts - b.repeats);
                 let l = ledger_sums(b.ledger);
-                s.usage.input_tokens += l.usage.input_tokens;
-                s.usage.cached_input_tokens += l.usage.cached_input_tokens;
-                s.usage.cache_write_tokens += l.usage.cache_write_tokens;
-                s.usage.output_tokens += l.usage.output_tokens;
-                s.usage.reasoning_tokens += l.usage.reasoning_tokens;
+                s.usage.add(&l.usage);
                 s.cost += l.cost;
                 s.standard_cost += l.standard_cost;
                 s.answered += count(b.answered);
