@@ -7,12 +7,21 @@ use super::*;
 
 /// The items a planned batch takes, with parameters numbered from `first`: on SQLite (one
 /// writer) every plannable item up to the last one chosen; on PostgreSQL exactly the rows the
-/// planning transaction locked.
+/// planning transaction locked, within the range of their ids. The range is what keeps it
+/// cheap: the driver prepares each statement once per connection, and from its sixth run
+/// PostgreSQL may plan it for any array, so the membership test becomes a filter that walks
+/// the array for every row the index yields. Without the range those rows were all the
+/// stage's plannable items: 1.7 s for such a statement at 95,000 pending items and 5,000 ids
+/// (a store without statistics), 0.1 s with it.
 pub(super) fn plan_filter_sql(engine: Engine, first: usize, req: &PlanRequest<'_>) -> String {
     let (p, s, t, i) = (first, first + 1, first + 2, first + 3);
     let ids = match engine {
         Engine::Sqlite => format!("id <= ${i}"),
-        Engine::Postgres => format!("id = ANY(${i})"),
+        Engine::Postgres => format!(
+            "id BETWEEN ${} AND ${} AND id = ANY(${i})",
+            first + 4,
+            first + 5
+        ),
     };
     format!(
         "pipeline = ${p} AND stage = ${s} AND state IN {} AND input_tokens <= ${t} AND {ids}",
@@ -40,7 +49,11 @@ pub(super) fn plan_filter<'a>(
     let qq = qq.bind(req.pipeline).bind(req.stage).bind(max_item);
     match engine {
         Engine::Sqlite => qq.bind(*chosen.last().expect("a planned batch has items")),
-        Engine::Postgres => qq.bind(chosen),
+        Engine::Postgres => {
+            let low = chosen.iter().min().expect("a planned batch has items");
+            let high = chosen.iter().max().expect("a planned batch has items");
+            qq.bind(chosen).bind(*low).bind(*high)
+        }
     }
 }
 
