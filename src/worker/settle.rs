@@ -44,17 +44,26 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             RunStatus::Detached => {
                 // Workers plan for the pipeline's latest run: while it is the latest and
                 // work is waiting, more may still be charged to it.
-                let latest = store.last_run(Some(&run.pipeline)).await?;
-                let mut plannable = 0;
-                for stage in run.stage.split(',') {
-                    plannable += store.plannable_count(&run.pipeline, stage).await?;
+                let latest = store
+                    .last_run(Some(&run.pipeline))
+                    .await?
+                    .is_some_and(|l| l.id == run.id);
+                // Asked first, and the figures (a pass over the whole run) only when nothing
+                // is waiting: a lone worker finds no batch open after each one it ingests,
+                // and reading the figures there made a run's cost grow with its square.
+                if latest {
+                    for stage in run.stage.split(',') {
+                        if store.plannable_count(&run.pipeline, stage).await? > 0 {
+                            return Ok(());
+                        }
+                    }
                 }
                 let f = store.run_figures(run_id).await?;
                 // A multi-stage run whose records are not all final yet: its later stages
                 // are still to be created (by the next run or a worker).
                 let unsettled =
                     !f.stages.is_empty() && f.records_done + f.records_failed < f.records_valid;
-                if latest.is_some_and(|l| l.id == run.id) && (plannable > 0 || unsettled) {
+                if latest && unsettled {
                     return Ok(());
                 }
                 let (status, code, message) = if f.exhausted > 0 {
