@@ -544,36 +544,31 @@ pub fn runs_table(reports: &[RunReport], width: Option<u16>) -> String {
     render(&t)
 }
 
-/// The per-item audit as JSON: every attempt of the run's batches.
-pub fn audit_json(rows: &[AuditRow]) -> Value {
-    Value::Array(
-        rows.iter()
-            .map(|r| {
-                json!({
-                    "run_id": r.run_id,
-                    "item_id": r.item_id,
-                    "dedupe_key": hex::encode(&r.dedupe_key),
-                    "item_state": r.item_state,
-                    "stage": r.stage,
-                    "record_ids": r.record_ids.split(',').filter(|s| !s.is_empty()).collect::<Vec<_>>(),
-                    "attempt": r.attempt_no,
-                    "custom_id": r.custom_id,
-                    "batch_id": r.batch_id,
-                    "provider_batch_id": r.provider_batch_id,
-                    "attempt_state": r.attempt_state,
-                    "verdict": r.verdict,
-                    "error": r.error,
-                    "model": r.model,
-                    "tokens": {
-                        "input": r.input_tokens, "cached_input": r.cached_input_tokens,
-                        "cache_write": r.cache_write_tokens, "output": r.output_tokens,
-                        "reasoning": r.reasoning_tokens,
-                    },
-                    "cost_usd": r.cost_pico.map(|c| Usd::from_pico(c as i128).to_decimal_string()),
-                })
-            })
-            .collect(),
-    )
+/// One attempt of the per-item audit as JSON (`report --items --json` prints every attempt of
+/// the run's batches, one after the other, without holding them all as JSON).
+pub fn audit_json(r: &AuditRow) -> Value {
+    json!({
+        "run_id": r.run_id,
+        "item_id": r.item_id,
+        "dedupe_key": hex::encode(&r.dedupe_key),
+        "item_state": r.item_state,
+        "stage": r.stage,
+        "record_ids": r.record_ids.split(',').filter(|s| !s.is_empty()).collect::<Vec<_>>(),
+        "attempt": r.attempt_no,
+        "custom_id": r.custom_id,
+        "batch_id": r.batch_id,
+        "provider_batch_id": r.provider_batch_id,
+        "attempt_state": r.attempt_state,
+        "verdict": r.verdict,
+        "error": r.error,
+        "model": r.model,
+        "tokens": {
+            "input": r.input_tokens, "cached_input": r.cached_input_tokens,
+            "cache_write": r.cache_write_tokens, "output": r.output_tokens,
+            "reasoning": r.reasoning_tokens,
+        },
+        "cost_usd": r.cost_pico.map(|c| Usd::from_pico(c as i128).to_decimal_string()),
+    })
 }
 
 /// The per-item audit as a table (`width`: the terminal's, if any).
@@ -653,30 +648,23 @@ fn link_state(l: &LinkRow) -> String {
 }
 
 /// `report --items` of a multi-stage run, as JSON: each record's chain of items.
-pub fn chains_json(stages: &[String], chains: &[Chain<'_>]) -> Value {
-    Value::Array(
-        chains
-            .iter()
-            .map(|c| {
-                let cost: i64 = c.links.iter().map(|l| l.cost_pico).sum();
-                json!({
-                    "id": c.record_id,
-                    "line": c.line,
-                    "status": chain_status(stages, &c.links),
-                    "cost_usd": Usd::from_pico(cost as i128).to_decimal_string(),
-                    "items": c.links.iter().map(|l| json!({
-                        "stage": l.stage,
-                        "chunk": l.chunk,
-                        "item_id": l.item_id,
-                        "state": link_state(l),
-                        "attempts": l.attempts,
-                        "shared_with_records": (l.sharers - 1).max(0),
-                        "error": l.error.as_deref().or(if l.state == Some(ItemState::Exhausted) { l.last_error.as_deref() } else { None }),
-                    })).collect::<Vec<_>>(),
-                })
-            })
-            .collect(),
-    )
+pub fn chain_json(stages: &[String], c: &Chain<'_>) -> Value {
+    let cost: i64 = c.links.iter().map(|l| l.cost_pico).sum();
+    json!({
+        "id": c.record_id,
+        "line": c.line,
+        "status": chain_status(stages, &c.links),
+        "cost_usd": Usd::from_pico(cost as i128).to_decimal_string(),
+        "items": c.links.iter().map(|l| json!({
+            "stage": l.stage,
+            "chunk": l.chunk,
+            "item_id": l.item_id,
+            "state": link_state(l),
+            "attempts": l.attempts,
+            "shared_with_records": (l.sharers - 1).max(0),
+            "error": l.error.as_deref().or(if l.state == Some(ItemState::Exhausted) { l.last_error.as_deref() } else { None }),
+        })).collect::<Vec<_>>(),
+    })
 }
 
 /// `report --items` of a multi-stage run, as text: one line per record, then one per item

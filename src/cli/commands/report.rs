@@ -47,11 +47,8 @@ pub(crate) async fn run(a: ReportArgs) -> Result<i32, Exit> {
                 .iter()
                 .map(|r| serde_json::json!({"source": r.source, "line": r.line, "field": r.field, "reason": r.reason}))
                 .collect();
-            println!(
-                "{}",
-                serde_json::json!({"run_id": run.id, "attempts": report::audit_json(&rows), "quarantined": quarantine,
-                    "records": (!chains.is_empty()).then(|| report::chains_json(&stages, &chains))})
-            );
+            items_json(&run.id, &rows, &quarantine, &stages, &chains)
+                .map_err(|e| exit(EXIT_ERROR, anyhow::anyhow!("writing the report: {e}")))?;
         } else {
             if rows.is_empty() {
                 println!("run {}: no attempt (nothing was sent by this run)", run.id);
@@ -92,4 +89,45 @@ pub(crate) async fn run(a: ReportArgs) -> Result<i32, Exit> {
         print!("{}", rep.to_text());
     }
     Ok(EXIT_OK)
+}
+
+/// `report --items --json`: one object (its keys in the order the whole object printed with
+/// serde_json had them: `attempts`, `quarantined`, `records`, `run_id`), written an attempt and
+/// a record at a time. A run's audit as one JSON value took about 1.5 GB at 100,000 records
+/// through two stages.
+fn items_json(
+    run_id: &str,
+    rows: &[crate::store::AuditRow],
+    quarantine: &[serde_json::Value],
+    stages: &[String],
+    chains: &[report::Chain<'_>],
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut w = std::io::BufWriter::new(std::io::stdout().lock());
+    w.write_all(b"{\"attempts\":[")?;
+    for (i, r) in rows.iter().enumerate() {
+        if i > 0 {
+            w.write_all(b",")?;
+        }
+        serde_json::to_writer(&mut w, &report::audit_json(r))?;
+    }
+    w.write_all(b"],\"quarantined\":")?;
+    serde_json::to_writer(&mut w, quarantine)?;
+    w.write_all(b",\"records\":")?;
+    if chains.is_empty() {
+        w.write_all(b"null")?;
+    } else {
+        w.write_all(b"[")?;
+        for (i, c) in chains.iter().enumerate() {
+            if i > 0 {
+                w.write_all(b",")?;
+            }
+            serde_json::to_writer(&mut w, &report::chain_json(stages, c))?;
+        }
+        w.write_all(b"]")?;
+    }
+    w.write_all(b",\"run_id\":")?;
+    serde_json::to_writer(&mut w, run_id)?;
+    w.write_all(b"}\n")?;
+    w.flush()
 }
