@@ -6,6 +6,7 @@ use tokio::sync::mpsc;
 
 use super::stages::StageRun;
 use super::{Event, RunContext, RunError};
+use crate::plan::{LaterScan, LaterScanner};
 use crate::provider::BatchProvider;
 use crate::request::{PreparedRecord, prepare};
 use crate::source::{Quarantined, SourceError, SourceEvent, SourceReader};
@@ -58,12 +59,21 @@ impl Chunk {
     }
 }
 
+/// What [`ingest`] did: whether it read the whole source (else the open transaction rolled
+/// back and the run stops), and, for a multi-stage pipeline read whole, what the later
+/// stages' scan of the records it stored found (the worksheet's figures, counted while
+/// each record was at hand rather than read back from the store).
+pub(super) struct Ingested {
+    pub(super) complete: bool,
+    pub(super) later: Option<Vec<LaterScan>>,
+}
+
 pub(super) async fn ingest<S: Store, P: BatchProvider>(
     ctx: &RunContext<'_, S, P>,
     run_id: &str,
     first: &StageRun,
     shape_id: i64,
-) -> Result<bool, RunError> {
+) -> Result<Ingested, RunError> {
     let p = ctx.pipeline;
     let reader = SourceReader::open(&p.source)?;
     let (tx, mut rx) = mpsc::channel::<Result<Chunk, SourceError>>(1);
@@ -77,6 +87,8 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
     let multi = p.is_multi_stage().then(|| first.renderer());
     // A one-stage pipeline keeps them only for the results file (`output.include_source`).
     let keep_fields = p.output.include_source;
+    // The later stages' scan, over the records stored (those the first stage rendered).
+    let mut scanner = p.is_multi_stage().then(|| LaterScanner::new(p));
     let producer = tokio::task::spawn_blocking(move || {
         let mut chunk = Chunk::default();
         let mut scratch = String::new();
@@ -86,6 +98,9 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
                     let renderer = multi.as_ref().expect("checked");
                     match renderer.render(&r.value, &mut scratch) {
                         Ok(items) => {
+                            if let Some(s) = scanner.as_mut() {
+                                s.observe(&r.id, &r.value);
+                            }
                             let mut items = items.into_iter();
                             let first = items.next().expect("at least one item");
                             chunk.push(PreparedRecord {
@@ -134,19 +149,20 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
                 Ok(SourceEvent::Quarantined(q)) => chunk.quarantined.push(q),
                 Err(e) => {
                     let _ = tx.blocking_send(Err(e));
-                    return;
+                    return None;
                 }
             }
             if chunk.full()
                 && (tx.blocking_send(Ok(std::mem::take(&mut chunk))).is_err()
                     || taken.recv().is_err())
             {
-                return;
+                return None;
             }
         }
-        if chunk.len() > 0 {
-            let _ = tx.blocking_send(Ok(chunk));
+        if chunk.len() > 0 && tx.blocking_send(Ok(chunk)).is_err() {
+            return None;
         }
+        scanner.map(LaterScanner::finish)
     });
 
     let source = p.source.path.display().to_string();
@@ -200,12 +216,22 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
             commit::<S>(tx, &stats, &mut done).await?;
         }
     }
+    drop(rx);
+    drop(taken_tx);
+    // The reading thread has ended (its channel closed) or ends now that nothing listens. A
+    // panic there closed the channel as the end of the source would: the last transaction
+    // is not committed and the panic goes on.
+    let later = match producer.await {
+        Ok(later) => later.filter(|_| complete),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => {
+            complete = false;
+            None
+        }
+    };
     if complete && let Some((tx, stats)) = open.take() {
         commit::<S>(tx, &stats, &mut done).await?;
     }
-    drop(rx);
-    drop(taken_tx);
-    let _ = producer.await;
     ctx.store
         .set_run_counts(run_id, done.records + done.quarantined, done.quarantined)
         .await?;
@@ -214,7 +240,7 @@ pub(super) async fn ingest<S: Store, P: BatchProvider>(
         quarantined: done.quarantined,
         new_items: done.new_items,
     });
-    Ok(complete)
+    Ok(Ingested { complete, later })
 }
 
 /// Commits a chunk's transaction, then adds what it stored to `done`.

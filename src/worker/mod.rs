@@ -420,7 +420,8 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         let first = &self.stages[0];
         let shape_id = ctx.store.ensure_shape(&first.shape).await?;
         let t = Instant::now();
-        let complete = ingest::ingest(ctx, &self.run_id, first, shape_id).await?;
+        let ingest::Ingested { complete, later } =
+            ingest::ingest(ctx, &self.run_id, first, shape_id).await?;
         self.times.prepare += t.elapsed();
         if complete && let Some(why) = self.bad_input().await? {
             return self.collect_then_stop(why, EXIT_ERROR).await;
@@ -443,7 +444,8 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         }
 
         if complete {
-            self.record_plan(self.stages[0].counter.is_exact()).await?;
+            self.record_plan(self.stages[0].counter.is_exact(), later)
+                .await?;
         }
         let pending = self.plannable_count().await?;
         let open = ctx.store.open_batches(Some(&p.name)).await?;

@@ -48,8 +48,13 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         )))
     }
 
-    /// Stores the worksheet this run starts from, for `reconcile` to hold it against.
-    pub(super) async fn record_plan(&self, exact_tokens: bool) -> Result<(), RunError> {
+    /// Stores the worksheet this run starts from, for `reconcile` to hold it against;
+    /// `later`: the later stages' scan of the run's records, when ingest made it.
+    pub(super) async fn record_plan(
+        &self,
+        exact_tokens: bool,
+        later: Option<Vec<crate::plan::LaterScan>>,
+    ) -> Result<(), RunError> {
         let ctx = self.ctx;
         let p = ctx.pipeline;
         let store = ctx.store;
@@ -88,7 +93,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             inputs.job_tokens = items.tokens;
             let done_first = store.stage_done_count(&self.run_id, first).await?;
             inputs.todo_records = job.records.saturating_sub(done_first);
-            inputs.stages = Some(self.later_facts(items.links).await?);
+            inputs.stages = Some(self.later_facts(items.links, later).await?);
         }
         let ws = crate::plan::Worksheet::compute(inputs);
         store
@@ -99,30 +104,21 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
 
     /// What the worksheet of a multi-stage run knows of its stages after the first: the
     /// records the run stored, scanned as `plan` scans the source (samples, chunks, the
-    /// fields each template inserts); the records whose work at each stage is done (this
-    /// run's links, after the first advance); each stage's history.
+    /// fields each template inserts) — by ingest as it stored them (`scanned`), else read
+    /// back here; the records whose work at each stage is done (this run's links, after
+    /// the first advance); each stage's history.
     async fn later_facts(
         &self,
         first_links: u64,
+        scanned: Option<Vec<crate::plan::LaterScan>>,
     ) -> Result<crate::plan::StagesFacts<'_>, RunError> {
         let ctx = self.ctx;
         let p = ctx.pipeline;
         let store = ctx.store;
-        let mut scanner = crate::plan::LaterScanner::new(p);
-        let mut after = 0i64;
-        loop {
-            let page = store
-                .run_record_data(&self.run_id, after, RECORD_PAGE)
-                .await?;
-            let Some(last) = page.last() else { break };
-            after = last.0;
-            for (_, id, data) in &page {
-                let value: serde_json::Value =
-                    serde_json::from_str(data).unwrap_or(serde_json::Value::Null);
-                scanner.observe(id, &value);
-            }
-        }
-        let scans = scanner.finish();
+        let scans = match scanned {
+            Some(scans) => scans,
+            None => self.scan_stored_records().await?,
+        };
         let history = crate::plan::later_history(store, p, Some(&self.run_id)).await?;
         let mut later = Vec::new();
         for (k, sr) in self.stages[1..].iter().enumerate() {
@@ -140,5 +136,25 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             });
         }
         Ok(crate::plan::StagesFacts { first_links, later })
+    }
+
+    /// The later stages' scan of the records the run stored, read back from the store.
+    async fn scan_stored_records(&self) -> Result<Vec<crate::plan::LaterScan>, RunError> {
+        let store = self.ctx.store;
+        let mut scanner = crate::plan::LaterScanner::new(self.ctx.pipeline);
+        let mut after = 0i64;
+        loop {
+            let page = store
+                .run_record_data(&self.run_id, after, RECORD_PAGE)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = last.0;
+            for (_, id, data) in &page {
+                let value: serde_json::Value =
+                    serde_json::from_str(data).unwrap_or(serde_json::Value::Null);
+                scanner.observe(id, &value);
+            }
+        }
+        Ok(scanner.finish())
     }
 }
