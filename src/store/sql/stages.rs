@@ -669,7 +669,7 @@ fn links_sql(engine: Engine, cost: &str, sharers: &str, filter: &str) -> String 
     const FROM: &str = "FROM record_items x LEFT JOIN items i ON i.id = x.item_id \
         LEFT JOIN item_results ir ON ir.item_id = x.item_id";
     match engine {
-        Engine::Sqlite => packed_sql(
+        Engine::Sqlite => packed_printf_sql(
             &format!(
                 "SELECT x.line AS line, hex(x.stage) AS st, x.chunk AS chunk, \
                  COALESCE('v' || x.item_id, '') AS item, COALESCE('v' || i.state, '') AS state, \
