@@ -553,7 +553,7 @@ pub fn audit_json(r: &AuditRow) -> Value {
         "dedupe_key": hex::encode(&r.dedupe_key),
         "item_state": r.item_state,
         "stage": r.stage,
-        "record_ids": r.record_ids.split(',').filter(|s| !s.is_empty()).collect::<Vec<_>>(),
+        "record_ids": r.record_ids,
         "attempt": r.attempt_no,
         "custom_id": r.custom_id,
         "batch_id": r.batch_id,
@@ -603,7 +603,7 @@ pub fn audit_text(rows: &[AuditRow], width: Option<u16>) -> String {
             r.cost_pico
                 .map(|c| Usd::from_pico(c as i128).to_decimal_string())
                 .unwrap_or_else(|| "-".into()),
-            printable(&crate::util::text::preview(&r.record_ids, 40)),
+            printable(&crate::util::text::preview(&r.record_ids.join(","), 40)),
             r.error
                 .as_deref()
                 .map(|e| printable(&crate::util::text::preview(e, 120)))

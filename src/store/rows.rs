@@ -604,7 +604,9 @@ pub struct AuditRow {
     pub item_id: i64,
     pub dedupe_key: Vec<u8>,
     pub item_state: ItemState,
-    pub record_ids: String,
+    /// The run's records linked to the item, sorted (filled after the row is read).
+    #[sqlx(skip)]
+    pub record_ids: Vec<String>,
     pub stage: String,
     pub attempt_no: i64,
     pub custom_id: String,

@@ -56,6 +56,7 @@ conformance!(
     a_lost_lease_fences_every_write,
     leases_run_out_and_are_released,
     reports_sum_money_exactly,
+    the_audit_keeps_each_record_id_whole,
     figures_count_each_item_once_across_retries_and_models,
     stale_runs_are_marked_interrupted,
     a_later_stage_link_decided_from_an_item_sent_again_is_not_stored,
@@ -723,6 +724,32 @@ async fn figures_count_each_item_once_across_retries_and_models(db: &TestDb) {
     );
 }
 
+/// A record id may hold a comma (a quoted CSV field): the audit lists it as one id.
+async fn the_audit_keeps_each_record_id_whole(db: &TestDb) {
+    let s = &db.store;
+    s.create_run(&new_run("run1")).await.unwrap();
+    let shape = RequestShape::new("{\"m\":".into(), "}".into());
+    let mut recs = records(&shape, 2, 1, 10);
+    recs[0].record_id = "sku,12".into();
+    recs[1].record_id = "sku-7".into();
+    assert_eq!(
+        ingest(s, "run1", &recs).await,
+        1,
+        "both records share one item"
+    );
+    let b = planned(s.plan_batch(&plan("run1", "w1")).await.unwrap()).unwrap();
+    let attempts = s.batch_attempts(&b.id).await.unwrap();
+    s.apply_results(&b, &outcomes_for(&attempts, |_| true), 2)
+        .await
+        .unwrap();
+    let audit = s.audit("run1").await.unwrap();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(
+        audit[0].record_ids,
+        ["sku,12".to_string(), "sku-7".to_string()]
+    );
+}
+
 async fn reports_sum_money_exactly(db: &TestDb) {
     let s = &db.store;
     let run = seeded(s, 11).await;
@@ -757,8 +784,10 @@ async fn reports_sum_money_exactly(db: &TestDb) {
     let audit = s.audit(&run).await.unwrap();
     assert_eq!(audit.len(), 10);
     assert!(
-        audit.iter().any(|r| r.record_ids.contains(',')),
-        "the shared item lists both records"
+        audit
+            .iter()
+            .any(|r| r.record_ids == ["r0".to_string(), "r10".to_string()]),
+        "the shared item lists both records, sorted"
     );
     // The provider's own bill, recorded twice, is kept once (the latest).
     let mut bill = ProviderBill {

@@ -376,7 +376,7 @@ pub(super) async fn audit(store: &SqlStore, run_id: &str) -> Result<Vec<AuditRow
         .db
         .all(
             q("SELECT b.run_id, i.id AS item_id, i.dedupe_key, i.state AS item_state, \
-                 '' AS record_ids, i.stage, \
+                 i.stage, \
                  a.attempt_no, a.custom_id, a.batch_id, b.provider_batch_id, a.state AS attempt_state, \
                  a.verdict, a.error, COALESCE(l.model, a.model) AS model, \
                  l.input_tokens, l.cached_input_tokens, l.cache_write_tokens, l.output_tokens, \
@@ -409,7 +409,7 @@ pub(super) async fn audit(store: &SqlStore, run_id: &str) -> Result<Vec<AuditRow
     }
     for row in &mut rows {
         if let Some(list) = ids.get(&row.item_id) {
-            row.record_ids = list.join(",");
+            row.record_ids.clone_from(list);
         }
     }
     Ok(rows)
