@@ -101,24 +101,26 @@ impl StageRun {
         )
     }
 
-    /// Whether the stage runs for a record: in its sample (by a hash of the stage and the
-    /// record id, the same on every machine), or its `when` holds. A stage with neither runs
-    /// for every record.
-    pub(crate) fn selects(&self, record_id: &str, context: &Value) -> Result<bool, String> {
+    /// Whether the stage runs for a record whatever its fields and earlier answers say: it
+    /// runs for every record, or the record is in its sample (by a hash of the stage and the
+    /// record id, the same on every machine). Otherwise it runs for the record when its
+    /// `when` holds ([`StageRun::when_holds`]).
+    fn sampled(&self, record_id: &str) -> bool {
         let s = &self.stage;
-        if s.for_every_record() {
-            return Ok(true);
-        }
-        if let Some(share) = s.sample
-            && in_sample(&s.name, record_id, share)
-        {
-            return Ok(true);
-        }
-        match &s.when {
-            Some(w) => w
-                .render(context)
-                .map(|out| out == "true")
-                .map_err(|e| format!("when `{}`: {e}", s.when_text.as_deref().unwrap_or(""))),
+        s.for_every_record()
+            || s.sample
+                .is_some_and(|share| in_sample(&s.name, record_id, share))
+    }
+
+    /// Whether the stage's `when` holds for a record's template context (false without one).
+    fn when_holds(&self, context: &Value) -> Result<bool, String> {
+        match &self.stage.when {
+            Some(w) => w.render(context).map(|out| out == "true").map_err(|e| {
+                format!(
+                    "when `{}`: {e}",
+                    self.stage.when_text.as_deref().unwrap_or("")
+                )
+            }),
             None => Ok(false),
         }
     }
@@ -331,20 +333,32 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
         ready
             .iter()
             .map(|r| {
+                let sampled = sr.sampled(&r.record_id);
                 let link = if r.inputs.iter().any(|l| l.item_id.is_none()) {
                     // A needed stage did not run for the record: neither does this one.
+                    StageLink::Skipped
+                } else if !sampled && sr.stage.when.is_none() {
+                    // Out of the sample, with no `when` to ask: skipped without parsing the
+                    // record's fields and answers (most records, at a sample of 5 %).
                     StageLink::Skipped
                 } else {
                     match context_of(&r.data, &sr.stage.needs, chunked, &r.inputs) {
                         Err(why) => StageLink::Failed(why),
-                        Ok(context) => match sr.selects(&r.record_id, &context) {
-                            Err(why) => StageLink::Failed(why),
-                            Ok(false) => StageLink::Skipped,
-                            Ok(true) => match renderer.render(&context, &mut scratch) {
-                                Ok(items) => StageLink::Items { items },
-                                Err(f) => StageLink::Failed(f.reason),
-                            },
-                        },
+                        Ok(context) => {
+                            let runs = if sampled {
+                                Ok(true)
+                            } else {
+                                sr.when_holds(&context)
+                            };
+                            match runs {
+                                Err(why) => StageLink::Failed(why),
+                                Ok(false) => StageLink::Skipped,
+                                Ok(true) => match renderer.render(&context, &mut scratch) {
+                                    Ok(items) => StageLink::Items { items },
+                                    Err(f) => StageLink::Failed(f.reason),
+                                },
+                            }
+                        }
                     }
                 };
                 let mut parents: Vec<i64> = r.inputs.iter().filter_map(|l| l.item_id).collect();
