@@ -17,11 +17,13 @@ use crate::store::{
 use crate::util::text::{duration_ms, n, plural, printable};
 use crate::util::time::rfc3339;
 
+pub mod chains;
 pub mod details;
 pub mod html;
 
 pub use crate::util::table::{align_right, render, table, terminal_width};
 
+pub use chains::{CHAIN_PAGE, ChainPage, ChainPages};
 pub use details::{Details, full_json};
 
 /// Writes the HTML report of `rep` to `path` (atomically): the page of its `report --json`.

@@ -912,6 +912,47 @@ async fn report_json_has_a_figure_per_stage_that_adds_up(db: &TestDb) {
             "{s}"
         );
     }
+    // `report --items` reads the records' chains a page of records at a time: pages of 3
+    // give every record once, in line order, with the links one page of all of them gives,
+    // at every stage (run or skipped).
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let whole = chains_in_pages(&db.store, &out.run_id, &names, 10_000).await;
+    assert_eq!(
+        chains_in_pages(&db.store, &out.run_id, &names, 3).await,
+        whole
+    );
+    assert_eq!(whole.len(), docs.len());
+    assert!(whole.windows(2).all(|w| w[0].0 < w[1].0));
+    for (line, id, links) in &whole {
+        for n in &names {
+            assert!(
+                links.iter().any(|l| &l.0 == n),
+                "{id} (line {line}): {links:?}"
+            );
+        }
+    }
+}
+
+/// Each record's line, id and links (stage, chunk, item) as `report --items` reads them,
+/// `page` records at a time.
+async fn chains_in_pages(
+    store: &SqlStore,
+    run_id: &str,
+    stages: &[String],
+    page: u32,
+) -> Vec<(i64, String, Vec<(String, i64, Option<i64>)>)> {
+    let mut pages = nightshift::report::ChainPages::new(store, run_id, stages, page);
+    let mut out = Vec::new();
+    while let Some(p) = pages.next().await.unwrap() {
+        for c in p.chains() {
+            let links = c
+                .links
+                .iter()
+                .map(|l| (l.stage.clone(), l.chunk, l.item_id));
+            out.push((c.line, c.record_id.to_string(), links.collect()));
+        }
+    }
+    out
 }
 
 fn reviewed_of(lines: &BTreeMap<String, Value>) -> u64 {

@@ -4,7 +4,7 @@ use crate::cli::args::ReportArgs;
 use crate::cli::exit::{EXIT_ERROR, EXIT_OK, Exit, exit};
 use crate::cli::session::{open_existing, pipeline_name, resolve_run};
 use crate::report::{self, RunReport};
-use crate::store::{LinkRow, Store};
+use crate::store::Store;
 use crate::util::text;
 
 pub(crate) async fn run(a: ReportArgs) -> Result<i32, Exit> {
@@ -15,49 +15,31 @@ pub(crate) async fn run(a: ReportArgs) -> Result<i32, Exit> {
         // The attempts of this run's batches (each attempt belongs to exactly one run).
         let rows = store.audit(&run.id).await?;
         let q = store.quarantine(&run.id).await?;
-        // A multi-stage run: each record's chain of items too.
+        // A multi-stage run: each record's chain of items too, read a page at a time.
         let stages: Vec<String> = run.stage.split(',').map(str::to_string).collect();
-        let (records, links) = if stages.len() > 1 {
-            let mut records = Vec::new();
-            let mut after = 0;
-            loop {
-                let page = store.run_records(&run.id, after, 10_000).await?;
-                let Some(last) = page.last() else { break };
-                after = last.line;
-                records.extend(page);
-            }
-            let links = match (records.first(), records.last()) {
-                (Some(a), Some(b)) => store.links_between(&run.id, a.line, b.line, true).await?,
-                _ => Vec::new(),
-            };
-            (records, links)
-        } else {
-            (Vec::new(), Vec::new())
-        };
-        let chains: Vec<report::Chain<'_>> = records
-            .iter()
-            .map(|r| report::Chain {
-                record_id: &r.record_id,
-                line: r.line,
-                links: LinkRow::of_line(&links, r.line).iter().collect(),
-            })
-            .collect();
+        let mut chains = report::ChainPages::new(&store, &run.id, &stages, report::CHAIN_PAGE);
+        let fail = |e: anyhow::Error| exit(EXIT_ERROR, e);
         if a.json {
             let quarantine: Vec<_> = q
                 .iter()
                 .map(|r| serde_json::json!({"source": r.source, "line": r.line, "field": r.field, "reason": r.reason}))
                 .collect();
-            items_json(&run.id, &rows, &quarantine, &stages, &chains)
-                .map_err(|e| exit(EXIT_ERROR, anyhow::anyhow!("writing the report: {e}")))?;
+            items_json(&run.id, &rows, &quarantine, &mut chains)
+                .await
+                .map_err(|e| fail(anyhow::anyhow!("writing the report: {e}")))?;
         } else {
             if rows.is_empty() {
                 println!("run {}: no attempt (nothing was sent by this run)", run.id);
             } else {
                 print!("{}", report::audit_text(&rows, report::terminal_width()));
             }
-            if !chains.is_empty() {
-                println!();
-                print!("{}", report::chains_text(&stages, &chains));
+            let mut first = true;
+            while let Some(page) = chains.next().await.map_err(|e| fail(e.into()))? {
+                if first {
+                    println!();
+                    first = false;
+                }
+                print!("{}", report::chains_text(&stages, &page.chains()));
             }
             for r in q {
                 println!(
@@ -93,17 +75,16 @@ pub(crate) async fn run(a: ReportArgs) -> Result<i32, Exit> {
 
 /// `report --items --json`: one object (its keys in the order the whole object printed with
 /// serde_json had them: `attempts`, `quarantined`, `records`, `run_id`), written an attempt and
-/// a record at a time. A run's audit as one JSON value took about 1.5 GB at 100,000 records
-/// through two stages.
-fn items_json(
+/// a record at a time; `records` is null for a one-stage run. A run's audit as one JSON value
+/// took about 1.5 GB at 100,000 records through two stages.
+async fn items_json<S: Store>(
     run_id: &str,
     rows: &[crate::store::AuditRow],
     quarantine: &[serde_json::Value],
-    stages: &[String],
-    chains: &[report::Chain<'_>],
-) -> std::io::Result<()> {
+    chains: &mut report::ChainPages<'_, S>,
+) -> anyhow::Result<()> {
     use std::io::Write;
-    let mut w = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut w = std::io::BufWriter::new(std::io::stdout());
     w.write_all(b"{\"attempts\":[")?;
     for (i, r) in rows.iter().enumerate() {
         if i > 0 {
@@ -114,20 +95,17 @@ fn items_json(
     w.write_all(b"],\"quarantined\":")?;
     serde_json::to_writer(&mut w, quarantine)?;
     w.write_all(b",\"records\":")?;
-    if chains.is_empty() {
-        w.write_all(b"null")?;
-    } else {
-        w.write_all(b"[")?;
-        for (i, c) in chains.iter().enumerate() {
-            if i > 0 {
-                w.write_all(b",")?;
-            }
-            serde_json::to_writer(&mut w, &report::chain_json(stages, c))?;
+    let mut first = true;
+    while let Some(page) = chains.next().await? {
+        for c in page.chains() {
+            w.write_all(if first { b"[" } else { b"," })?;
+            first = false;
+            serde_json::to_writer(&mut w, &report::chain_json(chains.stages(), &c))?;
         }
-        w.write_all(b"]")?;
     }
+    w.write_all(if first { b"null" } else { b"]" })?;
     w.write_all(b",\"run_id\":")?;
     serde_json::to_writer(&mut w, run_id)?;
     w.write_all(b"}\n")?;
-    w.flush()
+    Ok(w.flush()?)
 }
