@@ -3,9 +3,6 @@
 //! themselves is `ingest.rs`.
 
 use super::{RunError, Runner};
-
-/// Stored records read per query when a multi-stage run scans them for its worksheet.
-const RECORD_PAGE: u32 = 5_000;
 use crate::provider::BatchProvider;
 use crate::store::{Store, StoreError};
 
@@ -49,7 +46,8 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
     }
 
     /// Stores the worksheet this run starts from, for `reconcile` to hold it against;
-    /// `later`: the later stages' scan of the run's records, when ingest made it.
+    /// `later`: the later stages' scan of the run's records, which ingest makes for a
+    /// multi-stage pipeline as it stores them.
     pub(super) async fn record_plan(
         &self,
         exact_tokens: bool,
@@ -93,7 +91,10 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             inputs.job_tokens = items.tokens;
             let done_first = store.stage_done_count(&self.run_id, first).await?;
             inputs.todo_records = job.records.saturating_sub(done_first);
-            inputs.stages = Some(self.later_facts(items.links, later).await?);
+            let scans = later.ok_or_else(|| {
+                StoreError::Invalid("ingest handed over no scan of the run's records".into())
+            })?;
+            inputs.stages = Some(self.later_facts(items.links, scans).await?);
         }
         let ws = crate::plan::Worksheet::compute(inputs);
         store
@@ -104,30 +105,26 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
 
     /// What the worksheet of a multi-stage run knows of its stages after the first: the
     /// records the run stored, scanned as `plan` scans the source (samples, chunks, the
-    /// fields each template inserts) — by ingest as it stored them (`scanned`), else read
-    /// back here; the records whose work at each stage is done (this run's links, after
-    /// the first advance); each stage's history.
+    /// fields each template inserts) by ingest as it stored them (`scans`); the records
+    /// whose work at each stage is done (this run's links, after the first advance); each
+    /// stage's history.
     async fn later_facts(
         &self,
         first_links: u64,
-        scanned: Option<Vec<crate::plan::LaterScan>>,
+        scans: Vec<crate::plan::LaterScan>,
     ) -> Result<crate::plan::StagesFacts<'_>, RunError> {
         let ctx = self.ctx;
         let p = ctx.pipeline;
         let store = ctx.store;
-        let scans = match scanned {
-            Some(scans) => scans,
-            None => self.scan_stored_records().await?,
-        };
         let history = crate::plan::later_history(store, p, Some(&self.run_id)).await?;
         let mut later = Vec::new();
-        for (k, sr) in self.stages[1..].iter().enumerate() {
+        for (k, (sr, scan)) in self.stages[1..].iter().zip(scans).enumerate() {
             let done = store.stage_done_count(&self.run_id, &sr.stage.name).await?;
             later.push(crate::plan::StageFacts {
                 price: &ctx.prices[k + 1],
                 exact_tokens: sr.counter.is_exact(),
                 fixed_tokens: sr.counter.fixed,
-                scan: scans[k].clone(),
+                scan,
                 records_done: done,
                 done_source: "this run's links: the stage's items for them succeeded, or skipped"
                     .into(),
@@ -136,25 +133,5 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             });
         }
         Ok(crate::plan::StagesFacts { first_links, later })
-    }
-
-    /// The later stages' scan of the records the run stored, read back from the store.
-    async fn scan_stored_records(&self) -> Result<Vec<crate::plan::LaterScan>, RunError> {
-        let store = self.ctx.store;
-        let mut scanner = crate::plan::LaterScanner::new(self.ctx.pipeline);
-        let mut after = 0i64;
-        loop {
-            let page = store
-                .run_record_data(&self.run_id, after, RECORD_PAGE)
-                .await?;
-            let Some(last) = page.last() else { break };
-            after = last.0;
-            for (_, id, data) in &page {
-                let value: serde_json::Value =
-                    serde_json::from_str(data).unwrap_or(serde_json::Value::Null);
-                scanner.observe(id, &value);
-            }
-        }
-        Ok(scanner.finish())
     }
 }
