@@ -197,7 +197,7 @@ impl LaterScanner {
 
     /// One valid record.
     pub fn observe(&mut self, record_id: &str, record: &Value) {
-        let count_fields = self.seen < FIELD_ALL || self.seen % FIELD_STRIDE == 0;
+        let count_fields = self.seen < FIELD_ALL || self.seen.is_multiple_of(FIELD_STRIDE);
         self.seen += 1;
         for ((stage, tok, fields), scan) in self.stages.iter().zip(self.scans.iter_mut()) {
             if count_fields {
@@ -1645,7 +1645,7 @@ path = "out.jsonl"
         for i in 0..n {
             let id = format!("r{i}");
             scanner.observe(&id, &serde_json::json!({"id": id, "title": title(i)}));
-            if i < FIELD_ALL || i % FIELD_STRIDE == 0 {
+            if i < FIELD_ALL || i.is_multiple_of(FIELD_STRIDE) {
                 counted += tok.count(&title(i));
             }
         }
