@@ -155,8 +155,8 @@ const FIELD_ALL: u64 = 2_000;
 /// After the first [`FIELD_ALL`] records, [`LaterScanner`] counts the fields of one record
 /// in this many. Their tokens only give a later stage's estimated mean input, and
 /// tokenizing every record's fields again took 0.68 of the 23.6 billion instructions of a
-/// two-stage run of 20,000 records; a mean over 2,000 records and one in 16 after is as
-/// good an estimate of it.
+/// two-stage run of 20,000 records. At 100,000 compare records the mean so counted is 95.0
+/// tokens against 94.9 over every record.
 const FIELD_STRIDE: u64 = 16;
 
 /// Counts [`LaterScan`]s record by record: over the source for `plan`, over the records a
