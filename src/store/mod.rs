@@ -87,6 +87,9 @@ pub trait IngestTx: Send {
     fn commit(self) -> impl Future<Output = Result<()>> + Send;
 }
 
+/// Items per page of the per-item audit (`report --items`): their attempts, a few MB of rows.
+pub const AUDIT_ITEMS: usize = 500;
+
 /// The store contract. Each method is one transaction unless it says otherwise.
 pub trait Store: Send + Sync + 'static {
     // --- runs -----------------------------------------------------------------------------
@@ -501,7 +504,22 @@ pub trait Store: Send + Sync + 'static {
         &self,
         batch_id: &str,
     ) -> impl Future<Output = Result<LedgerTotals>> + Send;
+    /// The attempts of the run's batches, in item and attempt order, with their records.
     fn audit(&self, run_id: &str) -> impl Future<Output = Result<Vec<AuditRow>>> + Send;
+    /// The items the run's batches sent, ascending (the audit's pages are read by item).
+    fn audit_items(&self, run_id: &str) -> impl Future<Output = Result<Vec<i64>>> + Send;
+    /// [`Store::audit`]'s attempts of `items` (ascending; up to [`AUDIT_ITEMS`] of them), in
+    /// the same order, with `record_ids` left empty (see [`Store::audit_record_ids`]).
+    fn audit_page(
+        &self,
+        run_id: &str,
+        items: &[i64],
+    ) -> impl Future<Output = Result<Vec<AuditRow>>> + Send;
+    /// The run's record ids linked to each item, sorted, without repeats.
+    fn audit_record_ids(
+        &self,
+        run_id: &str,
+    ) -> impl Future<Output = Result<std::collections::HashMap<i64, Vec<String>>>> + Send;
     fn quarantine(&self, run_id: &str) -> impl Future<Output = Result<Vec<QuarantineRow>>> + Send;
     /// The most common reasons the run quarantined lines: (field, a reason, how many).
     fn quarantine_summary(

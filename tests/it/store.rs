@@ -57,6 +57,7 @@ conformance!(
     leases_run_out_and_are_released,
     reports_sum_money_exactly,
     the_audit_keeps_each_record_id_whole,
+    the_audit_reads_in_pages_what_it_reads_whole,
     figures_count_each_item_once_across_retries_and_models,
     stale_runs_are_marked_interrupted,
     a_later_stage_link_decided_from_an_item_sent_again_is_not_stored,
@@ -721,6 +722,89 @@ async fn figures_count_each_item_once_across_retries_and_models(db: &TestDb) {
         (f1.attempts, f1.items_attempted),
         (5, 4),
         "run1 is unchanged"
+    );
+}
+
+/// `report --items --json` reads the audit a page of items at a time: the pages, at any size,
+/// hold the run's attempts in item and attempt order, each once, and no other run's, though
+/// another run sent one of the same items again.
+async fn the_audit_reads_in_pages_what_it_reads_whole(db: &TestDb) {
+    let s = &db.store;
+    let run = seeded(s, 5).await;
+    // Four items: two answered, two failed; then one of the failed sent again, answered.
+    let b1 = planned(s.plan_batch(&plan(&run, "w1")).await.unwrap()).unwrap();
+    let first = s.batch_attempts(&b1.id).await.unwrap();
+    s.apply_results(&b1, &outcomes_for(&first, |i| i < 2), 2)
+        .await
+        .unwrap();
+    let b2 = planned(
+        s.plan_batch(&PlanRequest {
+            max_requests: 1,
+            ..plan(&run, "w1")
+        })
+        .await
+        .unwrap(),
+    )
+    .unwrap();
+    let retried = s.batch_attempts(&b2.id).await.unwrap();
+    s.apply_results(&b2, &outcomes_for(&retried, |_| true), 2)
+        .await
+        .unwrap();
+    // Another run takes the last failed item: its second attempt is that run's.
+    s.create_run(&new_run("run2")).await.unwrap();
+    let shape = RequestShape::new("{\"m\":".into(), "}".into());
+    ingest(s, "run2", &records(&shape, 5, 4, 10)).await;
+    let b3 = planned(s.plan_batch(&plan("run2", "w1")).await.unwrap()).unwrap();
+    let other = s.batch_attempts(&b3.id).await.unwrap();
+    assert_eq!((other.len(), other[0].attempt_no), (1, 2));
+
+    let key = |r: &nightshift::store::AuditRow| (r.item_id, r.attempt_no, r.custom_id.clone());
+    let whole: Vec<_> = s.audit(&run).await.unwrap().iter().map(key).collect();
+    assert_eq!(whole.len(), 5, "four first attempts and one retry");
+    let mut sorted = whole.clone();
+    sorted.sort();
+    assert_eq!(whole, sorted, "in item and attempt order");
+    assert!(whole.iter().all(|k| k.2 != other[0].custom_id));
+    let items = s.audit_items(&run).await.unwrap();
+    assert_eq!(items.len(), 4, "the run's four items, each once");
+    assert!(items.windows(2).all(|w| w[0] < w[1]), "ascending");
+    for size in [1, 2, 3, 4] {
+        let mut paged = Vec::new();
+        for chunk in items.chunks(size) {
+            let page = s.audit_page(&run, chunk).await.unwrap();
+            assert!(
+                page.iter()
+                    .all(|r| r.run_id == run && r.record_ids.is_empty())
+            );
+            assert!(page.iter().all(|r| chunk.contains(&r.item_id)));
+            paged.extend(page.iter().map(key));
+        }
+        assert_eq!(paged, whole, "pages of {size} item(s)");
+    }
+    let run2: Vec<_> = s
+        .audit_page("run2", &s.audit_items("run2").await.unwrap())
+        .await
+        .unwrap()
+        .iter()
+        .map(key)
+        .collect();
+    assert_eq!(
+        run2,
+        [(other[0].item_id, 2, other[0].custom_id.clone())],
+        "the other run's page holds its own attempt only"
+    );
+    // The records of each item, for the pages: the shared item lists both, sorted.
+    let ids = s.audit_record_ids(&run).await.unwrap();
+    assert_eq!(ids.len(), 4);
+    assert!(
+        ids.values()
+            .any(|l| l == &["r0".to_string(), "r4".to_string()])
+    );
+    let audit = s.audit(&run).await.unwrap();
+    assert!(
+        audit
+            .iter()
+            .all(|r| ids.get(&r.item_id) == Some(&r.record_ids))
     );
 }
 

@@ -635,6 +635,21 @@ impl Store for SqlStore {
         reports::audit(self, run_id).await
     }
 
+    async fn audit_items(&self, run_id: &str) -> Result<Vec<i64>> {
+        reports::audit_items(self, run_id).await
+    }
+
+    async fn audit_page(&self, run_id: &str, items: &[i64]) -> Result<Vec<AuditRow>> {
+        reports::audit_page(self, run_id, items).await
+    }
+
+    async fn audit_record_ids(
+        &self,
+        run_id: &str,
+    ) -> Result<std::collections::HashMap<i64, Vec<String>>> {
+        reports::audit_record_ids(self, run_id).await
+    }
+
     async fn quarantine(&self, run_id: &str) -> Result<Vec<QuarantineRow>> {
         reports::quarantine(self, run_id).await
     }

@@ -310,7 +310,7 @@ fn params(n: usize) -> String {
 /// `column` is one of `n` values ([`bind_among`] binds them): on SQLite a list of
 /// anonymous parameters, on PostgreSQL one array (a list of hundreds is slower to plan and
 /// to run there).
-fn among(engine: Engine, column: &str, n: usize) -> String {
+pub(super) fn among(engine: Engine, column: &str, n: usize) -> String {
     match engine {
         Engine::Sqlite => format!("{column} IN ({})", params(n)),
         Engine::Postgres => format!("{column} = ANY(?)"),
@@ -318,7 +318,7 @@ fn among(engine: Engine, column: &str, n: usize) -> String {
 }
 
 /// Binds the values of an [`among`].
-fn bind_among<'a>(query: Query<'a>, engine: Engine, values: &'a [i64]) -> Query<'a> {
+pub(super) fn bind_among<'a>(query: Query<'a>, engine: Engine, values: &'a [i64]) -> Query<'a> {
     match engine {
         Engine::Sqlite => values.iter().fold(query, |q, v| q.bind(*v)),
         Engine::Postgres => query.bind(values),
