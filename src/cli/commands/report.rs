@@ -78,7 +78,7 @@ pub(crate) async fn run(a: ReportArgs) -> Result<i32, Exit> {
 /// serde_json had them: `attempts`, `quarantined`, `records`, `run_id`), written an attempt and
 /// a record at a time, both read a page at a time; `records` is null for a one-stage run. A
 /// run's audit as one JSON value took about 1.5 GB at 100,000 records through two stages;
-/// written as it goes with the attempts read whole, a 207 MB peak; with them in pages, 73 MB.
+/// written as it goes with the attempts read whole, a 204 MB peak; with them in pages, 77 MB.
 async fn items_json<S: Store>(
     store: &S,
     run_id: &str,
