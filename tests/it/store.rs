@@ -58,6 +58,7 @@ conformance!(
     reports_sum_money_exactly,
     the_audit_keeps_each_record_id_whole,
     the_audit_reads_in_pages_what_it_reads_whole,
+    a_run_is_found_by_the_start_of_its_id,
     figures_count_each_item_once_across_retries_and_models,
     stale_runs_are_marked_interrupted,
     a_later_stage_link_decided_from_an_item_sent_again_is_not_stored,
@@ -722,6 +723,38 @@ async fn figures_count_each_item_once_across_retries_and_models(db: &TestDb) {
         (f1.attempts, f1.items_attempted),
         (5, 4),
         "run1 is unchanged"
+    );
+}
+
+/// `--run` takes a run id or the start of one, on either engine; `_` and `%` are plain
+/// characters there.
+async fn a_run_is_found_by_the_start_of_its_id(db: &TestDb) {
+    let s = &db.store;
+    for id in ["01a2-aaaa", "01a2-abbb", "01b_c%"] {
+        s.create_run(&new_run(id)).await.unwrap();
+    }
+    let found = |prefix: &'static str| async move {
+        let mut ids: Vec<String> = s
+            .runs_with_prefix(prefix, 5)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(found("01a2-aaaa").await, ["01a2-aaaa"], "a whole id");
+    assert_eq!(found("01a2-a").await, ["01a2-aaaa", "01a2-abbb"]);
+    assert_eq!(found("01a2-ab").await, ["01a2-abbb"]);
+    assert_eq!(found("01b_").await, ["01b_c%"]);
+    assert!(found("01a_").await.is_empty(), "`_` is not a wildcard");
+    assert!(found("01a2%").await.is_empty(), "`%` is not a wildcard");
+    assert!(found("01a2-aaaa-more").await.is_empty());
+    assert_eq!(
+        s.runs_with_prefix("01", 2).await.unwrap().len(),
+        2,
+        "at most the limit"
     );
 }
 

@@ -134,11 +134,13 @@ pub(super) async fn runs_with_prefix(
     limit: u32,
 ) -> Result<Vec<RunRow>> {
     // A prefix match without LIKE, so `_` and `%` in what the user typed match themselves.
+    // PostgreSQL has `substr(text, integer, integer)` only: a length bound as BIGINT made
+    // every `--run` there an error.
     store
         .db
         .all(
             q(format!(
-                "SELECT {RUN_COLUMNS} FROM runs WHERE substr(id, 1, $1) = $2 \
+                "SELECT {RUN_COLUMNS} FROM runs WHERE substr(id, 1, CAST($1 AS INTEGER)) = $2 \
                  ORDER BY started_at DESC, id DESC LIMIT $3"
             ))
             .bind(prefix.chars().count() as i64)
