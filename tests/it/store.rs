@@ -664,6 +664,25 @@ async fn leases_run_out_and_are_released(db: &TestDb) {
     assert_eq!(free[0].lease_owner.as_deref(), Some("w3"));
 }
 
+/// Plans a batch of one more of the run's items (a retry, once its first attempts are in)
+/// and answers it; returns its attempts.
+async fn answer_one_more(s: &SqlStore, run: &str) -> Vec<nightshift::store::AttemptRef> {
+    let b = planned(
+        s.plan_batch(&PlanRequest {
+            max_requests: 1,
+            ..plan(run, "w1")
+        })
+        .await
+        .unwrap(),
+    )
+    .unwrap();
+    let attempts = s.batch_attempts(&b.id).await.unwrap();
+    s.apply_results(&b, &outcomes_for(&attempts, |_| true), 2)
+        .await
+        .unwrap();
+    attempts
+}
+
 async fn figures_count_each_item_once_across_retries_and_models(db: &TestDb) {
     let s = &db.store;
     let run = seeded(s, 5).await;
@@ -675,20 +694,8 @@ async fn figures_count_each_item_once_across_retries_and_models(db: &TestDb) {
     outcomes[1].model = Some("m-2024".into());
     s.apply_results(&b1, &outcomes, 2).await.unwrap();
     // Second batch of the same run: one of the two failed items again, answered.
-    let b2 = planned(
-        s.plan_batch(&PlanRequest {
-            max_requests: 1,
-            ..plan(&run, "w1")
-        })
-        .await
-        .unwrap(),
-    )
-    .unwrap();
-    let retried = s.batch_attempts(&b2.id).await.unwrap();
+    let retried = answer_one_more(s, &run).await;
     assert_eq!((retried.len(), retried[0].attempt_no), (1, 2));
-    s.apply_results(&b2, &outcomes_for(&retried, |_| true), 2)
-        .await
-        .unwrap();
     let f = s.run_figures(&run).await.unwrap();
     assert_eq!(
         (f.batches, f.attempts, f.items_attempted, f.answered),
@@ -770,19 +777,7 @@ async fn the_audit_reads_in_pages_what_it_reads_whole(db: &TestDb) {
     s.apply_results(&b1, &outcomes_for(&first, |i| i < 2), 2)
         .await
         .unwrap();
-    let b2 = planned(
-        s.plan_batch(&PlanRequest {
-            max_requests: 1,
-            ..plan(&run, "w1")
-        })
-        .await
-        .unwrap(),
-    )
-    .unwrap();
-    let retried = s.batch_attempts(&b2.id).await.unwrap();
-    s.apply_results(&b2, &outcomes_for(&retried, |_| true), 2)
-        .await
-        .unwrap();
+    answer_one_more(s, &run).await;
     // Another run takes the last failed item: its second attempt is that run's.
     s.create_run(&new_run("run2")).await.unwrap();
     let shape = RequestShape::new("{\"m\":".into(), "}".into());
