@@ -683,6 +683,20 @@ async fn answer_one_more(s: &SqlStore, run: &str) -> Vec<nightshift::store::Atte
     attempts
 }
 
+/// A second run, `run2`, of the same five records, once `seeded`'s run has left one item
+/// failed: it plans that item's second attempt, and only that; returns its batch and attempts.
+async fn run2_takes_the_last_failed_item(
+    s: &SqlStore,
+) -> (BatchRow, Vec<nightshift::store::AttemptRef>) {
+    s.create_run(&new_run("run2")).await.unwrap();
+    let shape = RequestShape::new("{\"m\":".into(), "}".into());
+    ingest(s, "run2", &records(&shape, 5, 4, 10)).await;
+    let b = planned(s.plan_batch(&plan("run2", "w1")).await.unwrap()).unwrap();
+    let attempts = s.batch_attempts(&b.id).await.unwrap();
+    assert_eq!((attempts.len(), attempts[0].attempt_no), (1, 2));
+    (b, attempts)
+}
+
 async fn figures_count_each_item_once_across_retries_and_models(db: &TestDb) {
     let s = &db.store;
     let run = seeded(s, 5).await;
@@ -710,12 +724,7 @@ async fn figures_count_each_item_once_across_retries_and_models(db: &TestDb) {
     );
     // The next run takes the last failed item: its first attempt was the earlier run's,
     // so here it is one attempt of one item.
-    s.create_run(&new_run("run2")).await.unwrap();
-    let shape = RequestShape::new("{\"m\":".into(), "}".into());
-    ingest(s, "run2", &records(&shape, 5, 4, 10)).await;
-    let b3 = planned(s.plan_batch(&plan("run2", "w1")).await.unwrap()).unwrap();
-    let last = s.batch_attempts(&b3.id).await.unwrap();
-    assert_eq!((last.len(), last[0].attempt_no), (1, 2));
+    let (b3, last) = run2_takes_the_last_failed_item(s).await;
     s.apply_results(&b3, &outcomes_for(&last, |_| true), 2)
         .await
         .unwrap();
@@ -779,12 +788,7 @@ async fn the_audit_reads_in_pages_what_it_reads_whole(db: &TestDb) {
         .unwrap();
     answer_one_more(s, &run).await;
     // Another run takes the last failed item: its second attempt is that run's.
-    s.create_run(&new_run("run2")).await.unwrap();
-    let shape = RequestShape::new("{\"m\":".into(), "}".into());
-    ingest(s, "run2", &records(&shape, 5, 4, 10)).await;
-    let b3 = planned(s.plan_batch(&plan("run2", "w1")).await.unwrap()).unwrap();
-    let other = s.batch_attempts(&b3.id).await.unwrap();
-    assert_eq!((other.len(), other[0].attempt_no), (1, 2));
+    let (_, other) = run2_takes_the_last_failed_item(s).await;
 
     let key = |r: &nightshift::store::AuditRow| (r.item_id, r.attempt_no, r.custom_id.clone());
     let whole: Vec<_> = s.audit(&run).await.unwrap().iter().map(key).collect();
