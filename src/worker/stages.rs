@@ -21,6 +21,20 @@ use crate::validate::OutputValidator;
 /// Records read per page when advancing (a page's lines are one statement's list).
 const ADVANCE_PAGE: u32 = 500;
 
+/// Bytes of record fields a page read when advancing may hold at most, as the source's
+/// record cap counts them: SQLite hands a page over as one text value, and a text value
+/// is at most 1,000,000,000 bytes there. Records of the default cap (1 MiB) fill a page of
+/// [`ADVANCE_PAGE`]; larger ones make the page smaller.
+const ADVANCE_PAGE_BYTES: usize = 512 << 20;
+
+/// Records read per page when advancing, for records of at most `max_record_bytes`.
+fn advance_page(max_record_bytes: usize) -> u32 {
+    let fit = ADVANCE_PAGE_BYTES / max_record_bytes.max(1);
+    u32::try_from(fit)
+        .unwrap_or(u32::MAX)
+        .clamp(1, ADVANCE_PAGE)
+}
+
 /// Records whose next-stage items are stored per transaction: several pages. A later
 /// stage's items are new keys in the dedupe index, which are random, so each transaction
 /// rewrites (and checkpoints) pages all over that index, however few items it adds. A
@@ -175,7 +189,8 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
             let shape_id = ctx.store.ensure_shape(&self.stages[index].shape).await?;
             // One pass in line order: a record passed over is not ready in this pass.
             let mut after = 0;
-            let mut pages = lines.map(|l| l.chunks(ADVANCE_PAGE as usize));
+            let page = advance_page(p.source.max_record_bytes);
+            let mut pages = lines.map(|l| l.chunks(page as usize));
             // Rendered, not stored yet: stored every [`ADVANCE_TX`] records (or
             // [`ADVANCE_TX_BYTES`] of prompts) and at the end.
             let mut waiting: Vec<NewLinks> = Vec::new();
@@ -199,7 +214,7 @@ impl<S: Store, P: BatchProvider> Runner<'_, S, P> {
                     None => {
                         let ready = ctx
                             .store
-                            .ready_records(&self.run_id, name, needs, after, ADVANCE_PAGE)
+                            .ready_records(&self.run_id, name, needs, after, page)
                             .await?;
                         match ready.last() {
                             Some(last) => after = last.line,
@@ -396,6 +411,23 @@ pub(crate) fn later_stages(p: &crate::config::Pipeline, stage: &str) -> Vec<Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A page of records read when advancing fits in one SQLite text value (10⁹ bytes), with
+    /// room for the ids, the separators and fields that grow when stored again, at any
+    /// record cap the pipeline file accepts (64 bytes to 256 MiB).
+    #[test]
+    fn an_advance_page_fits_in_one_text_value_at_any_record_cap() {
+        assert_eq!(
+            advance_page(crate::config::DEFAULT_MAX_RECORD_BYTES),
+            ADVANCE_PAGE
+        );
+        assert_eq!(advance_page(64), ADVANCE_PAGE);
+        for cap in [2 << 20, 10 << 20, 256 << 20] {
+            let page = advance_page(cap) as usize;
+            assert!(page >= 1 && page < ADVANCE_PAGE as usize, "{cap}: {page}");
+            assert!(page * cap <= 600_000_000, "{cap}: {page}");
+        }
+    }
 
     #[test]
     fn a_chunk_stage_result_is_an_array_in_chunk_order() {
