@@ -127,7 +127,8 @@ pub struct PreparedRecord {
     /// The user message as a JSON string literal (quoted and escaped).
     pub user_json: String,
     pub body_bytes: usize,
-    /// A multi-stage pipeline keeps the record's fields (JSON) for its later stages.
+    /// The record's fields (JSON) a multi-stage pipeline keeps for its later stages (those
+    /// they read), or a pipeline for its results file (the whole record).
     pub data: Option<String>,
     /// The record's other items in the first stage (its chunks after the first), in order.
     pub more: Vec<PreparedItem>,
