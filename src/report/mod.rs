@@ -573,46 +573,119 @@ pub fn audit_json(r: &AuditRow) -> Value {
     })
 }
 
+/// The per-item audit's columns.
+const AUDIT_HEADER: [&str; 11] = [
+    "item",
+    "state",
+    "try",
+    "custom_id",
+    "attempt",
+    "verdict",
+    "in",
+    "out",
+    "cost_usd",
+    "records",
+    "error",
+];
+
+/// The per-item audit's right-aligned columns (counts, money).
+const AUDIT_RIGHT: [usize; 5] = [0, 2, 6, 7, 8];
+
+/// One attempt's cells in the per-item audit.
+fn audit_cells(r: &AuditRow) -> [String; 11] {
+    let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+    [
+        r.item_id.to_string(),
+        r.item_state.to_string(),
+        r.attempt_no.to_string(),
+        r.custom_id.clone(),
+        r.attempt_state.to_string(),
+        r.verdict.clone().unwrap_or_else(|| "-".into()),
+        opt(r.input_tokens),
+        opt(r.output_tokens),
+        r.cost_pico
+            .map(|c| Usd::from_pico(c as i128).to_decimal_string())
+            .unwrap_or_else(|| "-".into()),
+        printable(&crate::util::text::preview(&r.record_ids.join(","), 40)),
+        r.error
+            .as_deref()
+            .map(|e| printable(&crate::util::text::preview(e, 120)))
+            .unwrap_or_default(),
+    ]
+}
+
 /// The per-item audit as a table (`width`: the terminal's, if any).
 pub fn audit_text(rows: &[AuditRow], width: Option<u16>) -> String {
-    let mut t = table(
-        &[
-            "item",
-            "state",
-            "try",
-            "custom_id",
-            "attempt",
-            "verdict",
-            "in",
-            "out",
-            "cost_usd",
-            "records",
-            "error",
-        ],
-        width,
-    );
+    let mut t = table(&AUDIT_HEADER, width);
     for r in rows {
-        let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
-        t.add_row(vec![
-            r.item_id.to_string(),
-            r.item_state.to_string(),
-            r.attempt_no.to_string(),
-            r.custom_id.clone(),
-            r.attempt_state.to_string(),
-            r.verdict.clone().unwrap_or_else(|| "-".into()),
-            opt(r.input_tokens),
-            opt(r.output_tokens),
-            r.cost_pico
-                .map(|c| Usd::from_pico(c as i128).to_decimal_string())
-                .unwrap_or_else(|| "-".into()),
-            printable(&crate::util::text::preview(&r.record_ids.join(","), 40)),
-            r.error
-                .as_deref()
-                .map(|e| printable(&crate::util::text::preview(e, 120)))
-                .unwrap_or_default(),
-        ]);
+        t.add_row(audit_cells(r).to_vec());
     }
-    align_right(&mut t, &[0, 2, 6, 7, 8]);
+    align_right(&mut t, &AUDIT_RIGHT);
+    render(&t)
+}
+
+/// The widths of the per-item audit's columns (as the table measures them), taken page by
+/// page so that [`audit_text_page`] prints the pages of one table.
+#[derive(Clone, Debug, Default)]
+pub struct AuditWidths([usize; 11]);
+
+impl AuditWidths {
+    /// Widens the columns to fit the header and a page's rows.
+    pub fn observe(&mut self, rows: &[AuditRow]) {
+        let mut t = comfy_table::Table::new();
+        t.set_header(AUDIT_HEADER.to_vec());
+        for r in rows {
+            t.add_row(audit_cells(r).to_vec());
+        }
+        for (w, page) in self.0.iter_mut().zip(t.column_max_content_widths()) {
+            *w = (*w).max(usize::from(page));
+        }
+    }
+
+    /// The widths to print at: as observed, or, for a terminal of `width` characters they
+    /// do not fit in, narrowed a character at a time from the widest column (never below
+    /// its header) until they fit; a narrowed column wraps its text.
+    pub fn within(&self, width: Option<u16>) -> AuditWidths {
+        let mut w = self.clone();
+        let Some(width) = width else {
+            return w;
+        };
+        // Each column has a space of padding on both sides.
+        let total = |w: &[usize; 11]| w.iter().map(|c| c + 2).sum::<usize>();
+        while total(&w.0) > usize::from(width) {
+            let widest = (0..w.0.len())
+                .filter(|&i| w.0[i] > AUDIT_HEADER[i].len())
+                .max_by_key(|&i| w.0[i]);
+            let Some(i) = widest else { break };
+            w.0[i] -= 1;
+        }
+        w
+    }
+}
+
+/// One page of the per-item audit printed with fixed column `widths` (the whole audit's,
+/// see [`AuditWidths`]), with the header on the first page only: the pages printed one after
+/// the other are the table [`audit_text`] prints of all the rows at once, without holding
+/// them all (a run's attempts, a page of items at a time).
+pub fn audit_text_page(rows: &[AuditRow], widths: &AuditWidths, header: bool) -> String {
+    let mut t = comfy_table::Table::new();
+    t.load_style(comfy_table::presets::NOTHING)
+        .set_content_arrangement(comfy_table::ContentArrangement::Disabled);
+    if header {
+        t.set_header(AUDIT_HEADER.to_vec());
+    }
+    for r in rows {
+        t.add_row(audit_cells(r).to_vec());
+    }
+    for (i, w) in widths.0.iter().enumerate() {
+        if let Some(col) = t.column_mut(i) {
+            let w = u16::try_from(w + 2).unwrap_or(u16::MAX);
+            col.set_constraint(comfy_table::ColumnConstraint::Absolute(
+                comfy_table::Width::Fixed(w),
+            ));
+        }
+    }
+    align_right(&mut t, &AUDIT_RIGHT);
     render(&t)
 }
 
@@ -716,4 +789,114 @@ pub fn chains_text(stages: &[String], chains: &[Chain<'_>]) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{AttemptState, ItemState};
+
+    fn row(
+        item_id: i64,
+        records: &[&str],
+        error: Option<&str>,
+        cost_pico: Option<i64>,
+    ) -> AuditRow {
+        AuditRow {
+            run_id: "r".into(),
+            item_id,
+            dedupe_key: vec![1, 2],
+            item_state: if error.is_some() {
+                ItemState::Failed
+            } else {
+                ItemState::Succeeded
+            },
+            record_ids: records.iter().map(|r| r.to_string()).collect(),
+            stage: "main".into(),
+            attempt_no: 1,
+            custom_id: format!("b0123-{item_id}-1"),
+            batch_id: "b0123".into(),
+            provider_batch_id: None,
+            attempt_state: if error.is_some() {
+                AttemptState::Failed
+            } else {
+                AttemptState::Succeeded
+            },
+            verdict: error.map(|_| "schema_invalid".to_string()),
+            error: error.map(str::to_string),
+            model: None,
+            input_tokens: Some(item_id * 1_000),
+            cached_input_tokens: None,
+            cache_write_tokens: None,
+            output_tokens: Some(7),
+            reasoning_tokens: None,
+            cost_pico,
+        }
+    }
+
+    /// `report --items` of a large run prints its attempts a page at a time: the pages at
+    /// the widths taken from all of them are the table of all the rows at once, byte for
+    /// byte, whichever page holds the widest cell.
+    #[test]
+    fn the_audit_printed_in_pages_is_the_audit_printed_whole() {
+        let rows = vec![
+            row(1, &["a"], None, Some(35_250_000)),
+            row(
+                22,
+                &["sku-1", "sku-2"],
+                Some("expected `category` to be one of …, got \"misc\""),
+                None,
+            ),
+            row(333_333, &[], None, Some(1)),
+            row(
+                4,
+                &["a-much-longer-record-id-than-the-others"],
+                None,
+                Some(123_456_789_012),
+            ),
+        ];
+        let whole = audit_text(&rows, None);
+        for pages in [
+            vec![&rows[..1], &rows[1..]],
+            vec![&rows[..2], &rows[2..3], &rows[3..]],
+        ] {
+            let mut widths = AuditWidths::default();
+            for p in &pages {
+                widths.observe(p);
+            }
+            let widths = widths.within(None);
+            let paged: String = pages
+                .iter()
+                .enumerate()
+                .map(|(i, p)| audit_text_page(p, &widths, i == 0))
+                .collect();
+            assert_eq!(paged, whole);
+        }
+    }
+
+    /// On a terminal too narrow for the widest cells, the pages fit its width: the widest
+    /// columns are narrowed (their text wraps), every line of every page within the width.
+    #[test]
+    fn the_audit_in_pages_fits_a_narrow_terminal() {
+        let rows = vec![
+            row(
+                1,
+                &["a-much-longer-record-id-than-the-others"],
+                None,
+                Some(1),
+            ),
+            row(2, &["b"], Some(&"a long reason ".repeat(8)), None),
+        ];
+        let mut widths = AuditWidths::default();
+        widths.observe(&rows);
+        let wide = widths.within(None);
+        let narrow = widths.within(Some(100));
+        let text = audit_text_page(&rows, &narrow, true) + &audit_text_page(&rows, &narrow, false);
+        assert!(text.lines().all(|l| l.chars().count() <= 100), "{text}");
+        let unwrapped = audit_text_page(&rows, &wide, true);
+        assert!(unwrapped.lines().any(|l| l.chars().count() > 100));
+        // A header and a line per row; narrowed, the rows wrap.
+        assert_eq!(unwrapped.lines().count(), 3, "{unwrapped}");
+        assert!(audit_text_page(&rows, &narrow, true).lines().count() > 3);
+    }
 }

@@ -26,14 +26,7 @@ pub(crate) async fn run(a: ReportArgs) -> Result<i32, Exit> {
                 .await
                 .map_err(|e| fail(anyhow::anyhow!("writing the report: {e}")))?;
         } else {
-            // The attempts of this run's batches (each attempt belongs to exactly one run),
-            // at once: the table's columns are as wide as their widest cell.
-            let rows = store.audit(&run.id).await?;
-            if rows.is_empty() {
-                println!("run {}: no attempt (nothing was sent by this run)", run.id);
-            } else {
-                print!("{}", report::audit_text(&rows, report::terminal_width()));
-            }
+            audit_text(&store, &run.id).await?;
             let mut first = true;
             while let Some(page) = chains.next().await.map_err(|e| fail(e.into()))? {
                 if first {
@@ -72,6 +65,53 @@ pub(crate) async fn run(a: ReportArgs) -> Result<i32, Exit> {
         print!("{}", rep.to_text());
     }
     Ok(EXIT_OK)
+}
+
+/// `report --items` as text: the attempts of this run's batches (each attempt belongs to
+/// exactly one run) as one table. A run of one page of items (see
+/// [`crate::store::AUDIT_ITEMS`]) is laid out whole, to the terminal's width; a larger one is
+/// read twice, a page at a time: once for the widths of its columns, then printed page by
+/// page at those widths (the same table; on a terminal too narrow for it, its widest
+/// columns narrowed to fit), so what it holds is a page of attempts, not the run's.
+async fn audit_text<S: Store>(store: &S, run_id: &str) -> Result<(), Exit> {
+    use std::io::Write;
+    let items = store.audit_items(run_id).await?;
+    if items.is_empty() {
+        println!("run {run_id}: no attempt (nothing was sent by this run)");
+        return Ok(());
+    }
+    let ids = store.audit_record_ids(run_id).await?;
+    let page = |items: &[i64]| {
+        let ids = &ids;
+        let items = items.to_vec();
+        async move {
+            let mut rows = store.audit_page(run_id, &items).await?;
+            for r in &mut rows {
+                if let Some(list) = ids.get(&r.item_id) {
+                    r.record_ids.clone_from(list);
+                }
+            }
+            Ok::<_, crate::store::StoreError>(rows)
+        }
+    };
+    let pages: Vec<&[i64]> = items.chunks(crate::store::AUDIT_ITEMS).collect();
+    let width = report::terminal_width();
+    if let [only] = pages[..] {
+        print!("{}", report::audit_text(&page(only).await?, width));
+        return Ok(());
+    }
+    let mut widths = report::AuditWidths::default();
+    for items in &pages {
+        widths.observe(&page(items).await?);
+    }
+    let widths = widths.within(width);
+    for (i, items) in pages.iter().enumerate() {
+        let text = report::audit_text_page(&page(items).await?, &widths, i == 0);
+        std::io::stdout()
+            .write_all(text.as_bytes())
+            .map_err(|e| exit(EXIT_ERROR, anyhow::anyhow!("writing the report: {e}")))?;
+    }
+    Ok(())
 }
 
 /// `report --items --json`: one object (its keys in the order the whole object printed with
