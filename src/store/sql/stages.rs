@@ -589,9 +589,10 @@ async fn record_fields(store: &SqlStore, query: Query<'_>) -> Result<Vec<(i64, S
     Ok(rows)
 }
 
-/// SQLite: up to `limit` of the run's records after line `after_line` (line and id), in line
-/// order, packed as [`record_fields`] reads them. (The records' fields for the results file
-/// stay a row each: a page of them could pass SQLite's limit on one text value, 10⁹ bytes.)
+/// SQLite: up to `limit` of the run's records after line `after_line` (line and id), in
+/// line order, as one packed row (see [`record_fields_sql`]). (The records' fields for the
+/// results file stay a row each: a page of them could pass SQLite's limit on one text
+/// value, 10⁹ bytes.)
 async fn record_ids_after(
     store: &SqlStore,
     run_id: &str,
@@ -601,20 +602,26 @@ async fn record_ids_after(
     static PACKED: OnceLock<String> = OnceLock::new();
     let sql = PACKED.get_or_init(|| {
         packed_sql(
-            "SELECT r.line AS line, hex(r.record_id) AS rid, '' AS data FROM records r \
+            "SELECT r.line AS line, hex(r.record_id) AS rid FROM records r \
              WHERE r.run_id = $1 AND r.line > $2 ORDER BY r.line LIMIT $3",
-            &["line", "rid", "data"],
+            &["line", "rid"],
         )
     });
-    let rows = record_fields(
-        store,
-        q(sql.as_str())
-            .bind(run_id)
-            .bind(after_line)
-            .bind(limit as i64),
-    )
-    .await?;
-    Ok(rows.into_iter().map(|(line, id, _)| (line, id)).collect())
+    let (packed,): (Option<String>,) = store
+        .db
+        .one(
+            q(sql.as_str())
+                .bind(run_id)
+                .bind(after_line)
+                .bind(limit as i64),
+        )
+        .await?;
+    let mut rows = unpack::<2>(packed.as_deref())?
+        .into_iter()
+        .map(|[line, rid]| Ok((int(line)?, unhex(rid)?)))
+        .collect::<Result<Vec<_>>>()?;
+    rows.sort_unstable_by_key(|r| r.0);
+    Ok(rows)
 }
 
 /// Up to `limit` rows of `head` (a query on the run's records, binds `$1` the run and `$2`
